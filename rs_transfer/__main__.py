@@ -1,0 +1,3 @@
+from rs_transfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Speed, memory and FLOPs, measured the paper's way."""

@@ -1,0 +1,23 @@
+"""Parameters and GFLOPs. GFLOPs are the paper's: 2 x the multiply-adds fvcore counts (RS-50@160 = 4.6)."""
+
+import warnings
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    # fvcore 0.1.5 (its last release) scripts a focal loss at import time; torch >= 2.10 deprecates jit.script.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+
+
+def count_gflops(model: nn.Module, resolution: int, in_chans: int = 3) -> float:
+    """Forward GFLOPs of one image at `resolution` (model in eval mode, on CPU)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, torch.zeros(1, in_chans, resolution, resolution))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        macs = analysis.total()
+    model.train(was_training)
+    return 2 * macs / 1e9

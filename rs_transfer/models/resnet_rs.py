@@ -1,0 +1,229 @@
+"""The 2D ResNet-RS family and its scaling grid, built on timm's `ResNet`.
+
+A model is timm's ResNet plus a handful of arguments, so a timm `resnetrs*` state dict loads strictly into the
+same-named model here. What timm does differently from the official TF code (stochastic depth per block, kaiming
+init, SE channel rounding) is a constructor argument with the official behaviour as the default.
+
+Names users type (the grammar, case-insensitive):
+    rs<depth>[-w<mult>]                    ResNet-RS: SE in every block + ResNet-D (deep stem, stem pool -> conv,
+                                           average-pool shortcut)
+    resnet<depth>[-w<mult>][-se][-d]       vanilla bottleneck ResNet, optionally with SE and/or ResNet-D
+e.g. rs50, rs152, rs101-w1.5, rs26-w0.25, resnet152, resnet152-w2, resnet200-se, resnet200-d.
+`rs200` is the same network as `resnet200-se-d`.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from timm.layers import DropPath
+from timm.layers.squeeze_excite import SEModule
+from timm.models import FeatureListNet
+from timm.models.resnet import Bottleneck, ResNet
+
+from rs_transfer.errors import UserError
+
+# Blocks per stage (c2, c3, c4, c5). 26 is not in the paper's table: (2, 2, 2, 2) is timm's resnet26 layout,
+# the one bottleneck layout with 26 layers (2 + 3 * 8).
+LAYOUTS = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    270: (4, 29, 53, 4),
+    300: (4, 36, 54, 4),
+    350: (4, 36, 72, 4),
+    400: (6, 48, 72, 6),
+    420: (4, 44, 87, 4),
+}
+SCALING_DEPTHS = (26, 50, 101, 200, 300, 350, 400)
+SCALING_WIDTHS = (0.25, 0.5, 1.0, 1.5, 2.0)
+SCALING_RESOLUTIONS = (128, 160, 224, 320, 448)
+RELEASED = ("rs50", "rs101", "rs152", "rs200", "rs270", "rs350", "rs420")
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+FEATURE_STRIDES = (4, 8, 16, 32)
+
+_NAME = re.compile(r"^(rs|resnet)(\d+)((?:-(?:w[0-9.]+|se|d))*)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    depth: int
+    width: float = 1.0
+    se: bool = True
+    resnet_d: bool = True
+
+    @property
+    def layout(self) -> tuple:
+        return LAYOUTS[self.depth]
+
+
+def parse_name(name: str) -> ModelSpec:
+    """Turn a user-typed model name into a `ModelSpec`, or raise a `UserError` that shows the grammar."""
+    match = _NAME.match(name.strip().lower())
+    if match is None:
+        raise UserError(
+            f"unknown model name {name!r}: expected rs<depth>[-w<mult>] or resnet<depth>[-w<mult>][-se][-d], "
+            f"e.g. rs50, rs101-w1.5, resnet152-w2, resnet200-se; depths: {sorted(LAYOUTS)}"
+        )
+    family, depth, suffix = match.group(1), int(match.group(2)), match.group(3)
+    if depth not in LAYOUTS:
+        raise UserError(f"unknown depth {depth} in model name {name!r}; depths: {sorted(LAYOUTS)}")
+    parts = [p for p in suffix.split("-") if p]
+    if len(set(parts)) != len(parts):
+        raise UserError(f"model name {name!r} repeats a suffix")
+    width = 1.0
+    for part in parts:
+        if part.startswith("w"):
+            try:
+                width = float(part[1:])
+            except ValueError:
+                raise UserError(f"bad width multiplier {part!r} in model name {name!r}") from None
+            if width <= 0:
+                raise UserError(f"width multiplier must be positive in model name {name!r}")
+    if family == "rs":
+        if "se" in parts or "d" in parts:
+            raise UserError(f"model name {name!r}: rs models already have SE and ResNet-D")
+        return ModelSpec(name=name, depth=depth, width=width, se=True, resnet_d=True)
+    return ModelSpec(name=name, depth=depth, width=width, se="se" in parts, resnet_d="d" in parts)
+
+
+def stochastic_depth_rates(layout, rate: float, schedule: str = "stage") -> list:
+    """Drop-path probability of every block, in order.
+
+    "stage" (official TF code): constant within a stage, rate * (stage + 1) / 5 for stages 1..4.
+    "block" (timm): grows linearly from 0 at the first block to `rate` at the last.
+    """
+    if schedule == "stage":
+        return [rate * (stage + 2) / 5 for stage, blocks in enumerate(layout) for _ in range(blocks)]
+    if schedule == "block":
+        total = sum(layout)
+        return [rate * i / max(total - 1, 1) for i in range(total)]
+    raise UserError(f"unknown stochastic depth schedule {schedule!r}: expected 'stage' or 'block'")
+
+
+def _init_official(model: nn.Module) -> None:
+    # TF's VarianceScaling(1.0, fan_in, truncated_normal): a normal cut at 2 sigma, sigma corrected so that the
+    # truncated distribution's std is sqrt(1 / fan_in).
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+            sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+            nn.init.trunc_normal_(module.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
+
+
+def _widen_plain_stem(model: ResNet, width: int, norm_layer) -> None:
+    # timm fixes a 7x7 stem at 64 channels; SimCLR's ResNet-152 2x widens it with the rest of the network.
+    first = model.layer1[0]
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = norm_layer(width)
+    first.conv1 = nn.Conv2d(width, first.conv1.out_channels, kernel_size=1, bias=False)
+    first.downsample[0] = nn.Conv2d(width, first.downsample[0].out_channels, kernel_size=1, bias=False)
+    model.feature_info[0]["num_chs"] = width
+
+
+def build_resnet(
+    spec: ModelSpec,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    drop_path_schedule: str = "stage",
+    zero_init_last: bool = True,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    init: str = "official",
+) -> ResNet:
+    """Build the network a `ModelSpec` describes.
+
+    drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, spread by `drop_path_schedule`.
+    zero_init_last: gamma 0 in each block's last BN (TF1 release; TF2 does not).
+    bn_momentum: PyTorch convention. The official recipe uses 1.0 (TF's 0: running stats = last batch) and
+    relies on an EMA of the BN buffers for evaluation; without that EMA, 1.0 breaks evaluation, so the builder
+    defaults to PyTorch's 0.1 and the RS recipe configs set 1.0 together with the buffer EMA.
+    init: "official" (truncated-normal fan-in convs, classifier std 0.01) or "timm" (kaiming fan-out).
+    """
+    if init not in ("official", "timm"):
+        raise UserError(f"unknown init {init!r}: expected 'official' or 'timm'")
+    m = spec.width
+    norm_layer = partial(nn.BatchNorm2d, momentum=bn_momentum, eps=bn_eps)
+    block_args = {}
+    if spec.se:
+        # Official SE: squeeze to a quarter of the block's output (= the bottleneck width), no rounding.
+        block_args["attn_layer"] = partial(SEModule, rd_ratio=0.25, rd_divisor=1)
+    stem = dict(stem_width=int(32 * m), stem_type="deep", replace_stem_pool=True, avg_down=True) if spec.resnet_d else {}
+    model = ResNet(
+        block=Bottleneck,
+        layers=spec.layout,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        channels=tuple(int(c * m) for c in STAGE_WIDTHS),
+        norm_layer=norm_layer,
+        drop_rate=drop_rate,
+        zero_init_last=zero_init_last,
+        block_args=block_args,
+        **stem,
+    )
+    if not spec.resnet_d and int(64 * m) != 64:
+        _widen_plain_stem(model, int(64 * m), norm_layer)
+    rates = stochastic_depth_rates(spec.layout, drop_path_rate, drop_path_schedule)
+    blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+    for block, rate in zip(blocks, rates):
+        block.drop_path = DropPath(rate) if rate > 0 else None
+    if init == "official":
+        _init_official(model)  # leaves BN alone, so timm's zero-init of the last BNs stays
+    model.spec = spec
+    return model
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    weights: str | None = None,
+    features_only: bool = False,
+    out_indices: tuple = (1, 2, 3, 4),
+    **arch_overrides,
+) -> nn.Module:
+    """Build a zoo model by name, optionally load weights, optionally return the feature extractor.
+
+    features_only: returns timm's `FeatureListNet`, whose forward gives [C2, C3, C4, C5] (strides 4, 8, 16, 32
+    with the default out_indices) and whose `feature_info.channels()` / `.reduction()` describe them; state-dict
+    names are the classifier's minus `fc`, so the same checkpoint loads into both.
+    """
+    from rs_transfer.models.weights import load_weights
+
+    spec = parse_name(name)
+    model = build_resnet(spec, num_classes=num_classes, **arch_overrides)
+    if weights is not None:
+        load_weights(model, weights)
+    if features_only:
+        spec = model.spec
+        model = FeatureListNet(model, out_indices=out_indices)
+        model.spec = spec
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_params_fast(name: str, num_classes: int = 1000) -> int:
+    """Parameter count without allocating memory (the model is built on the meta device)."""
+    with torch.device("meta"):
+        model = build_resnet(parse_name(name), num_classes=num_classes, init="timm")
+    return count_params(model)
+
+
+def scaling_grid_names() -> list:
+    return [f"rs{d}-w{w:g}" for d in SCALING_DEPTHS for w in SCALING_WIDTHS]
