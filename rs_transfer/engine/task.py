@@ -1,0 +1,30 @@
+"""What a task hands the engine. The engine never branches on which task it runs.
+
+A task is a dataset, a model whose forward turns a batch into losses, and an evaluator:
+
+    task = Task(model=SegModel(...), train_set=VOCSegmentation(...), evaluate=evaluate_miou, primary_metric="miou")
+    final_metrics = engine.trainer.train(config, task)
+
+- `model.forward(batch)` in train mode returns a dict with "loss" (a scalar tensor to minimise) and optionally
+  other scalar tensors, which are logged. `batch` is what `collate_fn` returns, moved to the device by the engine
+  (tensors anywhere inside lists, tuples and dicts are moved).
+- `evaluate(model)` is called on every rank with the model to evaluate (the EMA copy when EMA is on, unwrapped
+  from DDP, in eval mode) and returns a dict of metrics as Python floats, identical on every rank (the evaluator
+  reduces across ranks itself; `rs_transfer.engine.distributed` has the helpers). Fractions in [0, 1].
+- `primary_metric` names the metric that picks the best checkpoint (higher is better).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    train_set: Dataset
+    evaluate: Callable[[nn.Module], dict]
+    primary_metric: str
+    collate_fn: Optional[Callable] = None
