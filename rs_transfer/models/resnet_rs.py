@@ -129,7 +129,11 @@ def _widen_plain_stem(model: ResNet, width: int, norm_layer) -> None:
     model.conv1 = nn.Conv2d(model.conv1.in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = norm_layer(width)
     first.conv1 = nn.Conv2d(width, first.conv1.out_channels, kernel_size=1, bias=False)
-    first.downsample[0] = nn.Conv2d(width, first.downsample[0].out_channels, kernel_size=1, bias=False)
+    out_channels = first.conv3.out_channels
+    if first.downsample is None:  # timm saw 64 in == 4 x 16 out (width 0.25) and needed no projection
+        first.downsample = nn.Sequential(nn.Conv2d(width, out_channels, 1, bias=False), norm_layer(out_channels))
+    else:
+        first.downsample[0] = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
     model.feature_info[0]["num_chs"] = width
 
 

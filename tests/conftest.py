@@ -1,0 +1,9 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # Tiny CPU models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
+    # process were measured 4-70x slower than one (thread contention with the other test processes).
+    torch.set_num_threads(1)

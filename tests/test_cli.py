@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rs_transfer.cli import main
+from rs_transfer.models.resnet_rs import RELEASED, count_params_fast
+
+
+def test_models_table_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, params in zip(RELEASED, ("35.69", "63.62", "86.62", "93.21", "129.86", "163.96", "191.89")):
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert params in line and f"resnetrs{name[2:]}.tf_in1k" in line
+    assert "3-8-36-3" in out and "resnet200-se" in out
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["rs152"]["layout"] == "3-8-36-3"
+    assert [p["resolution"] for p in rows["rs152"]["paper"]] == [192, 224, 256]
+    assert rows["rs152"]["paper"][1]["top1"] == 82.8
+    assert rows["resnet200-d"]["se"] is False and rows["resnet200-d"]["resnet_d"] is True
+    assert rows["resnet152"]["params_m"] == 60.19
+
+
+def test_info_measures_params_and_gflops(capsys):
+    assert main(["info", "rs26-w0.25", "--resolution", "64", "--resolution", "32", "--json", "--num-classes", "10"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == [2, 2, 2, 2] and info["width"] == 0.25
+    assert info["feature_strides"] == [4, 8, 16, 32] and info["feature_channels"] == [64, 128, 256, 512]
+    assert set(info["gflops"]) == {"64", "32"} and info["gflops"]["64"] > info["gflops"]["32"] > 0
+    assert info["params_m"] == round(count_params_fast("rs26-w0.25", num_classes=10) / 1e6, 3)
+
+
+def test_unknown_model_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "rs_transfer", "info", "rs27"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown depth 27 in model name 'rs27'; depths: [26, 50, 101, 152, 200, 270, 300, 350, 400, 420]"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train-everything"])
+    assert exit.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

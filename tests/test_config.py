@@ -1,0 +1,85 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from rs_transfer.config import ConfigError, RunConfig, load_config, save_config
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides_stack(tmp_path):
+    base = _write(tmp_path / "base.yaml", "model:\n  name: rs101\ntrain:\n  batch_size: 64\n  epochs: 10\n")
+    child = _write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  epochs: 3\n")
+    config = load_config(RunConfig, child, ["seed=7", "model.drop_rate=0.25", "data.root=/data/x"])
+    assert config.model.name == "rs101"  # from the base file
+    assert config.train.batch_size == 64 and config.train.epochs == 3  # the child only lists its difference
+    assert config.seed == 7 and config.model.drop_rate == 0.25 and config.data.root == "/data/x"
+    assert config.model.num_classes == 1000  # dataclass default
+    assert load_config(RunConfig, base).train.epochs == 10
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trian.epochs=3", "unknown key 'trian'; did you mean 'train'?"),
+    ("train.epoch=3", "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+    ("model.nmae=rs50", "did you mean 'model.name'?"),
+    ("train.batch_size=many", "key 'train.batch_size'"),
+    ("seed", "expected key=value"),
+    ("=3", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, None, [override])
+    assert message in str(error.value)
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ConfigError, match="valid keys here: epochs, steps, batch_size"):
+        load_config(RunConfig, None, ["train.zzzzzz=1"])
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(RunConfig, tmp_path / "missing.yaml")
+    typo = _write(tmp_path / "typo.yaml", "model:\n  nam: rs50\n")
+    with pytest.raises(ConfigError, match=r"config file .*typo.yaml: unknown key 'model.nam'; did you mean 'model.name'"):
+        load_config(RunConfig, typo)
+    broken = _write(tmp_path / "broken.yaml", "model: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(RunConfig, broken)
+    listing = _write(tmp_path / "list.yaml", "- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(RunConfig, listing)
+    loop = _write(tmp_path / "loop.yaml", "base: loop.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(RunConfig, loop)
+    orphan = _write(tmp_path / "orphan.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(RunConfig, orphan)
+
+
+@dataclass
+class HeadConfig:
+    channels: int = 256
+
+
+@dataclass
+class TaskConfig(RunConfig):
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+def test_task_schemas_extend_the_run_config():
+    config = load_config(TaskConfig, None, ["head.channels=64", "model.name=rs26"])
+    assert config.head.channels == 64 and config.model.name == "rs26"
+    with pytest.raises(ConfigError, match="did you mean 'head.channels'"):
+        load_config(TaskConfig, None, ["head.chanels=64"])
+
+
+def test_saved_config_round_trips_with_commit(tmp_path):
+    config = load_config(RunConfig, None, ["model.name=rs152", "train.steps=100", "output_dir=" + str(tmp_path)])
+    path = save_config(config, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert path.read_text().startswith("# rs-transfer run config; git commit: ")
+    assert load_config(RunConfig, path) == config
