@@ -76,11 +76,12 @@ def make_evaluate(val_set: Dataset):
     return evaluate
 
 
-def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, kill_at=None, nan_at=None, seed: int = 0) -> Task:
+def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None, nan_at=None,
+              seed: int = 0) -> Task:
     torch.manual_seed(seed)
     model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
     val = Points(128, seed=99, noise=0.0)
-    return Task(model=model, train_set=Points(n, seed=1, kill_at=kill_at), evaluate=make_evaluate(val),
+    return Task(model=model, train_set=Points(n, seed=1, noise=noise, kill_at=kill_at), evaluate=make_evaluate(val),
                 primary_metric="accuracy")
 
 
@@ -98,11 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("--kill-at", type=int, help="SIGKILL this process when fetching sample number N + 1")
     parser.add_argument("--nan-at", type=int)
     parser.add_argument("--bn", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--noise", type=float, default=0.1)
+    args = parser.parse_intermixed_args(argv)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     config = toy_config(args.output_dir, *args.overrides)
-    task = make_task(bn=args.bn, kill_at=args.kill_at, nan_at=args.nan_at)
+    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at, nan_at=args.nan_at)
     train(config, task)
 
 
