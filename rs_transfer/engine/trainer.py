@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from rs_transfer.config import ConfigError, RunConfig, save_config, to_dict
 from rs_transfer.engine import checkpoint as ckpt
@@ -100,8 +100,13 @@ def train(config: RunConfig, task: Task) -> dict:
         save_config(config, out)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
+    if isinstance(task.train_set, IterableDataset):
+        raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles and "
+                        "resumes it by index")
     model = task.model
     if tc.sync_bn and info.world_size > 1:
+        if info.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     memory_format = None
@@ -200,8 +205,9 @@ def train(config: RunConfig, task: Task) -> dict:
             task.train_set, batch_size=micro, sampler=sampler, num_workers=config.data.num_workers,
             collate_fn=task.collate_fn, drop_last=True, pin_memory=info.device.type == "cuda",
             # Worker seeds come from this generator, not the global RNG, so creating an iterator mid-epoch on
-            # resume leaves the global RNG exactly where the uninterrupted run has it.
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + progress.epoch),
+            # resume leaves the global RNG exactly where the uninterrupted run has it; the rank is in it so that
+            # processes do not draw the same augmentations.
+            generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, info.rank)) % 2**63),
         )
         batches = iter(loader)
         epoch_done = False
