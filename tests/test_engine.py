@@ -135,3 +135,10 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
 def test_unknown_amp_mode_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.amp"):
         train(toy_config(tmp_path, "train.amp=fp16"), make_task())
+
+
+def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.atomic_save({"step": 4}, ckpt.step_path(tmp_path / "checkpoints", 4))
+    with pytest.raises(ckpt.CheckpointError, match="train.resume=auto"):
+        train(toy_config(tmp_path), make_task())

@@ -110,3 +110,23 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
+    from torch.utils.data import DataLoader
+
+    from rs_transfer.engine.trainer import ResumableSampler, SeededSamples
+
+    data = engine_toy.Points(48, seed=1, noise=1.0)
+
+    def samples(start: int, workers: int) -> torch.Tensor:
+        sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+        sampler.set_epoch(3)
+        sampler.start = start
+        loader = DataLoader(SeededSamples(data, seed=0, epoch=3), batch_size=8, sampler=sampler, num_workers=workers)
+        return torch.cat([x for x, _ in loader])
+
+    whole = samples(0, workers=2)
+    assert torch.equal(samples(16, workers=1), whole[16:])  # resumed at batch 2, another worker count
+    different_epoch = SeededSamples(data, seed=0, epoch=4)[0][0]
+    assert not torch.equal(different_epoch, SeededSamples(data, seed=0, epoch=3)[0][0])

@@ -6,24 +6,27 @@ as one process or as many under torchrun/SLURM (DDP; see distributed.py).
 
 Exact resume: the data order of an epoch is a function of (seed, epoch) alone (DistributedSampler), a
 checkpoint stores the position inside the epoch and every rank's RNG states, and the LR is a function of the
-step. A run killed and resumed therefore continues with the same batches, the same random augmentations (when
-they run in the main process, `data.num_workers=0`; worker processes are re-seeded per epoch) and the same
-updates; on CPU the final weights are bitwise those of an uninterrupted run (tests/test_engine_resume.py).
+step. A run killed and resumed therefore continues with the same batches, the same random augmentations (in the
+main process the checkpoint restores the generators; in worker processes each sample seeds them from (seed,
+epoch, index), see SeededSamples) and the same updates; on CPU the final weights are bitwise those of an
+uninterrupted run (tests/test_engine_resume.py).
 """
 
 import json
 import logging
 import math
+import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from rs_transfer.config import ConfigError, RunConfig, save_config, to_dict
 from rs_transfer.engine import checkpoint as ckpt
@@ -58,6 +61,31 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class SeededSamples(Dataset):
+    """Seeds a worker's torch, numpy and random generators from (seed, epoch, index) before each sample.
+
+    A sample's random augmentation then depends on nothing else: not on which worker loads it, how many workers
+    there are, or where a resumed epoch restarts, so resume is exact with worker processes too. Used only with
+    workers: in the main process (num_workers=0) the global generators also drive dropout, and the checkpoint
+    restores them instead.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        seed = hash((self.seed, self.epoch, index)) % 2**63
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        return self.dataset[index]
 
 
 @dataclass
@@ -132,6 +160,11 @@ def train(config: RunConfig, task: Task) -> dict:
     progress = Progress()
 
     resume_from = ckpt.find_resume(tc.resume, ckpt_dir)
+    if tc.resume is None and ckpt.step_checkpoints(ckpt_dir):
+        raise ckpt.CheckpointError(
+            f"{ckpt_dir} holds checkpoints of an earlier run: continue it with train.resume=auto, or choose "
+            "another output_dir"
+        )
     if resume_from is not None:
         progress = _restore(resume_from, config, info, model, ema, optimizer, scheduler)
         log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, progress.step,
@@ -201,12 +234,13 @@ def train(config: RunConfig, task: Task) -> dict:
     while progress.step < total:
         sampler.set_epoch(progress.epoch)
         sampler.start = progress.step_in_epoch * micro * tc.grad_accum_steps
+        workers = config.data.num_workers
         loader = DataLoader(
-            task.train_set, batch_size=micro, sampler=sampler, num_workers=config.data.num_workers,
-            collate_fn=task.collate_fn, drop_last=True, pin_memory=info.device.type == "cuda",
-            # Worker seeds come from this generator, not the global RNG, so creating an iterator mid-epoch on
-            # resume leaves the global RNG exactly where the uninterrupted run has it; the rank is in it so that
-            # processes do not draw the same augmentations.
+            SeededSamples(task.train_set, config.seed, progress.epoch) if workers > 0 else task.train_set,
+            batch_size=micro, sampler=sampler, num_workers=workers, collate_fn=task.collate_fn, drop_last=True,
+            pin_memory=info.device.type == "cuda",
+            # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
+            # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
             generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, info.rank)) % 2**63),
         )
         batches = iter(loader)
@@ -245,6 +279,7 @@ def train(config: RunConfig, task: Task) -> dict:
                 epoch_done = True
             last = progress.step == total
             epoch_done = epoch_done or last
+            logger.step()
 
             if progress.step % tc.log_every_steps == 0 or last:
                 check_finite()
@@ -367,6 +402,10 @@ class RunLogger:
 
             self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
 
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
     def train(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -375,7 +414,6 @@ class RunLogger:
             if key not in ("step", "epoch"):
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
         if self.bar is not None:
-            self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
                                  img_s=f"{record['images_per_s']:.0f}")
         else:
