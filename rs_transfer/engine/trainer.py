@@ -34,6 +34,7 @@ from rs_transfer.engine.distributed import (
     all_gather_object,
     all_reduce_max,
     all_reduce_sum,
+    broadcast_object,
     init_distributed,
     seed_everything,
 )
@@ -121,16 +122,20 @@ def train(config: RunConfig, task: Task) -> dict:
     micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
     main = info.rank == 0
     seed_everything(config.seed + info.rank)
+    if isinstance(task.train_set, IterableDataset):
+        raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles and "
+                        "resumes it by index")
     resolved = to_dict(config)
     out = Path(config.output_dir)
     ckpt_dir = out / "checkpoints"
+    # Rank 0 picks the checkpoint and tells the others, so all ranks resume from the same file (or all stop).
+    resume_from, problem = broadcast_object(_pick_resume(tc.resume, ckpt_dir) if main else None)
+    if problem:
+        raise ckpt.CheckpointError(problem)
     if main:
         save_config(config, out)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    if isinstance(task.train_set, IterableDataset):
-        raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles and "
-                        "resumes it by index")
     model = task.model
     if tc.sync_bn and info.world_size > 1:
         if info.device.type != "cuda":
@@ -159,12 +164,6 @@ def train(config: RunConfig, task: Task) -> dict:
     scheduler = build_scheduler(optimizer, tc, total, steps_per_epoch)
     progress = Progress()
 
-    resume_from = ckpt.find_resume(tc.resume, ckpt_dir)
-    if tc.resume is None and ckpt.step_checkpoints(ckpt_dir):
-        raise ckpt.CheckpointError(
-            f"{ckpt_dir} holds checkpoints of an earlier run: continue it with train.resume=auto, or choose "
-            "another output_dir"
-        )
     if resume_from is not None:
         progress = _restore(resume_from, config, info, model, ema, optimizer, scheduler)
         log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, progress.step,
@@ -322,6 +321,17 @@ def train(config: RunConfig, task: Task) -> dict:
         _write_json(out / "final_metrics.json", progress.metrics)
     logger.close()
     return progress.metrics
+
+
+def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, or None; the reason not to start, or None)."""
+    if resume is None and ckpt.step_checkpoints(ckpt_dir):
+        return None, (f"{ckpt_dir} holds checkpoints of an earlier run: continue it with train.resume=auto, or "
+                      "choose another output_dir")
+    try:
+        return ckpt.find_resume(resume, ckpt_dir), None
+    except ckpt.CheckpointError as error:
+        return None, str(error)
 
 
 def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
