@@ -81,7 +81,7 @@ class TrainConfig:
     eval_every_epochs: int = 1  # 0: off
     eval_every_steps: int = 0  # 0: off
     checkpoint_every_steps: int = 0  # also checkpoint after every evaluation and at the end; 0: only those
-    keep_last: int = 2  # step checkpoints kept, besides best.pt
+    keep_last: int = 2  # step checkpoints kept, besides best.pt; 0: all
     log_every_steps: int = 50
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 

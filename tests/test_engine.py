@@ -142,3 +142,16 @@ def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path)
     ckpt.atomic_save({"step": 4}, ckpt.step_path(tmp_path / "checkpoints", 4))
     with pytest.raises(ckpt.CheckpointError, match="train.resume=auto"):
         train(toy_config(tmp_path), make_task())
+
+
+def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
+    # 10 steps of batch 64 over 256 samples: 4 steps per epoch, so the run wraps around the data twice.
+    config = toy_config(tmp_path, "train.epochs=null", "train.steps=10", "train.batch_size=64",
+                        "train.eval_every_epochs=0", "train.eval_every_steps=4", "train.keep_last=0")
+    train(config, make_task())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [4, 8, 10]
+    assert [f.name for f in ckpt.step_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000004.pt", "step_00000008.pt", "step_00000010.pt"]  # keep_last=0 keeps them all
+    state = ckpt.load(tmp_path / "checkpoints" / "step_00000010.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 2)

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import engine_toy
 from test_engine_resume import REPO, TOY
 
 
+@pytest.mark.slow  # launches Python processes; about 15 s on an idle 2-core machine
 def test_two_process_ddp_matches_one_process(tmp_path):
     # No dropout, no noise, no BN: with per-sample randomness or per-process batch statistics the two runs would
     # differ by design, not by a bug. Two processes x 2 accumulation steps x 4 samples = one process x 16.

@@ -30,6 +30,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # launches Python processes; about 15 s on an idle 2-core machine
 def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
     # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
     # dropout and per-sample noise all draw on state that the checkpoint must restore.
