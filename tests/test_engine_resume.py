@@ -1,25 +1,20 @@
 """Exact resume after SIGKILL, atomic checkpoint writes, and picking the checkpoint to resume from."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import engine_toy
+from engine_toy import TOY, script_env
 from rs_transfer.engine import checkpoint as ckpt
 
-TOY = Path(engine_toy.__file__)
-REPO = TOY.parent.parent
 
-
-def run_script(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300,
-                          check=check, **kwargs)
+def run_script(*args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], env=script_env(), capture_output=True, text=True,
+                          timeout=300, check=check)
 
 
 @pytest.fixture
@@ -30,7 +25,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.slow  # launches Python processes; about 15 s on an idle 2-core machine
+@pytest.mark.slow  # launches Python processes that import torch
 def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
     # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
     # dropout and per-sample noise all draw on state that the checkpoint must restore.
