@@ -108,7 +108,8 @@ class ConvNet(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["label"])}
 
 
-def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+@pytest.mark.parametrize("amp, autocast, dtype", [("bf16", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_autocast_and_channels_last_on_cpu(tmp_path, amp, autocast, dtype):
     from rs_transfer.engine.distributed import all_reduce_sum
     from rs_transfer.engine.task import Task
 
@@ -122,10 +123,10 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     torch.manual_seed(0)
     model = ConvNet()
     task = Task(model=model, train_set=Images(256), evaluate=evaluate, primary_metric="accuracy")
-    config = toy_config(tmp_path, "train.amp=bf16", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
+    config = toy_config(tmp_path, f"train.amp={amp}", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
                         "train.ema_decay=0.9", "train.clip_grad_norm=5.0")
     metrics = train(config, task)
-    assert set(model.seen) == {(True, True, torch.bfloat16)}
+    assert set(model.seen) == {(True, autocast, dtype)}  # auto: no autocast on CPU
     assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert metrics["accuracy"] > 0.8  # 3 classes
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -45,7 +45,7 @@ from rs_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-AMP_MODES = ("bf16", "none")
+AMP_MODES = ("auto", "bf16", "none")
 
 
 class NonFiniteLossError(UserError):
@@ -245,7 +245,9 @@ class Trainer:
         )
 
     def _autocast(self):
-        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.tc.amp == "bf16")
+        device = self.info.device.type
+        enabled = self.tc.amp == "bf16" or (self.tc.amp == "auto" and device == "cuda")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
     def _step(self, batches) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the LR it used."""
