@@ -172,8 +172,9 @@ class Trainer:
         self.progress = Progress()
         if resume_from is not None:
             self.progress = _restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler)
-            log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
-                     self.progress.epoch, self.progress.step_in_epoch)
+            if self.main:
+                log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
+                         self.progress.epoch, self.progress.step_in_epoch)
         self.last_saved = resume_from
 
         self.ddp = None
