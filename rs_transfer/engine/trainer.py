@@ -152,11 +152,8 @@ class Trainer:
                 raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
             model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(info.device)
-        self.memory_format = None
         if tc.channels_last:
-            has_3d = any(p.ndim == 5 for p in model.parameters())
-            self.memory_format = torch.channels_last_3d if has_3d else torch.channels_last
-            model.to(memory_format=self.memory_format)
+            to_channels_last(model)
         model.train()
         self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
 
@@ -254,7 +251,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches; returns the LR it used."""
         accum = self.tc.grad_accum_steps
         for i in range(accum):
-            batch = to_device(next(batches), self.info.device, self.memory_format)
+            batch = to_device(next(batches), self.info.device, self.tc.channels_last)
             # DDP averages gradients over ranks only on the last micro-batch; the others accumulate locally.
             sync = self.ddp is None or i == accum - 1
             with nullcontext() if sync else self.ddp.no_sync():
@@ -400,18 +397,28 @@ def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
                     best=state["best"], metrics=state["metrics"])
 
 
-def to_device(batch, device: torch.device, memory_format=None):
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last weights: 4-D (2-D convs) as channels_last, 5-D (3-D convs) as channels_last_3d."""
+    for module in model.modules():
+        dims = {p.ndim for p in module.parameters(recurse=False)}
+        if dims == {4} or dims == {4, 1}:
+            module.to(memory_format=torch.channels_last)
+        elif dims == {5} or dims == {5, 1}:
+            module.to(memory_format=torch.channels_last_3d)
+
+
+def to_device(batch, device: torch.device, channels_last: bool = False):
     """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float) made channels-last."""
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
-        if memory_format is not None and batch.is_floating_point() and batch.ndim in (4, 5):
+        if channels_last and batch.is_floating_point() and batch.ndim in (4, 5):
             batch = batch.contiguous(
                 memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
         return batch
     if isinstance(batch, dict):
-        return {k: to_device(v, device, memory_format) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, memory_format) for v in batch]
+        moved = [to_device(v, device, channels_last) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
