@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ AMP_MODES = ("auto", "bf16", "none")
 
 
 class NonFiniteLossError(UserError):
+    pass
+
+
+class StoppedBySignal(UserError):
     pass
 
 
@@ -187,11 +193,28 @@ class Trainer:
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)
+        self.signalled: str | None = None  # the name of a stop signal this process received
+        self.stop_requested = False  # some process received one (agreed at the last log event)
         self.sums: dict[str, torch.Tensor] = {}  # the model's logged values, summed over micro-batches
         self.micro_count = 0
         self.tic, self.tic_step, self.paused = time.perf_counter(), self.progress.step, 0.0
 
     def run(self) -> dict:
+        # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
+        # SIGTERM on. The run then checkpoints at its next log event and stops with a message saying how to resume.
+        handled = [signal.SIGTERM, signal.SIGUSR1] if threading.current_thread() is threading.main_thread() else []
+        previous = {number: signal.signal(number, self._on_signal) for number in handled}
+        try:
+            return self._run()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.logger.close()
+
+    def _on_signal(self, number, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+    def _run(self) -> dict:
         progress = self.progress
         evaluated_at = progress.step if progress.metrics else -1
         while progress.step < self.total:
@@ -213,8 +236,14 @@ class Trainer:
                 if self._eval_due(last):
                     self._evaluate_and_save()
                     evaluated_at = progress.step
-                elif self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0:
+                elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
+                        self.stop_requested and not last):
                     self._save(best=False)
+                if self.stop_requested and not last:
+                    raise StoppedBySignal(
+                        f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
+                        f"checkpoint {self.last_saved} written: rerun with train.resume=auto to continue"
+                    )
             del batches
         if evaluated_at != progress.step:  # resumed from the last checkpoint of a finished run
             progress.metrics = self._evaluate()
@@ -224,7 +253,6 @@ class Trainer:
                 final["ema"] = self.ema.module.state_dict()
             ckpt.atomic_save(final, self.out / "final.pt")
             _write_json(self.out / "final_metrics.json", progress.metrics)
-        self.logger.close()
         return progress.metrics
 
     def _loader(self) -> DataLoader:
@@ -279,7 +307,7 @@ class Trainer:
         return lr
 
     def _log(self, lr: float) -> None:
-        self._check_finite()
+        self._check_flags()
         means = {k: v / self.micro_count for k, v in self.sums.items()}
         reduced = all_reduce_sum(torch.stack(list(means.values()))) / self.info.world_size if means else []
         now = time.perf_counter()
@@ -310,7 +338,7 @@ class Trainer:
 
     def _evaluate_and_save(self) -> None:
         progress, name = self.progress, self.task.primary_metric
-        self._check_finite()
+        self._check_flags()
         started = time.perf_counter()
         progress.metrics = self._evaluate()
         is_best = progress.best is None or progress.metrics[name] > progress.best
@@ -322,7 +350,7 @@ class Trainer:
         self._save(best=is_best)
 
     def _save(self, best: bool) -> None:
-        self._check_finite()
+        self._check_flags()
         started = time.perf_counter()
         progress = self.progress
         state = {
@@ -349,9 +377,12 @@ class Trainer:
         self.last_saved = path
         self.paused += time.perf_counter() - started
 
-    def _check_finite(self) -> None:
-        if all_reduce_max(self.nonfinite).item() > 0:
-            self.logger.close()
+    def _check_flags(self) -> None:
+        """Agree over ranks on a non-finite loss (stop with an error) and on a stop signal (sets stop_requested)."""
+        signalled = torch.tensor(float(self.signalled is not None), device=self.info.device)
+        nonfinite, stop = all_reduce_max(torch.stack([self.nonfinite, signalled])).tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        if nonfinite > 0:
             where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
                      else "no checkpoint was written yet")
             raise NonFiniteLossError(
