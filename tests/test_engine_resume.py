@@ -57,6 +57,7 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     assert steps == sorted(set(steps)) and steps[-1] == 32
 
 
+@pytest.mark.slow  # launches Python processes that import torch
 def test_sigterm_checkpoints_at_the_next_log_event_and_stops_with_a_resume_hint(tmp_path, deterministic):
     # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 8 and stops.
     out = tmp_path / "run"
