@@ -145,7 +145,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         return {}
     meta = {}
     if rank == 0:
-        records = [json.loads(line) for r in range(world) for line in shard_path(out_dir, r, world).open()]
+        records = [json.loads(line) for r in range(world)
+                   for line in shard_path(out_dir, r, world).read_text().splitlines()]
         if num_classes is None:
             num_classes = load_teacher(teacher, model_name).fc.out_features
         selected = select(records, threshold, per_class)
@@ -182,7 +183,7 @@ def read_selection(folder: Path) -> tuple:
         raise UserError(f"{folder} holds no finished pseudo-labels (meta.json and selected.jsonl): run "
                         "`rs-transfer pseudo-label ... --out` to the end first")
     meta = json.loads(meta_path.read_text())
-    records = [json.loads(line) for line in selected_path.open()]
+    records = [json.loads(line) for line in selected_path.read_text().splitlines()]
     if not records:
         raise UserError(f"{selected_path} selects no images: lower --threshold")
     return meta, records
