@@ -29,7 +29,8 @@ class AugmentConfig:
 
 @dataclass
 class CotrainConfig:
-    pseudo_labels: Optional[str] = None  # OUT folder of `rs-transfer pseudo-label`; set it to co-train
+    enabled: bool = False
+    pseudo_labels: Optional[str] = None  # the --out folder of `rs-transfer pseudo-label`
     data_ratio: float = 1.0  # Model Garden semantics: int(B * r / (1 + r)) of each batch of B are pseudo-labelled
     targets: str = "soft"  # "soft": the teacher's stored top-k probabilities; "hard": its label (+ label smoothing)
 

@@ -18,10 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from rs_transfer.engine import distributed
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.models.weights import read_state_dict
@@ -82,22 +82,14 @@ def _complete_lines(path: Path) -> int:
     return raw[:keep].count(b"\n")
 
 
-def _init_distributed() -> tuple:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def label_images(teacher: str, images: str, out: str, model_name: str = "rs152", image_size: int = 224,
                  batch_size: int = 64, topk: int = 10, threshold: float = 0.3, per_class: int = 0,
                  num_workers: int = 4, max_batches: int | None = None) -> dict:
     """Run (or continue) pseudo-labelling; returns meta.json's content once all shards are complete, else {}."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = _init_distributed()
+    info = distributed.init_distributed("auto")
+    rank, world, device = info.rank, info.world_size, info.device
     others = [p for p in out_dir.glob("rank*-of-*.jsonl") if not p.name.endswith(f"-of-{world:05d}.jsonl")]
     if others:
         raise UserError(f"{out_dir} holds shards of a run with another number of ranks ({others[0].name}); "
@@ -106,7 +98,6 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     mine = items[rank::world]
     path = shard_path(out_dir, rank, world)
     done = _complete_lines(path)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if done < len(mine):
         model = load_teacher(teacher, model_name).to(device)
         num_classes = model.fc.out_features
@@ -136,8 +127,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 os.fsync(file.fileno())
     else:
         num_classes = None
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     expected = {r: len(items[r::world]) for r in range(world)}
     complete = all(_complete_lines(shard_path(out_dir, r, world)) == n for r, n in expected.items())
     if not complete:
@@ -157,8 +147,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         _write_atomic(out_dir / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in selected))
         _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
         log.info("pseudo-labels: %d images, %d selected -> %s", len(records), len(selected), out_dir / "selected.jsonl")
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     return meta
 
 

@@ -1,14 +1,13 @@
 """ImageNet-style classification as an engine Task: data, a zoo model with its loss, and a top-1/top-5 evaluator."""
 
 import logging
-import os
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
+from rs_transfer.engine import distributed
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
@@ -44,9 +43,7 @@ class TopKEvaluator:
         self.num_workers = num_workers
 
     def __call__(self, model: nn.Module) -> dict:
-        rank, world = _rank_world()
-        shard = Subset(self.dataset, range(rank, len(self.dataset), world))
-        loader = DataLoader(shard, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=data.collate)
+        loader = DataLoader(distributed.shard(self.dataset), batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=data.collate)
         net = model.net if isinstance(model, ClassificationModel) else model
         device = next(net.parameters()).device
         counts = torch.zeros(3, dtype=torch.float64, device=device)
@@ -57,16 +54,8 @@ class TopKEvaluator:
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top == labels[:, None]
                 counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-        top1, top5, total = counts.tolist()
+        top1, top5, total = distributed.all_reduce_sum(counts).tolist()
         return {"top1": top1 / total, "top5": top5 / total}
-
-
-def _rank_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def build_datasets(config: PretrainConfig) -> tuple:
@@ -94,7 +83,10 @@ def build_task(config: PretrainConfig) -> Task:
         scale=(config.data.crop_min_area, 1.0)))
     eval_set = data.ImageDataset(eval_items, transforms.eval_transform(config.data.eval_image_size or size))
     collate_fn = data.collate
-    if config.cotrain.pseudo_labels:
+    if config.cotrain.enabled:
+        if not config.cotrain.pseudo_labels:
+            raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
+                            "`rs-transfer pseudo-label`")
         from rs_transfer.pretrain import cotrain
 
         train_set, collate_fn = cotrain.build(config, train_set)
@@ -102,7 +94,7 @@ def build_task(config: PretrainConfig) -> Task:
     net = create_model(m.name, num_classes=m.num_classes, weights=m.weights, drop_rate=m.drop_rate,
                        drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
                        zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
-    _, world = _rank_world()
+    _, world, _ = distributed.launcher_env()
     evaluate = TopKEvaluator(eval_set, max(1, config.train.batch_size // world), config.data.num_workers)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
              config.data.eval_split, m.num_classes)
