@@ -75,6 +75,8 @@ def build_datasets(config: PretrainConfig) -> tuple:
 
 
 def build_task(config: PretrainConfig) -> Task:
+    if config.cotrain.enabled and not config.cotrain.pseudo_labels:
+        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of `rs-transfer pseudo-label`")
     train_items, eval_items, _ = build_datasets(config)
     size = config.data.image_size
     augment = config.augment
@@ -84,9 +86,6 @@ def build_task(config: PretrainConfig) -> Task:
     eval_set = data.ImageDataset(eval_items, transforms.eval_transform(config.data.eval_image_size or size))
     collate_fn = data.collate
     if config.cotrain.enabled:
-        if not config.cotrain.pseudo_labels:
-            raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
-                            "`rs-transfer pseudo-label`")
         from rs_transfer.pretrain import cotrain
 
         train_set, collate_fn = cotrain.build(config, train_set)
