@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--count", type=int, default=64, help="images held in memory and cycled")
     bench_data.add_argument("--resolution", type=int, default=160)
     bench_data.add_argument("--magnitude", type=float, default=10.0)
-    bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum time per pipeline")
+    bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum CPU time per pipeline")
     bench_data.add_argument("--json", action="store_true")
     bench_data.set_defaults(run=run_bench_data)
     return parser
