@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,13 @@ from rs_transfer.engine.task import Task
 from rs_transfer.engine.trainer import train
 
 DIM, CLASSES = 8, 4
+TOY = Path(__file__)
+REPO = TOY.parent.parent
+
+
+def script_env(**extra) -> dict:
+    """The environment for running this file (or `python -c`) in a subprocess against this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 class Points(Dataset):

@@ -74,3 +74,85 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert [f.name for f in files] == ["step_00000004.pt", "step_00000008.pt"]
     state = ckpt.load(files[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class Images(torch.utils.data.Dataset):
+    """8x8 images whose class is the colour channel that is brightest."""
+
+    def __init__(self, n: int):
+        generator = torch.Generator().manual_seed(5)
+        self.y = torch.randint(0, 3, (n,), generator=generator)
+        self.x = torch.rand(n, 3, 8, 8, generator=generator)
+        self.x[torch.arange(n), self.y] += 0.5
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                       torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(8, 3))
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append((batch["image"].is_contiguous(memory_format=torch.channels_last),
+                          torch.is_autocast_enabled("cpu")))
+        logits = self.net(batch["image"])
+        self.seen[-1] += (logits.dtype,)
+        return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["label"])}
+
+
+@pytest.mark.parametrize("amp, autocast, dtype", [("bf16", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_autocast_and_channels_last_on_cpu(tmp_path, amp, autocast, dtype):
+    from rs_transfer.engine.distributed import all_reduce_sum
+    from rs_transfer.engine.task import Task
+
+    val = Images(64)
+
+    def evaluate(model):
+        logits = model.net(val.x.contiguous(memory_format=torch.channels_last))
+        correct = all_reduce_sum(torch.tensor([(logits.argmax(1) == val.y).sum().item(), len(val.y)]))
+        return {"accuracy": (correct[0] / correct[1]).item()}
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    task = Task(model=model, train_set=Images(256), evaluate=evaluate, primary_metric="accuracy")
+    config = toy_config(tmp_path, f"train.amp={amp}", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
+                        "train.ema_decay=0.9", "train.clip_grad_norm=5.0")
+    metrics = train(config, task)
+    assert set(model.seen) == {(True, autocast, dtype)}  # auto: no autocast on CPU
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert metrics["accuracy"] > 0.8  # 3 classes
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["grad_norm"] > 0 for e in events if e["kind"] == "train")
+
+
+def test_unknown_amp_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.amp"):
+        train(toy_config(tmp_path, "train.amp=fp16"), make_task())
+
+
+def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.atomic_save({"step": 4}, ckpt.step_path(tmp_path / "checkpoints", 4))
+    with pytest.raises(ckpt.CheckpointError, match="train.resume=auto"):
+        train(toy_config(tmp_path), make_task())
+
+
+def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
+    # 10 steps of batch 64 over 256 samples: 4 steps per epoch, so the run wraps around the data twice.
+    config = toy_config(tmp_path, "train.epochs=null", "train.steps=10", "train.batch_size=64",
+                        "train.eval_every_epochs=0", "train.eval_every_steps=4", "train.keep_last=0")
+    train(config, make_task())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [4, 8, 10]
+    assert [f.name for f in ckpt.step_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000004.pt", "step_00000008.pt", "step_00000010.pt"]  # keep_last=0 keeps them all
+    state = ckpt.load(tmp_path / "checkpoints" / "step_00000010.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 2)
