@@ -1,13 +1,19 @@
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rs_transfer.cli import main
+from rs_transfer.config import load_config
 from rs_transfer.models import create_model
 from rs_transfer.pretrain import pseudo_label
+from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.pretrain.task import build_task
 from rs_transfer.pretrain.synthetic import make_folder_dataset
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
@@ -64,3 +70,43 @@ def test_pretrain_errors_name_the_problem(tmp_path, capsys):
     assert "nowhere/train" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(DEMO), "data.root=x", "cotrain.enabled=true"]) == 2
     assert "cotrain.pseudo_labels" in capsys.readouterr().err
+
+
+def _env() -> dict:
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow  # two torchrun launches of Python processes that import torch
+def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=5)
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rs_transfer"]
+    result = subprocess.run(
+        [*torchrun, "pretrain", "--config", str(DEMO), f"data.root={root}", f"output_dir={out}", "model.num_classes=3",
+         "train.epochs=null", "train.steps=3", "train.batch_size=8", "data.num_workers=0"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The 15 validation images split over two ranks (8 + 7) and summed give what one process measures.
+    task = build_task(load_config(PretrainConfig, DEMO, [f"data.root={root}", "model.num_classes=3",
+                                                         "data.num_workers=0", "train.batch_size=8"]))
+    task.model.net.load_state_dict(torch.load(out / "weights.pth", weights_only=True))
+    single = task.evaluate(task.model.eval())
+    ddp = json.loads((out / "final_metrics.json").read_text())
+    assert ddp == pytest.approx(single, abs=1e-9)
+    assert round(ddp["top1"] * 15) == pytest.approx(ddp["top1"] * 15, abs=1e-6)  # a count of the 15 images
+
+    # Pseudo-labelling on two ranks: one shard each, the same labels and selection as one process.
+    args = ["pseudo-label", "--teacher", str(out / "weights.pth"), "--images", str(root / "val"), "--model",
+            "rs26-w0.25", "--image-size", "32", "--batch-size", "4", "--topk", "2", "--threshold", "0", "--num-workers", "0"]
+    result = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "pl2")], env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "pl2").glob("rank*")) == ["rank00000-of-00002.jsonl",
+                                                                       "rank00001-of-00002.jsonl"]
+    assert main([*args, "--out", str(tmp_path / "pl1")]) == 0
+
+    def labels(folder):
+        return sorted((r["ref"], r["label"]) for r in map(json.loads, (folder / "selected.jsonl").read_text().splitlines()))
+
+    assert labels(tmp_path / "pl2") == labels(tmp_path / "pl1") and len(labels(tmp_path / "pl1")) == 15
