@@ -77,7 +77,8 @@ LADDER = {
 
 def test_table1_ladder_rows_each_change_what_the_paper_says():
     base = load_config(PretrainConfig, CONFIGS / "table1" / "00_baseline.yaml")
-    assert (base.model.name, base.data.image_size, base.train.epochs, base.train.schedule) == ("resnet200", 256, 90, "step")
+    assert (base.model.name, base.data.image_size) == ("resnet200", 256)
+    assert (base.train.epochs, base.train.schedule) == (90, "step")
     assert base.train.decay_epochs == [30, 60, 80] and base.train.weight_decay == 1e-4
     assert base.train.ema_decay is None and base.train.label_smoothing == 0 and base.augment.randaugment == "none"
     assert base.model.drop_rate == 0 and base.model.drop_path_rate == 0

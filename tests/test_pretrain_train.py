@@ -74,14 +74,16 @@ def test_pretrain_errors_name_the_problem(tmp_path, capsys):
 
 def _env() -> dict:
     repo = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow  # two torchrun launches of Python processes that import torch
 def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
     root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=5)
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rs_transfer"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "rs_transfer"]
     result = subprocess.run(
         [*torchrun, "pretrain", "--config", str(DEMO), f"data.root={root}", f"output_dir={out}", "model.num_classes=3",
          "train.epochs=null", "train.steps=3", "train.batch_size=8", "data.num_workers=0"],
@@ -98,7 +100,8 @@ def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
 
     # Pseudo-labelling on two ranks: one shard each, the same labels and selection as one process.
     args = ["pseudo-label", "--teacher", str(out / "weights.pth"), "--images", str(root / "val"), "--model",
-            "rs26-w0.25", "--image-size", "32", "--batch-size", "4", "--topk", "2", "--threshold", "0", "--num-workers", "0"]
+            "rs26-w0.25", "--image-size", "32", "--batch-size", "4", "--topk", "2", "--threshold", "0",
+            "--num-workers", "0"]
     result = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "pl2")], env=_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -107,6 +110,7 @@ def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
     assert main([*args, "--out", str(tmp_path / "pl1")]) == 0
 
     def labels(folder):
-        return sorted((r["ref"], r["label"]) for r in map(json.loads, (folder / "selected.jsonl").read_text().splitlines()))
+        records = map(json.loads, (folder / "selected.jsonl").read_text().splitlines())
+        return sorted((r["ref"], r["label"]) for r in records)
 
     assert labels(tmp_path / "pl2") == labels(tmp_path / "pl1") and len(labels(tmp_path / "pl1")) == 15

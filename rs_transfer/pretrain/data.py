@@ -102,7 +102,7 @@ def scan_shards(shards: list, labelled: bool = True) -> list:
                     elif ext == ".cls" and labelled:
                         labels[key] = tar.extractfile(member).read().decode().strip()
         except (tarfile.TarError, OSError) as error:
-            raise DataError(f"cannot read tar shard {shard}: {error} (shards must be uncompressed .tar files)") from None
+            raise DataError(f"cannot read tar shard {shard}: {error} (shards must be uncompressed .tar)") from None
         for key in sorted(images):
             label = -1
             if labelled:

@@ -61,8 +61,9 @@ def load_teacher(path: str, model_name: str) -> torch.nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise UserError(f"teacher {path} does not fit model {model_name!r} (give --model): "
-                        f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}") from None
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(error)
+        raise UserError(f"teacher {path} does not fit model {model_name!r} (give --model): {detail}") from None
     return model.eval()
 
 

@@ -40,7 +40,8 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
         config.data.root = str(make_synthetic(config))
     task = build_task(config)
     metrics = train(config, task)
-    skipped = task.train_set.skipped if hasattr(task.train_set, "skipped") else task.collate_fn.labelled.skipped
+    train_sets = [task.collate_fn.labelled, task.collate_fn.pseudo] if config.cotrain.enabled else [task.train_set]
+    skipped = sum(train_set.skipped for train_set in train_sets)
     if skipped:
         log.warning("%d reads of unreadable training images were skipped (each is named above)", skipped)
     if is_main():

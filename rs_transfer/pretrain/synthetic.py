@@ -31,7 +31,7 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def _sizes(rng, count: int, min_side: int, max_side: int) -> list:
-    return [(int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))) for _ in range(count)]
+    return [tuple(int(side) for side in rng.integers(min_side, max_side + 1, size=2)) for _ in range(count)]
 
 
 def make_folder_dataset(root: str | Path, num_classes: int = 4, train_per_class: int = 20, val_per_class: int = 5,
@@ -45,7 +45,8 @@ def make_folder_dataset(root: str | Path, num_classes: int = 4, train_per_class:
             folder.mkdir(parents=True, exist_ok=True)
             for i, size in enumerate(_sizes(rng, per_class, min_side, max_side)):
                 fmt = "png" if i % 3 == 2 else "jpg"
-                (folder / f"{split}_{label}_{i:05d}.{fmt}").write_bytes(_encode(make_image(label, num_classes, size, rng), fmt))
+                image = make_image(label, num_classes, size, rng)
+                (folder / f"{split}_{label}_{i:05d}.{fmt}").write_bytes(_encode(image, fmt))
     return root
 
 

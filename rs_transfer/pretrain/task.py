@@ -35,7 +35,7 @@ class ClassificationModel(nn.Module):
 
 
 class TopKEvaluator:
-    """Top-1/top-5 accuracy over an eval set split across ranks (rank r takes items r, r + W, ...), summed over ranks."""
+    """Top-1/top-5 accuracy; rank r of W evaluates items r, r + W, ... and the counts are summed over ranks."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int):
         self.dataset = dataset
@@ -43,17 +43,19 @@ class TopKEvaluator:
         self.num_workers = num_workers
 
     def __call__(self, model: nn.Module) -> dict:
-        loader = DataLoader(distributed.shard(self.dataset), batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=data.collate)
+        loader = DataLoader(distributed.shard(self.dataset), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=data.collate)
         net = model.net if isinstance(model, ClassificationModel) else model
         device = next(net.parameters()).device
         counts = torch.zeros(3, dtype=torch.float64, device=device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
             for batch in loader:
                 logits = net(batch["image"].to(device, non_blocking=True))
                 labels = batch["label"].to(device)
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top == labels[:, None]
-                counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+                total = torch.tensor(len(labels), device=device)
+                counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), total])
         top1, top5, total = distributed.all_reduce_sum(counts).tolist()
         return {"top1": top1 / total, "top5": top5 / total}
 
@@ -76,7 +78,8 @@ def build_datasets(config: PretrainConfig) -> tuple:
 
 def build_task(config: PretrainConfig) -> Task:
     if config.cotrain.enabled and not config.cotrain.pseudo_labels:
-        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of `rs-transfer pseudo-label`")
+        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
+                        "`rs-transfer pseudo-label`")
     train_items, eval_items, _ = build_datasets(config)
     size = config.data.image_size
     augment = config.augment
