@@ -156,3 +156,21 @@ def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
         "step_00000004.pt", "step_00000008.pt", "step_00000010.pt"]  # keep_last=0 keeps them all
     state = ckpt.load(tmp_path / "checkpoints" / "step_00000010.pt")
     assert (state["epoch"], state["step_in_epoch"]) == (2, 2)
+
+
+def test_channels_last_for_2d_and_3d_layers_and_nested_batches():
+    from collections import namedtuple
+
+    from rs_transfer.engine.trainer import to_channels_last, to_device
+
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(4, 2))
+    to_channels_last(model)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last)
+    Pair = namedtuple("Pair", "clip mask")
+    batch = {"images": [torch.rand(2, 3, 4, 4)], "pair": Pair(torch.rand(2, 3, 2, 4, 4), torch.zeros(2, 4, 4)),
+             "name": "x"}
+    moved = to_device(batch, torch.device("cpu"), channels_last=True)
+    assert moved["images"][0].is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(moved["pair"], Pair) and moved["pair"].clip.is_contiguous(memory_format=torch.channels_last_3d)
+    assert moved["pair"].mask.is_contiguous() and moved["name"] == "x"

@@ -57,6 +57,18 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     assert steps == sorted(set(steps)) and steps[-1] == 32
 
 
+@pytest.mark.slow  # launches Python processes that import torch
+def test_sigterm_checkpoints_at_the_next_log_event_and_stops_with_a_resume_hint(tmp_path, deterministic):
+    # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 8 and stops.
+    out = tmp_path / "run"
+    result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM", check=False)
+    assert result.returncode != 0
+    assert "stopped by SIGTERM at step 8" in result.stderr and "train.resume=auto" in result.stderr
+    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000008.pt"]
+    engine_toy.main([str(out), "train.resume=auto"])
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
+
+
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "step_00000001.pt"
     script = f"""

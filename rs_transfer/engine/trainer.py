@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ AMP_MODES = ("auto", "bf16", "none")
 
 
 class NonFiniteLossError(UserError):
+    pass
+
+
+class StoppedBySignal(UserError):
     pass
 
 
@@ -152,11 +158,8 @@ class Trainer:
                 raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
             model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(info.device)
-        self.memory_format = None
         if tc.channels_last:
-            has_3d = any(p.ndim == 5 for p in model.parameters())
-            self.memory_format = torch.channels_last_3d if has_3d else torch.channels_last
-            model.to(memory_format=self.memory_format)
+            to_channels_last(model)
         model.train()
         self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
 
@@ -190,11 +193,28 @@ class Trainer:
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)
+        self.signalled: str | None = None  # the name of a stop signal this process received
+        self.stop_requested = False  # some process received one (agreed at the last log event)
         self.sums: dict[str, torch.Tensor] = {}  # the model's logged values, summed over micro-batches
         self.micro_count = 0
         self.tic, self.tic_step, self.paused = time.perf_counter(), self.progress.step, 0.0
 
     def run(self) -> dict:
+        # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
+        # SIGTERM on. The run then checkpoints at its next log event and stops with a message saying how to resume.
+        handled = [signal.SIGTERM, signal.SIGUSR1] if threading.current_thread() is threading.main_thread() else []
+        previous = {number: signal.signal(number, self._on_signal) for number in handled}
+        try:
+            return self._run()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.logger.close()
+
+    def _on_signal(self, number, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+    def _run(self) -> dict:
         progress = self.progress
         evaluated_at = progress.step if progress.metrics else -1
         while progress.step < self.total:
@@ -216,8 +236,14 @@ class Trainer:
                 if self._eval_due(last):
                     self._evaluate_and_save()
                     evaluated_at = progress.step
-                elif self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0:
+                elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
+                        self.stop_requested and not last):
                     self._save(best=False)
+                if self.stop_requested and not last:
+                    raise StoppedBySignal(
+                        f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
+                        f"checkpoint {self.last_saved} written: rerun with train.resume=auto to continue"
+                    )
             del batches
         if evaluated_at != progress.step:  # resumed from the last checkpoint of a finished run
             progress.metrics = self._evaluate()
@@ -227,7 +253,6 @@ class Trainer:
                 final["ema"] = self.ema.module.state_dict()
             ckpt.atomic_save(final, self.out / "final.pt")
             _write_json(self.out / "final_metrics.json", progress.metrics)
-        self.logger.close()
         return progress.metrics
 
     def _loader(self) -> DataLoader:
@@ -254,7 +279,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches; returns the LR it used."""
         accum = self.tc.grad_accum_steps
         for i in range(accum):
-            batch = to_device(next(batches), self.info.device, self.memory_format)
+            batch = to_device(next(batches), self.info.device, self.tc.channels_last)
             # DDP averages gradients over ranks only on the last micro-batch; the others accumulate locally.
             sync = self.ddp is None or i == accum - 1
             with nullcontext() if sync else self.ddp.no_sync():
@@ -282,7 +307,7 @@ class Trainer:
         return lr
 
     def _log(self, lr: float) -> None:
-        self._check_finite()
+        self._check_flags()
         means = {k: v / self.micro_count for k, v in self.sums.items()}
         reduced = all_reduce_sum(torch.stack(list(means.values()))) / self.info.world_size if means else []
         now = time.perf_counter()
@@ -313,7 +338,7 @@ class Trainer:
 
     def _evaluate_and_save(self) -> None:
         progress, name = self.progress, self.task.primary_metric
-        self._check_finite()
+        self._check_flags()
         started = time.perf_counter()
         progress.metrics = self._evaluate()
         is_best = progress.best is None or progress.metrics[name] > progress.best
@@ -325,7 +350,7 @@ class Trainer:
         self._save(best=is_best)
 
     def _save(self, best: bool) -> None:
-        self._check_finite()
+        self._check_flags()
         started = time.perf_counter()
         progress = self.progress
         state = {
@@ -352,9 +377,12 @@ class Trainer:
         self.last_saved = path
         self.paused += time.perf_counter() - started
 
-    def _check_finite(self) -> None:
-        if all_reduce_max(self.nonfinite).item() > 0:
-            self.logger.close()
+    def _check_flags(self) -> None:
+        """Agree over ranks on a non-finite loss (stop with an error) and on a stop signal (sets stop_requested)."""
+        signalled = torch.tensor(float(self.signalled is not None), device=self.info.device)
+        nonfinite, stop = all_reduce_max(torch.stack([self.nonfinite, signalled])).tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        if nonfinite > 0:
             where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
                      else "no checkpoint was written yet")
             raise NonFiniteLossError(
@@ -400,18 +428,28 @@ def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
                     best=state["best"], metrics=state["metrics"])
 
 
-def to_device(batch, device: torch.device, memory_format=None):
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last weights: 4-D (2-D convs) as channels_last, 5-D (3-D convs) as channels_last_3d."""
+    for module in model.modules():
+        dims = {p.ndim for p in module.parameters(recurse=False)}
+        if dims == {4} or dims == {4, 1}:
+            module.to(memory_format=torch.channels_last)
+        elif dims == {5} or dims == {5, 1}:
+            module.to(memory_format=torch.channels_last_3d)
+
+
+def to_device(batch, device: torch.device, channels_last: bool = False):
     """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float) made channels-last."""
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
-        if memory_format is not None and batch.is_floating_point() and batch.ndim in (4, 5):
+        if channels_last and batch.is_floating_point() and batch.ndim in (4, 5):
             batch = batch.contiguous(
                 memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
         return batch
     if isinstance(batch, dict):
-        return {k: to_device(v, device, memory_format) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, memory_format) for v in batch]
+        moved = [to_device(v, device, channels_last) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
