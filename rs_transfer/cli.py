@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(run=run_reproduce)
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    add_bench_data(bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True))
+    return parser
+
+
+def add_bench_data(bench_commands) -> None:
     bench_data = bench_commands.add_parser("data", help="decoded + augmented images/s per loader worker: RS vs timm")
     bench_data.add_argument("--images", help="a folder of images to read (default: synthetic 500x375 JPEGs)")
     bench_data.add_argument("--count", type=int, default=64, help="images held in memory and cycled")
@@ -65,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum CPU time per pipeline")
     bench_data.add_argument("--json", action="store_true")
     bench_data.set_defaults(run=run_bench_data)
-    return parser
 
 
 def run_models(args) -> int:
