@@ -114,3 +114,18 @@ def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
         return sorted((r["ref"], r["label"]) for r in records)
 
     assert labels(tmp_path / "pl2") == labels(tmp_path / "pl1") and len(labels(tmp_path / "pl1")) == 15
+
+
+def test_rs50_i160_config_trains_on_an_imagenet_layout_folder(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=2, val_per_class=1,
+                               min_side=150, max_side=220)
+    config = DEMO.parent / "rs50_i160.yaml"
+    out = tmp_path / "run"
+    code = main(["pretrain", "--config", str(config), f"data.root={root}", f"output_dir={out}", "model.num_classes=3",
+                 "train.epochs=null", "train.steps=1", "train.batch_size=2", "data.num_workers=0"])
+    assert code == 0
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert set(metrics) == {"top1", "top5"} and metrics["top5"] == 1.0  # 3 classes: top-5 holds every class
+    saved = (out / "config.yaml").read_text()
+    assert "name: rs50" in saved and "image_size: 160" in saved and "magnitude: 10.0" in saved
+    create_model("rs50", num_classes=3, weights=str(out / "weights.pth"))
