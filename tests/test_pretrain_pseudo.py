@@ -1,4 +1,10 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +129,31 @@ def test_batches_mix_labelled_and_pseudo_at_the_data_ratio(teacher, unlabelled, 
     hard = cotrain.MixedCollate(labelled, pseudo, 1.0, NUM_CLASSES, 0.0, "hard")(list(range(4)))
     assert set(hard["target"].flatten().tolist()) == {0.0, 1.0}
     assert cotrain.SlotDataset(10)[7] == 7 and len(cotrain.SlotDataset(10)) == 10
+
+
+@pytest.mark.slow  # a subprocess that imports torch, killed with SIGKILL while it writes
+def test_pseudo_label_resumes_after_sigkill(teacher, tmp_path):
+    rng = np.random.default_rng(1)
+    samples = [(f"k{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
+    images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
+    out = tmp_path / "killed"
+    shard = out / "rank00000-of-00001.jsonl"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "rs_transfer", "pseudo-label", "--teacher", str(teacher), "--images", str(images),
+               "--out", str(out), "--model", "rs26-w0.25", "--image-size", "32", "--batch-size", "1", "--topk", "2",
+               "--threshold", "0", "--num-workers", "0"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 5):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    written = shard.read_bytes().count(b"\n")
+    assert 5 <= written < 80 and not (out / "selected.jsonl").exists()
+    meta = _run(teacher, images, out, batch_size=1)
+    assert meta["labelled"] == 80
+    full = _run(teacher, images, tmp_path / "full", batch_size=1)
+    assert full["labelled"] == 80
+    assert shard.read_text() == (tmp_path / "full" / "rank00000-of-00001.jsonl").read_text()
