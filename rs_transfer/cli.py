@@ -27,7 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
+
+    pretrain = commands.add_parser("pretrain", help="train a classifier with the RS recipe (ImageNet layout or shards)")
+    pretrain.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/rs50_i160.yaml")
+    pretrain.add_argument("--synthetic", action="store_true", help="generate a small dataset in OUTPUT_DIR and use it")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR")
+    pretrain.set_defaults(run=run_pretrain)
+
+    pseudo = commands.add_parser("pseudo-label", help="label images with a teacher (sharded over ranks, resumable)")
+    pseudo.add_argument("--teacher", required=True, help="teacher weights: weights.pth, final.pt or a timm file")
+    pseudo.add_argument("--images", required=True, help="a folder of images, a .tar shard or a folder of .tar shards")
+    pseudo.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    pseudo.add_argument("--model", default="rs152", help="the teacher's zoo name (default rs152)")
+    pseudo.add_argument("--image-size", type=int, default=224, help="teacher eval resolution (default 224)")
+    pseudo.add_argument("--batch-size", type=int, default=128, help="per process")
+    pseudo.add_argument("--topk", type=int, default=10, help="probabilities kept per image for soft targets (0: none)")
+    pseudo.add_argument("--threshold", type=float, default=0.3, help="minimum confidence (Noisy Student: 0.3)")
+    pseudo.add_argument("--per-class", type=int, default=0,
+                        help="balance to this many images per class (Noisy Student: 130000); 0: no balancing")
+    pseudo.add_argument("--num-workers", type=int, default=8)
+    pseudo.add_argument("--max-batches", type=int, help="stop after this many batches per rank (resume later)")
+    pseudo.set_defaults(run=run_pseudo_label)
+
+    reproduce = commands.add_parser("reproduce", help="run (or list) the runs of one of the paper's tables")
+    reproduce.add_argument("table", choices=["table1"])
+    reproduce.add_argument("--dry-run", action="store_true", help="list the runs and their configs, run nothing")
+    reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. data.root=DIR")
+    reproduce.set_defaults(run=run_reproduce)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    add_bench_data(bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True))
     return parser
+
+
+def add_bench_data(bench_commands) -> None:
+    bench_data = bench_commands.add_parser("data", help="decoded + augmented images/s per loader worker: RS vs timm")
+    bench_data.add_argument("--images", help="a folder of images to read (default: synthetic 500x375 JPEGs)")
+    bench_data.add_argument("--count", type=int, default=64, help="images held in memory and cycled")
+    bench_data.add_argument("--resolution", type=int, default=160)
+    bench_data.add_argument("--magnitude", type=float, default=10.0)
+    bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum CPU time per pipeline")
+    bench_data.add_argument("--json", action="store_true")
+    bench_data.set_defaults(run=run_bench_data)
 
 
 def run_models(args) -> int:
@@ -89,6 +130,36 @@ def run_info(args) -> int:
         return 0
     for key, value in result.items():
         print(f"{key:<18}{value}")
+    return 0
+
+
+def run_pretrain(args) -> int:
+    from rs_transfer.pretrain.run import pretrain
+
+    pretrain(args.config, args.overrides, synthetic=args.synthetic)
+    return 0
+
+
+def run_pseudo_label(args) -> int:
+    from rs_transfer.pretrain.pseudo_label import label_images
+
+    label_images(args.teacher, args.images, args.out, model_name=args.model, image_size=args.image_size,
+                 batch_size=args.batch_size, topk=args.topk, threshold=args.threshold, per_class=args.per_class,
+                 num_workers=args.num_workers, max_batches=args.max_batches)
+    return 0
+
+
+def run_reproduce(args) -> int:
+    from rs_transfer.pretrain.run import table1
+
+    table1(args.dry_run, args.overrides)
+    return 0
+
+
+def run_bench_data(args) -> int:
+    from rs_transfer.pretrain.bench_data import bench_data, print_report
+
+    print_report(bench_data(args.images, args.count, args.resolution, args.magnitude, args.seconds), args.json)
     return 0
 
 

@@ -1,0 +1,104 @@
+"""ImageNet-style classification as an engine Task: data, a zoo model with its loss, and a top-1/top-5 evaluator."""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rs_transfer.engine import distributed
+from rs_transfer.engine.task import Task
+from rs_transfer.errors import UserError
+from rs_transfer.models import create_model
+from rs_transfer.pretrain import data, transforms
+from rs_transfer.pretrain.config import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationModel(nn.Module):
+    """A zoo network whose forward turns a batch into {"loss"}: label-smoothed CE, or CE against soft targets."""
+
+    def __init__(self, net: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.net(batch["image"])
+        if "target" in batch:  # soft targets (co-training) already carry their smoothing
+            loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return {"loss": loss}
+
+
+class TopKEvaluator:
+    """Top-1/top-5 accuracy; rank r of W evaluates items r, r + W, ... and the counts are summed over ranks."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def __call__(self, model: nn.Module) -> dict:
+        loader = DataLoader(distributed.shard(self.dataset), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=data.collate)
+        net = model.net if isinstance(model, ClassificationModel) else model
+        device = next(net.parameters()).device
+        counts = torch.zeros(3, dtype=torch.float64, device=device)
+        with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
+            for batch in loader:
+                logits = net(batch["image"].to(device, non_blocking=True))
+                labels = batch["label"].to(device)
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top == labels[:, None]
+                total = torch.tensor(len(labels), device=device)
+                counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), total])
+        top1, top5, total = distributed.all_reduce_sum(counts).tolist()
+        return {"top1": top1 / total, "top5": top5 / total}
+
+
+def build_datasets(config: PretrainConfig) -> tuple:
+    """(train items, eval items, class names) of data.root, with the minival split applied when asked."""
+    if not config.data.root:
+        raise UserError("data.root is not set: give data.root=DIR (DIR/train/<class>/<images>, DIR/val/...)")
+    num_classes = config.model.num_classes
+    train_items, classes = data.load_split(config.data.root, "train", num_classes)
+    if config.data.eval_split == "minival":
+        train_items, eval_items = data.minival_split(train_items, config.data.minival_fraction,
+                                                     config.data.minival_seed)
+    elif config.data.eval_split == "val":
+        eval_items, _ = data.load_split(config.data.root, "val", num_classes, classes)
+    else:
+        raise UserError(f"data.eval_split must be 'val' or 'minival', got {config.data.eval_split!r}")
+    return train_items, eval_items, classes
+
+
+def build_task(config: PretrainConfig) -> Task:
+    if config.cotrain.enabled and not config.cotrain.pseudo_labels:
+        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
+                        "`rs-transfer pseudo-label`")
+    train_items, eval_items, _ = build_datasets(config)
+    size = config.data.image_size
+    augment = config.augment
+    train_set = data.ImageDataset(train_items, transforms.train_transform(
+        size, augment.randaugment, augment.num_layers, augment.magnitude, augment.timm_config,
+        scale=(config.data.crop_min_area, 1.0)))
+    eval_set = data.ImageDataset(eval_items, transforms.eval_transform(config.data.eval_image_size or size))
+    collate_fn = data.collate
+    if config.cotrain.enabled:
+        from rs_transfer.pretrain import cotrain
+
+        train_set, collate_fn = cotrain.build(config, train_set)
+    m = config.model
+    net = create_model(m.name, num_classes=m.num_classes, weights=m.weights, drop_rate=m.drop_rate,
+                       drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
+                       zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
+    _, world, _ = distributed.launcher_env()
+    evaluate = TopKEvaluator(eval_set, max(1, config.train.batch_size // world), config.data.num_workers)
+    log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
+             config.data.eval_split, m.num_classes)
+    return Task(model=ClassificationModel(net, config.train.label_smoothing), train_set=train_set,
+                evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn)

@@ -1,0 +1,184 @@
+"""Train and eval transforms of the RS recipe, on PIL images.
+
+Train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment -> tensor,
+normalised with the ImageNet mean/std. Eval: centre crop of S/(S + round(S/7)) of the short side, resized to S.
+
+RandAugment comes in two flavours, chosen by `augment.randaugment`:
+- "tf" (default): the official TF code (tensorflow/tpu `autoaugment.distort_image_with_randaugment`), written
+  here because no maintained PyTorch library has its behaviour: each of the N layers picks one of 16 ops
+  uniformly and always applies it, at the fixed magnitude on a 0-10 scale that may exceed 10 (M=15 translates by
+  150 px and rotates by 45 degrees), filling uncovered pixels with grey 128. Pixel constants are absolute, as in
+  TF: translate 100 px and cutout 40 px at M=10, whatever the image size.
+- "timm": timm's `rand_augment_transform` (each op applied with p=0.5, 15 ops without Cutout, translation
+  relative to image size, magnitude clamped to 10, fill with the mean); `augment.timm_config` overrides the
+  config string.
+"""
+
+import random
+
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from rs_transfer.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FILL = (128, 128, 128)
+MAX_LEVEL = 10.0
+TRANSLATE_CONST = 100
+CUTOUT_CONST = 40
+
+
+def _negate(value: float, rng) -> float:
+    return -value if rng.random() < 0.5 else value
+
+
+def _affine(image: Image.Image, matrix: tuple) -> Image.Image:
+    return image.transform(image.size, Image.AFFINE, matrix, resample=Image.NEAREST, fillcolor=FILL)
+
+
+def _rotate(image, level, rng):
+    return image.rotate(_negate(level / MAX_LEVEL * 30.0, rng), resample=Image.NEAREST, fillcolor=FILL)
+
+
+def _posterize(image, level, rng):
+    # TF: int(level / 10 * 4) bits kept; at level >= 20 all 8 bits stay (the op becomes the identity).
+    bits = min(int(level / MAX_LEVEL * 4), 8)
+    return ImageOps.posterize(image, bits) if bits > 0 else Image.new("RGB", image.size)
+
+
+def _solarize(image, level, rng):
+    # Threshold 256 * level / 10: above 255 (M > 10) nothing is inverted, as in the TF code.
+    threshold = int(level / MAX_LEVEL * 256)
+    return image.point(lambda p: p if p < threshold else 255 - p)
+
+
+def _solarize_add(image, level, rng):
+    addition = int(level / MAX_LEVEL * 110)
+    return image.point(lambda p: min(p + addition, 255) if p < 128 else p)
+
+
+def _enhance(enhancer):
+    def op(image, level, rng):
+        # TF: factor level / 10 * 1.8 + 0.1, never negated; PIL's enhancers blend and clip as TF's `blend`.
+        return enhancer(image).enhance(level / MAX_LEVEL * 1.8 + 0.1)
+
+    return op
+
+
+def _shear_x(image, level, rng):
+    return _affine(image, (1, _negate(level / MAX_LEVEL * 0.3, rng), 0, 0, 1, 0))
+
+
+def _shear_y(image, level, rng):
+    return _affine(image, (1, 0, 0, _negate(level / MAX_LEVEL * 0.3, rng), 1, 0))
+
+
+def _translate_x(image, level, rng):
+    return _affine(image, (1, 0, _negate(level / MAX_LEVEL * TRANSLATE_CONST, rng), 0, 1, 0))
+
+
+def _translate_y(image, level, rng):
+    return _affine(image, (1, 0, 0, 0, 1, _negate(level / MAX_LEVEL * TRANSLATE_CONST, rng)))
+
+
+def _cutout(image, level, rng):
+    # TF: a (2 * pad)-sided square of grey at a uniformly random centre, clipped at the borders.
+    pad = int(level / MAX_LEVEL * CUTOUT_CONST)
+    width, height = image.size
+    cx, cy = rng.randrange(width), rng.randrange(height)
+    image = image.copy()
+    image.paste(FILL, (max(0, cx - pad), max(0, cy - pad), min(width, cx + pad), min(height, cy + pad)))
+    return image
+
+
+TF_OPS = {
+    "AutoContrast": lambda image, level, rng: ImageOps.autocontrast(image),
+    "Equalize": lambda image, level, rng: ImageOps.equalize(image),
+    "Invert": lambda image, level, rng: ImageOps.invert(image),
+    "Rotate": _rotate,
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "Color": _enhance(ImageEnhance.Color),
+    "Contrast": _enhance(ImageEnhance.Contrast),
+    "Brightness": _enhance(ImageEnhance.Brightness),
+    "Sharpness": _enhance(ImageEnhance.Sharpness),
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateX": _translate_x,
+    "TranslateY": _translate_y,
+    "Cutout": _cutout,
+    "SolarizeAdd": _solarize_add,
+}
+
+
+class TFRandAugment:
+    """The official TF RandAugment: `num_layers` ops, each drawn uniformly from the 16 and always applied."""
+
+    def __init__(self, num_layers: int = 2, magnitude: float = 10.0, ops: dict | None = None):
+        self.num_layers = num_layers
+        self.magnitude = float(magnitude)
+        self.ops = dict(TF_OPS if ops is None else ops)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        names = list(self.ops)
+        for _ in range(self.num_layers):
+            # Python's `random`, like torchvision and timm: DataLoader seeds it per worker from the run's seed.
+            image = self.ops[names[random.randrange(len(names))]](image, self.magnitude, random)
+        return image
+
+    def __repr__(self) -> str:
+        return f"TFRandAugment(num_layers={self.num_layers}, magnitude={self.magnitude:g})"
+
+
+def randaugment(kind: str, num_layers: int, magnitude: float, image_size: int, timm_config: str = ""):
+    if kind == "tf":
+        return TFRandAugment(num_layers, magnitude)
+    if kind == "timm":
+        from timm.data import rand_augment_transform
+
+        config = timm_config or f"rand-m{magnitude:g}-n{num_layers}"
+        mean = tuple(round(255 * m) for m in IMAGENET_MEAN)
+        return rand_augment_transform(config, {"translate_const": int(image_size * 0.45), "img_mean": mean})
+    raise UserError(f"unknown augment.randaugment {kind!r}: expected 'tf', 'timm' or 'none'")
+
+
+def train_transform(image_size: int, randaugment_kind: str = "tf", num_layers: int = 2, magnitude: float = 10.0,
+                    timm_config: str = "", scale: tuple = (0.08, 1.0)):
+    steps = [
+        T.RandomResizedCrop(image_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+    ]
+    if randaugment_kind != "none" and num_layers > 0:
+        steps.append(randaugment(randaugment_kind, num_layers, magnitude, image_size, timm_config))
+    steps += [T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+class CenterCropFraction:
+    """TF's eval crop: the centred square of S / (S + round(S / 7)) of the short side, resized to S x S."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        self.fraction = image_size / (image_size + round(image_size / 7))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        crop = max(1, int(self.fraction * min(width, height)))
+        left, top = (width - crop + 1) // 2, (height - crop + 1) // 2
+        box = (left, top, left + crop, top + crop)
+        return image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+
+    def __repr__(self) -> str:
+        return f"CenterCropFraction(size={self.image_size}, fraction={self.fraction:.4f})"
+
+
+def eval_transform(image_size: int):
+    return T.Compose([
+        CenterCropFraction(image_size),
+        T.PILToTensor(),
+        T.ConvertImageDtype(torch.float32),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])

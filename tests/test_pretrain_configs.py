@@ -1,0 +1,131 @@
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from rs_transfer.cli import main
+from rs_transfer.config import ConfigError, load_config
+from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.pretrain.run import TABLE1
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+
+# PAPER.md section 3, Table 8: (model, resolution, RandAugment magnitude, stochastic depth, dropout).
+TABLE8 = [
+    ("rs50", 160, 10, 0.0, 0.25),
+    ("rs101", 160, 10, 0.0, 0.25),
+    ("rs101", 192, 15, 0.0, 0.25),
+    ("rs152", 192, 15, 0.0, 0.25),
+    ("rs152", 224, 15, 0.0, 0.25),
+    ("rs152", 256, 15, 0.0, 0.25),
+    ("rs200", 256, 15, 0.1, 0.25),
+    ("rs270", 256, 15, 0.1, 0.25),
+    ("rs350", 256, 15, 0.1, 0.25),
+    ("rs350", 320, 15, 0.1, 0.4),
+    ("rs420", 320, 15, 0.1, 0.4),
+]
+
+
+def _flat(config) -> dict:
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", asdict(config))
+    return out
+
+
+@pytest.mark.parametrize("model,res,magnitude,drop_path,dropout", TABLE8)
+def test_table8_config_matches_the_paper(model, res, magnitude, drop_path, dropout):
+    c = load_config(PretrainConfig, CONFIGS / f"{model}_i{res}.yaml")
+    assert (c.model.name, c.data.image_size, c.data.eval_image_size or c.data.image_size) == (model, res, res)
+    assert (c.augment.randaugment, c.augment.num_layers, c.augment.magnitude) == ("tf", 2, magnitude)
+    assert (c.model.drop_path_rate, c.model.drop_rate) == (drop_path, dropout)
+    t = c.train
+    assert (t.epochs, t.weight_decay, t.ema_decay, t.label_smoothing) == (350, 4e-5, 0.9999, 0.1)
+    assert t.lr * t.batch_size / 256 == pytest.approx(1.6) and t.scale_lr and t.batch_size == 4096
+    assert (t.schedule, t.warmup_epochs, t.momentum, t.nesterov) == ("cosine", 5, 0.9, True)
+    assert t.ema_warmup and c.model.bn_momentum == 1.0  # BN buffers: last batch, averaged by the EMA
+    assert c.model.num_classes == 1000 and c.model.drop_path_schedule == "stage"
+    assert c.output_dir == f"runs/pretrain/{model}_i{res}"
+
+
+def test_every_table8_file_is_tested():
+    files = {p.stem for p in CONFIGS.glob("rs*_i*.yaml")} - {"rs152_i224_cotrain"}
+    assert files == {f"{m}_i{r}" for m, r, *_ in TABLE8}
+
+
+# What each Table 1 row adds to the previous one (output_dir aside), as PAPER.md section 3 lists them.
+LADDER = {
+    "01_cosine.yaml": {"train.schedule": "cosine", "train.decay_epochs": []},
+    "02_350_epochs.yaml": {"train.epochs": 350},
+    "03_ema.yaml": {"train.ema_decay": 0.9999, "model.bn_momentum": 1.0},
+    "04_label_smoothing.yaml": {"train.label_smoothing": 0.1},
+    "05_stochastic_depth.yaml": {"model.drop_path_rate": 0.1},
+    "06_randaugment.yaml": {"augment.randaugment": "tf", "augment.magnitude": 15},
+    "07_dropout.yaml": {"model.drop_rate": 0.25},
+    "08_weight_decay.yaml": {"train.weight_decay": 4e-5},
+    "09_se.yaml": {"model.name": "resnet200-se"},
+    "10_resnet_d.yaml": {"model.name": "rs200"},
+}
+
+
+def test_table1_ladder_rows_each_change_what_the_paper_says():
+    base = load_config(PretrainConfig, CONFIGS / "table1" / "00_baseline.yaml")
+    assert (base.model.name, base.data.image_size) == ("resnet200", 256)
+    assert (base.train.epochs, base.train.schedule) == (90, "step")
+    assert base.train.decay_epochs == [30, 60, 80] and base.train.weight_decay == 1e-4
+    assert base.train.ema_decay is None and base.train.label_smoothing == 0 and base.augment.randaugment == "none"
+    assert base.model.drop_rate == 0 and base.model.drop_path_rate == 0
+    assert [name for name, *_ in TABLE1] == ["00_baseline.yaml"] + list(LADDER)
+    previous = _flat(base)
+    for name, expected in LADDER.items():
+        assert (CONFIGS / "table1" / name).read_text().count("base:") == 1
+        current = _flat(load_config(PretrainConfig, CONFIGS / "table1" / name))
+        changed = {k: v for k, v in current.items() if previous[k] != v and k != "output_dir"}
+        assert changed == expected, name
+        previous = current
+    final = load_config(PretrainConfig, CONFIGS / "table1" / "10_resnet_d.yaml")
+    rs200 = load_config(PretrainConfig, CONFIGS / "rs200_i256.yaml")
+    differ = {k for k, v in _flat(final).items() if _flat(rs200)[k] != v}
+    assert differ == {"output_dir"}  # the top of the ladder is the Table 8 RS-200 recipe
+
+
+def test_table2_weight_decay_pairs_differ_only_in_weight_decay():
+    files = sorted((CONFIGS / "table2").glob("*_wd1e-4.yaml"))
+    assert sorted(f.name.removesuffix("_wd1e-4.yaml") for f in files) == [
+        "rs200_none", "rs200_ra_ls", "rs200_ra_ls_sd_do", "rs50_none", "rs50_ra_ls", "rs50_ra_ls_do"]
+    for high in files:
+        a = _flat(load_config(PretrainConfig, high))
+        b = _flat(load_config(PretrainConfig, high.with_name(high.name.replace("wd1e-4", "wd4e-5"))))
+        assert (a["train.weight_decay"], b["train.weight_decay"]) == (1e-4, 4e-5)
+        assert {k for k in a if a[k] != b[k]} == {"train.weight_decay", "output_dir"}
+        setting = high.name.removesuffix("_wd1e-4.yaml").split("_")[1:]
+        assert (a["augment.randaugment"] == "tf") == ("ra" in setting)
+        assert (a["train.label_smoothing"] == 0.1) == ("ls" in setting)
+        assert (a["model.drop_rate"] > 0) == ("do" in setting)
+        assert (a["model.drop_path_rate"] > 0) == ("sd" in setting)
+
+
+def test_table4_cotrain_config_is_rs152_at_224_with_pseudo_labels():
+    c = load_config(PretrainConfig, CONFIGS / "rs152_i224_cotrain.yaml", ["cotrain.pseudo_labels=/data/pseudo"])
+    assert (c.model.name, c.data.image_size, c.cotrain.enabled, c.cotrain.targets) == ("rs152", 224, True, "soft")
+    assert c.cotrain.data_ratio > 0 and c.train.epochs == 350
+
+
+def test_config_typo_is_a_clear_error():
+    with pytest.raises(ConfigError, match="did you mean 'augment.magnitude'"):
+        load_config(PretrainConfig, CONFIGS / "rs50_i160.yaml", ["augment.magnitud=5"])
+
+
+def test_reproduce_table1_dry_run_lists_the_runs(capsys):
+    assert main(["reproduce", "table1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name, change, top1 in TABLE1:
+        assert name in out and f"{top1:.1f}" in out
+    assert "11 runs" in out

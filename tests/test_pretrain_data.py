@@ -1,0 +1,173 @@
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from rs_transfer.errors import UserError
+from rs_transfer.pretrain import data, transforms
+from rs_transfer.pretrain.synthetic import make_folder_dataset, make_image, make_shard_dataset
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("folder"), num_classes=3, train_per_class=10, val_per_class=3)
+
+
+def test_folder_layout_loads_png_and_jpeg_of_odd_sizes(folder):
+    items, classes = data.load_split(folder, "train", num_classes=3)
+    assert classes == ["class_000", "class_001", "class_002"]
+    assert len(items) == 30
+    assert {item.ref.rsplit(".", 1)[1] for item in items} == {"jpg", "png"}
+    assert [item.label for item in items] == sorted(item.label for item in items)
+    val, val_classes = data.load_split(folder, "val", num_classes=3, classes=classes)
+    assert len(val) == 9 and val_classes == classes
+    dataset = data.ImageDataset(items, transforms.train_transform(32, "tf", 2, 10))
+    batch = next(iter(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2, collate_fn=data.collate)))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["label"].dtype == torch.long and set(batch["label"].tolist()) <= {0, 1, 2}
+
+
+def test_folder_class_count_mismatch_names_the_folder(folder):
+    with pytest.raises(UserError, match=r"3 class folders but model.num_classes=1000"):
+        data.load_split(folder, "train", num_classes=1000)
+    with pytest.raises(UserError, match="data split not found"):
+        data.load_split(folder, "test", num_classes=3)
+
+
+def test_tar_shards_load_with_labels(tmp_path):
+    root = make_shard_dataset(tmp_path, num_classes=3, train_per_class=6, val_per_class=2, per_shard=5)
+    assert len(list((root / "train").glob("*.tar"))) == 4
+    items, classes = data.load_split(root, "train", num_classes=3)
+    assert classes is None and len(items) == 18
+    assert sorted(item.label for item in items) == [0] * 6 + [1] * 6 + [2] * 6
+    image, label = data.ImageDataset(items, transforms.eval_transform(24))[7]
+    assert image.shape == (3, 24, 24) and label == items[7].label
+    with pytest.raises(UserError, match="outside model.num_classes=2"):
+        data.load_split(root, "train", num_classes=2)
+
+
+def test_shards_read_the_same_pixels_as_the_encoded_file(tmp_path):
+    from rs_transfer.pretrain.synthetic import write_shards
+
+    rng = np.random.default_rng(0)
+    images = [make_image(i % 2, 2, (33, 21), rng) for i in range(3)]
+    write_shards(tmp_path, [(f"a/k{i}", image, i % 2) for i, image in enumerate(images)])
+    items = data.scan_shards(sorted(tmp_path.glob("*.tar")))
+    assert [item.ref for item in items] == ["shard-00000.tar/a/k0", "shard-00000.tar/a/k1", "shard-00000.tar/a/k2"]
+    decoded = data.decode(data.read_bytes(items[1].where))
+    assert decoded.size == (33, 21)
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(images[1], dtype=float)).mean() < 8  # JPEG loss
+
+
+def test_minival_split_is_deterministic_disjoint_and_two_percent(tmp_path):
+    items = [data.Item(f"c{i % 7}/img_{i:05d}.jpg", i % 7, "") for i in range(1000)]
+    train, minival = data.minival_split(items, 0.02, seed=0)
+    assert len(minival) == 20 and len(train) == 980
+    assert not {i.ref for i in train} & {i.ref for i in minival}
+    assert {i.ref for i in train} | {i.ref for i in minival} == {i.ref for i in items}
+    shuffled = items[:]
+    random.Random(1).shuffle(shuffled)
+    refs = {i.ref for i in minival}
+    assert {i.ref for i in data.minival_split(shuffled, 0.02, seed=0)[1]} == refs  # listing order does not matter
+    assert data.minival_split(items, 0.02, seed=0)[1] == minival
+    assert {i.ref for i in data.minival_split(items, 0.02, seed=1)[1]} != refs
+
+
+def test_corrupt_image_is_skipped_named_and_counted(folder, tmp_path, caplog):
+    items, _ = data.load_split(folder, "train", num_classes=3)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data.read_bytes(items[0].where)[:200])  # a truncated JPEG
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    items = [data.Item("broken.jpg", 0, str(broken)), data.Item("garbage.png", 1, str(garbage))] + items[2:]
+    dataset = data.ImageDataset(items, transforms.eval_transform(16))
+    with caplog.at_level(logging.WARNING, logger="rs_transfer.pretrain.data"):
+        loaded = [dataset[i] for i in range(len(dataset))]
+    assert len(loaded) == len(items)
+    assert loaded[0][1] == items[2].label  # the next readable image stands in
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("broken.jpg" in m for m in messages) == 1 and sum("garbage.png" in m for m in messages) == 2
+    assert all("unknown image format" in m for m in messages if "garbage.png" in m)
+    assert dataset.skipped == 3  # index 0 tries both broken files, index 1 tries garbage.png
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=data.collate)
+    assert sum(len(b["label"]) for b in loader) == len(items)
+    assert dataset.skipped == 6  # skips inside worker processes are counted too
+
+
+def test_train_transform_shapes_and_ranges():
+    random.seed(0)
+    torch.manual_seed(0)
+    image = make_image(1, 4, (97, 61), np.random.default_rng(0))
+    for kind in ("tf", "timm", "none"):
+        out = transforms.train_transform(48, kind, 2, 15)(image)
+        assert out.shape == (3, 48, 48) and out.dtype == torch.float32
+        low = (0 - max(transforms.IMAGENET_MEAN)) / min(transforms.IMAGENET_STD)
+        high = (1 - min(transforms.IMAGENET_MEAN)) / min(transforms.IMAGENET_STD)
+        assert low - 1e-5 <= out.min() and out.max() <= high + 1e-5
+    with pytest.raises(UserError, match="augment.randaugment"):
+        transforms.train_transform(48, "autoaugment", 2, 10)
+
+
+def test_eval_crop_is_the_tf_fraction_of_the_short_side():
+    # 224 / (224 + 32) = 0.875 of the short side, centred, then resized to 224.
+    crop = transforms.CenterCropFraction(224)
+    assert crop.fraction == pytest.approx(0.875)
+    assert transforms.CenterCropFraction(160).fraction == pytest.approx(160 / 183)
+    image = Image.new("RGB", (400, 256), (0, 0, 0))
+    image.paste((255, 255, 255), (88, 16, 312, 240))  # exactly the 224 x 224 centre square
+    out = np.asarray(crop(image))
+    assert out.shape == (224, 224, 3) and out[2:-2, 2:-2].min() == 255
+    tensor = transforms.eval_transform(64)(image)
+    assert tensor.shape == (3, 64, 64)
+
+
+def test_tf_randaugment_applies_exactly_n_ops_from_the_sixteen():
+    assert len(transforms.TF_OPS) == 16
+    calls = []
+
+    def counting(name, op):
+        def wrapped(image, level, rng):
+            calls.append((name, level))
+            return op(image, level, rng)
+        return wrapped
+
+    ops = {name: counting(name, op) for name, op in transforms.TF_OPS.items()}
+    augment = transforms.TFRandAugment(num_layers=2, magnitude=15, ops=ops)
+    image = make_image(0, 4, (64, 48), np.random.default_rng(0))
+    random.seed(0)
+    for _ in range(200):
+        before = len(calls)
+        out = augment(image)
+        assert len(calls) - before == 2 and out.size == image.size and out.mode == "RGB"
+    assert {name for name, _ in calls} == set(transforms.TF_OPS)  # every op is reachable
+    assert {level for _, level in calls} == {15.0}  # magnitude past 10 is kept, not clamped
+
+
+def test_tf_ops_follow_the_tf_magnitude_rules():
+    image = Image.new("RGB", (200, 200), (200, 10, 10))
+    rng = random.Random(0)
+    shifted = np.asarray(transforms.TF_OPS["TranslateX"](image, 15, rng))
+    # 150 px at M=15: only 50 columns keep the image, the rest is grey 128.
+    grey_columns = (shifted == 128).all(axis=(0, 2)).sum()
+    assert grey_columns == 150
+    assert np.array_equal(np.asarray(transforms.TF_OPS["Solarize"](image, 15, rng)), np.asarray(image))
+    assert np.asarray(transforms.TF_OPS["Solarize"](image, 5, rng))[0, 0].tolist() == [55, 10, 10]
+    cut = np.asarray(transforms.TF_OPS["Cutout"](image, 10, rng))
+    assert 0 < (cut == 128).all(axis=2).sum() <= 80 * 80
+
+
+def test_bench_data_reports_every_pipeline(tmp_path, capsys):
+    from rs_transfer.cli import main
+
+    make_folder_dataset(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
+    assert main(["bench", "data", "--images", str(tmp_path / "train"), "--count", "3", "--resolution", "32",
+                 "--seconds", "0.05", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["source"] == f"3 images from {tmp_path / 'train'}"
+    rates = result["images_per_cpu_s_per_worker"]
+    assert set(rates) == {"rs-tf", "rs-timm", "timm", "decode"} and all(rate > 0 for rate in rates.values())
