@@ -21,3 +21,21 @@ def count_gflops(model: nn.Module, resolution: int, in_chans: int = 3) -> float:
         macs = analysis.total()
     model.train(was_training)
     return 2 * macs / 1e9
+
+
+def params_and_gflops(specs) -> list:
+    """One `{"model", "resolution", "params_m", "gflops"}` per spec; each distinct model is built once."""
+    from rs_transfer.bench.specs import build_model
+
+    rows, models = [], {}
+    for spec in specs:
+        if spec.name not in models:
+            models = {spec.name: build_model(spec.name)}  # keep one model alive: rs420 is 0.8 GB
+        model = models[spec.name]
+        rows.append({
+            "model": spec.name,
+            "resolution": spec.resolution,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "gflops": round(count_gflops(model, spec.resolution), 3),
+        })
+    return rows
