@@ -11,6 +11,7 @@ import logging
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -83,13 +84,24 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def set_precision(dtype: str) -> None:
-    """fp32 means true fp32 (the paper's V100 has no TF32); tf32 lets convs and matmuls use TF32 on Ampere+."""
+@contextmanager
+def precision(dtype: str):
+    """fp32 means true fp32 (the paper's V100 has no TF32); tf32 lets convs and matmuls use TF32 on Ampere+.
+
+    Also turns on cuDNN autotuning (the warm-up steps absorb it); the previous settings come back on exit.
+    """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    tf32 = dtype == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark")
+    saved = [getattr(owner, name) for owner, name in flags]
+    for (owner, name), value in zip(flags, (dtype == "tf32", dtype == "tf32", True)):
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def synchronize(device: torch.device) -> None:
@@ -177,9 +189,11 @@ def measure(
     build=build_model,
     timer=time.perf_counter,
 ) -> LatencyResult:
-    set_precision(dtype)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    with precision(dtype):
+        return _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer)
+
+
+def _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer):
     with torch.device(device):
         model = build(spec.name, num_classes=num_classes)
     if channels_last:
