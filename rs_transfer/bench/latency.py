@@ -40,7 +40,7 @@ class LatencyResult:
     train_img_s: float
     infer_batch: int
     infer_img_s: float
-    peak_mem_gb: float | None  # torch.cuda.max_memory_allocated over the timed steps; None on CPU
+    peak_mem_gb: float | None  # GiB, torch.cuda.max_memory_allocated over warm-up + timed steps; None on CPU
     warmup: int
     repeats: int
     train_step_times_s: list = field(default_factory=list)
