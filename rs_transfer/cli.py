@@ -77,9 +77,9 @@ def _timing_kwargs(args) -> dict:
         "device": device,
         "dtype": args.dtype,
         "channels_last": args.channels_last,
-        "start_batch": args.batch or (128 if gpu else 8),
+        "start_batch": args.batch if args.batch is not None else (128 if gpu else 8),
         "warmup": args.warmup if args.warmup is not None else (5 if gpu else 1),
-        "repeats": args.repeats or (20 if gpu else 3),
+        "repeats": args.repeats if args.repeats is not None else (20 if gpu else 3),
     }
     if kwargs["start_batch"] < 1 or kwargs["warmup"] < 0 or kwargs["repeats"] < 1:
         raise UserError("--batch and --repeats must be at least 1, --warmup at least 0")

@@ -59,3 +59,5 @@ def test_bench_user_errors_exit_2(capsys):
     assert "unknown model 'nosuchnet'" in capsys.readouterr().err
     assert main(["bench", "table7", "--only", "rs50@999", "--device", "cpu", "--out", "/nonexistent/x"]) == 2
     assert "not a Table 7 row" in capsys.readouterr().err
+    assert main(["bench", "latency", "--models", "rs50@160", "--device", "cpu", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
