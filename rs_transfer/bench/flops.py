@@ -24,14 +24,14 @@ def count_gflops(model: nn.Module, resolution: int, in_chans: int = 3) -> float:
 
 
 def params_and_gflops(specs) -> list:
-    """One `{"model", "resolution", "params_m", "gflops"}` per spec; each distinct model is built once."""
+    """One `{"model", "resolution", "params_m", "gflops"}` per spec; consecutive specs of one model share it."""
     from rs_transfer.bench.specs import build_model
 
-    rows, models = [], {}
+    rows, name, model = [], None, None
     for spec in specs:
-        if spec.name not in models:
-            models = {spec.name: build_model(spec.name)}  # keep one model alive: rs420 is 0.8 GB
-        model = models[spec.name]
+        if spec.name != name:
+            model = None  # one model alive at a time: rs420 is 0.8 GB
+            name, model = spec.name, build_model(spec.name)
         rows.append({
             "model": spec.name,
             "resolution": spec.resolution,

@@ -171,9 +171,9 @@ def write_table7(results, out_dir: Path, plot: bool = True) -> list:
     if not results:
         raise UserError("no Table 7 results to write")
     check_one_setup(results)
-    first = results[0]
-    setup = {key: getattr(first, key) for key in
-             ("device", "dtype", "channels_last", "start_batch", "warmup", "repeats", "torch_version")}
+    setup = {key: getattr(results[0], key) for key in ("device", "dtype", "channels_last")}
+    for key in ("start_batch", "warmup", "repeats", "torch_version"):  # may differ between merged files
+        setup[key] = "/".join(sorted({str(getattr(r, key)) for r in results}))
     rows = table_rows(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "table7.json", out_dir / "table7.md", out_dir / "pareto.png"]
