@@ -69,21 +69,9 @@ def add_bench_commands(commands) -> None:
 
 
 def _timing_kwargs(args) -> dict:
-    from rs_transfer.bench.latency import resolve_device
+    from rs_transfer.bench.latency import timing_options
 
-    device = resolve_device(args.device)
-    gpu = device.type == "cuda"
-    kwargs = {
-        "device": device,
-        "dtype": args.dtype,
-        "channels_last": args.channels_last,
-        "start_batch": args.batch if args.batch is not None else (128 if gpu else 8),
-        "warmup": args.warmup if args.warmup is not None else (5 if gpu else 1),
-        "repeats": args.repeats if args.repeats is not None else (20 if gpu else 3),
-    }
-    if kwargs["start_batch"] < 1 or kwargs["warmup"] < 0 or kwargs["repeats"] < 1:
-        raise UserError("--batch and --repeats must be at least 1, --warmup at least 0")
-    return kwargs
+    return timing_options(args.device, args.dtype, args.channels_last, args.batch, args.warmup, args.repeats)
 
 
 def run_bench_latency(args) -> int:
@@ -112,16 +100,11 @@ def run_bench_table7(args) -> int:
 
 
 def run_bench_flops(args) -> int:
-    from rs_transfer.bench.flops import params_and_gflops
+    from rs_transfer.bench.flops import format_flops, params_and_gflops
     from rs_transfer.bench.specs import parse_specs
 
     rows = params_and_gflops(parse_specs(args.specs))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'model':<22}{'params M':>10}{'GFLOPs':>10}")
-    for row in rows:
-        print(f"{row['model'] + '@' + str(row['resolution']):<22}{row['params_m']:>10.2f}{row['gflops']:>10.2f}")
+    print(json.dumps(rows, indent=2) if args.json else format_flops(rows))
     return 0
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from rs_transfer.bench.latency import measure, precision, resolve_device, run_halving, time_steps
+from rs_transfer.bench.latency import (
+    format_results, measure, precision, resolve_device, run_halving, time_steps, timing_options,
+)
 from rs_transfer.bench.specs import BenchSpec, build_model, parse_spec, parse_specs
 from rs_transfer.errors import UserError
 
@@ -84,6 +86,9 @@ def test_measure_with_fake_oom_normalises_to_128_images():
     assert result.peak_mem_gb is None  # not measured on CPU
     # training: 128, 64, 32 fail, then 16 x (1 first step + 2 warm-up + 3 timed); inference: 2 + 3 at 16
     assert models[0].batches == [128, 64, 32] + [16] * 6 + [16] * 5
+    lines = format_results([result]).splitlines()
+    assert lines[2].split() == ["fake@8", "16", "4.000", "32.0", "32.0", "n/a", "(CPU)"]
+    assert lines[3].startswith("device: cpu") and "start batch 128" in lines[3]
 
 
 def test_time_steps_excludes_warmup_and_takes_the_median():
@@ -121,3 +126,12 @@ def test_device_and_dtype_errors():
     with precision("fp32"):
         assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) == before
+
+
+def test_cpu_defaults_are_small_and_labelled():
+    options = timing_options("cpu")
+    assert options["device"] == torch.device("cpu")
+    assert (options["start_batch"], options["warmup"], options["repeats"]) == (8, 1, 3)
+    assert timing_options("cpu", batch=128, warmup=0, repeats=20)["start_batch"] == 128
+    with pytest.raises(UserError, match="at least 1"):
+        timing_options("cpu", batch=0)

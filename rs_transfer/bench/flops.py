@@ -39,3 +39,11 @@ def params_and_gflops(specs) -> list:
             "gflops": round(count_gflops(model, spec.resolution), 3),
         })
     return rows
+
+
+def format_flops(rows) -> str:
+    lines = [f"{'model':<22}{'params M':>10}{'GFLOPs':>10}"]
+    for row in rows:
+        spec = f"{row['model']}@{row['resolution']}"
+        lines.append(f"{spec:<22}{row['params_m']:>10.2f}{row['gflops']:>10.2f}")
+    return "\n".join(lines)

@@ -84,6 +84,23 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def timing_options(device=None, dtype="fp32", channels_last=False, batch=None, warmup=None, repeats=None) -> dict:
+    """`measure` keyword arguments from CLI values; unset ones get the device's defaults (the paper's on GPU)."""
+    device = resolve_device(device)
+    gpu = device.type == "cuda"
+    options = {
+        "device": device,
+        "dtype": dtype,
+        "channels_last": channels_last,
+        "start_batch": batch if batch is not None else (PAPER_BATCH if gpu else 8),  # CPU: minutes, not hours
+        "warmup": warmup if warmup is not None else (5 if gpu else 1),
+        "repeats": repeats if repeats is not None else (20 if gpu else 3),
+    }
+    if options["start_batch"] < 1 or options["warmup"] < 0 or options["repeats"] < 1:
+        raise UserError("--batch and --repeats must be at least 1, --warmup at least 0")
+    return options
+
+
 @contextmanager
 def precision(dtype: str):
     """fp32 means true fp32 (the paper's V100 has no TF32); tf32 lets convs and matmuls use TF32 on Ampere+.
