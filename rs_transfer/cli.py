@@ -55,9 +55,86 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. data.root=DIR")
     reproduce.set_defaults(run=run_reproduce)
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    add_bench_data(bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True))
+    add_bench_commands(commands)
     return parser
+
+
+def add_bench_commands(commands) -> None:
+    """`rs-transfer bench SUBCOMMAND`: a new bench subcommand is one `bench_commands.add_parser(...)` block."""
+    bench = commands.add_parser("bench", help="speed, memory and FLOPs the paper's way (Tables 3 and 7)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+
+    timing = argparse.ArgumentParser(add_help=False)  # options every timed bench shares
+    timing.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    timing.add_argument("--dtype", default="fp32", choices=("fp32", "tf32", "bf16"),
+                        help="fp32 (TF32 off, like the paper's V100), tf32, or bf16 autocast")
+    timing.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    timing.add_argument("--batch", type=int, help="start batch, halved until it fits (default 128 on GPU, 8 on CPU)")
+    timing.add_argument("--warmup", type=int, help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    timing.add_argument("--repeats", type=int, help="timed steps, median reported (default 20 on GPU, 3 on CPU)")
+
+    latency = bench_commands.add_parser("latency", parents=[timing],
+                                        help="training-step latency, peak memory, inference throughput")
+    latency.add_argument("--models", required=True, action="append",
+                         help="NAME@RES[,NAME@RES...], e.g. rs50@160,efficientnet_b1@240")
+    latency.add_argument("--json", action="store_true", help="print a JSON list of results")
+    latency.set_defaults(run=run_bench_latency)
+
+    table7 = bench_commands.add_parser("table7", parents=[timing],
+                                       help="all Table 7 rows: table7.md, table7.json, pareto.png")
+    table7.add_argument("--out", default="bench/table7", help="output folder (default bench/table7)")
+    table7.add_argument("--only", action="append", help="measure only these Table 7 rows (NAME@RES,...)")
+    table7.add_argument("--from", dest="sources", nargs="+", metavar="JSON",
+                        help="render from saved results (latency --json output or table7.json), measure nothing")
+    table7.add_argument("--fresh", action="store_true", help="ignore rows already in OUT/table7.json")
+    table7.set_defaults(run=run_bench_table7)
+
+    flops = bench_commands.add_parser("flops", help="params (M) and GFLOPs (2 x fvcore multiply-adds)")
+    flops.add_argument("specs", nargs="+", metavar="NAME@RES", help="e.g. rs50@160 efficientnet_b0@224")
+    flops.add_argument("--json", action="store_true", help="print a JSON list for scripts")
+    flops.set_defaults(run=run_bench_flops)
+
+    add_bench_data(bench_commands)
+
+
+def _timing_kwargs(args) -> dict:
+    from rs_transfer.bench.latency import timing_options
+
+    return timing_options(args.device, args.dtype, args.channels_last, args.batch, args.warmup, args.repeats)
+
+
+def run_bench_latency(args) -> int:
+    from rs_transfer.bench.latency import format_results, measure
+    from rs_transfer.bench.specs import parse_specs
+
+    specs = parse_specs(args.models)
+    kwargs = _timing_kwargs(args)
+    results = [measure(spec, **kwargs) for spec in specs]
+    print(json.dumps([r.to_dict() for r in results], indent=2) if args.json else format_results(results))
+    return 0
+
+
+def run_bench_table7(args) -> int:
+    from pathlib import Path
+
+    from rs_transfer.bench.specs import parse_specs
+    from rs_transfer.bench.table7 import run_table7
+
+    only = parse_specs(args.only) if args.only else None
+    kwargs = {} if args.sources else _timing_kwargs(args)
+    paths = run_table7(Path(args.out), only=only, sources=args.sources or (), fresh=args.fresh, **kwargs)
+    print(paths[1].read_text())
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def run_bench_flops(args) -> int:
+    from rs_transfer.bench.flops import format_flops, params_and_gflops
+    from rs_transfer.bench.specs import parse_specs
+
+    rows = params_and_gflops(parse_specs(args.specs))
+    print(json.dumps(rows, indent=2) if args.json else format_flops(rows))
+    return 0
 
 
 def add_bench_data(bench_commands) -> None:

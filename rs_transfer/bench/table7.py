@@ -1,0 +1,239 @@
+"""Table 7 measured here: every RS and EfficientNet row of the paper, the paper's V100 column beside ours, the
+RS/EfficientNet speed-up at equal accuracy (paper and measured), and the Figure 4 style Pareto plot.
+
+Equal accuracy: EfficientNet's latency is interpolated at each RS row's top-1, linearly in log-latency between
+the two EfficientNet rows whose (paper) top-1 brackets it; speed-up = that latency / the RS row's latency.
+RS rows outside EfficientNet's top-1 range, or whose bracketing rows were not measured, get no ratio.
+One table holds one device, one dtype and one memory format: merging anything else is refused.
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from rs_transfer.bench.latency import LatencyResult, device_name, format_results, measure
+from rs_transfer.bench.specs import BenchSpec
+from rs_transfer.errors import UserError
+from rs_transfer.models.zoo import TABLE7
+
+log = logging.getLogger(__name__)
+
+RATIO_METHOD = ("EfficientNet latency interpolated in log-latency at the RS row's top-1 (paper top-1), "
+                "divided by the RS latency")
+
+
+def family(model: str) -> str:
+    return "EfficientNet" if model.startswith("efficientnet") else "ResNet-RS"
+
+
+def table7_specs() -> list:
+    return [BenchSpec(row.model, row.resolution) for row in TABLE7]
+
+
+def select_specs(only) -> list:
+    specs = table7_specs()
+    if not only:
+        return specs
+    known = {str(s): s for s in specs}
+    unknown = [str(s) for s in only if str(s) not in known]
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: not a Table 7 row; rows: {', '.join(known)}")
+    return [known[str(s)] for s in only]
+
+
+def check_one_setup(results, source: str = "results") -> None:
+    """Refuse to put results from different devices, dtypes or memory formats in one table."""
+    for attribute in ("device", "dtype", "channels_last"):
+        groups = {}
+        for r in results:
+            groups.setdefault(getattr(r, attribute), []).append(r.spec)
+        if len(groups) > 1:
+            detail = "; ".join(f"{value}: {', '.join(specs)}" for value, specs in groups.items())
+            raise UserError(f"{source} mix {attribute} values ({detail}); a table holds one {attribute}: "
+                            f"measure or render each separately")
+
+
+def interpolate_latency(points, top1: float) -> float | None:
+    """Latency at `top1` on the curve through (top1, latency) points, linear in log-latency; None outside it."""
+    points = sorted(points)
+    for (a1, l1), (a2, l2) in zip(points, points[1:]):
+        if a1 <= top1 <= a2:
+            if a2 == a1:
+                return min(l1, l2)
+            frac = (top1 - a1) / (a2 - a1)
+            return math.exp(math.log(l1) + frac * (math.log(l2) - math.log(l1)))
+    return None
+
+
+def speedups(latency: dict) -> dict:
+    """RS spec -> EfficientNet latency at the RS row's top-1 / RS latency, from `latency` (spec -> seconds)."""
+    effnet = [(row.top1, latency[f"{row.model}@{row.resolution}"]) for row in TABLE7
+              if family(row.model) == "EfficientNet" and f"{row.model}@{row.resolution}" in latency]
+    ratios = {}
+    for row in TABLE7:
+        spec = f"{row.model}@{row.resolution}"
+        if family(row.model) == "ResNet-RS" and spec in latency:
+            reference = interpolate_latency(effnet, row.top1)
+            ratios[spec] = None if reference is None else reference / latency[spec]
+    return ratios
+
+
+def table_rows(results) -> list:
+    measured = {r.spec: r for r in results}
+    paper_ratio = speedups({f"{r.model}@{r.resolution}": r.v100_s for r in TABLE7})
+    measured_ratio = speedups({spec: r.train_s_per_128 for spec, r in measured.items()})
+    rows = []
+    for paper in TABLE7:
+        spec = f"{paper.model}@{paper.resolution}"
+        r = measured.get(spec)
+        rows.append({
+            "model": paper.model,
+            "resolution": paper.resolution,
+            "family": family(paper.model),
+            "top1_paper": paper.top1,
+            "v100_s_per_128_paper": paper.v100_s,
+            "s_per_128": r.train_s_per_128 if r else None,
+            "batch": r.batch if r else None,
+            "peak_mem_gb": r.peak_mem_gb if r else None,
+            "infer_img_s": r.infer_img_s if r else None,
+            "speedup_paper": paper_ratio.get(spec),
+            "speedup_measured": measured_ratio.get(spec),
+        })
+    return rows
+
+
+def _fmt(value, pattern: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, pattern)
+
+
+def render_markdown(rows, setup: dict) -> str:
+    lines = [
+        f"# Table 7 measured on {setup['device']}",
+        "",
+        f"{setup['dtype']}, {'channels-last' if setup['channels_last'] else 'contiguous (NCHW)'}; training step "
+        f"latency in seconds per 128 images (start batch {setup['start_batch']}, halved until it fits); median of "
+        f"{setup['repeats']} steps after {setup['warmup']} warm-up; torch {setup['torch_version']}. Top-1 and the "
+        f"V100 column are the paper's (V100, fp32).",
+        "",
+        "| model | res | top-1 (paper) | V100 s/128 (paper) | measured s/128 | batch | peak mem GB | infer img/s "
+        "| RS speed-up x (paper) | RS speed-up x (measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        mem = _fmt(row["peak_mem_gb"], ".2f", "n/a" if row["s_per_128"] is not None else "-")
+        lines.append(
+            f"| {row['model']} | {row['resolution']} | {row['top1_paper']} | {row['v100_s_per_128_paper']} "
+            f"| {_fmt(row['s_per_128'], '.3f')} | {_fmt(row['batch'], 'd')} | {mem} "
+            f"| {_fmt(row['infer_img_s'], '.1f')} | {_fmt(row['speedup_paper'], '.2f')} "
+            f"| {_fmt(row['speedup_measured'], '.2f')} |"
+        )
+    lines += ["", f"Speed-up at equal accuracy: {RATIO_METHOD}."]
+    for key, label in (("speedup_paper", "paper (V100)"), ("speedup_measured", "measured")):
+        values = [row[key] for row in rows if row[key] is not None]
+        span = f"{min(values):.2f}x to {max(values):.2f}x over {len(values)} RS rows" if values else "none"
+        lines.append(f"- {label}: {span}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_pareto(rows, setup: dict, path: Path) -> None:
+    # Figure without pyplot: no global backend state, always the Agg canvas.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for fam, color in (("ResNet-RS", "tab:red"), ("EfficientNet", "tab:blue")):
+        mine = [r for r in rows if r["family"] == fam]
+        measured = [r for r in mine if r["s_per_128"] is not None]
+        ax.plot([r["v100_s_per_128_paper"] for r in mine], [r["top1_paper"] for r in mine], "--", color=color,
+                alpha=0.35, label=f"{fam} (paper, V100)")
+        if measured:
+            ax.plot([r["s_per_128"] for r in measured], [r["top1_paper"] for r in measured], "o-", color=color,
+                    label=f"{fam} (measured)")
+            for r in measured:
+                ax.annotate(f"{r['model'].replace('efficientnet_', '')}@{r['resolution']}",
+                            (r["s_per_128"], r["top1_paper"]), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step latency, s per 128 images (log)")
+    ax.set_ylabel("ImageNet top-1 (paper)")
+    ax.set_title(f"{setup['device']}, {setup['dtype']}{', channels-last' if setup['channels_last'] else ''}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def write_table7(results, out_dir: Path, plot: bool = True) -> list:
+    """Write table7.json, table7.md and (if `plot`) pareto.png for results measured on one device."""
+    results = list(results)
+    if not results:
+        raise UserError("no Table 7 results to write")
+    check_one_setup(results)
+    setup = {key: getattr(results[0], key) for key in ("device", "dtype", "channels_last")}
+    for key in ("start_batch", "warmup", "repeats", "torch_version"):  # may differ between merged files
+        setup[key] = "/".join(sorted({str(getattr(r, key)) for r in results}))
+    rows = table_rows(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "table7.json", out_dir / "table7.md", out_dir / "pareto.png"]
+    document = {**setup, "ratio_method": RATIO_METHOD, "rows": rows, "results": [r.to_dict() for r in results]}
+    tmp = paths[0].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(paths[0])  # atomic: a killed run keeps the previous table7.json whole
+    paths[1].write_text(render_markdown(rows, setup))
+    if plot:
+        plot_pareto(rows, setup, paths[2])
+    return paths if plot else paths[:2]
+
+
+def load_results(path: Path) -> list:
+    """Latency results from a table7.json or from `bench latency --json` output."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not JSON ({error})") from None
+    items = data.get("results") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise UserError(f"{path}: expected a list of latency results or a table7.json")
+    return [LatencyResult.from_dict(item, source=str(path)) for item in items]
+
+
+def run_table7(out_dir: Path, device=None, dtype: str = "fp32", channels_last: bool = False, start_batch: int = 128,
+               warmup: int = 5, repeats: int = 20, only=None, sources=(), fresh: bool = False,
+               measure_fn=measure) -> list:
+    """Measure the Table 7 rows (or render `sources` without measuring) and write the table after every row.
+
+    Rows already in out_dir/table7.json with the same device, dtype and memory format are reused (so a run cut
+    short resumes), unless `fresh`.
+    """
+    out_dir = Path(out_dir)
+    if sources:
+        results = [r for source in sources for r in load_results(source)]
+        check_one_setup(results, source=" + ".join(map(str, sources)))
+        return write_table7(results, out_dir)
+    specs = select_specs(only)
+    done = {}
+    existing = out_dir / "table7.json"
+    if existing.exists() and not fresh:
+        previous = load_results(existing)
+        here = (device_name(device), dtype, channels_last)
+        for r in previous:
+            if (r.device, r.dtype, r.channels_last) != here:
+                raise UserError(
+                    f"{existing} holds results from {r.device}, {r.dtype}, channels_last={r.channels_last}; this "
+                    f"run is {here[0]}, {dtype}, channels_last={channels_last}: one table holds one setup, so "
+                    f"choose another --out (or --fresh to replace it)"
+                )
+        done = {r.spec: r for r in previous}
+        log.info("resuming %s: %d rows already measured", existing, len(done))
+    for spec in specs:
+        if str(spec) in done:
+            continue
+        done[str(spec)] = measure_fn(spec, device, dtype=dtype, channels_last=channels_last,
+                                     start_batch=start_batch, warmup=warmup, repeats=repeats)
+        log.info("%s", format_results([done[str(spec)]]).splitlines()[2])
+        write_table7(done.values(), out_dir, plot=False)  # a run cut short keeps every finished row
+    return write_table7(done.values(), out_dir)

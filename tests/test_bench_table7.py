@@ -1,0 +1,127 @@
+"""Table 7 runner: rows, files, ratios at equal accuracy, resume, and the refusal to mix devices."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rs_transfer.bench.latency import LatencyResult, device_name
+from rs_transfer.bench.table7 import (
+    check_one_setup, interpolate_latency, run_table7, speedups, table7_specs, write_table7,
+)
+from rs_transfer.errors import UserError
+from rs_transfer.models.zoo import TABLE7
+
+CPU = torch.device("cpu")
+
+
+def fake_result(spec, device=None, scale=10.0, dtype="fp32", channels_last=False, start_batch=8, **_):
+    """A measurement without running anything: latency = scale x the paper's V100 latency."""
+    paper = next(r for r in TABLE7 if (r.model, r.resolution) == (spec.name, spec.resolution))
+    s_per_128 = paper.v100_s * scale
+    return LatencyResult(
+        model=spec.name, resolution=spec.resolution, device=device or device_name(CPU), dtype=dtype,
+        channels_last=channels_last, start_batch=start_batch, batch=start_batch,
+        train_step_s=s_per_128 * start_batch / 128, train_s_per_128=s_per_128, train_img_s=128 / s_per_128,
+        infer_batch=start_batch, infer_img_s=300 / s_per_128, peak_mem_gb=None, warmup=1, repeats=3,
+        train_step_times_s=[s_per_128 * start_batch / 128] * 3,
+    )
+
+
+class FakeMeasure:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, spec, device, **kwargs):
+        self.calls.append(str(spec))
+        return fake_result(spec, **kwargs)
+
+
+def test_interpolation_is_linear_in_log_latency():
+    points = [(80.0, 1.0), (82.0, 4.0), (77.0, 0.5)]
+    assert interpolate_latency(points, 81.0) == pytest.approx(2.0)  # geometric mean of 1 and 4
+    assert interpolate_latency(points, 82.0) == pytest.approx(4.0)
+    assert interpolate_latency(points, 78.5) == pytest.approx(math.sqrt(0.5))
+    assert interpolate_latency(points, 76.0) is None and interpolate_latency(points, 83.0) is None
+
+
+def test_paper_speedups_reproduce_the_headline():
+    ratios = speedups({f"{r.model}@{r.resolution}": r.v100_s for r in TABLE7})
+    assert len(ratios) == 11 and all(v is not None for v in ratios.values())
+    # PAPER.md: "2.1-3.3x on GPU at equal accuracy"; RS-350@256 and B6 share 84.0 top-1: 15.7 / 4.72
+    assert 2.1 <= min(ratios.values()) < 2.2
+    assert ratios["rs350@256"] == pytest.approx(15.7 / 4.72)
+    assert round(max(ratios.values()), 1) == 3.3
+
+
+def test_table7_writes_all_rows_md_json_png(tmp_path):
+    fake = FakeMeasure()
+    paths = run_table7(tmp_path, CPU, start_batch=8, warmup=1, repeats=3, measure_fn=fake)
+    assert [p.name for p in paths] == ["table7.json", "table7.md", "pareto.png"]
+    assert fake.calls == [str(s) for s in table7_specs()] and len(fake.calls) == 19
+    data = json.loads((tmp_path / "table7.json").read_text())
+    assert data["device"] == device_name(CPU) and data["dtype"] == "fp32"
+    rows = {f"{r['model']}@{r['resolution']}": r for r in data["rows"]}
+    assert len(rows) == 19
+    assert rows["rs50@160"]["v100_s_per_128_paper"] == 0.31
+    assert rows["rs50@160"]["s_per_128"] == pytest.approx(3.1)
+    # latencies proportional to the paper's give the paper's ratios
+    for spec, row in rows.items():
+        if spec.startswith("rs"):
+            assert row["speedup_measured"] == pytest.approx(row["speedup_paper"])
+        else:
+            assert row["speedup_measured"] is None and row["speedup_paper"] is None
+    md = (tmp_path / "table7.md").read_text()
+    assert md.startswith(f"# Table 7 measured on {device_name(CPU)}")
+    table_lines = [line for line in md.splitlines() if line.startswith("| rs") or line.startswith("| efficientnet")]
+    assert len(table_lines) == 19
+    assert "| rs350 | 256 | 84.0 | 4.72 | 47.200 | 8 | n/a |" in md
+    assert "- paper (V100): 2.18x to 3.33x over 11 RS rows" in md
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table7_subset_then_resume(tmp_path):
+    fake = FakeMeasure()
+    only = [s for s in table7_specs() if str(s) in ("rs50@160", "efficientnet_b0@224", "efficientnet_b1@240")]
+    run_table7(tmp_path, CPU, only=only, measure_fn=fake)
+    data = json.loads((tmp_path / "table7.json").read_text())
+    measured = [r for r in data["rows"] if r["s_per_128"] is not None]
+    assert len(measured) == 3 and len(data["rows"]) == 19
+    assert next(r for r in measured if r["model"] == "rs50")["speedup_measured"] is not None
+    # a second run measures only what is missing; --fresh measures everything again
+    run_table7(tmp_path, CPU, only=only[:1] + [table7_specs()[1]], measure_fn=fake)
+    assert fake.calls == ["rs50@160", "efficientnet_b0@224", "efficientnet_b1@240", "rs101@160"]
+    run_table7(tmp_path, CPU, only=only[:1], fresh=True, measure_fn=fake)
+    assert fake.calls[-1] == "rs50@160"
+    with pytest.raises(UserError, match="not a Table 7 row"):
+        run_table7(tmp_path, CPU, only=[type(only[0])("rs50", 224)], measure_fn=fake)
+
+
+def test_refuses_to_mix_devices(tmp_path):
+    specs = table7_specs()
+    gpu = [fake_result(s, device="NVIDIA H100 80GB HBM3") for s in specs[:2]]
+    cpu = [fake_result(s) for s in specs[2:4]]
+    with pytest.raises(UserError, match="mix device values.*NVIDIA H100.*rs50@160"):
+        check_one_setup(gpu + cpu)
+    with pytest.raises(UserError, match="mix dtype"):
+        write_table7(cpu + [fake_result(specs[5], dtype="bf16")], tmp_path)
+    # merging saved files from two devices is refused too, naming the files
+    (tmp_path / "gpu.json").write_text(json.dumps([r.to_dict() for r in gpu]))
+    (tmp_path / "cpu.json").write_text(json.dumps([r.to_dict() for r in cpu]))
+    with pytest.raises(UserError, match="gpu.json \\+ .*cpu.json mix device"):
+        run_table7(tmp_path / "out", sources=[tmp_path / "gpu.json", tmp_path / "cpu.json"])
+    # and resuming a table measured elsewhere
+    write_table7(gpu, tmp_path / "gpu_table")
+    with pytest.raises(UserError, match="one table holds one setup"):
+        run_table7(tmp_path / "gpu_table", CPU, measure_fn=FakeMeasure())
+    paths = run_table7(tmp_path / "merged", sources=[tmp_path / "gpu.json", tmp_path / "gpu_table" / "table7.json"])
+    assert "NVIDIA H100" in paths[1].read_text()
+
+
+def test_bad_results_file(tmp_path):
+    (tmp_path / "bad.json").write_text('[{"model": "rs50"}]')
+    with pytest.raises(UserError, match="bad.json: not a latency result"):
+        run_table7(tmp_path / "out", sources=[tmp_path / "bad.json"])
+    with pytest.raises(UserError, match="missing.json: no such file"):
+        run_table7(tmp_path / "out", sources=[tmp_path / "missing.json"])
