@@ -79,7 +79,7 @@ class SelfGating3d(nn.Module):
 class Bottleneck3d(nn.Module):
     expansion = 4
 
-    def __init__(self, in_chs, width, stride, kt, se, self_gating, drop_path, avg_down, norm_layer):
+    def __init__(self, in_chs, width, stride, kt, se, self_gating, drop_path, resnet_d, avg_down, norm_layer):
         super().__init__()
         out_chs = width * self.expansion
         self.conv1 = nn.Conv3d(in_chs, width, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
@@ -96,7 +96,7 @@ class Bottleneck3d(nn.Module):
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = _shortcut(in_chs, out_chs, stride, avg_down, norm_layer)
+            self.downsample = _shortcut(in_chs, out_chs, stride, resnet_d, avg_down, norm_layer)
 
     def zero_init_last(self):
         nn.init.zeros_(self.bn3.weight)
@@ -115,16 +115,17 @@ class Bottleneck3d(nn.Module):
         return self.act3(x + shortcut)
 
 
-def _shortcut(in_chs, out_chs, stride, avg_down, norm_layer) -> nn.Sequential:
-    # Index names follow timm's 2D model: (conv, bn) for the plain ResNet, (pool, conv, bn) for ResNet-D, so the
-    # 2D checkpoint's downsample keys land on the same modules.
-    if not avg_down:
-        conv = nn.Conv3d(in_chs, out_chs, 1, stride=(1, stride, stride), bias=False)
-        return nn.Sequential(conv, norm_layer(out_chs))
-    pool = nn.Identity()
-    if stride != 1:
+def _shortcut(in_chs, out_chs, stride, resnet_d, avg_down, norm_layer) -> nn.Sequential:
+    # Index names follow timm's 2D model: (conv, bn) for the plain ResNet, (pool, conv, bn) for ResNet-D, so a 2D
+    # checkpoint's downsample keys land on the same modules. The 3D ResNet-D default strides the 1x1x1 conv and
+    # leaves the pool slot empty; `avg_down` puts the 2D average pool there instead.
+    if not resnet_d:
+        return nn.Sequential(nn.Conv3d(in_chs, out_chs, 1, stride=(1, stride, stride), bias=False), norm_layer(out_chs))
+    if avg_down and stride != 1:
         pool = nn.AvgPool3d((1, 2, 2), (1, 2, 2), ceil_mode=True, count_include_pad=False)
-    return nn.Sequential(pool, nn.Conv3d(in_chs, out_chs, 1, bias=False), norm_layer(out_chs))
+        return nn.Sequential(pool, nn.Conv3d(in_chs, out_chs, 1, bias=False), norm_layer(out_chs))
+    conv = nn.Conv3d(in_chs, out_chs, 1, stride=(1, stride, stride), bias=False)
+    return nn.Sequential(nn.Identity(), conv, norm_layer(out_chs))
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class ResNet3d(nn.Module):
                 gate = self_gating and i == blocks - 1
                 layers.append(
                     Bottleneck3d(in_chs, width, stride, stage_kernels[i], spec.se, gate, next(rates),
-                                 self.spec.avg_down, norm_layer)
+                                 spec.resnet_d, self.spec.avg_down, norm_layer)
                 )
                 in_chs = width * Bottleneck3d.expansion
             self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
