@@ -27,6 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
+
+    video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400: train, 30-view evaluation")
+    video_commands = video.add_subparsers(dest="video_command", required=True, metavar="ACTION")
+    video_train = video_commands.add_parser("train", help="train a 3D model (torchrun for several processes)")
+    video_train.add_argument("--config", required=True, help="YAML config, e.g. configs/video/demo.yaml")
+    video_train.add_argument("overrides", nargs="*", metavar="key=value")
+    video_train.set_defaults(run=run_video_train)
+    video_eval = video_commands.add_parser("eval", help="multi-view evaluation of a checkpoint on the val split")
+    video_eval.add_argument("--checkpoint", required=True, help="a `video train` checkpoint (EMA weights preferred)")
+    video_eval.add_argument("--views", type=int, default=30, help="30 = 10 clips x 3 crops; 3 = 1 x 3; 1 = centre")
+    video_eval.add_argument("--config", help="the run's config (default: config.yaml beside the checkpoint)")
+    video_eval.add_argument("overrides", nargs="*", metavar="key=value")
+    video_eval.set_defaults(run=run_video_eval)
+
+    reproduce = commands.add_parser("reproduce", help="run or collect a paper table's grid, write TABLE.md/.json")
+    reproduce.add_argument("table", help="table6")
+    reproduce.add_argument("--out", default="runs/reproduce", help="runs go in OUT/TABLE/<row>, tables in OUT")
+    reproduce.add_argument("--run", action="store_true", help="train rows that have no result yet")
+    reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every row")
+    reproduce.set_defaults(run=run_reproduce)
     return parser
 
 
@@ -89,6 +109,27 @@ def run_info(args) -> int:
         return 0
     for key, value in result.items():
         print(f"{key:<18}{value}")
+    return 0
+
+
+def run_video_train(args) -> int:
+    from rs_transfer.video.task import run_train
+
+    print(json.dumps(run_train(args.config, args.overrides)))
+    return 0
+
+
+def run_video_eval(args) -> int:
+    from rs_transfer.video.task import run_eval
+
+    print(json.dumps(run_eval(args.checkpoint, args.views, args.config, args.overrides)))
+    return 0
+
+
+def run_reproduce(args) -> int:
+    from rs_transfer.reproduce import run_table
+
+    run_table(args.table, args.out, args.run, args.overrides)
     return 0
 
 

@@ -51,6 +51,7 @@ class VideoDataConfig(DataConfig):
     jitter_max_area: float = 1.0
     jitter_min_aspect: float = 0.5
     jitter_max_aspect: float = 2.0
+    flip: bool = True  # random horizontal flip (off for data whose labels are left/right motion)
     train_short_side: int = 256  # without scale jittering
     eval_short_side: int = 256
     eval_crop_size: int = 256
@@ -151,7 +152,7 @@ def build_task(config: VideoConfig) -> Task:
              len(classes))
     augment = sampling.TrainAugment(
         d.crop_size, d.scale_jitter, area=(d.jitter_min_area, d.jitter_max_area),
-        aspect=(d.jitter_min_aspect, d.jitter_max_aspect), short_side=d.train_short_side,
+        aspect=(d.jitter_min_aspect, d.jitter_max_aspect), short_side=d.train_short_side, flip=d.flip,
     )
     train_set = data.TrainClips(train_videos, d.clip_frames, d.frame_stride, augment)
     if d.max_eval_videos is not None:
