@@ -15,14 +15,23 @@ DIRECTIONS = {"moving right": (0, 1), "moving left": (0, -1), "moving down": (1,
 
 
 def moving_square(direction: tuple, num_frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 frames (T, size, size, 3): a bright square stepping 2 px per frame, wrapping at the edges."""
+    """uint8 frames (T, size, size, 3): a bright square stepping 1 px per frame over a dark background. It starts
+    where it stays inside the frame as long as it can (a square wrapping round an edge would look like a jump the
+    other way); position, colour and background level are random per video."""
     side = max(size // 4, 2)
-    frames = rng.integers(0, 60, (num_frames, size, size, 3), dtype=np.uint8)
-    y, x = rng.integers(0, size, 2)
+    frames = np.full((num_frames, size, size, 3), rng.integers(0, 60), dtype=np.uint8)
     colour = rng.integers(150, 256, 3, dtype=np.uint8)
+    room = max(size - side - (num_frames - 1), 0)
+    start = []
+    for step in direction:
+        if step == 0:
+            start.append(int(rng.integers(0, size - side + 1)))
+        else:
+            along = int(rng.integers(0, room + 1))
+            start.append(along if step > 0 else size - side - along)
     for t in range(num_frames):
-        rows = (np.arange(side) + y + 2 * t * direction[0]) % size
-        cols = (np.arange(side) + x + 2 * t * direction[1]) % size
+        rows = (np.arange(side) + start[0] + t * direction[0]) % size
+        cols = (np.arange(side) + start[1] + t * direction[1]) % size
         frames[t][np.ix_(rows, cols)] = colour
     return frames
 
@@ -43,7 +52,7 @@ def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: d
                   num_frames: int = 24, size: int = 32, classes: tuple = tuple(DIRECTIONS), seed: int = 0) -> Path:
     """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout; returns `root`."""
     root = Path(root)
-    videos_per_class = videos_per_class or {"train": 8, "val": 4}
+    videos_per_class = videos_per_class or {"train": 16, "val": 4}
     rng = np.random.default_rng(seed)
     rows = {split: [] for split in videos_per_class}
     for split, count in videos_per_class.items():
