@@ -174,3 +174,10 @@ def test_train_augment_shapes_and_flip():
         row = augment(ramp)[0, 0, 0]
         flips.add(bool(row[0] > row[-1]))
     assert flips == {True, False}  # both orientations occur
+
+
+def test_bench_video_data_reports_clips_per_second(datasets):
+    from rs_transfer.video.bench import bench_video_data
+
+    (result,) = bench_video_data(str(datasets["folders"]), [0], clips=4, clip_frames=4, crop_size=16)
+    assert result["workers"] == 0 and result["clips_per_s"] > 0
