@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="run or collect a paper table's grid, write TABLE.md/.json")
     reproduce.add_argument("table", help="table6")
     reproduce.add_argument("--out", default="runs/reproduce", help="runs go in OUT/TABLE/<row>, tables in OUT")
-    reproduce.add_argument("--run", action="store_true", help="train rows that have no result yet")
+    reproduce.add_argument("--run", dest="train_missing", action="store_true", help="train rows that have no result yet")
     reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every row")
     reproduce.set_defaults(run=run_reproduce)
     return parser
@@ -129,7 +129,7 @@ def run_video_eval(args) -> int:
 def run_reproduce(args) -> int:
     from rs_transfer.reproduce import run_table
 
-    run_table(args.table, args.out, args.run, args.overrides)
+    run_table(args.table, args.out, args.train_missing, args.overrides)
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rs_transfer.config import ConfigError, load_config, to_dict
-from rs_transfer.reproduce import run_table
+from rs_transfer.cli import main
 from rs_transfer.reproduce.table6 import TABLE6, config_path
 from rs_transfer.video import data, synthetic
 from rs_transfer.video.task import VideoConfig, VideoDataConfig, build_task, evaluate_videos
@@ -102,10 +102,29 @@ def test_reproduce_table6_collects_finished_rows(tmp_path):
     for key, top1 in (("01_baseline", 0.7), ("10_resnet_d", 0.775)):
         (tmp_path / "table6" / key).mkdir(parents=True)
         (tmp_path / "table6" / key / "final_metrics.json").write_text(json.dumps({"top1": top1, "top5": 0.9}))
-    results = run_table("table6", str(tmp_path), run=False, overrides=[])
+    assert main(["reproduce", "table6", "--out", str(tmp_path)]) == 0  # collects only: no --run
+    results = json.loads((tmp_path / "table6.json").read_text())
     assert [r["status"] for r in results] == ["done"] + ["not run"] * 8 + ["done"]
     table = (tmp_path / "table6.md").read_text()
     assert "| Baseline (200 epochs, cosine) | 73.4 | 70.0 | -3.4 |" in table
     assert "| + ResNet-D | 78.2 | 77.5 | -0.7 |" in table
     assert "| + SE | 77.9 | not run |" in table
-    assert json.loads((tmp_path / "table6.json").read_text())[-1]["ours"] == 0.775
+    assert results[-1]["ours"] == 0.775
+    assert main(["reproduce", "table9"]) == 2
+
+
+def test_config_inflates_a_2d_checkpoint_file(tmp_path):
+    from rs_transfer.models import create_model
+    from rs_transfer.video.task import build_net
+
+    model_2d = create_model("rs26-w0.25", num_classes=10)
+    torch.save({"model": model_2d.state_dict()}, tmp_path / "rs26.pth")
+    config = load_config(VideoConfig, None, ["model.name=rs26-w0.25", "model.num_classes=4",
+                                             f"model.inflate_from={tmp_path / 'rs26.pth'}", "model.inflate=centre"])
+    net = build_net(config)
+    weight = net.layer3[0].conv1.weight  # kt = 3 in c4: the 2D kernel sits in the middle tap
+    torch.testing.assert_close(weight[:, :, 1], model_2d.layer3[0].conv1.weight)
+    assert weight[:, :, 0].abs().sum() == 0 and net.fc.weight.shape == (4, 512)
+    config.model.weights = str(tmp_path / "rs26.pth")
+    with pytest.raises(ConfigError, match="not both"):
+        build_net(config)
