@@ -119,6 +119,15 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (what the other ranks pass is ignored)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def shard(dataset: Dataset) -> Dataset:
     """This rank's part of an evaluation set: items rank, rank + world, ...; together the ranks see each once."""
     world = get_world_size()
