@@ -49,9 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--max-batches", type=int, help="stop after this many batches per rank (resume later)")
     pseudo.set_defaults(run=run_pseudo_label)
 
-    reproduce = commands.add_parser("reproduce", help="run (or list) the runs of one of the paper's tables")
-    reproduce.add_argument("table", choices=["table1"])
-    reproduce.add_argument("--dry-run", action="store_true", help="list the runs and their configs, run nothing")
+    video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400: train, 30-view evaluation")
+    video_commands = video.add_subparsers(dest="video_command", required=True, metavar="ACTION")
+    video_train = video_commands.add_parser("train", help="train a 3D model (torchrun for several processes)")
+    video_train.add_argument("--config", required=True, help="YAML config, e.g. configs/video/demo.yaml")
+    video_train.add_argument("overrides", nargs="*", metavar="key=value")
+    video_train.set_defaults(run=run_video_train)
+    video_eval = video_commands.add_parser("eval", help="multi-view evaluation of a checkpoint on the val split")
+    video_eval.add_argument("--checkpoint", required=True, help="a `video train` checkpoint (EMA weights preferred)")
+    video_eval.add_argument("--views", type=int, default=30, help="30 = 10 clips x 3 crops; 3 = 1 x 3; 1 = centre")
+    video_eval.add_argument("--config", help="the run's config (default: config.yaml beside the checkpoint)")
+    video_eval.add_argument("overrides", nargs="*", metavar="key=value")
+    video_eval.set_defaults(run=run_video_eval)
+
+
+    reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
+    reproduce.add_argument("table", help="table1 (pretraining ladder), table5 (transfer), table6 (video ladder)")
+    reproduce.add_argument("--out", help="table1/table6: runs go in OUT/TABLE/<row>; table5: where the table goes")
+    reproduce.add_argument("--dry-run", action="store_true", help="table1: list the runs and their configs, run nothing")
+    reproduce.add_argument("--run", dest="train_missing", action="store_true",
+                           help="table6: train the rows that have no result yet (default: collect only)")
+    reproduce.add_argument("--result", dest="results", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
+                           help="table5: a finished finetune or sweep folder for one backbone label and task")
     reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. data.root=DIR")
     reproduce.set_defaults(run=run_reproduce)
 
@@ -95,6 +114,12 @@ def add_bench_commands(commands) -> None:
     flops.set_defaults(run=run_bench_flops)
 
     add_bench_data(bench_commands)
+
+    video_data = bench_commands.add_parser("video-data", help="video loader: decoded training clips/s per worker")
+    video_data.add_argument("--root", help="Kinetics root (default: 4 generated 10 s 340x256 videos)")
+    video_data.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    video_data.add_argument("--clips", type=int, default=24)
+    video_data.set_defaults(run=run_bench_video_data)
 
 
 def _timing_kwargs(args) -> dict:
@@ -226,10 +251,33 @@ def run_pseudo_label(args) -> int:
     return 0
 
 
-def run_reproduce(args) -> int:
-    from rs_transfer.pretrain.run import table1
+def run_video_train(args) -> int:
+    from rs_transfer.video.task import run_train
 
-    table1(args.dry_run, args.overrides)
+    print(json.dumps(run_train(args.config, args.overrides)))
+    return 0
+
+
+def run_video_eval(args) -> int:
+    from rs_transfer.video.task import run_eval
+
+    print(json.dumps(run_eval(args.checkpoint, args.views, args.config, args.overrides)))
+    return 0
+
+
+def run_reproduce(args) -> int:
+    if args.table == "table1":
+        from rs_transfer.pretrain.run import table1
+
+        table1(args.dry_run, args.overrides)
+    elif args.table == "table5":
+        from rs_transfer.downstream.finetune import reproduce_table5
+
+        reproduce_table5(args.results, args.out or "results/table5")
+    else:
+        from rs_transfer.reproduce import run_table
+
+        run_table(args.table, args.out or "runs/reproduce", args.train_missing, args.overrides)
     return 0
 
 
@@ -238,6 +286,12 @@ def run_bench_data(args) -> int:
 
     print_report(bench_data(args.images, args.count, args.resolution, args.magnitude, args.seconds), args.json)
     return 0
+
+
+def run_bench_video_data(args) -> int:
+    from rs_transfer.video.bench import run_cli
+
+    return run_cli(args)
 
 
 def main(argv=None) -> int:

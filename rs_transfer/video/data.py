@@ -1,0 +1,206 @@
+"""Kinetics-400 on disk: finding the videos of a split, decoding them with PyAV, and the training clip dataset.
+
+Two layouts are read (`find_layout` tells them apart):
+- class folders: ROOT/train/<class name>/*.mp4 and ROOT/val/<class name>/*.mp4
+- the CSV annotations as distributed (e.g. the CVDF copy): ROOT/annotations/train.csv and ROOT/annotations/val.csv
+  (or validate.csv), columns label,youtube_id,time_start,time_end,split[,is_cc], and the videos in
+  ROOT/train/ and ROOT/val/ named <youtube_id>_<time_start:06d>_<time_end:06d>.mp4. Rows whose video is
+  missing (many copies lack some) are left out with one log line giving the count.
+Class indices are the sorted class names of the training split, so train and val agree.
+
+Our own dataset instead of pytorchvideo's `LabeledVideoDataset`: that one is an IterableDataset, while the engine
+shards a map-style dataset with a DistributedSampler (and resumes it exactly); decoding is a few lines of PyAV.
+A video that cannot be decoded or is too short is skipped with a log line naming it and a running count.
+"""
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rs_transfer.errors import UserError
+from rs_transfer.video import sampling
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+SPLIT_CSV = {"train": ("train.csv",), "val": ("val.csv", "validate.csv")}
+
+
+class VideoDataError(UserError):
+    pass
+
+
+class UnreadableVideo(Exception):
+    """A video that cannot be decoded or has too few frames; the caller skips it."""
+
+
+@dataclass(frozen=True)
+class Video:
+    path: Path
+    label: int
+
+
+def find_layout(root: str | Path) -> str:
+    root = Path(root)
+    if not root.is_dir():
+        raise VideoDataError(f"video data root not found: {root}")
+    if (root / "annotations" / "train.csv").is_file():
+        return "csv"
+    if (root / "train").is_dir():
+        return "folders"
+    raise VideoDataError(
+        f"{root} is neither Kinetics layout: expected {root}/train/<class>/*.mp4 (class folders) or "
+        f"{root}/annotations/train.csv with videos in {root}/train/ (CSV annotations)"
+    )
+
+
+def list_videos(root: str | Path, split: str) -> tuple[list, list]:
+    """(videos of `split`, class names); class indices come from the training split."""
+    root = Path(root)
+    layout = find_layout(root)
+    rows = _folder_rows if layout == "folders" else _csv_rows
+    classes = sorted({label for _, label in rows(root, "train")})
+    if not classes:
+        raise VideoDataError(f"no training videos found under {root} ({layout} layout)")
+    index = {name: i for i, name in enumerate(classes)}
+    videos = []
+    for path, label in rows(root, split):
+        if label not in index:
+            raise VideoDataError(f"{path}: class {label!r} of the {split} split has no training videos under {root}")
+        videos.append(Video(path, index[label]))
+    if not videos:
+        raise VideoDataError(f"no {split} videos found under {root} ({layout} layout)")
+    return videos, classes
+
+
+def _folder_rows(root: Path, split: str) -> list:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise VideoDataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
+    return [
+        (path, class_dir.name)
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir())
+        for path in sorted(class_dir.iterdir())
+        if path.suffix.lower() in VIDEO_SUFFIXES
+    ]
+
+
+def _csv_rows(root: Path, split: str) -> list:
+    names = SPLIT_CSV.get(split, (f"{split}.csv",))
+    csv_path = next((root / "annotations" / n for n in names if (root / "annotations" / n).is_file()), None)
+    if csv_path is None:
+        raise VideoDataError(f"annotation file not found: {root / 'annotations' / names[0]}")
+    rows, missing = [], 0
+    with open(csv_path, newline="") as file:
+        reader = csv.DictReader(file)
+        needed = {"label", "youtube_id", "time_start", "time_end"}
+        if not needed <= set(reader.fieldnames or ()):
+            raise VideoDataError(f"{csv_path}: expected columns {sorted(needed)}, found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+            except ValueError:
+                raise VideoDataError(f"{csv_path}, line {line}: time_start/time_end are not numbers") from None
+            path = root / split / f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
+            if path.is_file():
+                rows.append((path, row["label"]))
+            else:
+                missing += 1
+    if missing:
+        log.info("%s: %d of %d listed videos are missing under %s and left out", csv_path, missing,
+                 missing + len(rows), root / split)
+    return rows
+
+
+def count_frames(path: Path) -> int:
+    """Frames in the first video stream: the container's count, or a full decode when it has none."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UnreadableVideo("no video stream")
+            stream = container.streams.video[0]
+            if stream.frames > 0:
+                return stream.frames
+            return sum(1 for _ in container.decode(stream))
+    except av.FFmpegError as error:
+        raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+
+
+def decode_frames(path: Path, indices, short_side: int | None = None) -> dict:
+    """{frame index: uint8 array (H, W, 3)} for the wanted indices, decoded from the start (no seeking: Kinetics
+    clips are 10 s, and frame-exact seeking is unreliable across codecs). `short_side` resizes during decoding
+    (FFmpeg's swscale, bilinear), which keeps memory small for full-resolution videos."""
+    wanted = set(int(i) for i in indices)
+    last = max(wanted)
+    frames = {}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    if short_side is not None:
+                        height, width = sampling.short_side_size(frame.height, frame.width, short_side)
+                        frame = frame.reformat(width=width, height=height, interpolation="BILINEAR")
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+    except (av.FFmpegError, IndexError) as error:
+        raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+    if len(frames) < len(wanted):
+        raise UnreadableVideo(f"decoded {len(frames)} of {len(wanted)} wanted frames (the file ends early)")
+    return frames
+
+
+class SkipCounter:
+    """Counts skipped videos in this process and logs each one by name."""
+
+    def __init__(self):
+        self.count = 0
+
+    def skip(self, path, reason: str) -> None:
+        self.count += 1
+        log.warning("skipping video %s: %s (%d skipped so far in this process)", path, reason, self.count)
+
+
+class TrainClips(Dataset):
+    """One random clip per video per epoch: (float clip (3, T, S, S), label).
+
+    A video that fails (unreadable, or fewer than `clip_frames` frames) is replaced by the next one in the list,
+    so batches keep their size; each failure is logged by name and counted.
+    """
+
+    def __init__(self, videos: list, clip_frames: int, frame_stride: int, augment, max_tries: int = 10):
+        self.videos = videos
+        self.clip_frames = clip_frames
+        self.frame_stride = frame_stride
+        self.augment = augment
+        self.max_tries = max_tries
+        self.skipped = SkipCounter()
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        for attempt in range(self.max_tries):
+            video = self.videos[(index + attempt) % len(self.videos)]
+            try:
+                return self.augment(self.load_clip(video.path)), video.label
+            except UnreadableVideo as error:
+                self.skipped.skip(video.path, str(error))
+        raise VideoDataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable")
+
+    def load_clip(self, path) -> torch.Tensor:
+        num_frames = count_frames(path)
+        if num_frames < self.clip_frames:
+            raise UnreadableVideo(f"too short: {num_frames} frames, a clip needs {self.clip_frames}")
+        start = sampling.random_clip_start(num_frames, self.clip_frames, self.frame_stride)
+        indices = sampling.clip_indices(start, self.clip_frames, self.frame_stride, num_frames)
+        frames = decode_frames(path, indices)
+        return torch.from_numpy(np.stack([frames[i] for i in indices]))  # (T, H, W, 3) uint8

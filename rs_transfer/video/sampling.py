@@ -1,0 +1,140 @@
+"""Where clips come from in time and space: training clips with scale jittering, and the 30-view evaluation.
+
+Training (PAPER.md section 7): a random window of `clip_frames` frames at `frame_stride`, then scale jittering =
+one random resized crop for the whole clip (area 0.08-1 of the frame, aspect 0.5-2, torchvision's sampler) resized
+to `crop_size`, and a horizontal flip with p 0.5. Without scale jittering (Table 6's rows before it): short side
+resized to `train_short_side`, a random `crop_size` square, and the flip.
+
+Evaluation: short side resized to 256, 10 temporal clips starting at linspace(0, max_offset, 10) truncated to
+integers (as TF's Model Garden does; first and last clip touch the ends) x 3 spatial crops of 256 at the start,
+centre and end of the long side = 30 views. Our own sampler, because pytorchvideo 0.1.5's
+`ConstantClipsPerVideoSampler` never samples a video's tail.
+"""
+
+import random
+
+import numpy as np
+import torch
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
+
+# The 2D zoo's ImageNet statistics, so inflated 2D weights see the input they were trained on.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def clip_span(clip_frames: int, frame_stride: int) -> int:
+    return (clip_frames - 1) * frame_stride + 1
+
+
+def random_clip_start(num_frames: int, clip_frames: int, frame_stride: int) -> int:
+    return random.randint(0, max(num_frames - clip_span(clip_frames, frame_stride), 0))
+
+
+def clip_indices(start: int, clip_frames: int, frame_stride: int, num_frames: int) -> list:
+    """Frame indices of one clip; a video shorter than the strided span repeats its last frame."""
+    return [min(start + i * frame_stride, num_frames - 1) for i in range(clip_frames)]
+
+
+def eval_clip_starts(num_frames: int, clip_frames: int, frame_stride: int, num_clips: int) -> list:
+    """Start frames of the evaluation clips: linspace(0, max_offset, num_clips), truncated; the centre for 1."""
+    max_offset = max(num_frames - clip_span(clip_frames, frame_stride), 0)
+    if num_clips == 1:
+        return [max_offset // 2]
+    return [int(x) for x in np.linspace(0.0, float(max_offset), num_clips)]
+
+
+def crop_offsets(height: int, width: int, size: int, num_crops: int) -> list:
+    """(top, left) of each evaluation crop: start, centre and end of the long side (centre only for 1 crop)."""
+    if num_crops not in (1, 3):
+        raise ValueError(f"num_crops must be 1 or 3, not {num_crops}")
+    top, left = max(height - size, 0) // 2, max(width - size, 0) // 2
+    if num_crops == 1:
+        return [(top, left)]
+    if height > width:
+        return [(0, left), (top, left), (max(height - size, 0), left)]
+    return [(top, 0), (top, left), (top, max(width - size, 0))]
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple:
+    """(height, width) with the short side at `short_side`, aspect kept (rounded to the nearest pixel)."""
+    if height <= width:
+        return short_side, max(round(width * short_side / height), short_side)
+    return max(round(height * short_side / width), short_side), short_side
+
+
+def views_for(total_views: int) -> tuple:
+    """(temporal clips, spatial crops) for a view count: 30 -> 10 x 3, 3 -> 1 x 3, 10 -> 10 x 1, 1 -> 1 x 1."""
+    if total_views < 1:
+        raise ValueError("the number of views must be positive")
+    return (total_views // 3, 3) if total_views % 3 == 0 else (total_views, 1)
+
+
+def scale_jitter_box(height: int, width: int, area: tuple, aspect: tuple) -> tuple:
+    """(top, left, h, w) of one random resized crop: torchvision's Inception sampler (10 tries, then the largest
+    centred box of an allowed aspect)."""
+    return tuple(RandomResizedCrop.get_params(torch.empty(1, height, width), list(area), list(aspect)))
+
+
+def to_model_input(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> normalised float (3, T, H, W), the layout Conv3d wants."""
+    clip = F.normalize(F.to_dtype(clip, torch.float32, scale=True), MEAN, STD)
+    return clip.permute(1, 0, 2, 3).contiguous()
+
+
+class TrainAugment:
+    """uint8 clip (T, H, W, 3) -> float (3, T, crop, crop)."""
+
+    def __init__(self, crop_size: int, scale_jitter: bool, area=(0.08, 1.0), aspect=(0.5, 2.0),
+                 short_side: int = 256, flip: bool = True):
+        self.crop_size = crop_size
+        self.scale_jitter = scale_jitter
+        self.area = area
+        self.aspect = aspect
+        self.short_side = short_side
+        self.flip = flip
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        clip = clip.permute(0, 3, 1, 2)  # (T, 3, H, W)
+        height, width = clip.shape[-2:]
+        size = [self.crop_size, self.crop_size]
+        if self.scale_jitter:
+            top, left, h, w = scale_jitter_box(height, width, self.area, self.aspect)
+            clip = F.resized_crop(clip, top, left, h, w, size, antialias=True)
+        else:
+            clip = F.resize(clip, list(short_side_size(height, width, self.short_side)), antialias=True)
+            clip = _random_crop(clip, self.crop_size)
+        if self.flip and random.random() < 0.5:
+            clip = clip.flip(-1)
+        return to_model_input(clip)
+
+
+def _random_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = clip.shape[-2:]
+    if height < size or width < size:
+        clip = F.resize(clip, [max(size, height), max(size, width)], antialias=True)
+        height, width = clip.shape[-2:]
+    top, left = random.randint(0, height - size), random.randint(0, width - size)
+    return clip[..., top:top + size, left:left + size]
+
+
+def eval_views(frames: dict, num_frames: int, clip_frames: int, frame_stride: int, num_clips: int,
+               num_crops: int, crop_size: int):
+    """Yield every evaluation view as float (3, T, crop, crop) from frames already resized to the short side."""
+    for start in eval_clip_starts(num_frames, clip_frames, frame_stride, num_clips):
+        indices = clip_indices(start, clip_frames, frame_stride, num_frames)
+        clip = torch.stack([torch.as_tensor(frames[i]) for i in indices]).permute(0, 3, 1, 2)
+        height, width = clip.shape[-2:]
+        for top, left in crop_offsets(height, width, crop_size, num_crops):
+            view = clip[..., top:top + crop_size, left:left + crop_size]
+            if view.shape[-2:] != (crop_size, crop_size):  # a frame smaller than the crop: stretch it up
+                view = F.resize(view, [crop_size, crop_size], antialias=True)
+            yield to_model_input(view)
+
+
+def eval_frame_indices(num_frames: int, clip_frames: int, frame_stride: int, num_clips: int) -> list:
+    wanted = set()
+    for start in eval_clip_starts(num_frames, clip_frames, frame_stride, num_clips):
+        wanted.update(clip_indices(start, clip_frames, frame_stride, num_frames))
+    return sorted(wanted)
+

@@ -1,0 +1,78 @@
+"""A tiny generated Kinetics: a square moving across noise, whose direction is the class.
+
+Written in either real on-disk layout (class folders, or CSV annotations with youtube_id-named files) as H.264
+MP4 through PyAV, so the demo and the tests read it with exactly the code that reads Kinetics-400. A single frame
+cannot tell the classes apart; only motion can, so a model that learns it uses the time axis.
+"""
+
+import csv
+from pathlib import Path
+
+import av
+import numpy as np
+
+DIRECTIONS = {"moving right": (0, 1), "moving left": (0, -1), "moving down": (1, 0), "moving up": (-1, 0)}
+
+
+def moving_square(direction: tuple, num_frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames (T, size, size, 3): a bright square stepping 1 px per frame over a dark background. It starts
+    where it stays inside the frame as long as it can (a square wrapping round an edge would look like a jump the
+    other way); position, colour and background level are random per video."""
+    side = max(size // 4, 2)
+    frames = np.full((num_frames, size, size, 3), rng.integers(0, 60), dtype=np.uint8)
+    colour = rng.integers(150, 256, 3, dtype=np.uint8)
+    room = max(size - side - (num_frames - 1), 0)
+    start = []
+    for step in direction:
+        if step == 0:
+            start.append(int(rng.integers(0, size - side + 1)))
+        else:
+            along = int(rng.integers(0, room + 1))
+            start.append(along if step > 0 else size - side - along)
+    for t in range(num_frames):
+        rows = (np.arange(side) + start[0] + t * direction[0]) % size
+        cols = (np.arange(side) + start[1] + t * direction[1]) % size
+        frames[t][np.ix_(rows, cols)] = colour
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "18"}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: dict | None = None,
+                  num_frames: int = 24, size: int = 32, classes: tuple = tuple(DIRECTIONS), seed: int = 0) -> Path:
+    """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout; returns `root`."""
+    root = Path(root)
+    videos_per_class = videos_per_class or {"train": 16, "val": 4}
+    rng = np.random.default_rng(seed)
+    rows = {split: [] for split in videos_per_class}
+    for split, count in videos_per_class.items():
+        for name in classes:
+            for i in range(count):
+                frames = moving_square(DIRECTIONS[name], num_frames, size, rng)
+                if layout == "folders":
+                    write_video(root / split / name / f"{split}_{i:04d}.mp4", frames)
+                else:
+                    youtube_id = f"{name.split()[-1]}{split}{i:04d}"[:11]
+                    start = 10 * i
+                    write_video(root / split / f"{youtube_id}_{start:06d}_{start + 10:06d}.mp4", frames)
+                    rows[split].append((name, youtube_id, start, start + 10, split))
+    if layout == "csv":
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        for split, split_rows in rows.items():
+            with open(root / "annotations" / f"{split}.csv", "w", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
+                writer.writerows(split_rows)
+    elif layout != "folders":
+        raise ValueError(f"unknown layout {layout!r}: expected 'folders' or 'csv'")
+    return root

@@ -1,0 +1,283 @@
+"""The video task: its config schema (every Table 6 switch is a field), the Task it hands the engine, the 30-view
+evaluator, and the `video train` / `video eval` commands.
+
+Table 6's switches and where they live: FC dropout `model.drop_rate`, label smoothing `train.label_smoothing`,
+stochastic depth `model.drop_path_rate`, EMA `train.ema_decay`, weight decay `train.weight_decay`, epochs
+`train.epochs`, scale jittering `data.scale_jitter`, SE and ResNet-D the model name's suffixes as in the 2D zoo
+(`resnet50` -> `resnet50-se` -> `rs50`), plus `model.temporal_kernels` ("cvrl" or "rs") and `model.self_gating`.
+"""
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from rs_transfer.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config
+from rs_transfer.engine.task import Task
+from rs_transfer.errors import UserError
+from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
+from rs_transfer.video import data, sampling, synthetic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoModelConfig(ModelConfig):
+    name: str = "rs50"  # 2D zoo grammar: rs<depth> = SE + ResNet-D; resnet<depth>[-se][-d] for the ladder
+    num_classes: int = 400
+    temporal_kernels: str = "rs"  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
+    self_gating: bool = False  # S3D-G gating in each stage's last block (not in Table 6)
+    stem_pool: str = "max"  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
+    avg_down: bool = False  # 2D ResNet-D's average-pool shortcut instead of the 3D strided 1x1x1 conv
+    inflate_from: Optional[str] = None  # a 2D zoo checkpoint to inflate (same model name, 2D)
+    inflate: str = "mean"  # "mean" (I3D: kernel / kt on every tap) or "centre" (middle tap only)
+
+
+@dataclass
+class VideoDataConfig(DataConfig):
+    clip_frames: int = 32
+    frame_stride: int = 2
+    crop_size: int = 224
+    scale_jitter: bool = True  # random resized crop of the whole clip; off: short side + random crop
+    jitter_min_area: float = 0.08
+    jitter_max_area: float = 1.0
+    jitter_min_aspect: float = 0.5
+    jitter_max_aspect: float = 2.0
+    flip: bool = True  # random horizontal flip (off for data whose labels are left/right motion)
+    train_short_side: int = 256  # without scale jittering
+    eval_short_side: int = 256
+    eval_crop_size: int = 256
+    eval_views: int = 30  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
+    eval_batch_views: int = 6  # views per forward pass
+    max_eval_videos: Optional[int] = None  # evaluate the first N validation videos only (quick looks)
+    synthetic: bool = False  # write the moving-square dataset to data.root first (when it is not there)
+
+
+@dataclass
+class VideoConfig(RunConfig):
+    model: VideoModelConfig = field(default_factory=VideoModelConfig)
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)
+    output_dir: str = "runs/video"
+
+
+class VideoClassifier(nn.Module):
+    """The engine's model: a batch (clips, labels) in, {"loss", "accuracy"} out. The network is `net`."""
+
+    def __init__(self, net: ResNet3d, label_smoothing: float):
+        super().__init__()
+        self.net = net
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch):
+        clips, labels = batch
+        logits = self.net(clips)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
+
+
+def build_net(config: VideoConfig) -> ResNet3d:
+    m = config.model
+    net = ResNet3d(
+        m.name, num_classes=m.num_classes, temporal_kernels=m.temporal_kernels, self_gating=m.self_gating,
+        stem_pool=m.stem_pool, avg_down=m.avg_down, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
+        drop_path_schedule=m.drop_path_schedule, zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum,
+        init=m.init,
+    )
+    if m.inflate_from is not None and m.weights is not None:
+        raise ConfigError("give model.inflate_from (a 2D checkpoint) or model.weights (a 3D one), not both")
+    if m.inflate_from is not None:
+        from rs_transfer.models.weights import read_state_dict
+
+        skipped = inflate_2d(net, read_state_dict(m.inflate_from), mode=m.inflate)
+        log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", m.inflate_from, m.name, m.inflate,
+                 ", ".join(skipped) or "none")
+    if m.weights is not None:
+        load_3d_weights(net, m.weights)
+    return net
+
+
+def load_3d_weights(net: ResNet3d, path: str) -> None:
+    """A 3D checkpoint of ours (`video train`'s checkpoints or final.pt; EMA weights preferred), strictly."""
+    from rs_transfer.models.weights import WeightsError, read_state_dict
+
+    state = {k.removeprefix("net."): v for k, v in read_state_dict(path).items()}
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        raise WeightsError(
+            f"checkpoint {path} does not fit the 3D {type(net).__name__} built from the config: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(bad)} shape conflicts (e.g. {bad[:3]}); check model.name, model.num_classes, "
+            "model.temporal_kernels and model.self_gating"
+        )
+    net.load_state_dict(state)
+
+
+def prepare_root(config: VideoConfig) -> Path:
+    if config.data.root is None:
+        raise ConfigError("data.root is not set: give data.root=/path/to/kinetics400 (see docs/video.md)")
+    root = Path(config.data.root)
+    if config.data.synthetic and not root.exists():
+        # Every rank may get here at once: write to a private folder and rename it into place (atomic), so a
+        # rank either sees the whole dataset or writes its own copy and drops it.
+        tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
+        synthetic.write_dataset(tmp, "folders", seed=config.seed)
+        try:
+            tmp.rename(root)
+        except OSError:
+            shutil.rmtree(tmp)
+        log.info("wrote the synthetic moving-square dataset to %s", root)
+    return root
+
+
+def build_task(config: VideoConfig) -> Task:
+    root = prepare_root(config)
+    d = config.data
+    train_videos, classes = data.list_videos(root, "train")
+    val_videos, _ = data.list_videos(root, "val")
+    if len(classes) != config.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={config.model.num_classes} but {root} has {len(classes)} training classes"
+        )
+    log.info("%s: %d training and %d validation videos, %d classes", root, len(train_videos), len(val_videos),
+             len(classes))
+    augment = sampling.TrainAugment(
+        d.crop_size, d.scale_jitter, area=(d.jitter_min_area, d.jitter_max_area),
+        aspect=(d.jitter_min_aspect, d.jitter_max_aspect), short_side=d.train_short_side, flip=d.flip,
+    )
+    train_set = data.TrainClips(train_videos, d.clip_frames, d.frame_stride, augment)
+    if d.max_eval_videos is not None:
+        val_videos = val_videos[: d.max_eval_videos]
+    model = VideoClassifier(build_net(config), config.train.label_smoothing)
+    return Task(
+        model=model,
+        train_set=train_set,
+        evaluate=lambda m: evaluate_videos(m.net, val_videos, d),
+        primary_metric="top1",
+    )
+
+
+class EvalVideos(Dataset):
+    """Per video: the frames the evaluation views need, already at the evaluation short side (decoded in a
+    DataLoader worker), or the reason it is skipped."""
+
+    def __init__(self, videos: list, d: VideoDataConfig):
+        self.videos = videos
+        self.d = d
+        self.num_clips, _ = sampling.views_for(d.eval_views)
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        video = self.videos[index]
+        d = self.d
+        try:
+            num_frames = data.count_frames(video.path)
+            if num_frames < d.clip_frames:
+                raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {d.clip_frames}")
+            indices = sampling.eval_frame_indices(num_frames, d.clip_frames, d.frame_stride, self.num_clips)
+            frames = data.decode_frames(video.path, indices, short_side=d.eval_short_side)
+        except data.UnreadableVideo as error:
+            return {"path": str(video.path), "error": str(error)}
+        return {"path": str(video.path), "label": video.label, "num_frames": num_frames, "frames": frames}
+
+
+def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
+    """30-view (or `d.eval_views`) accuracy: softmax averaged over a video's views, top-1/top-5 per video,
+    summed over ranks. Videos are split over ranks; unreadable or too-short ones are skipped and counted."""
+    from rs_transfer.engine.distributed import all_reduce_sum, get_rank, get_world_size
+
+    num_clips, num_crops = sampling.views_for(d.eval_views)
+    device = next(net.parameters()).device
+    mine = videos[get_rank()::get_world_size()]
+    loader = DataLoader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)))
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, skipped
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for item in loader:
+            if "error" in item:
+                counts[3] += 1
+                log.warning("skipping video %s: %s (%d skipped so far in this evaluation)", item["path"],
+                            item["error"], int(counts[3]))
+                continue
+            probs = 0.0
+            views = sampling.eval_views(item["frames"], item["num_frames"], d.clip_frames, d.frame_stride,
+                                        num_clips, num_crops, d.eval_crop_size)
+            for batch in _batched(views, d.eval_batch_views):
+                logits = net(torch.stack(batch).to(device))
+                probs = probs + logits.float().softmax(1).sum(0)
+            top = probs.topk(min(5, probs.numel())).indices.tolist()
+            counts[0] += top[0] == item["label"]
+            counts[1] += item["label"] in top
+            counts[2] += 1
+    net.train(was_training)
+    hits1, hits5, evaluated, skipped = all_reduce_sum(counts.to(device)).cpu().tolist()
+    if evaluated == 0:
+        raise UserError(f"no validation video could be evaluated ({int(skipped)} skipped)")
+    return {"top1": hits1 / evaluated, "top5": hits5 / evaluated, "videos": evaluated, "skipped": skipped}
+
+
+def _batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_train(config_path: str, overrides: list) -> dict:
+    from rs_transfer.engine.trainer import train
+
+    config = load_config(VideoConfig, config_path, overrides)
+    metrics = train(config, build_task(config))
+    log.info("final: %s", json.dumps(metrics))
+    return metrics
+
+
+def find_run_config(checkpoint: Path) -> Path:
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigError(f"no config.yaml beside {checkpoint} or in its parent folder: give --config FILE")
+
+
+def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: list) -> dict:
+    """Evaluate a `video train` checkpoint on the validation split; the model comes from the run's config."""
+    from rs_transfer.engine.distributed import init_distributed, is_main
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    config = load_config(VideoConfig, config_path or find_run_config(checkpoint),
+                         [f"data.eval_views={views}", *overrides])
+    config.model.inflate_from = None
+    config.model.weights = str(checkpoint)
+    info = init_distributed(config.train.device)
+    net = build_net(config).to(info.device)
+    val_videos, classes = data.list_videos(prepare_root(config), "val")
+    if len(classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} but {config.data.root} has "
+                          f"{len(classes)} training classes")
+    if config.data.max_eval_videos is not None:
+        val_videos = val_videos[: config.data.max_eval_videos]
+    metrics = {"views": views, "checkpoint": str(checkpoint),
+               **evaluate_videos(net, val_videos, config.data)}
+    if is_main():
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"eval_{views}views.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,130 @@
+"""The video task without training: the 30-view evaluator, config checks, the Table 6 ladder, `reproduce table6`."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rs_transfer.config import ConfigError, load_config, to_dict
+from rs_transfer.cli import main
+from rs_transfer.reproduce.table6 import TABLE6, config_path
+from rs_transfer.video import data, synthetic
+from rs_transfer.video.task import VideoConfig, VideoDataConfig, build_task, evaluate_videos
+
+# PAPER.md section 6, verbatim.
+PAPER_TABLE6 = ("Top-1: baseline (200 epochs, cosine) 73.4; + FC dropout 74.4; + label smoothing 74.9; + stochastic "
+                "depth 76.1; + EMA 76.1; + weight decay 4e-5 76.3; + 350 epochs 76.4; + scale jittering 77.4; + SE "
+                "77.9; + ResNet-D 78.2.")
+
+
+class FixedLogits(nn.Module):
+    """Always prefers class 0 and counts the views it is shown."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.bias = nn.Parameter(torch.arange(num_classes, 0, -1, dtype=torch.float32))
+        self.views = 0
+
+    def forward(self, x):
+        assert x.shape[1:] == (3, 8, 32, 32)
+        self.views += x.shape[0]
+        return self.bias.expand(x.shape[0], -1)
+
+
+def test_evaluator_averages_views_per_video_and_skips_broken_ones(tmp_path, caplog):
+    root = synthetic.write_dataset(tmp_path / "k400", "folders", {"train": 1, "val": 2}, num_frames=20)
+    videos, classes = data.list_videos(root, "val")
+    broken = root / "val" / classes[0] / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    videos.append(data.Video(broken, 0))
+    d = VideoDataConfig(num_workers=0, clip_frames=8, frame_stride=2, eval_short_side=32, eval_crop_size=32,
+                        eval_views=30, eval_batch_views=7)
+    net = FixedLogits(len(classes))
+    metrics = evaluate_videos(net, videos, d)
+    assert metrics == {"top1": 0.25, "top5": 1.0, "videos": 8.0, "skipped": 1.0}
+    assert net.views == 8 * 30
+    assert f"skipping video {broken}" in caplog.text
+
+
+def test_class_count_and_config_typos_are_named(tmp_path):
+    root = synthetic.write_dataset(tmp_path / "k400", "csv", {"train": 1, "val": 1}, num_frames=8)
+    config = load_config(VideoConfig, None, [f"data.root={root}", "model.name=rs26-w0.25"])
+    with pytest.raises(ConfigError, match="model.num_classes=400 but .* has 4 training classes"):
+        build_task(config)
+    with pytest.raises(ConfigError, match="did you mean 'data.scale_jitter'"):
+        load_config(VideoConfig, None, ["data.scale_jiter=false"])
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        build_task(load_config(VideoConfig))
+
+
+def test_table6_numbers_match_the_paper():
+    numbers = [float(x) for x in re.findall(r" (\d+\.\d)(?:;|\.$)", PAPER_TABLE6)]
+    assert numbers == [row.paper for row in TABLE6]
+
+
+# What each Table 6 row changes relative to the previous one (besides its output folder).
+ROW_CHANGES = {
+    "02_fc_dropout": {"model.drop_rate": 0.5},
+    "03_label_smoothing": {"train.label_smoothing": 0.1},
+    "04_stochastic_depth": {"model.drop_path_rate": 0.1},
+    "05_ema": {"train.ema_decay": 0.9999},
+    "06_weight_decay": {"train.weight_decay": 4e-5},
+    "07_350_epochs": {"train.epochs": 350},
+    "08_scale_jitter": {"data.scale_jitter": True},
+    "09_se": {"model.name": "resnet50-se"},
+    "10_resnet_d": {"model.name": "rs50", "model.temporal_kernels": "rs"},
+}
+
+
+def _flat(config) -> dict:
+    return {f"{section}.{k}": v for section, values in to_dict(config).items() if isinstance(values, dict)
+            for k, v in values.items()}
+
+
+def test_table6_rows_each_change_one_thing():
+    configs = [load_config(VideoConfig, config_path(row)) for row in TABLE6]
+    first = configs[0]
+    assert (first.model.name, first.model.temporal_kernels, first.train.epochs) == ("resnet50", "cvrl", 200)
+    assert not first.data.scale_jitter and first.train.ema_decay is None and first.train.batch_size == 1024
+    for row, previous, config in zip(TABLE6[1:], configs, configs[1:]):
+        before, after = _flat(previous), _flat(config)
+        changed = {k: after[k] for k in after if after[k] != before[k]}
+        assert changed == ROW_CHANGES[row.key], row.key
+        assert config.output_dir.endswith(row.key) and Path(config_path(row)).read_text().count("base:") == 1
+    last = configs[-1]
+    assert (last.model.drop_path_rate, last.train.label_smoothing, last.data.eval_views) == (0.1, 0.1, 30)
+
+
+def test_reproduce_table6_collects_finished_rows(tmp_path):
+    for key, top1 in (("01_baseline", 0.7), ("10_resnet_d", 0.775)):
+        (tmp_path / "table6" / key).mkdir(parents=True)
+        (tmp_path / "table6" / key / "final_metrics.json").write_text(json.dumps({"top1": top1, "top5": 0.9}))
+    assert main(["reproduce", "table6", "--out", str(tmp_path)]) == 0  # collects only: no --run
+    results = json.loads((tmp_path / "table6.json").read_text())
+    assert [r["status"] for r in results] == ["done"] + ["not run"] * 8 + ["done"]
+    table = (tmp_path / "table6.md").read_text()
+    assert "| Baseline (200 epochs, cosine) | 73.4 | 70.0 | -3.4 |" in table
+    assert "| + ResNet-D | 78.2 | 77.5 | -0.7 |" in table
+    assert "| + SE | 77.9 | not run |" in table
+    assert results[-1]["ours"] == 0.775
+    assert main(["reproduce", "table9"]) == 2
+
+
+def test_config_inflates_a_2d_checkpoint_file(tmp_path):
+    from rs_transfer.models import create_model
+    from rs_transfer.video.task import build_net
+
+    model_2d = create_model("rs26-w0.25", num_classes=10)
+    torch.save({"model": model_2d.state_dict()}, tmp_path / "rs26.pth")
+    config = load_config(VideoConfig, None, ["model.name=rs26-w0.25", "model.num_classes=4",
+                                             f"model.inflate_from={tmp_path / 'rs26.pth'}", "model.inflate=centre"])
+    net = build_net(config)
+    weight = net.layer3[0].conv1.weight  # kt = 3 in c4: the 2D kernel sits in the middle tap
+    torch.testing.assert_close(weight[:, :, 1], model_2d.layer3[0].conv1.weight)
+    assert weight[:, :, 0].abs().sum() == 0 and net.fc.weight.shape == (4, 512)
+    config.model.weights = str(tmp_path / "rs26.pth")
+    with pytest.raises(ConfigError, match="not both"):
+        build_net(config)
