@@ -27,7 +27,68 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
+    add_downstream_commands(commands)
     return parser
+
+
+TRANSFER_TASKS = ("cifar100", "pascal_seg", "ade_seg", "nyu_depth", "pascal_det")
+
+
+def add_downstream_commands(commands) -> None:
+    for name, help_text in (("finetune", "fine-tune a backbone on a transfer task (one point of the grid)"),
+                            ("sweep", "run a task's LR x steps grid (or one point of it) and pick the best")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--task", required=True, choices=TRANSFER_TASKS)
+        sub.add_argument("--backbone", help="zoo name, e.g. rs152 (default: the config's model.name)")
+        sub.add_argument("--weights", help="backbone checkpoint (timm's file or ours)")
+        sub.add_argument("--config", help="YAML config (default: configs/downstream/<task>.yaml)")
+        sub.add_argument("--synthetic", action="store_true", help="write and use a tiny dataset in the task's format")
+        sub.add_argument("overrides", nargs="*", metavar="key=value")
+        sub.set_defaults(run=run_finetune if name == "finetune" else run_sweep)
+    sweep = commands.choices["sweep"]
+    sweep.add_argument("--point", type=int, help="run only this grid point (0-based), e.g. one job per point")
+    demo = commands.add_parser("demo", help="fine-tune a tiny backbone on a generated dataset, end to end")
+    demo.add_argument("--task", default="pascal_seg", choices=TRANSFER_TASKS)
+    demo.add_argument("--data", help="folder for the generated dataset (default: a temporary folder)")
+    demo.add_argument("--output", help="run folder (default: a temporary folder)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    demo.set_defaults(run=run_demo)
+    reproduce = commands.add_parser("reproduce", help="collect runs into a paper table beside the paper's numbers")
+    reproduce.add_argument("table", choices=["table5"])
+    reproduce.add_argument("--run", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
+                           help="a finished finetune or sweep folder (repeatable)")
+    reproduce.add_argument("--output", default="results/table5")
+    reproduce.set_defaults(run=run_reproduce)
+
+
+def run_finetune(args) -> int:
+    from rs_transfer.downstream.finetune import finetune
+
+    finetune(args.task, args.backbone, args.weights, args.config, args.overrides, synthetic=args.synthetic)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from rs_transfer.downstream.finetune import sweep
+
+    summary = sweep(args.task, args.backbone, args.weights, args.config, args.overrides, point=args.point,
+                    synthetic=args.synthetic)
+    print(json.dumps(summary["best"]))
+    return 0
+
+
+def run_demo(args) -> int:
+    from rs_transfer.downstream.finetune import demo
+
+    demo(args.task, args.data, args.output, args.overrides)
+    return 0
+
+
+def run_reproduce(args) -> int:
+    from rs_transfer.downstream.finetune import reproduce_table5
+
+    reproduce_table5(args.run, args.output)
+    return 0
 
 
 def run_models(args) -> int:
