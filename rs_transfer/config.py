@@ -46,9 +46,44 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: Optional[int] = None  # give epochs or steps
+    # Length: give exactly one. A step is one optimizer update of `batch_size` images.
+    epochs: Optional[int] = None
     steps: Optional[int] = None
-    batch_size: int = 256  # global, over all processes
+    batch_size: int = 256  # global: per-process batch x processes x grad_accum_steps
+    grad_accum_steps: int = 1
+    # Optimizer: SGD with momentum; peak LR = lr x batch_size / 256 when scale_lr, else lr.
+    lr: float = 0.1
+    scale_lr: bool = True
+    momentum: float = 0.9
+    nesterov: bool = True  # official TF1 ResNet-RS code
+    weight_decay: float = 4e-5
+    weight_decay_norm_bias: bool = False  # False: no decay on 1-D parameters (BN/LN/GN scales and shifts, biases)
+    clip_grad_norm: Optional[float] = None  # max global gradient norm; None: no clipping
+    # Schedule over optimizer steps: linear warmup to the peak LR, then "cosine" to 0 or "step" decay.
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0  # give warmup_epochs or warmup_steps, not both
+    warmup_steps: int = 0
+    decay_epochs: list[float] = field(default_factory=list)  # "step": multiply LR by decay_rate at these epochs
+    decay_steps: list[int] = field(default_factory=list)  # ... or at these steps
+    decay_rate: float = 0.1
+    label_smoothing: float = 0.0  # read by tasks that use a cross-entropy loss
+    # EMA of weights and BN buffers, updated after every step; evaluation uses it when on.
+    ema_decay: Optional[float] = None  # e.g. 0.9999; None: no EMA
+    ema_warmup: bool = True  # official: decay at step t = min(ema_decay, (1 + t) / (10 + t))
+    # Speed: bf16 autocast ("bf16" or "none"), channels-last memory format, torch.compile.
+    amp: str = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (dense tasks with small per-GPU batches)
+    find_unused_parameters: bool = False  # DDP option for models that skip parameters in some steps
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
+    # Evaluation, checkpoints and logging. Evaluation always runs at the end as well.
+    eval_every_epochs: int = 1  # 0: off
+    eval_every_steps: int = 0  # 0: off
+    checkpoint_every_steps: int = 0  # also checkpoint after every evaluation and at the end; 0: only those
+    keep_last: int = 2  # step checkpoints kept, besides best.pt
+    log_every_steps: int = 50
+    resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 
 
 @dataclass

@@ -12,6 +12,13 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   from DDP, in eval mode) and returns a dict of metrics as Python floats, identical on every rank (the evaluator
   reduces across ranks itself; `rs_transfer.engine.distributed` has the helpers). Fractions in [0, 1].
 - `primary_metric` names the metric that picks the best checkpoint (higher is better).
+- `train_set` is a map-style Dataset (indexable, with a length): the engine shards it over ranks, shuffles it per
+  epoch and resumes mid-epoch by index. Random augmentations may use torch, numpy or `random`: the engine makes
+  them reproducible and resumable (docs/engine.md).
+- The engine calls `model.train()` before training and after every evaluation; a layer that must stay frozen
+  (e.g. a frozen BN) should be a module without a training mode, such as torchvision's FrozenBatchNorm2d.
+- `evaluate` runs under `torch.no_grad()` and the run's autocast (bf16 when `train.amp=bf16`): cast outputs with
+  `.float()` before accumulating statistics.
 """
 
 from dataclasses import dataclass

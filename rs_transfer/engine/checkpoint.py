@@ -1,0 +1,122 @@
+"""Training checkpoints: atomic writes, keep-last-N + best, RNG states that load with `weights_only=True`.
+
+A checkpoint is a dict of tensors and plain Python values:
+    model, ema (absent without EMA): plain state dicts (no `module.` prefix); weights.py reads them
+    optimizer, scheduler: their state dicts
+    step (optimizer steps done), epoch, step_in_epoch (the sampler position: steps done in `epoch`)
+    batch_size (global), best (the best primary metric so far, or None), metrics (the last evaluation)
+    rng: one entry per rank: torch, cuda (list), numpy and python generator states as tensors/lists/ints
+    config: the resolved run config as a plain dict
+Files: OUTPUT_DIR/checkpoints/step_00001234.pt (the newest `keep_last`) and best.pt.
+"""
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rs_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file in the same folder, flush it to disk, then rename over `path`.
+
+    A kill at any moment leaves either the old file or the new one, never a half-written `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:08d}.pt"
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """Step checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints, and temp files left by killed writers."""
+    for path in step_checkpoints(folder)[: -keep_last or None] if keep_last > 0 else []:
+        path.unlink(missing_ok=True)
+    for path in Path(folder).glob(".*.tmp.*"):
+        if path.name.endswith(f".tmp.{os.getpid()}"):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: name it and say why in one line
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+
+
+def find_resume(resume: str | None, folder: Path) -> Path | None:
+    """The file to resume from: None, "auto" (newest readable step checkpoint in `folder`, if any) or a path."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_file():
+            raise CheckpointError(f"train.resume: checkpoint not found: {resume}")
+        return Path(resume)
+    for path in reversed(step_checkpoints(folder)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as error:  # atomic writes make this rare: a disk fault or a hand-copied file
+            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(error).__name__, error)
+    return None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

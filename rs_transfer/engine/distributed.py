@@ -1,0 +1,147 @@
+"""Processes, devices and collectives: what the trainer and the evaluators share.
+
+One process is the special case of many: with no launcher environment this is rank 0 of 1 and every
+collective below returns its input. Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or
+`srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR/PORT exported by the job script) the
+default process group is created once: NCCL on GPU, gloo on CPU.
+
+Evaluators use `shard(dataset)` to split their data over ranks (no padding, so no sample counts twice), sum
+their statistics with `all_reduce_sum`, and get the same metrics on every rank.
+"""
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+from rs_transfer.errors import UserError
+
+
+class DistributedError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else (0, 1, 0)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Pick this process's device and join the process group (once; later calls return the same)."""
+    rank, world_size, local_rank = launcher_env()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    elif device == "cpu":
+        torch_device = torch.device("cpu")
+    else:
+        raise DistributedError(f"train.device must be auto, cpu or cuda, not {device!r}")
+    if world_size > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise DistributedError(
+                f"{world_size} processes but {' and '.join(missing)} not set: launch with torchrun, or export "
+                "MASTER_ADDR (first node's host name) and MASTER_PORT in the SLURM job script"
+            )
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30),
+            device_id=torch_device if backend == "nccl" else None,
+        )
+    return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (a new tensor; the input is left alone). Confusion matrices, counts, sums of losses."""
+    tensor = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (picklable objects; for small things such as per-image results)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (what the other ranks pass is ignored)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def shard(dataset: Dataset) -> Dataset:
+    """This rank's part of an evaluation set: items rank, rank + world, ...; together the ranks see each once."""
+    world = get_world_size()
+    if world == 1:
+        return dataset
+    return Subset(dataset, range(get_rank(), len(dataset), world))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,463 @@
+"""The one training loop: every task (pretraining, the transfer tasks, video) runs through `train`.
+
+The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
+SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs. The same code runs
+as one process or as many under torchrun/SLURM (DDP; see distributed.py).
+
+Exact resume: the data order of an epoch is a function of (seed, epoch) alone (DistributedSampler), a
+checkpoint stores the position inside the epoch and every rank's RNG states, and the LR is a function of the
+step. A run killed and resumed therefore continues with the same batches, the same random augmentations (in the
+main process the checkpoint restores the generators; in worker processes each sample seeds them from (seed,
+epoch, index), see SeededSamples) and the same updates; on CPU the final weights are bitwise those of an
+uninterrupted run (tests/test_engine_resume.py).
+"""
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from rs_transfer.config import ConfigError, RunConfig, save_config, to_dict
+from rs_transfer.engine import checkpoint as ckpt
+from rs_transfer.engine.distributed import (
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    seed_everything,
+)
+from rs_transfer.engine.ema import Ema
+from rs_transfer.engine.optim import build_optimizer, build_scheduler
+from rs_transfer.engine.task import Task
+from rs_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AMP_MODES = ("bf16", "none")
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (`start`, in this rank's samples)."""
+
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class SeededSamples(Dataset):
+    """Seeds a worker's torch, numpy and random generators from (seed, epoch, index) before each sample.
+
+    A sample's random augmentation then depends on nothing else: not on which worker loads it, how many workers
+    there are, or where a resumed epoch restarts, so resume is exact with worker processes too. Used only with
+    workers: in the main process (num_workers=0) the global generators also drive dropout, and the checkpoint
+    restores them instead.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        seed = hash((self.seed, self.epoch, index)) % 2**63
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        return self.dataset[index]
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch being run (epochs done, at an epoch boundary)
+    step_in_epoch: int = 0
+    best: float | None = None
+    metrics: dict = field(default_factory=dict)  # the last evaluation
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
+    """The per-process batch of one forward pass; the global batch must split evenly."""
+    if grad_accum_steps < 1:
+        raise ConfigError(f"train.grad_accum_steps must be >= 1, not {grad_accum_steps}")
+    parts = world_size * grad_accum_steps
+    if batch_size < 1 or batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is the global batch and must be divisible by processes x "
+            f"train.grad_accum_steps = {world_size} x {grad_accum_steps} = {parts}"
+        )
+    return batch_size // parts
+
+
+def train(config: RunConfig, task: Task) -> dict:
+    """Train `task.model` as `config.train` says; return the final evaluation (also OUTPUT_DIR/final_metrics.json)."""
+    tc = config.train
+    if (tc.epochs is None) == (tc.steps is None):
+        raise ConfigError("give exactly one of train.epochs and train.steps")
+    if tc.amp not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {tc.amp!r}")
+    info = init_distributed(tc.device)
+    micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
+    main = info.rank == 0
+    seed_everything(config.seed + info.rank)
+    if isinstance(task.train_set, IterableDataset):
+        raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles and "
+                        "resumes it by index")
+    resolved = to_dict(config)
+    out = Path(config.output_dir)
+    ckpt_dir = out / "checkpoints"
+    # Rank 0 picks the checkpoint and tells the others, so all ranks resume from the same file (or all stop).
+    resume_from, problem = broadcast_object(_pick_resume(tc.resume, ckpt_dir) if main else None)
+    if problem:
+        raise ckpt.CheckpointError(problem)
+    if main:
+        save_config(config, out)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    model = task.model
+    if tc.sync_bn and info.world_size > 1:
+        if info.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(info.device)
+    memory_format = None
+    if tc.channels_last:
+        has_3d = any(p.ndim == 5 for p in model.parameters())
+        memory_format = torch.channels_last_3d if has_3d else torch.channels_last
+        model.to(memory_format=memory_format)
+    model.train()
+    ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
+
+    sampler = ResumableSampler(
+        task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed
+    )
+    steps_per_epoch = sampler.num_samples // (micro * tc.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training set has {len(task.train_set)} samples, fewer than one step of train.batch_size="
+            f"{tc.batch_size}"
+        )
+    total = tc.steps if tc.steps is not None else tc.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, total, steps_per_epoch)
+    progress = Progress()
+
+    if resume_from is not None:
+        progress = _restore(resume_from, config, info, model, ema, optimizer, scheduler)
+        log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, progress.step,
+                 progress.epoch, progress.step_in_epoch)
+
+    wrapped = model
+    if info.world_size > 1:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids,
+                                          find_unused_parameters=tc.find_unused_parameters)
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+
+    def autocast():
+        return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
+
+    def evaluate() -> dict:
+        target = ema.module if ema is not None else model
+        target.eval()
+        with torch.no_grad(), autocast():
+            metrics = task.evaluate(target)
+        model.train()
+        if task.primary_metric not in metrics:
+            raise ValueError(f"the evaluator returned {sorted(metrics)}, without primary_metric {task.primary_metric!r}")
+        return {k: float(v) for k, v in metrics.items()}
+
+    def save(best: bool) -> Path:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "step_in_epoch": progress.step_in_epoch,
+            "batch_size": tc.batch_size,
+            "best": progress.best,
+            "metrics": progress.metrics,
+            "rng": all_gather_object(ckpt.rng_state()),
+            "config": resolved,
+        }
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        path = ckpt.step_path(ckpt_dir, progress.step)
+        if main:
+            ckpt.atomic_save(state, path)
+            if best:
+                ckpt.atomic_save(state, ckpt_dir / "best.pt")
+            ckpt.prune(ckpt_dir, tc.keep_last)
+        return path
+
+    logger = RunLogger(out, enabled=main, total=total, start_step=progress.step, resumed=resume_from is not None)
+    nonfinite = torch.zeros((), device=info.device)
+    last_saved = resume_from
+
+    def check_finite() -> None:
+        if all_reduce_max(nonfinite).item() > 0:
+            logger.close()
+            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite before step {progress.step} (epoch {progress.epoch}); training "
+                f"stopped and {where}. Lower train.lr, raise train.warmup_epochs or set train.clip_grad_norm"
+            )
+
+    sums: dict[str, torch.Tensor] = {}
+    micro_count = 0
+    tic, tic_step = time.perf_counter(), progress.step
+    evaluated_at = progress.step if progress.metrics else -1
+    while progress.step < total:
+        sampler.set_epoch(progress.epoch)
+        sampler.start = progress.step_in_epoch * micro * tc.grad_accum_steps
+        workers = config.data.num_workers
+        loader = DataLoader(
+            SeededSamples(task.train_set, config.seed, progress.epoch) if workers > 0 else task.train_set,
+            batch_size=micro, sampler=sampler, num_workers=workers, collate_fn=task.collate_fn, drop_last=True,
+            pin_memory=info.device.type == "cuda",
+            # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
+            # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
+            generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, info.rank)) % 2**63),
+        )
+        batches = iter(loader)
+        epoch_done = False
+        while not epoch_done:
+            for i in range(tc.grad_accum_steps):
+                batch = to_device(next(batches), info.device, memory_format)
+                sync = i == tc.grad_accum_steps - 1 or info.world_size == 1
+                with nullcontext() if sync else wrapped.no_sync():
+                    with autocast():
+                        outputs = forward(batch)
+                    loss = outputs["loss"]
+                    if loss.ndim != 0:
+                        raise ValueError(f"the model's 'loss' must be a scalar, got shape {tuple(loss.shape)}")
+                    (loss / tc.grad_accum_steps).backward()
+                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
+                for key, value in outputs.items():
+                    if torch.is_tensor(value) and value.ndim == 0:
+                        sums[key] = sums.get(key, 0.0) + value.detach().float()
+                micro_count += 1
+            if tc.clip_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
+                # Logged like the model's values, which are summed per micro-batch and divided by their count.
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float() * tc.grad_accum_steps
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            progress.step += 1
+            progress.step_in_epoch += 1
+            if ema is not None:
+                ema.update(model, step=progress.step)
+            if progress.step_in_epoch == steps_per_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+                epoch_done = True
+            last = progress.step == total
+            epoch_done = epoch_done or last
+            logger.step()
+
+            if progress.step % tc.log_every_steps == 0 or last:
+                check_finite()
+                values = {k: v / micro_count for k, v in sums.items()}
+                reduced = all_reduce_sum(torch.stack(list(values.values()))) / info.world_size if values else []
+                now = time.perf_counter()
+                images_per_s = (progress.step - tic_step) * tc.batch_size / max(now - tic, 1e-9)
+                record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4), "lr": lr,
+                          **{k: float(v) for k, v in zip(values, reduced)}, "images_per_s": round(images_per_s, 2)}
+                logger.train(record)
+                sums, micro_count = {}, 0
+                tic, tic_step = now, progress.step
+            do_eval = last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0) or (
+                epoch_done and tc.eval_every_epochs > 0 and progress.step_in_epoch == 0
+                and progress.epoch % tc.eval_every_epochs == 0)
+            do_save = do_eval or (tc.checkpoint_every_steps > 0 and progress.step % tc.checkpoint_every_steps == 0)
+            if do_save:
+                check_finite()
+            is_best = False
+            if do_eval:
+                progress.metrics = evaluate()
+                evaluated_at = progress.step
+                value = progress.metrics[task.primary_metric]
+                is_best = progress.best is None or value > progress.best
+                if is_best:
+                    progress.best = value
+                logger.eval({"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                             **progress.metrics, f"best_{task.primary_metric}": progress.best})
+            if do_save:
+                last_saved = save(is_best)
+        del batches
+
+    if evaluated_at != progress.step:  # resumed from a finished run's last checkpoint
+        progress.metrics = evaluate()
+    if main:
+        final = {"model": model.state_dict()}
+        if ema is not None:
+            final["ema"] = ema.module.state_dict()
+        ckpt.atomic_save(final, out / "final.pt")
+        _write_json(out / "final_metrics.json", progress.metrics)
+    logger.close()
+    return progress.metrics
+
+
+def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, or None; the reason not to start, or None)."""
+    if resume is None and ckpt.step_checkpoints(ckpt_dir):
+        return None, (f"{ckpt_dir} holds checkpoints of an earlier run: continue it with train.resume=auto, or "
+                      "choose another output_dir")
+    try:
+        return ckpt.find_resume(resume, ckpt_dir), None
+    except ckpt.CheckpointError as error:
+        return None, str(error)
+
+
+def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
+    state = ckpt.load(path)
+    if state["batch_size"] != config.train.batch_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was trained with train.batch_size={state['batch_size']}, this run has "
+            f"{config.train.batch_size}: resuming needs the same global batch"
+        )
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        if "ema" not in state:
+            raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
+        ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    if len(rngs) == info.world_size:
+        ckpt.set_rng_state(rngs[info.rank])
+    else:
+        log.warning("checkpoint %s was written by %d processes, this run has %d: random streams are re-seeded, "
+                    "so augmentations differ from an uninterrupted run", path, len(rngs), info.world_size)
+        seed_everything(config.seed + info.rank + 1_000_003 * state["step"])
+    return Progress(step=state["step"], epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+                    best=state["best"], metrics=state["metrics"])
+
+
+def to_device(batch, device: torch.device, memory_format=None):
+    """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float) made channels-last."""
+    if torch.is_tensor(batch):
+        batch = batch.to(device, non_blocking=True)
+        if memory_format is not None and batch.is_floating_point() and batch.ndim in (4, 5):
+            batch = batch.contiguous(
+                memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
+        return batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, memory_format) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device, memory_format) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class RunLogger:
+    """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
+
+    The progress bar shows on a terminal only; elsewhere (SLURM logs, tests) each train event is one log line.
+    On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl.
+    """
+
+    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.path = out / "metrics.jsonl"
+        if resumed and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            _write_lines(self.path, kept)
+        elif not resumed:
+            self.path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if resumed else None)
+        self.start = time.perf_counter()
+        self.start_step = start_step
+        self.total = total
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def train(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._append({"kind": "train", **record})
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+        else:
+            done = record["step"] - self.start_step
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(done, 1) * (self.total - record["step"])
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f img/s eta %s", record["step"], self.total,
+                     record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"],
+                     f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+    def eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._append({"kind": "eval", **record})
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.writer.add_scalar(f"eval/{key}", value, record["step"])
+        message = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
+        (self.bar.write if self.bar is not None else log.info)(f"eval at step {record['step']}: {message}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)

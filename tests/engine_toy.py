@@ -1,0 +1,113 @@
+"""A toy task for the engine tests: a small MLP classifying points that a fixed linear map labels.
+
+Run as a script (`python tests/engine_toy.py OUTPUT_DIR [key=value ...] [--kill-at N] [--nan-at N]`) it trains
+through `rs_transfer.engine.trainer.train`, which lets tests launch it under torchrun and kill it with SIGKILL.
+The dataset adds random noise to every sample and the model has dropout, so a resumed run only matches an
+uninterrupted one when the engine restores the RNG states and the sampler position exactly.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from rs_transfer.config import RunConfig, load_config
+from rs_transfer.engine.distributed import all_reduce_sum, shard
+from rs_transfer.engine.task import Task
+from rs_transfer.engine.trainer import train
+
+DIM, CLASSES = 8, 4
+
+
+class Points(Dataset):
+    def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, DIM, generator=generator)
+        labeller = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))
+        self.y = (self.x @ labeller).argmax(1)
+        self.noise = noise
+        self.kill_at = kill_at
+        self.fetched = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.kill_at is not None and self.fetched > self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.x[i] + self.noise * torch.randn(DIM), self.y[i]
+
+
+class ToyNet(nn.Module):
+    def __init__(self, bn: bool = False, dropout: float = 0.1, nan_at: int | None = None):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(DIM, 32), nn.BatchNorm1d(32) if bn else nn.Identity(), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(32, CLASSES),
+        )
+        self.nan_at = nan_at
+        self.calls = 0
+
+    def forward(self, batch):
+        x, y = batch
+        self.calls += 1
+        logits = self.net(x).float()
+        loss = F.cross_entropy(logits, y)
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss, "accuracy": (logits.argmax(1) == y).float().mean()}
+
+
+def make_evaluate(val_set: Dataset):
+    def evaluate(model: nn.Module) -> dict:
+        correct = torch.zeros(2)
+        for x, y in DataLoader(shard(val_set), batch_size=64):
+            logits = model.net(x)
+            correct += torch.tensor([(logits.argmax(1) == y).sum().item(), len(y)])
+        correct = all_reduce_sum(correct)
+        return {"accuracy": (correct[0] / correct[1]).item()}
+
+    return evaluate
+
+
+def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None, nan_at=None,
+              seed: int = 0) -> Task:
+    torch.manual_seed(seed)
+    model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
+    val = Points(128, seed=99, noise=0.0)
+    return Task(model=model, train_set=Points(n, seed=1, noise=noise, kill_at=kill_at), evaluate=make_evaluate(val),
+                primary_metric="accuracy")
+
+
+def toy_config(output_dir, *overrides) -> RunConfig:
+    defaults = ["train.epochs=2", "train.batch_size=16", "train.amp=none", "train.channels_last=false",
+                "train.lr=1.6", "train.weight_decay=0", "train.log_every_steps=4", "data.num_workers=0",
+                "train.device=cpu", f"output_dir={output_dir}"]
+    return load_config(RunConfig, None, defaults + list(overrides))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--kill-at", type=int, help="SIGKILL this process when fetching sample number N + 1")
+    parser.add_argument("--nan-at", type=int)
+    parser.add_argument("--bn", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--noise", type=float, default=0.1)
+    args = parser.parse_intermixed_args(argv)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    config = toy_config(args.output_dir, *args.overrides)
+    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at, nan_at=args.nan_at)
+    train(config, task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

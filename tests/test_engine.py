@@ -1,0 +1,144 @@
+"""The training loop end to end on a toy task (tests/engine_toy.py): learning, outputs, errors."""
+
+import json
+
+import pytest
+import torch
+
+from engine_toy import make_task, toy_config
+from rs_transfer.config import ConfigError
+from rs_transfer.engine import checkpoint as ckpt
+from rs_transfer.engine.trainer import NonFiniteLossError, micro_batch_size, train
+from rs_transfer.models.weights import read_state_dict
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the dev machine's cores are shared; the toy model gains nothing from threads
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_toy_task_learns_and_writes_its_outputs(tmp_path):
+    config = toy_config(tmp_path, "train.epochs=4", "train.warmup_epochs=1", "train.ema_decay=0.99",
+                        "train.keep_last=2")
+    task = make_task()
+    before = task.evaluate(task.model.eval())["accuracy"]
+    metrics = train(config, task)
+
+    assert before < 0.5 and metrics["accuracy"] > 0.85  # 4 classes: chance is 0.25
+    assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
+    assert (tmp_path / "config.yaml").read_text().count("ema_decay: 0.99") == 1
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if e["kind"] == "train"]
+    eval_events = [e for e in events if e["kind"] == "eval"]
+    assert [e["step"] for e in train_events] == list(range(4, 65, 4))  # 16 steps per epoch, log every 4
+    assert [e["step"] for e in eval_events] == [16, 32, 48, 64]
+    assert train_events[-1]["loss"] < train_events[0]["loss"]
+    assert {"lr", "loss", "accuracy", "images_per_s", "epoch"} <= set(train_events[0])
+    assert eval_events[-1]["accuracy"] == metrics["accuracy"]
+    assert any((tmp_path / "tensorboard").iterdir())
+
+    files = ckpt.step_checkpoints(tmp_path / "checkpoints")
+    assert [f.name for f in files] == ["step_00000048.pt", "step_00000064.pt"]  # keep_last=2
+    state = torch.load(files[-1], weights_only=True)
+    assert state["step"] == 64 and state["epoch"] == 4 and state["step_in_epoch"] == 0
+    assert state["config"]["train"]["ema_decay"] == 0.99
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["metrics"]["accuracy"] == max(e["accuracy"] for e in eval_events) == best["best"]
+    # The model zoo's loader reads the EMA weights of a training checkpoint, without `module.` prefixes.
+    ema = read_state_dict(tmp_path / "final.pt")
+    assert set(ema) == set(task.model.state_dict())
+    assert torch.equal(ema["net.0.weight"], state["ema"]["net.0.weight"])
+
+
+def test_global_batch_must_split_over_processes_and_accumulation():
+    assert micro_batch_size(256, 8, 2) == 16
+    with pytest.raises(ConfigError, match=r"train.batch_size=100 .* 8 x 1 = 8"):
+        micro_batch_size(100, 8, 1)
+
+
+def test_batch_that_does_not_split_is_rejected_before_training(tmp_path):
+    config = toy_config(tmp_path, "train.batch_size=15", "train.grad_accum_steps=2")
+    with pytest.raises(ConfigError, match="train.batch_size=15"):
+        train(config, make_task())
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # 16 steps per epoch; checkpoints every 4 steps; the loss turns NaN at forward 11.
+    config = toy_config(tmp_path, "train.checkpoint_every_steps=4", "train.log_every_steps=100")
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite before step 12 .*step_00000008.pt"):
+        train(config, make_task(nan_at=11))
+    files = ckpt.step_checkpoints(tmp_path / "checkpoints")
+    assert [f.name for f in files] == ["step_00000004.pt", "step_00000008.pt"]
+    state = ckpt.load(files[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class Images(torch.utils.data.Dataset):
+    """8x8 images whose class is the colour channel that is brightest."""
+
+    def __init__(self, n: int):
+        generator = torch.Generator().manual_seed(5)
+        self.y = torch.randint(0, 3, (n,), generator=generator)
+        self.x = torch.rand(n, 3, 8, 8, generator=generator)
+        self.x[torch.arange(n), self.y] += 0.5
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                       torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(8, 3))
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append((batch["image"].is_contiguous(memory_format=torch.channels_last),
+                          torch.is_autocast_enabled("cpu")))
+        logits = self.net(batch["image"])
+        self.seen[-1] += (logits.dtype,)
+        return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["label"])}
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    from rs_transfer.engine.distributed import all_reduce_sum
+    from rs_transfer.engine.task import Task
+
+    val = Images(64)
+
+    def evaluate(model):
+        logits = model.net(val.x.contiguous(memory_format=torch.channels_last))
+        correct = all_reduce_sum(torch.tensor([(logits.argmax(1) == val.y).sum().item(), len(val.y)]))
+        return {"accuracy": (correct[0] / correct[1]).item()}
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    task = Task(model=model, train_set=Images(256), evaluate=evaluate, primary_metric="accuracy")
+    config = toy_config(tmp_path, "train.amp=bf16", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
+                        "train.ema_decay=0.9", "train.clip_grad_norm=5.0")
+    metrics = train(config, task)
+    assert set(model.seen) == {(True, True, torch.bfloat16)}
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert metrics["accuracy"] > 0.8  # 3 classes
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["grad_norm"] > 0 for e in events if e["kind"] == "train")
+
+
+def test_unknown_amp_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.amp"):
+        train(toy_config(tmp_path, "train.amp=fp16"), make_task())
+
+
+def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.atomic_save({"step": 4}, ckpt.step_path(tmp_path / "checkpoints", 4))
+    with pytest.raises(ckpt.CheckpointError, match="train.resume=auto"):
+        train(toy_config(tmp_path), make_task())

@@ -1,0 +1,132 @@
+"""Exact resume after SIGKILL, atomic checkpoint writes, and picking the checkpoint to resume from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine_toy
+from rs_transfer.engine import checkpoint as ckpt
+
+TOY = Path(engine_toy.__file__)
+REPO = TOY.parent.parent
+
+
+def run_script(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300,
+                          check=check, **kwargs)
+
+
+@pytest.fixture
+def deterministic():
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)
+
+
+def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
+    # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
+    # dropout and per-sample noise all draw on state that the checkpoint must restore.
+    common = ["train.epochs=2", "train.grad_accum_steps=2", "train.checkpoint_every_steps=5",
+              "train.ema_decay=0.9", "train.warmup_steps=3", "--bn"]
+    engine_toy.main([str(tmp_path / "reference"), *common])
+
+    killed = tmp_path / "killed"
+    # Killed while fetching the second half of step 23's batch (in epoch 2): the newest checkpoint is step 20.
+    result = run_script(TOY, killed, *common, "--kill-at", 16 * 22 + 12, check=False)
+    assert result.returncode == -9, result.stderr
+    files = ckpt.step_checkpoints(killed / "checkpoints")
+    assert [f.name for f in files] == ["step_00000016.pt", "step_00000020.pt"]
+    assert ckpt.load(files[-1])["epoch"] == 1 and ckpt.load(files[-1])["step_in_epoch"] == 4
+    assert not (killed / "final.pt").exists()
+
+    engine_toy.main([str(killed), *common, "train.resume=auto"])
+    reference = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    resumed = torch.load(killed / "final.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert reference[part].keys() == resumed[part].keys()
+        for key, value in reference[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
+        (tmp_path / "reference" / "final_metrics.json").read_text())
+    # The killed run logged steps 4..20; the resumed one drops nothing it keeps and repeats no step.
+    events = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 32
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "step_00000001.pt"
+    script = f"""
+import os, signal, torch
+from rs_transfer.engine import checkpoint
+checkpoint.atomic_save({{"step": 1, "w": torch.ones(1000)}}, {str(path)!r})
+
+def dying_save(obj, f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dying_save
+checkpoint.atomic_save({{"step": 2, "w": torch.zeros(1000)}}, {str(path)!r})
+"""
+    result = run_script("-c", script, check=False)
+    assert result.returncode == -9, result.stderr
+    state = ckpt.load(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    leftovers = list(tmp_path.glob(".*.tmp.*"))
+    assert len(leftovers) == 1
+    ckpt.prune(tmp_path, keep_last=2)
+    assert not leftovers[0].exists() and path.exists()
+
+
+def test_resume_auto_takes_the_newest_readable_checkpoint(tmp_path, caplog):
+    ckpt.atomic_save({"step": 3}, ckpt.step_path(tmp_path, 3))
+    ckpt.atomic_save({"step": 10}, ckpt.step_path(tmp_path, 10))
+    assert ckpt.find_resume("auto", tmp_path) == ckpt.step_path(tmp_path, 10)
+    ckpt.step_path(tmp_path, 12).write_bytes(b"copied by hand, cut short")
+    assert ckpt.find_resume("auto", tmp_path) == ckpt.step_path(tmp_path, 10)
+    assert "step_00000012.pt" in caplog.text
+    assert ckpt.find_resume("auto", tmp_path / "empty") is None
+    assert ckpt.find_resume(None, tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match="nothing.pt"):
+        ckpt.find_resume(str(tmp_path / "nothing.pt"), tmp_path)
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
+    from torch.utils.data import DataLoader
+
+    from rs_transfer.engine.trainer import ResumableSampler, SeededSamples
+
+    data = engine_toy.Points(48, seed=1, noise=1.0)
+
+    def samples(start: int, workers: int) -> torch.Tensor:
+        sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+        sampler.set_epoch(3)
+        sampler.start = start
+        loader = DataLoader(SeededSamples(data, seed=0, epoch=3), batch_size=8, sampler=sampler, num_workers=workers)
+        return torch.cat([x for x, _ in loader])
+
+    whole = samples(0, workers=2)
+    assert torch.equal(samples(16, workers=1), whole[16:])  # resumed at batch 2, another worker count
+    different_epoch = SeededSamples(data, seed=0, epoch=4)[0][0]
+    assert not torch.equal(different_epoch, SeededSamples(data, seed=0, epoch=3)[0][0])
