@@ -69,11 +69,24 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read label {path}: {error}") from None
 
 
+class ScaleJitter(v2.ScaleJitter):
+    """torchvision's ScaleJitter (scale relative to the target size, as the TF detection/segmentation code does),
+    except that labels and depth are resized with NEAREST_EXACT. torchvision resizes every mask with NEAREST,
+    which samples at floor(i / r) and so shifts labels by up to half a source pixel against the bilinear image;
+    NEAREST_EXACT samples at pixel centres, like the image. Boxes and images are resized as torchvision does."""
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            return self._call_kernel(v2.functional.resize, inpt, size=params["size"],
+                                     interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
 def dense_train_transform(crop_size: int, scale_range, fill: dict) -> v2.Compose:
-    """Scale jitter relative to the crop (LSJ-style, as the TF detection/segmentation code does), a random
-    crop padded with `fill` where the scaled image is smaller, and a horizontal flip."""
+    """Scale jitter relative to the crop, a random crop padded with `fill` where the scaled image is smaller,
+    and a horizontal flip."""
     return v2.Compose([
-        v2.ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
+        ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
         v2.RandomHorizontalFlip(),
     ])

@@ -6,6 +6,7 @@ model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/fina
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,13 +74,29 @@ def write_synthetic(task: str, root, images: int) -> Path:
     return writers[task]()
 
 
+def ensure_synthetic(task: str, root: Path, images: int, timeout_s: float = 300) -> None:
+    """Write the synthetic dataset once: under torchrun, local rank 0 writes into a temporary folder and renames
+    it into place; the other ranks wait for the folder (the process group does not exist yet)."""
+    if root.exists():
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        write_synthetic(task, tmp, images)
+        tmp.rename(root)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not root.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f} s for local rank 0 to write the synthetic dataset {root}")
+        time.sleep(0.2)
+
+
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     from rs_transfer.engine.trainer import train
 
     if synthetic:
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
-        if not root.exists() or not any(root.iterdir()):
-            write_synthetic(config.task.name, root, config.data.synthetic_images)
+        ensure_synthetic(config.task.name, root, config.data.synthetic_images)
         config.data.root = str(root)
     task = build_task(config)
     metrics = train(config, task)
