@@ -94,7 +94,8 @@ def test_cifar_errors_name_the_file(tmp_path):
 def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
     # The image's red channel encodes the class (60 per class) and green the depth (30 per metre), so the label
     # read back off each transformed pixel must equal the transformed mask and depth there. The bilinear,
-    # antialiased image blurs edges, so "read back" rounds to the nearest label and a few edge pixels may tie.
+    # antialiased image blurs edges, so "read back" means nearest label value. Torchvision's own ScaleJitter
+    # (NEAREST for masks) fails this: its labels sit up to half a pixel off the image.
     torch.manual_seed(0)
     mask = torch.zeros(60, 80, dtype=torch.uint8)
     mask[10:40, 20:70] = 3
@@ -108,7 +109,9 @@ def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
         img, m, d = out["image"].float(), out["mask"], out["depth"]
         assert img.shape == (3, 48, 48) and m.shape == (48, 48) and d.shape == (48, 48)
         inside = m != IGNORE
-        wrong_class = ((img[0] / 180).round() * 3 != m) & inside
-        wrong_depth = ((img[1] / 30 - 2) / 4).round() * 4 + 2 != d
+        # Wrong = nearer the other label's value than its own (an exact tie, 90 of 0 vs 180, is an edge on the
+        # pixel boundary and counts as right).
+        wrong_class = ((img[0] - m.float() * 60).abs() > 90) & inside
+        wrong_depth = (img[1] - d * 30).abs() > 60
         assert wrong_class.sum() <= 3 and (wrong_depth & inside).sum() <= 3
         assert (img[:, ~inside] == 0).all()  # padding: black image where the label is ignore

@@ -176,3 +176,61 @@ def write_cifar100(root, train=400, test=100, seed=0) -> Path:
     with open(folder / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return Path(root)
+
+
+def depth_scene(rng, height, width):
+    """An image and its depth (metres): a floor-like background whose brightness follows its depth (8 m at the
+    top to 2 m at the bottom) and objects whose colour gives their depth (1 m + 0.9 m per colour index)."""
+    rows = np.linspace(8.0, 2.0, height, dtype=np.float32)[:, None].repeat(width, 1)
+    depth = rows.copy()
+    image = np.repeat((40 + 20 * rows)[..., None], 3, axis=2) + rng.normal(0, 6, size=(height, width, 3))
+    image = image.astype(np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        k = int(rng.integers(5))
+        mask, box = _shape_mask(rng, height, width)
+        if box is None:
+            continue
+        image[mask] = COLOURS[k] + rng.normal(0, 8, size=(int(mask.sum()), 3))
+        depth[mask] = 1.0 + 0.9 * k
+    depth[rng.random(depth.shape) < 0.02] = 0.0  # a few holes without measurement, as in raw Kinect depth
+    return np.clip(image, 0, 255).astype(np.uint8), depth
+
+
+def write_nyu_h5(root, train=32, val=8, size=(96, 128), seed=0) -> Path:
+    """nyudepthv2/train/<scene>/<n>.h5 and val/official/<n>.h5 with `rgb` (3xHxW uint8) and `depth` (HxW
+    float32 metres). The real release is 480x640; `size` is smaller so the demo runs fast."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "nyudepthv2"
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            scene_dir = base / split / ("official" if split == "val" else f"scene_{i % 3:04d}")
+            scene_dir.mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            with h5py.File(scene_dir / f"{i:05d}.h5", "w") as f:
+                f.create_dataset("rgb", data=image.transpose(2, 0, 1))
+                f.create_dataset("depth", data=depth)
+    return Path(root)
+
+
+def write_nyu_bts(root, train=8, val=4, size=(96, 128), seed=0) -> Path:
+    """The BTS sync layout: sync/<scene>/rgb_<n>.jpg + sync_depth_<n>.png (uint16 mm), official_splits/test/
+    likewise, and the two file lists (train paths start with '/', as BTS's do; one test line has no depth)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    lines = {"train": [], "val": []}
+    for split, count, folder in (("train", train, "sync"), ("val", val, "official_splits/test")):
+        for i in range(count):
+            scene_name = f"kitchen_{i % 2:04d}"
+            (root / folder / scene_name).mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            rgb, dep = f"{scene_name}/rgb_{i:05d}.jpg", f"{scene_name}/sync_depth_{i:05d}.png"
+            Image.fromarray(image).save(root / folder / rgb, quality=95)
+            Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(root / folder / dep)
+            prefix = "/" if split == "train" else ""
+            lines[split].append(f"{prefix}{rgb} {prefix}{dep} 518.8579")
+    lines["val"].append("bathroom/rgb_00999.jpg None 518.8579")
+    (root / "nyudepthv2_train_files_with_gt.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "nyudepthv2_test_files_with_gt.txt").write_text("\n".join(lines["val"]) + "\n")
+    return root
