@@ -55,7 +55,7 @@ def add_downstream_commands(commands) -> None:
     demo.set_defaults(run=run_demo)
     reproduce = commands.add_parser("reproduce", help="collect runs into a paper table beside the paper's numbers")
     reproduce.add_argument("table", choices=["table5"])
-    reproduce.add_argument("--run", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
+    reproduce.add_argument("--run", dest="runs", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
                            help="a finished finetune or sweep folder (repeatable)")
     reproduce.add_argument("--output", default="results/table5")
     reproduce.set_defaults(run=run_reproduce)
@@ -87,7 +87,7 @@ def run_demo(args) -> int:
 def run_reproduce(args) -> int:
     from rs_transfer.downstream.finetune import reproduce_table5
 
-    reproduce_table5(args.run, args.output)
+    reproduce_table5(args.runs, args.output)
     return 0
 
 
