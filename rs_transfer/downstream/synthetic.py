@@ -234,3 +234,41 @@ def write_nyu_bts(root, train=8, val=4, size=(96, 128), seed=0) -> Path:
     (root / "nyudepthv2_train_files_with_gt.txt").write_text("\n".join(lines["train"]) + "\n")
     (root / "nyudepthv2_test_files_with_gt.txt").write_text("\n".join(lines["val"]) + "\n")
     return root
+
+
+def _voc_xml(filename: str, year: str, height: int, width: int, objects: list) -> str:
+    parts = [f"<annotation><folder>VOC{year}</folder><filename>{filename}</filename>",
+             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size><segmented>0</segmented>"]
+    for name, (x0, y0, x1, y1), difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+                     f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+    return "\n".join(parts) + "\n</annotation>\n"
+
+
+def write_voc_det(root, train=48, test=12, size=(96, 128), seed=0) -> Path:
+    """VOCdevkit/VOC2007 (trainval + test) and VOC2012 (trainval): Annotations XML (1-based inclusive boxes,
+    some `difficult`), JPEGImages, ImageSets/Main. The first test image has no objects."""
+    rng = np.random.default_rng(seed)
+    splits = (("2007", "trainval", train - train // 2), ("2012", "trainval", train // 2), ("2007", "test", test))
+    for year, split, count in splits:
+        voc = Path(root) / "VOCdevkit" / f"VOC{year}"
+        for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (voc / folder).mkdir(parents=True, exist_ok=True)
+        ids = []
+        for i in range(count):
+            image_id = f"{split[:4]}{i:06d}" if year == "2007" else f"2012_{i:06d}"
+            empty = split == "test" and i == 0
+            image, _, objects = scene(rng, *size, len(VOC_DET_CLASSES), min_objects=0 if empty else 1,
+                                      max_objects=0 if empty else 3)
+            # Later objects paint over earlier ones; keep boxes whose object is still mostly visible.
+            visible, covered = [], np.zeros(size, dtype=bool)
+            for k, box, mask in reversed(objects):
+                if (mask & ~covered).sum() > 0.6 * mask.sum():
+                    visible.append((VOC_DET_CLASSES[k], box, rng.random() < 0.1))
+                covered |= mask
+            Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (voc / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(f"{image_id}.jpg", year, *size, visible))
+            ids.append(image_id)
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return Path(root)
