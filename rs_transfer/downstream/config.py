@@ -35,6 +35,7 @@ class TaskConfig:
     anchor_sizes: list = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
     det_eval_size: int = 896  # test images: longer side resized to this
     det_fc_channels: int = 1024  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
+    det_rois_per_image: int = 512  # RoIs sampled per training image for the box head (torchvision's default)
     det_score_thresh: float = 0.001
     det_max_per_image: int = 100
 

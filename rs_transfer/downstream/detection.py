@@ -133,7 +133,7 @@ class Detector(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int = 20, weights=None, fpn_channels=256, fc_channels=1024,
                  anchor_sizes=(32, 64, 128, 256, 512), train_size=896, eval_size=896, score_thresh=0.001,
-                 detections_per_img=100, **arch):
+                 detections_per_img=100, rois_per_image=512, **arch):
         super().__init__()
         if len(anchor_sizes) != len(LEVELS):
             raise DatasetError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
@@ -147,6 +147,7 @@ class Detector(nn.Module):
             box_head=box_head, box_predictor=FastRCNNPredictor(fc_channels, num_classes + 1),
             min_size=train_size, max_size=train_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
             box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
+            box_batch_size_per_image=rois_per_image,
         )
 
     def forward(self, batch: dict):
@@ -199,6 +200,6 @@ def build(config) -> Task:
     model = Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=t.fpn_channels,
                      fc_channels=t.det_fc_channels, anchor_sizes=tuple(t.anchor_sizes), train_size=t.crop_size,
                      eval_size=t.det_eval_size, score_thresh=t.det_score_thresh,
-                     detections_per_img=t.det_max_per_image, **arch_args(config))
+                     detections_per_img=t.det_max_per_image, rois_per_image=t.det_rois_per_image, **arch_args(config))
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(test_set, t.eval_batch_size, config.data.num_workers),
                 primary_metric="ap50", collate_fn=det_collate)
