@@ -70,8 +70,8 @@ class TrainConfig:
     # EMA of weights and BN buffers, updated after every step; evaluation uses it when on.
     ema_decay: Optional[float] = None  # e.g. 0.9999; None: no EMA
     ema_warmup: bool = True  # official: decay at step t = min(ema_decay, (1 + t) / (10 + t))
-    # Speed: bf16 autocast ("bf16" or "none"), channels-last memory format, torch.compile.
-    amp: str = "bf16"
+    # Speed: autocast, channels-last memory format, torch.compile.
+    amp: str = "auto"  # "bf16", "none", or "auto": bf16 on GPU, none on CPU (CPU bf16 is often several times slower)
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (dense tasks with small per-GPU batches)
@@ -81,7 +81,7 @@ class TrainConfig:
     eval_every_epochs: int = 1  # 0: off
     eval_every_steps: int = 0  # 0: off
     checkpoint_every_steps: int = 0  # also checkpoint after every evaluation and at the end; 0: only those
-    keep_last: int = 2  # step checkpoints kept, besides best.pt
+    keep_last: int = 2  # step checkpoints kept, besides best.pt; 0: all
     log_every_steps: int = 50
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,24 @@ from rs_transfer.engine.task import Task
 from rs_transfer.engine.trainer import train
 
 DIM, CLASSES = 8, 4
+TOY = Path(__file__)
+REPO = TOY.parent.parent
+
+
+def script_env(**extra) -> dict:
+    """The environment for running this file (or `python -c`) in a subprocess against this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 class Points(Dataset):
-    def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None):
+    def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None, kill_with=signal.SIGKILL):
         generator = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, DIM, generator=generator)
         labeller = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))
         self.y = (self.x @ labeller).argmax(1)
         self.noise = noise
         self.kill_at = kill_at
+        self.kill_with = kill_with
         self.fetched = 0
 
     def __len__(self) -> int:
@@ -39,8 +48,8 @@ class Points(Dataset):
 
     def __getitem__(self, i):
         self.fetched += 1
-        if self.kill_at is not None and self.fetched > self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kill_at is not None and self.fetched == self.kill_at + 1:
+            os.kill(os.getpid(), self.kill_with)
         return self.x[i] + self.noise * torch.randn(DIM), self.y[i]
 
 
@@ -76,13 +85,13 @@ def make_evaluate(val_set: Dataset):
     return evaluate
 
 
-def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None, nan_at=None,
-              seed: int = 0) -> Task:
+def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None,
+              kill_with=signal.SIGKILL, nan_at=None, seed: int = 0) -> Task:
     torch.manual_seed(seed)
     model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
     val = Points(128, seed=99, noise=0.0)
-    return Task(model=model, train_set=Points(n, seed=1, noise=noise, kill_at=kill_at), evaluate=make_evaluate(val),
-                primary_metric="accuracy")
+    train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with)
+    return Task(model=model, train_set=train_set, evaluate=make_evaluate(val), primary_metric="accuracy")
 
 
 def toy_config(output_dir, *overrides) -> RunConfig:
@@ -96,7 +105,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--kill-at", type=int, help="SIGKILL this process when fetching sample number N + 1")
+    parser.add_argument("--kill-at", type=int, help="signal this process when fetching sample number N + 1")
+    parser.add_argument("--signal", default="SIGKILL", help="the signal --kill-at sends")
     parser.add_argument("--nan-at", type=int)
     parser.add_argument("--bn", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -105,7 +115,8 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     config = toy_config(args.output_dir, *args.overrides)
-    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at, nan_at=args.nan_at)
+    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
+                     kill_with=signal.Signals[args.signal], nan_at=args.nan_at)
     train(config, task)
 
 

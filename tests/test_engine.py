@@ -108,7 +108,8 @@ class ConvNet(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["label"])}
 
 
-def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+@pytest.mark.parametrize("amp, autocast, dtype", [("bf16", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_autocast_and_channels_last_on_cpu(tmp_path, amp, autocast, dtype):
     from rs_transfer.engine.distributed import all_reduce_sum
     from rs_transfer.engine.task import Task
 
@@ -122,10 +123,10 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     torch.manual_seed(0)
     model = ConvNet()
     task = Task(model=model, train_set=Images(256), evaluate=evaluate, primary_metric="accuracy")
-    config = toy_config(tmp_path, "train.amp=bf16", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
+    config = toy_config(tmp_path, f"train.amp={amp}", "train.channels_last=true", "train.epochs=3", "train.lr=3.2",
                         "train.ema_decay=0.9", "train.clip_grad_norm=5.0")
     metrics = train(config, task)
-    assert set(model.seen) == {(True, True, torch.bfloat16)}
+    assert set(model.seen) == {(True, autocast, dtype)}  # auto: no autocast on CPU
     assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert metrics["accuracy"] > 0.8  # 3 classes
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -142,3 +143,34 @@ def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path)
     ckpt.atomic_save({"step": 4}, ckpt.step_path(tmp_path / "checkpoints", 4))
     with pytest.raises(ckpt.CheckpointError, match="train.resume=auto"):
         train(toy_config(tmp_path), make_task())
+
+
+def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
+    # 10 steps of batch 64 over 256 samples: 4 steps per epoch, so the run wraps around the data twice.
+    config = toy_config(tmp_path, "train.epochs=null", "train.steps=10", "train.batch_size=64",
+                        "train.eval_every_epochs=0", "train.eval_every_steps=4", "train.keep_last=0")
+    train(config, make_task())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [4, 8, 10]
+    assert [f.name for f in ckpt.step_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000004.pt", "step_00000008.pt", "step_00000010.pt"]  # keep_last=0 keeps them all
+    state = ckpt.load(tmp_path / "checkpoints" / "step_00000010.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 2)
+
+
+def test_channels_last_for_2d_and_3d_layers_and_nested_batches():
+    from collections import namedtuple
+
+    from rs_transfer.engine.trainer import to_channels_last, to_device
+
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(4, 2))
+    to_channels_last(model)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last)
+    Pair = namedtuple("Pair", "clip mask")
+    batch = {"images": [torch.rand(2, 3, 4, 4)], "pair": Pair(torch.rand(2, 3, 2, 4, 4), torch.zeros(2, 4, 4)),
+             "name": "x"}
+    moved = to_device(batch, torch.device("cpu"), channels_last=True)
+    assert moved["images"][0].is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(moved["pair"], Pair) and moved["pair"].clip.is_contiguous(memory_format=torch.channels_last_3d)
+    assert moved["pair"].mask.is_contiguous() and moved["name"] == "x"

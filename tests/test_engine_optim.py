@@ -88,3 +88,16 @@ def test_ema_averages_weights_and_bn_buffers():
     assert ema.module[1].num_batches_tracked == 1  # integer buffers are copied
     ema.update(model, step=10**6)
     assert math.isclose(ema.get_decay(10**6), 0.9)
+
+
+def test_table1_baseline_style_step_schedule_from_overrides():
+    from rs_transfer.config import RunConfig, load_config
+
+    # 90 epochs, x0.1 at 30, 60 and 80, 5 warmup epochs; 10 steps per epoch here.
+    config = load_config(RunConfig, None, ["train.epochs=90", "train.schedule=step", "train.warmup_epochs=5",
+                                           "train.decay_epochs=[30,60,80]", "train.batch_size=512"])
+    optimizer = build_optimizer(nn.Linear(2, 2), config.train)
+    scheduler = build_scheduler(optimizer, config.train, total_steps=900, steps_per_epoch=10)
+    factors = [scheduler.lr_lambdas[0](t) for t in (0, 49, 299, 300, 599, 600, 800, 899)]
+    assert factors == pytest.approx([0.02, 1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 512 / 256 * 0.02)

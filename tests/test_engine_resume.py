@@ -1,25 +1,20 @@
 """Exact resume after SIGKILL, atomic checkpoint writes, and picking the checkpoint to resume from."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import engine_toy
+from engine_toy import TOY, script_env
 from rs_transfer.engine import checkpoint as ckpt
 
-TOY = Path(engine_toy.__file__)
-REPO = TOY.parent.parent
 
-
-def run_script(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300,
-                          check=check, **kwargs)
+def run_script(*args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], env=script_env(), capture_output=True, text=True,
+                          timeout=300, check=check)
 
 
 @pytest.fixture
@@ -30,6 +25,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # launches Python processes that import torch
 def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
     # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
     # dropout and per-sample noise all draw on state that the checkpoint must restore.
@@ -59,6 +55,18 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     events = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in events if e["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 32
+
+
+@pytest.mark.slow  # launches Python processes that import torch
+def test_sigterm_checkpoints_at_the_next_log_event_and_stops_with_a_resume_hint(tmp_path, deterministic):
+    # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 8 and stops.
+    out = tmp_path / "run"
+    result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM", check=False)
+    assert result.returncode != 0
+    assert "stopped by SIGTERM at step 8" in result.stderr and "train.resume=auto" in result.stderr
+    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000008.pt"]
+    engine_toy.main([str(out), "train.resume=auto"])
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):

@@ -17,8 +17,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   them reproducible and resumable (docs/engine.md).
 - The engine calls `model.train()` before training and after every evaluation; a layer that must stay frozen
   (e.g. a frozen BN) should be a module without a training mode, such as torchvision's FrozenBatchNorm2d.
-- `evaluate` runs under `torch.no_grad()` and the run's autocast (bf16 when `train.amp=bf16`): cast outputs with
-  `.float()` before accumulating statistics.
+- `evaluate` runs under `torch.no_grad()` and the run's autocast (`train.amp`; bf16 on GPU by default): cast outputs
+  with `.float()` before accumulating statistics.
 """
 
 from dataclasses import dataclass

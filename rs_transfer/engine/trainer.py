@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -45,10 +47,14 @@ from rs_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-AMP_MODES = ("bf16", "none")
+AMP_MODES = ("auto", "bf16", "none")
 
 
 class NonFiniteLossError(UserError):
+    pass
+
+
+class StoppedBySignal(UserError):
     pass
 
 
@@ -113,214 +119,277 @@ def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) ->
 
 def train(config: RunConfig, task: Task) -> dict:
     """Train `task.model` as `config.train` says; return the final evaluation (also OUTPUT_DIR/final_metrics.json)."""
-    tc = config.train
-    if (tc.epochs is None) == (tc.steps is None):
-        raise ConfigError("give exactly one of train.epochs and train.steps")
-    if tc.amp not in AMP_MODES:
-        raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {tc.amp!r}")
-    info = init_distributed(tc.device)
-    micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
-    main = info.rank == 0
-    seed_everything(config.seed + info.rank)
-    if isinstance(task.train_set, IterableDataset):
-        raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles and "
-                        "resumes it by index")
-    resolved = to_dict(config)
-    out = Path(config.output_dir)
-    ckpt_dir = out / "checkpoints"
-    # Rank 0 picks the checkpoint and tells the others, so all ranks resume from the same file (or all stop).
-    resume_from, problem = broadcast_object(_pick_resume(tc.resume, ckpt_dir) if main else None)
-    if problem:
-        raise ckpt.CheckpointError(problem)
-    if main:
-        save_config(config, out)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(config, task).run()
 
-    model = task.model
-    if tc.sync_bn and info.world_size > 1:
-        if info.device.type != "cuda":
-            raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(info.device)
-    memory_format = None
-    if tc.channels_last:
-        has_3d = any(p.ndim == 5 for p in model.parameters())
-        memory_format = torch.channels_last_3d if has_3d else torch.channels_last
-        model.to(memory_format=memory_format)
-    model.train()
-    ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
 
-    sampler = ResumableSampler(
-        task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed
-    )
-    steps_per_epoch = sampler.num_samples // (micro * tc.grad_accum_steps)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training set has {len(task.train_set)} samples, fewer than one step of train.batch_size="
-            f"{tc.batch_size}"
-        )
-    total = tc.steps if tc.steps is not None else tc.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, total, steps_per_epoch)
-    progress = Progress()
+class Trainer:
+    """One run: set up in __init__ (devices, model, data, optimizer, resume), then `run()` is the loop."""
 
-    if resume_from is not None:
-        progress = _restore(resume_from, config, info, model, ema, optimizer, scheduler)
-        log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, progress.step,
-                 progress.epoch, progress.step_in_epoch)
+    def __init__(self, config: RunConfig, task: Task):
+        tc = self.tc = config.train
+        self.config, self.task = config, task
+        if (tc.epochs is None) == (tc.steps is None):
+            raise ConfigError("give exactly one of train.epochs and train.steps")
+        if tc.amp not in AMP_MODES:
+            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {tc.amp!r}")
+        if tc.log_every_steps < 1:
+            raise ConfigError(f"train.log_every_steps must be >= 1, not {tc.log_every_steps}")
+        if isinstance(task.train_set, IterableDataset):
+            raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles "
+                            "and resumes it by index")
+        info = self.info = init_distributed(tc.device)
+        self.micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
+        self.main = info.rank == 0
+        seed_everything(config.seed + info.rank)
+        self.resolved = to_dict(config)
+        self.out = Path(config.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        # Rank 0 picks the checkpoint and tells the others, so all ranks resume from one file (or all stop).
+        resume_from, problem = broadcast_object(_pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
+        if problem:
+            raise ckpt.CheckpointError(problem)
+        if self.main:
+            save_config(config, self.out)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    wrapped = model
-    if info.world_size > 1:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids,
-                                          find_unused_parameters=tc.find_unused_parameters)
-    forward = torch.compile(wrapped) if tc.compile else wrapped
-
-    def autocast():
-        return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
-
-    def evaluate() -> dict:
-        target = ema.module if ema is not None else model
-        target.eval()
-        with torch.no_grad(), autocast():
-            metrics = task.evaluate(target)
+        model = self.model = task.model
+        if tc.sync_bn and info.world_size > 1:
+            if info.device.type != "cuda":
+                raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+            model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(info.device)
+        if tc.channels_last:
+            to_channels_last(model)
         model.train()
-        if task.primary_metric not in metrics:
-            raise ValueError(f"the evaluator returned {sorted(metrics)}, without primary_metric {task.primary_metric!r}")
+        self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
+
+        self.sampler = ResumableSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                        seed=config.seed)
+        self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(task.train_set)} samples, fewer than one step of "
+                              f"train.batch_size={tc.batch_size}")
+        self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
+        self.progress = Progress()
+        if resume_from is not None:
+            self.progress = _restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler)
+            if self.main:
+                log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
+                         self.progress.epoch, self.progress.step_in_epoch)
+        self.last_saved = resume_from
+
+        self.ddp = None
+        if info.world_size > 1:
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=tc.find_unused_parameters)
+        wrapped = self.ddp or model
+        self.forward = torch.compile(wrapped) if tc.compile else wrapped
+
+        self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
+                                resumed=resume_from is not None)
+        # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
+        # sync per step, and no checkpoint ever holds the weights of a diverged run.
+        self.nonfinite = torch.zeros((), device=info.device)
+        self.signalled: str | None = None  # the name of a stop signal this process received
+        self.stop_requested = False  # some process received one (agreed at the last log event)
+        self.sums: dict[str, torch.Tensor] = {}  # the model's logged values, summed over micro-batches
+        self.micro_count = 0
+        self.tic, self.tic_step, self.paused = time.perf_counter(), self.progress.step, 0.0
+
+    def run(self) -> dict:
+        # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
+        # SIGTERM on. The run then checkpoints at its next log event and stops with a message saying how to resume.
+        handled = [signal.SIGTERM, signal.SIGUSR1] if threading.current_thread() is threading.main_thread() else []
+        previous = {number: signal.signal(number, self._on_signal) for number in handled}
+        try:
+            return self._run()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.logger.close()
+
+    def _on_signal(self, number, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+    def _run(self) -> dict:
+        progress = self.progress
+        evaluated_at = progress.step if progress.metrics else -1
+        while progress.step < self.total:
+            batches = iter(self._loader())
+            epoch_done = False
+            while not epoch_done:
+                lr = self._step(batches)
+                progress.step += 1
+                progress.step_in_epoch += 1
+                if progress.step_in_epoch == self.steps_per_epoch:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                    epoch_done = True
+                last = progress.step == self.total
+                epoch_done = epoch_done or last
+                self.logger.step()
+                if progress.step % self.tc.log_every_steps == 0 or last:
+                    self._log(lr)
+                if self._eval_due(last):
+                    self._evaluate_and_save()
+                    evaluated_at = progress.step
+                elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
+                        self.stop_requested and not last):
+                    self._save(best=False)
+                if self.stop_requested and not last:
+                    raise StoppedBySignal(
+                        f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
+                        f"checkpoint {self.last_saved} written: rerun with train.resume=auto to continue"
+                    )
+            del batches
+        if evaluated_at != progress.step:  # resumed from the last checkpoint of a finished run
+            progress.metrics = self._evaluate()
+        if self.main:
+            final = {"model": self.model.state_dict()}
+            if self.ema is not None:
+                final["ema"] = self.ema.module.state_dict()
+            ckpt.atomic_save(final, self.out / "final.pt")
+            _write_json(self.out / "final_metrics.json", progress.metrics)
+        return progress.metrics
+
+    def _loader(self) -> DataLoader:
+        """This epoch's batches from the current position on (sampler seeded by (seed, epoch))."""
+        config, progress = self.config, self.progress
+        self.sampler.set_epoch(progress.epoch)
+        self.sampler.start = progress.step_in_epoch * self.micro * self.tc.grad_accum_steps
+        workers = config.data.num_workers
+        return DataLoader(
+            SeededSamples(self.task.train_set, config.seed, progress.epoch) if workers > 0 else self.task.train_set,
+            batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
+            drop_last=True, pin_memory=self.info.device.type == "cuda",
+            # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
+            # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
+            generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, self.info.rank)) % 2**63),
+        )
+
+    def _autocast(self):
+        device = self.info.device.type
+        enabled = self.tc.amp == "bf16" or (self.tc.amp == "auto" and device == "cuda")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+    def _step(self, batches) -> float:
+        """One optimizer step over grad_accum_steps micro-batches; returns the LR it used."""
+        accum = self.tc.grad_accum_steps
+        for i in range(accum):
+            batch = to_device(next(batches), self.info.device, self.tc.channels_last)
+            # DDP averages gradients over ranks only on the last micro-batch; the others accumulate locally.
+            sync = self.ddp is None or i == accum - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():
+                    outputs = self.forward(batch)
+                loss = outputs["loss"]
+                if loss.ndim != 0:
+                    raise ValueError(f"the model's 'loss' must be a scalar, got shape {tuple(loss.shape)}")
+                (loss / accum).backward()
+            self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(loss.detach())).float())
+            for key, value in outputs.items():
+                if torch.is_tensor(value) and value.ndim == 0:
+                    self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+            self.micro_count += 1
+        if self.tc.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_grad_norm)
+            # Logged like the model's values, which are summed per micro-batch and divided by their count.
+            self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + norm.detach().float() * accum
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.step + 1)
+        return lr
+
+    def _log(self, lr: float) -> None:
+        self._check_flags()
+        means = {k: v / self.micro_count for k, v in self.sums.items()}
+        reduced = all_reduce_sum(torch.stack(list(means.values()))) / self.info.world_size if means else []
+        now = time.perf_counter()
+        seconds = max(now - self.tic - self.paused, 1e-9)  # evaluation and checkpoint time left out
+        record = {"step": self.progress.step, "epoch": round(self.progress.step / self.steps_per_epoch, 4),
+                  "lr": lr, **{k: float(v) for k, v in zip(means, reduced)},
+                  "images_per_s": round((self.progress.step - self.tic_step) * self.tc.batch_size / seconds, 2)}
+        self.logger.train(record)
+        self.sums, self.micro_count = {}, 0
+        self.tic, self.tic_step, self.paused = now, self.progress.step, 0.0
+
+    def _eval_due(self, last: bool) -> bool:
+        tc, progress = self.tc, self.progress
+        at_epoch_end = progress.step_in_epoch == 0
+        return (last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0)
+                or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0))
+
+    def _evaluate(self) -> dict:
+        target = self.ema.module if self.ema is not None else self.model
+        target.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.task.evaluate(target)
+        self.model.train()
+        if self.task.primary_metric not in metrics:
+            raise ValueError(f"the evaluator returned {sorted(metrics)}, without the primary metric "
+                             f"{self.task.primary_metric!r}")
         return {k: float(v) for k, v in metrics.items()}
 
-    def save(best: bool) -> Path:
+    def _evaluate_and_save(self) -> None:
+        progress, name = self.progress, self.task.primary_metric
+        self._check_flags()
+        started = time.perf_counter()
+        progress.metrics = self._evaluate()
+        is_best = progress.best is None or progress.metrics[name] > progress.best
+        if is_best:
+            progress.best = progress.metrics[name]
+        self.logger.eval({"step": progress.step, "epoch": round(progress.step / self.steps_per_epoch, 4),
+                          **progress.metrics, f"best_{name}": progress.best})
+        self.paused += time.perf_counter() - started
+        self._save(best=is_best)
+
+    def _save(self, best: bool) -> None:
+        self._check_flags()
+        started = time.perf_counter()
+        progress = self.progress
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "step": progress.step,
             "epoch": progress.epoch,
             "step_in_epoch": progress.step_in_epoch,
-            "batch_size": tc.batch_size,
+            "batch_size": self.tc.batch_size,
             "best": progress.best,
             "metrics": progress.metrics,
             "rng": all_gather_object(ckpt.rng_state()),
-            "config": resolved,
+            "config": self.resolved,
         }
-        if ema is not None:
-            state["ema"] = ema.module.state_dict()
-        path = ckpt.step_path(ckpt_dir, progress.step)
-        if main:
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        path = ckpt.step_path(self.ckpt_dir, progress.step)
+        if self.main:
             ckpt.atomic_save(state, path)
             if best:
-                ckpt.atomic_save(state, ckpt_dir / "best.pt")
-            ckpt.prune(ckpt_dir, tc.keep_last)
-        return path
+                ckpt.atomic_save(state, self.ckpt_dir / "best.pt")
+            ckpt.prune(self.ckpt_dir, self.tc.keep_last)
+        self.last_saved = path
+        self.paused += time.perf_counter() - started
 
-    logger = RunLogger(out, enabled=main, total=total, start_step=progress.step, resumed=resume_from is not None)
-    nonfinite = torch.zeros((), device=info.device)
-    last_saved = resume_from
-
-    def check_finite() -> None:
-        if all_reduce_max(nonfinite).item() > 0:
-            logger.close()
-            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
+    def _check_flags(self) -> None:
+        """Agree over ranks on a non-finite loss (stop with an error) and on a stop signal (sets stop_requested)."""
+        signalled = torch.tensor(float(self.signalled is not None), device=self.info.device)
+        nonfinite, stop = all_reduce_max(torch.stack([self.nonfinite, signalled])).tolist()
+        self.stop_requested = self.stop_requested or stop > 0
+        if nonfinite > 0:
+            where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                     else "no checkpoint was written yet")
             raise NonFiniteLossError(
-                f"the loss became NaN or infinite before step {progress.step} (epoch {progress.epoch}); training "
-                f"stopped and {where}. Lower train.lr, raise train.warmup_epochs or set train.clip_grad_norm"
+                f"the loss became NaN or infinite before step {self.progress.step} (epoch {self.progress.epoch}); "
+                f"training stopped and {where}. Lower train.lr, raise train.warmup_epochs or set "
+                "train.clip_grad_norm"
             )
-
-    sums: dict[str, torch.Tensor] = {}
-    micro_count = 0
-    tic, tic_step = time.perf_counter(), progress.step
-    evaluated_at = progress.step if progress.metrics else -1
-    while progress.step < total:
-        sampler.set_epoch(progress.epoch)
-        sampler.start = progress.step_in_epoch * micro * tc.grad_accum_steps
-        workers = config.data.num_workers
-        loader = DataLoader(
-            SeededSamples(task.train_set, config.seed, progress.epoch) if workers > 0 else task.train_set,
-            batch_size=micro, sampler=sampler, num_workers=workers, collate_fn=task.collate_fn, drop_last=True,
-            pin_memory=info.device.type == "cuda",
-            # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
-            # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
-            generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, info.rank)) % 2**63),
-        )
-        batches = iter(loader)
-        epoch_done = False
-        while not epoch_done:
-            for i in range(tc.grad_accum_steps):
-                batch = to_device(next(batches), info.device, memory_format)
-                sync = i == tc.grad_accum_steps - 1 or info.world_size == 1
-                with nullcontext() if sync else wrapped.no_sync():
-                    with autocast():
-                        outputs = forward(batch)
-                    loss = outputs["loss"]
-                    if loss.ndim != 0:
-                        raise ValueError(f"the model's 'loss' must be a scalar, got shape {tuple(loss.shape)}")
-                    (loss / tc.grad_accum_steps).backward()
-                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-                for key, value in outputs.items():
-                    if torch.is_tensor(value) and value.ndim == 0:
-                        sums[key] = sums.get(key, 0.0) + value.detach().float()
-                micro_count += 1
-            if tc.clip_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-                # Logged like the model's values, which are summed per micro-batch and divided by their count.
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float() * tc.grad_accum_steps
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            progress.step += 1
-            progress.step_in_epoch += 1
-            if ema is not None:
-                ema.update(model, step=progress.step)
-            if progress.step_in_epoch == steps_per_epoch:
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-                epoch_done = True
-            last = progress.step == total
-            epoch_done = epoch_done or last
-            logger.step()
-
-            if progress.step % tc.log_every_steps == 0 or last:
-                check_finite()
-                values = {k: v / micro_count for k, v in sums.items()}
-                reduced = all_reduce_sum(torch.stack(list(values.values()))) / info.world_size if values else []
-                now = time.perf_counter()
-                images_per_s = (progress.step - tic_step) * tc.batch_size / max(now - tic, 1e-9)
-                record = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4), "lr": lr,
-                          **{k: float(v) for k, v in zip(values, reduced)}, "images_per_s": round(images_per_s, 2)}
-                logger.train(record)
-                sums, micro_count = {}, 0
-                tic, tic_step = now, progress.step
-            do_eval = last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0) or (
-                epoch_done and tc.eval_every_epochs > 0 and progress.step_in_epoch == 0
-                and progress.epoch % tc.eval_every_epochs == 0)
-            do_save = do_eval or (tc.checkpoint_every_steps > 0 and progress.step % tc.checkpoint_every_steps == 0)
-            if do_save:
-                check_finite()
-            is_best = False
-            if do_eval:
-                progress.metrics = evaluate()
-                evaluated_at = progress.step
-                value = progress.metrics[task.primary_metric]
-                is_best = progress.best is None or value > progress.best
-                if is_best:
-                    progress.best = value
-                logger.eval({"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
-                             **progress.metrics, f"best_{task.primary_metric}": progress.best})
-            if do_save:
-                last_saved = save(is_best)
-        del batches
-
-    if evaluated_at != progress.step:  # resumed from a finished run's last checkpoint
-        progress.metrics = evaluate()
-    if main:
-        final = {"model": model.state_dict()}
-        if ema is not None:
-            final["ema"] = ema.module.state_dict()
-        ckpt.atomic_save(final, out / "final.pt")
-        _write_json(out / "final_metrics.json", progress.metrics)
-    logger.close()
-    return progress.metrics
 
 
 def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | None]:
@@ -359,18 +428,28 @@ def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
                     best=state["best"], metrics=state["metrics"])
 
 
-def to_device(batch, device: torch.device, memory_format=None):
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last weights: 4-D (2-D convs) as channels_last, 5-D (3-D convs) as channels_last_3d."""
+    for module in model.modules():
+        dims = {p.ndim for p in module.parameters(recurse=False)}
+        if dims == {4} or dims == {4, 1}:
+            module.to(memory_format=torch.channels_last)
+        elif dims == {5} or dims == {5, 1}:
+            module.to(memory_format=torch.channels_last_3d)
+
+
+def to_device(batch, device: torch.device, channels_last: bool = False):
     """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float) made channels-last."""
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
-        if memory_format is not None and batch.is_floating_point() and batch.ndim in (4, 5):
+        if channels_last and batch.is_floating_point() and batch.ndim in (4, 5):
             batch = batch.contiguous(
                 memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
         return batch
     if isinstance(batch, dict):
-        return {k: to_device(v, device, memory_format) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, memory_format) for v in batch]
+        moved = [to_device(v, device, channels_last) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
