@@ -31,10 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRANSFER_TASKS = ("cifar100", "pascal_seg", "ade_seg", "nyu_depth", "pascal_det")
-
-
 def add_downstream_commands(commands) -> None:
+    from rs_transfer.downstream.protocol import TASKS as TRANSFER_TASKS  # plain data, no torch import
+
     for name, help_text in (("finetune", "fine-tune a backbone on a transfer task (one point of the grid)"),
                             ("sweep", "run a task's LR x steps grid (or one point of it) and pick the best")):
         sub = commands.add_parser(name, help=help_text)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rs_transfer.downstream import protocol
-from rs_transfer.downstream.fpn import BackboneFPN, DenseNet
+from rs_transfer.downstream.fpn import BackboneFPN, DensePredictor
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def test_fpn_gives_p3_to_p7_at_strides_8_to_128():
 
 @pytest.mark.parametrize("outputs, size", [(21, (64, 96)), (1, (70, 50))])
 def test_dense_head_predicts_at_input_size(outputs, size):
-    net = DenseNet("rs26-w0.25", outputs, fpn_channels=16, head_channels=8).eval()
+    net = DensePredictor("rs26-w0.25", outputs, fpn_channels=16, head_channels=8).eval()
     with torch.no_grad():
         out = net(torch.randint(0, 255, (2, 3, *size), dtype=torch.uint8))
     assert out.shape == (2, outputs, *size)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, eval_loader, find_dir, model_device, require, to_device
 from rs_transfer.downstream.fpn import Normalize
 from rs_transfer.downstream.metrics import all_reduce_sum
@@ -93,11 +94,8 @@ def make_evaluator(val_set, batch_size: int, num_workers: int = 0):
 
 
 def build(config) -> Task:
-    from rs_transfer.downstream.segmentation import arch_args
-
     t = config.task
-    if config.model.num_classes != NUM_CLASSES:
-        raise DatasetError(f"model.num_classes={config.model.num_classes}, but CIFAR-100 has {NUM_CLASSES} classes")
+    check_num_classes(config, NUM_CLASSES)
     train_set = Cifar100(config.data.root, "train", transforms(t.image_size, train=True))
     val_set = Cifar100(config.data.root, "test", transforms(t.image_size, train=False))
     model = Classifier(config.model.name, weights=config.model.weights, label_smoothing=config.train.label_smoothing,

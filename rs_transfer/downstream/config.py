@@ -7,7 +7,7 @@ keeps `configs/downstream/<task>.yaml` flat and lets a `--config` file switch ta
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import DataConfig, RunConfig
+from rs_transfer.config import ConfigError, DataConfig, RunConfig
 
 
 @dataclass
@@ -49,3 +49,17 @@ class FinetuneData(DataConfig):
 class FinetuneConfig(RunConfig):
     data: FinetuneData = field(default_factory=FinetuneData)
     task: TaskConfig = field(default_factory=TaskConfig)
+
+
+def arch_args(config) -> dict:
+    """The backbone's architecture switches from `model.*`, for `create_model`."""
+    m = config.model
+    return dict(drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
+                zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
+
+
+def check_num_classes(config, expected: int) -> None:
+    # The head's size comes from the dataset; a config that says otherwise is a mistake worth stopping for.
+    if config.model.num_classes != expected:
+        raise ConfigError(f"model.num_classes={config.model.num_classes}, but task {config.task.name} has {expected} "
+                          f"outputs: set model.num_classes={expected}")

@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image, require, to_device,
 )
-from rs_transfer.downstream.fpn import DenseNet
+from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
 from rs_transfer.engine.task import Task
 
@@ -130,7 +131,7 @@ class DepthModel(nn.Module):
 
     def __init__(self, backbone: str, weights=None, fpn_channels=256, head_channels=256, **arch):
         super().__init__()
-        self.net = DenseNet(backbone, 1, weights=weights, fpn_channels=fpn_channels, head_channels=head_channels, **arch)
+        self.net = DensePredictor(backbone, 1, weights=weights, fpn_channels=fpn_channels, head_channels=head_channels, **arch)
 
     def forward(self, batch: dict):
         log_depth = self.net(batch["image"])[:, 0].float()
@@ -175,9 +176,8 @@ def _collate_with_sizes(samples: list) -> dict:
 
 
 def build(config) -> Task:
-    from rs_transfer.downstream.segmentation import arch_args
-
     t = config.task
+    check_num_classes(config, 1)
     transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})
     train_set = NYUDepth(config.data.root, "train", t.nyu_format, transform)
     val_set = NYUDepth(config.data.root, "val", t.nyu_format)

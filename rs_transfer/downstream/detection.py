@@ -26,6 +26,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms import v2
 
+from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     DatasetError, ScaleJitter, eval_loader, find_dir, model_device, read_image, read_split, require, to_device,
 )
@@ -191,9 +192,8 @@ def _eval_collate(samples: list) -> dict:
 
 
 def build(config) -> Task:
-    from rs_transfer.downstream.segmentation import arch_args
-
     t = config.task
+    check_num_classes(config, len(CLASSES))
     train_set = VOCDetection(image_sets(config.data.root, t.det_train_sets),
                              train_transform(t.crop_size, (t.scale_min, t.scale_max)), keep_difficult=False)
     test_set = VOCDetection(image_sets(config.data.root, [t.det_test_set]))

@@ -74,7 +74,7 @@ class DenseHead(nn.Module):
         return F.interpolate(out, size=input_size, mode="bilinear", align_corners=False)
 
 
-class DenseNet(nn.Module):
+class DensePredictor(nn.Module):
     """Image -> per-pixel outputs at the input resolution (segmentation logits or depth)."""
 
     def __init__(self, backbone: str, out_channels: int, weights=None, fpn_channels=256, head_channels=256, **arch):

@@ -16,11 +16,12 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     IGNORE, DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image,
     read_label_png, read_split, require, to_device,
 )
-from rs_transfer.downstream.fpn import DenseNet
+from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.engine.task import Task
 
@@ -129,7 +130,7 @@ class SegmentationModel(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, weights=None, fpn_channels=256, head_channels=256, **arch):
         super().__init__()
-        self.net = DenseNet(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
+        self.net = DensePredictor(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
                             head_channels=head_channels, **arch)
 
     def forward(self, batch: dict):
@@ -164,6 +165,7 @@ def build(config) -> Task:
         val_items = ade_items(config.data.root, t.val_split)
     else:
         raise ValueError(f"segmentation.build got task {t.name!r}")
+    check_num_classes(config, num_classes)
     transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
     train_set = SegmentationSet(train_items, num_classes, transform)
     val_set = SegmentationSet(val_items, num_classes)
@@ -173,8 +175,3 @@ def build(config) -> Task:
     evaluate = make_evaluator(val_set, num_classes, t.eval_batch_size, config.data.num_workers, names)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric="miou", collate_fn=seg_collate)
 
-
-def arch_args(config) -> dict:
-    m = config.model
-    return dict(drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
-                zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
