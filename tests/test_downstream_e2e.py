@@ -73,6 +73,13 @@ def test_nyu_depth_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_pascal_det_end_to_end(tmp_path):
+    metrics = run_demo("pascal_det", tmp_path, "train.steps=150", "data.synthetic_images=32")
+    # A detector that has learnt nothing scores near 0 (random boxes rarely reach IoU 0.5).
+    assert metrics["ap50"] > 0.25, metrics
+
+
+@pytest.mark.slow
 def test_two_process_gloo_ddp_covers_the_validation_set_once(tmp_path):
     synthetic.write_nyu_h5(tmp_path / "data", train=16, val=5)  # 5 images over 2 ranks: uneven shards
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
