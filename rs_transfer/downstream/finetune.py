@@ -77,15 +77,17 @@ def write_synthetic(task: str, root, images: int) -> Path:
 def ensure_synthetic(task: str, root: Path, images: int, timeout_s: float = 300) -> None:
     """Write the synthetic dataset once: under torchrun, local rank 0 writes into a temporary folder and renames
     it into place; the other ranks wait for the folder (the process group does not exist yet)."""
-    if root.exists():
-        return
+    if root.is_dir() and any(root.iterdir()):
+        return  # written earlier (a folder the user filled keeps its data; the loader checks its layout)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         write_synthetic(task, tmp, images)
+        if root.is_dir():
+            root.rmdir()  # an empty folder the user made
         tmp.rename(root)
         return
     deadline = time.monotonic() + timeout_s
-    while not root.exists():
+    while not (root.is_dir() and any(root.iterdir())):
         if time.monotonic() > deadline:
             raise UserError(f"waited {timeout_s:.0f} s for local rank 0 to write the synthetic dataset {root}")
         time.sleep(0.2)

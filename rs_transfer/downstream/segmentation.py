@@ -131,7 +131,7 @@ class SegmentationModel(nn.Module):
     def __init__(self, backbone: str, num_classes: int, weights=None, fpn_channels=256, head_channels=256, **arch):
         super().__init__()
         self.net = DensePredictor(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
-                            head_channels=head_channels, **arch)
+                                  head_channels=head_channels, **arch)
 
     def forward(self, batch: dict):
         logits = self.net(batch["image"])
