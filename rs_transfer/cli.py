@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     video_eval.set_defaults(run=run_video_eval)
 
 
+    add_downstream_commands(commands)
+
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1 (pretraining ladder), table5 (transfer), table6 (video ladder)")
     reproduce.add_argument("--out", help="table1/table6: runs go in OUT/TABLE/<row>; table5: where the table goes")
@@ -171,6 +173,52 @@ def add_bench_data(bench_commands) -> None:
     bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum CPU time per pipeline")
     bench_data.add_argument("--json", action="store_true")
     bench_data.set_defaults(run=run_bench_data)
+
+
+def add_downstream_commands(commands) -> None:
+    from rs_transfer.downstream.protocol import TASKS as TRANSFER_TASKS  # plain data, no torch import
+
+    for name, help_text in (("finetune", "fine-tune a backbone on a transfer task (one point of the grid)"),
+                            ("sweep", "run a task's LR x steps grid (or one point of it) and pick the best")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--task", required=True, choices=TRANSFER_TASKS)
+        sub.add_argument("--backbone", help="zoo name, e.g. rs152 (default: the config's model.name)")
+        sub.add_argument("--weights", help="backbone checkpoint (timm's file or ours)")
+        sub.add_argument("--config", help="YAML config (default: configs/downstream/<task>.yaml)")
+        sub.add_argument("--synthetic", action="store_true", help="write and use a tiny dataset in the task's format")
+        sub.add_argument("overrides", nargs="*", metavar="key=value")
+        sub.set_defaults(run=run_finetune if name == "finetune" else run_sweep)
+    sweep = commands.choices["sweep"]
+    sweep.add_argument("--point", type=int, help="run only this grid point (0-based), e.g. one job per point")
+    demo = commands.add_parser("demo", help="fine-tune a tiny backbone on a generated dataset, end to end")
+    demo.add_argument("--task", default="pascal_seg", choices=TRANSFER_TASKS)
+    demo.add_argument("--data", help="folder for the generated dataset (default: a temporary folder)")
+    demo.add_argument("--output", help="run folder (default: a temporary folder)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    demo.set_defaults(run=run_demo)
+
+
+def run_finetune(args) -> int:
+    from rs_transfer.downstream.finetune import finetune
+
+    finetune(args.task, args.backbone, args.weights, args.config, args.overrides, synthetic=args.synthetic)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from rs_transfer.downstream.finetune import sweep
+
+    summary = sweep(args.task, args.backbone, args.weights, args.config, args.overrides, point=args.point,
+                    synthetic=args.synthetic)
+    print(json.dumps(summary["best"]))
+    return 0
+
+
+def run_demo(args) -> int:
+    from rs_transfer.downstream.finetune import demo
+
+    demo(args.task, args.data, args.output, args.overrides)
+    return 0
 
 
 def run_models(args) -> int:

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# Subprocesses the tests start (torchrun, CLI runs) inherit this; this process is set by the fixture below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,144 @@
+"""Pieces every downstream dataset shares: layout checks with clear errors, image reading, the paper's scale
+jitter + crop + flip (torchvision transforms.v2, so masks, depth and boxes move with the image), padding
+collate, and the per-rank shard of an evaluation set.
+
+Images stay uint8 until the model, which normalises them (less memory in the loader queues).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Subset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from rs_transfer.errors import UserError
+
+IGNORE = 255  # label of pixels that count neither for the loss nor for mIoU
+
+
+class DatasetError(UserError):
+    pass
+
+
+def find_dir(root, candidates: tuple, what: str) -> Path:
+    """The first of `root/candidate` that exists; an error listing every place looked at otherwise."""
+    if root is None:
+        raise DatasetError(f"data.root is not set: pass data.root=DIR, the folder that holds {what}")
+    root = Path(root)
+    for candidate in candidates:
+        path = root / candidate
+        if path.is_dir():
+            return path
+    looked = ", ".join(str(root / c) for c in candidates)
+    raise DatasetError(f"{what} not found under data.root={root}; looked for: {looked}")
+
+
+def require(path: Path, expected: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"missing {path}: expected {expected}")
+    return path
+
+
+def read_split(path: Path, expected: str) -> list:
+    ids = [line.split()[0] for line in require(path, expected).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"{path} lists no images: expected {expected}")
+    return ids
+
+
+def read_image(path: Path) -> tv_tensors.Image:
+    try:
+        with Image.open(require(path, "an image file")) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from None
+    return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Class indices of a palette (VOC) or greyscale (ADE) PNG; the palette is ignored, the indices are the labels."""
+    try:
+        with Image.open(require(path, "a label PNG")) as image:
+            if image.mode not in ("P", "L"):
+                raise DatasetError(f"label {path} has mode {image.mode}: expected a palette (P) or greyscale (L) PNG")
+            return np.array(image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"cannot read label {path}: {error}") from None
+
+
+class ScaleJitter(v2.ScaleJitter):
+    """torchvision's ScaleJitter (scale relative to the target size, as the TF detection/segmentation code does),
+    except that labels and depth are resized with NEAREST_EXACT. torchvision resizes every mask with NEAREST,
+    which samples at floor(i / r) and so shifts labels by up to half a source pixel against the bilinear image;
+    NEAREST_EXACT samples at pixel centres, like the image. Boxes and images are resized as torchvision does."""
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            return self._call_kernel(v2.functional.resize, inpt, size=params["size"],
+                                     interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
+def dense_train_transform(crop_size: int, scale_range, fill: dict) -> v2.Compose:
+    """Scale jitter relative to the crop, a random crop padded with `fill` where the scaled image is smaller,
+    and a horizontal flip."""
+    return v2.Compose([
+        ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+def pad_collate(samples: list, fills: dict) -> dict:
+    """Stack dict samples, padding image-shaped entries at the bottom/right to the largest in the batch.
+
+    fills: key -> padding value (images 0, labels IGNORE, depth 0 = invalid). Other keys are stacked or listed.
+    """
+    height = max(s["image"].shape[-2] for s in samples)
+    width = max(s["image"].shape[-1] for s in samples)
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key in fills:
+            padded = [
+                torch.nn.functional.pad(v.as_subclass(torch.Tensor), (0, width - v.shape[-1], 0, height - v.shape[-2]),
+                                        value=fills[key])
+                for v in values
+            ]
+            batch[key] = torch.stack(padded)
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack([v.as_subclass(torch.Tensor) for v in values])
+        else:
+            batch[key] = values
+    return batch
+
+
+def rank_and_world() -> tuple:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def eval_loader(dataset, batch_size: int, collate_fn=None, num_workers: int = 0) -> DataLoader:
+    """This rank's shard of an evaluation set: every image exactly once over all ranks (no padding duplicates,
+    which would bias the metric)."""
+    rank, world = rank_and_world()
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value

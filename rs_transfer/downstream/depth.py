@@ -1,0 +1,187 @@
+"""NYU Depth v2 monocular depth: the segmentation model with one output channel, delta < 1.25 (plus abs-rel, RMSE).
+
+Two layouts (task.nyu_format, "auto" picks the one present):
+  h5:  the sparse-to-dense / FastDepth release, the paper's 47,584 / 654 split: data.root holds nyudepthv2/
+       (or is it) with train/<scene>/<n>.h5 and val/official/<n>.h5; each file has `rgb` (uint8 3x480x640) and
+       `depth` (float32 480x640, metres).
+  bts: the BTS "sync" layout: data.root holds nyudepthv2_train_files_with_gt.txt and
+       nyudepthv2_test_files_with_gt.txt (lines "RGB DEPTH FOCAL", paths relative to sync/ for train and to
+       official_splits/test/ for test; DEPTH "None" = no ground truth, skipped), depth PNGs are uint16 millimetres.
+
+The network predicts log-depth; the loss is the L1 distance in log space over valid pixels (ratio errors, the
+quantity delta < 1.25 measures). Evaluation: full image, ground truth inside (depth_min, depth_max) and, with
+task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.downstream.data import (
+    DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image, require, to_device,
+)
+from rs_transfer.downstream.fpn import DensePredictor
+from rs_transfer.downstream.metrics import depth_metrics, depth_sums
+from rs_transfer.engine.task import Task
+
+EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
+BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
+BTS_DIRS = {"train": "sync", "val": "official_splits/test"}
+FILLS = {"image": 0, "depth": 0.0}
+
+
+def depth_collate(samples: list) -> dict:
+    return pad_collate(samples, FILLS)
+
+
+def read_h5(path: Path) -> tuple:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            rgb, depth = np.asarray(f["rgb"]), np.asarray(f["depth"], dtype=np.float32)
+    except (OSError, KeyError) as error:
+        raise DatasetError(f"{path}: expected an HDF5 file with 'rgb' (3xHxW uint8) and 'depth' (HxW metres): {error}") from None
+    if rgb.ndim != 3 or rgb.shape[0] != 3 or depth.shape != rgb.shape[1:]:
+        raise DatasetError(f"{path}: rgb {rgb.shape} and depth {depth.shape}: expected 3xHxW and HxW")
+    return tv_tensors.Image(torch.from_numpy(rgb.astype(np.uint8))), torch.from_numpy(depth)
+
+
+def read_depth_png(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(require(path, "a 16-bit depth PNG (millimetres)")) as image:
+            array = np.array(image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"cannot read depth {path}: {error}") from None
+    if array.dtype != np.uint16 and array.dtype != np.int32:
+        raise DatasetError(f"depth {path} is {array.dtype}: expected a 16-bit PNG in millimetres")
+    return torch.from_numpy(array.astype(np.float32) / 1000.0)
+
+
+def detect_format(root) -> str:
+    root = Path(root)
+    if (root / BTS_LISTS["train"]).is_file():
+        return "bts"
+    return "h5"
+
+
+def h5_files(root, split: str) -> list:
+    base = find_dir(root, ("nyudepthv2", "."), "NYU Depth v2 (a nyudepthv2 folder with train/ and val/)")
+    folder = require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
+    files = sorted(folder.rglob("*.h5"))
+    if not files:
+        raise DatasetError(f"no .h5 files under {folder}: expected {split}/<scene>/<n>.h5")
+    return files
+
+
+def bts_items(root, split: str) -> list:
+    root = Path(root)
+    listing = require(root / BTS_LISTS[split], "the BTS file list (lines 'RGB DEPTH FOCAL')")
+    base = root / BTS_DIRS[split]
+    items = []
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise DatasetError(f"{listing} line {number}: expected 'RGB DEPTH FOCAL', got {line!r}")
+        if parts[1] == "None":
+            continue
+        items.append((base / parts[0].lstrip("/"), base / parts[1].lstrip("/")))
+    if not items:
+        raise DatasetError(f"{listing} lists no image with ground truth")
+    return items
+
+
+class NYUDepth(Dataset):
+    """{"image": uint8 3xHxW, "depth": float32 HxW metres, 0 = no measurement} after `transform`."""
+
+    def __init__(self, root, split: str, fmt: str = "auto", transform=None):
+        if root is None:
+            raise DatasetError("data.root is not set: pass data.root=DIR, the folder that holds nyudepthv2/")
+        self.format = detect_format(root) if fmt == "auto" else fmt
+        if self.format not in ("h5", "bts"):
+            raise DatasetError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")
+        self.items = h5_files(root, split) if self.format == "h5" else bts_items(root, split)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if self.format == "h5":
+            image, depth = read_h5(self.items[index])
+        else:
+            image_path, depth_path = self.items[index]
+            image, depth = read_image(image_path), read_depth_png(depth_path)
+            if depth.shape != image.shape[-2:]:
+                raise DatasetError(f"depth {depth_path} is {tuple(depth.shape)}, image {tuple(image.shape[-2:])}")
+        sample = {"image": image, "depth": tv_tensors.Mask(depth)}
+        return self.transform(sample) if self.transform else sample
+
+
+class DepthModel(nn.Module):
+    """batch {"image", "depth"} -> {"loss"} in train mode; depth in metres (N, H, W) in eval mode."""
+
+    def __init__(self, backbone: str, weights=None, fpn_channels=256, head_channels=256, **arch):
+        super().__init__()
+        self.net = DensePredictor(backbone, 1, weights=weights, fpn_channels=fpn_channels, head_channels=head_channels, **arch)
+
+    def forward(self, batch: dict):
+        log_depth = self.net(batch["image"])[:, 0].float()
+        if not self.training:
+            return log_depth.exp()
+        valid = batch["depth"] > 0
+        if not valid.any():
+            return {"loss": log_depth.sum() * 0.0}  # keeps every parameter in the graph for DDP
+        return {"loss": (log_depth[valid] - batch["depth"][valid].log()).abs().mean()}
+
+
+def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: bool, sizes: list) -> torch.Tensor:
+    valid = (gt > depth_min) & (gt < depth_max)
+    if eigen_crop:
+        crop = torch.zeros_like(valid)
+        for i, (height, width) in enumerate(sizes):
+            top, bottom, left, right = EIGEN_CROP
+            crop[i, round(top * height / 480):round(bottom * height / 480), round(left * width / 640):round(right * width / 640)] = True
+        valid &= crop
+    return valid
+
+
+def make_evaluator(val_set, t, num_workers: int = 0):
+    def evaluate(model: nn.Module) -> dict:
+        device = model_device(model)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for batch in eval_loader(val_set, t.eval_batch_size, _collate_with_sizes, num_workers):
+                batch = to_device(batch, device)
+                pred = model(batch).clamp(t.depth_min, t.depth_max)
+                valid = eval_mask(batch["depth"], t.depth_min, t.depth_max, t.eigen_crop, batch["size"])
+                sums += depth_sums(pred, batch["depth"], valid)
+        return depth_metrics(sums)
+
+    return evaluate
+
+
+def _collate_with_sizes(samples: list) -> dict:
+    batch = depth_collate(samples)
+    batch["size"] = [tuple(s["image"].shape[-2:]) for s in samples]  # before padding, for the Eigen crop
+    return batch
+
+
+def build(config) -> Task:
+    t = config.task
+    check_num_classes(config, 1)
+    transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})
+    train_set = NYUDepth(config.data.root, "train", t.nyu_format, transform)
+    val_set = NYUDepth(config.data.root, "val", t.nyu_format)
+    model = DepthModel(config.model.name, weights=config.model.weights, fpn_channels=t.fpn_channels,
+                       head_channels=t.head_channels, **arch_args(config))
+    return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, t, config.data.num_workers),
+                primary_metric="delta1", collate_fn=depth_collate)

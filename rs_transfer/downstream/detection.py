@@ -1,0 +1,205 @@
+"""Pascal VOC detection: torchvision's Faster R-CNN on our FPN P3-P7, AP50 with the VOC07 11-point AP.
+
+Layout: data.root holds VOCdevkit/ (or VOC2007/, VOC2012/ directly): VOC<year>/Annotations/<id>.xml,
+JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt. Train on task.det_train_sets (default 2007 + 2012 trainval),
+test on task.det_test_set (2007 test). XML boxes are 1-based inclusive pixels; they become continuous
+(xmin - 1, ymin - 1, xmax, ymax). `difficult` boxes are left out of training (as mmdetection does) and ignored
+by the AP (as the devkit does); images without objects are kept (empty targets train the RPN's background).
+
+Model: RPN with one anchor size per level (task.anchor_sizes, 3 aspect ratios) on P3-P7, MultiScaleRoIAlign
+over P3-P7 (7x7), the "4conv1fc" box head (torchvision's FastRCNNConvFCHead: 4 x conv 3x3 + BN + ReLU, FC).
+Training images are the scale-jittered crops (no further resize); test images are resized so the longer side
+is task.det_eval_size, and boxes come back in original pixels.
+"""
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.transforms import v2
+
+from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.downstream.data import (
+    DatasetError, ScaleJitter, eval_loader, find_dir, model_device, read_image, read_split, require, to_device,
+)
+from rs_transfer.downstream.fpn import IMAGENET_MEAN, IMAGENET_STD, LEVELS, BackboneFPN
+from rs_transfer.downstream.metrics import all_gather_list, voc07_map
+from rs_transfer.engine.task import Task
+
+CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def parse_annotation(path: Path) -> tuple:
+    """(boxes (N, 4) float32 continuous xyxy, labels (N,) int64 in 0..19, difficult (N,) bool)."""
+    try:
+        root = ET.parse(require(path, "a VOC XML annotation")).getroot()
+    except ET.ParseError as error:
+        raise DatasetError(f"cannot parse {path}: {error}") from None
+    boxes, labels, difficult = [], [], []
+    for obj in root.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in CLASSES:
+            raise DatasetError(f"{path}: unknown class {name!r}: expected one of the 20 VOC classes")
+        box = obj.find("bndbox")
+        try:
+            x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (AttributeError, TypeError, ValueError):
+            raise DatasetError(f"{path}: an object {name!r} lacks a numeric bndbox xmin/ymin/xmax/ymax") from None
+        boxes.append((x0 - 1, y0 - 1, x1, y1))
+        labels.append(CLASSES.index(name))
+        difficult.append(int(obj.findtext("difficult") or 0) == 1)
+    return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
+            np.asarray(difficult, dtype=bool))
+
+
+def voc_year_dir(root, year: str) -> Path:
+    return find_dir(root, (f"VOCdevkit/VOC{year}", f"VOC{year}"), f"Pascal VOC {year} (a VOC{year} folder)")
+
+
+def image_sets(root, sets) -> list:
+    """[(image path, annotation path, id)] for "year:split" items."""
+    items = []
+    for item in sets:
+        year, sep, split = str(item).partition(":")
+        if not sep:
+            raise DatasetError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
+        voc = voc_year_dir(root, year)
+        ids = read_split(voc / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year}/ImageSets/Main/{split}.txt (one id per line)")
+        items += [(voc / "JPEGImages" / f"{i}.jpg", voc / "Annotations" / f"{i}.xml", f"{year}/{i}") for i in ids]
+    return items
+
+
+def _labels_and_difficult(sample):
+    return sample["labels"], sample["difficult"]
+
+
+class VOCDetection(Dataset):
+    """{"image": uint8 3xHxW, "boxes": BoundingBoxes, "labels", "difficult", "id"} after `transform`."""
+
+    def __init__(self, items: list, transform=None, keep_difficult: bool = True):
+        self.items = items
+        self.transform = transform
+        self.keep_difficult = keep_difficult
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, xml_path, image_id = self.items[index]
+        image = read_image(image_path)
+        boxes, labels, difficult = parse_annotation(xml_path)
+        if not self.keep_difficult:
+            boxes, labels, difficult = boxes[~difficult], labels[~difficult], difficult[~difficult]
+        sample = {
+            "image": image,
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=tuple(image.shape[-2:])),
+            "labels": torch.from_numpy(labels),
+            "difficult": torch.from_numpy(difficult),
+            "id": image_id,
+        }
+        return self.transform(sample) if self.transform else sample
+
+
+def train_transform(crop_size: int, scale_range) -> v2.Compose:
+    return v2.Compose([
+        ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill=0),
+        v2.RandomHorizontalFlip(),
+        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_difficult),  # boxes cropped away or to < 1 px
+    ])
+
+
+def det_collate(samples: list) -> dict:
+    return {
+        "images": [s["image"].as_subclass(torch.Tensor) for s in samples],
+        "targets": [{"boxes": s["boxes"].as_subclass(torch.Tensor), "labels": s["labels"] + 1} for s in samples],
+        "ids": [s["id"] for s in samples],
+    }
+
+
+class Detector(nn.Module):
+    """batch {"images", "targets"} -> {"loss", RPN and box losses} in train mode; torchvision's detections
+    (boxes in original pixels, labels 1..20, scores) in eval mode."""
+
+    def __init__(self, backbone: str, num_classes: int = 20, weights=None, fpn_channels=256, fc_channels=1024,
+                 anchor_sizes=(32, 64, 128, 256, 512), train_size=896, eval_size=896, score_thresh=0.001,
+                 detections_per_img=100, rois_per_image=512, **arch):
+        super().__init__()
+        if len(anchor_sizes) != len(LEVELS):
+            raise DatasetError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
+        body = BackboneFPN(backbone, weights=weights, channels=fpn_channels, **arch)
+        anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
+        box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d)
+        self.train_size, self.eval_size = train_size, eval_size
+        self.detector = FasterRCNN(
+            body, num_classes=None, rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2),
+            box_head=box_head, box_predictor=FastRCNNPredictor(fc_channels, num_classes + 1),
+            min_size=train_size, max_size=train_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+            box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
+            box_batch_size_per_image=rois_per_image,
+        )
+
+    def forward(self, batch: dict):
+        images = [image.float() / 255 for image in batch["images"]]
+        size = self.train_size if self.training else self.eval_size
+        self.detector.transform.min_size, self.detector.transform.max_size = (size,), size
+        if not self.training:
+            return self.detector(images)
+        losses = self.detector(images, batch["targets"])
+        return {"loss": sum(losses.values()), **losses}
+
+
+def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0):
+    def evaluate(model: nn.Module) -> dict:
+        device = model_device(model)
+        detections, truth = [], {}
+        with torch.no_grad():
+            for batch in eval_loader(test_set, batch_size, _eval_collate, num_workers):
+                outputs = model(to_device({"images": batch["images"]}, device))
+                for image_id, out, gt in zip(batch["ids"], outputs, batch["truth"]):
+                    truth[image_id] = gt
+                    for box, label, score in zip(out["boxes"].float().cpu().numpy(), out["labels"].cpu().tolist(),
+                                                 out["scores"].float().cpu().tolist()):
+                        detections.append((image_id, label - 1, score, box))
+        detections = all_gather_list(detections)
+        truth = dict(all_gather_list(list(truth.items())))
+        result = voc07_map(detections, truth, list(CLASSES))
+        metrics = {"ap50": result["ap50"]}
+        metrics.update({f"ap50/{name}": ap for name, ap in result["ap50_per_class"].items() if ap is not None})
+        return metrics
+
+    return evaluate
+
+
+def _eval_collate(samples: list) -> dict:
+    return {
+        "images": [s["image"].as_subclass(torch.Tensor) for s in samples],
+        "ids": [s["id"] for s in samples],
+        "truth": [(s["boxes"].numpy(), s["labels"].numpy(), s["difficult"].numpy()) for s in samples],
+    }
+
+
+def build(config) -> Task:
+    t = config.task
+    check_num_classes(config, len(CLASSES))
+    train_set = VOCDetection(image_sets(config.data.root, t.det_train_sets),
+                             train_transform(t.crop_size, (t.scale_min, t.scale_max)), keep_difficult=False)
+    test_set = VOCDetection(image_sets(config.data.root, [t.det_test_set]))
+    model = Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=t.fpn_channels,
+                     fc_channels=t.det_fc_channels, anchor_sizes=tuple(t.anchor_sizes), train_size=t.crop_size,
+                     eval_size=t.det_eval_size, score_thresh=t.det_score_thresh,
+                     detections_per_img=t.det_max_per_image, rois_per_image=t.det_rois_per_image, **arch_args(config))
+    return Task(model=model, train_set=train_set, evaluate=make_evaluator(test_set, t.eval_batch_size, config.data.num_workers),
+                primary_metric="ap50", collate_fn=det_collate)

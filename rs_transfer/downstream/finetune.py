@@ -1,0 +1,212 @@
+"""`rs-transfer finetune | sweep | demo | reproduce table5`: one grid point, the grid, a synthetic demo, Table 5.
+
+A run is: load `configs/downstream/<task>.yaml` (or `--config`), apply `key=value`, build the task (dataset,
+model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rs_transfer.config import load_config
+from rs_transfer.downstream import protocol
+from rs_transfer.downstream.config import FinetuneConfig
+from rs_transfer.downstream.data import DatasetError
+from rs_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "downstream"
+
+
+def build_task(config):
+    """The task's builder, imported lazily so one task's dependencies never slow another down."""
+    name = config.task.name
+    if name in ("pascal_seg", "ade_seg"):
+        from rs_transfer.downstream import segmentation as module
+    elif name == "cifar100":
+        from rs_transfer.downstream import classification as module
+    elif name == "nyu_depth":
+        from rs_transfer.downstream import depth as module
+    elif name == "pascal_det":
+        from rs_transfer.downstream import detection as module
+    else:
+        raise UserError(f"unknown task {name!r}: expected one of {', '.join(protocol.TASKS)}")
+    return module.build(config)
+
+
+def default_config(task: str, demo: bool = False) -> Path:
+    if task not in protocol.TASKS:
+        raise UserError(f"unknown task {task!r}: expected one of {', '.join(protocol.TASKS)}")
+    path = CONFIG_DIR / f"{task}{'_demo' if demo else ''}.yaml"
+    if not path.is_file():
+        raise UserError(f"default config {path} is missing (run from a source checkout, or pass --config FILE)")
+    return path
+
+
+def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:
+    fixed = [f"task.name={task}"]
+    if backbone is not None:
+        fixed.append(f"model.name={backbone}")
+    if weights is not None:
+        fixed.append(f"model.weights={weights}")
+    config = load_config(FinetuneConfig, config_path or default_config(task), fixed + list(overrides))
+    if config.task.name != task:
+        raise UserError(f"override task.name={config.task.name} contradicts --task {task}")
+    return config
+
+
+def write_synthetic(task: str, root, images: int) -> Path:
+    from rs_transfer.downstream import synthetic
+
+    val = max(images // 4, 2)
+    writers = {
+        "pascal_seg": lambda: synthetic.write_voc_seg(root, train=images, val=val),
+        "ade_seg": lambda: synthetic.write_ade(root, train=images, val=val),
+        "cifar100": lambda: synthetic.write_cifar100(root, train=images, test=val),
+        "nyu_depth": lambda: synthetic.write_nyu_h5(root, train=images, val=val),
+        "pascal_det": lambda: synthetic.write_voc_det(root, train=images, test=val),
+    }
+    log.info("writing a synthetic %s dataset (%d train, %d val images) to %s", task, images, val, root)
+    return writers[task]()
+
+
+def ensure_synthetic(task: str, root: Path, images: int, timeout_s: float = 300) -> None:
+    """Write the synthetic dataset once: under torchrun, local rank 0 writes into a temporary folder and renames
+    it into place; the other ranks wait for the folder (the process group does not exist yet)."""
+    if root.is_dir() and any(root.iterdir()):
+        return  # written earlier (a folder the user filled keeps its data; the loader checks its layout)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        write_synthetic(task, tmp, images)
+        if root.is_dir():
+            root.rmdir()  # an empty folder the user made
+        tmp.rename(root)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not (root.is_dir() and any(root.iterdir())):
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {timeout_s:.0f} s for local rank 0 to write the synthetic dataset {root}")
+        time.sleep(0.2)
+
+
+def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
+    from rs_transfer.engine.trainer import train
+
+    if synthetic:
+        root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
+        ensure_synthetic(config.task.name, root, config.data.synthetic_images)
+        config.data.root = str(root)
+    task = build_task(config)
+    metrics = train(config, task)
+    name = protocol.PROTOCOLS[config.task.name].metric
+    log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)
+    return metrics
+
+
+def finetune(task, backbone=None, weights=None, config_path=None, overrides=(), synthetic=False) -> dict:
+    return run(make_config(task, backbone, weights, config_path, overrides), synthetic=synthetic)
+
+
+def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), point=None, synthetic=False,
+          learning_rates=None, steps=None) -> dict:
+    """Run the task's grid (or one point of it, by index, for one job per point) into OUTPUT_DIR/<point>/, then
+    collect every finished point and write OUTPUT_DIR/sweep.json with the best."""
+    base = make_config(task, backbone, weights, config_path, overrides)
+    points = [(lr, s) for lr in (learning_rates or protocol.LEARNING_RATES) for s in (steps or protocol.PROTOCOLS[task].steps)]
+    chosen = points if point is None else [points[_check_point(point, len(points))]]
+    for lr, s in chosen:
+        out = Path(base.output_dir) / protocol.point_name(lr, s)
+        if (out / "final_metrics.json").is_file():
+            log.info("%s: finished earlier, skipped", out)
+            continue
+        config = make_config(task, backbone, weights, config_path,
+                             list(overrides) + [f"train.lr={lr}", f"train.steps={s}", f"output_dir={out}"])
+        run(config, synthetic=synthetic)
+    return collect_sweep(base.output_dir, task)
+
+
+def _check_point(point: int, count: int) -> int:
+    if not 0 <= point < count:
+        raise UserError(f"--point {point} is outside the grid of {count} points (0..{count - 1})")
+    return point
+
+
+def collect_sweep(folder, task) -> dict:
+    metric = protocol.PROTOCOLS[task].metric
+    results = []
+    for path in sorted(Path(folder).glob("lr*_steps*/final_metrics.json")):
+        values = json.loads(path.read_text())
+        results.append({"point": path.parent.name, metric: values[metric]})
+    if not results:
+        raise UserError(f"no finished grid points (lr*_steps*/final_metrics.json) in {folder}")
+    best = max(results, key=lambda r: r[metric])
+    summary = {"task": task, "metric": metric, "best": best, "points": results}
+    _write_json(Path(folder) / "sweep.json", summary)
+    return summary
+
+
+def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=()) -> dict:
+    """Write a small synthetic dataset in the task's real format and fine-tune the demo config on it."""
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
+    data_dir = Path(data_dir or work / "data")
+    output_dir = Path(output_dir or work / "run")
+    config = load_config(FinetuneConfig, default_config(task, demo=True),
+                         [f"task.name={task}", f"data.root={data_dir}", f"output_dir={output_dir}", *overrides])
+    metrics = run(config, synthetic=True)
+    name = protocol.PROTOCOLS[task].metric
+    print(f"{task}: {name} = {metrics[name]:.3f} on the synthetic validation set after {config.train.steps} steps "
+          f"({time.perf_counter() - start:.0f} s); data in {data_dir}, run in {output_dir}")
+    return metrics
+
+
+def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dict:
+    """Collect finished runs into table5.md / table5.json beside the paper's numbers.
+
+    runs: "LABEL:TASK=RUN_DIR" items; a RUN_DIR holding sweep.json gives its best point, one holding
+    final_metrics.json gives that run.
+    """
+    table = {}
+    for item in runs:
+        label, sep, rest = item.partition(":")
+        task, sep2, folder = rest.partition("=")
+        if not (sep and sep2) or task not in protocol.TASKS:
+            raise UserError(f"bad --run {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(protocol.TASKS)}")
+        table.setdefault(label, {})[task] = _read_result(Path(folder), task)
+    rows = [{"label": label, **{t: values.get(t) for t in protocol.TABLE5_TASKS}} for label, values in table.items()]
+    paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(protocol.TABLE5_TASKS, v))}
+             for (b, m, e), v in protocol.TABLE5.items()]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "table5.json", {"ours": rows, "paper": paper, "unit": "percent"})
+    header = "| run | " + " | ".join(protocol.PROTOCOLS[t].column for t in protocol.TABLE5_TASKS) + " |"
+    lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(protocol.TABLE5_TASKS) + 1) + "|"]
+    for row in rows + paper:
+        cells = ["-" if row[t] is None else f"{row[t]:.1f}" for t in protocol.TABLE5_TASKS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    (out / "table5.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {"ours": rows, "paper": paper}
+
+
+def _read_result(folder: Path, task: str) -> float:
+    metric = protocol.PROTOCOLS[task].metric
+    if (folder / "sweep.json").is_file():
+        return 100 * json.loads((folder / "sweep.json").read_text())["best"][metric]
+    path = folder / "final_metrics.json"
+    if not path.is_file():
+        raise DatasetError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
+    values = json.loads(path.read_text())
+    if metric not in values:
+        raise UserError(f"{path} has no {metric!r}: is it a {task} run?")
+    return 100 * values[metric]
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

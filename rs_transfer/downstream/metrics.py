@@ -1,0 +1,155 @@
+"""Task metrics, each accumulated per rank and reduced over ranks before it is read.
+
+- mIoU: torchmetrics' `MulticlassJaccardIndex(ignore_index=...)` over one confusion matrix for the whole set
+  (the VOC/ADE convention; its `segmentation.MeanIoU` averages per image instead). Classes absent from both
+  prediction and ground truth are left out of the mean, as in the VOC devkit.
+- VOC07 AP50 with 11-point interpolation: our own, because no maintained implementation exists outside
+  detectron2 (not on PyPI). It follows the devkit's `VOCevaldet` / detectron2's `voc_eval`: detections sorted by
+  score, each matched to the ground truth box of highest IoU in its image; IoU > 0.5 with an unclaimed box is a
+  true positive, with an already claimed box a false positive (duplicate), with a `difficult` box neither.
+  Boxes are continuous (x0, y0, x1, y1); XML boxes enter as (xmin - 1, ymin - 1, xmax, ymax), which gives the
+  same IoU as the devkit's "+1" pixel convention.
+- Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE.
+"""
+
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from rs_transfer.downstream.data import IGNORE, rank_and_world
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def all_gather_list(items: list) -> list:
+    _, world = rank_and_world()
+    if world == 1:
+        return list(items)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+class MeanIoU:
+    """Whole-set confusion matrix; `compute()` syncs it over ranks (torchmetrics does the all-reduce)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE, device="cpu"):
+        kwargs = dict(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
+        self.mean = MulticlassJaccardIndex(average="macro", **kwargs).to(device)
+        # NaN marks a class absent from both prediction and ground truth (left out of the mean above).
+        self.per_class = MulticlassJaccardIndex(average="none", zero_division=float("nan"), **kwargs).to(device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.mean.update(pred, target)
+        self.per_class.update(pred, target)
+
+    def compute(self, class_names=None) -> dict:
+        """{"miou": ..., "iou/<class>": ...} as floats; classes absent from prediction and truth are not listed."""
+        metrics = {"miou": float(self.mean.compute())}
+        for index, value in enumerate(self.per_class.compute().tolist()):
+            if value == value:
+                metrics[f"iou/{class_names[index] if class_names else index}"] = value
+        return metrics
+
+
+def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[pixels, pixels with delta < 1.25, sum |pred - gt| / gt, sum (pred - gt)^2] over valid pixels."""
+    pred, gt = pred[valid].double(), gt[valid].double()
+    ratio = torch.maximum(pred / gt, gt / pred)
+    return torch.stack([
+        torch.tensor(float(gt.numel()), dtype=torch.float64, device=gt.device),
+        (ratio < 1.25).sum().double(),
+        ((pred - gt).abs() / gt).sum(),
+        ((pred - gt) ** 2).sum(),
+    ])
+
+
+def depth_metrics(sums: torch.Tensor) -> dict:
+    """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics (pixel-weighted)."""
+    pixels, good, abs_rel, squared = all_reduce_sum(sums).tolist()
+    if pixels == 0:
+        return {"delta1": 0.0, "abs_rel": float("inf"), "rmse": float("inf"), "pixels": 0}
+    return {"delta1": good / pixels, "abs_rel": abs_rel / pixels, "rmse": (squared / pixels) ** 0.5, "pixels": int(pixels)}
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[2], boxes[:, 2])
+    y1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter)
+
+
+def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """11-point interpolated AP: mean over t in {0, 0.1, ..., 1} of the best precision at recall >= t."""
+    ap = 0.0
+    for t in np.linspace(0.0, 1.0, 11):
+        above = precision[recall >= t]
+        ap += (above.max() if above.size else 0.0) / 11.0
+    return float(ap)
+
+
+def class_ap(detections: list, ground_truth: dict, iou_threshold: float = 0.5) -> float | None:
+    """AP of one class.
+
+    detections: [(image_id, score, box)]; ground_truth: image_id -> (boxes (N, 4), difficult (N,) bool).
+    Returns None when the class has no non-difficult ground truth (it is left out of the mean, as detectron2's
+    evaluator would otherwise divide by zero).
+    """
+    positives = sum(int((~difficult).sum()) for _, difficult in ground_truth.values())
+    if positives == 0:
+        return None
+    claimed = {image: np.zeros(len(boxes), dtype=bool) for image, (boxes, _) in ground_truth.items()}
+    order = sorted(range(len(detections)), key=lambda i: -detections[i][1])
+    tp = np.zeros(len(order))
+    fp = np.zeros(len(order))
+    for rank, index in enumerate(order):
+        image, _, box = detections[index]
+        boxes, difficult = ground_truth.get(image, (np.zeros((0, 4)), np.zeros(0, dtype=bool)))
+        if len(boxes) == 0:
+            fp[rank] = 1
+            continue
+        overlaps = box_iou(np.asarray(box, dtype=np.float64), np.asarray(boxes, dtype=np.float64))
+        best = int(overlaps.argmax())
+        if overlaps[best] > iou_threshold:
+            if difficult[best]:
+                continue
+            if claimed[image][best]:
+                fp[rank] = 1
+            else:
+                tp[rank] = 1
+                claimed[image][best] = True
+        else:
+            fp[rank] = 1
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    recall = tp / positives
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return voc07_ap(recall, precision)
+
+
+def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
+    """detections: [(image_id, class_index, score, box)]; ground_truth: image_id -> (boxes, labels, difficult).
+
+    Returns ap50 (mean over classes present in the ground truth) and ap50_per_class (None for absent classes).
+    """
+    per_class = []
+    for c in range(len(class_names)):
+        gt = {}
+        for image, (boxes, labels, difficult) in ground_truth.items():
+            keep = np.asarray(labels) == c
+            gt[image] = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[keep], np.asarray(difficult, dtype=bool)[keep])
+        dets = [(image, score, box) for image, label, score, box in detections if label == c]
+        per_class.append(class_ap(dets, gt))
+    present = [ap for ap in per_class if ap is not None]
+    return {
+        "ap50": float(np.mean(present)) if present else 0.0,
+        "ap50_per_class": dict(zip(class_names, per_class)),
+    }

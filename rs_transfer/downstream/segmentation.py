@@ -1,0 +1,177 @@
+"""Semantic segmentation: Pascal VOC 2012 (21 classes, optional SBD trainaug) and ADE20K (150 classes).
+
+Layouts (data.root is the folder as distributed):
+  VOC: data.root holds VOC2012/ or VOCdevkit/VOC2012/ (or is VOC2012/): JPEGImages/<id>.jpg,
+       SegmentationClass/<id>.png (palette PNG, index = class, 255 = ignore/boundary), ImageSets/Segmentation/
+       {train,val}.txt. trainaug: task.sbd_root holds SBD's dataset/cls/<id>.mat (GTcls.Segmentation),
+       dataset/{train,val}.txt; trainaug = SBD train + SBD val + VOC train - VOC val (10,582 images).
+  ADE: data.root holds ADEChallengeData2016/ (or is it): images/{training,validation}/*.jpg,
+       annotations/{training,validation}/*.png (greyscale, 0 = other/ignore, 1..150 = classes; shifted to 0..149).
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.downstream.data import (
+    IGNORE, DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image,
+    read_label_png, read_split, require, to_device,
+)
+from rs_transfer.downstream.fpn import DensePredictor
+from rs_transfer.downstream.metrics import MeanIoU
+from rs_transfer.engine.task import Task
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+ADE_NUM_CLASSES = 150
+FILLS = {"image": 0, "mask": IGNORE}
+
+
+def seg_collate(samples: list) -> dict:
+    batch = pad_collate(samples, FILLS)
+    batch["mask"] = batch["mask"].long()
+    return batch
+
+
+class SegmentationSet(Dataset):
+    """items: [(image path, (label path, label reader))]; returns {"image": uint8 3xHxW, "mask": uint8 HxW}
+    after `transform`. Readers are module-level functions so the set pickles into loader workers."""
+
+    def __init__(self, items: list, num_classes: int, transform=None):
+        self.items = items
+        self.num_classes = num_classes
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, (label_path, read_label) = self.items[index]
+        image = read_image(image_path)
+        label = read_label(label_path)
+        if label.shape != tuple(image.shape[-2:]):
+            raise DatasetError(f"label {label_path} is {label.shape}, image {image_path} is {tuple(image.shape[-2:])}")
+        bad = (label >= self.num_classes) & (label != IGNORE)
+        if bad.any():
+            raise DatasetError(
+                f"label {label_path} has class {int(label[bad].max())}: expected 0..{self.num_classes - 1} or {IGNORE}"
+            )
+        sample = {"image": image, "mask": tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8)))}
+        return self.transform(sample) if self.transform else sample
+
+
+def voc_dir(root):
+    return find_dir(root, ("VOC2012", "VOCdevkit/VOC2012", "."), "Pascal VOC 2012 (a VOC2012 folder)")
+
+
+def read_sbd_mat(path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(require(path, "an SBD label .mat"), squeeze_me=True, struct_as_record=False)
+        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
+    except (KeyError, AttributeError, ValueError) as error:
+        raise DatasetError(f"SBD label {path} has no GTcls.Segmentation: {error}") from None
+
+
+def voc_items(root, split: str, sbd_root=None) -> list:
+    """[(image path, (label path, loader))] for a VOC split; "trainaug" merges SBD."""
+    voc = voc_dir(root)
+    sets = voc / "ImageSets" / "Segmentation"
+    expected = "one image id per line (VOC2012 ImageSets/Segmentation)"
+    jpeg = voc / "JPEGImages"
+    require(jpeg, "VOC2012/JPEGImages/<id>.jpg")
+    require(voc / "SegmentationClass", "VOC2012/SegmentationClass/<id>.png (palette PNGs)")
+    if split != "trainaug":
+        ids = read_split(sets / f"{split}.txt", expected)
+        return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids]
+    if sbd_root is None:
+        raise DatasetError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
+    sbd = find_dir(sbd_root, ("dataset", "benchmark_RELEASE/dataset"), "SBD (a dataset folder with cls/ and train.txt)")
+    sbd_ids = read_split(sbd / "train.txt", "SBD train ids") + read_split(sbd / "val.txt", "SBD val ids")
+    voc_train = read_split(sets / "train.txt", expected)
+    val = set(read_split(sets / "val.txt", expected))
+    items, seen = [], set()
+    for i in voc_train + sbd_ids:
+        if i in val or i in seen:
+            continue
+        seen.add(i)
+        png = voc / "SegmentationClass" / f"{i}.png"
+        label = (png, read_label_png) if png.exists() else (sbd / "cls" / f"{i}.mat", read_sbd_mat)
+        image = jpeg / f"{i}.jpg"
+        items.append((image if image.exists() else sbd / "img" / f"{i}.jpg", label))
+    return items
+
+
+def ade_items(root, split: str) -> list:
+    ade = find_dir(root, ("ADEChallengeData2016", "."), "ADE20K (an ADEChallengeData2016 folder)")
+    folder = {"train": "training", "val": "validation"}.get(split, split)
+    images = require(ade / "images" / folder, f"ADEChallengeData2016/images/{folder}/*.jpg")
+    annotations = require(ade / "annotations" / folder, f"ADEChallengeData2016/annotations/{folder}/*.png")
+    paths = sorted(images.glob("*.jpg"))
+    if not paths:
+        raise DatasetError(f"no .jpg images in {images}")
+    return [(p, (annotations / f"{p.stem}.png", read_ade_label)) for p in paths]
+
+
+def read_ade_label(path) -> np.ndarray:
+    # 0 ("other") -> 255 ignore, 1..150 -> 0..149: uint8 arithmetic wraps 0 - 1 to 255.
+    return read_label_png(path) - np.uint8(1)
+
+
+class SegmentationModel(nn.Module):
+    """batch {"image", "mask"} -> {"loss"} in train mode; logits (N, classes, H, W) in eval mode."""
+
+    def __init__(self, backbone: str, num_classes: int, weights=None, fpn_channels=256, head_channels=256, **arch):
+        super().__init__()
+        self.net = DensePredictor(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
+                                  head_channels=head_channels, **arch)
+
+    def forward(self, batch: dict):
+        logits = self.net(batch["image"])
+        if not self.training:
+            return logits
+        return {"loss": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE)}
+
+
+def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int = 0, class_names=None):
+    def evaluate(model: nn.Module) -> dict:
+        device = model_device(model)
+        metric = MeanIoU(num_classes, device=device)
+        with torch.no_grad():
+            for batch in eval_loader(val_set, batch_size, seg_collate, num_workers):
+                batch = to_device(batch, device)
+                metric.update(model(batch).argmax(1), batch["mask"])
+        return metric.compute(class_names)
+
+    return evaluate
+
+
+def build(config) -> Task:
+    t = config.task
+    if t.name == "pascal_seg":
+        num_classes = len(VOC_CLASSES)
+        train_items = voc_items(config.data.root, t.train_split, t.sbd_root)
+        val_items = voc_items(config.data.root, t.val_split)
+    elif t.name == "ade_seg":
+        num_classes = ADE_NUM_CLASSES
+        train_items = ade_items(config.data.root, t.train_split)
+        val_items = ade_items(config.data.root, t.val_split)
+    else:
+        raise ValueError(f"segmentation.build got task {t.name!r}")
+    check_num_classes(config, num_classes)
+    transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
+    train_set = SegmentationSet(train_items, num_classes, transform)
+    val_set = SegmentationSet(val_items, num_classes)
+    model = SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
+                              fpn_channels=t.fpn_channels, head_channels=t.head_channels, **arch_args(config))
+    names = VOC_CLASSES if t.name == "pascal_seg" else None
+    evaluate = make_evaluator(val_set, num_classes, t.eval_batch_size, config.data.num_workers, names)
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric="miou", collate_fn=seg_collate)
+

@@ -1,0 +1,88 @@
+"""Metrics against hand-computed cases: VOC07 11-point AP50, whole-set mIoU with ignore pixels, depth delta."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rs_transfer.downstream.metrics import MeanIoU, class_ap, depth_metrics, depth_sums, voc07_ap, voc07_map
+
+
+def gt(boxes, difficult=None):
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return boxes, np.asarray(difficult if difficult is not None else [False] * len(boxes), dtype=bool)
+
+
+def test_voc07_11_point_interpolation_by_hand():
+    # Recall reaches 0.5 at precision 1, then 1.0 at precision 0.5: points 0..0.5 (6 of them) give 1, 0.6..1 give 0.5.
+    assert voc07_ap(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    assert voc07_ap(np.array([0.5, 1.0]), np.array([1.0, 0.5])) == pytest.approx((6 + 5 * 0.5) / 11)
+
+
+def test_ap_duplicate_detection_is_a_false_positive():
+    truth = {"a": gt([[0, 0, 10, 10], [20, 20, 30, 30]])}
+    dets = [("a", 0.9, [0, 0, 10, 10]), ("a", 0.8, [0, 0, 10, 10.5]), ("a", 0.7, [20, 20, 30, 30])]
+    # TP, FP (duplicate), TP: recall 0.5, 0.5, 1 at precision 1, 0.5, 2/3 -> 11-point AP (6 + 5 * 2/3) / 11.
+    assert class_ap(dets, truth) == pytest.approx((6 + 5 * 2 / 3) / 11)
+
+
+def test_ap_difficult_boxes_are_neither_hit_nor_miss():
+    truth = {"a": gt([[0, 0, 10, 10], [20, 20, 30, 30]], difficult=[False, True])}
+    # The detection on the difficult box is ignored; the one positive is found first: AP 1.
+    assert class_ap([("a", 0.9, [20, 20, 30, 30]), ("a", 0.8, [0, 0, 10, 10])], truth) == pytest.approx(1.0)
+    # Missing the difficult box costs nothing either.
+    assert class_ap([("a", 0.8, [0, 0, 10, 10])], truth) == pytest.approx(1.0)
+
+
+def test_ap_iou_threshold_and_best_match_rule():
+    truth = {"a": gt([[0, 0, 10, 10]])}
+    # IoU exactly 0.5 is not a match (the devkit needs > 0.5): [0, 0, 10, 5] overlaps half the box.
+    assert class_ap([("a", 0.9, [0, 0, 10, 5])], truth) == 0.0
+    # A detection in an image without this class's boxes is a false positive ahead of the true one.
+    truth2 = {"a": gt([[0, 0, 10, 10]]), "b": gt(np.zeros((0, 4)))}
+    ap = class_ap([("b", 0.9, [0, 0, 10, 10]), ("a", 0.8, [0, 0, 10, 10])], truth2)
+    assert ap == pytest.approx(0.5)  # recall 1 only at precision 1/2
+
+
+def test_ap_no_detections_and_absent_class():
+    truth = {"a": gt([[0, 0, 10, 10]])}
+    assert class_ap([], truth) == 0.0
+    assert class_ap([("a", 0.9, [0, 0, 10, 10])], {"a": gt(np.zeros((0, 4)))}) is None  # nothing to find
+
+
+def test_voc07_map_leaves_absent_classes_out_of_the_mean():
+    truth = {
+        "img1": ([[0, 0, 10, 10], [20, 20, 40, 40]], [0, 1], [False, False]),
+        "img2": (np.zeros((0, 4)), [], []),  # an image with no objects
+    }
+    dets = [("img1", 0, 0.9, [0, 0, 10, 10]), ("img2", 2, 0.8, [0, 0, 5, 5])]
+    result = voc07_map(dets, truth, ["cat", "dog", "cow"])
+    assert result["ap50_per_class"] == {"cat": pytest.approx(1.0), "dog": 0.0, "cow": None}
+    assert result["ap50"] == pytest.approx(0.5)
+
+
+def test_miou_whole_set_confusion_matrix_with_ignore():
+    # Two "images"; 255 pixels must count nowhere. Whole-set confusion (rows truth, columns prediction):
+    #   truth 0: pred 0 x3, pred 1 x1 ; truth 1: pred 1 x2, pred 0 x1 ; truth 2: pred 2 x1 ; class 3 absent.
+    # IoU0 = 3 / (4 + 4 - 3) = 0.6, IoU1 = 2 / (3 + 3 - 2) = 0.5, IoU2 = 1; class 3 left out: mIoU = 0.7.
+    # Averaging per image instead would give another number, which is why the matrix is over the whole set.
+    metric = MeanIoU(num_classes=4)
+    metric.update(torch.tensor([0, 0, 1, 1, 3]), torch.tensor([0, 0, 0, 1, 255]))
+    metric.update(torch.tensor([0, 1, 0, 2, 2]), torch.tensor([0, 1, 1, 2, 255]))
+    result = metric.compute()
+    assert result["miou"] == pytest.approx(0.7)
+    assert result["iou/0"] == pytest.approx(0.6) and result["iou/1"] == pytest.approx(0.5)
+    assert "iou/3" not in result
+
+
+def test_depth_metrics_by_hand():
+    gt_depth = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.0])
+    pred = torch.tensor([1.2, 3.0, 4.0, 6.0, 5.0])
+    valid = gt_depth > 0
+    m = depth_metrics(depth_sums(pred, gt_depth, valid))
+    # ratios 1.2, 1.5, 1.0, 1.333: two of four below 1.25.
+    assert m["delta1"] == pytest.approx(0.5)
+    assert m["abs_rel"] == pytest.approx((0.2 / 1 + 1 / 2 + 0 + 2 / 8) / 4)
+    assert m["rmse"] == pytest.approx(math.sqrt((0.04 + 1 + 0 + 4) / 4))
+    assert m["pixels"] == 4

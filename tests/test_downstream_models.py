@@ -1,0 +1,74 @@
+"""Heads on the shared backbone: FPN levels and strides, dense output shapes, the Faster R-CNN wiring, and the
+protocol numbers against PAPER.md (section 5, Table 5)."""
+
+import pytest
+import torch
+
+from rs_transfer.downstream import protocol
+from rs_transfer.downstream.fpn import BackboneFPN, DensePredictor
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fpn_gives_p3_to_p7_at_strides_8_to_128():
+    fpn = BackboneFPN("rs26-w0.25", channels=16).eval()
+    with torch.no_grad():
+        pyramid = fpn(torch.randn(1, 3, 256, 192))
+    assert list(pyramid) == ["p3", "p4", "p5", "p6", "p7"]
+    for (name, level), stride in zip(pyramid.items(), (8, 16, 32, 64, 128)):
+        assert level.shape == (1, 16, -(-256 // stride), -(-192 // stride)), name  # ceil: 192 / 128 -> 2
+
+
+@pytest.mark.parametrize("outputs, size", [(21, (64, 96)), (1, (70, 50))])
+def test_dense_head_predicts_at_input_size(outputs, size):
+    net = DensePredictor("rs26-w0.25", outputs, fpn_channels=16, head_channels=8).eval()
+    with torch.no_grad():
+        out = net(torch.randint(0, 255, (2, 3, *size), dtype=torch.uint8))
+    assert out.shape == (2, outputs, *size)
+    assert len(net.head.convs) == 3  # 3 x (conv 3x3 + BN + ReLU), then the 1x1 predictor
+
+
+def test_backbone_weights_load_into_the_fpn_body(tmp_path):
+    from rs_transfer.models import create_model
+
+    source = create_model("rs26-w0.25", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    fpn = BackboneFPN("rs26-w0.25", weights=str(tmp_path / "w.pth"), channels=16)
+    assert torch.equal(fpn.body.layer4[1].conv3.weight, source.layer4[1].conv3.weight)
+
+
+def test_protocol_matches_paper():
+    # PAPER.md section 5, copied here independently of protocol.py.
+    assert protocol.LEARNING_RATES == (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+    assert protocol.WEIGHT_DECAY == 1e-4 and protocol.SCHEDULE == "cosine" and protocol.SCALE_RANGE == (0.5, 2.0)
+    expected = {"cifar100": (512, None, 5000, 20000), "pascal_seg": (64, 512, 5000, 20000),
+                "pascal_det": (32, 896, 5000, 20000), "nyu_depth": (64, 640, 10000, 40000)}
+    for task, (batch, crop, low, high) in expected.items():
+        p = protocol.PROTOCOLS[task]
+        assert (p.batch_size, p.crop_size, min(p.steps), max(p.steps)) == (batch, crop, low, high), task
+    assert len(protocol.grid("pascal_seg")) == 7 * 3
+
+
+def test_table5_matches_paper():
+    # PAPER.md section 5, Table 5 (CIFAR-100, VOC det, VOC seg, ADE seg, NYU depth), copied by hand.
+    paper = """R152 supervised 90 85.5 80.0 70.0 40.2 81.2
+    R152 SimCLR 800 87.1 83.3 72.2 41.0 83.5
+    R152 SimCLRv2 800 84.7 79.1 73.1 41.1 84.7
+    R152 RS 400 88.1 82.2 78.2 42.2 83.4
+    R152-2x supervised 90 86.6 81.1 72.2 41.4 82.5
+    R152-2x SimCLR 800 89.0 85.3 78.8 45.2 86.8
+    R152-2x SimCLRv2 800 84.8 80.1 75.5 42.5 86.1
+    R152-2x RS 400 89.3 84.1 79.2 44.1 84.7"""
+    rows = {}
+    for line in paper.splitlines():
+        backbone, method, epochs, *values = line.split()
+        rows[(backbone.replace("-", " "), method, int(epochs))] = tuple(float(v) for v in values)
+    assert protocol.TABLE5 == rows
+    assert protocol.TABLE5_TASKS == ("cifar100", "pascal_det", "pascal_seg", "ade_seg", "nyu_depth")
+    assert protocol.paper_value("R152", "RS", "pascal_seg") == 78.2
