@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
+def one_thread():
     # Tiny CPU models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
     # process were measured 4-70x slower than one (thread contention with the other test processes).
     torch.set_num_threads(1)

@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "downstream"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The dev machine's 2 cores are shared; these tiny models gain nothing from threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_demo(task, tmp_path, *overrides):
     config = finetune.make_config(task, config_path=DEMO / f"{task}_demo.yaml",
                                   overrides=[f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *overrides])

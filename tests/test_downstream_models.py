@@ -8,14 +8,6 @@ from rs_transfer.downstream import protocol
 from rs_transfer.downstream.fpn import BackboneFPN, DensePredictor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fpn_gives_p3_to_p7_at_strides_8_to_128():
     fpn = BackboneFPN("rs26-w0.25", channels=16).eval()
     with torch.no_grad():

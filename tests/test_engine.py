@@ -12,14 +12,6 @@ from rs_transfer.engine.trainer import NonFiniteLossError, micro_batch_size, tra
 from rs_transfer.models.weights import read_state_dict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the dev machine's cores are shared; the toy model gains nothing from threads
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_toy_task_learns_and_writes_its_outputs(tmp_path):
     config = toy_config(tmp_path, "train.epochs=4", "train.warmup_epochs=1", "train.ema_decay=0.99",
                         "train.keep_last=2")

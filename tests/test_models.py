@@ -117,9 +117,9 @@ def test_timm_state_dict_loads_strictly_and_matches(name):
     reference = timm.create_model(f"resnetrs{name[2:]}")
     _randomise_norms(reference)
     ours = create_model(name, init="timm")  # the weights are overwritten; the official init is slow at 192M
-    theirs = reference.state_dict()
-    assert list(ours.state_dict()) == list(theirs)
-    assert all(ours.state_dict()[k].shape == v.shape for k, v in theirs.items())
+    theirs, mine = reference.state_dict(), ours.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(mine[k].shape == v.shape for k, v in theirs.items())
     ours.load_state_dict(theirs, strict=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -19,15 +19,6 @@ from rs_transfer.pretrain.synthetic import make_folder_dataset
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on a busy 2-core machine spin against each other; one is several times faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_demo_learns_a_generated_folder_dataset_and_skips_a_corrupt_image(tmp_path, caplog):
     root = make_folder_dataset(tmp_path / "data", num_classes=4, train_per_class=16, val_per_class=10, seed=1)
     (root / "train" / "class_002" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")

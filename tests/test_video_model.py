@@ -12,15 +12,6 @@ CVRL_KERNELS = [(3, 3, 3), (3, 1, 3, 1), (3, 1, 3, 1, 3, 1), (1, 3, 1)]
 RS_KERNELS = [(1, 1, 1), (1, 1, 1, 1), (3, 3, 3, 3, 3, 3), (3, 3, 3)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine are several times slower than one for these tiny convolutions.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def block_kernels(model):
     return [tuple(b.conv1.kernel_size[0] for b in getattr(model, f"layer{i}")) for i in range(1, 5)]
 

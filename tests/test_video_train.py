@@ -16,17 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "video" / "demo.yaml"
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a shared 2-core machine are several times slower than one for these tiny convolutions.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_demo_learns_motion_direction_and_eval_reproduces_it(tmp_path, one_thread, capsys):
+def test_demo_learns_motion_direction_and_eval_reproduces_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["video", "train", "--config", str(DEMO), f"output_dir={out}", f"data.root={tmp_path / 'data'}"]) == 0
     final = json.loads((out / "final_metrics.json").read_text())

@@ -110,6 +110,18 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank 0's buffers (BN running statistics).
+
+    DDP broadcasts buffers only at the start of a forward, so after the last training step each rank holds
+    statistics updated by its own batch; without this, ranks would evaluate different networks, none of them
+    quite the one rank 0 saves.
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order (picklable objects; for small things such as per-image results)."""
     if not is_distributed():

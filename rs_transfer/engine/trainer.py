@@ -36,6 +36,7 @@ from rs_transfer.engine.distributed import (
     all_gather_object,
     all_reduce_max,
     all_reduce_sum,
+    broadcast_buffers,
     broadcast_object,
     init_distributed,
     seed_everything,
@@ -327,6 +328,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         target = self.ema.module if self.ema is not None else self.model
+        broadcast_buffers(target)
         target.eval()
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(target)
