@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1 (pretraining ladder), table5 (transfer), table6 (video ladder)")
-    reproduce.add_argument("--out", help="table1/table6: runs go in OUT/TABLE/<row>; table5: where the table goes")
+    reproduce.add_argument("--out", help="table6: rows are OUT/table6/<row> (default runs/video, the configs' output_dir); table5: the table's folder")
     reproduce.add_argument("--dry-run", action="store_true", help="table1: list the runs and their configs, run nothing")
     reproduce.add_argument("--run", dest="train_missing", action="store_true",
                            help="table6: train the rows that have no result yet (default: collect only)")
@@ -325,7 +325,7 @@ def run_reproduce(args) -> int:
     else:
         from rs_transfer.reproduce import run_table
 
-        run_table(args.table, args.out or "runs/reproduce", args.train_missing, args.overrides)
+        run_table(args.table, args.out or "runs/video", args.train_missing, args.overrides)
     return 0
 
 
