@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="table6: train the rows that have no result yet (default: collect only)")
     reproduce.add_argument("--result", dest="results", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
                            help="table5: a finished finetune or sweep folder for one backbone label and task")
+    reproduce.add_argument("--checkpoint", dest="checkpoints", action="append", default=[],
+                           metavar="LABEL=BACKBONE:WEIGHTS", help="table5: sweep this checkpoint on every --data task")
+    reproduce.add_argument("--data", dest="data_roots", action="append", default=[], metavar="TASK=DIR",
+                           help="table5: a task to run and its data.root")
     reproduce.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. data.root=DIR")
     reproduce.set_defaults(run=run_reproduce)
 
@@ -319,9 +323,9 @@ def run_reproduce(args) -> int:
 
         table1(args.dry_run, args.overrides)
     elif args.table == "table5":
-        from rs_transfer.downstream.finetune import reproduce_table5
+        from rs_transfer.downstream.finetune import run_table5
 
-        reproduce_table5(args.results, args.out or "results/table5")
+        run_table5(args.checkpoints, args.data_roots, args.out or "results/table5", args.overrides, args.results)
     else:
         from rs_transfer.reproduce import run_table
 

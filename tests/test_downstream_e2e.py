@@ -15,6 +15,7 @@ import torch
 
 from rs_transfer.downstream import finetune, synthetic
 from rs_transfer.downstream.depth import NYUDepth, eval_mask
+from rs_transfer.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "downstream"
@@ -107,11 +108,34 @@ def test_sweep_picks_the_best_point_and_table5_collects_it(tmp_path, capsys):
     assert "| paper R152 RS (400 ep) | 88.1 | 82.2 | 78.2 | 42.2 | 83.4 |" in markdown
 
 
+def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
+    synthetic.write_cifar100(tmp_path / "data", train=64, test=20)
+    torch.manual_seed(0)
+    torch.save(create_model("rs26-w0.25").state_dict(), tmp_path / "tiny.pth")
+    grid = dict(config_path=DEMO / "cifar100_demo.yaml", learning_rates=[0.04], steps=[6])
+    args = (["tiny net=rs26-w0.25:" + str(tmp_path / "tiny.pth")], [f"cifar100={tmp_path / 'data'}"], tmp_path / "t5",
+            ["train.batch_size=16", "train.warmup_steps=0"])
+    table = finetune.run_table5(*args, **grid)
+    run = tmp_path / "t5" / "runs" / "tiny_net" / "cifar100"
+    best = json.loads((run / "sweep.json").read_text())["best"]
+    assert best["point"] == "lr0.04_steps6"
+    assert [r["label"] for r in table["ours"]] == ["tiny net"]
+    assert table["ours"][0]["cifar100"] == pytest.approx(100 * best["top1"])
+    assert json.loads((tmp_path / "t5" / "table5.json").read_text())["ours"] == table["ours"]
+    stamp = (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns
+    finetune.run_table5(*args, **grid)  # a second call resumes: the finished point is not trained again
+    assert (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns == stamp
+
+
 @pytest.mark.parametrize("args, message", [
     (["finetune", "--task", "pascal_seg", "--config", str(DEMO / "pascal_seg_demo.yaml")], "data.root is not set"),
     (["finetune", "--task", "pascal_seg", "train.stepz=3"], "did you mean 'train.steps'"),
     (["finetune", "--task", "ade_seg", "data.root=/nonexistent"], "ADE20K .*not found"),
     (["reproduce", "table5", "--result", "x:cifar100=/nonexistent"], "neither sweep.json nor final_metrics.json"),
+    (["reproduce", "table5", "--checkpoint", "RS-152=rs152:w.pth"], "needs at least one --data TASK=DIR"),
+    (["reproduce", "table5", "--checkpoint", "RS-152", "--data", "cifar100=/d"], "bad --checkpoint 'RS-152'"),
+    (["reproduce", "table5", "--data", "cifar10=/d"], "bad --data 'cifar10=/d'"),
+    (["reproduce", "table5"], "nothing to put in Table 5"),
     (["sweep", "--task", "cifar100", "--point", "21"], "outside the grid of 21 points"),
     (["finetune", "--task", "pascal_seg", "--synthetic", "model.num_classes=20"], "set model.num_classes=21"),
 ])

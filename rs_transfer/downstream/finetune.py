@@ -7,6 +7,7 @@ model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/fina
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -164,6 +165,38 @@ def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=())
     return metrics
 
 
+def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), results=(), config_path=None,
+               learning_rates=None, steps=None) -> dict:
+    """Sweep every checkpoint on every task that has a data root, then write Table 5 from them (and `results`).
+
+    checkpoints: "LABEL=BACKBONE:WEIGHTS" items (e.g. "RS-152=rs152:rs152.pth"; no ":WEIGHTS" = random init);
+    data_roots: "TASK=DIR" items, one per task to run. Sweeps go to OUTPUT_DIR/runs/<label>/<task>/; finished grid
+    points are skipped, so running the same command again resumes.
+    """
+    roots = {}
+    for item in data_roots:
+        task, sep, root = item.partition("=")
+        if not sep or task not in protocol.TASKS or not root:
+            raise UserError(f"bad --data {item!r}: expected TASK=DIR with TASK one of {', '.join(protocol.TASKS)}")
+        roots[task] = root
+    if checkpoints and not roots:
+        raise UserError("--checkpoint needs at least one --data TASK=DIR: the tasks to fine-tune on")
+    collected = list(results)
+    for item in checkpoints:
+        label, sep, spec = item.partition("=")
+        backbone, _, weights = spec.partition(":")
+        if not (sep and label and backbone):
+            raise UserError(f"bad --checkpoint {item!r}: expected LABEL=BACKBONE:WEIGHTS, e.g. RS-152=rs152:rs152.pth")
+        for task, root in roots.items():
+            folder = Path(output_dir) / "runs" / re.sub(r"[^A-Za-z0-9._-]+", "_", label) / task
+            sweep(task, backbone, weights or None, config_path, [*overrides, f"data.root={root}", f"output_dir={folder}"],
+                  learning_rates=learning_rates, steps=steps)
+            collected.append(f"{label}:{task}={folder}")
+    if not collected:
+        raise UserError("nothing to put in Table 5: give --checkpoint with --data, or --result")
+    return reproduce_table5(collected, output_dir)
+
+
 def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dict:
     """Collect finished runs into table5.md / table5.json beside the paper's numbers.
 
@@ -175,7 +208,7 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
         label, sep, rest = item.partition(":")
         task, sep2, folder = rest.partition("=")
         if not (sep and sep2) or task not in protocol.TASKS:
-            raise UserError(f"bad --run {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(protocol.TASKS)}")
+            raise UserError(f"bad --result {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(protocol.TASKS)}")
         table.setdefault(label, {})[task] = _read_result(Path(folder), task)
     rows = [{"label": label, **{t: values.get(t) for t in protocol.TABLE5_TASKS}} for label, values in table.items()]
     paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(protocol.TABLE5_TASKS, v))}
