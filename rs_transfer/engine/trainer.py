@@ -497,13 +497,16 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def _write(self, kind: str, record: dict) -> None:
+        self._append({"kind": kind, **record})
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
     def train(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._append({"kind": "train", **record})
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self._write("train", record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
                                  img_s=f"{record['images_per_s']:.0f}")
@@ -518,10 +521,7 @@ class RunLogger:
     def eval(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._append({"kind": "eval", **record})
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                self.writer.add_scalar(f"eval/{key}", value, record["step"])
+        self._write("eval", record)
         message = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
         (self.bar.write if self.bar is not None else log.info)(f"eval at step {record['step']}: {message}")
 
