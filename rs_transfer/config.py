@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -121,10 +122,7 @@ def save_config(config, output_dir: str | Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "config.yaml"
     text = f"# rs-transfer run config; git commit: {git_commit()}\n" + OmegaConf.to_yaml(OmegaConf.structured(config))
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def to_dict(config) -> dict:

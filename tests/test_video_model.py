@@ -5,7 +5,8 @@ import torch
 
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
-from rs_transfer.models.resnet3d_rs import ResNet3d, count_params, inflate_2d
+from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
+from rs_transfer.models.resnet_rs import count_params
 
 # PAPER.md section 7: CVRL's temporal kernel per block; 3D ResNet-RS: kt 1 in c2 and c3, 3 in c4 and c5.
 CVRL_KERNELS = [(3, 3, 3), (3, 1, 3, 1), (3, 1, 3, 1, 3, 1), (1, 3, 1)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from rs_transfer.bench.latency import LatencyResult, device_name, format_results, measure
 from rs_transfer.bench.specs import BenchSpec
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json
 from rs_transfer.models.zoo import TABLE7
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,7 @@ def write_table7(results, out_dir: Path, plot: bool = True) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "table7.json", out_dir / "table7.md", out_dir / "pareto.png"]
     document = {**setup, "ratio_method": RATIO_METHOD, "rows": rows, "results": [r.to_dict() for r in results]}
-    tmp = paths[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(paths[0])  # atomic: a killed run keeps the previous table7.json whole
+    atomic_write_json(paths[0], document)  # a killed run keeps the previous table7.json whole
     paths[1].write_text(render_markdown(rows, setup))
     if plot:
         plot_pareto(rows, setup, paths[2])

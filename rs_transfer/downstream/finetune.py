@@ -17,6 +17,7 @@ from rs_transfer.downstream import protocol
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.downstream.data import DatasetError
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def collect_sweep(folder, task) -> dict:
         raise UserError(f"no finished grid points (lr*_steps*/final_metrics.json) in {folder}")
     best = max(results, key=lambda r: r[metric])
     summary = {"task": task, "metric": metric, "best": best, "points": results}
-    _write_json(Path(folder) / "sweep.json", summary)
+    atomic_write_json(Path(folder) / "sweep.json", summary)
     return summary
 
 
@@ -215,7 +216,7 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
              for (b, m, e), v in protocol.TABLE5.items()]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "table5.json", {"ours": rows, "paper": paper, "unit": "percent"})
+    atomic_write_json(out / "table5.json", {"ours": rows, "paper": paper, "unit": "percent"})
     header = "| run | " + " | ".join(protocol.PROTOCOLS[t].column for t in protocol.TABLE5_TASKS) + " |"
     lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(protocol.TABLE5_TASKS) + 1) + "|"]
     for row in rows + paper:
@@ -237,9 +238,3 @@ def _read_result(folder: Path, task: str) -> float:
     if metric not in values:
         raise UserError(f"{path} has no {metric!r}: is it a {task} run?")
     return 100 * values[metric]
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

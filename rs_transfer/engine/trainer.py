@@ -45,6 +45,7 @@ from rs_transfer.engine.ema import Ema
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Trainer:
             if self.ema is not None:
                 final["ema"] = self.ema.module.state_dict()
             ckpt.atomic_save(final, self.out / "final.pt")
-            _write_json(self.out / "final_metrics.json", progress.metrics)
+            atomic_write_json(self.out / "final_metrics.json", progress.metrics)
         return progress.metrics
 
     def _loader(self) -> DataLoader:
@@ -456,12 +457,6 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
     return batch
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 class RunLogger:
     """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
 
@@ -539,6 +534,4 @@ class RunLogger:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

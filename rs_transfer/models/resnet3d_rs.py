@@ -17,7 +17,6 @@ so `inflate_2d` copies a 2D checkpoint in with one loop. What differs, after the
 """
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,13 @@ from torch import nn
 from timm.layers import DropPath
 
 from rs_transfer.errors import UserError
-from rs_transfer.models.resnet_rs import STAGE_WIDTHS, ModelSpec, parse_name, stochastic_depth_rates
+from rs_transfer.models.resnet_rs import (
+    STAGE_WIDTHS,
+    ModelSpec,
+    init_conv_official,
+    parse_name,
+    stochastic_depth_rates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +240,11 @@ def _init(model: nn.Module, init: str, zero_init_last: bool) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv3d):
             if init == "official":
-                # TF's VarianceScaling(1.0, fan_in, truncated_normal), as in the 2D zoo; fan_in includes time.
-                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-                sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-                nn.init.trunc_normal_(module.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
+                init_conv_official(module)
             else:
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm3d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -309,7 +311,3 @@ def inflate_2d(model: ResNet3d, state_dict_2d: dict, mode: str = "mean") -> list
         raise UserError(f"2D checkpoint leaves {len(missing)} 3D weights unset, e.g. {missing[:5]}")
     model.load_state_dict(target)
     return skipped
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

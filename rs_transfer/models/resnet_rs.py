@@ -108,16 +108,22 @@ def stochastic_depth_rates(layout, rate: float, schedule: str = "stage") -> list
     raise UserError(f"unknown stochastic depth schedule {schedule!r}: expected 'stage' or 'block'")
 
 
+def init_conv_official(conv: nn.Module) -> None:
+    """TF's VarianceScaling(1.0, fan_in, truncated_normal), for 2D and 3D convs (a 3D fan-in includes time).
+
+    A normal cut at 2 sigma, sigma corrected so that the truncated distribution's std is sqrt(1 / fan_in).
+    """
+    fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(conv.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 def _init_official(model: nn.Module) -> None:
-    # TF's VarianceScaling(1.0, fan_in, truncated_normal): a normal cut at 2 sigma, sigma corrected so that the
-    # truncated distribution's std is sqrt(1 / fan_in).
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-            nn.init.trunc_normal_(module.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            init_conv_official(module)
     if isinstance(getattr(model, "fc", None), nn.Linear):
         nn.init.normal_(model.fc.weight, std=0.01)
         nn.init.zeros_(model.fc.bias)

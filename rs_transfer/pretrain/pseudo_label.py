@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.engine import distributed
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models import create_model
 from rs_transfer.models.weights import read_state_dict
 from rs_transfer.pretrain import data, transforms
@@ -145,8 +146,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 "image_size": image_size, "num_classes": num_classes, "topk": topk, "threshold": threshold,
                 "per_class": per_class, "world_size": world, "labelled": len(records),
                 "unreadable": sum(r["label"] < 0 for r in records), "selected": len(selected)}
-        _write_atomic(out_dir / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in selected))
-        _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(out_dir / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in selected))
+        atomic_write_json(out_dir / "meta.json", meta)
         log.info("pseudo-labels: %d images, %d selected -> %s", len(records), len(selected), out_dir / "selected.jsonl")
     distributed.barrier()
     return meta
@@ -178,8 +179,3 @@ def read_selection(folder: Path) -> tuple:
         raise UserError(f"{selected_path} selects no images: lower --threshold")
     return meta, records
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -3,9 +3,8 @@
 import logging
 from pathlib import Path
 
-import torch
-
 from rs_transfer.config import load_config
+from rs_transfer.engine.checkpoint import atomic_save
 from rs_transfer.engine.distributed import barrier, init_distributed, is_main
 from rs_transfer.models.weights import read_state_dict
 from rs_transfer.pretrain.config import PretrainConfig
@@ -65,9 +64,7 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     """The network's weights alone (EMA when trained with it), loadable by `create_model(..., weights=out)`."""
     state = read_state_dict(checkpoint, prefer_ema=True)
     state = {key.removeprefix("net."): value for key, value in state.items()}
-    tmp = out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    atomic_save(state, out)
     log.info("weights for fine-tuning: %s", out)
     return out
 
