@@ -10,7 +10,9 @@ import json
 import logging
 import sys
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import StoppedBySignal, UserError, one_line
+
+RESUME_HELP = "continue the run in output_dir from its newest checkpoint (same as train.resume=auto)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="train a classifier with the RS recipe (ImageNet layout or shards)")
     pretrain.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/rs50_i160.yaml")
     pretrain.add_argument("--synthetic", action="store_true", help="generate a small dataset in OUTPUT_DIR and use it")
+    pretrain.add_argument("--resume", action="store_true", help=RESUME_HELP)
     pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR")
     pretrain.set_defaults(run=run_pretrain)
 
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     video_commands = video.add_subparsers(dest="video_command", required=True, metavar="ACTION")
     video_train = video_commands.add_parser("train", help="train a 3D model (torchrun for several processes)")
     video_train.add_argument("--config", required=True, help="YAML config, e.g. configs/video/demo.yaml")
+    video_train.add_argument("--resume", action="store_true", help=RESUME_HELP)
     video_train.add_argument("overrides", nargs="*", metavar="key=value")
     video_train.set_defaults(run=run_video_train)
     video_eval = video_commands.add_parser("eval", help="multi-view evaluation of a checkpoint on the val split")
@@ -190,6 +194,8 @@ def add_downstream_commands(commands) -> None:
         sub.add_argument("--weights", help="backbone checkpoint (timm's file or ours)")
         sub.add_argument("--config", help="YAML config (default: configs/downstream/<task>.yaml)")
         sub.add_argument("--synthetic", action="store_true", help="write and use a tiny dataset in the task's format")
+        sub.add_argument("--resume", action="store_true",
+                         help=RESUME_HELP if name == "finetune" else "continue every unfinished grid point")
         sub.add_argument("overrides", nargs="*", metavar="key=value")
         sub.set_defaults(run=run_finetune if name == "finetune" else run_sweep)
     sweep = commands.choices["sweep"]
@@ -202,17 +208,22 @@ def add_downstream_commands(commands) -> None:
     demo.set_defaults(run=run_demo)
 
 
+def with_resume(args) -> list:
+    """The command's `key=value` overrides, plus train.resume=auto for --resume."""
+    return [*args.overrides, "train.resume=auto"] if args.resume else list(args.overrides)
+
+
 def run_finetune(args) -> int:
     from rs_transfer.downstream.finetune import finetune
 
-    finetune(args.task, args.backbone, args.weights, args.config, args.overrides, synthetic=args.synthetic)
+    finetune(args.task, args.backbone, args.weights, args.config, with_resume(args), synthetic=args.synthetic)
     return 0
 
 
 def run_sweep(args) -> int:
     from rs_transfer.downstream.finetune import sweep
 
-    summary = sweep(args.task, args.backbone, args.weights, args.config, args.overrides, point=args.point,
+    summary = sweep(args.task, args.backbone, args.weights, args.config, with_resume(args), point=args.point,
                     synthetic=args.synthetic)
     print(json.dumps(summary["best"]))
     return 0
@@ -290,7 +301,7 @@ def run_info(args) -> int:
 def run_pretrain(args) -> int:
     from rs_transfer.pretrain.run import pretrain
 
-    pretrain(args.config, args.overrides, synthetic=args.synthetic)
+    pretrain(args.config, with_resume(args), synthetic=args.synthetic)
     return 0
 
 
@@ -306,7 +317,7 @@ def run_pseudo_label(args) -> int:
 def run_video_train(args) -> int:
     from rs_transfer.video.task import run_train
 
-    print(json.dumps(run_train(args.config, args.overrides)))
+    print(json.dumps(run_train(args.config, with_resume(args))))
     return 0
 
 
@@ -351,6 +362,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except StoppedBySignal as stop:  # not an error: the run saved its checkpoint and can be resumed
+        print(f"stopped: {one_line(stop)}", file=sys.stderr)
+        return stop.exit_code
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -2,20 +2,25 @@
 
 Every command has a schema: a dataclass built from the sections below (a task adds its own sections by
 subclassing `RunConfig`). Unknown keys and values of the wrong type are errors that name the key and suggest
-the closest valid one. The resolved config is saved with every run as `OUTPUT_DIR/config.yaml`, with the git
-commit it ran from, and loads back as it is.
+the closest valid one. A value that makes no sense (a negative learning rate, an EMA decay of 1, zero epochs)
+is an error too: each field declares its allowed range where it is declared, `lr: float = checked(0.1, at_least(0))`,
+and `load_config` checks every field of every section. The resolved config is saved with every run as
+`OUTPUT_DIR/config.yaml`, with the git commit it ran from, and loads back as it is.
 """
 
+import dataclasses
 import difflib
+import math
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from rs_transfer.data.text import ENCODING as TEXT_ENCODING
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_text
 
@@ -26,64 +31,114 @@ class ConfigError(UserError):
     pass
 
 
+@dataclass(frozen=True)
+class Check:
+    """An allowed range: `ok(value)` is True when the value is allowed; `rule` says what is, for the error."""
+
+    rule: str
+    ok: Callable[[Any], bool]
+
+
+def at_least(low) -> Check:
+    return Check(f">= {low}", lambda v: v >= low)
+
+
+def above(low) -> Check:
+    return Check(f"> {low}", lambda v: v > low)
+
+
+def fraction(closed_high: bool = False, open_low: bool = False) -> Check:
+    """In [0, 1) by default; `closed_high` allows 1, `open_low` excludes 0."""
+    low, high = ("(" if open_low else "["), ("]" if closed_high else ")")
+    return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1))
+
+
+def one_of(*choices) -> Check:
+    return Check("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
+
+
+def checked(default, *checks: Check, factory=None):
+    """A dataclass field with allowed ranges; None (for Optional fields) is always allowed."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"checks": checks})
+    return field(default=default, metadata={"checks": checks})
+
+
+def validate(config, prefix: str = "") -> None:
+    """Check every field of `config` and its sections against its declared ranges; ConfigError names the key."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for check in f.metadata.get("checks", ()):
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v) or not check.ok(v):
+                    raise ConfigError(f"{key}={value!r} makes no sense here: it must be {check.rule}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "rs50"
-    num_classes: int = 1000
+    num_classes: Optional[int] = checked(None, at_least(1))  # None: inferred from the data (class folders, CSV, the task); set: checked
     weights: Optional[str] = None  # checkpoint file to start from (timm's or ours), read offline
-    drop_rate: float = 0.0  # dropout before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth
-    drop_path_schedule: str = "stage"  # "stage" (official) or "block" (timm)
+    drop_rate: float = checked(0.0, fraction())  # dropout before the classifier
+    drop_path_rate: float = checked(0.0, fraction())  # stochastic depth
+    drop_path_schedule: str = checked("stage", one_of("stage", "block"))  # "stage" (official) or "block" (timm)
     zero_init_last: bool = True
-    bn_momentum: float = 0.1  # PyTorch convention; the RS recipe uses 1.0 with an EMA of BN buffers
-    init: str = "official"  # or "timm"
+    bn_momentum: float = checked(0.1, fraction(closed_high=True))  # PyTorch convention; the RS recipe uses 1.0 with an EMA of BN buffers
+    init: str = checked("official", one_of("official", "timm"))
 
 
 @dataclass
 class DataConfig:
     root: Optional[str] = None
-    num_workers: int = 4
+    num_workers: int = checked(4, at_least(0))
 
 
 @dataclass
 class TrainConfig:
     # Length: give exactly one. A step is one optimizer update of `batch_size` images.
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    batch_size: int = 256  # global: per-process batch x processes x grad_accum_steps
-    grad_accum_steps: int = 1
+    epochs: Optional[int] = checked(None, at_least(1))
+    steps: Optional[int] = checked(None, at_least(1))
+    batch_size: int = checked(256, at_least(1))  # global: per-process batch x processes x grad_accum_steps
+    grad_accum_steps: int = checked(1, at_least(1))
     # Optimizer: SGD with momentum; peak LR = lr x batch_size / 256 when scale_lr, else lr.
-    lr: float = 0.1
+    lr: float = checked(0.1, at_least(0))
     scale_lr: bool = True
-    momentum: float = 0.9
+    momentum: float = checked(0.9, fraction())
     nesterov: bool = True  # official TF1 ResNet-RS code
-    weight_decay: float = 4e-5
+    weight_decay: float = checked(4e-5, at_least(0))
     weight_decay_norm_bias: bool = False  # False: no decay on 1-D parameters (BN/LN/GN scales and shifts, biases)
-    clip_grad_norm: Optional[float] = None  # max global gradient norm; None: no clipping
+    clip_grad_norm: Optional[float] = checked(None, above(0))  # max global gradient norm; None: no clipping
     # Schedule over optimizer steps: linear warmup to the peak LR, then "cosine" to 0 or "step" decay.
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0  # give warmup_epochs or warmup_steps, not both
-    warmup_steps: int = 0
-    decay_epochs: list[float] = field(default_factory=list)  # "step": multiply LR by decay_rate at these epochs
-    decay_steps: list[int] = field(default_factory=list)  # ... or at these steps
-    decay_rate: float = 0.1
-    label_smoothing: float = 0.0  # read by tasks that use a cross-entropy loss
+    schedule: str = checked("cosine", one_of("cosine", "step"))
+    warmup_epochs: float = checked(0.0, at_least(0))  # give warmup_epochs or warmup_steps, not both
+    warmup_steps: int = checked(0, at_least(0))
+    decay_epochs: list[float] = checked(None, at_least(0), factory=list)  # "step": LR x decay_rate at these epochs
+    decay_steps: list[int] = checked(None, at_least(0), factory=list)  # ... or at these steps
+    decay_rate: float = checked(0.1, fraction(closed_high=True, open_low=True))
+    label_smoothing: float = checked(0.0, fraction())  # read by tasks that use a cross-entropy loss
     # EMA of weights and BN buffers, updated after every step; evaluation uses it when on.
-    ema_decay: Optional[float] = None  # e.g. 0.9999; None: no EMA
+    ema_decay: Optional[float] = checked(None, fraction())  # e.g. 0.9999; None: no EMA
     ema_warmup: bool = True  # official: decay at step t = min(ema_decay, (1 + t) / (10 + t))
     # Speed: autocast, channels-last memory format, torch.compile.
-    amp: str = "auto"  # "bf16", "none", or "auto": bf16 on GPU, none on CPU (CPU bf16 is often several times slower)
+    amp: str = checked("auto", one_of("auto", "bf16", "none"))  # "bf16", "none", or "auto": bf16 on GPU, none on CPU (CPU bf16 is often several times slower)
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (dense tasks with small per-GPU batches)
     find_unused_parameters: bool = False  # DDP option for models that skip parameters in some steps
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
+    device: str = checked("auto", one_of("auto", "cpu", "cuda"))  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
     # Evaluation, checkpoints and logging. Evaluation always runs at the end as well.
-    eval_every_epochs: int = 1  # 0: off
-    eval_every_steps: int = 0  # 0: off
-    checkpoint_every_steps: int = 0  # also checkpoint after every evaluation and at the end; 0: only those
-    keep_last: int = 2  # step checkpoints kept, besides best.pt; 0: all
-    log_every_steps: int = 50
+    eval_every_epochs: int = checked(1, at_least(0))  # 0: off
+    eval_every_steps: int = checked(0, at_least(0))  # 0: off
+    checkpoint_every_steps: int = checked(0, at_least(0))  # also after every evaluation and at the end; 0: only those
+    keep_last: int = checked(2, at_least(0))  # step checkpoints kept, besides best.pt; 0: all
+    log_every_steps: int = checked(50, at_least(1))  # also when stop signals and non-finite values are checked
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 
 
@@ -111,9 +166,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             raise ConfigError(f"bad override {item!r}: {error}") from None
         _merge(config, parsed, f"override {item!r}")
     try:
-        return OmegaConf.to_object(config)
+        resolved = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
         raise ConfigError(f"incomplete config: {_first_line(error)}") from None
+    validate(resolved)
+    return resolved
 
 
 def save_config(config, output_dir: str | Path) -> Path:
@@ -149,7 +206,7 @@ def _read_chain(path: Path, seen: tuple) -> DictConfig:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through `base:`")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding=TEXT_ENCODING)) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict):

@@ -1,16 +1,97 @@
-"""Writing result files so that a kill at any moment leaves the old file or the new one, never half of one."""
+"""Writing result files so that a kill at any moment leaves the old file or the new one, never half of one.
+
+Every file the toolkit writes (configs, metrics, tables, checkpoints, exported weights) goes through `atomic_open`:
+the bytes go to a hidden temp file in the same folder (`.NAME.tmp.PID`), are flushed to disk, and the temp file is
+renamed over NAME. A full disk or a read-only folder is one `FileWriteError` naming the file, with the old file
+intact and the temp file removed; a temp file left by a killed writer is removed by `remove_stale_temp_files`.
+JSON is written without NaN or Infinity, which are not JSON (other tools refuse to read them).
+"""
 
 import json
+import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
+
+from rs_transfer.errors import UserError
+
+TEMP_MARK = ".tmp."
+
+
+class FileWriteError(UserError):
+    pass
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w"):
+    """Open a temp file beside `path` for writing ("w" text or "wb" bytes); on success it replaces `path`.
+
+    Raises FileWriteError (one line: the file and the OS's reason) when the folder cannot be written or the disk
+    fills; `path` is then untouched and no temp file is left.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise FileWriteError(f"cannot write {path}: {error.strerror or error} (the previous file, if any, is "
+                             "intact)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(folder: str | Path) -> list:
+    """Delete temp files that killed writers left in `folder` (not this process's own); returns their paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    mine = f"{TEMP_MARK}{os.getpid()}"
+    stale = [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file() and not p.name.endswith(mine)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    with atomic_open(path, "w") as file:
+        file.write(text)
+    return Path(path)
+
+
+def to_json(obj, indent: int | None = None, where: str = "") -> str:
+    """`json.dumps` that refuses NaN and Infinity with a FileWriteError naming the key that holds one."""
+    bad = _non_finite_key(obj)
+    if bad is not None:
+        raise FileWriteError(f"{where or 'JSON output'}: {bad} is not a finite number; NaN and Infinity are not "
+                             "JSON, so the result was not written")
+    return json.dumps(obj, indent=indent)
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    return atomic_write_text(path, to_json(obj, indent=2, where=str(path)) + "\n")
+
+
+def _non_finite_key(obj, key: str = "value") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{key} = {obj}"
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite_key(v, f"{key}[{k!r}]" if key != "value" else repr(k))
+        if found:
+            return found
+    return None

@@ -1,7 +1,8 @@
 """A toy task for the engine tests: a small MLP classifying points that a fixed linear map labels.
 
-Run as a script (`python tests/engine_toy.py OUTPUT_DIR [key=value ...] [--kill-at N] [--nan-at N]`) it trains
-through `rs_transfer.engine.trainer.train`, which lets tests launch it under torchrun and kill it with SIGKILL.
+Run as a script (`python tests/engine_toy.py OUTPUT_DIR [key=value ...] [--kill-at N] [--nan-at N]
+[--term-group-at-index I]`) it trains through `rs_transfer.engine.trainer.train`, which lets tests launch it under
+torchrun, kill it with SIGKILL, or signal its whole process group from a DataLoader worker as SLURM does.
 The dataset adds random noise to every sample and the model has dropout, so a resumed run only matches an
 uninterrupted one when the engine restores the RNG states and the sampler position exactly.
 """
@@ -21,6 +22,7 @@ from rs_transfer.config import RunConfig, load_config
 from rs_transfer.engine.distributed import all_reduce_sum, shard
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.trainer import train
+from rs_transfer.errors import StoppedBySignal
 
 DIM, CLASSES = 8, 4
 TOY = Path(__file__)
@@ -33,7 +35,8 @@ def script_env(**extra) -> dict:
 
 
 class Points(Dataset):
-    def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None, kill_with=signal.SIGKILL):
+    def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None, kill_with=signal.SIGKILL,
+                 term_group_at: int | None = None, marker: str | None = None):
         generator = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, DIM, generator=generator)
         labeller = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))
@@ -41,6 +44,8 @@ class Points(Dataset):
         self.noise = noise
         self.kill_at = kill_at
         self.kill_with = kill_with
+        self.term_group_at = term_group_at  # sample index whose fetch sends SIGTERM to the process group, once
+        self.marker = marker  # a file that records that it was sent (each worker holds its own copy of this set)
         self.fetched = 0
 
     def __len__(self) -> int:
@@ -50,6 +55,9 @@ class Points(Dataset):
         self.fetched += 1
         if self.kill_at is not None and self.fetched == self.kill_at + 1:
             os.kill(os.getpid(), self.kill_with)
+        if i == self.term_group_at and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os.killpg(os.getpgid(0), signal.SIGTERM)
         return self.x[i] + self.noise * torch.randn(DIM), self.y[i]
 
 
@@ -86,11 +94,12 @@ def make_evaluate(val_set: Dataset):
 
 
 def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None,
-              kill_with=signal.SIGKILL, nan_at=None, seed: int = 0) -> Task:
+              kill_with=signal.SIGKILL, nan_at=None, seed: int = 0, term_group_at=None, marker=None) -> Task:
     torch.manual_seed(seed)
     model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
     val = Points(128, seed=99, noise=0.0)
-    train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with)
+    train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with, term_group_at=term_group_at,
+                       marker=marker)
     return Task(model=model, train_set=train_set, evaluate=make_evaluate(val), primary_metric="accuracy")
 
 
@@ -108,6 +117,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kill-at", type=int, help="signal this process when fetching sample number N + 1")
     parser.add_argument("--signal", default="SIGKILL", help="the signal --kill-at sends")
     parser.add_argument("--nan-at", type=int)
+    parser.add_argument("--term-group-at-index", type=int,
+                        help="SIGTERM to the whole process group when sample I is fetched (once per output dir)")
     parser.add_argument("--bn", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.1)
@@ -116,8 +127,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     config = toy_config(args.output_dir, *args.overrides)
     task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
-                     kill_with=signal.Signals[args.signal], nan_at=args.nan_at)
-    train(config, task)
+                     kill_with=signal.Signals[args.signal], nan_at=args.nan_at,
+                     term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"))
+    try:
+        train(config, task)
+    except StoppedBySignal as stop:  # what the CLI does: one line, the signal's exit code
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_defaults_yaml_and_overrides_stack(tmp_path):
     assert config.model.name == "rs101"  # from the base file
     assert config.train.batch_size == 64 and config.train.epochs == 3  # the child only lists its difference
     assert config.seed == 7 and config.model.drop_rate == 0.25 and config.data.root == "/data/x"
-    assert config.model.num_classes == 1000  # dataclass default
+    assert config.model.num_classes is None  # dataclass default: inferred from the data
     assert load_config(RunConfig, base).train.epochs == 10
 
 
@@ -83,3 +83,4 @@ def test_saved_config_round_trips_with_commit(tmp_path):
     assert path == tmp_path / "run" / "config.yaml"
     assert path.read_text().startswith("# rs-transfer run config; git commit: ")
     assert load_config(RunConfig, path) == config
+

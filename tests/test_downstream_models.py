@@ -64,3 +64,25 @@ def test_table5_matches_paper():
     assert protocol.TABLE5 == rows
     assert protocol.TABLE5_TASKS == ("cifar100", "pascal_det", "pascal_seg", "ade_seg", "nyu_depth")
     assert protocol.paper_value("R152", "RS", "pascal_seg") == 78.2
+
+
+def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatch):
+    # One order everywhere: `sweep` runs grid(task) in order, `sweep --point I` runs grid(task)[I].
+    import json
+
+    from rs_transfer.downstream import finetune
+
+    ran = []
+
+    def fake_run(config, synthetic=False):
+        ran.append((config.train.lr, config.train.steps))
+        out = tmp_path / "sweep" / protocol.point_name(config.train.lr, config.train.steps)
+        out.mkdir(parents=True)
+        (out / "final_metrics.json").write_text(json.dumps({"miou": 0.5}))
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    grid = protocol.grid("pascal_seg")
+    for index in (0, 1, 7, 20):
+        finetune.sweep("pascal_seg", overrides=[f"output_dir={tmp_path / 'sweep'}"], point=index)
+    assert ran == [grid[0], grid[1], grid[7], grid[20]]
+    assert grid[:2] == [(0.005, 5000), (0.01, 5000)] and grid[7] == (0.005, 10000)

@@ -94,9 +94,13 @@ checkpoint.atomic_save({{"step": 2, "w": torch.zeros(1000)}}, {str(path)!r})
     assert not leftovers[0].exists() and path.exists()
 
 
+def training_state(step: int) -> dict:
+    return {key: {} for key in ckpt.TRAINING_KEYS} | {"step": step}
+
+
 def test_resume_auto_takes_the_newest_readable_checkpoint(tmp_path, caplog):
-    ckpt.atomic_save({"step": 3}, ckpt.step_path(tmp_path, 3))
-    ckpt.atomic_save({"step": 10}, ckpt.step_path(tmp_path, 10))
+    ckpt.atomic_save(training_state(3), ckpt.step_path(tmp_path, 3))
+    ckpt.atomic_save(training_state(10), ckpt.step_path(tmp_path, 10))
     assert ckpt.find_resume("auto", tmp_path) == ckpt.step_path(tmp_path, 10)
     ckpt.step_path(tmp_path, 12).write_bytes(b"copied by hand, cut short")
     assert ckpt.find_resume("auto", tmp_path) == ckpt.step_path(tmp_path, 10)

@@ -1,6 +1,7 @@
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from rs_transfer.errors import UserError
 from rs_transfer.pretrain import data, transforms
-from rs_transfer.pretrain.synthetic import make_folder_dataset, make_image, make_shard_dataset
+from rs_transfer.pretrain.synthetic import make_folder_dataset, make_image, make_shard_dataset, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,6 @@ def test_tar_shards_load_with_labels(tmp_path):
 
 
 def test_shards_read_the_same_pixels_as_the_encoded_file(tmp_path):
-    from rs_transfer.pretrain.synthetic import write_shards
-
     rng = np.random.default_rng(0)
     images = [make_image(i % 2, 2, (33, 21), rng) for i in range(3)]
     write_shards(tmp_path, [(f"a/k{i}", image, i % 2) for i, image in enumerate(images)])
@@ -171,3 +170,69 @@ def test_bench_data_reports_every_pipeline(tmp_path, capsys):
     assert result["source"] == f"3 images from {tmp_path / 'train'}"
     rates = result["images_per_cpu_s_per_worker"]
     assert set(rates) == {"rs-tf", "rs-timm", "timm", "decode"} and all(rate > 0 for rate in rates.values())
+
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+
+
+def test_num_classes_unset_is_inferred_from_the_class_folders(folder):
+    items, classes = data.load_split(folder, "train", num_classes=None)
+    assert len(items) == 30 and data.infer_num_classes(items, classes, folder / "train") == 3
+
+
+def test_num_classes_unset_for_shards_is_max_label_plus_one_only_when_no_class_is_missing(tmp_path):
+    root = make_shard_dataset(tmp_path / "full", num_classes=3, train_per_class=2, val_per_class=1)
+    items, classes = data.load_split(root, "train", num_classes=None)
+    assert data.infer_num_classes(items, classes, root / "train") == 3
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i}", make_image(i % 3, 3, (16, 16), rng), i % 3 + 1) for i in range(6)]  # 1-based labels
+    write_shards(tmp_path / "gap" / "train", samples)
+    items, classes = data.load_split(tmp_path / "gap", "train", num_classes=None)
+    with pytest.raises(UserError, match=r"gap/train: tar shards have labels 1\.\.3 but no image of class 0; "
+                                        r"set model.num_classes"):
+        data.infer_num_classes(items, classes, tmp_path / "gap" / "train")
+    assert len(data.load_split(tmp_path / "gap", "train", num_classes=4)[0]) == 6  # set: the range check only
+
+
+def test_class_folder_without_images_and_files_not_used_are_named(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
+    (root / "train" / "class_002").mkdir()
+    (root / "train" / "class_002" / "scan.tif").write_bytes(b"II*\x00")  # not an extension we read
+    (root / "train" / "class_000" / "notes.txt").write_text("about this class")
+    (root / "train" / "class_000" / ".DS_Store").write_bytes(b"\x00")  # hidden: not data, not reported
+    with caplog.at_level(logging.WARNING, logger="rs_transfer.pretrain.data"):
+        items, classes = data.load_split(root, "train", num_classes=None)
+    assert classes == ["class_000", "class_001", "class_002"] and len(items) == 4
+    assert data.infer_num_classes(items, classes, root / "train") == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 class folder(s) hold no image" in m and "class_002" in m and "class_000" not in m for m in messages)
+    assert any("2 files in class folders are not used" in m and "class_000/notes.txt" in m and "class_002/scan.tif" in m
+               and ".DS_Store" not in m for m in messages)
+
+
+def test_demo_config_leaves_num_classes_to_the_data():
+    from rs_transfer.config import load_config
+    from rs_transfer.pretrain.config import PretrainConfig
+
+    assert load_config(PretrainConfig, DEMO, []).model.num_classes is None
+
+
+def test_task_resolves_num_classes_for_the_model_and_cotraining(tmp_path):
+    from rs_transfer.config import load_config
+    from rs_transfer.pretrain.config import PretrainConfig
+    from rs_transfer.pretrain.task import build_task
+
+    root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=2, val_per_class=1)
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    refs = [item.ref for item in data.list_images(root / "val")]
+    (pseudo / "meta.json").write_text(json.dumps({"images": str(root / "val"), "num_classes": 3}))
+    (pseudo / "selected.jsonl").write_text("".join(
+        json.dumps({"ref": ref, "label": 2, "confidence": 0.9, "topk": [[2, 0.9], [0, 0.1]]}) + "\n" for ref in refs))
+    config = load_config(PretrainConfig, DEMO, [f"data.root={root}", "data.num_workers=0", "cotrain.enabled=true",
+                                                f"cotrain.pseudo_labels={pseudo}", "data.image_size=16"])
+    task = build_task(config)
+    assert config.model.num_classes == 3 and task.model.net.fc.out_features == 3
+    batch = task.collate_fn([0, 1, 2, 3])
+    assert batch["target"].shape == (4, 3) and batch["num_pseudo"] == 2
+    assert batch["target"][2:].argmax(1).tolist() == [2, 2]

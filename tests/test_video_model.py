@@ -125,6 +125,9 @@ def test_inflation_keeps_3d_head_when_classes_differ_and_rejects_wrong_models():
             inflate_2d(ResNet3d("rs26-w0.25", init="timm"), partial)
         with pytest.raises(UserError, match="cannot inflate conv1.0.weight"):
             inflate_2d(ResNet3d("rs26-w0.25", init="timm"), create_model("rs26-w0.5", init="timm").state_dict())
+    integers = {k: v.long() for k, v in create_model("rs26-w0.25", init="timm").state_dict().items()}
+    with pytest.raises(UserError, match="cannot inflate conv1.0.weight: the 2D checkpoint holds torch.int64"):
+        inflate_2d(ResNet3d("rs26-w0.25", init="timm"), integers)
 
 
 def test_bad_switches_are_user_errors():

@@ -51,7 +51,7 @@ def test_evaluator_averages_views_per_video_and_skips_broken_ones(tmp_path, capl
 
 def test_class_count_and_config_typos_are_named(tmp_path):
     root = synthetic.write_dataset(tmp_path / "k400", "csv", {"train": 1, "val": 1}, num_frames=8)
-    config = load_config(VideoConfig, None, [f"data.root={root}", "model.name=rs26-w0.25"])
+    config = load_config(VideoConfig, None, [f"data.root={root}", "model.name=rs26-w0.25", "model.num_classes=400"])
     with pytest.raises(ConfigError, match="model.num_classes=400 but .* has 4 training classes"):
         build_task(config)
     with pytest.raises(ConfigError, match="did you mean 'data.scale_jitter'"):

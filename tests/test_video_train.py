@@ -21,8 +21,9 @@ def test_demo_learns_motion_direction_and_eval_reproduces_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["video", "train", "--config", str(DEMO), f"output_dir={out}", f"data.root={tmp_path / 'data'}"]) == 0
     final = json.loads((out / "final_metrics.json").read_text())
-    # 4 directions, 16 validation videos: chance is 0.25; a single frame carries no direction. Measured 0.5.
-    assert final["top1"] >= 0.4375 and final["videos"] == 16
+    # 4 directions, 16 validation videos: chance is 0.25; a single frame carries no direction. Measured 0.9375 at
+    # seed 0 (and 0.94, 0.56, 0.69 at seeds 1-3): same seed, same run, so the margin is for other CPUs' arithmetic.
+    assert final["top1"] >= 0.5 and final["videos"] == 16
     assert (out / "config.yaml").is_file()
     capsys.readouterr()
     assert main(["video", "eval", "--checkpoint", str(out / "final.pt"), "--views", "3"]) == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from rs_transfer.bench.latency import LatencyResult, device_name, format_results, measure
 from rs_transfer.bench.specs import BenchSpec
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models.zoo import TABLE7
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def write_table7(results, out_dir: Path, plot: bool = True) -> list:
     paths = [out_dir / "table7.json", out_dir / "table7.md", out_dir / "pareto.png"]
     document = {**setup, "ratio_method": RATIO_METHOD, "rows": rows, "results": [r.to_dict() for r in results]}
     atomic_write_json(paths[0], document)  # a killed run keeps the previous table7.json whole
-    paths[1].write_text(render_markdown(rows, setup))
+    atomic_write_text(paths[1], render_markdown(rows, setup))
     if plot:
         plot_pareto(rows, setup, paths[2])
     return paths if plot else paths[:2]

@@ -1,8 +1,12 @@
 """CIFAR-100 transfer: the python pickles as distributed (`cifar-100-python/{train,test}`), images resized to
 `task.image_size` (the paper: 256), a new linear head on the zoo classifier, top-1.
 
-data.root holds `cifar-100-python/` (or is it). Each pickle is a dict with byte-string keys: b"data" (N x 3072
-uint8, the R, G and B planes of 32x32 images) and b"fine_labels" (N ints in 0..99).
+data.root holds `cifar-100-python/` (or is it). Each pickle is a dict with byte-string keys (Python 2 wrote them;
+str keys of a file re-saved by Python 3 are read too): b"data" (N x 3072 uint8, the R, G and B planes of 32x32
+images) and b"fine_labels" (N ints in 0..99).
+
+Unpickling can run any function a file names, so the pickles are read by `CifarUnpickler`, which builds only
+dicts, lists, strings, bytes, numbers and numpy arrays; a file naming anything else is refused before it runs.
 """
 
 import pickle
@@ -15,6 +19,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+try:
+    from numpy._core import multiarray, numeric  # numpy >= 2
+except ImportError:
+    from numpy.core import multiarray, numeric  # numpy 1.x
+
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, eval_loader, find_dir, model_device, require, to_device
 from rs_transfer.downstream.fpn import Normalize
@@ -25,21 +34,70 @@ from rs_transfer.models import create_model
 NUM_CLASSES = 100
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    # Python 3 pickles bytes at protocol 2 as _codecs.encode(text, "latin1"); no other codec is needed.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with codec {encoding!r}")
+    return text.encode("latin1")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Builds only what CIFAR pickles hold. Python 2's cPickle wrote numpy.core.multiarray._reconstruct,
+    numpy.ndarray and numpy.dtype for the b"data" array; numpy 2 writes numpy._core (and _frombuffer at protocol
+    5, scalar for numpy integers in lists); Python 3 at protocol 2 writes bytes via _codecs.encode. Any other
+    global (os.system, builtins.eval, ...) raises pickle.UnpicklingError before it is called."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+        ("numpy.core.multiarray", "scalar"): multiarray.scalar,
+        ("numpy._core.multiarray", "scalar"): multiarray.scalar,
+        ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR pickle never holds "
+                                         "(refused, not run: the file may be crafted to run code)") from None
+
+
+def _field(data, name: str):
+    # Python 2 wrote byte-string keys; a file re-saved by Python 3 has str keys.
+    if not isinstance(data, dict):
+        raise TypeError(f"the pickle holds a {type(data).__name__}, not a dict")
+    for key in (name.encode(), name):
+        if key in data:
+            return data[key]
+    raise KeyError(name)
+
+
 def read_cifar(root, split: str) -> tuple:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,) in 0..99) of cifar-100-python/`split`.
+
+    Raises DatasetError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
+    class beyond `CifarUnpickler.ALLOWED` (nothing it names is called)."""
     folder = find_dir(root, ("cifar-100-python", "."), "CIFAR-100 (a cifar-100-python folder)")
     path = require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f, encoding="bytes")
-        images = np.asarray(data[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(data[b"fine_labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
-        raise DatasetError(f"{path} is not a CIFAR-100 pickle with b'data' (N x 3072) and b'fine_labels': "
+            data = CifarUnpickler(f, encoding="bytes").load()
+        pixels = np.asarray(_field(data, "data"))
+        labels = np.asarray(_field(data, "fine_labels"), dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise DatasetError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
                            f"{type(error).__name__}: {error}") from None
-    if len(images) != len(labels) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DatasetError(f"{path}: {len(images)} images, {len(labels)} labels in "
-                           f"{labels.min()}..{labels.max()}: expected one label in 0..99 per image")
-    return images, labels
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{path}: 'data' is {pixels.dtype} {pixels.shape}: expected uint8 N x 3072")
+    if len(labels) == 0 or len(pixels) != len(labels) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DatasetError(f"{path}: {len(pixels)} images, {len(labels)} labels in "
+                           f"{labels.min(initial=0)}..{labels.max(initial=0)}: expected one label in 0..99 per image")
+    return pixels.reshape(-1, 3, 32, 32), labels
 
 
 class Cifar100(Dataset):

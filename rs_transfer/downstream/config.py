@@ -7,42 +7,42 @@ keeps `configs/downstream/<task>.yaml` flat and lets a `--config` file switch ta
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import ConfigError, DataConfig, RunConfig
+from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, one_of
 
 
 @dataclass
 class TaskConfig:
     name: str = "pascal_seg"  # cifar100, pascal_seg, ade_seg, nyu_depth, pascal_det
-    crop_size: int = 512  # training crop (segmentation 512, detection 896, depth 640 in the paper)
-    scale_min: float = 0.5  # scale jitter range, relative to the crop
-    scale_max: float = 2.0
-    image_size: int = 256  # cifar100: images are resized to this (the paper: 256)
-    fpn_channels: int = 256
-    head_channels: int = 256  # width of the 3 conv layers of the dense head
-    eval_batch_size: int = 8
+    crop_size: int = checked(512, at_least(1))  # training crop (segmentation 512, detection 896, depth 640 in the paper)
+    scale_min: float = checked(0.5, above(0))  # scale jitter range, relative to the crop
+    scale_max: float = checked(2.0, above(0))
+    image_size: int = checked(256, at_least(1))  # cifar100: images are resized to this (the paper: 256)
+    fpn_channels: int = checked(256, at_least(1))
+    head_channels: int = checked(256, at_least(1))  # width of the 3 conv layers of the dense head
+    eval_batch_size: int = checked(8, at_least(1))
     # pascal_seg
     train_split: str = "train"  # ImageSets/Segmentation/<split>.txt, or "trainaug" (needs sbd_root)
     val_split: str = "val"
     sbd_root: Optional[str] = None  # folder holding SBD's dataset/cls/*.mat (benchmark_RELEASE)
     # nyu_depth
-    nyu_format: str = "auto"  # "h5" (sparse-to-dense release), "bts" (sync PNGs + file lists) or "auto"
-    depth_min: float = 1e-3  # metres; ground truth outside (depth_min, depth_max) is not evaluated
-    depth_max: float = 10.0
+    nyu_format: str = checked("auto", one_of("auto", "h5", "bts"))  # "h5" (sparse-to-dense release), "bts" (sync PNGs + file lists) or "auto"
+    depth_min: float = checked(1e-3, at_least(0))  # metres; ground truth outside (depth_min, depth_max) is not evaluated
+    depth_max: float = checked(10.0, above(0))
     eigen_crop: bool = True  # evaluate inside the Eigen et al. crop (rows 45:471, cols 41:601 of 480x640)
     # pascal_det
     det_train_sets: list = field(default_factory=lambda: ["2007:trainval", "2012:trainval"])
     det_test_set: str = "2007:test"
-    anchor_sizes: list = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
-    det_eval_size: int = 896  # test images: longer side resized to this
-    det_fc_channels: int = 1024  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
-    det_rois_per_image: int = 512  # RoIs sampled per training image for the box head (torchvision's default)
-    det_score_thresh: float = 0.001
-    det_max_per_image: int = 100
+    anchor_sizes: list = checked(None, above(0), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
+    det_eval_size: int = checked(896, at_least(1))  # test images: longer side resized to this
+    det_fc_channels: int = checked(1024, at_least(1))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
+    det_rois_per_image: int = checked(512, at_least(1))  # RoIs sampled per training image for the box head (torchvision's default)
+    det_score_thresh: float = checked(0.001, at_least(0))
+    det_max_per_image: int = checked(100, at_least(1))
 
 
 @dataclass
 class FinetuneData(DataConfig):
-    synthetic_images: int = 48  # --synthetic: training images written (validation gets a quarter)
+    synthetic_images: int = checked(48, at_least(2))  # --synthetic: training images written (validation gets a quarter)
 
 
 @dataclass
@@ -59,7 +59,10 @@ def arch_args(config) -> dict:
 
 
 def check_num_classes(config, expected: int) -> None:
-    # The head's size comes from the dataset; a config that says otherwise is a mistake worth stopping for.
-    if config.model.num_classes != expected:
+    """Unset (None): take the task's count. Set: the head's size comes from the dataset, so a config that says
+    otherwise is a mistake worth stopping for."""
+    if config.model.num_classes is None:
+        config.model.num_classes = expected
+    elif config.model.num_classes != expected:
         raise ConfigError(f"model.num_classes={config.model.num_classes}, but task {config.task.name} has {expected} "
                           f"outputs: set model.num_classes={expected}")

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from rs_transfer.data.images import read_rgb8
+from rs_transfer.data.text import read_lines
 from rs_transfer.errors import UserError
 
 IGNORE = 255  # label of pixels that count neither for the loss nor for mIoU
@@ -42,18 +44,32 @@ def require(path: Path, expected: str) -> Path:
     return path
 
 
+def read_text_lines(path: Path, expected: str) -> list:
+    """The lines of a list file (UTF-8, an optional BOM, any line ending: see rs_transfer.data.text).
+
+    Raises DatasetError naming `path` when it is missing or not UTF-8 text."""
+    try:
+        return read_lines(require(path, expected))
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                           f"expected {expected}") from None
+
+
 def read_split(path: Path, expected: str) -> list:
-    ids = [line.split()[0] for line in require(path, expected).read_text().splitlines() if line.strip()]
+    """The first word of every non-blank line: image ids of a VOC ImageSets or SBD list."""
+    ids = [line.split()[0] for line in read_text_lines(path, expected) if line.strip()]
     if not ids:
         raise DatasetError(f"{path} lists no images: expected {expected}")
     return ids
 
 
 def read_image(path: Path) -> tv_tensors.Image:
+    """uint8 3xHxW RGB of an image file of any mode (16-bit and float scaled, see rs_transfer.data.images).
+
+    Raises DatasetError naming `path` when it is missing or cannot be decoded."""
     try:
-        with Image.open(require(path, "an image file")) as image:
-            array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as error:
+        array = np.asarray(read_rgb8(require(path, "an image file")))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None
     return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 

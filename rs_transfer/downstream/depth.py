@@ -24,7 +24,8 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image, require, to_device,
+    DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image, read_text_lines,
+    require, to_device,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
@@ -50,7 +51,9 @@ def read_h5(path: Path) -> tuple:
         raise DatasetError(f"{path}: expected an HDF5 file with 'rgb' (3xHxW uint8) and 'depth' (HxW metres): {error}") from None
     if rgb.ndim != 3 or rgb.shape[0] != 3 or depth.shape != rgb.shape[1:]:
         raise DatasetError(f"{path}: rgb {rgb.shape} and depth {depth.shape}: expected 3xHxW and HxW")
-    return tv_tensors.Image(torch.from_numpy(rgb.astype(np.uint8))), torch.from_numpy(depth)
+    if rgb.dtype != np.uint8:  # casting would wrap 16-bit values and floor [0, 1] floats to black
+        raise DatasetError(f"{path}: rgb is {rgb.dtype.name}: expected uint8 (0..255), as the sparse-to-dense release")
+    return tv_tensors.Image(torch.from_numpy(rgb)), torch.from_numpy(depth)
 
 
 def read_depth_png(path: Path) -> torch.Tensor:
@@ -82,10 +85,10 @@ def h5_files(root, split: str) -> list:
 
 def bts_items(root, split: str) -> list:
     root = Path(root)
-    listing = require(root / BTS_LISTS[split], "the BTS file list (lines 'RGB DEPTH FOCAL')")
+    listing = root / BTS_LISTS[split]
     base = root / BTS_DIRS[split]
     items = []
-    for number, line in enumerate(listing.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text_lines(listing, "the BTS file list (lines 'RGB DEPTH FOCAL')"), 1):
         parts = line.split()
         if not parts:
             continue
@@ -164,7 +167,9 @@ def make_evaluator(val_set, t, num_workers: int = 0):
                 pred = model(batch).clamp(t.depth_min, t.depth_max)
                 valid = eval_mask(batch["depth"], t.depth_min, t.depth_max, t.eigen_crop, batch["size"])
                 sums += depth_sums(pred, batch["depth"], valid)
-        return depth_metrics(sums)
+        crop = " and the Eigen crop" if t.eigen_crop else ""
+        return depth_metrics(sums, f"ground-truth depth inside ({t.depth_min}, {t.depth_max}) m{crop} in "
+                                   f"{len(val_set)} images")
 
     return evaluate
 

@@ -6,7 +6,6 @@ model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/fina
 
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -17,7 +16,7 @@ from rs_transfer.downstream import protocol
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.downstream.data import DatasetError
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +75,17 @@ def write_synthetic(task: str, root, images: int) -> Path:
     return writers[task]()
 
 
-def ensure_synthetic(task: str, root: Path, images: int, timeout_s: float = 300) -> None:
-    """Write the synthetic dataset once: under torchrun, local rank 0 writes into a temporary folder and renames
-    it into place; the other ranks wait for the folder (the process group does not exist yet)."""
-    if root.is_dir() and any(root.iterdir()):
-        return  # written earlier (a folder the user filled keeps its data; the loader checks its layout)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        write_synthetic(task, tmp, images)
-        if root.is_dir():
-            root.rmdir()  # an empty folder the user made
-        tmp.rename(root)
-        return
-    deadline = time.monotonic() + timeout_s
-    while not (root.is_dir() and any(root.iterdir())):
-        if time.monotonic() > deadline:
-            raise UserError(f"waited {timeout_s:.0f} s for local rank 0 to write the synthetic dataset {root}")
-        time.sleep(0.2)
-
-
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
+    from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
+    from rs_transfer.engine.write_once import write_once
 
     if synthetic:
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
-        ensure_synthetic(config.task.name, root, config.data.synthetic_images)
+        # A folder the user filled keeps its data (the loader checks its layout).
+        write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images))
         config.data.root = str(root)
+    seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = build_task(config)
     metrics = train(config, task)
     name = protocol.PROTOCOLS[config.task.name].metric
@@ -118,7 +102,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
     """Run the task's grid (or one point of it, by index, for one job per point) into OUTPUT_DIR/<point>/, then
     collect every finished point and write OUTPUT_DIR/sweep.json with the best."""
     base = make_config(task, backbone, weights, config_path, overrides)
-    points = [(lr, s) for lr in (learning_rates or protocol.LEARNING_RATES) for s in (steps or protocol.PROTOCOLS[task].steps)]
+    points = protocol.grid(task, learning_rates, steps)
     chosen = points if point is None else [points[_check_point(point, len(points))]]
     for lr, s in chosen:
         out = Path(base.output_dir) / protocol.point_name(lr, s)
@@ -222,7 +206,7 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
     for row in rows + paper:
         cells = ["-" if row[t] is None else f"{row[t]:.1f}" for t in protocol.TABLE5_TASKS]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    (out / "table5.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "table5.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return {"ours": rows, "paper": paper}
 

@@ -10,13 +10,17 @@
   Boxes are continuous (x0, y0, x1, y1); XML boxes enter as (xmin - 1, ymin - 1, xmax, ymax), which gives the
   same IoU as the devkit's "+1" pixel convention.
 - Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE.
+
+A metric with nothing to measure (no labelled pixel, no ground-truth box, no valid depth pixel in the whole
+evaluation set) is undefined: it raises DatasetError instead of returning NaN, infinity or a zero that reads
+like a result.
 """
 
 import numpy as np
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from rs_transfer.downstream.data import IGNORE, rank_and_world
+from rs_transfer.downstream.data import IGNORE, DatasetError, rank_and_world
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -39,6 +43,7 @@ class MeanIoU:
     """Whole-set confusion matrix; `compute()` syncs it over ranks (torchmetrics does the all-reduce)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE, device="cpu"):
+        self.ignore_index = ignore_index
         kwargs = dict(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
         self.mean = MulticlassJaccardIndex(average="macro", **kwargs).to(device)
         # NaN marks a class absent from both prediction and ground truth (left out of the mean above).
@@ -49,8 +54,14 @@ class MeanIoU:
         self.per_class.update(pred, target)
 
     def compute(self, class_names=None) -> dict:
-        """{"miou": ..., "iou/<class>": ...} as floats; classes absent from prediction and truth are not listed."""
-        metrics = {"miou": float(self.mean.compute())}
+        """{"miou": ..., "iou/<class>": ...} as floats; classes absent from prediction and truth are not listed.
+
+        Raises DatasetError when no pixel of the set has a label other than ignore (torchmetrics gives NaN)."""
+        miou = float(self.mean.compute())
+        if miou != miou:  # NaN: every class is absent, i.e. every pixel is ignore
+            raise DatasetError(f"segmentation evaluation found no labelled pixel (every pixel is {self.ignore_index}, "
+                               "ignore): mIoU is undefined; check the label files of the evaluation split")
+        metrics = {"miou": miou}
         for index, value in enumerate(self.per_class.compute().tolist()):
             if value == value:
                 metrics[f"iou/{class_names[index] if class_names else index}"] = value
@@ -69,11 +80,14 @@ def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tor
     ])
 
 
-def depth_metrics(sums: torch.Tensor) -> dict:
-    """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics (pixel-weighted)."""
+def depth_metrics(sums: torch.Tensor, valid: str = "valid ground-truth depth") -> dict:
+    """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics (pixel-weighted).
+
+    Raises DatasetError on every rank when no pixel was valid; `valid` says which pixels count, for the message."""
     pixels, good, abs_rel, squared = all_reduce_sum(sums).tolist()
     if pixels == 0:
-        return {"delta1": 0.0, "abs_rel": float("inf"), "rmse": float("inf"), "pixels": 0}
+        raise DatasetError(f"depth evaluation found no {valid}: delta1, abs_rel and rmse are undefined; check "
+                           "task.depth_min/depth_max (metres) and the depth files (h5: metres, BTS PNGs: millimetres)")
     return {"delta1": good / pixels, "abs_rel": abs_rel / pixels, "rmse": (squared / pixels) ** 0.5, "pixels": int(pixels)}
 
 
@@ -139,6 +153,7 @@ def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
     """detections: [(image_id, class_index, score, box)]; ground_truth: image_id -> (boxes, labels, difficult).
 
     Returns ap50 (mean over classes present in the ground truth) and ap50_per_class (None for absent classes).
+    Raises DatasetError when no class has a non-difficult ground-truth box (AP50 would be undefined).
     """
     per_class = []
     for c in range(len(class_names)):
@@ -149,7 +164,10 @@ def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
         dets = [(image, score, box) for image, label, score, box in detections if label == c]
         per_class.append(class_ap(dets, gt))
     present = [ap for ap in per_class if ap is not None]
+    if not present:
+        raise DatasetError(f"detection evaluation found no non-difficult ground-truth box in {len(ground_truth)} "
+                           "images: AP50 is undefined; check the annotations of the test set")
     return {
-        "ap50": float(np.mean(present)) if present else 0.0,
+        "ap50": float(np.mean(present)),
         "ap50_per_class": dict(zip(class_names, per_class)),
     }

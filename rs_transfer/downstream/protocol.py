@@ -53,9 +53,11 @@ def paper_value(backbone: str, method: str, task: str) -> float:
     raise KeyError((backbone, method))
 
 
-def grid(task: str) -> list:
-    """Every (lr, steps) point of the task's grid, in the order a sequential sweep runs them."""
-    return [(lr, steps) for steps in PROTOCOLS[task].steps for lr in LEARNING_RATES]
+def grid(task: str, learning_rates=None, steps=None) -> list:
+    """Every (lr, steps) point of the task's grid (or of the given values), in the one order used everywhere:
+    shortest training first, and within one length the learning rates from low to high. `sweep` runs them in
+    this order and `sweep --point I` runs `grid(task)[I]`."""
+    return [(lr, s) for s in (steps or PROTOCOLS[task].steps) for lr in (learning_rates or LEARNING_RATES)]
 
 
 def point_name(lr: float, steps: int) -> str:

@@ -71,13 +71,23 @@ def voc_dir(root):
 
 
 def read_sbd_mat(path) -> np.ndarray:
+    """Class indices (uint8 HxW) of an SBD cls/<id>.mat: the 1x1 struct GTcls, field Segmentation.
+
+    Read without squeezing: squeeze_me would turn a label one pixel wide or high into a vector. Raises
+    DatasetError naming `path` when the struct or field is missing or the label is not 2-D class indices."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
-        mat = loadmat(require(path, "an SBD label .mat"), squeeze_me=True, struct_as_record=False)
-        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
-    except (KeyError, AttributeError, ValueError) as error:
-        raise DatasetError(f"SBD label {path} has no GTcls.Segmentation: {error}") from None
+        gt = loadmat(require(path, "an SBD label .mat"), struct_as_record=False)["GTcls"]
+        label = np.asarray(gt[0, 0].Segmentation)
+    except (MatReadError, KeyError, AttributeError, IndexError, TypeError, ValueError) as error:
+        raise DatasetError(f"SBD label {path} has no GTcls.Segmentation: {type(error).__name__}: {error}") from None
+    numeric = label.ndim == 2 and label.dtype.kind in "uif"
+    if not numeric or not np.all((label % 1 == 0) & (label >= 0) & (label <= 255)):
+        raise DatasetError(f"SBD label {path}: GTcls.Segmentation is {label.dtype} {label.shape}: expected a 2-D "
+                           "array of class indices 0..255")
+    return label.astype(np.uint8)
 
 
 def voc_items(root, split: str, sbd_root=None) -> list:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rs_transfer.data.text import read_lines
+
 # A few well-separated colours; class k of a task's chosen classes gets COLOURS[k].
 COLOURS = np.array([
     (220, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 50), (200, 60, 220), (40, 210, 220),
@@ -118,7 +120,7 @@ def write_sbd(root, voc_root, extra=4, size=(96, 128), seed=1) -> Path:
     sbd = Path(root) / "benchmark_RELEASE" / "dataset"
     (sbd / "img").mkdir(parents=True, exist_ok=True)
     (sbd / "cls").mkdir(parents=True, exist_ok=True)
-    voc_val = (Path(voc_root) / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()
+    voc_val = read_lines(Path(voc_root) / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
     ids = [f"2008_{i:06d}" for i in range(extra)]
     for image_id in ids:
         image, label, _ = scene(rng, *size, len(VOC_SEG_CLASSES))

@@ -11,15 +11,16 @@ Files: OUTPUT_DIR/checkpoints/step_00001234.pt (the newest `keep_last`) and best
 """
 
 import logging
-import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import UserError, one_line
+from rs_transfer.files import FileWriteError, atomic_open, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,22 @@ class CheckpointError(UserError):
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, flush it to disk, then rename over `path`.
+    """`torch.save` through `files.atomic_open`: a kill at any moment leaves the old file or the new one, never a
+    half-written `path`; a full disk or read-only folder raises CheckpointError and leaves no temp file."""
+    try:
+        with atomic_open(path, "wb") as file:
+            torch.save(obj, file)
+    except FileWriteError as error:
+        raise CheckpointError(str(error)) from None
 
-    A kill at any moment leaves either the old file or the new one, never a half-written `path`.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """Copy a written checkpoint to `path` atomically (cheaper than serialising the same state twice)."""
+    try:
+        with atomic_open(path, "wb") as file, open(source, "rb") as original:
+            shutil.copyfileobj(original, file, 16 << 20)
+    except FileWriteError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def step_path(folder: Path, step: int) -> Path:
@@ -61,20 +67,41 @@ def prune(folder: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step checkpoints, and temp files left by killed writers."""
     for path in step_checkpoints(folder)[: -keep_last or None] if keep_last > 0 else []:
         path.unlink(missing_ok=True)
-    for path in Path(folder).glob(".*.tmp.*"):
-        if path.name.endswith(f".tmp.{os.getpid()}"):
-            continue
-        path.unlink(missing_ok=True)
+    remove_stale_temp_files(folder)
+
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "step_in_epoch", "batch_size", "rng")
 
 
 def load(path: Path) -> dict:
+    """The dict in a checkpoint file, read with `weights_only=True`; CheckpointError (one line) if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: name it and say why in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {one_line(error)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def load_training(path: Path) -> dict:
+    """A training checkpoint to resume from (see the module docstring).
+
+    Raises CheckpointError for a missing or unreadable file, and for one that holds weights only (`final.pt`,
+    `weights.pth`, a plain state dict): those start a new run through `model.weights`, they cannot resume one.
+    """
+    state = load(path)
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (no {', '.join(missing[:3])}): it holds weights only, like "
+            "final.pt or weights.pth. Resume from OUTPUT_DIR/checkpoints/step_*.pt (or --resume); start a new run "
+            "from these weights with model.weights=PATH"
+        )
+    return state
 
 
 def find_resume(resume: str | None, folder: Path) -> Path | None:
@@ -85,12 +112,16 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
         if not Path(resume).is_file():
             raise CheckpointError(f"train.resume: checkpoint not found: {resume}")
         return Path(resume)
-    for path in reversed(step_checkpoints(folder)):
+    found = step_checkpoints(folder)
+    for path in reversed(found):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            load_training(path)
             return path
-        except Exception as error:  # atomic writes make this rare: a disk fault or a hand-copied file
-            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(error).__name__, error)
+        except CheckpointError as error:  # atomic writes make this rare: a disk fault or a hand-copied file
+            log.warning("skipping unreadable checkpoint %s (%s)", path, error)
+    if found:
+        raise CheckpointError(f"none of the {len(found)} step checkpoints in {folder} can be read (see the warnings "
+                              "above); the run cannot resume. Move them away to start again from step 0")
     return None
 
 

@@ -9,6 +9,7 @@ Evaluators use `shard(dataset)` to split their data over ranks (no padding, so n
 their statistics with `all_reduce_sum`, and get the same metrics on every rank.
 """
 
+import atexit
 import datetime
 import os
 import random
@@ -71,6 +72,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30),
             device_id=torch_device if backend == "nccl" else None,
         )
+        # Destroy the group before the interpreter exits: gloo's threads torn down during interpreter shutdown
+        # abort the process ("terminate called without an active exception"), seen on 2-process CPU runs.
+        atexit.register(cleanup)
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 

@@ -42,21 +42,28 @@ from rs_transfer.engine.distributed import (
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
+from rs_transfer.engine.loader import ignore_stop_signals
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.task import Task
-from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, atomic_write_text
+from rs_transfer.errors import StoppedBySignal, UserError, one_line
+from rs_transfer.files import atomic_write_json, atomic_write_text, remove_stale_temp_files, to_json
 
 log = logging.getLogger(__name__)
 
-AMP_MODES = ("auto", "bf16", "none")
+# Keys a resumed run may change: where things are, how fast and how often it reports. Any other difference to the
+# checkpoint's config (model, data, optimiser, schedule, regularisation, seed) is refused: the restored optimiser
+# state and schedule would silently override it while config.yaml recorded it. Keys naming evaluation ("eval" in
+# the last part: eval_every_steps, eval_views, max_eval_videos, ...) may change too. steps/epochs may change: the
+# schedule is then stretched to the new length (logged).
+RESUME_MAY_CHANGE = {
+    "output_dir", "data.root", "data.num_workers", "data.synthetic", "model.weights", "model.inflate_from",
+    "train.resume", "train.device", "train.compile", "train.amp", "train.channels_last",
+    "train.find_unused_parameters", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_last",
+    "train.steps", "train.epochs",
+}
 
 
 class NonFiniteLossError(UserError):
-    pass
-
-
-class StoppedBySignal(UserError):
     pass
 
 
@@ -132,10 +139,6 @@ class Trainer:
         self.config, self.task = config, task
         if (tc.epochs is None) == (tc.steps is None):
             raise ConfigError("give exactly one of train.epochs and train.steps")
-        if tc.amp not in AMP_MODES:
-            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {tc.amp!r}")
-        if tc.log_every_steps < 1:
-            raise ConfigError(f"train.log_every_steps must be >= 1, not {tc.log_every_steps}")
         if isinstance(task.train_set, IterableDataset):
             raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles "
                             "and resumes it by index")
@@ -150,9 +153,6 @@ class Trainer:
         resume_from, problem = broadcast_object(_pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
         if problem:
             raise ckpt.CheckpointError(problem)
-        if self.main:
-            save_config(config, self.out)
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
         model = self.model = task.model
         if tc.sync_bn and info.world_size > 1:
@@ -181,6 +181,8 @@ class Trainer:
                 log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
                          self.progress.epoch, self.progress.step_in_epoch)
         self.last_saved = resume_from
+        if self.main:  # only once the resume is accepted: a refused one leaves the run's config.yaml as it was
+            _prepare_output(config, self.out, self.ckpt_dir)
 
         self.ddp = None
         if info.world_size > 1:
@@ -244,7 +246,8 @@ class Trainer:
                 if self.stop_requested and not last:
                     raise StoppedBySignal(
                         f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
-                        f"checkpoint {self.last_saved} written: rerun with train.resume=auto to continue"
+                        f"checkpoint {self.last_saved} written: rerun with --resume (train.resume=auto) to continue",
+                        self.signalled,
                     )
             del batches
         if evaluated_at != progress.step:  # resumed from the last checkpoint of a finished run
@@ -266,7 +269,7 @@ class Trainer:
         return DataLoader(
             SeededSamples(self.task.train_set, config.seed, progress.epoch) if workers > 0 else self.task.train_set,
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
-            drop_last=True, pin_memory=self.info.device.type == "cuda",
+            drop_last=True, pin_memory=self.info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
             # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
             # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
             generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, self.info.rank)) % 2**63),
@@ -286,7 +289,15 @@ class Trainer:
             sync = self.ddp is None or i == accum - 1
             with nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
-                    outputs = self.forward(batch)
+                    try:
+                        outputs = self.forward(batch)
+                    except ValueError as error:
+                        if "Expected more than 1 value per channel" not in str(error):
+                            raise
+                        raise ConfigError(
+                            f"train.batch_size={self.tc.batch_size} leaves {self.micro} sample(s) per process and "
+                            "forward pass, and a BatchNorm layer saw one value per channel (a 1x1 feature map): "
+                            "give at least 2 samples per process (train.batch_size) or larger images") from None
                 loss = outputs["loss"]
                 if loss.ndim != 0:
                     raise ValueError(f"the model's 'loss' must be a scalar, got shape {tuple(loss.shape)}")
@@ -373,26 +384,45 @@ class Trainer:
             state["ema"] = self.ema.module.state_dict()
         path = ckpt.step_path(self.ckpt_dir, progress.step)
         if self.main:
-            ckpt.atomic_save(state, path)
+            # best.pt first: the step checkpoint records this result as the best so far, and a run resumed from
+            # it never writes best.pt for it again, so a kill between the two files must not leave the step one.
             if best:
                 ckpt.atomic_save(state, self.ckpt_dir / "best.pt")
+                ckpt.atomic_copy(self.ckpt_dir / "best.pt", path)
+            else:
+                ckpt.atomic_save(state, path)
             ckpt.prune(self.ckpt_dir, self.tc.keep_last)
         self.last_saved = path
         self.paused += time.perf_counter() - started
 
     def _check_flags(self) -> None:
-        """Agree over ranks on a non-finite loss (stop with an error) and on a stop signal (sets stop_requested)."""
+        """Agree over ranks on non-finite values (stop with an error) and on a stop signal (sets stop_requested).
+
+        Called before every checkpoint, so no checkpoint ever holds NaN or infinite weights: a step whose loss was
+        finite can still make its update infinite (a huge LR), so the weights themselves are checked, not only
+        the losses seen since the last check.
+        """
         signalled = torch.tensor(float(self.signalled is not None), device=self.info.device)
-        nonfinite, stop = all_reduce_max(torch.stack([self.nonfinite, signalled])).tolist()
+        flags = torch.stack([self.nonfinite, self._nonfinite_weights(), signalled])
+        nonfinite_loss, nonfinite_weights, stop = all_reduce_max(flags).tolist()
         self.stop_requested = self.stop_requested or stop > 0
-        if nonfinite > 0:
+        if nonfinite_loss > 0 or nonfinite_weights > 0:
+            what = "the loss" if nonfinite_loss > 0 else "the weights (after a finite loss)"
             where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
                      else "no checkpoint was written yet")
             raise NonFiniteLossError(
-                f"the loss became NaN or infinite before step {self.progress.step} (epoch {self.progress.epoch}); "
+                f"{what} became NaN or infinite before step {self.progress.step} (epoch {self.progress.epoch}); "
                 f"training stopped and {where}. Lower train.lr, raise train.warmup_epochs or set "
                 "train.clip_grad_norm"
             )
+
+    def _nonfinite_weights(self) -> torch.Tensor:
+        """1.0 when a parameter or buffer of the model (or its EMA) holds NaN or inf, else 0.0; on the device."""
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return torch.zeros((), device=self.info.device)
+        return (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().to(self.info.device)
 
 
 def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | None]:
@@ -407,19 +437,24 @@ def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str |
 
 
 def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
-    state = ckpt.load(path)
+    state = ckpt.load_training(path)
     if state["batch_size"] != config.train.batch_size:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was trained with train.batch_size={state['batch_size']}, this run has "
             f"{config.train.batch_size}: resuming needs the same global batch"
         )
-    model.load_state_dict(state["model"])
-    if ema is not None:
-        if "ema" not in state:
-            raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
-        ema.module.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if isinstance(state.get("config"), dict):
+        check_resumable(state["config"], to_dict(config), path)
+    if ema is not None and "ema" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
+    try:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run's model: {one_line(error)}") from None
     rngs = state["rng"]
     if len(rngs) == info.world_size:
         ckpt.set_rng_state(rngs[info.rank])
@@ -429,6 +464,50 @@ def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
         seed_everything(config.seed + info.rank + 1_000_003 * state["step"])
     return Progress(step=state["step"], epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
                     best=state["best"], metrics=state["metrics"])
+
+
+def check_resumable(saved: dict, current: dict, path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a key outside RESUME_MAY_CHANGE.
+
+    Raises CheckpointError listing every such key with both values (checked before anything is written).
+    """
+    old, new = _flatten(saved), _flatten(current)
+    changed = [key for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and "eval" not in key.split(".")[-1]]
+    if changed:
+        shown = "; ".join(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now" for key in changed[:6])
+        more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ckpt.CheckpointError(
+            f"cannot resume from {path}: the config changed ({shown}{more}). The restored optimiser state and "
+            "schedule would override these, so put them back, or start a new run in another output_dir "
+            "(model.weights=... starts from the checkpoint's weights)"
+        )
+    for key in ("train.steps", "train.epochs"):
+        if old.get(key) != new.get(key):
+            log.warning("resuming with %s=%s (the checkpoint's run had %s): the LR schedule now spans the new length",
+                        key, new.get(key), old.get(key))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _prepare_output(config: RunConfig, out: Path, ckpt_dir: Path) -> None:
+    """Rank 0: the run folder with config.yaml; temp files of killed writers removed. One error if unwritable."""
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output_dir {out}: {error.strerror or error}") from None
+    save_config(config, out)
+    for folder in (out, ckpt_dir):
+        for path in remove_stale_temp_files(folder):
+            log.info("removed %s, left by a writer that was killed", path)
 
 
 def to_channels_last(model: nn.Module) -> None:
@@ -472,8 +551,7 @@ class RunLogger:
             return
         self.path = out / "metrics.jsonl"
         if resumed and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in _readable_events(self.path) if json.loads(line).get("step", 0) <= start_step]
             _write_lines(self.path, kept)
         elif not resumed:
             self.path.write_text("")
@@ -529,8 +607,28 @@ class RunLogger:
             self.writer = None
 
     def _append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = to_json(record, where=str(self.path)) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as error:
+            raise UserError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+
+def _readable_events(path: Path) -> list[str]:
+    """The lines of metrics.jsonl that parse; a line torn by a kill mid-write (the last one) is dropped."""
+    lines = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not a complete JSON record (a write cut short by a kill): dropped", path,
+                        number)
+            continue
+        lines.append(line)
+    return lines
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

@@ -291,6 +291,9 @@ def inflate_2d(model: ResNet3d, state_dict_2d: dict, mode: str = "mean") -> list
             skipped.append(key)
             continue
         want = target[key].shape
+        if target[key].is_floating_point() and not value.is_floating_point():
+            # load_state_dict would cast integer or bool weights into the float parameter without a word
+            raise UserError(f"cannot inflate {key}: the 2D checkpoint holds {value.dtype}, the model {target[key].dtype}")
         if key.startswith("fc.") and value.shape != want:
             skipped.append(key)
             continue

@@ -1,25 +1,32 @@
 """Load checkpoints into zoo models, offline and strictly.
 
-Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors), timm training checkpoints
-(`state_dict` / `state_dict_ema`), our own training checkpoints (`model` / `ema`), and DDP `module.` prefixes.
-A checkpoint never runs code. Every key and shape must line up; the one deliberate exception is the classifier:
-a classifier of another size (or none, for a feature extractor) is dropped, the model keeps its freshly
-initialised head, and a log line says so.
+Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors), timm's train.py
+checkpoints (`state_dict` / `state_dict_ema`, beside its `args`), our own training checkpoints (`model` / `ema`),
+and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. A checkpoint never runs code. Every key,
+shape and kind of number must line up; the one deliberate exception is the classifier: a classifier of another
+size (or none, for a feature extractor) is dropped, the model keeps its freshly initialised head, and a log line
+says so.
 """
 
+import argparse
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 PLAIN_KEYS = ("state_dict", "model")
 CLASSIFIER_PREFIX = "fc."
+# DDP / DataParallel and torch.compile wrappers; either may wrap the other, so they are stripped in any order.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# timm's train.py stores its parsed command line (`args`, an argparse.Namespace) in every checkpoint; timm's own
+# loader allows this one plain data class under weights_only=True, and so do we. Nothing else is allowed.
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 class WeightsError(UserError):
@@ -27,9 +34,11 @@ class WeightsError(UserError):
 
 
 def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
-    """The tensor dict inside a checkpoint file, unwrapped and without `module.` prefixes.
+    """The tensor dict inside a checkpoint file, unwrapped and without `module.` / `_orig_mod.` prefixes.
 
     prefer_ema: take the EMA weights when the file has both (the RS recipe evaluates the EMA).
+    Raises WeightsError (one line naming the file) when the file is missing, unreadable, would need code to run,
+    or holds something other than tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,9 +49,10 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
 
             checkpoint = load_file(str(path), device="cpu")
         else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file: say which, and why, in one line
-        raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: {error}") from None
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or foreign file: say which, and why (torch's text is coloured, multi-line)
+        raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: {one_line(error)}") from None
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
     order = EMA_KEYS + PLAIN_KEYS if prefer_ema else PLAIN_KEYS + EMA_KEYS
@@ -57,12 +67,47 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
                 f"weights file {path}: entry {key!r} is not a tensor; expected a state dict or a checkpoint "
                 f"with one of {list(EMA_KEYS + PLAIN_KEYS)}"
             )
-        state_dict[key.removeprefix("module.")] = value
+        state_dict[strip_wrappers(key)] = value
     return state_dict
 
 
+def strip_wrappers(key: str) -> str:
+    """`key` without the leading prefixes of WRAPPER_PREFIXES, e.g. `module._orig_mod.conv1.weight` -> `conv1.weight`."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]  # each wrapper prefix is one name and a dot
+    return key
+
+
+def check_fit(path: str | Path, state_dict: dict, own: dict, what: str = "the model", hint: str = "") -> None:
+    """Raise WeightsError naming the missing and unexpected keys, shape conflicts and dtype conflicts of
+    `state_dict` (from file `path`) against `own` (the model's state dict).
+
+    A dtype conflict is an integer or bool tensor where the model holds floating point: `load_state_dict` would cast
+    it silently (a safetensors file of int64 weights loads as whole numbers). float16/bfloat16 weights are fine.
+    """
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shared = [k for k in own if k in state_dict]
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in shared
+        if own[k].shape != state_dict[k].shape
+    ]
+    wrong_kind = [
+        f"{k}: file {state_dict[k].dtype} vs model {own[k].dtype}"
+        for k in shared
+        if own[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_kind:
+        raise WeightsError(
+            f"weights file {path} does not fit {what}: " + _describe(missing, unexpected, mismatched, wrong_kind) + hint
+        )
+
+
 def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) -> nn.Module:
-    """Load `path` into `model` strictly, except for a classifier that does not fit (dropped on purpose)."""
+    """Load `path` into `model` strictly, except for a classifier that does not fit (dropped on purpose).
+
+    Raises WeightsError naming the file and every key, shape or dtype that does not fit (see `check_fit`)."""
     state_dict = read_state_dict(path, prefer_ema=prefer_ema)
     own = model.state_dict()
     classifier = {k for k in state_dict if k.startswith(CLASSIFIER_PREFIX)}
@@ -76,23 +121,16 @@ def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) ->
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
         own = {k: v for k, v in own.items() if k not in own_classifier}
         dropped = True
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and own[k].shape != state_dict[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise WeightsError(f"weights file {path} does not fit the model: " + _describe(missing, unexpected, mismatched))
+    check_fit(path, state_dict, own)
     # Every other key was checked above; only a dropped classifier leaves the model keys the file lacks.
     model.load_state_dict(state_dict, strict=not dropped)
     return model
 
 
-def _describe(missing, unexpected, mismatched, show: int = 5) -> str:
+def _describe(missing, unexpected, mismatched, wrong_kind, show: int = 5) -> str:
     parts = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape conflicts", mismatched)):
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape conflicts", mismatched),
+                        ("dtype conflicts", wrong_kind)):
         if keys:
             more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
             parts.append(f"{len(keys)} {label}: {', '.join(keys[:show])}{more}")

@@ -6,24 +6,26 @@ Model, optimiser, schedule, label smoothing and EMA keys are the shared `model.*
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import DataConfig, RunConfig
+from rs_transfer.config import DataConfig, RunConfig, above, at_least, checked, fraction, one_of
 
 
 @dataclass
 class PretrainDataConfig(DataConfig):
-    image_size: int = 224  # training resolution S
-    eval_image_size: Optional[int] = None  # None: the training resolution, as in the paper
-    crop_min_area: float = 0.08  # random resized crop area range [crop_min_area, 1]
-    eval_split: str = "val"  # "val": ROOT/val; "minival": hold out minival_fraction of ROOT/train and train on the rest
-    minival_fraction: float = 0.02
+    image_size: int = checked(224, at_least(1))  # training resolution S
+    eval_image_size: Optional[int] = checked(None, at_least(1))  # None: the training resolution, as in the paper
+    crop_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))  # random resized crop area [min, 1]
+    # "val": ROOT/val; "minival": hold out minival_fraction of ROOT/train and train on the rest
+    eval_split: str = checked("val", one_of("val", "minival"))
+    minival_fraction: float = checked(0.02, fraction(open_low=True))
     minival_seed: int = 0  # fixed apart from `seed`, so every run holds out the same images
 
 
 @dataclass
 class AugmentConfig:
-    randaugment: str = "tf"  # "tf" (official TF behaviour), "timm" (timm's rand_augment_transform) or "none"
-    num_layers: int = 2
-    magnitude: float = 10.0  # 0-10 scale; TF's ops go past 10 (the paper uses 15 for large models)
+    # "tf" (official TF behaviour), "timm" (timm's rand_augment_transform) or "none"
+    randaugment: str = checked("tf", one_of("tf", "timm", "none"))
+    num_layers: int = checked(2, at_least(0))
+    magnitude: float = checked(10.0, at_least(0))  # 0-10 scale; TF's ops go past 10 (the paper uses 15 for large models)
     timm_config: str = ""  # with randaugment=timm: a timm config string, e.g. "rand-m9-mstd0.5-inc1"
 
 
@@ -31,8 +33,8 @@ class AugmentConfig:
 class CotrainConfig:
     enabled: bool = False
     pseudo_labels: Optional[str] = None  # the --out folder of `rs-transfer pseudo-label`
-    data_ratio: float = 1.0  # Model Garden semantics: int(B * r / (1 + r)) of each batch of B are pseudo-labelled
-    targets: str = "soft"  # "soft": the teacher's stored top-k probabilities; "hard": its label (+ label smoothing)
+    data_ratio: float = checked(1.0, above(0))  # Model Garden semantics: int(B * r / (1 + r)) of each batch of B are pseudo-labelled
+    targets: str = checked("soft", one_of("soft", "hard"))  # "soft": the teacher's stored top-k probabilities; "hard": its label (+ label smoothing)
 
 
 @dataclass

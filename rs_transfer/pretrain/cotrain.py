@@ -81,8 +81,8 @@ def load_pseudo_set(folder: str | Path, transform, num_classes: int) -> data.Ima
 
     meta, records = read_selection(Path(folder))
     if meta["num_classes"] != num_classes:
-        raise UserError(f"pseudo-labels in {folder} have {meta['num_classes']} classes, model.num_classes="
-                        f"{num_classes}")
+        raise UserError(f"pseudo-labels in {folder} have {meta['num_classes']} classes, the model "
+                        f"{num_classes} (model.num_classes, or the training split's class count when unset)")
     by_ref = {item.ref: item for item in data.list_images(Path(meta["images"]))}
     missing = [r["ref"] for r in records if r["ref"] not in by_ref]
     if missing:
@@ -91,13 +91,13 @@ def load_pseudo_set(folder: str | Path, transform, num_classes: int) -> data.Ima
     return data.ImageDataset([by_ref[r["ref"]] for r in records], transform, targets=records)
 
 
-def build(config, labelled: data.ImageDataset) -> tuple:
-    """(train dataset, collate function) for co-training; `labelled` is the supervised train set."""
+def build(config, labelled: data.ImageDataset, num_classes: int) -> tuple:
+    """(train dataset, collate function) for co-training; `labelled` is the supervised train set and
+    `num_classes` the model's resolved class count (model.num_classes may be None: inferred from the data)."""
     c = config.cotrain
     if c.data_ratio <= 0:
         raise UserError(f"cotrain.data_ratio must be positive, got {c.data_ratio}")
-    pseudo = load_pseudo_set(c.pseudo_labels, labelled.transform, config.model.num_classes)
-    collate = MixedCollate(labelled, pseudo, c.data_ratio, config.model.num_classes, config.train.label_smoothing,
-                           c.targets)
+    pseudo = load_pseudo_set(c.pseudo_labels, labelled.transform, num_classes)
+    collate = MixedCollate(labelled, pseudo, c.data_ratio, num_classes, config.train.label_smoothing, c.targets)
     return SlotDataset(round(len(labelled) * (1 + c.data_ratio))), collate
 

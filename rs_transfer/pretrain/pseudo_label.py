@@ -91,6 +91,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = distributed.init_distributed("auto")
+    distributed.seed_everything(0)  # the teacher's weights are all loaded, but nothing may depend on the RNG
     rank, world, device = info.rank, info.world_size, info.device
     others = [p for p in out_dir.glob("rank*-of-*.jsonl") if not p.name.endswith(f"-of-{world:05d}.jsonl")]
     if others:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from rs_transfer.config import load_config
 from rs_transfer.engine.checkpoint import atomic_save
-from rs_transfer.engine.distributed import barrier, init_distributed, is_main
+from rs_transfer.engine.distributed import init_distributed, is_main, seed_everything
+from rs_transfer.engine.write_once import write_once
 from rs_transfer.models.weights import read_state_dict
 from rs_transfer.pretrain.config import PretrainConfig
 
@@ -37,6 +38,7 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
     init_distributed(config.train.device)  # before building data, so ranks can agree on it
     if synthetic:
         config.data.root = str(make_synthetic(config))
+    seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = build_task(config)
     metrics = train(config, task)
     train_sets = [task.collate_fn.labelled, task.collate_fn.pseudo] if config.cotrain.enabled else [task.train_set]
@@ -49,15 +51,17 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
     return metrics
 
 
+SYNTHETIC_CLASSES = 4  # when model.num_classes is unset
+
+
 def make_synthetic(config: PretrainConfig) -> Path:
-    """The demo's generated folder dataset in OUTPUT_DIR/synthetic_data (made once, by rank 0)."""
+    """The demo's generated folder dataset in OUTPUT_DIR/synthetic_data (written once, atomically)."""
     from rs_transfer.pretrain.synthetic import make_folder_dataset
 
-    root = Path(config.output_dir) / "synthetic_data"
-    if is_main() and not (root / "val").is_dir():
-        make_folder_dataset(root, num_classes=config.model.num_classes, train_per_class=64, val_per_class=16)
-    barrier()
-    return root
+    classes = config.model.num_classes or SYNTHETIC_CLASSES
+    return write_once(Path(config.output_dir) / "synthetic_data",
+                      lambda folder: make_folder_dataset(folder, num_classes=classes, train_per_class=64,
+                                                         val_per_class=16))
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:

@@ -1,6 +1,7 @@
 """ImageNet-style classification as an engine Task: data, a zoo model with its loss, and a top-1/top-5 evaluator."""
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +62,18 @@ class TopKEvaluator:
 
 
 def build_datasets(config: PretrainConfig) -> tuple:
-    """(train items, eval items, class names) of data.root, with the minival split applied when asked."""
+    """(train items, eval items, class names) of data.root, with the minival split applied when asked.
+
+    model.num_classes unset (None) is inferred from the training split and written back into `config`, so the
+    model, co-training and the run's saved config.yaml all hold the one count (set, it is checked instead)."""
     if not config.data.root:
         raise UserError("data.root is not set: give data.root=DIR (DIR/train/<class>/<images>, DIR/val/...)")
     num_classes = config.model.num_classes
     train_items, classes = data.load_split(config.data.root, "train", num_classes)
+    if num_classes is None:
+        num_classes = data.infer_num_classes(train_items, classes, Path(config.data.root) / "train")
+        config.model.num_classes = num_classes
+        log.info("model.num_classes=%d, from %s/train", num_classes, config.data.root)
     if config.data.eval_split == "minival":
         train_items, eval_items = data.minival_split(train_items, config.data.minival_fraction,
                                                      config.data.minival_seed)
@@ -91,7 +99,7 @@ def build_task(config: PretrainConfig) -> Task:
     if config.cotrain.enabled:
         from rs_transfer.pretrain import cotrain
 
-        train_set, collate_fn = cotrain.build(config, train_set)
+        train_set, collate_fn = cotrain.build(config, train_set, config.model.num_classes)
     m = config.model
     net = create_model(m.name, num_classes=m.num_classes, weights=m.weights, drop_rate=m.drop_rate,
                        drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from rs_transfer.engine.distributed import is_main
+from rs_transfer.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,6 @@ def write_table(name: str, title: str, results: list, out: Path, unit: str, scal
         ours = "not run" if r["ours"] is None else f"{r['ours'] * scale:.1f}"
         diff = "" if r["ours"] is None else f"{r['ours'] * scale - r['paper']:+.1f}"
         lines.append(f"| {r['label']} | {r['paper']:.1f} | {ours} | {diff} | {r['run_dir']} |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / f"{name}.json", results)
     log.info("wrote %s and %s", out / f"{name}.md", out / f"{name}.json")

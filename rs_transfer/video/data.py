@@ -4,17 +4,21 @@ Two layouts are read (`find_layout` tells them apart):
 - class folders: ROOT/train/<class name>/*.mp4 and ROOT/val/<class name>/*.mp4
 - the CSV annotations as distributed (e.g. the CVDF copy): ROOT/annotations/train.csv and ROOT/annotations/val.csv
   (or validate.csv), columns label,youtube_id,time_start,time_end,split[,is_cc], and the videos in
-  ROOT/train/ and ROOT/val/ named <youtube_id>_<time_start:06d>_<time_end:06d>.mp4. Rows whose video is
-  missing (many copies lack some) are left out with one log line giving the count.
-Class indices are the sorted class names of the training split, so train and val agree.
+  ROOT/train/ and ROOT/val/ named <youtube_id>_<time_start:06d>_<time_end:06d> plus any suffix of VIDEO_SUFFIXES
+  (copies mix mp4, mkv and webm). Rows whose video is missing (many copies lack some) are left out with one log
+  line giving the count.
+Class indices are the sorted class names of the training split, so train and val agree; an empty class folder is
+left out with a warning naming it.
 
 Our own dataset instead of pytorchvideo's `LabeledVideoDataset`: that one is an IterableDataset, while the engine
 shards a map-style dataset with a DistributedSampler (and resumes it exactly); decoding is a few lines of PyAV.
-A video that cannot be decoded or is too short is skipped with a log line naming it and a running count.
+A video that cannot be decoded or is too short is skipped with a log line naming it and a running count. Frames
+are counted by demuxing, not read from the header: a download cut short keeps a header declaring every frame.
 """
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rs_transfer.data.text import open_csv
 from rs_transfer.errors import UserError
 from rs_transfer.video import sampling
 
@@ -62,20 +67,36 @@ def find_layout(root: str | Path) -> str:
 
 def list_videos(root: str | Path, split: str) -> tuple[list, list]:
     """(videos of `split`, class names); class indices come from the training split."""
+    videos, classes = list_splits(root, (split,))
+    return videos[split], classes
+
+
+def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
+    """({split: videos}, class names), reading each split once (the training split gives the classes).
+
+    Raises VideoDataError naming the root or file when a layout, annotation file, split or class is missing.
+    """
     root = Path(root)
     layout = find_layout(root)
-    rows = _folder_rows if layout == "folders" else _csv_rows
-    classes = sorted({label for _, label in rows(root, "train")})
+    read_rows = _folder_rows if layout == "folders" else _csv_rows
+    rows = {"train": read_rows(root, "train")}
+    classes = sorted({label for _, label in rows["train"]})
     if not classes:
         raise VideoDataError(f"no training videos found under {root} ({layout} layout)")
     index = {name: i for i, name in enumerate(classes)}
-    videos = []
-    for path, label in rows(root, split):
-        if label not in index:
-            raise VideoDataError(f"{path}: class {label!r} of the {split} split has no training videos under {root}")
-        videos.append(Video(path, index[label]))
-    if not videos:
-        raise VideoDataError(f"no {split} videos found under {root} ({layout} layout)")
+    videos = {}
+    for split in splits:
+        if split not in rows:
+            rows[split] = read_rows(root, split)
+        videos[split] = []
+        for path, label in rows[split]:
+            if label not in index:
+                raise VideoDataError(
+                    f"{path}: class {label!r} of the {split} split has no training videos under {root}"
+                )
+            videos[split].append(Video(path, index[label]))
+        if not videos[split]:
+            raise VideoDataError(f"no {split} videos found under {root} ({layout} layout)")
     return videos, classes
 
 
@@ -83,12 +104,16 @@ def _folder_rows(root: Path, split: str) -> list:
     split_dir = root / split
     if not split_dir.is_dir():
         raise VideoDataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
-    return [
-        (path, class_dir.name)
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir())
-        for path in sorted(class_dir.iterdir())
-        if path.suffix.lower() in VIDEO_SUFFIXES
-    ]
+    rows = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        paths = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not paths:
+            # Usually a failed download or copy; in train it silently shrinks the class list.
+            consequence = "the model gets no output for it" if split == "train" else "nothing of it is evaluated"
+            log.warning("class folder %s holds no videos (%s): the class is left out of the %s split, %s",
+                        class_dir, " ".join(VIDEO_SUFFIXES), split, consequence)
+        rows.extend((path, class_dir.name) for path in paths)
+    return rows
 
 
 def _csv_rows(root: Path, split: str) -> list:
@@ -96,8 +121,9 @@ def _csv_rows(root: Path, split: str) -> list:
     csv_path = next((root / "annotations" / n for n in names if (root / "annotations" / n).is_file()), None)
     if csv_path is None:
         raise VideoDataError(f"annotation file not found: {root / 'annotations' / names[0]}")
+    on_disk = _videos_by_stem(root / split)
     rows, missing = [], 0
-    with open(csv_path, newline="") as file:
+    with open_csv(csv_path) as file:
         reader = csv.DictReader(file)
         needed = {"label", "youtube_id", "time_start", "time_end"}
         if not needed <= set(reader.fieldnames or ()):
@@ -107,27 +133,45 @@ def _csv_rows(root: Path, split: str) -> list:
                 start, end = int(float(row["time_start"])), int(float(row["time_end"]))
             except ValueError:
                 raise VideoDataError(f"{csv_path}, line {line}: time_start/time_end are not numbers") from None
-            path = root / split / f"{row['youtube_id']}_{start:06d}_{end:06d}.mp4"
-            if path.is_file():
-                rows.append((path, row["label"]))
-            else:
+            path = on_disk.get(f"{row['youtube_id']}_{start:06d}_{end:06d}")
+            if path is None:
                 missing += 1
+            else:
+                rows.append((path, row["label"]))
     if missing:
         log.info("%s: %d of %d listed videos are missing under %s and left out", csv_path, missing,
                  missing + len(rows), root / split)
     return rows
 
 
+def _videos_by_stem(folder: Path) -> dict:
+    """{file name without its suffix: path} of the videos in `folder` (none when it does not exist).
+
+    One listing instead of a lookup per CSV row (Kinetics-400's train.csv has about 240k rows). A clip saved in two
+    containers resolves to the suffix listed first in VIDEO_SUFFIXES, whatever order the folder lists them in.
+    """
+    if not folder.is_dir():
+        return {}
+    with os.scandir(folder) as entries:
+        paths = [Path(e.path) for e in entries if Path(e.name).suffix.lower() in VIDEO_SUFFIXES and e.is_file()]
+    found = {}
+    for path in sorted(paths, key=lambda p: VIDEO_SUFFIXES.index(p.suffix.lower())):
+        found.setdefault(path.stem, path)
+    return found
+
+
 def count_frames(path: Path) -> int:
-    """Frames in the first video stream: the container's count, or a full decode when it has none."""
+    """Frames that decode from the first video stream: its whole packets, counted by demuxing without decoding.
+
+    Not the header's count: a download cut short keeps a header that declares every frame. Demuxing a 10 s clip
+    takes about 1-2 ms (decoding it 13-110 ms; docs/video.md). Raises UnreadableVideo.
+    """
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise UnreadableVideo("no video stream")
             stream = container.streams.video[0]
-            if stream.frames > 0:
-                return stream.frames
-            return sum(1 for _ in container.decode(stream))
+            return sum(1 for _ in _whole_packets(container, stream))
     except av.FFmpegError as error:
         raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
 
@@ -135,7 +179,8 @@ def count_frames(path: Path) -> int:
 def decode_frames(path: Path, indices, short_side: int | None = None) -> dict:
     """{frame index: uint8 array (H, W, 3)} for the wanted indices, decoded from the start (no seeking: Kinetics
     clips are 10 s, and frame-exact seeking is unreliable across codecs). `short_side` resizes during decoding
-    (FFmpeg's swscale, bilinear), which keeps memory small for full-resolution videos."""
+    (FFmpeg's swscale, bilinear), which keeps memory small for full-resolution videos. Only the frames `count_frames`
+    counts are decoded, so indices below it are found in a file cut short too. Raises UnreadableVideo."""
     wanted = set(int(i) for i in indices)
     last = max(wanted)
     frames = {}
@@ -143,7 +188,7 @@ def decode_frames(path: Path, indices, short_side: int | None = None) -> dict:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
+            for i, frame in enumerate(_decoded(container, stream)):
                 if i in wanted:
                     if short_side is not None:
                         height, width = sampling.short_side_size(frame.height, frame.width, short_side)
@@ -156,6 +201,23 @@ def decode_frames(path: Path, indices, short_side: int | None = None) -> dict:
     if len(frames) < len(wanted):
         raise UnreadableVideo(f"decoded {len(frames)} of {len(wanted)} wanted frames (the file ends early)")
     return frames
+
+
+def _whole_packets(container, stream):
+    """The stream's packets up to the end of the file or up to the first one cut short, which FFmpeg flags corrupt
+    (the partial last packet of a truncated download: decoding it raises). One packet holds one frame."""
+    for packet in container.demux(stream):
+        if packet.is_corrupt:
+            return
+        if packet.size:  # the demuxer ends with an empty packet; _decoded flushes the decoder itself
+            yield packet
+
+
+def _decoded(container, stream):
+    """Frames of the whole packets in order, then those the decoder still holds (B-frames are reordered)."""
+    for packet in _whole_packets(container, stream):
+        yield from packet.decode()
+    yield from stream.codec_context.decode(None)
 
 
 class SkipCounter:

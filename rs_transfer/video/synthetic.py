@@ -1,8 +1,9 @@
 """A tiny generated Kinetics: a square moving across noise, whose direction is the class.
 
-Written in either real on-disk layout (class folders, or CSV annotations with youtube_id-named files) as H.264
-MP4 through PyAV, so the demo and the tests read it with exactly the code that reads Kinetics-400. A single frame
-cannot tell the classes apart; only motion can, so a model that learns it uses the time axis.
+Written in either real on-disk layout (class folders, or CSV annotations with youtube_id-named files) through
+PyAV: H.264 in .mp4 / .mkv, VP9 in .webm (real Kinetics copies mix all three), so the demo and the tests read it
+with exactly the code that reads Kinetics-400. A single frame cannot tell the classes apart; only motion can, so
+a model that learns it uses the time axis.
 """
 
 import csv
@@ -36,21 +37,33 @@ def moving_square(direction: tuple, num_frames: int, size: int, rng: np.random.G
     return frames
 
 
+# WebM holds only VP8/VP9/AV1; every other container gets H.264.
+CODECS = {".webm": ("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "crf": "18", "b": "0"})}
+H264 = ("libx264", {"preset": "ultrafast", "crf": "18"})
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
+    """Encode uint8 frames (T, H, W, 3) to `path`; the codec follows the suffix (CODECS). An MP4 gets its index
+    (moov) first, as streamed downloads such as YouTube's have it, so a copy cut short still declares every frame."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+    codec, options = CODECS.get(path.suffix.lower(), H264)
+    container_options = {"movflags": "faststart"} if path.suffix.lower() == ".mp4" else {}
+    with av.open(str(path), mode="w", options=container_options) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18"}
+        stream.options = dict(options)
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
 
 
 def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: dict | None = None,
-                  num_frames: int = 24, size: int = 32, classes: tuple = tuple(DIRECTIONS), seed: int = 0) -> Path:
-    """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout; returns `root`."""
+                  num_frames: int = 24, size: int = 32, classes: tuple = tuple(DIRECTIONS), seed: int = 0,
+                  suffixes: tuple = (".mp4",)) -> Path:
+    """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout; returns `root`.
+
+    Video i of a class gets container suffixes[i % len(suffixes)], so ".mp4", ".mkv", ".webm" mixes them."""
     root = Path(root)
     videos_per_class = videos_per_class or {"train": 16, "val": 4}
     rng = np.random.default_rng(seed)
@@ -59,12 +72,13 @@ def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: d
         for name in classes:
             for i in range(count):
                 frames = moving_square(DIRECTIONS[name], num_frames, size, rng)
+                suffix = suffixes[i % len(suffixes)]
                 if layout == "folders":
-                    write_video(root / split / name / f"{split}_{i:04d}.mp4", frames)
+                    write_video(root / split / name / f"{split}_{i:04d}{suffix}", frames)
                 else:
                     youtube_id = f"{name.split()[-1]}{split}{i:04d}"[:11]
                     start = 10 * i
-                    write_video(root / split / f"{youtube_id}_{start:06d}_{start + 10:06d}.mp4", frames)
+                    write_video(root / split / f"{youtube_id}_{start:06d}_{start + 10:06d}{suffix}", frames)
                     rows[split].append((name, youtube_id, start, start + 10, split))
     if layout == "csv":
         (root / "annotations").mkdir(parents=True, exist_ok=True)

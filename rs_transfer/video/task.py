@@ -9,8 +9,6 @@ stochastic depth `model.drop_path_rate`, EMA `train.ema_decay`, weight decay `tr
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,8 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config
+from rs_transfer.engine.loader import ignore_stop_signals
 from rs_transfer.engine.task import Task
+from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
 from rs_transfer.video import data, sampling, synthetic
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class VideoModelConfig(ModelConfig):
     name: str = "rs50"  # 2D zoo grammar: rs<depth> = SE + ResNet-D; resnet<depth>[-se][-d] for the ladder
-    num_classes: int = 400
+    num_classes: Optional[int] = None  # None: the training split's classes (400 for Kinetics-400)
     temporal_kernels: str = "rs"  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
     self_gating: bool = False  # S3D-G gating in each stage's last block (not in Table 6)
     stem_pool: str = "max"  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
@@ -85,6 +86,8 @@ class VideoClassifier(nn.Module):
 
 def build_net(config: VideoConfig) -> ResNet3d:
     m = config.model
+    if m.num_classes is None:
+        raise ValueError("model.num_classes is unset: resolve_num_classes sets it from the data before building")
     net = ResNet3d(
         m.name, num_classes=m.num_classes, temporal_kernels=m.temporal_kernels, self_gating=m.self_gating,
         stem_pool=m.stem_pool, avg_down=m.avg_down, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
@@ -105,20 +108,14 @@ def build_net(config: VideoConfig) -> ResNet3d:
 
 
 def load_3d_weights(net: ResNet3d, path: str) -> None:
-    """A 3D checkpoint of ours (`video train`'s checkpoints or final.pt; EMA weights preferred), strictly."""
-    from rs_transfer.models.weights import WeightsError, read_state_dict
+    """A 3D checkpoint of ours (`video train`'s checkpoints or final.pt; EMA weights preferred), strictly: keys,
+    shapes and float-ness (WeightsError naming them otherwise)."""
+    from rs_transfer.models.weights import check_fit, read_state_dict, strip_wrappers
 
-    state = {k.removeprefix("net."): v for k, v in read_state_dict(path).items()}
-    own = net.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or bad:
-        raise WeightsError(
-            f"checkpoint {path} does not fit the 3D {type(net).__name__} built from the config: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(bad)} shape conflicts (e.g. {bad[:3]}); check model.name, model.num_classes, "
-            "model.temporal_kernels and model.self_gating"
-        )
+    # Ours hold the VideoClassifier (`net.` keys); its network may itself have been compiled or wrapped.
+    state = {strip_wrappers(k.removeprefix("net.")): v for k, v in read_state_dict(path).items()}
+    check_fit(path, state, net.state_dict(), what=f"the 3D {type(net).__name__} built from the config",
+              hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
     net.load_state_dict(state)
 
 
@@ -126,28 +123,28 @@ def prepare_root(config: VideoConfig) -> Path:
     if config.data.root is None:
         raise ConfigError("data.root is not set: give data.root=/path/to/kinetics400 (see docs/video.md)")
     root = Path(config.data.root)
-    if config.data.synthetic and not root.exists():
-        # Every rank may get here at once: write to a private folder and rename it into place (atomic), so a
-        # rank either sees the whole dataset or writes its own copy and drops it.
-        tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-        synthetic.write_dataset(tmp, "folders", seed=config.seed)
-        try:
-            tmp.rename(root)
-        except OSError:
-            shutil.rmtree(tmp)
-        log.info("wrote the synthetic moving-square dataset to %s", root)
+    if config.data.synthetic:  # written once, atomically; a folder that holds data is used as it is
+        write_once(root, lambda folder: synthetic.write_dataset(folder, "folders", seed=config.seed))
     return root
+
+
+def resolve_num_classes(config: VideoConfig, classes: list, root: Path) -> None:
+    """Set `config.model.num_classes` to the training split's class count when unset (so the saved run config
+    holds the number); raise ConfigError when it is set to another count."""
+    if config.model.num_classes is None:
+        config.model.num_classes = len(classes)
+        log.info("model.num_classes=%d: the training classes under %s", len(classes), root)
+    elif config.model.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes={config.model.num_classes} but {root} has {len(classes)} training "
+                          "classes (leave model.num_classes unset to take the data's count)")
 
 
 def build_task(config: VideoConfig) -> Task:
     root = prepare_root(config)
     d = config.data
-    train_videos, classes = data.list_videos(root, "train")
-    val_videos, _ = data.list_videos(root, "val")
-    if len(classes) != config.model.num_classes:
-        raise ConfigError(
-            f"model.num_classes={config.model.num_classes} but {root} has {len(classes)} training classes"
-        )
+    videos, classes = data.list_splits(root, ("train", "val"))
+    train_videos, val_videos = videos["train"], videos["val"]
+    resolve_num_classes(config, classes, root)
     log.info("%s: %d training and %d validation videos, %d classes", root, len(train_videos), len(val_videos),
              len(classes))
     augment = sampling.TrainAugment(
@@ -200,7 +197,8 @@ def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
     num_clips, num_crops = sampling.views_for(d.eval_views)
     device = next(net.parameters()).device
     mine = videos[get_rank()::get_world_size()]
-    loader = DataLoader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)))
+    loader = DataLoader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)),
+                        worker_init_fn=ignore_stop_signals)
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, skipped
     was_training = net.training
     net.eval()
@@ -240,9 +238,13 @@ def _batched(items, size: int):
 
 
 def run_train(config_path: str, overrides: list) -> dict:
+    from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
 
     config = load_config(VideoConfig, config_path, overrides)
+    prepare_root(config)
+    seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
+    # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
     metrics = train(config, build_task(config))
     log.info("final: %s", json.dumps(metrics))
     return metrics
@@ -267,11 +269,10 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     config.model.inflate_from = None
     config.model.weights = str(checkpoint)
     info = init_distributed(config.train.device)
+    root = prepare_root(config)
+    val_videos, classes = data.list_videos(root, "val")
+    resolve_num_classes(config, classes, root)
     net = build_net(config).to(info.device)
-    val_videos, classes = data.list_videos(prepare_root(config), "val")
-    if len(classes) != config.model.num_classes:
-        raise ConfigError(f"model.num_classes={config.model.num_classes} but {config.data.root} has "
-                          f"{len(classes)} training classes")
     if config.data.max_eval_videos is not None:
         val_videos = val_videos[: config.data.max_eval_videos]
     metrics = {"views": views, "checkpoint": str(checkpoint),
@@ -279,5 +280,5 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     if is_main():
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"eval_{views}views.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(out / f"eval_{views}views.json", metrics)
     return metrics

@@ -1,0 +1,35 @@
+"""DataLoaders the way every part of the toolkit builds them: workers that survive a stop signal, and the
+per-rank shard of an evaluation set.
+
+SLURM and torchrun stop a job by signalling the whole process group, DataLoader workers included. PyTorch's
+workers die on a SIGTERM that does not come from their parent, and the main process then fails with "DataLoader
+worker ... killed by signal" before it can save anything. Workers therefore ignore the stop signals: the main
+process alone decides when to stop (engine/trainer.py saves a checkpoint first), and it shuts its workers down
+through the DataLoader as usual; a worker whose parent has died exits by itself (PyTorch's watchdog).
+"""
+
+import signal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rs_transfer.engine.distributed import shard
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's and torchrun's stop signal; a common --signal choice
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader `worker_init_fn`: this worker ignores SIGTERM and SIGUSR1 (runs after PyTorch installs its own
+    worker handlers, which it replaces)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers: int = 0,
+                device: torch.device | None = None) -> DataLoader:
+    """This rank's shard of an evaluation set (every sample exactly once over all ranks, no padding duplicates,
+    which would bias the metric), in order, with stop-signal-proof workers and pinned memory for a CUDA device."""
+    part = shard(dataset)
+    return DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                      num_workers=min(num_workers, len(part)), worker_init_fn=ignore_stop_signals,
+                      pin_memory=device is not None and torch.device(device).type == "cuda")

@@ -1,0 +1,289 @@
+"""Faults of a cluster job: stop signals to the whole process group, divergence, kills between files, refused
+resumes, foreign or unreadable checkpoints, torn logs, full disks, and nonsense config values."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine_toy
+from engine_toy import TOY, script_env
+from rs_transfer.config import ConfigError, RunConfig, load_config
+from rs_transfer.engine import checkpoint as ckpt
+from rs_transfer.engine.trainer import NonFiniteLossError
+from rs_transfer.errors import UserError
+from rs_transfer.files import FileWriteError
+
+
+@pytest.fixture
+def deterministic():
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)
+
+
+def run_group(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run in a new session, so a signal to 'the whole process group' reaches the run and not pytest."""
+    return subprocess.run(args, env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def final_weights(folder) -> dict:
+    return torch.load(folder / "final.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+
+
+def all_finite(path) -> bool:
+    state = torch.load(path, weights_only=True)
+    return all(torch.isfinite(v).all() for part in ("model", "ema") if part in state
+               for v in state[part].values() if v.is_floating_point())
+
+
+WORKERS = ["data.num_workers=2", "train.ema_decay=0.9", "--bn"]
+
+
+@pytest.mark.slow  # launches Python processes that import torch
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert run_group([sys.executable, TOY, reference, *WORKERS]).returncode == 0
+    result = run_group([sys.executable, TOY, stopped, *WORKERS, "--term-group-at-index", "100"])
+    # The worker that sent SIGTERM to the group and its sibling survive it; the main process saves and stops.
+    assert "killed by signal" not in result.stderr
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "stopped: stopped by SIGTERM at step" in result.stderr
+    assert len(ckpt.step_checkpoints(stopped / "checkpoints")) == 1 and not (stopped / "final.pt").exists()
+    assert run_group([sys.executable, TOY, stopped, *WORKERS, "train.resume=auto"]).returncode == 0
+    assert_same_weights(final_weights(reference), final_weights(stopped))
+
+
+@pytest.mark.slow  # three two-process torchrun launches
+def test_sigterm_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOY]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert run_group([*torchrun, reference, *WORKERS]).returncode == 0
+    result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100"])
+    assert "killed by signal" not in result.stderr
+    assert "stopped by SIGTERM at step" in result.stderr, result.stderr[-3000:]
+    saved = ckpt.step_checkpoints(stopped / "checkpoints")
+    assert len(saved) == 1 and not (stopped / "final.pt").exists()
+    assert len(ckpt.load(saved[0])["rng"]) == 2  # both ranks' random states were gathered into it
+    resumed = run_group([*torchrun, stopped, *WORKERS, "train.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(reference), final_weights(stopped))
+
+
+def test_an_infinite_update_after_a_finite_loss_is_never_checkpointed(tmp_path, deterministic):
+    # lr 3e38 on inputs of scale 100: the first step's loss is finite, its update overflows the weights.
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="the weights .* NaN or infinite .* no checkpoint was written"):
+        engine_toy.main([str(out), "train.lr=3e38", "train.scale_lr=false", "train.checkpoint_every_steps=1",
+                         "train.log_every_steps=1", "--noise", "100"])
+    assert ckpt.step_checkpoints(out / "checkpoints") == [] and not (out / "checkpoints" / "best.pt").exists()
+
+
+def test_a_diverging_run_names_a_last_good_checkpoint_whose_weights_are_finite(tmp_path, deterministic):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as error:
+        engine_toy.main([str(out), "train.lr=1e3", "train.checkpoint_every_steps=1", "train.eval_every_steps=1",
+                         "train.log_every_steps=1"])
+    named = str(error.value).split("the last good checkpoint is ")[1].split(".pt")[0] + ".pt"
+    assert all_finite(named)
+    for path in [*ckpt.step_checkpoints(out / "checkpoints"), out / "checkpoints" / "best.pt"]:
+        assert all_finite(path), path
+
+
+def test_a_kill_between_the_step_checkpoint_and_best_pt_does_not_lose_best(tmp_path, deterministic, monkeypatch):
+    # lr 0: every evaluation gives the same accuracy, so only the first one (step 16) is a new best. The run dies
+    # on the second file of that save; whichever file that is, the resumed run must end with best.pt.
+    out = tmp_path / "run"
+    written = []
+    real_replace = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def dying_replace(source, target):
+        if str(target).endswith(".pt"):
+            written.append(os.path.basename(target))
+            if len(written) == 2:
+                raise Killed
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        engine_toy.main([str(out), "train.lr=0"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(written) == ["best.pt", "step_00000016.pt"]
+    engine_toy.main([str(out), "train.lr=0", "train.resume=auto"])
+    best = ckpt.load(out / "checkpoints" / "best.pt")
+    assert best["step"] == 16 and best["best"] == best["metrics"]["accuracy"]
+
+
+def test_a_refused_resume_leaves_config_yaml_and_names_every_changed_key(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ckpt.CheckpointError) as error:
+        engine_toy.main([str(out), "train.epochs=2", "train.resume=auto", "train.lr=0.8", "train.momentum=0.5",
+                         "train.weight_decay=0.001"])
+    message = str(error.value)
+    for expected in ("train.lr: 1.6 in the checkpoint, 0.8 now", "train.momentum: 0.9 in the checkpoint, 0.5 now",
+                     "train.weight_decay: 0.0 in the checkpoint, 0.001 now"):
+        assert expected in message
+    assert "\n" not in message
+    assert (out / "config.yaml").read_text() == before
+    # Where things are and how often they are logged may change; the length may change (logged).
+    engine_toy.main([str(out), "train.epochs=2", "train.resume=auto", "train.log_every_steps=8",
+                     "data.num_workers=0"])
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
+
+
+def test_resuming_from_weights_only_files_or_another_models_checkpoint_is_a_clear_error(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    torch.save(final_weights(out)["model"], tmp_path / "weights.pth")
+    for weights_only in (out / "final.pt", tmp_path / "weights.pth"):
+        with pytest.raises(ckpt.CheckpointError, match="is not a training checkpoint .* model.weights=PATH"):
+            engine_toy.main([str(tmp_path / "other"), f"train.resume={weights_only}"])
+    # A checkpoint of another model (a wider net, no config to compare): its weights do not fit.
+    state = ckpt.load(out / "checkpoints" / "step_00000016.pt")
+    state["model"] = {k: torch.cat([v, v]) for k, v in state["model"].items()}
+    del state["config"]
+    ckpt.atomic_save(state, tmp_path / "foreign.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"foreign.pt does not fit this run's model: .*size mismatch"):
+        engine_toy.main([str(tmp_path / "third"), f"train.resume={tmp_path / 'foreign.pt'}"])
+
+
+def test_every_checkpoint_unreadable_is_an_error_not_a_fresh_start(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1", "train.checkpoint_every_steps=4"])
+    for path in ckpt.step_checkpoints(out / "checkpoints"):
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="none of the 2 step checkpoints .* can be read"):
+        engine_toy.main([str(out), "train.epochs=1", "train.resume=auto"])
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"kind": "train", "step": 17, "lo')
+    engine_toy.main([str(out), "train.epochs=2", "train.resume=auto"])
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "train"][-1] == 32
+
+
+def full_disk_save(after_bytes: int):
+    """A torch.save that writes some bytes and then fails the way a full disk does."""
+    def save(obj, file):
+        file.write(b"x" * after_bytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_temp_file(tmp_path, deterministic,
+                                                                                          monkeypatch):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    previous = {name: (out / "checkpoints" / name).read_bytes() for name in ("step_00000016.pt", "best.pt")}
+    monkeypatch.setattr(torch, "save", full_disk_save(1000))
+    with pytest.raises(ckpt.CheckpointError, match=r"^cannot write .*/checkpoints/\S+\.pt: No space left on device"):
+        engine_toy.main([str(out), "train.epochs=2", "train.resume=auto"])
+    for name, content in previous.items():
+        assert (out / "checkpoints" / name).read_bytes() == content
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir() if ".tmp." in p.name] == []
+
+
+def test_temp_files_of_killed_final_writes_are_removed_by_the_next_run(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    for name in (".final.pt.tmp.99999999", ".weights.pth.tmp.99999999", ".final_metrics.json.tmp.99999999"):
+        (out / name).write_bytes(b"half")
+    engine_toy.main([str(out), "train.epochs=2", "train.resume=auto"])
+    assert sorted(p.name for p in out.iterdir() if ".tmp." in p.name) == []
+
+
+def test_an_unwritable_output_dir_is_one_error_naming_it(tmp_path, deterministic, monkeypatch):
+    # The tests run as root, which ignores permission bits: the refusal is injected where the OS would make it.
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if "readonly" in str(self):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    with pytest.raises(UserError, match=r"cannot create output_dir .*readonly/run: Permission denied"):
+        engine_toy.main([str(tmp_path / "readonly" / "run")])
+
+
+def test_a_per_process_batch_of_one_at_a_1x1_feature_map_is_a_config_error(tmp_path, deterministic):
+    with pytest.raises(ConfigError, match=r"train.batch_size=1 leaves 1 sample\(s\) per process"):
+        engine_toy.main([str(tmp_path / "run"), "train.batch_size=1", "--bn"])
+
+
+@pytest.mark.parametrize("override,rule", [
+    ("train.clip_grad_norm=-1", "> 0"), ("train.weight_decay=-0.1", ">= 0"), ("train.ema_decay=1.0", "in [0, 1)"),
+    ("train.ema_decay=-0.5", "in [0, 1)"), ("train.steps=0", ">= 1"), ("train.epochs=-3", ">= 1"),
+    ("train.warmup_epochs=-1", ">= 0"), ("data.num_workers=-1", ">= 0"), ("train.momentum=-0.9", "in [0, 1)"),
+    ("train.lr=-0.1", ">= 0"), ("train.lr=nan", ">= 0"), ("model.drop_rate=1.0", "in [0, 1)"),
+    ("train.label_smoothing=1.5", "in [0, 1)"), ("train.amp=fp16", "one of auto, bf16, none"),
+])
+def test_nonsense_values_are_refused_where_they_are_declared(override, rule):
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, None, [override])
+    key = override.split("=")[0]
+    assert str(error.value).startswith(f"{key}=") and str(error.value).endswith(f"it must be {rule}")
+
+
+@pytest.mark.parametrize("override,rule", [
+    ("data.image_size=0", ">= 1"), ("data.crop_min_area=1.5", "in (0, 1]"), ("data.crop_min_area=0", "in (0, 1]"),
+    ("augment.magnitude=-1", ">= 0"),
+])
+def test_pretrain_values_are_refused_too(override, rule):
+    from rs_transfer.pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config(PretrainConfig, None, [override])
+    assert str(error.value).startswith(override.split("=")[0] + "=") and str(error.value).endswith(rule)
+
+
+def test_the_cli_prints_an_exception_from_a_loader_worker_as_one_line(tmp_path):
+    from torch.utils.data import DataLoader, Dataset
+
+    from rs_transfer.errors import one_line
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise UserError(f"cannot read image {tmp_path}/x.jpg: truncated file")
+
+    with pytest.raises(UserError) as error:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Traceback" in str(error.value)  # what torch hands over
+    assert one_line(error.value) == f"cannot read image {tmp_path}/x.jpg: truncated file"
+
+
+def test_json_outputs_refuse_nan_and_infinity_naming_the_key(tmp_path):
+    from rs_transfer.files import atomic_write_json
+
+    with pytest.raises(FileWriteError, match=r"final_metrics.json: 'abs_rel' = inf is not a finite number"):
+        atomic_write_json(tmp_path / "final_metrics.json", {"delta1": 0.0, "abs_rel": float("inf")})
+    assert not any(tmp_path.iterdir())
