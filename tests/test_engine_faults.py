@@ -287,3 +287,51 @@ def test_json_outputs_refuse_nan_and_infinity_naming_the_key(tmp_path):
     with pytest.raises(FileWriteError, match=r"final_metrics.json: 'abs_rel' = inf is not a finite number"):
         atomic_write_json(tmp_path / "final_metrics.json", {"delta1": 0.0, "abs_rel": float("inf")})
     assert not any(tmp_path.iterdir())
+
+
+EVAL_UNDER_SIGTERM = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from torch.utils.data import Dataset
+from rs_transfer.engine.loader import eval_loader
+
+marker = Path(sys.argv[1])
+received = []
+signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+
+class Items(Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        if index == 5 and not marker.exists():
+            marker.touch()
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        return torch.tensor(index)
+
+seen = torch.cat(list(eval_loader(Items(), batch_size=4, num_workers=2)))
+print(sorted(seen.tolist()) == list(range(40)), received == [signal.SIGTERM])
+"""
+
+
+@pytest.mark.slow  # a Python process that imports torch
+def test_evaluation_loader_workers_survive_a_sigterm_to_the_process_group(tmp_path):
+    # The trainer notes the signal during evaluation and saves after it; the evaluation itself must finish.
+    result = run_group([sys.executable, "-c", EVAL_UNDER_SIGTERM, str(tmp_path / "sent")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("schema,override,rule", [
+    ("video", "data.clip_frames=0", ">= 1"), ("video", "data.jitter_min_area=0", "in (0, 1]"),
+    ("video", "model.temporal_kernels=slowfast", "one of rs, cvrl"), ("finetune", "task.crop_size=0", ">= 1"),
+    ("finetune", "task.scale_min=-0.5", "> 0"), ("finetune", "model.num_classes=0", ">= 1"),
+])
+def test_task_sections_declare_their_ranges_too(schema, override, rule):
+    from rs_transfer.downstream.config import FinetuneConfig
+    from rs_transfer.video.task import VideoConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config({"video": VideoConfig, "finetune": FinetuneConfig}[schema], None, [override])
+    assert str(error.value).startswith(override.split("=")[0] + "=") and str(error.value).endswith(rule)

@@ -116,3 +116,17 @@ def test_3d_checkpoint_with_integer_weights_is_refused(tmp_path):
     save_file(state, str(tmp_path / "final.safetensors"))
     with pytest.raises(WeightsError, match=r"dtype conflicts: fc\.weight: file torch\.int32 vs model torch\.float32"):
         load_3d_weights(ResNet3d("rs26-w0.125", num_classes=4), str(tmp_path / "final.safetensors"))
+
+
+def test_a_teacher_from_a_compiled_pretrain_run_loads_and_integer_weights_are_refused(tmp_path):
+    from rs_transfer.pretrain.pseudo_label import load_teacher
+
+    net = _model(0)
+    compiled = {f"net._orig_mod.{k}": v for k, v in net.state_dict().items()}  # ClassificationModel(compile(net))
+    torch.save({"model": compiled}, tmp_path / "teacher.pt")
+    assert _same(load_teacher(str(tmp_path / "teacher.pt"), NAME).state_dict(), net.state_dict())
+    integers = {k: v.long() if k == "conv1.0.weight" else v for k, v in net.state_dict().items()}
+    torch.save(integers, tmp_path / "integers.pth")
+    with pytest.raises(WeightsError, match=r"does not fit model 'rs26-w0.25': 1 dtype conflicts: conv1.0.weight: "
+                                           r"file torch.int64 vs model torch.float32 \(give --model\)"):
+        load_teacher(str(tmp_path / "integers.pth"), NAME)

@@ -25,9 +25,10 @@ except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, eval_loader, find_dir, model_device, require, to_device
+from rs_transfer.downstream.data import DatasetError, find_dir, model_device, require, to_device
 from rs_transfer.downstream.fpn import Normalize
 from rs_transfer.downstream.metrics import all_reduce_sum
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.models import create_model
 
@@ -140,7 +141,7 @@ def make_evaluator(val_set, batch_size: int, num_workers: int = 0):
         device = model_device(model)
         counts = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, batch_size, None, num_workers):
+            for batch in eval_loader(val_set, batch_size, None, num_workers, device):
                 batch = to_device(batch, device)
                 top5 = model(batch).topk(5, dim=1).indices
                 hits = top5 == batch["label"][:, None]

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -130,20 +129,6 @@ def pad_collate(samples: list, fills: dict) -> dict:
         else:
             batch[key] = values
     return batch
-
-
-def rank_and_world() -> tuple:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def eval_loader(dataset, batch_size: int, collate_fn=None, num_workers: int = 0) -> DataLoader:
-    """This rank's shard of an evaluation set: every image exactly once over all ranks (no padding duplicates,
-    which would bias the metric)."""
-    rank, world = rank_and_world()
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -24,11 +24,12 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image, read_text_lines,
+    DatasetError, dense_train_transform, find_dir, model_device, pad_collate, read_image, read_text_lines,
     require, to_device,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
@@ -162,7 +163,7 @@ def make_evaluator(val_set, t, num_workers: int = 0):
         device = model_device(model)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, t.eval_batch_size, _collate_with_sizes, num_workers):
+            for batch in eval_loader(val_set, t.eval_batch_size, _collate_with_sizes, num_workers, device):
                 batch = to_device(batch, device)
                 pred = model(batch).clamp(t.depth_min, t.depth_max)
                 valid = eval_mask(batch["depth"], t.depth_min, t.depth_max, t.eigen_crop, batch["size"])

@@ -28,10 +28,11 @@ from torchvision.transforms import v2
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    DatasetError, ScaleJitter, eval_loader, find_dir, model_device, read_image, read_split, require, to_device,
+    DatasetError, ScaleJitter, find_dir, model_device, read_image, read_split, require, to_device,
 )
 from rs_transfer.downstream.fpn import IMAGENET_MEAN, IMAGENET_STD, LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import all_gather_list, voc07_map
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 
 CLASSES = (
@@ -166,7 +167,7 @@ def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0
         device = model_device(model)
         detections, truth = [], {}
         with torch.no_grad():
-            for batch in eval_loader(test_set, batch_size, _eval_collate, num_workers):
+            for batch in eval_loader(test_set, batch_size, _eval_collate, num_workers, device):
                 outputs = model(to_device({"images": batch["images"]}, device))
                 for image_id, out, gt in zip(batch["ids"], outputs, batch["truth"]):
                     truth[image_id] = gt

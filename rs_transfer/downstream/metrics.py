@@ -20,23 +20,13 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from rs_transfer.downstream.data import IGNORE, DatasetError, rank_and_world
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
+from rs_transfer.downstream.data import IGNORE, DatasetError
+from rs_transfer.engine.distributed import all_gather_object, all_reduce_sum
 
 
 def all_gather_list(items: list) -> list:
-    _, world = rank_and_world()
-    if world == 1:
-        return list(items)
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
+    """Every rank's `items`, concatenated in rank order."""
+    return [item for part in all_gather_object(list(items)) for item in part]
 
 
 class MeanIoU:

@@ -18,11 +18,12 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    IGNORE, DatasetError, dense_train_transform, eval_loader, find_dir, model_device, pad_collate, read_image,
+    IGNORE, DatasetError, dense_train_transform, find_dir, model_device, pad_collate, read_image,
     read_label_png, read_split, require, to_device,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 
 VOC_CLASSES = (
@@ -155,7 +156,7 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
         device = model_device(model)
         metric = MeanIoU(num_classes, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, batch_size, seg_collate, num_workers):
+            for batch in eval_loader(val_set, batch_size, seg_collate, num_workers, device):
                 batch = to_device(batch, device)
                 metric.update(model(batch).argmax(1), batch["mask"])
         return metric.compute(class_names)

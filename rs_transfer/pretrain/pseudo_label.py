@@ -22,10 +22,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.engine import distributed
+from rs_transfer.engine.loader import ignore_stop_signals
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models import create_model
-from rs_transfer.models.weights import read_state_dict
+from rs_transfer.models.weights import check_fit, read_state_dict, strip_wrappers
 from rs_transfer.pretrain import data, transforms
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,12 @@ def load_teacher(path: str, model_name: str) -> torch.nn.Module:
     """A zoo model with the teacher's weights: a timm/zoo weights file or a `pretrain` checkpoint (EMA preferred)."""
     state = read_state_dict(path)
     if state and all(key.startswith("net.") for key in state):  # a pretrain checkpoint holds the Task's wrapper
-        state = {key.removeprefix("net."): value for key, value in state.items()}
+        state = {strip_wrappers(key.removeprefix("net.")): value for key, value in state.items()}
     if "fc.weight" not in state:
         raise UserError(f"teacher {path} has no classifier (fc.weight): a teacher must predict classes")
     model = create_model(model_name, num_classes=state["fc.weight"].shape[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        lines = str(error).splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else str(error)
-        raise UserError(f"teacher {path} does not fit model {model_name!r} (give --model): {detail}") from None
+    check_fit(path, state, model.state_dict(), what=f"model {model_name!r}", hint=" (give --model)")
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -105,7 +102,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         model = load_teacher(teacher, model_name).to(device)
         num_classes = model.fc.out_features
         loader = DataLoader(_Images(mine[done:], transforms.eval_transform(image_size)), batch_size=batch_size,
-                            num_workers=num_workers)
+                            num_workers=num_workers, worker_init_fn=ignore_stop_signals,
+                            pin_memory=device.type == "cuda")
         log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
         with open(path, "a") as file, torch.no_grad():
             for step, (batch, errors) in enumerate(loader):

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from rs_transfer.engine import distributed
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
@@ -44,10 +44,9 @@ class TopKEvaluator:
         self.num_workers = num_workers
 
     def __call__(self, model: nn.Module) -> dict:
-        loader = DataLoader(distributed.shard(self.dataset), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=data.collate)
         net = model.net if isinstance(model, ClassificationModel) else model
         device = next(net.parameters()).device
+        loader = eval_loader(self.dataset, self.batch_size, data.collate, self.num_workers, device)
         counts = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
             for batch in loader:

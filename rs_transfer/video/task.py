@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rs_transfer.config import ConfigError, DataConfig, ModelConfig, RunConfig, load_config
+from rs_transfer.config import (
+    ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of,
+)
 from rs_transfer.engine.loader import ignore_stop_signals
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
@@ -33,32 +35,32 @@ log = logging.getLogger(__name__)
 @dataclass
 class VideoModelConfig(ModelConfig):
     name: str = "rs50"  # 2D zoo grammar: rs<depth> = SE + ResNet-D; resnet<depth>[-se][-d] for the ladder
-    num_classes: Optional[int] = None  # None: the training split's classes (400 for Kinetics-400)
-    temporal_kernels: str = "rs"  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
+    num_classes: Optional[int] = checked(None, at_least(1))  # None: the training split's classes (400 for K400)
+    temporal_kernels: str = checked("rs", one_of("rs", "cvrl"))  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
     self_gating: bool = False  # S3D-G gating in each stage's last block (not in Table 6)
-    stem_pool: str = "max"  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
+    stem_pool: str = checked("max", one_of("max", "conv"))  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
     avg_down: bool = False  # 2D ResNet-D's average-pool shortcut instead of the 3D strided 1x1x1 conv
     inflate_from: Optional[str] = None  # a 2D zoo checkpoint to inflate (same model name, 2D)
-    inflate: str = "mean"  # "mean" (I3D: kernel / kt on every tap) or "centre" (middle tap only)
+    inflate: str = checked("mean", one_of("mean", "centre"))  # "mean" (I3D: kernel / kt on every tap) or "centre" (middle tap only)
 
 
 @dataclass
 class VideoDataConfig(DataConfig):
-    clip_frames: int = 32
-    frame_stride: int = 2
-    crop_size: int = 224
+    clip_frames: int = checked(32, at_least(1))
+    frame_stride: int = checked(2, at_least(1))
+    crop_size: int = checked(224, at_least(1))
     scale_jitter: bool = True  # random resized crop of the whole clip; off: short side + random crop
-    jitter_min_area: float = 0.08
-    jitter_max_area: float = 1.0
-    jitter_min_aspect: float = 0.5
-    jitter_max_aspect: float = 2.0
+    jitter_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))
+    jitter_max_area: float = checked(1.0, fraction(closed_high=True, open_low=True))
+    jitter_min_aspect: float = checked(0.5, above(0))
+    jitter_max_aspect: float = checked(2.0, above(0))
     flip: bool = True  # random horizontal flip (off for data whose labels are left/right motion)
-    train_short_side: int = 256  # without scale jittering
-    eval_short_side: int = 256
-    eval_crop_size: int = 256
-    eval_views: int = 30  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
-    eval_batch_views: int = 6  # views per forward pass
-    max_eval_videos: Optional[int] = None  # evaluate the first N validation videos only (quick looks)
+    train_short_side: int = checked(256, at_least(1))  # without scale jittering
+    eval_short_side: int = checked(256, at_least(1))
+    eval_crop_size: int = checked(256, at_least(1))
+    eval_views: int = checked(30, at_least(1))  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
+    eval_batch_views: int = checked(6, at_least(1))  # views per forward pass
+    max_eval_videos: Optional[int] = checked(None, at_least(1))  # evaluate the first N validation videos only (quick looks)
     synthetic: bool = False  # write the moving-square dataset to data.root first (when it is not there)
 
 
