@@ -12,3 +12,12 @@ def one_thread():
     # Tiny CPU models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
     # process were measured 4-70x slower than one (thread contention with the other test processes).
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def deterministic():
+    """For tests that call engine_toy.main in-process: it turns on deterministic algorithms and one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)

@@ -20,14 +20,6 @@ from rs_transfer.errors import UserError
 from rs_transfer.files import FileWriteError
 
 
-@pytest.fixture
-def deterministic():
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
-
-
 def run_group(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run in a new session, so a signal to 'the whole process group' reaches the run and not pytest."""
     return subprocess.run(args, env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,

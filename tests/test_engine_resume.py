@@ -17,14 +17,6 @@ def run_script(*args, check=True) -> subprocess.CompletedProcess:
                           timeout=300, check=check)
 
 
-@pytest.fixture
-def deterministic():
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow  # launches Python processes that import torch
 def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
     # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
