@@ -6,6 +6,7 @@ and exit code 2.
 """
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -359,7 +360,13 @@ def run_bench_video_data(args) -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`finetune ... --resume train.steps=2`): argparse leaves those over
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except StoppedBySignal as stop:  # not an error: the run saved its checkpoint and can be resumed
@@ -367,4 +374,11 @@ def main(argv=None) -> int:
         return stop.exit_code
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine's answer (a full disk, a read-only or missing folder): not a bug
+        if error.errno is None:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror} (errno {errno.errorcode.get(error.errno, error.errno)})",
+              file=sys.stderr)
         return 2

@@ -64,8 +64,20 @@ def checked(default, *checks: Check, factory=None):
     return field(default=default, metadata={"checks": checks})
 
 
+def ordered(low_key: str, high_key: str, strict: bool = False):
+    """A relation between two fields of one section: `low_key` <= `high_key` (< when strict). A section lists its
+    relations in a class attribute `RELATIONS = (ordered("scale_min", "scale_max"), ...)`."""
+    def check(section, prefix: str) -> None:
+        low, high = getattr(section, low_key), getattr(section, high_key)
+        if low is not None and high is not None and (low >= high if strict else low > high):
+            raise ConfigError(f"{prefix}{low_key}={low!r} and {prefix}{high_key}={high!r} make no sense together: "
+                              f"{low_key} must be {'<' if strict else '<='} {high_key}")
+    return check
+
+
 def validate(config, prefix: str = "") -> None:
-    """Check every field of `config` and its sections against its declared ranges; ConfigError names the key."""
+    """Check every field of `config` and its sections against its declared ranges, then each section's
+    RELATIONS between fields; ConfigError names the key(s)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         key = f"{prefix}{f.name}"
@@ -79,6 +91,8 @@ def validate(config, prefix: str = "") -> None:
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v) or not check.ok(v):
                     raise ConfigError(f"{key}={value!r} makes no sense here: it must be {check.rule}")
+    for relation in getattr(type(config), "RELATIONS", ()):
+        relation(config, prefix)
 
 
 @dataclass
@@ -149,6 +163,49 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"
     seed: int = 0
+
+
+# What may differ between two configs of the same run. LOCATION_KEYS: where things are, on what hardware, how
+# often it reports: a finished sweep point run with other values of these is the same point. A resume may also
+# change how and how often it evaluates (EVAL_KEYS), the run's length (the schedule then spans the new length) and
+# the weights it started from (restored from the checkpoint instead). Any other key changes the run.
+LOCATION_KEYS = frozenset({
+    "output_dir", "data.root", "data.num_workers", "data.synthetic", "train.resume", "train.device",
+    "train.compile", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.keep_last",
+})
+EVAL_KEYS = frozenset({
+    "train.eval_every_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
+    "data.eval_image_size", "data.eval_views", "data.eval_batch_views", "data.max_eval_videos",
+    "data.eval_short_side", "data.eval_crop_size",
+})
+RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
+INFERRED_KEYS = frozenset({"model.num_classes"})  # None in a config means "from the data": it matches any value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_differences(saved: dict, current: dict, may_differ=LOCATION_KEYS, where: str = "in the checkpoint") -> list[str]:
+    """Keys (outside `may_differ`) whose values differ between two resolved configs (`to_dict`), each as
+    "key: OLD <where>, NEW now"."""
+    old, new = flatten(saved), flatten(current)
+    changed = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in may_differ or old.get(key) == new.get(key):
+            continue
+        if key in INFERRED_KEYS and (new.get(key) is None or old.get(key) is None):
+            continue
+        changed.append(f"{key}: {old.get(key)!r} {where}, {new.get(key)!r} now")
+    return changed
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list | tuple = ()) -> T:

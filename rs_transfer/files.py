@@ -41,13 +41,25 @@ def atomic_open(path: str | Path, mode: str = "w"):
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise FileWriteError(f"cannot write {path}: {error.strerror or error} (the previous file, if any, is "
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise FileWriteError(f"cannot write {path}: {cause.strerror or cause} (the previous file, if any, is "
                              "intact)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, itself or in its chain of causes: torch's zip writer turns a full disk
+    (ENOSPC) into a RuntimeError raised while handling the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def remove_stale_temp_files(folder: str | Path) -> list:

@@ -36,7 +36,7 @@ def script_env(**extra) -> dict:
 
 class Points(Dataset):
     def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None, kill_with=signal.SIGKILL,
-                 term_group_at: int | None = None, marker: str | None = None):
+                 term_group_at: int | None = None, marker: str | None = None, group_signal=signal.SIGTERM):
         generator = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, DIM, generator=generator)
         labeller = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))
@@ -46,6 +46,7 @@ class Points(Dataset):
         self.kill_with = kill_with
         self.term_group_at = term_group_at  # sample index whose fetch sends SIGTERM to the process group, once
         self.marker = marker  # a file that records that it was sent (each worker holds its own copy of this set)
+        self.group_signal = group_signal
         self.fetched = 0
 
     def __len__(self) -> int:
@@ -57,7 +58,7 @@ class Points(Dataset):
             os.kill(os.getpid(), self.kill_with)
         if i == self.term_group_at and not os.path.exists(self.marker):
             Path(self.marker).touch()
-            os.killpg(os.getpgid(0), signal.SIGTERM)
+            os.killpg(os.getpgid(0), self.group_signal)
         return self.x[i] + self.noise * torch.randn(DIM), self.y[i]
 
 
@@ -94,12 +95,13 @@ def make_evaluate(val_set: Dataset):
 
 
 def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None,
-              kill_with=signal.SIGKILL, nan_at=None, seed: int = 0, term_group_at=None, marker=None) -> Task:
+              kill_with=signal.SIGKILL, nan_at=None, seed: int = 0, term_group_at=None, marker=None,
+              group_signal=signal.SIGTERM) -> Task:
     torch.manual_seed(seed)
     model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
     val = Points(128, seed=99, noise=0.0)
     train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with, term_group_at=term_group_at,
-                       marker=marker)
+                       marker=marker, group_signal=group_signal)
     return Task(model=model, train_set=train_set, evaluate=make_evaluate(val), primary_metric="accuracy")
 
 
@@ -118,7 +120,8 @@ def main(argv=None) -> None:
     parser.add_argument("--signal", default="SIGKILL", help="the signal --kill-at sends")
     parser.add_argument("--nan-at", type=int)
     parser.add_argument("--term-group-at-index", type=int,
-                        help="SIGTERM to the whole process group when sample I is fetched (once per output dir)")
+                        help="signal the whole process group when sample I is fetched (once per output dir)")
+    parser.add_argument("--group-signal", default="SIGTERM", help="the signal --term-group-at-index sends")
     parser.add_argument("--bn", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.1)
@@ -128,7 +131,8 @@ def main(argv=None) -> None:
     config = toy_config(args.output_dir, *args.overrides)
     task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
                      kill_with=signal.Signals[args.signal], nan_at=args.nan_at,
-                     term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"))
+                     term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"),
+                     group_signal=signal.Signals[args.group_signal])
     try:
         train(config, task)
     except StoppedBySignal as stop:  # what the CLI does: one line, the signal's exit code

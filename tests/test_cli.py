@@ -50,3 +50,30 @@ def test_unknown_command_exits_2(capsys):
         main(["train-everything"])
     assert exit.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options_and_other_leftovers_are_refused(monkeypatch, capsys):
+    import rs_transfer.downstream.finetune as finetune
+
+    seen = {}
+    monkeypatch.setattr(finetune, "finetune", lambda task, backbone, weights, config, overrides, synthetic:
+                        seen.update(overrides=overrides))
+    assert main(["finetune", "--task", "cifar100", "data.root=/x", "--resume", "train.steps=2"]) == 0
+    assert seen["overrides"] == ["data.root=/x", "train.steps=2", "train.resume=auto"]
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--task", "cifar100", "--resume", "--bogus"])
+    assert exit.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_an_os_refusal_is_one_error_line_naming_the_path(monkeypatch, capsys):
+    import errno
+    import os
+
+    import rs_transfer.downstream.finetune as finetune
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/run")
+
+    monkeypatch.setattr(finetune, "finetune", read_only)
+    assert main(["finetune", "--task", "cifar100"]) == 2
+    assert capsys.readouterr().err == "error: /mnt/ro/run: Read-only file system (errno EROFS)\n"

@@ -86,3 +86,27 @@ def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatc
         finetune.sweep("pascal_seg", overrides=[f"output_dir={tmp_path / 'sweep'}"], point=index)
     assert ran == [grid[0], grid[1], grid[7], grid[20]]
     assert grid[:2] == [(0.005, 5000), (0.01, 5000)] and grid[7] == (0.005, 10000)
+
+
+def test_sweep_reuses_a_finished_point_only_if_it_ran_the_same_config(tmp_path, monkeypatch):
+    import json
+
+    from rs_transfer.config import save_config
+    from rs_transfer.downstream import finetune
+
+    ran = []
+
+    def fake_run(config, synthetic=False):
+        ran.append(config.model.name)
+        save_config(config, config.output_dir)
+        (tmp_path / "sweep" / "lr0.005_steps5000" / "final_metrics.json").write_text(json.dumps({"miou": 0.5}))
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    sweep_dir = f"output_dir={tmp_path / 'sweep'}"
+    finetune.sweep("pascal_seg", backbone="rs26-w0.25", overrides=[sweep_dir], point=0)
+    # The same point again, from another place on another machine: reused.
+    finetune.sweep("pascal_seg", backbone="rs26-w0.25", overrides=[sweep_dir, "data.num_workers=0"], point=0)
+    assert ran == ["rs26-w0.25"]
+    with pytest.raises(finetune.UserError, match=r"lr0.005_steps5000 holds a finished grid point of another config "
+                                                 r"\(model.name: 'rs26-w0.25' there, 'rs26-w0.5' now\)"):
+        finetune.sweep("pascal_seg", backbone="rs26-w0.5", overrides=[sweep_dir], point=0)

@@ -60,8 +60,10 @@ def palette_image(mode: str, index: int = 1) -> Image.Image:
     ("I", 100 * 257, (100, 100, 100)),  # 16-bit data, as a 16-bit PNG opens in some Pillow versions
     ("I", 70000, (255, 255, 255)),  # above 16 bits: clipped
     ("I", -5, (0, 0, 0)),
-    ("F", 0.5, (128, 128, 128)),  # [0, 1]
-    ("F", 2.0, (255, 255, 255)),
+    ("F", 0.5, (128, 128, 128)),  # largest value <= 1: [0, 1]
+    ("F", 1.0, (255, 255, 255)),
+    ("F", 2.0, (2, 2, 2)),  # otherwise 0..255
+    ("F", 300.0, (255, 255, 255)),  # clipped
     ("F", float("nan"), (0, 0, 0)),
 ])
 def test_every_mode_becomes_8_bit_rgb_with_the_right_values(mode, value, expected):
@@ -92,6 +94,22 @@ def test_16_bit_and_float_ramps_decode_to_a_mid_grey_mean(tmp_path):
     assert np.asarray(read_rgb8(tmp_path / "float.tif")).mean() == pytest.approx(RAMP_MEAN, abs=1)
     as_int = Image.fromarray(np.asarray(ramp16()).astype(np.int32))
     assert as_int.mode == "I" and np.asarray(to_rgb8(as_int)).mean() == pytest.approx(RAMP_MEAN, abs=1)
+
+
+@pytest.mark.parametrize("top", [1.0, 255.0])
+def test_float_tiffs_in_0_1_and_in_0_255_both_decode_to_a_mid_grey_mean(tmp_path, top):
+    ramp = np.linspace(0, top, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "float.tif")
+    decoded = np.asarray(read_rgb8(tmp_path / "float.tif"))
+    assert decoded.mean() == pytest.approx(RAMP_MEAN, abs=1)
+    assert decoded.min() == 0 and decoded.max() == 255
+
+
+def test_float_image_beyond_0_255_is_clipped_and_nan_is_ignored_for_its_range():
+    values = np.array([[-10.0, 0.5], [float("nan"), 400.0]], dtype=np.float32)  # largest 400: a 0..255 image
+    assert np.asarray(to_rgb8(Image.fromarray(values)))[..., 0].tolist() == [[0, 0], [0, 255]]
+    unit = np.array([[0.0, 0.5], [float("nan"), 1.0]], dtype=np.float32)  # NaN does not make it a 0..255 image
+    assert np.asarray(to_rgb8(Image.fromarray(unit)))[..., 0].tolist() == [[0, 128], [0, 255]]
 
 
 def test_pretrain_folder_shard_and_pseudo_label_readers_scale_16_bit_pngs(tmp_path):

@@ -161,12 +161,28 @@ def test_empty_class_folders_are_named(tmp_path, caplog):
         video.unlink()
     with caplog.at_level(logging.WARNING):
         val, classes = data.list_videos(root, "val")
-    assert classes == CLASSES  # a class without training videos is one nobody can predict: left out
+    assert classes == sorted([*CLASSES, "moving sideways"])  # kept: see the test below
     assert len(val) == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert str(root / "train" / "moving sideways") in warnings[0] and "left out" in warnings[0]
-    assert str(empty_val) in warnings[1]
+    assert str(root / "train" / "moving sideways") in warnings[0] and "keeps its output" in warnings[0]
+    assert str(empty_val) in warnings[1] and "nothing of the class is evaluated" in warnings[1]
+
+
+def test_an_empty_training_class_folder_keeps_its_index_so_later_classes_do_not_shift(tmp_path):
+    root = synthetic.write_dataset(tmp_path / "k400", "folders", {"train": 1, "val": 1}, num_frames=8)
+    (root / "train" / "moving nowhere").mkdir()  # sorts between "moving left" and "moving right"
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    expected = ["moving down", "moving left", "moving nowhere", "moving right", "moving up"]
+    videos, classes = data.list_splits(root)
+    assert classes == expected
+    for split in ("train", "val"):
+        assert sorted((expected[v.label], v.path.parent.name) for v in videos[split]) == [
+            (name, name) for name in expected if name != "moving nowhere"]
+    assert {v.label for v in videos["val"]} == {0, 1, 3, 4}
+    config = load_config(VideoConfig, None, [f"data.root={root}", *TINY])
+    task = build_task(config)
+    assert config.model.num_classes == 5 and task.model.net.fc.out_features == 5
 
 
 @pytest.mark.parametrize("layout", ["folders", "csv"])

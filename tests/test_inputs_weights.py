@@ -1,5 +1,6 @@
 """Checkpoints as other tools save them: timm's train.py (with its argparse args), torch.compile'd models,
-integer tensors where the model has floats, and torch's own coloured multi-line refusals."""
+integer tensors where the model has floats, and torch's own coloured multi-line refusals; and our own pretrain
+checkpoints, whose keys sit under the task wrapper's `net.`."""
 
 import argparse
 
@@ -7,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine_toy import REPO
 from rs_transfer.models import create_model
 from rs_transfer.models.resnet3d_rs import ResNet3d
 from rs_transfer.models.weights import WeightsError, load_weights, read_state_dict
+from rs_transfer.pretrain.run import pretrain
+from rs_transfer.pretrain.synthetic import make_folder_dataset
 from rs_transfer.video.task import VideoClassifier, load_3d_weights
 
 NAME = "rs26-w0.25"
@@ -130,3 +134,40 @@ def test_a_teacher_from_a_compiled_pretrain_run_loads_and_integer_weights_are_re
     with pytest.raises(WeightsError, match=r"does not fit model 'rs26-w0.25': 1 dtype conflicts: conv1.0.weight: "
                                            r"file torch.int64 vs model torch.float32 \(give --model\)"):
         load_teacher(str(tmp_path / "integers.pth"), NAME)
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory):
+    """A real one-epoch `pretrain` run of the demo config: its final.pt and checkpoints/best.pt."""
+
+    root = make_folder_dataset(tmp_path_factory.mktemp("images"), num_classes=4, train_per_class=8, val_per_class=2)
+    out = tmp_path_factory.mktemp("run")
+    pretrain(str(REPO / "configs/pretrain/demo.yaml"),
+             [f"model.name={NAME}", "data.image_size=32", "train.epochs=1", "train.batch_size=32",
+              "data.num_workers=0", f"data.root={root}", f"output_dir={out}"])
+    return out
+
+
+@pytest.mark.parametrize("checkpoint", ["final.pt", "checkpoints/best.pt"])
+def test_our_pretrain_checkpoints_load_for_fine_tuning(pretrain_run, checkpoint):
+    path = pretrain_run / checkpoint
+    saved = torch.load(path, weights_only=True)["model"]
+    assert all(k.startswith("net.") for k in saved)  # the ClassificationModel wrapper's names
+    network = {k.removeprefix("net."): v for k, v in saved.items()}
+    # Same classes: every key loads strictly. CIFAR-100 fine-tuning: the 4-class head is dropped, the rest loads.
+    same = create_model(NAME, num_classes=4, weights=str(path))
+    assert _same(same.state_dict(), network)
+    finetune = create_model(NAME, num_classes=100, weights=str(path))
+    assert all(torch.equal(v, network[k]) for k, v in finetune.state_dict().items() if not k.startswith("fc."))
+    assert finetune.fc.out_features == 100
+
+
+def test_net_prefix_is_stripped_around_wrapper_prefixes_and_only_when_every_key_has_it(tmp_path):
+    state = _model(0).state_dict()
+    for prefix in ("net.", "net._orig_mod.", "module.net.", "_orig_mod.net.module."):
+        torch.save({"model": {prefix + k: v for k, v in state.items()}}, tmp_path / "ours.pt")
+        assert _same(read_state_dict(tmp_path / "ours.pt"), state), prefix
+    # A network that merely has a module called `net` keeps its names.
+    mixed = {"net.weight": torch.zeros(2), "head.weight": torch.zeros(2)}
+    torch.save(mixed, tmp_path / "mixed.pth")
+    assert read_state_dict(tmp_path / "mixed.pth").keys() == mixed.keys()

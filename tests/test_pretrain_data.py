@@ -112,6 +112,25 @@ def test_train_transform_shapes_and_ranges():
         transforms.train_transform(48, "autoaugment", 2, 10)
 
 
+@pytest.mark.parametrize("timm_config", ["garbage", "rand-m9-x3", "rand-m9.5"])
+def test_a_timm_config_timm_refuses_is_a_config_error_naming_the_key(timm_config):
+    from rs_transfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^augment\.timm_config='{timm_config}' is not a timm RandAugment string"):
+        transforms.train_transform(48, "timm", 2, 10, timm_config=timm_config)
+
+
+def test_pretrain_with_a_bad_timm_config_exits_2_with_one_error_line(folder, tmp_path, capsys):
+    from rs_transfer.cli import main
+
+    code = main(["pretrain", "--config", str(DEMO), f"data.root={folder}", f"output_dir={tmp_path}",
+                 "data.num_workers=0", "augment.randaugment=timm", "augment.timm_config=garbage"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == ("error: augment.timm_config='garbage' is not a timm RandAugment string: expected e.g. "
+                       "'rand-m9-n2-mstd0.5-inc1'")
+
+
 def test_eval_crop_is_the_tf_fraction_of_the_short_side():
     # 224 / (224 + 32) = 0.875 of the short side, centred, then resized to 224.
     crop = transforms.CenterCropFraction(224)

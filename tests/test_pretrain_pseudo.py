@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import StoppedBySignal, UserError
+from rs_transfer.files import FileWriteError
 from rs_transfer.models import create_model
 from rs_transfer.pretrain import cotrain, data, pseudo_label, transforms
 from rs_transfer.pretrain.synthetic import make_image, write_shards
@@ -148,3 +150,107 @@ def test_pseudo_label_resumes_after_sigkill(teacher, tmp_path):
     full = _run(teacher, images, tmp_path / "full", batch_size=1)
     assert full["labelled"] == 80
     assert shard.read_text() == (tmp_path / "full" / "rank00000-of-00001.jsonl").read_text()
+
+
+def test_out_folder_on_a_read_only_disk_is_one_error_line(teacher, unlabelled, tmp_path, monkeypatch):
+    out = tmp_path / "read_only" / "pl"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # as on a read-only disk (root ignores permission bits, so tests cannot)
+        if self == out:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(FileWriteError, match=rf"^cannot create the pseudo-label folder {out}: Read-only file system$"):
+        _run(teacher, unlabelled, out)
+
+
+def test_full_disk_while_labelling_keeps_the_lines_before_and_a_rerun_finishes(teacher, unlabelled, tmp_path,
+                                                                             monkeypatch):
+    full = _run(teacher, unlabelled, tmp_path / "full")
+    out = tmp_path / "filled"
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the third batch: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    shard = out / "rank00000-of-00001.jsonl"
+    with pytest.raises(FileWriteError, match=rf"^cannot write pseudo-label shard {shard}: No space left on device; "
+                                             r"the 8 labels written before are kept, rerun to continue$"):
+        _run(teacher, unlabelled, out)
+    monkeypatch.undo()
+    reference = (tmp_path / "full" / "rank00000-of-00001.jsonl").read_text().splitlines(keepends=True)
+    assert shard.read_text().splitlines(keepends=True)[:8] == reference[:8]
+    assert _run(teacher, unlabelled, out) == full
+    assert (out / "selected.jsonl").read_text() == (tmp_path / "full" / "selected.jsonl").read_text()
+
+
+def test_a_stop_signal_finishes_the_batch_then_stops_and_restores_the_handlers(teacher, unlabelled, tmp_path,
+                                                                               monkeypatch):
+    real_getitem = pseudo_label._Images.__getitem__
+
+    def getitem(self, index):
+        if index == 5:  # in the second batch of 4
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(pseudo_label._Images, "__getitem__", getitem)
+    received = []
+    # A handler of the caller's own, which label_images must put back (and which keeps pytest alive without one).
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: received.append(number))
+    try:
+        with pytest.raises(StoppedBySignal, match=r"^stopped by SIGUSR1 after 8 of 22 images on rank 0; rerun the "
+                                                  r"same command to continue$") as stopped:
+            _run(teacher, unlabelled, tmp_path / "out")
+        assert stopped.value.exit_code == 128 + signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert len((tmp_path / "out" / "rank00000-of-00001.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.slow  # two subprocesses that import torch
+def test_sigterm_to_the_cli_stops_with_143_and_a_rerun_finishes(teacher, tmp_path):
+    rng = np.random.default_rng(2)
+    samples = [(f"t{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
+    images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
+    out = tmp_path / "stopped"
+    shard = out / "rank00000-of-00001.jsonl"
+    process = subprocess.Popen(_cli_command(teacher, images, out), env=_cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (shard.exists() and shard.read_bytes().count(b"\n") >= 1):
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)  # as SLURM does: the whole process group
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr
+    raw = shard.read_bytes()
+    written = raw.count(b"\n")
+    assert raw.endswith(b"\n") and all(json.loads(line)["ref"] for line in raw.decode().splitlines())
+    assert stderr.strip().splitlines()[-1] == (f"stopped: stopped by SIGTERM after {written} of 80 images on rank 0; "
+                                               "rerun the same command to continue")
+    assert written < 80 and not (out / "selected.jsonl").exists()
+    rerun = subprocess.run(_cli_command(teacher, images, out), env=_cli_env(), capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _run(teacher, images, tmp_path / "full", batch_size=1)["labelled"] == 80
+    assert (out / "selected.jsonl").read_text() == (tmp_path / "full" / "selected.jsonl").read_text()
+
+
+def _cli_command(teacher, images, out) -> list:
+    return [sys.executable, "-m", "rs_transfer", "pseudo-label", "--teacher", str(teacher), "--images", str(images),
+            "--out", str(out), "--model", "rs26-w0.25", "--image-size", "32", "--batch-size", "1", "--topk", "2",
+            "--threshold", "0", "--num-workers", "0"]
+
+
+def _cli_env() -> dict:
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}

@@ -1,18 +1,23 @@
 """The video task without training: the 30-view evaluator, config checks, the Table 6 ladder, `reproduce table6`."""
 
+import errno
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from rs_transfer.config import ConfigError, load_config, to_dict
 from rs_transfer.cli import main
 from rs_transfer.reproduce.table6 import TABLE6, config_path
 from rs_transfer.video import data, synthetic
-from rs_transfer.video.task import VideoConfig, VideoDataConfig, build_task, evaluate_videos
+from rs_transfer.video.task import (VideoClassifier, VideoConfig, VideoDataConfig, build_net, build_task,
+                                    evaluate_videos)
 
 # PAPER.md section 6, verbatim.
 PAPER_TABLE6 = ("Top-1: baseline (200 epochs, cosine) 73.4; + FC dropout 74.4; + label smoothing 74.9; + stochastic "
@@ -128,3 +133,32 @@ def test_config_inflates_a_2d_checkpoint_file(tmp_path):
     config.model.weights = str(tmp_path / "rs26.pth")
     with pytest.raises(ConfigError, match="not both"):
         build_net(config)
+
+
+def test_video_eval_into_an_unwritable_output_dir_is_one_error_line_and_keeps_the_metrics(tmp_path, monkeypatch,
+                                                                                        capsys, caplog):
+    root = synthetic.write_dataset(tmp_path / "k400", "folders", {"train": 1, "val": 1}, num_frames=8)
+    tiny = ["model.name=rs26-w0.125", "data.num_workers=0", "data.clip_frames=8", "data.crop_size=32",
+            "data.train_short_side=32", "data.eval_short_side=32", "data.eval_crop_size=32"]
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"data": {"root": str(root)}, "train": {"device": "cpu"}}))
+    config = load_config(VideoConfig, config_file, tiny)
+    config.model.num_classes = 4
+    torch.save({"model": VideoClassifier(build_net(config), 0.0).state_dict()}, tmp_path / "final.pt")
+    full = tmp_path / "full_disk" / "eval"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # as on a full disk (root ignores permission bits, so tests cannot use them)
+        if self == full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    caplog.set_level(logging.INFO, logger="rs_transfer.video.task")
+    code = main(["video", "eval", "--checkpoint", str(tmp_path / "final.pt"), "--views", "1", "--config",
+                 str(config_file), *tiny, f"output_dir={full}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot create output_dir {full}: No space left on device (the metrics are in the log line above)")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval: ")]
+    assert json.loads(logged[-1].removeprefix("eval: "))["videos"] == 4.0

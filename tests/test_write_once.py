@@ -1,12 +1,17 @@
-"""Generated datasets are written once and whole: a kill while writing never leaves a dataset that a rerun trusts."""
+"""Generated datasets are written once and whole: a kill while writing never leaves a dataset that a rerun trusts,
+and a read-only or full disk is one error line that leaves nothing behind."""
 
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from engine_toy import script_env
 from rs_transfer.engine.write_once import write_once
+from rs_transfer.errors import UserError
 
 KILL_WHILE_WRITING = """
 import os, signal, sys
@@ -68,6 +73,43 @@ def test_a_writer_that_fails_leaves_nothing_behind(tmp_path):
         (folder / "half.txt").write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    # A disk error is the user's to fix: one line naming the dataset folder and the reason.
+    with pytest.raises(UserError, match=r"^cannot write the generated dataset .*data: disk full \(nothing was left"):
         write_once(tmp_path / "data", failing)
     assert list(tmp_path.iterdir()) == []
+
+    def buggy(folder):
+        folder.mkdir()
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # anything else is a bug and keeps its traceback
+        write_once(tmp_path / "data", buggy)
+    assert list(tmp_path.iterdir()) == []
+
+
+def read_only_below(monkeypatch, folder):
+    """Path.mkdir fails as on a read-only file system for every folder below `folder` (root ignores permission
+    bits, so the tests cannot use them)."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if folder in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_synthetic_data_root_on_a_read_only_disk_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from rs_transfer.cli import main
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only_below(monkeypatch, read_only)
+    code = main(["finetune", "--task", "cifar100", "--synthetic", f"data.root={read_only / 'cifar'}",
+                 f"output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write the generated dataset {read_only / 'cifar'}: Read-only file system (nothing was left "
+        "behind; free space or choose another folder)")
+    assert list(read_only.iterdir()) == []

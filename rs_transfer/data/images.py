@@ -3,7 +3,9 @@ shards, pseudo-labelling, every downstream dataset). Label PNGs (class indices) 
 not images in this sense and keep their raw values; their readers must not come here.
 
 PIL's own `convert("RGB")` clips instead of scaling: a 16-bit PNG (0..65535) comes out almost white, and a
-float image in [0, 1] almost black. It also warns on palette images whose transparency is a byte table. Here:
+float image in [0, 1] almost black. It also warns on palette images whose transparency is a byte table. Float
+images have no agreed range (scientific TIFFs hold [0, 1], many converted photos 0..255), so their largest value
+tells which they hold. Here:
 
 | mode | becomes |
 |---|---|
@@ -12,7 +14,7 @@ float image in [0, 1] almost black. It also warns on palette images whose transp
 | RGBa, La (premultiplied alpha) | un-premultiplied first, then alpha dropped |
 | I;16, I;16B, I;16L, I;16N (16-bit grey) | value / 257 rounded: 0 -> 0, 65535 -> 255 |
 | I (32-bit signed int) | 16-bit data, like I;16 (16-bit PNGs open as I in some Pillow versions); clipped to 0..65535 |
-| F (32-bit float) | treated as [0, 1] (how float TIFFs store intensity): value * 255 rounded, clipped; NaN -> 0 |
+| F (32-bit float) | largest value <= 1: [0, 1] data, value * 255; else 0..255 data as it is; rounded, clipped; NaN -> 0 |
 | LAB | CIE L*a*b* to sRGB through littleCMS (ImageCms, shipped with Pillow) |
 """
 
@@ -24,7 +26,7 @@ from PIL import Image
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 SIXTEEN_BIT_MAX = 65535
-FLOAT_MAX = 1.0  # F images are taken to hold intensities in [0, 1]
+UNIT_FLOAT_MAX = 1.0  # an F image whose values all lie at or below this holds [0, 1]; otherwise 0..255
 ALPHA_FIRST = ("PA", "RGBa")  # modes PIL turns into RGB correctly only through RGBA
 
 
@@ -38,7 +40,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if mode in SIXTEEN_BIT_MODES or mode == "I":
         return _grey_to_rgb8(np.asarray(image, dtype=np.float64) * (255 / SIXTEEN_BIT_MAX))
     if mode == "F":
-        return _grey_to_rgb8(np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0) * (255 / FLOAT_MAX))
+        return _grey_to_rgb8(_float_to_0_255(np.asarray(image, dtype=np.float64)))
     if mode == "LAB":
         return _lab_to_rgb8(image)
     if mode == "La":
@@ -59,6 +61,13 @@ def read_rgb8(path: str | Path) -> Image.Image:
     """The image file at `path` as 8-bit RGB; raises as `to_rgb8` (FileNotFoundError when it does not exist)."""
     with Image.open(path) as image:
         return to_rgb8(image)
+
+
+def _float_to_0_255(values: np.ndarray) -> np.ndarray:
+    """Float intensities on the 0..255 scale: [0, 1] data (largest value <= 1) is scaled by 255, other data is taken
+    as 0..255 already (the caller clips). NaN becomes 0 and does not count towards the largest value."""
+    values = np.nan_to_num(values, nan=0.0)
+    return values * 255 if values.size and values.max() <= UNIT_FLOAT_MAX else values
 
 
 def _grey_to_rgb8(values: np.ndarray) -> Image.Image:

@@ -7,13 +7,24 @@ keeps `configs/downstream/<task>.yaml` flat and lets a `--config` file switch ta
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, one_of
+from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, one_of, ordered
+
+
+def _jittered_crop_has_pixels(task, prefix: str) -> None:
+    # scale jitter resizes to crop_size x scale: below one pixel torchvision's resize fails deep inside
+    if task.crop_size * task.scale_min < 1:
+        raise ConfigError(f"{prefix}scale_min={task.scale_min} with {prefix}crop_size={task.crop_size} scales images "
+                          "to less than one pixel: raise scale_min")
 
 
 @dataclass
 class TaskConfig:
+    RELATIONS = (ordered("scale_min", "scale_max"), ordered("depth_min", "depth_max", strict=True),
+                 _jittered_crop_has_pixels)
+
     name: str = "pascal_seg"  # cifar100, pascal_seg, ade_seg, nyu_depth, pascal_det
-    crop_size: int = checked(512, at_least(1))  # training crop (segmentation 512, detection 896, depth 640 in the paper)
+    # training crop (segmentation 512, detection 896, depth 640 in the paper); at least the backbone's stride
+    crop_size: int = checked(512, at_least(32))
     scale_min: float = checked(0.5, above(0))  # scale jitter range, relative to the crop
     scale_max: float = checked(2.0, above(0))
     image_size: int = checked(256, at_least(1))  # cifar100: images are resized to this (the paper: 256)

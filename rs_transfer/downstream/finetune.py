@@ -11,7 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rs_transfer.config import load_config
+import yaml
+
+from rs_transfer.config import load_config, run_differences, to_dict
 from rs_transfer.downstream import protocol
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.downstream.data import DatasetError
@@ -106,13 +108,29 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
     chosen = points if point is None else [points[_check_point(point, len(points))]]
     for lr, s in chosen:
         out = Path(base.output_dir) / protocol.point_name(lr, s)
-        if (out / "final_metrics.json").is_file():
-            log.info("%s: finished earlier, skipped", out)
-            continue
         config = make_config(task, backbone, weights, config_path,
                              list(overrides) + [f"train.lr={lr}", f"train.steps={s}", f"output_dir={out}"])
+        if (out / "final_metrics.json").is_file():
+            check_finished_point(out, config)
+            log.info("%s: finished earlier with this config, skipped", out)
+            continue
         run(config, synthetic=synthetic)
     return collect_sweep(base.output_dir, task)
+
+
+def check_finished_point(folder: Path, config: FinetuneConfig) -> None:
+    """A finished grid point is reused only if it ran this config (another backbone, weights or setting in the same
+    output_dir would silently stand in for this one). Raises UserError naming the differences."""
+    saved_path = folder / "config.yaml"
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{folder} holds a finished grid point whose {saved_path.name} cannot be read ({error}): "
+                        "remove the folder to run the point again") from None
+    changed = run_differences(saved, to_dict(config), where="there")
+    if changed:
+        raise UserError(f"{folder} holds a finished grid point of another config ({'; '.join(changed[:6])}): use "
+                        "another output_dir, or remove the folder to run the point again")
 
 
 def _check_point(point: int, count: int) -> int:

@@ -4,7 +4,8 @@ per-rank shard of an evaluation set.
 SLURM and torchrun stop a job by signalling the whole process group, DataLoader workers included. PyTorch's
 workers die on a SIGTERM that does not come from their parent, and the main process then fails with "DataLoader
 worker ... killed by signal" before it can save anything. Workers therefore ignore the stop signals: the main
-process alone decides when to stop (engine/trainer.py saves a checkpoint first), and it shuts its workers down
+process alone decides when to stop (engine/trainer.py saves a checkpoint first, and Ctrl-C works the same way),
+and it shuts its workers down
 through the DataLoader as usual; a worker whose parent has died exits by itself (PyTorch's watchdog).
 """
 
@@ -15,12 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.engine.distributed import shard
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's and torchrun's stop signal; a common --signal choice
+# SLURM's and torchrun's stop signal, a common `#SBATCH --signal` choice, and Ctrl-C (sent to the whole foreground
+# process group, workers included)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """A DataLoader `worker_init_fn`: this worker ignores SIGTERM and SIGUSR1 (runs after PyTorch installs its own
-    worker handlers, which it replaces)."""
+    """A DataLoader `worker_init_fn`: this worker ignores SIGTERM, SIGUSR1 and SIGINT (runs after PyTorch installs
+    its own worker handlers, which it replaces)."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
 

@@ -11,12 +11,15 @@ with W warmup steps and T total steps: the warmup reaches the peak on its last s
 0 and reaches the peak one step later; one step of difference), and cosine ends just above 0 on the last step.
 """
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from rs_transfer.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "step")
 
@@ -75,6 +78,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, boundaries=(), 
 def build_scheduler(optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: int):
     """A LambdaLR stepped once per optimizer step; its state (the step count) goes into checkpoints."""
     warmup = warmup_steps(train, steps_per_epoch)
+    if warmup > total_steps:  # a short smoke run of a long config; worth a word, not a refusal
+        log.warning("the warmup (%d steps) is longer than the run (%d steps): the LR never reaches its peak",
+                    warmup, total_steps)
     boundaries = decay_boundaries(train, steps_per_epoch)
     if train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, not {train.schedule!r}")

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from rs_transfer.config import ConfigError, RunConfig, save_config, to_dict
+from rs_transfer.config import RESUME_MAY_CHANGE, ConfigError, RunConfig, flatten, run_differences, save_config, to_dict
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine.distributed import (
     all_gather_object,
@@ -42,26 +42,13 @@ from rs_transfer.engine.distributed import (
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
-from rs_transfer.engine.loader import ignore_stop_signals
+from rs_transfer.engine.loader import STOP_SIGNALS, ignore_stop_signals
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json, atomic_write_text, remove_stale_temp_files, to_json
 
 log = logging.getLogger(__name__)
-
-# Keys a resumed run may change: where things are, how fast and how often it reports. Any other difference to the
-# checkpoint's config (model, data, optimiser, schedule, regularisation, seed) is refused: the restored optimiser
-# state and schedule would silently override it while config.yaml recorded it. Keys naming evaluation ("eval" in
-# the last part: eval_every_steps, eval_views, max_eval_videos, ...) may change too. steps/epochs may change: the
-# schedule is then stretched to the new length (logged).
-RESUME_MAY_CHANGE = {
-    "output_dir", "data.root", "data.num_workers", "data.synthetic", "model.weights", "model.inflate_from",
-    "train.resume", "train.device", "train.compile", "train.amp", "train.channels_last",
-    "train.find_unused_parameters", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_last",
-    "train.steps", "train.epochs",
-}
-
 
 class NonFiniteLossError(UserError):
     pass
@@ -80,12 +67,13 @@ class ResumableSampler(DistributedSampler):
 
 
 class SeededSamples(Dataset):
-    """Seeds a worker's torch, numpy and random generators from (seed, epoch, index) before each sample.
+    """Seeds the torch, numpy and random generators from (seed, epoch, index) before each sample.
 
     A sample's random augmentation then depends on nothing else: not on which worker loads it, how many workers
-    there are, or where a resumed epoch restarts, so resume is exact with worker processes too. Used only with
-    workers: in the main process (num_workers=0) the global generators also drive dropout, and the checkpoint
-    restores them instead.
+    there are (none included), or where a resumed epoch restarts, so resume is exact and `data.num_workers` may
+    change between a run and its resume. In the main process (num_workers=0) the global generators also drive
+    dropout and stochastic depth, so their state is put back after the sample: training draws the same random
+    numbers with or without workers.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int):
@@ -97,11 +85,23 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        if get_worker_info() is not None:  # a worker process: its generators serve the samples alone
+            self._seed(index)
+            return self.dataset[index]
+        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        try:
+            self._seed(index)
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+
+    def _seed(self, index: int) -> None:
         seed = hash((self.seed, self.epoch, index)) % 2**63
         torch.default_generator.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        return self.dataset[index]
 
 
 @dataclass
@@ -111,6 +111,8 @@ class Progress:
     step_in_epoch: int = 0
     best: float | None = None
     metrics: dict = field(default_factory=dict)  # the last evaluation
+    metrics_step: int = -1  # the step `metrics` were computed at
+    eval_pending: bool = False  # checkpointed just before an evaluation of this step, which has not finished
 
 
 def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
@@ -180,6 +182,9 @@ class Trainer:
             if self.main:
                 log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
                          self.progress.epoch, self.progress.step_in_epoch)
+        if self.progress.step > self.total:
+            raise ConfigError(f"the run is {self.total} steps long (train.steps / train.epochs), but checkpoint "
+                              f"{resume_from} is at step {self.progress.step}: it cannot continue from there")
         self.last_saved = resume_from
         if self.main:  # only once the resume is accepted: a refused one leaves the run's config.yaml as it was
             _prepare_output(config, self.out, self.ckpt_dir)
@@ -205,8 +210,9 @@ class Trainer:
 
     def run(self) -> dict:
         # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
-        # SIGTERM on. The run then checkpoints at its next log event and stops with a message saying how to resume.
-        handled = [signal.SIGTERM, signal.SIGUSR1] if threading.current_thread() is threading.main_thread() else []
+        # SIGTERM on; Ctrl-C sends SIGINT. The run then checkpoints at its next log event and stops with a message
+        # saying how to resume (a second Ctrl-C quits at once).
+        handled = list(STOP_SIGNALS) if threading.current_thread() is threading.main_thread() else []
         previous = {number: signal.signal(number, self._on_signal) for number in handled}
         try:
             return self._run()
@@ -216,11 +222,16 @@ class Trainer:
             self.logger.close()
 
     def _on_signal(self, number, frame) -> None:
+        if number == signal.SIGINT:
+            if self.signalled == "SIGINT":
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: stopping after a checkpoint at the next log event; Ctrl-C again quits at once")
         self.signalled = signal.Signals(number).name
 
     def _run(self) -> dict:
         progress = self.progress
-        evaluated_at = progress.step if progress.metrics else -1
+        if progress.eval_pending:  # resumed from the checkpoint written before an evaluation that did not finish
+            self._evaluate_and_save()
         while progress.step < self.total:
             batches = iter(self._loader())
             epoch_done = False
@@ -239,7 +250,6 @@ class Trainer:
                     self._log(lr)
                 if self._eval_due(last):
                     self._evaluate_and_save()
-                    evaluated_at = progress.step
                 elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
                         self.stop_requested and not last):
                     self._save(best=False)
@@ -250,8 +260,8 @@ class Trainer:
                         self.signalled,
                     )
             del batches
-        if evaluated_at != progress.step:  # resumed from the last checkpoint of a finished run
-            progress.metrics = self._evaluate()
+        if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
+            self._evaluate_and_save()
         if self.main:
             final = {"model": self.model.state_dict()}
             if self.ema is not None:
@@ -267,7 +277,7 @@ class Trainer:
         self.sampler.start = progress.step_in_epoch * self.micro * self.tc.grad_accum_steps
         workers = config.data.num_workers
         return DataLoader(
-            SeededSamples(self.task.train_set, config.seed, progress.epoch) if workers > 0 else self.task.train_set,
+            SeededSamples(self.task.train_set, config.seed, progress.epoch),
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
             drop_last=True, pin_memory=self.info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
             # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
@@ -351,10 +361,21 @@ class Trainer:
         return {k: float(v) for k, v in metrics.items()}
 
     def _evaluate_and_save(self) -> None:
+        """Checkpoint, evaluate, then checkpoint again with the result (and best.pt when it is the best).
+
+        The first checkpoint keeps the training if the evaluation fails (e.g. a validation file that cannot be
+        read at the end of a long run): fix the cause and --resume evaluates this step again.
+        """
         progress, name = self.progress, self.task.primary_metric
-        self._check_flags()
+        self._save(best=False, eval_pending=True)
         started = time.perf_counter()
-        progress.metrics = self._evaluate()
+        try:
+            progress.metrics = self._evaluate()
+        except UserError as error:
+            error.args = (f"{one_line(error)} (evaluating step {progress.step}; the training is saved in "
+                          f"{self.last_saved}: fix this and rerun with --resume to evaluate it)",)
+            raise
+        progress.metrics_step = progress.step
         is_best = progress.best is None or progress.metrics[name] > progress.best
         if is_best:
             progress.best = progress.metrics[name]
@@ -363,7 +384,7 @@ class Trainer:
         self.paused += time.perf_counter() - started
         self._save(best=is_best)
 
-    def _save(self, best: bool) -> None:
+    def _save(self, best: bool, eval_pending: bool = False) -> None:
         self._check_flags()
         started = time.perf_counter()
         progress = self.progress
@@ -377,6 +398,8 @@ class Trainer:
             "batch_size": self.tc.batch_size,
             "best": progress.best,
             "metrics": progress.metrics,
+            "metrics_step": progress.metrics_step,
+            "eval_pending": eval_pending,
             "rng": all_gather_object(ckpt.rng_state()),
             "config": self.resolved,
         }
@@ -462,40 +485,30 @@ def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
         log.warning("checkpoint %s was written by %d processes, this run has %d: random streams are re-seeded, "
                     "so augmentations differ from an uninterrupted run", path, len(rngs), info.world_size)
         seed_everything(config.seed + info.rank + 1_000_003 * state["step"])
+    fallback_step = state["step"] if state["metrics"] else -1  # checkpoints written before metrics_step existed
     return Progress(step=state["step"], epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                    best=state["best"], metrics=state["metrics"])
+                    best=state["best"], metrics=state["metrics"],
+                    metrics_step=state.get("metrics_step", fallback_step), eval_pending=state.get("eval_pending", False))
 
 
 def check_resumable(saved: dict, current: dict, path) -> None:
-    """Refuse a resume whose config differs from the checkpoint's in a key outside RESUME_MAY_CHANGE.
+    """Refuse a resume whose config differs from the checkpoint's in a key that changes the run.
 
     Raises CheckpointError listing every such key with both values (checked before anything is written).
     """
-    old, new = _flatten(saved), _flatten(current)
-    changed = [key for key in sorted(old.keys() | new.keys())
-               if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and "eval" not in key.split(".")[-1]]
+    changed = run_differences(saved, current, RESUME_MAY_CHANGE)
     if changed:
-        shown = "; ".join(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now" for key in changed[:6])
-        more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
         raise ckpt.CheckpointError(
-            f"cannot resume from {path}: the config changed ({shown}{more}). The restored optimiser state and "
-            "schedule would override these, so put them back, or start a new run in another output_dir "
-            "(model.weights=... starts from the checkpoint's weights)"
+            f"cannot resume from {path}: the config changed ({'; '.join(changed)}). These change the run: a "
+            "resumed run would mix two configs (and the restored optimiser state and schedule override lr, "
+            "momentum and weight_decay). Put them back, or start a new run in another output_dir (model.weights=... "
+            "starts from the checkpoint's weights)"
         )
     for key in ("train.steps", "train.epochs"):
-        if old.get(key) != new.get(key):
+        old, new = flatten(saved).get(key), flatten(current).get(key)
+        if old != new:
             log.warning("resuming with %s=%s (the checkpoint's run had %s): the LR schedule now spans the new length",
-                        key, new.get(key), old.get(key))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+                        key, new, old)
 
 
 def _prepare_output(config: RunConfig, out: Path, ckpt_dir: Path) -> None:

@@ -19,12 +19,17 @@ from rs_transfer.errors import UserError
 log = logging.getLogger(__name__)
 
 
+class DatasetWriteError(UserError):
+    pass
+
+
 def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: float = 600) -> Path:
     """Make `root` by calling `write(folder)` unless it already holds data; returns `root`.
 
     A non-empty `root` is used as it is (a user's own data, or a dataset written earlier: written datasets only
-    ever appear whole). An empty `root` (a folder the user made) is replaced. Raises UserError when local rank 0
-    has not finished within `timeout_s` seconds.
+    ever appear whole). An empty `root` (a folder the user made) is replaced. Raises DatasetWriteError (one line
+    naming `root` and the OS's reason) when the disk is read-only or full, with nothing left behind, and UserError
+    when local rank 0 has not finished within `timeout_s` seconds.
     """
     root = Path(root)
     if _has_data(root):
@@ -36,19 +41,22 @@ def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: flo
                 raise UserError(f"waited {timeout_s:.0f} s for local rank 0 to write the dataset {root}")
             time.sleep(0.2)
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(root)
     partial = root.with_name(f".{root.name}.partial-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(root)
+        shutil.rmtree(partial, ignore_errors=True)
         write(partial)
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
         partial.rename(root)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
         if _has_data(root):  # another node's writer finished first (a shared file system): use its copy
             return root
+        if isinstance(error, OSError):  # a read-only or full disk is the user's to fix, not a bug
+            raise DatasetWriteError(f"cannot write the generated dataset {root}: {error.strerror or error} "
+                                    "(nothing was left behind; free space or choose another folder)") from None
         raise
     return root
 

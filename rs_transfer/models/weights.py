@@ -2,10 +2,12 @@
 
 Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors), timm's train.py
 checkpoints (`state_dict` / `state_dict_ema`, beside its `args`), our own training checkpoints (`model` / `ema`),
-and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. A checkpoint never runs code. Every key,
-shape and kind of number must line up; the one deliberate exception is the classifier: a classifier of another
-size (or none, for a feature extractor) is dropped, the model keeps its freshly initialised head, and a log line
-says so.
+and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. Our task wrappers (pretraining's
+ClassificationModel, video's VideoClassifier) hold the network as `net`, so a `final.pt` or `checkpoints/*.pt` of
+ours has every key under `net.`: that prefix is stripped too, but only when every key has it (a network that merely
+has a module named `net` keeps its names). A checkpoint never runs code. Every key, shape and kind of number must
+line up; the one deliberate exception is the classifier: a classifier of another size (or none, for a feature
+extractor) is dropped, the model keeps its freshly initialised head, and a log line says so.
 """
 
 import argparse
@@ -24,6 +26,8 @@ PLAIN_KEYS = ("state_dict", "model")
 CLASSIFIER_PREFIX = "fc."
 # DDP / DataParallel and torch.compile wrappers; either may wrap the other, so they are stripped in any order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The attribute our task wrappers keep the network under (pretrain/task.py, video/task.py).
+TASK_WRAPPER_PREFIX = "net."
 # timm's train.py stores its parsed command line (`args`, an argparse.Namespace) in every checkpoint; timm's own
 # loader allows this one plain data class under weights_only=True, and so do we. Nothing else is allowed.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -34,7 +38,9 @@ class WeightsError(UserError):
 
 
 def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
-    """The tensor dict inside a checkpoint file, unwrapped and without `module.` / `_orig_mod.` prefixes.
+    """The tensor dict inside a checkpoint file, unwrapped and without `module.` / `_orig_mod.` prefixes, nor the
+    `net.` prefix of our task wrappers when every key has it (wrapper prefixes may sit on either side of it:
+    `module.net.conv1.weight` and `net._orig_mod.conv1.weight` both become `conv1.weight`).
 
     prefer_ema: take the EMA weights when the file has both (the RS recipe evaluates the EMA).
     Raises WeightsError (one line naming the file) when the file is missing, unreadable, would need code to run,
@@ -68,6 +74,8 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
                 f"with one of {list(EMA_KEYS + PLAIN_KEYS)}"
             )
         state_dict[strip_wrappers(key)] = value
+    if state_dict and all(key.startswith(TASK_WRAPPER_PREFIX) for key in state_dict):
+        state_dict = {strip_wrappers(key.removeprefix(TASK_WRAPPER_PREFIX)): v for key, v in state_dict.items()}
     return state_dict
 
 

@@ -5,7 +5,9 @@
   OUT/rank{r}-of-{W}.jsonl: {"ref", "label", "confidence"[, "topk": [[class, prob], ...]]}; an unreadable image
   gets a line with label -1 and its error, and is never selected.
 - every batch is flushed and fsynced; after a kill, the rerun cuts a torn last line and continues after the
-  last complete one, so finished work is never redone or lost.
+  last complete one, so finished work is never redone or lost. A stop signal (SIGTERM, SIGUSR1: SLURM, torchrun)
+  lets the current batch finish and be fsynced, then stops with StoppedBySignal (the CLI's `stopped:` line, exit
+  128 + the signal). A full or read-only disk is one FileWriteError naming the shard; the lines before it stay.
 - when every shard is complete, rank 0 writes OUT/selected.jsonl (atomically): images whose confidence reaches
   `threshold`, then, with `per_class` > 0, per class the `per_class` most confident ones, duplicating images of
   classes that have fewer (Noisy Student: threshold 0.3, 130K per class); and OUT/meta.json, which co-training reads.
@@ -14,7 +16,10 @@
 import json
 import logging
 import os
+import signal
+import threading
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,11 +27,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.engine import distributed
-from rs_transfer.engine.loader import ignore_stop_signals
-from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, atomic_write_text
+from rs_transfer.engine.loader import STOP_SIGNALS, ignore_stop_signals
+from rs_transfer.errors import StoppedBySignal, UserError
+from rs_transfer.files import FileWriteError, atomic_write_json, atomic_write_text
 from rs_transfer.models import create_model
-from rs_transfer.models.weights import check_fit, read_state_dict, strip_wrappers
+from rs_transfer.models.weights import check_fit, read_state_dict
 from rs_transfer.pretrain import data, transforms
 
 log = logging.getLogger(__name__)
@@ -55,8 +60,6 @@ class _Images(Dataset):
 def load_teacher(path: str, model_name: str) -> torch.nn.Module:
     """A zoo model with the teacher's weights: a timm/zoo weights file or a `pretrain` checkpoint (EMA preferred)."""
     state = read_state_dict(path)
-    if state and all(key.startswith("net.") for key in state):  # a pretrain checkpoint holds the Task's wrapper
-        state = {strip_wrappers(key.removeprefix("net.")): value for key, value in state.items()}
     if "fc.weight" not in state:
         raise UserError(f"teacher {path} has no classifier (fc.weight): a teacher must predict classes")
     model = create_model(model_name, num_classes=state["fc.weight"].shape[0])
@@ -81,12 +84,59 @@ def _complete_lines(path: Path) -> int:
     return raw[:keep].count(b"\n")
 
 
+def _append_lines(path: Path, lines: list, done: int) -> None:
+    """Append `lines` to shard `path` and fsync them; `done`: the complete lines already in it (for the message).
+
+    Raises FileWriteError when the disk is full or read-only; at most a torn last line is left, which the rerun cuts.
+    The file is opened per batch so that its closing, which retries a failed write, happens inside the `try`.
+    """
+    try:
+        with open(path, "a") as file:
+            file.write("".join(lines))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise FileWriteError(f"cannot write pseudo-label shard {path}: {error.strerror or error}; the {done} labels "
+                             "written before are kept, rerun to continue") from None
+
+
+class _StopFlag:
+    """The name of the stop signal received, if any (set by the signal handler, read after each batch)."""
+
+    def __init__(self):
+        self.signalled: str | None = None
+
+    def __call__(self, number, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+
+@contextmanager
+def _stop_signals_recorded():
+    """Record STOP_SIGNALS in a _StopFlag instead of dying, so the current batch reaches the disk; the previous
+    handlers are restored afterwards. Handlers can only be installed in the main thread: elsewhere nothing changes."""
+    flag = _StopFlag()
+    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, flag) for number in handled}
+    try:
+        yield flag
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def label_images(teacher: str, images: str, out: str, model_name: str = "rs152", image_size: int = 224,
                  batch_size: int = 64, topk: int = 10, threshold: float = 0.3, per_class: int = 0,
                  num_workers: int = 4, max_batches: int | None = None) -> dict:
-    """Run (or continue) pseudo-labelling; returns meta.json's content once all shards are complete, else {}."""
+    """Run (or continue) pseudo-labelling; returns meta.json's content once all shards are complete, else {}.
+
+    Raises StoppedBySignal after the current batch when SIGTERM or SIGUSR1 arrives (rerun to continue), and
+    FileWriteError naming the folder or shard when `out` cannot be written (the labels written before are kept).
+    """
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FileWriteError(f"cannot create the pseudo-label folder {out_dir}: {error.strerror or error}") from None
     info = distributed.init_distributed("auto")
     distributed.seed_everything(0)  # the teacher's weights are all loaded, but nothing may depend on the RNG
     rank, world, device = info.rank, info.world_size, info.device
@@ -105,7 +155,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                             num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                             pin_memory=device.type == "cuda")
         log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
-        with open(path, "a") as file, torch.no_grad():
+        written = done
+        with _stop_signals_recorded() as stop, torch.no_grad():
             for step, (batch, errors) in enumerate(loader):
                 if max_batches is not None and step >= max_batches:
                     break
@@ -123,9 +174,11 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                         if topk > 0:
                             record["topk"] = [[int(c), round(float(p), 6)] for c, p in zip(top_i[j], top_p[j])]
                     lines.append(json.dumps(record) + "\n")
-                file.write("".join(lines))
-                file.flush()
-                os.fsync(file.fileno())
+                _append_lines(path, lines, written)
+                written += len(lines)
+                if stop.signalled and written < len(mine):
+                    raise StoppedBySignal(f"stopped by {stop.signalled} after {written} of {len(mine)} images on "
+                                          f"rank {rank}; rerun the same command to continue", stop.signalled)
     else:
         num_classes = None
     distributed.barrier()

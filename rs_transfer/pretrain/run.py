@@ -66,9 +66,7 @@ def make_synthetic(config: PretrainConfig) -> Path:
 
 def export_weights(checkpoint: Path, out: Path) -> Path:
     """The network's weights alone (EMA when trained with it), loadable by `create_model(..., weights=out)`."""
-    state = read_state_dict(checkpoint, prefer_ema=True)
-    state = {key.removeprefix("net."): value for key, value in state.items()}
-    atomic_save(state, out)
+    atomic_save(read_state_dict(checkpoint, prefer_ema=True), out)
     log.info("weights for fine-tuning: %s", out)
     return out
 

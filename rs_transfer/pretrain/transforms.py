@@ -21,6 +21,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from rs_transfer.config import ConfigError
 from rs_transfer.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,7 +142,15 @@ def randaugment(kind: str, num_layers: int, magnitude: float, image_size: int, t
 
         config = timm_config or f"rand-m{magnitude:g}-n{num_layers}"
         mean = tuple(round(255 * m) for m in IMAGENET_MEAN)
-        return rand_augment_transform(config, {"translate_const": int(image_size * 0.45), "img_mean": mean})
+        try:
+            return rand_augment_transform(config, {"translate_const": int(image_size * 0.45), "img_mean": mean})
+        except (AssertionError, ValueError) as error:
+            # timm asserts on an unknown name or section and fails int()/float() on a bad number.
+            given = (f"augment.timm_config={timm_config!r}" if timm_config else
+                     f"{config!r} (made from augment.magnitude and augment.num_layers; timm takes whole numbers)")
+            detail = f" ({error})" if str(error) else ""
+            raise ConfigError(f"{given} is not a timm RandAugment string{detail}: expected e.g. "
+                              "'rand-m9-n2-mstd0.5-inc1'") from None
     raise UserError(f"unknown augment.randaugment {kind!r}: expected 'tf', 'timm' or 'none'")
 
 

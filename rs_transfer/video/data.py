@@ -7,8 +7,10 @@ Two layouts are read (`find_layout` tells them apart):
   ROOT/train/ and ROOT/val/ named <youtube_id>_<time_start:06d>_<time_end:06d> plus any suffix of VIDEO_SUFFIXES
   (copies mix mp4, mkv and webm). Rows whose video is missing (many copies lack some) are left out with one log
   line giving the count.
-Class indices are the sorted class names of the training split, so train and val agree; an empty class folder is
-left out with a warning naming it.
+Class indices are the sorted class names of the training split, so train and val agree. In the class-folder layout
+these are the names of the folders in train/, empty ones included (with a warning naming each): a folder whose
+videos failed to download keeps its index, so the indices of the classes after it never shift. Folders whose name
+starts with a dot are not classes.
 
 Our own dataset instead of pytorchvideo's `LabeledVideoDataset`: that one is an IterableDataset, while the engine
 shards a map-style dataset with a DistributedSampler (and resumes it exactly); decoding is a few lines of PyAV.
@@ -80,9 +82,9 @@ def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
     layout = find_layout(root)
     read_rows = _folder_rows if layout == "folders" else _csv_rows
     rows = {"train": read_rows(root, "train")}
-    classes = sorted({label for _, label in rows["train"]})
-    if not classes:
+    if not rows["train"]:
         raise VideoDataError(f"no training videos found under {root} ({layout} layout)")
+    classes = _class_folders(root / "train") if layout == "folders" else sorted({label for _, label in rows["train"]})
     index = {name: i for i, name in enumerate(classes)}
     videos = {}
     for split in splits:
@@ -100,19 +102,25 @@ def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
     return videos, classes
 
 
+def _class_folders(split_dir: Path) -> list:
+    """The sorted names of the class folders in `split_dir` (hidden folders, such as .ipynb_checkpoints, left out)."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _folder_rows(root: Path, split: str) -> list:
     split_dir = root / split
     if not split_dir.is_dir():
         raise VideoDataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
     rows = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for name in _class_folders(split_dir):
+        class_dir = split_dir / name
         paths = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         if not paths:
-            # Usually a failed download or copy; in train it silently shrinks the class list.
-            consequence = "the model gets no output for it" if split == "train" else "nothing of it is evaluated"
-            log.warning("class folder %s holds no videos (%s): the class is left out of the %s split, %s",
-                        class_dir, " ".join(VIDEO_SUFFIXES), split, consequence)
-        rows.extend((path, class_dir.name) for path in paths)
+            # Usually a failed download or copy; list_splits keeps the class so later classes keep their indices.
+            consequence = ("the class keeps its output, which no video teaches" if split == "train"
+                           else "nothing of the class is evaluated")
+            log.warning("class folder %s holds no videos (%s): %s", class_dir, " ".join(VIDEO_SUFFIXES), consequence)
+        rows.extend((path, name) for path in paths)
     return rows
 
 

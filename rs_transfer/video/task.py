@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rs_transfer.config import (
-    ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of,
+    ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of, ordered,
 )
 from rs_transfer.engine.loader import ignore_stop_signals
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import FileWriteError, atomic_write_json
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
 from rs_transfer.video import data, sampling, synthetic
 
@@ -46,6 +46,8 @@ class VideoModelConfig(ModelConfig):
 
 @dataclass
 class VideoDataConfig(DataConfig):
+    RELATIONS = (ordered("jitter_min_area", "jitter_max_area"), ordered("jitter_min_aspect", "jitter_max_aspect"))
+
     clip_frames: int = checked(32, at_least(1))
     frame_stride: int = checked(2, at_least(1))
     crop_size: int = checked(224, at_least(1))
@@ -112,10 +114,9 @@ def build_net(config: VideoConfig) -> ResNet3d:
 def load_3d_weights(net: ResNet3d, path: str) -> None:
     """A 3D checkpoint of ours (`video train`'s checkpoints or final.pt; EMA weights preferred), strictly: keys,
     shapes and float-ness (WeightsError naming them otherwise)."""
-    from rs_transfer.models.weights import check_fit, read_state_dict, strip_wrappers
+    from rs_transfer.models.weights import check_fit, read_state_dict
 
-    # Ours hold the VideoClassifier (`net.` keys); its network may itself have been compiled or wrapped.
-    state = {strip_wrappers(k.removeprefix("net.")): v for k, v in read_state_dict(path).items()}
+    state = read_state_dict(path)  # drops the VideoClassifier's `net.` and any DDP/compile prefixes
     check_fit(path, state, net.state_dict(), what=f"the 3D {type(net).__name__} built from the config",
               hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
     net.load_state_dict(state)
@@ -260,7 +261,11 @@ def find_run_config(checkpoint: Path) -> Path:
 
 
 def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: list) -> dict:
-    """Evaluate a `video train` checkpoint on the validation split; the model comes from the run's config."""
+    """Evaluate a `video train` checkpoint on the validation split; the model comes from the run's config.
+
+    Returns the metrics, also logged and written to OUTPUT_DIR/eval_{views}views.json. Raises FileWriteError (one
+    line naming the folder or file and the OS's reason) when output_dir cannot be written.
+    """
     from rs_transfer.engine.distributed import init_distributed, is_main
 
     checkpoint = Path(checkpoint)
@@ -280,7 +285,13 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     metrics = {"views": views, "checkpoint": str(checkpoint),
                **evaluate_videos(net, val_videos, config.data)}
     if is_main():
+        # Logged before writing, so that an unwritable output_dir does not lose an evaluation that took hours.
+        log.info("eval: %s", json.dumps(metrics))
         out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise FileWriteError(f"cannot create output_dir {out}: {error.strerror or error} (the metrics are in "
+                                 "the log line above)") from None
         atomic_write_json(out / f"eval_{views}views.json", metrics)
     return metrics
