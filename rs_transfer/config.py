@@ -111,7 +111,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None
-    num_workers: int = checked(4, at_least(0))
+    num_workers: int = checked(4, at_least(0))  # loader processes per training process; they persist across epochs
+    prefetch_factor: int = checked(2, at_least(1))  # batches each worker loads ahead
 
 
 @dataclass
@@ -170,7 +171,7 @@ class RunConfig:
 # change how and how often it evaluates (EVAL_KEYS), the run's length (the schedule then spans the new length) and
 # the weights it started from (restored from the checkpoint instead). Any other key changes the run.
 LOCATION_KEYS = frozenset({
-    "output_dir", "data.root", "data.num_workers", "data.synthetic", "train.resume", "train.device",
+    "output_dir", "data.root", "data.num_workers", "data.prefetch_factor", "data.synthetic", "train.resume", "train.device",
     "train.compile", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_last",
 })

@@ -1,10 +1,12 @@
 """The training loop end to end on a toy task (tests/engine_toy.py): learning, outputs, errors."""
 
 import json
+import os
 
 import pytest
 import torch
 
+import engine_toy
 from engine_toy import make_task, toy_config
 from rs_transfer.config import ConfigError
 from rs_transfer.engine import checkpoint as ckpt
@@ -167,3 +169,25 @@ def test_channels_last_for_2d_and_3d_layers_and_nested_batches():
     assert moved["images"][0].is_contiguous(memory_format=torch.channels_last)
     assert isinstance(moved["pair"], Pair) and moved["pair"].clip.is_contiguous(memory_format=torch.channels_last_3d)
     assert moved["pair"].mask.is_contiguous() and moved["name"] == "x"
+
+
+class PidPoints(engine_toy.Points):
+    """Toy samples that record which process loaded them."""
+
+    def __init__(self, log_path, **kwargs):
+        super().__init__(**kwargs)
+        self.log_path = str(log_path)
+
+    def __getitem__(self, i):
+        with open(self.log_path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        return super().__getitem__(i)
+
+
+def test_loader_workers_persist_across_epochs(tmp_path, deterministic):
+    # Starting workers at every epoch costs seconds at scale (each re-imports and re-opens its data).
+    task = engine_toy.make_task(n=64)
+    task.train_set = PidPoints(tmp_path / "pids.txt", n=64, seed=1)
+    train(engine_toy.toy_config(tmp_path / "run", "train.epochs=3", "data.num_workers=2"), task)
+    pids = set((tmp_path / "pids.txt").read_text().split())
+    assert len(pids) == 2 and str(os.getpid()) not in pids

@@ -127,10 +127,11 @@ def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
         sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
         sampler.set_epoch(3)
         sampler.start = start
-        loader = DataLoader(SeededSamples(data, seed=0, epoch=3), batch_size=8, sampler=sampler, num_workers=workers)
+        loader = DataLoader(SeededSamples(data, seed=0), batch_size=8, sampler=sampler, num_workers=workers)
         return torch.cat([x for x, _ in loader])
 
     whole = samples(0, workers=2)
     assert torch.equal(samples(16, workers=1), whole[16:])  # resumed at batch 2, another worker count
-    different_epoch = SeededSamples(data, seed=0, epoch=4)[0][0]
-    assert not torch.equal(different_epoch, SeededSamples(data, seed=0, epoch=3)[0][0])
+    assert torch.equal(samples(8, workers=0), whole[8:])  # and in the main process
+    different_epoch = SeededSamples(data, seed=0)[(4, 0)][0]
+    assert not torch.equal(different_epoch, SeededSamples(data, seed=0)[(3, 0)][0])

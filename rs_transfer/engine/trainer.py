@@ -12,6 +12,7 @@ epoch, index), see SeededSamples) and the same updates; on CPU the final weights
 uninterrupted run (tests/test_engine_resume.py).
 """
 
+import itertools
 import json
 import logging
 import math
@@ -55,19 +56,22 @@ class NonFiniteLossError(UserError):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (`start`, in this rank's samples)."""
+    """DistributedSampler that can start part-way into an epoch (`start`, in this rank's samples) and yields
+    (epoch, index) keys: loader workers persist across epochs, so each sample's epoch travels with its key."""
 
     start = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start :])
+        epoch = self.epoch
+        return ((epoch, index) for index in itertools.islice(super().__iter__(), self.start, None))
 
     def __len__(self) -> int:
         return self.num_samples - self.start
 
 
 class SeededSamples(Dataset):
-    """Seeds the torch, numpy and random generators from (seed, epoch, index) before each sample.
+    """Item (epoch, index): sample `index`, after seeding the torch, numpy and random generators from (seed, epoch,
+    index).
 
     A sample's random augmentation then depends on nothing else: not on which worker loads it, how many workers
     there are (none included), or where a resumed epoch restarts, so resume is exact and `data.num_workers` may
@@ -76,29 +80,29 @@ class SeededSamples(Dataset):
     numbers with or without workers.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+    def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key: tuple):
+        epoch, index = key
         if get_worker_info() is not None:  # a worker process: its generators serve the samples alone
-            self._seed(index)
+            self._seed(epoch, index)
             return self.dataset[index]
         states = torch.get_rng_state(), np.random.get_state(), random.getstate()
         try:
-            self._seed(index)
+            self._seed(epoch, index)
             return self.dataset[index]
         finally:
             torch.set_rng_state(states[0])
             np.random.set_state(states[1])
             random.setstate(states[2])
 
-    def _seed(self, index: int) -> None:
-        seed = hash((self.seed, self.epoch, index)) % 2**63
+    def _seed(self, epoch: int, index: int) -> None:
+        seed = hash((self.seed, epoch, index)) % 2**63
         torch.default_generator.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
@@ -162,6 +166,9 @@ class Trainer:
                 raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
             model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(info.device)
+        if info.device.type == "cuda":
+            # Training inputs keep one size, so cuDNN's per-shape algorithm search pays off after the first steps.
+            torch.backends.cudnn.benchmark = True
         if tc.channels_last:
             to_channels_last(model)
         model.train()
@@ -169,6 +176,7 @@ class Trainer:
 
         self.sampler = ResumableSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                         seed=config.seed)
+        self.loader = self._build_loader()
         self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(task.train_set)} samples, fewer than one step of "
@@ -233,7 +241,7 @@ class Trainer:
         if progress.eval_pending:  # resumed from the checkpoint written before an evaluation that did not finish
             self._evaluate_and_save()
         while progress.step < self.total:
-            batches = iter(self._loader())
+            batches = self._epoch_batches()
             epoch_done = False
             while not epoch_done:
                 lr = self._step(batches)
@@ -270,19 +278,25 @@ class Trainer:
             atomic_write_json(self.out / "final_metrics.json", progress.metrics)
         return progress.metrics
 
-    def _loader(self) -> DataLoader:
+    def _epoch_batches(self):
         """This epoch's batches from the current position on (sampler seeded by (seed, epoch))."""
-        config, progress = self.config, self.progress
+        progress = self.progress
         self.sampler.set_epoch(progress.epoch)
         self.sampler.start = progress.step_in_epoch * self.micro * self.tc.grad_accum_steps
+        return iter(self.loader)
+
+    def _build_loader(self) -> DataLoader:
+        """One loader for the whole run: its workers persist across epochs (no start-up cost at each epoch)."""
+        config = self.config
         workers = config.data.num_workers
         return DataLoader(
-            SeededSamples(self.task.train_set, config.seed, progress.epoch),
+            SeededSamples(self.task.train_set, config.seed),
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
             drop_last=True, pin_memory=self.info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            persistent_workers=workers > 0, prefetch_factor=config.data.prefetch_factor if workers > 0 else None,
             # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
             # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
-            generator=torch.Generator().manual_seed(hash((config.seed, progress.epoch, self.info.rank)) % 2**63),
+            generator=torch.Generator().manual_seed(hash((config.seed, self.info.rank)) % 2**63),
         )
 
     def _autocast(self):
