@@ -119,14 +119,13 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
     from torch.utils.data import DataLoader
 
-    from rs_transfer.engine.trainer import ResumableSampler, SeededSamples
+    from rs_transfer.engine.trainer import RunSampler, SeededSamples
 
     data = engine_toy.Points(48, seed=1, noise=1.0)
 
     def samples(start: int, workers: int) -> torch.Tensor:
-        sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-        sampler.set_epoch(3)
-        sampler.start = start
+        sampler = RunSampler(data, num_replicas=1, rank=0, seed=0)
+        sampler.start, sampler.count = (3, start), 48 - start
         loader = DataLoader(SeededSamples(data, seed=0), batch_size=8, sampler=sampler, num_workers=workers)
         return torch.cat([x for x, _ in loader])
 

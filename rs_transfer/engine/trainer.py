@@ -4,7 +4,7 @@ The loop knows nothing about the task (see task.py): it moves batches to the dev
 SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs. The same code runs
 as one process or as many under torchrun/SLURM (DDP; see distributed.py).
 
-Exact resume: the data order of an epoch is a function of (seed, epoch) alone (DistributedSampler), a
+Exact resume: the data order of an epoch is a function of (seed, epoch) alone (RunSampler), a
 checkpoint stores the position inside the epoch and every rank's RNG states, and the LR is a function of the
 step. A run killed and resumed therefore continues with the same batches, the same random augmentations (in the
 main process the checkpoint restores the generators; in worker processes each sample seeds them from (seed,
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
 from rs_transfer.config import RESUME_MAY_CHANGE, ConfigError, RunConfig, flatten, run_differences, save_config, to_dict
 from rs_transfer.engine import checkpoint as ckpt
@@ -55,18 +55,35 @@ class NonFiniteLossError(UserError):
     pass
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (`start`, in this rank's samples) and yields
-    (epoch, index) keys: loader workers persist across epochs, so each sample's epoch travels with its key."""
+class RunSampler(Sampler):
+    """The keys (epoch, index) this rank loads for the rest of the run, from `start` = (epoch, position in this
+    rank's part of it) on, `count` keys in all.
 
-    start = 0
+    Each epoch is DistributedSampler's order for (seed, epoch), cut to `samples_per_epoch` (whole optimizer steps),
+    so batches never straddle two epochs. One loader iterator serves the whole run: its workers keep loading
+    ahead across epoch boundaries, and each sample's epoch travels with its key.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        self.epochs = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.samples_per_epoch = self.epochs.num_samples
+        self.start = (0, 0)
+        self.count = 0
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, index) for index in itertools.islice(super().__iter__(), self.start, None))
+        epoch, offset = self.start
+        left = self.count
+        while left > 0:
+            self.epochs.set_epoch(epoch)
+            for index in itertools.islice(iter(self.epochs), offset, self.samples_per_epoch):
+                yield epoch, index
+                left -= 1
+                if left == 0:
+                    return
+            epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return self.count
 
 
 class SeededSamples(Dataset):
@@ -174,13 +191,13 @@ class Trainer:
         model.train()
         self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
 
-        self.sampler = ResumableSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                        seed=config.seed)
+        self.sampler = RunSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, seed=config.seed)
         self.loader = self._build_loader()
-        self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
+        self.steps_per_epoch = self.sampler.epochs.num_samples // (self.micro * tc.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(task.train_set)} samples, fewer than one step of "
                               f"train.batch_size={tc.batch_size}")
+        self.sampler.samples_per_epoch = self.steps_per_epoch * self.micro * tc.grad_accum_steps
         self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
@@ -240,34 +257,33 @@ class Trainer:
         progress = self.progress
         if progress.eval_pending:  # resumed from the checkpoint written before an evaluation that did not finish
             self._evaluate_and_save()
+        per_step = self.micro * self.tc.grad_accum_steps
+        self.sampler.start = (progress.epoch, progress.step_in_epoch * per_step)
+        self.sampler.count = (self.total - progress.step) * per_step
+        batches = iter(self.loader)
         while progress.step < self.total:
-            batches = self._epoch_batches()
-            epoch_done = False
-            while not epoch_done:
-                lr = self._step(batches)
-                progress.step += 1
-                progress.step_in_epoch += 1
-                if progress.step_in_epoch == self.steps_per_epoch:
-                    progress.epoch += 1
-                    progress.step_in_epoch = 0
-                    epoch_done = True
-                last = progress.step == self.total
-                epoch_done = epoch_done or last
-                self.logger.step()
-                if progress.step % self.tc.log_every_steps == 0 or last:
-                    self._log(lr)
-                if self._eval_due(last):
-                    self._evaluate_and_save()
-                elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
-                        self.stop_requested and not last):
-                    self._save(best=False)
-                if self.stop_requested and not last:
-                    raise StoppedBySignal(
-                        f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
-                        f"checkpoint {self.last_saved} written: rerun with --resume (train.resume=auto) to continue",
-                        self.signalled,
-                    )
-            del batches
+            lr = self._step(batches)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            if progress.step_in_epoch == self.steps_per_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            last = progress.step == self.total
+            self.logger.step()
+            if progress.step % self.tc.log_every_steps == 0 or last:
+                self._log(lr)
+            if self._eval_due(last):
+                self._evaluate_and_save()
+            elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
+                    self.stop_requested and not last):
+                self._save(best=False)
+            if self.stop_requested and not last:
+                raise StoppedBySignal(
+                    f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
+                    f"checkpoint {self.last_saved} written: rerun with --resume (train.resume=auto) to continue",
+                    self.signalled,
+                )
+        del batches
         if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
             self._evaluate_and_save()
         if self.main:
@@ -278,15 +294,9 @@ class Trainer:
             atomic_write_json(self.out / "final_metrics.json", progress.metrics)
         return progress.metrics
 
-    def _epoch_batches(self):
-        """This epoch's batches from the current position on (sampler seeded by (seed, epoch))."""
-        progress = self.progress
-        self.sampler.set_epoch(progress.epoch)
-        self.sampler.start = progress.step_in_epoch * self.micro * self.tc.grad_accum_steps
-        return iter(self.loader)
-
     def _build_loader(self) -> DataLoader:
-        """One loader for the whole run: its workers persist across epochs (no start-up cost at each epoch)."""
+        """One loader, and one iterator of it, for the whole run (see RunSampler): no worker start-up and no empty
+        prefetch queue at an epoch start. Workers persist too, for callers that iterate it again."""
         config = self.config
         workers = config.data.num_workers
         return DataLoader(
