@@ -101,3 +101,27 @@ def test_table1_baseline_style_step_schedule_from_overrides():
     factors = [scheduler.lr_lambdas[0](t) for t in (0, 49, 299, 300, 599, 600, 800, 899)]
     assert factors == pytest.approx([0.02, 1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 512 / 256 * 0.02)
+
+
+def test_cached_ema_update_equals_timms_own():
+    # Our Ema keeps its tensor lists between steps; the values must be exactly timm's ModelEmaV3 update, BN
+    # statistics and the integer num_batches_tracked included.
+    from timm.utils import ModelEmaV3
+
+    from rs_transfer.engine.ema import Ema
+    from rs_transfer.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("rs26-w0.25", num_classes=10, init="timm")
+    ours, timms = Ema(model, 0.9), ModelEmaV3(model, decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ours.update(model, step=1000)  # past the warmup: decay 0.9, as timm's
+        timms.update(model)
+    expected = timms.module.state_dict()
+    for key, value in ours.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert ours.module.state_dict()["bn1.num_batches_tracked"] == 3

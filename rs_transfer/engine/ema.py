@@ -6,6 +6,7 @@ t-th optimizer step (t = 1, 2, ...) the decay is min(ema_decay, (1 + t) / (10 + 
 ExponentialMovingAverage with num_updates = global step.
 """
 
+import torch
 from timm.utils import ModelEmaV3
 
 
@@ -14,9 +15,29 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 
 class Ema(ModelEmaV3):
+    """timm's ModelEmaV3 with the official decay rule, and its tensor lists built once: timm's update calls
+    `state_dict()` on both models at every step (Python work that is a few percent of a small CPU step)."""
+
     def __init__(self, model, decay: float, warmup: bool = True):
         super().__init__(model, decay=decay)
         self.warmup = warmup
+        self._pairs = None  # (EMA floats, model floats, EMA others, model others), for one model object
 
     def get_decay(self, step=None) -> float:
         return ema_decay_at(step, self.decay, self.warmup)
+
+    @torch.no_grad()
+    def apply_update_(self, model, decay: float):
+        # The tensors of a module are stable objects (load_state_dict copies into them), so the lists stay valid
+        # for the model they were built from.
+        if self._pairs is None or self._pairs[0] is not model:
+            floats, others = ([], []), ([], [])
+            for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+                pair = floats if ema_v.is_floating_point() else others
+                pair[0].append(ema_v)
+                pair[1].append(model_v)
+            self._pairs = (model, floats, others)
+        _, (ema_floats, model_floats), (ema_others, model_others) = self._pairs
+        self._foreach_lerp_(ema_floats, model_floats, weight=1.0 - decay)
+        if ema_others:
+            torch._foreach_copy_(ema_others, model_others)
