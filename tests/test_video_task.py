@@ -162,3 +162,41 @@ def test_video_eval_into_an_unwritable_output_dir_is_one_error_line_and_keeps_th
         f"error: cannot create output_dir {full}: No space left on device (the metrics are in the log line above)")
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval: ")]
     assert json.loads(logged[-1].removeprefix("eval: "))["videos"] == 4.0
+
+
+def test_the_model_normalises_uint8_clips_as_the_loader_used_to():
+    from torchvision.transforms.v2 import functional as TF
+
+    from rs_transfer.video import sampling
+
+    torch.manual_seed(0)
+    config = load_config(VideoConfig, None, ["model.name=rs26-w0.125", "model.num_classes=4"])
+    model = VideoClassifier(build_net(config), 0.0).eval()
+    clips = torch.randint(0, 256, (2, 3, 8, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 3])
+    # What TrainAugment returned before: float / 255, normalised with the ImageNet statistics, on the CPU.
+    old = TF.normalize(TF.to_dtype(clips.transpose(1, 2), torch.float32, scale=True), sampling.MEAN, sampling.STD)
+    old = old.transpose(1, 2)
+    torch.testing.assert_close(sampling.normalise(clips), old)
+    with torch.no_grad():
+        torch.testing.assert_close(model((clips, labels))["loss"], model((old, labels))["loss"])
+        torch.testing.assert_close(model.net(sampling.normalise(clips)), model.net(old))
+    with pytest.raises(TypeError, match="uint8"):
+        sampling.normalise(clips.int())
+
+
+def test_evaluator_hands_the_net_normalised_float_views(tmp_path):
+    root = synthetic.write_dataset(tmp_path / "k400", "folders", {"train": 1, "val": 1}, num_frames=12)
+    videos, classes = data.list_videos(root, "val")
+    seen = []
+
+    class Recording(FixedLogits):
+        def forward(self, x):
+            seen.append(x)
+            return super().forward(x)
+
+    d = VideoDataConfig(num_workers=0, clip_frames=8, frame_stride=1, eval_short_side=32, eval_crop_size=32,
+                        eval_views=1)
+    evaluate_videos(Recording(len(classes)), videos[:1], d)
+    (views,) = seen
+    assert views.dtype == torch.float32 and views.min() < -1.5 and views.max() > 1.5  # normalised, not / 255 only

@@ -26,11 +26,11 @@ except ImportError:
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, find_dir, model_device, require, to_device
-from rs_transfer.downstream.fpn import Normalize
 from rs_transfer.downstream.metrics import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.models import create_model
+from rs_transfer.models.normalize import Normalize
 
 NUM_CLASSES = 100
 

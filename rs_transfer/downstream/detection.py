@@ -30,10 +30,11 @@ from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     DatasetError, ScaleJitter, find_dir, model_device, read_image, read_split, require, to_device,
 )
-from rs_transfer.downstream.fpn import IMAGENET_MEAN, IMAGENET_STD, LEVELS, BackboneFPN
+from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import all_gather_list, voc07_map
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",

@@ -18,23 +18,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from rs_transfer.models import create_model
+from rs_transfer.models.normalize import Normalize
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 STRIDES = (8, 16, 32, 64, 128)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    """uint8 (or [0, 255] float) images -> ImageNet-normalised floats, the input the zoo's weights expect."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
 
 
 class BackboneFPN(nn.Module):

@@ -558,10 +558,11 @@ def to_channels_last(model: nn.Module) -> None:
 
 
 def to_device(batch, device: torch.device, channels_last: bool = False):
-    """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float) made channels-last."""
+    """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float or uint8) made
+    channels-last (a model's Normalize keeps that format for the float images it makes)."""
     if torch.is_tensor(batch):
         batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.is_floating_point() and batch.ndim in (4, 5):
+        if channels_last and (batch.is_floating_point() or batch.dtype == torch.uint8) and batch.ndim in (4, 5):
             batch = batch.contiguous(
                 memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
         return batch

@@ -31,6 +31,7 @@ from rs_transfer.engine.loader import STOP_SIGNALS, ignore_stop_signals
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError, atomic_write_json, atomic_write_text
 from rs_transfer.models import create_model
+from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.weights import check_fit, read_state_dict
 from rs_transfer.pretrain import data, transforms
 
@@ -54,7 +55,7 @@ class _Images(Dataset):
             return self.transform(data.decode(data.read_bytes(item.where))), ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             log.warning("skipping unreadable image %s (%s)", item.ref, data.describe_error(error))
-            return torch.zeros(3, self.size, self.size), data.describe_error(error)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), data.describe_error(error)
 
 
 def load_teacher(path: str, model_name: str) -> torch.nn.Module:
@@ -150,6 +151,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     done = _complete_lines(path)
     if done < len(mine):
         model = load_teacher(teacher, model_name).to(device)
+        normalize = Normalize().to(device)  # the loader ships uint8 images
         num_classes = model.fc.out_features
         loader = DataLoader(_Images(mine[done:], transforms.eval_transform(image_size)), batch_size=batch_size,
                             num_workers=num_workers, worker_init_fn=ignore_stop_signals,
@@ -161,7 +163,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 if max_batches is not None and step >= max_batches:
                     break
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(batch.to(device))
+                    logits = model(normalize(batch.to(device, non_blocking=True)))
                 probs = logits.float().softmax(dim=1).cpu()
                 top_p, top_i = probs.topk(min(max(topk, 1), num_classes), dim=1)
                 lines = []

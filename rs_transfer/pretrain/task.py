@@ -12,6 +12,7 @@ from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
+from rs_transfer.models.normalize import Normalize
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.config import PretrainConfig
 
@@ -19,15 +20,21 @@ log = logging.getLogger(__name__)
 
 
 class ClassificationModel(nn.Module):
-    """A zoo network whose forward turns a batch into {"loss"}: label-smoothed CE, or CE against soft targets."""
+    """A zoo network whose forward turns a batch of uint8 images into {"loss"}: label-smoothed CE, or CE against
+    soft targets. Images are normalised here, on the device; the network is `net` (its state dict keys are ours)."""
 
     def __init__(self, net: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
+        self.normalize = Normalize()
         self.net = net
         self.label_smoothing = label_smoothing
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, S, S) -> logits (N, classes)."""
+        return self.net(self.normalize(images))
+
     def forward(self, batch: dict) -> dict:
-        logits = self.net(batch["image"])
+        logits = self.logits(batch["image"])
         if "target" in batch:  # soft targets (co-training) already carry their smoothing
             loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
@@ -44,13 +51,12 @@ class TopKEvaluator:
         self.num_workers = num_workers
 
     def __call__(self, model: nn.Module) -> dict:
-        net = model.net if isinstance(model, ClassificationModel) else model
-        device = next(net.parameters()).device
+        device = next(model.parameters()).device
         loader = eval_loader(self.dataset, self.batch_size, data.collate, self.num_workers, device)
         counts = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
             for batch in loader:
-                logits = net(batch["image"].to(device, non_blocking=True))
+                logits = model.logits(batch["image"].to(device, non_blocking=True))
                 labels = batch["label"].to(device)
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top == labels[:, None]

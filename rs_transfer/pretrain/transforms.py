@@ -1,7 +1,9 @@
 """Train and eval transforms of the RS recipe, on PIL images.
 
-Train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment -> tensor,
-normalised with the ImageNet mean/std. Eval: centre crop of S/(S + round(S/7)) of the short side, resized to S.
+Train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment -> uint8
+tensor (3, S, S). Eval: centre crop of S/(S + round(S/7)) of the short side, resized to S -> uint8 tensor. The
+model normalises on the device (rs_transfer.models.normalize.Normalize): a quarter of float32's bytes through
+the loader queues and the copy to the GPU, and no normalisation work in the loader workers.
 
 RandAugment comes in two flavours, chosen by `augment.randaugment`:
 - "tf" (default): the official TF code (tensorflow/tpu `autoaugment.distort_image_with_randaugment`), written
@@ -16,16 +18,14 @@ RandAugment comes in two flavours, chosen by `augment.randaugment`:
 
 import random
 
-import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from rs_transfer.config import ConfigError
+from rs_transfer.models.normalize import IMAGENET_MEAN
 from rs_transfer.errors import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FILL = (128, 128, 128)
 MAX_LEVEL = 10.0
 TRANSLATE_CONST = 100
@@ -162,7 +162,7 @@ def train_transform(image_size: int, randaugment_kind: str = "tf", num_layers: i
     ]
     if randaugment_kind != "none" and num_layers > 0:
         steps.append(randaugment(randaugment_kind, num_layers, magnitude, image_size, timm_config))
-    steps += [T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps.append(T.PILToTensor())
     return T.Compose(steps)
 
 
@@ -188,6 +188,4 @@ def eval_transform(image_size: int):
     return T.Compose([
         CenterCropFraction(image_size),
         T.PILToTensor(),
-        T.ConvertImageDtype(torch.float32),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

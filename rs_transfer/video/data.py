@@ -16,8 +16,11 @@ Our own dataset instead of pytorchvideo's `LabeledVideoDataset`: that one is an 
 shards a map-style dataset with a DistributedSampler (and resumes it exactly); decoding is a few lines of PyAV.
 A video that cannot be decoded or is too short is skipped with a log line naming it and a running count. Frames
 are counted by demuxing, not read from the header: a download cut short keeps a header declaring every frame.
+A clip opens its file once (VideoReader) and decodes from the keyframe before its first frame, so a clip at the
+end of a video costs about what one at its start does.
 """
 
+import bisect
 import csv
 import logging
 import os
@@ -168,47 +171,133 @@ def _videos_by_stem(folder: Path) -> dict:
     return found
 
 
-def count_frames(path: Path) -> int:
-    """Frames that decode from the first video stream: its whole packets, counted by demuxing without decoding.
+def decoder_threads() -> int:
+    """FFmpeg's decoding threads for a video opened in this process: 1 inside a DataLoader worker, 0 (FFmpeg picks,
+    about one per core) in the main process."""
+    # Each loader worker already decodes its own video; N workers that each start one FFmpeg thread per core would
+    # run N x cores threads on the cores and lose time switching between them.
+    return 1 if torch.utils.data.get_worker_info() is not None else 0
 
-    Not the header's count: a download cut short keeps a header that declares every frame. Demuxing a 10 s clip
-    takes about 1-2 ms (decoding it 13-110 ms; docs/video.md). Raises UnreadableVideo.
+
+class VideoReader:
+    """One open video: its whole frames counted on opening, then the wanted ones decoded from the keyframe before
+    the first of them. Open once per clip: `with VideoReader(path) as video: video.decode(indices)`.
+
+    Frames are counted by demuxing (about 1-2 ms for a 10 s clip), not read from the header: a download cut short
+    keeps a header declaring every frame. The same pass records each packet's pts, which maps frame index <-> pts
+    for seeking. Raises UnreadableVideo.
     """
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.container = av.open(str(path))
+        except av.FFmpegError as error:
+            raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+        try:
+            if not self.container.streams.video:
                 raise UnreadableVideo("no video stream")
-            stream = container.streams.video[0]
-            return sum(1 for _ in _whole_packets(container, stream))
-    except av.FFmpegError as error:
-        raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+            self.stream = self._open_stream(self.container)
+            packets = [(p.pts, p.is_keyframe) for p in _whole_packets(self.container, self.stream)]
+        except av.FFmpegError as error:
+            self.container.close()
+            raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+        except UnreadableVideo:
+            self.container.close()
+            raise
+        self.num_frames = len(packets)
+        # Decoding from the start yields frames in display order, so frame i is the packet with the i-th smallest
+        # pts. Without a pts on every packet, or with repeated ones, the mapping is unknown: no seeking then.
+        pts = [p for p, _ in packets]
+        exact = None not in pts and len(set(pts)) == len(pts)
+        self.frame_pts = sorted(pts) if exact else None
+        self.keyframe_pts = sorted(p for p, key in packets if key) if exact else []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    @staticmethod
+    def _open_stream(container):
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = decoder_threads()
+        return stream
+
+    def decode(self, indices, short_side: int | None = None, seek: bool = True) -> dict:
+        """{frame index: uint8 array (H, W, 3)} for the wanted indices (each below `num_frames`).
+
+        Seeks to the keyframe at or before the first wanted frame and decodes forward to the last one; where the
+        container cannot seek exactly (or `seek` is False) it decodes from the start instead. Both give the same
+        pixels. `short_side` resizes during decoding (FFmpeg's swscale, bilinear), which keeps memory small for
+        full-resolution videos. Raises UnreadableVideo, also for an index at or past `num_frames`.
+        """
+        wanted = sorted(set(int(i) for i in indices))
+        if wanted[-1] >= self.num_frames:
+            raise UnreadableVideo(f"frame {wanted[-1]} wanted but {self.num_frames} frames decode "
+                                  "(the file ends early)")
+        try:
+            frames = self._decode_after_seek(wanted, short_side) if seek else None
+            if frames is None:
+                frames = self._decode_from_start(wanted, short_side)
+        except (av.FFmpegError, IndexError) as error:
+            raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
+        if len(frames) < len(wanted):
+            raise UnreadableVideo(f"decoded {len(frames)} of {len(wanted)} wanted frames (the file ends early)")
+        return frames
+
+    def _decode_after_seek(self, wanted: list, short_side) -> dict | None:
+        """The wanted frames, decoded from the keyframe before the first; None where the seek was not exact."""
+        if self.frame_pts is None:
+            return None
+        first_pts = self.frame_pts[wanted[0]]
+        keyframe = bisect.bisect_right(self.keyframe_pts, first_pts) - 1
+        if keyframe < 0:
+            return None
+        index_of = {pts: i for i, pts in enumerate(self.frame_pts)}
+        self.container.seek(self.keyframe_pts[keyframe], stream=self.stream, backward=True, any_frame=False)
+        decoded = ((index_of.get(frame.pts, -1), frame) for frame in _decoded(self.container, self.stream))
+        frames = _collect(decoded, wanted, short_side)
+        # A frame without a known pts, or a first wanted frame the seek jumped past: the demuxer landed elsewhere.
+        return frames if frames is not None and len(frames) == len(wanted) else None
+
+    def _decode_from_start(self, wanted: list, short_side) -> dict:
+        # A fresh open rather than a seek to 0: this is the path for containers whose seeking we do not trust.
+        with av.open(str(self.path)) as container:
+            return _collect(enumerate(_decoded(container, self._open_stream(container))), wanted, short_side)
 
 
-def decode_frames(path: Path, indices, short_side: int | None = None) -> dict:
-    """{frame index: uint8 array (H, W, 3)} for the wanted indices, decoded from the start (no seeking: Kinetics
-    clips are 10 s, and frame-exact seeking is unreliable across codecs). `short_side` resizes during decoding
-    (FFmpeg's swscale, bilinear), which keeps memory small for full-resolution videos. Only the frames `count_frames`
-    counts are decoded, so indices below it are found in a file cut short too. Raises UnreadableVideo."""
-    wanted = set(int(i) for i in indices)
-    last = max(wanted)
+def _collect(decoded, wanted: list, short_side) -> dict | None:
+    """{index: rgb24 array} of the wanted frames among `decoded`, (index, frame) pairs in display order; stops after
+    the last wanted frame. None if a frame's index is unknown (-1) or a wanted frame was passed over."""
+    wanted_set = set(wanted)
     frames = {}
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(_decoded(container, stream)):
-                if i in wanted:
-                    if short_side is not None:
-                        height, width = sampling.short_side_size(frame.height, frame.width, short_side)
-                        frame = frame.reformat(width=width, height=height, interpolation="BILINEAR")
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-    except (av.FFmpegError, IndexError) as error:
-        raise UnreadableVideo(f"{type(error).__name__}: {error}") from None
-    if len(frames) < len(wanted):
-        raise UnreadableVideo(f"decoded {len(frames)} of {len(wanted)} wanted frames (the file ends early)")
+    for i, frame in decoded:
+        if i < 0 or i > wanted[len(frames)]:
+            return None
+        if i in wanted_set:
+            if short_side is not None:
+                height, width = sampling.short_side_size(frame.height, frame.width, short_side)
+                frame = frame.reformat(width=width, height=height, interpolation="BILINEAR")
+            frames[i] = frame.to_ndarray(format="rgb24")
+            if len(frames) == len(wanted):
+                break
     return frames
+
+
+def count_frames(path: Path) -> int:
+    """Frames that decode from the first video stream (VideoReader.num_frames). Raises UnreadableVideo."""
+    with VideoReader(path) as video:
+        return video.num_frames
+
+
+def decode_frames(path: Path, indices, short_side: int | None = None, seek: bool = True) -> dict:
+    """{frame index: uint8 array (H, W, 3)}: VideoReader.decode on a file opened for these frames alone.
+    Raises UnreadableVideo."""
+    with VideoReader(path) as video:
+        return video.decode(indices, short_side, seek)
 
 
 def _whole_packets(container, stream):
@@ -240,7 +329,9 @@ class SkipCounter:
 
 
 class TrainClips(Dataset):
-    """One random clip per video per epoch: (float clip (3, T, S, S), label).
+    """One random clip per video per epoch: (uint8 clip (3, T, S, S) from `augment`, label). The model converts and
+    normalises on its device (sampling.normalise): a uint8 batch is a quarter of a float one to copy between
+    processes and to the device.
 
     A video that fails (unreadable, or fewer than `clip_frames` frames) is replaced by the next one in the list,
     so batches keep their size; each failure is logged by name and counted.
@@ -267,10 +358,11 @@ class TrainClips(Dataset):
         raise VideoDataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable")
 
     def load_clip(self, path) -> torch.Tensor:
-        num_frames = count_frames(path)
-        if num_frames < self.clip_frames:
-            raise UnreadableVideo(f"too short: {num_frames} frames, a clip needs {self.clip_frames}")
-        start = sampling.random_clip_start(num_frames, self.clip_frames, self.frame_stride)
-        indices = sampling.clip_indices(start, self.clip_frames, self.frame_stride, num_frames)
-        frames = decode_frames(path, indices)
+        with VideoReader(path) as video:
+            num_frames = video.num_frames
+            if num_frames < self.clip_frames:
+                raise UnreadableVideo(f"too short: {num_frames} frames, a clip needs {self.clip_frames}")
+            start = sampling.random_clip_start(num_frames, self.clip_frames, self.frame_stride)
+            indices = sampling.clip_indices(start, self.clip_frames, self.frame_stride, num_frames)
+            frames = video.decode(indices)
         return torch.from_numpy(np.stack([frames[i] for i in indices]))  # (T, H, W, 3) uint8

@@ -77,13 +77,24 @@ def scale_jitter_box(height: int, width: int, area: tuple, aspect: tuple) -> tup
 
 
 def to_model_input(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> normalised float (3, T, H, W), the layout Conv3d wants."""
-    clip = F.normalize(F.to_dtype(clip, torch.float32, scale=True), MEAN, STD)
+    """uint8 (T, 3, H, W) -> uint8 (3, T, H, W), the layout Conv3d wants; `normalise` makes it float on the device."""
     return clip.permute(1, 0, 2, 3).contiguous()
 
 
+def normalise(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (..., 3, T, H, W) -> float32 / 255, normalised with MEAN and STD per channel. Float clips are
+    returned as they are (taken as already normalised). Runs where `clips` is, so the loader ships uint8."""
+    if clips.is_floating_point():
+        return clips
+    if clips.dtype != torch.uint8:
+        raise TypeError(f"clips must be uint8 (or normalised float), not {clips.dtype}")
+    mean = torch.tensor(MEAN, device=clips.device).view(3, 1, 1, 1)
+    std = torch.tensor(STD, device=clips.device).view(3, 1, 1, 1)
+    return (clips.float() / 255 - mean) / std
+
+
 class TrainAugment:
-    """uint8 clip (T, H, W, 3) -> float (3, T, crop, crop)."""
+    """uint8 clip (T, H, W, 3) -> uint8 (3, T, crop, crop)."""
 
     def __init__(self, crop_size: int, scale_jitter: bool, area=(0.08, 1.0), aspect=(0.5, 2.0),
                  short_side: int = 256, flip: bool = True):
@@ -120,7 +131,7 @@ def _random_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
 
 def eval_views(frames: dict, num_frames: int, clip_frames: int, frame_stride: int, num_clips: int,
                num_crops: int, crop_size: int):
-    """Yield every evaluation view as float (3, T, crop, crop) from frames already resized to the short side."""
+    """Yield every evaluation view as uint8 (3, T, crop, crop) from frames already resized to the short side."""
     for start in eval_clip_starts(num_frames, clip_frames, frame_stride, num_clips):
         indices = clip_indices(start, clip_frames, frame_stride, num_frames)
         clip = torch.stack([torch.as_tensor(frames[i]) for i in indices]).permute(0, 3, 1, 2)

@@ -74,7 +74,11 @@ class VideoConfig(RunConfig):
 
 
 class VideoClassifier(nn.Module):
-    """The engine's model: a batch (clips, labels) in, {"loss", "accuracy"} out. The network is `net`."""
+    """The engine's model: a batch (clips, labels) in, {"loss", "accuracy"} out. The network is `net`.
+
+    Clips are uint8 (N, 3, T, H, W) as the loader ships them, converted and normalised here on the device
+    (sampling.normalise); float clips are taken as already normalised.
+    """
 
     def __init__(self, net: ResNet3d, label_smoothing: float):
         super().__init__()
@@ -83,7 +87,7 @@ class VideoClassifier(nn.Module):
 
     def forward(self, batch):
         clips, labels = batch
-        logits = self.net(clips)
+        logits = self.net(sampling.normalise(clips))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 
@@ -182,11 +186,12 @@ class EvalVideos(Dataset):
         video = self.videos[index]
         d = self.d
         try:
-            num_frames = data.count_frames(video.path)
-            if num_frames < d.clip_frames:
-                raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {d.clip_frames}")
-            indices = sampling.eval_frame_indices(num_frames, d.clip_frames, d.frame_stride, self.num_clips)
-            frames = data.decode_frames(video.path, indices, short_side=d.eval_short_side)
+            with data.VideoReader(video.path) as reader:
+                num_frames = reader.num_frames
+                if num_frames < d.clip_frames:
+                    raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {d.clip_frames}")
+                indices = sampling.eval_frame_indices(num_frames, d.clip_frames, d.frame_stride, self.num_clips)
+                frames = reader.decode(indices, short_side=d.eval_short_side)
         except data.UnreadableVideo as error:
             return {"path": str(video.path), "error": str(error)}
         return {"path": str(video.path), "label": video.label, "num_frames": num_frames, "frames": frames}
@@ -216,7 +221,7 @@ def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
             views = sampling.eval_views(item["frames"], item["num_frames"], d.clip_frames, d.frame_stride,
                                         num_clips, num_crops, d.eval_crop_size)
             for batch in _batched(views, d.eval_batch_views):
-                logits = net(torch.stack(batch).to(device))
+                logits = net(sampling.normalise(torch.stack(batch).to(device)))
                 probs = probs + logits.float().softmax(1).sum(0)
             top = probs.topk(min(5, probs.numel())).indices.tolist()
             counts[0] += top[0] == item["label"]
