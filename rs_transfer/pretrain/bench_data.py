@@ -1,7 +1,8 @@
 """`rs-transfer bench data`: decoded + augmented images per second of one data-loading worker.
 
 Every pipeline starts from the JPEG bytes already in memory (so disk speed is out of the measurement) and ends
-with the normalised float tensor: decode, random resized crop, flip, RandAugment, to tensor, normalise. It runs
+with what its loader ships: ours a uint8 tensor (decode, random resized crop, flip, RandAugment, to tensor; the
+model normalises on the device), timm's a normalised float tensor (its train.py pipeline). It runs
 in this one process with one intra-op thread, which is what a DataLoader worker does; a node's loader throughput
 is this number times the workers it runs (while cores last).
 
