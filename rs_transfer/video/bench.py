@@ -1,13 +1,16 @@
-"""`rs-transfer bench video-data`: how many training clips per second the video loader makes, per worker.
+"""`rs-transfer bench video-data`: how many training clips per second the video loader makes, per worker, and
+whether a clip at the end of a video costs what one at its start does (`late_over_early`).
 
-A clip is the full training path: open the file, count frames, decode from the start to the end of a random
-32 x stride-2 window (PyAV), scale-jitter crop to 224, flip, normalise. Without `--root` it writes a few
-Kinetics-like videos first (340x256, 10 s at 30 fps, H.264: the common resized K400 copy), so the number means
-something without the dataset; with `--root` it reads the real training split.
+A clip is the full training path: open the file once, count frames, seek to the keyframe before a random
+32 x stride-2 window and decode to its end (PyAV), scale-jitter crop to 224, flip; clips stay uint8. Without
+`--root` it writes a few Kinetics-like videos first (340x256, 10 s at 30 fps, H.264: the common resized K400 copy),
+so the number means something without the dataset; with `--root` it reads the real training split.
 """
 
 import tempfile
 import time
+
+import av
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +54,55 @@ def bench_video_data(root: str | None, workers: list, clips: int, clip_frames: i
         return results
 
 
+def write_seek_video(path: Path, seconds: int = 10, fps: int = 25, gop: int = 25) -> Path:
+    """A 10 s, 25 fps, 340x256 H.264 MP4 with a keyframe every `gop` frames (YouTube-like; x264's default of 250
+    would make the whole video one GOP). Light noise on every frame, so decoding costs what real footage does."""
+    rng = np.random.default_rng(0)
+    frames = synthetic.moving_square((0, 1), seconds * fps, 256, rng)
+    frames = np.concatenate([frames, frames[:, :, :84]], axis=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "g": str(gop), "bf": "2"}
+        for image in frames:
+            noisy = np.clip(image + rng.integers(0, 16, image.shape, dtype=np.uint8), 0, 255).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(noisy, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def bench_late_over_early(path: Path, clip_frames: int = 32, frame_stride: int = 2, repeats: int = 10) -> dict:
+    """Seconds to open `path` and decode the clip that ends on its last frame over the clip that starts on its first
+    (the median of `repeats`), by seeking and, as the reference, by decoding from the start."""
+    span = sampling.clip_span(clip_frames, frame_stride)
+    results = {}
+    for name, seek in (("late_over_early", True), ("late_over_early_from_start", False)):
+        times = {}
+        for where in ("early", "late"):
+            samples = []
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                with data.VideoReader(path) as video:
+                    start = 0 if where == "early" else video.num_frames - span
+                    video.decode(sampling.clip_indices(start, clip_frames, frame_stride, video.num_frames), seek=seek)
+                samples.append(time.perf_counter() - begin)
+            times[where] = float(np.median(samples))
+        results[name] = round(times["late"] / times["early"], 2)
+        results[f"{name}_ms"] = {where: round(1000 * t, 1) for where, t in times.items()}
+    return results
+
+
 def _train_videos(root: Path) -> list:
     return [data.Video(path, 0) for path in sorted((root / "train" / "moving right").iterdir())]
 
 
 def run_cli(args) -> int:
-    """For the `bench video-data` subcommand: args.root, args.workers (list of ints), args.clips."""
+    """For the `bench video-data` subcommand: args.root, args.workers (list of ints), args.clips. Prints JSON:
+    {"loader": [bench_video_data's rows], "late_over_early": ..., ...bench_late_over_early's other keys}."""
     import json
 
-    print(json.dumps(bench_video_data(args.root, args.workers, args.clips), indent=2))
+    with tempfile.TemporaryDirectory() as tmp:
+        seeking = bench_late_over_early(write_seek_video(Path(tmp) / "seek.mp4"))
+    print(json.dumps({"loader": bench_video_data(args.root, args.workers, args.clips), **seeking}, indent=2))
     return 0

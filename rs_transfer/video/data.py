@@ -330,7 +330,7 @@ class SkipCounter:
 
 class TrainClips(Dataset):
     """One random clip per video per epoch: (uint8 clip (3, T, S, S) from `augment`, label). The model converts and
-    normalises on its device (sampling.normalise): a uint8 batch is a quarter of a float one to copy between
+    normalises on its device (models.normalize.Normalize): a uint8 batch is a quarter of a float one to copy between
     processes and to the device.
 
     A video that fails (unreadable, or fewer than `clip_frames` frames) is replaced by the next one in the list,

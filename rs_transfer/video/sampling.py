@@ -18,9 +18,11 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-# The 2D zoo's ImageNet statistics, so inflated 2D weights see the input they were trained on.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+# The 2D zoo's ImageNet statistics (normalised on the device by models.normalize.Normalize), so inflated 2D
+# weights see the input they were trained on.
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 def clip_span(clip_frames: int, frame_stride: int) -> int:
@@ -77,20 +79,8 @@ def scale_jitter_box(height: int, width: int, area: tuple, aspect: tuple) -> tup
 
 
 def to_model_input(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> uint8 (3, T, H, W), the layout Conv3d wants; `normalise` makes it float on the device."""
+    """uint8 (T, 3, H, W) -> uint8 (3, T, H, W), the layout Conv3d wants; the model normalises it on the device."""
     return clip.permute(1, 0, 2, 3).contiguous()
-
-
-def normalise(clips: torch.Tensor) -> torch.Tensor:
-    """uint8 clips (..., 3, T, H, W) -> float32 / 255, normalised with MEAN and STD per channel. Float clips are
-    returned as they are (taken as already normalised). Runs where `clips` is, so the loader ships uint8."""
-    if clips.is_floating_point():
-        return clips
-    if clips.dtype != torch.uint8:
-        raise TypeError(f"clips must be uint8 (or normalised float), not {clips.dtype}")
-    mean = torch.tensor(MEAN, device=clips.device).view(3, 1, 1, 1)
-    std = torch.tensor(STD, device=clips.device).view(3, 1, 1, 1)
-    return (clips.float() / 255 - mean) / std
 
 
 class TrainAugment:

@@ -26,6 +26,7 @@ from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
 from rs_transfer.files import FileWriteError, atomic_write_json
+from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
 from rs_transfer.video import data, sampling, synthetic
 
@@ -77,17 +78,18 @@ class VideoClassifier(nn.Module):
     """The engine's model: a batch (clips, labels) in, {"loss", "accuracy"} out. The network is `net`.
 
     Clips are uint8 (N, 3, T, H, W) as the loader ships them, converted and normalised here on the device
-    (sampling.normalise); float clips are taken as already normalised.
+    (models.normalize.Normalize, the zoo's one ImageNet mean/std).
     """
 
     def __init__(self, net: ResNet3d, label_smoothing: float):
         super().__init__()
+        self.normalize = Normalize()
         self.net = net
         self.label_smoothing = label_smoothing
 
     def forward(self, batch):
         clips, labels = batch
-        logits = self.net(sampling.normalise(clips))
+        logits = self.net(self.normalize(clips))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 
@@ -204,6 +206,7 @@ def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
 
     num_clips, num_crops = sampling.views_for(d.eval_views)
     device = next(net.parameters()).device
+    normalize = Normalize().to(device)  # views leave the loader as uint8
     mine = videos[get_rank()::get_world_size()]
     loader = DataLoader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)),
                         worker_init_fn=ignore_stop_signals)
@@ -221,7 +224,7 @@ def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
             views = sampling.eval_views(item["frames"], item["num_frames"], d.clip_frames, d.frame_stride,
                                         num_clips, num_crops, d.eval_crop_size)
             for batch in _batched(views, d.eval_batch_views):
-                logits = net(sampling.normalise(torch.stack(batch).to(device)))
+                logits = net(normalize(torch.stack(batch).to(device)))
                 probs = probs + logits.float().softmax(1).sum(0)
             top = probs.topk(min(5, probs.numel())).indices.tolist()
             counts[0] += top[0] == item["label"]
