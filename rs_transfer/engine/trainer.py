@@ -260,7 +260,7 @@ class Trainer:
         per_step = self.micro * self.tc.grad_accum_steps
         self.sampler.start = (progress.epoch, progress.step_in_epoch * per_step)
         self.sampler.count = (self.total - progress.step) * per_step
-        batches = iter(self.loader)
+        batches = iter(self.loader) if progress.step < self.total else None  # no workers for a finished run
         while progress.step < self.total:
             lr = self._step(batches)
             progress.step += 1
