@@ -12,7 +12,6 @@ epoch, index), see SeededSamples) and the same updates; on CPU the final weights
 uninterrupted run (tests/test_engine_resume.py).
 """
 
-import itertools
 import json
 import logging
 import math
@@ -29,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from rs_transfer.config import RESUME_MAY_CHANGE, ConfigError, RunConfig, flatten, run_differences, save_config, to_dict
 from rs_transfer.engine import checkpoint as ckpt
+from rs_transfer.engine import shuffle
 from rs_transfer.engine.distributed import (
     all_gather_object,
     all_reduce_max,
@@ -59,14 +59,18 @@ class RunSampler(Sampler):
     """The keys (epoch, index) this rank loads for the rest of the run, from `start` = (epoch, position in this
     rank's part of it) on, `count` keys in all.
 
-    Each epoch is DistributedSampler's order for (seed, epoch), cut to `samples_per_epoch` (whole optimizer steps),
-    so batches never straddle two epochs. One loader iterator serves the whole run: its workers keep loading
-    ahead across epoch boundaries, and each sample's epoch travels with its key.
+    Each epoch is a seeded shuffle of the dataset (engine/shuffle.py: computed a chunk at a time, never held
+    whole), split over ranks as DistributedSampler splits it, and cut to `samples_per_epoch` (whole optimizer
+    steps), so batches never straddle two epochs. One loader iterator serves the whole run: its workers keep
+    loading ahead across epoch boundaries, and each sample's epoch travels with its key.
     """
 
+    CHUNK = 65536  # positions computed at once: memory stays this size whatever the dataset's
+
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        self.epochs = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.samples_per_epoch = self.epochs.num_samples
+        self.size, self.world, self.rank, self.seed = len(dataset), num_replicas, rank, seed
+        self.num_samples = math.ceil(self.size / num_replicas)  # per rank and epoch, as DistributedSampler
+        self.samples_per_epoch = self.num_samples
         self.start = (0, 0)
         self.count = 0
 
@@ -74,12 +78,13 @@ class RunSampler(Sampler):
         epoch, offset = self.start
         left = self.count
         while left > 0:
-            self.epochs.set_epoch(epoch)
-            for index in itertools.islice(iter(self.epochs), offset, self.samples_per_epoch):
-                yield epoch, index
-                left -= 1
-                if left == 0:
-                    return
+            stop = min(self.samples_per_epoch, offset + left)
+            for first in range(offset, stop, self.CHUNK):
+                positions = shuffle.rank_positions(first, min(first + self.CHUNK, stop), self.size, self.rank,
+                                                   self.world)
+                for index in shuffle.permute(positions, self.size, self.seed, epoch).tolist():
+                    yield epoch, index
+            left -= stop - offset
             epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
@@ -193,7 +198,7 @@ class Trainer:
 
         self.sampler = RunSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, seed=config.seed)
         self.loader = self._build_loader()
-        self.steps_per_epoch = self.sampler.epochs.num_samples // (self.micro * tc.grad_accum_steps)
+        self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(task.train_set)} samples, fewer than one step of "
                               f"train.batch_size={tc.batch_size}")
