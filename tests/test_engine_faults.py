@@ -403,3 +403,27 @@ def test_values_that_make_no_sense_together_are_refused(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(VideoConfig if overrides[0].startswith("data.jitter") else FinetuneConfig, None, overrides)
+
+
+LOADER_ALIVE_AT_EXIT = """
+import torch
+from torch.utils.data import DataLoader
+from rs_transfer.engine.loader import ignore_stop_signals
+
+class Cycle:
+    pass
+
+kept = Cycle()  # a reference cycle keeps the iterator (and its workers) alive until the interpreter exits
+kept.me, kept.batches = kept, iter(DataLoader(list(range(1000)), batch_size=2, num_workers=2,
+                                             worker_init_fn=ignore_stop_signals))
+next(kept.batches)
+"""
+
+
+@pytest.mark.slow  # a Python process that imports torch
+def test_a_process_exits_although_workers_that_ignore_sigterm_are_still_alive(tmp_path):
+    # multiprocessing stops daemonic children at exit with SIGTERM, which our workers ignore, and then joins them:
+    # without engine.loader's exit handler this process never ends (a CI run hung on it for 300 s).
+    result = subprocess.run([sys.executable, "-c", LOADER_ALIVE_AT_EXIT], env=script_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]

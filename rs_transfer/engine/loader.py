@@ -9,6 +9,8 @@ and it shuts its workers down
 through the DataLoader as usual; a worker whose parent has died exits by itself (PyTorch's watchdog).
 """
 
+import atexit
+import multiprocessing
 import signal
 
 import torch
@@ -19,6 +21,21 @@ from rs_transfer.engine.distributed import shard
 # SLURM's and torchrun's stop signal, a common `#SBATCH --signal` choice, and Ctrl-C (sent to the whole foreground
 # process group, workers included)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _kill_remaining_workers() -> None:
+    """At interpreter exit, SIGKILL daemonic children (DataLoader workers) still alive.
+
+    multiprocessing's own exit handler stops them with SIGTERM, which our workers ignore, and then joins them:
+    a loader whose iterator outlived the run (held by a traceback or a reference cycle) would hang the process at
+    exit. atexit runs handlers last-registered first, so this runs before multiprocessing's.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_remaining_workers)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

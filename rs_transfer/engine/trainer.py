@@ -301,14 +301,15 @@ class Trainer:
 
     def _build_loader(self) -> DataLoader:
         """One loader, and one iterator of it, for the whole run (see RunSampler): no worker start-up and no empty
-        prefetch queue at an epoch start. Workers persist too, for callers that iterate it again."""
+        prefetch queue at an epoch start. (Not `persistent_workers`: the loader would then keep its workers alive
+        after the run, for as long as anything holds the trainer.)"""
         config = self.config
         workers = config.data.num_workers
         return DataLoader(
             SeededSamples(self.task.train_set, config.seed),
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
             drop_last=True, pin_memory=self.info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
-            persistent_workers=workers > 0, prefetch_factor=config.data.prefetch_factor if workers > 0 else None,
+            prefetch_factor=config.data.prefetch_factor if workers > 0 else None,
             # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
             # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.
             generator=torch.Generator().manual_seed(hash((config.seed, self.info.rank)) % 2**63),
