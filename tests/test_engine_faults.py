@@ -427,3 +427,31 @@ def test_a_process_exits_although_workers_that_ignore_sigterm_are_still_alive(tm
     result = subprocess.run([sys.executable, "-c", LOADER_ALIVE_AT_EXIT], env=script_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+SIGNAL_WHILE_WORKERS_START = """
+import os, signal, sys, time
+import torch
+from rs_transfer.engine.loader import Loader, ignore_stop_signals
+
+received = []
+signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+
+def slow_start(worker_id):  # widens the moment between a worker's fork and its worker_init_fn
+    time.sleep(1.0)
+    ignore_stop_signals(worker_id)
+
+batches = iter(Loader(list(range(40)), batch_size=4, num_workers=2, worker_init_fn=slow_start))
+os.killpg(os.getpgid(0), signal.SIGTERM)  # the workers are starting now
+seen = torch.cat(list(batches))
+print(sorted(seen.tolist()) == list(range(40)), received == [signal.SIGTERM])
+"""
+
+
+@pytest.mark.slow  # a Python process that imports torch
+def test_a_stop_signal_while_loader_workers_start_does_not_kill_them(tmp_path):
+    # The CI run that found this: a SIGTERM sent by one rank's worker reached the other rank while its workers
+    # were still starting, and PyTorch's start-up handler killed them.
+    result = run_group([sys.executable, "-c", SIGNAL_WHILE_WORKERS_START])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]

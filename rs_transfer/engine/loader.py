@@ -12,6 +12,7 @@ through the DataLoader as usual; a worker whose parent has died exits by itself 
 import atexit
 import multiprocessing
 import signal
+import threading
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,16 +41,40 @@ atexit.register(_kill_remaining_workers)
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
     """A DataLoader `worker_init_fn`: this worker ignores SIGTERM, SIGUSR1 and SIGINT (runs after PyTorch installs
-    its own worker handlers, which it replaces)."""
+    its own worker handlers, which it replaces), then takes the signals that `Loader` blocked while it started:
+    one sent in between was held pending and is now discarded."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers cannot be killed by a stop signal, not even one sent while they start.
+
+    Between a worker's fork and its `worker_init_fn`, PyTorch's own handler kills it on a SIGTERM that does not
+    come from its parent; so the stop signals are blocked while the workers start (children inherit the mask),
+    and `ignore_stop_signals` (the default `worker_init_fn`) ignores, then unblocks them. The main process gets a
+    signal sent meanwhile when the workers have started.
+    """
+
+    def __init__(self, *args, worker_init_fn=ignore_stop_signals, **kwargs):
+        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers: int = 0,
-                device: torch.device | None = None) -> DataLoader:
+                device: torch.device | None = None) -> Loader:
     """This rank's shard of an evaluation set (every sample exactly once over all ranks, no padding duplicates,
     which would bias the metric), in order, with stop-signal-proof workers and pinned memory for a CUDA device."""
     part = shard(dataset)
-    return DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                      num_workers=min(num_workers, len(part)), worker_init_fn=ignore_stop_signals,
-                      pin_memory=device is not None and torch.device(device).type == "cuda")
+    return Loader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                  num_workers=min(num_workers, len(part)),
+                  pin_memory=device is not None and torch.device(device).type == "cuda")

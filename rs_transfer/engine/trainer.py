@@ -43,7 +43,7 @@ from rs_transfer.engine.distributed import (
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
-from rs_transfer.engine.loader import STOP_SIGNALS, ignore_stop_signals
+from rs_transfer.engine.loader import STOP_SIGNALS, Loader
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -305,10 +305,10 @@ class Trainer:
         after the run, for as long as anything holds the trainer.)"""
         config = self.config
         workers = config.data.num_workers
-        return DataLoader(
+        return Loader(
             SeededSamples(self.task.train_set, config.seed),
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,
-            drop_last=True, pin_memory=self.info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            drop_last=True, pin_memory=self.info.device.type == "cuda",
             prefetch_factor=config.data.prefetch_factor if workers > 0 else None,
             # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
             # an iterator mid-epoch on resume leaves the global RNG where the uninterrupted run has it.

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from rs_transfer.engine import distributed
-from rs_transfer.engine.loader import STOP_SIGNALS, ignore_stop_signals
+from rs_transfer.engine.loader import STOP_SIGNALS, Loader
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError, atomic_write_json, atomic_write_text
 from rs_transfer.models import create_model
@@ -153,9 +153,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         model = load_teacher(teacher, model_name).to(device)
         normalize = Normalize().to(device)  # the loader ships uint8 images
         num_classes = model.fc.out_features
-        loader = DataLoader(_Images(mine[done:], transforms.eval_transform(image_size)), batch_size=batch_size,
-                            num_workers=num_workers, worker_init_fn=ignore_stop_signals,
-                            pin_memory=device.type == "cuda")
+        loader = Loader(_Images(mine[done:], transforms.eval_transform(image_size)), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
         log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
         written = done
         with _stop_signals_recorded() as stop, torch.no_grad():

@@ -16,12 +16,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from rs_transfer.config import (
     ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of, ordered,
 )
-from rs_transfer.engine.loader import ignore_stop_signals
+from rs_transfer.engine.loader import Loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
@@ -208,8 +208,7 @@ def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
     device = next(net.parameters()).device
     normalize = Normalize().to(device)  # views leave the loader as uint8
     mine = videos[get_rank()::get_world_size()]
-    loader = DataLoader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)),
-                        worker_init_fn=ignore_stop_signals)
+    loader = Loader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)))
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, skipped
     was_training = net.training
     net.eval()
