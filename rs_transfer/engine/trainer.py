@@ -156,7 +156,19 @@ def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) ->
 
 def train(config: RunConfig, task: Task) -> dict:
     """Train `task.model` as `config.train` says; return the final evaluation (also OUTPUT_DIR/final_metrics.json)."""
-    return Trainer(config, task).run()
+    # A stop signal can arrive while the trainer is being set up (under torchrun, another rank's loader workers may
+    # already be running and the signal goes to the whole group): it is noted, not fatal, and acted on at once.
+    received = []
+    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, lambda n, frame: received.append(signal.Signals(n).name))
+                for number in handled}
+    try:
+        trainer = Trainer(config, task)
+        trainer.signalled = received[-1] if received else None
+        return trainer.run()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
