@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
+
+    index = commands.add_parser("index", help="write FOLDER/index.json for a folder of tar shards (one pass)")
+    index.add_argument("folder", help="a folder of webdataset-layout .tar shards, e.g. /data/imagenet/train")
+    index.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes scanning shards")
+    index.set_defaults(run=run_index)
 
     pretrain = commands.add_parser("pretrain", help="train a classifier with the RS recipe (ImageNet layout or shards)")
     pretrain.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/rs50_i160.yaml")
@@ -125,6 +131,15 @@ def add_bench_commands(commands) -> None:
     flops.set_defaults(run=run_bench_flops)
 
     add_bench_data(bench_commands)
+
+    index = bench_commands.add_parser("index", help="start-up memory and time of one rank at N samples over S shards")
+    index.add_argument("--samples", type=int, default=1_000_000, help="N samples (default 1000000)")
+    index.add_argument("--shards", type=int, default=100, help="S shards (default 100)")
+    index.add_argument("--world", type=int, default=8, help="ranks of the simulated run (default 8: one node)")
+    index.add_argument("--topk", type=int, default=10, help="soft labels per pseudo-labelled image (default 10)")
+    index.add_argument("--work-dir", help="where the descriptor and table are generated (default: a temp folder)")
+    index.add_argument("--json", action="store_true", help="JSON output (it always is; for scripts' symmetry)")
+    index.set_defaults(run=run_bench_index)
 
     video_data = bench_commands.add_parser("video-data", help="video loader: decoded training clips/s per worker")
     video_data.add_argument("--root", help="Kinetics root (default: 4 generated 10 s 340x256 videos)")
@@ -350,6 +365,21 @@ def run_bench_data(args) -> int:
     from rs_transfer.pretrain.bench_data import bench_data, print_report
 
     print_report(bench_data(args.images, args.count, args.resolution, args.magnitude, args.seconds), args.json)
+    return 0
+
+
+def run_index(args) -> int:
+    from rs_transfer.pretrain.shards import write_index
+
+    path = write_index(args.folder, workers=max(1, args.workers))
+    print(path)
+    return 0
+
+
+def run_bench_index(args) -> int:
+    from rs_transfer.bench.index import bench_index
+
+    print(json.dumps(bench_index(args.samples, args.shards, args.world, args.topk, args.work_dir)))
     return 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from rs_transfer.engine.shuffle import permute, rank_positions
+from rs_transfer.engine.shuffle import permute, permute_blocked, rank_positions, rank_range_positions
 from rs_transfer.engine.trainer import RunSampler
 
 
@@ -62,3 +62,49 @@ def test_a_130m_sample_epoch_is_not_held_in_memory():
     position = 3 + 8 * 16_000_000
     assert first[0] == (4, int(permute(np.array([position]), 130_000_000, 0, 4)[0]))
     assert torch.tensor([index for _, index in first]).unique().numel() == 200_000
+
+
+@pytest.mark.parametrize("size,block", [(1, 1), (10, 3), (100, 10), (1001, 64), (5000, 4096), (7, 100)])
+def test_a_blocked_order_is_a_permutation_that_keeps_to_its_blocks(size, block):
+    order = permute_blocked(np.arange(size), size, block, seed=2, epoch=3)
+    assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(size))
+    for start in range(0, size, block):  # each run of `block` positions is one block's samples, shuffled
+        run = order[start:start + block]
+        assert len(set((run // block).tolist())) == 1
+    tail = size % block
+    if tail and size > block:  # the shorter last block stays last
+        assert set(order[-tail:].tolist()) == set(range(size - tail, size))
+
+
+def test_blocked_orders_shuffle_blocks_and_samples_per_epoch():
+    size, block = 64_000, 1000
+    first = permute_blocked(np.arange(size), size, block, seed=0, epoch=0)
+    second = permute_blocked(np.arange(size), size, block, seed=0, epoch=1)
+    assert not np.array_equal(first // block, second // block)  # another block order
+    assert (first[:block] == np.arange(block) + first[0] // block * block).sum() < 20  # shuffled inside a block
+    assert np.array_equal(first, permute_blocked(np.arange(size), size, block, seed=0, epoch=0))
+
+
+def test_ranks_take_contiguous_parts_of_a_blocked_order_covering_the_epoch_once():
+    size, world, block = 1003, 4, 50
+    per_rank = -(-size // world)
+    parts = [permute_blocked(rank_range_positions(0, per_rank, size, rank, world), size, block, 5, 0)
+             for rank in range(world)]
+    seen = np.concatenate(parts)
+    assert len(seen) == per_rank * world and set(seen.tolist()) == set(range(size))  # one pass, padded
+    assert len(seen) - len(set(seen.tolist())) == per_rank * world - size
+    for part in parts:  # a rank reads few blocks at a time: within any 50 of its samples, at most 2 blocks
+        assert max(len(set((part[i:i + block] // block).tolist())) for i in range(0, per_rank - block)) <= 2
+
+
+def test_run_sampler_uses_the_blocked_order_for_datasets_that_ask_for_locality():
+    class Shards:
+        locality = 100
+
+        def __len__(self):
+            return 1000
+
+    sampler = RunSampler(Shards(), num_replicas=2, rank=1, seed=7)
+    whole = [index for _, index in keys(sampler, (0, 0), 500)]
+    assert whole == permute_blocked(np.arange(500, 1000), 1000, 100, 7, 0).tolist()
+    assert [index for _, index in keys(sampler, (0, 230), 270)] == whole[230:]  # resumes at any position

@@ -237,15 +237,17 @@ def test_demo_config_leaves_num_classes_to_the_data():
 def test_task_resolves_num_classes_for_the_model_and_cotraining(tmp_path):
     from rs_transfer.config import load_config
     from rs_transfer.pretrain.config import PretrainConfig
+    from rs_transfer.pretrain.pseudo_label import FORMAT, write_table
     from rs_transfer.pretrain.task import build_task
 
     root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=2, val_per_class=1)
     pseudo = tmp_path / "pseudo"
-    pseudo.mkdir()
-    refs = [item.ref for item in data.list_images(root / "val")]
-    (pseudo / "meta.json").write_text(json.dumps({"images": str(root / "val"), "num_classes": 3}))
-    (pseudo / "selected.jsonl").write_text("".join(
-        json.dumps({"ref": ref, "label": 2, "confidence": 0.9, "topk": [[2, 0.9], [0, 0.1]]}) + "\n" for ref in refs))
+    n = len(data.list_images(root / "val"))  # a pseudo-label folder in the real format: every image class 2
+    write_table(pseudo / "labels", np.arange(n), np.full(n, 2), np.full(n, 0.9), np.tile([2, 0], (n, 1)),
+                np.tile([0.9, 0.1], (n, 1)))
+    np.save(pseudo / "selected.npy", np.arange(n))
+    (pseudo / "meta.json").write_text(json.dumps({"format": FORMAT, "images": str(root / "val"), "samples": n,
+                                                  "num_classes": 3}))
     config = load_config(PretrainConfig, DEMO, [f"data.root={root}", "data.num_workers=0", "cotrain.enabled=true",
                                                 f"cotrain.pseudo_labels={pseudo}", "data.image_size=16"])
     task = build_task(config)
@@ -253,6 +255,7 @@ def test_task_resolves_num_classes_for_the_model_and_cotraining(tmp_path):
     batch = task.collate_fn([0, 1, 2, 3])
     assert batch["target"].shape == (4, 3) and batch["num_pseudo"] == 2
     assert batch["target"][2:].argmax(1).tolist() == [2, 2]
+    assert batch["target"][2:, 2].tolist() == pytest.approx([0.9, 0.9]) and batch["target"][2:, 1].tolist() == [0, 0]
 
 
 def test_uint8_images_are_normalised_on_the_device_as_the_loader_did_before():

@@ -96,13 +96,13 @@ def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
     result = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "pl2")], env=_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "pl2").glob("rank*")) == ["rank00000-of-00002.jsonl",
-                                                                       "rank00001-of-00002.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "pl2").glob("rank*.bin")) == ["rank00000-of-00002.bin",
+                                                                           "rank00001-of-00002.bin"]
     assert main([*args, "--out", str(tmp_path / "pl1")]) == 0
 
     def labels(folder):
-        records = map(json.loads, (folder / "selected.jsonl").read_text().splitlines())
-        return sorted((r["ref"], r["label"]) for r in records)
+        _, table, selected = pseudo_label.read_selection(folder)
+        return [(int(table["index"][row]), int(table["label"][row])) for row in selected]
 
     assert labels(tmp_path / "pl2") == labels(tmp_path / "pl1") and len(labels(tmp_path / "pl1")) == 15
 

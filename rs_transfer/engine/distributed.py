@@ -145,11 +145,13 @@ def broadcast_object(obj):
 
 
 def shard(dataset: Dataset) -> Dataset:
-    """This rank's part of an evaluation set: items rank, rank + world, ...; together the ranks see each once."""
+    """This rank's part of an evaluation set: a contiguous range (rank r of W: items r * N // W up to
+    (r + 1) * N // W), so tar shards are read by one rank each; together the ranks see each item once."""
     world = get_world_size()
     if world == 1:
         return dataset
-    return Subset(dataset, range(get_rank(), len(dataset), world))
+    rank, size = get_rank(), len(dataset)
+    return Subset(dataset, range(rank * size // world, (rank + 1) * size // world))
 
 
 def seed_everything(seed: int) -> None:

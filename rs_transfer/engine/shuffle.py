@@ -61,3 +61,37 @@ def rank_positions(start: int, stop: int, size: int, rank: int, world: int) -> n
     """Positions of the epoch's order for this rank's items start..stop-1 (rank r takes r, r + W, ...); positions
     past the end wrap to the start, as DistributedSampler pads."""
     return (rank + world * np.arange(start, stop, dtype=np.int64)) % size
+
+
+def permute_blocked(positions: np.ndarray, size: int, block: int, seed: int, epoch: int) -> np.ndarray:
+    """Samples at `positions` of an order that keeps to blocks of `block` consecutive samples: the blocks in a
+    shuffled order, the samples of each block shuffled among themselves (wids' ChunkedSampler, as a bijection of
+    [0, size) computed per position). For tar shards, where opening a shard costs as much as reading thousands of
+    its samples, a block spans a few shards. The last, shorter block (size % block samples) stays last.
+
+    Returns an int64 array shaped like `positions`. Raises ValueError for a size or block below 1.
+    """
+    if block < 1:
+        raise ValueError(f"cannot shuffle in blocks of {block}")
+    positions = np.asarray(positions, dtype=np.int64)
+    full = size // block
+    slot, offset = positions // block, positions % block
+    out = np.empty_like(positions)
+    chosen = slot.copy()
+    in_full = slot < full
+    if full:
+        chosen[in_full] = permute(slot[in_full], full, seed, epoch)
+    for number in np.unique(chosen):  # a chunk of positions meets few blocks
+        here = chosen == number
+        length = min(block, size - int(number) * block)
+        inner = permute(offset[here], length, seed * 1_000_033 + int(number) + 1, epoch)
+        out[here] = int(number) * block + inner
+    return out
+
+
+def rank_range_positions(start: int, stop: int, size: int, rank: int, world: int) -> np.ndarray:
+    """Positions of this rank's items start..stop-1 when each rank takes a contiguous part of the epoch's order
+    (rank r: positions r * n .. (r + 1) * n - 1, n = ceil(size / world)), wrapping past the end as
+    DistributedSampler pads. With a blocked order, a rank then reads its own few shards at a time."""
+    per_rank = -(-size // world)
+    return (rank * per_rank + np.arange(start, stop, dtype=np.int64)) % size

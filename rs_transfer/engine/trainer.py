@@ -69,6 +69,9 @@ class RunSampler(Sampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
         self.size, self.world, self.rank, self.seed = len(dataset), num_replicas, rank, seed
+        # Tar shards want an order that keeps to a few shards at a time (shards.py): blocks, and contiguous
+        # parts per rank; other datasets read any sample as cheaply, so their order is one global shuffle.
+        self.block = int(getattr(dataset, "locality", 0) or 0)
         self.num_samples = math.ceil(self.size / num_replicas)  # per rank and epoch, as DistributedSampler
         self.samples_per_epoch = self.num_samples
         self.start = (0, 0)
@@ -80,12 +83,18 @@ class RunSampler(Sampler):
         while left > 0:
             stop = min(self.samples_per_epoch, offset + left)
             for first in range(offset, stop, self.CHUNK):
-                positions = shuffle.rank_positions(first, min(first + self.CHUNK, stop), self.size, self.rank,
-                                                   self.world)
-                for index in shuffle.permute(positions, self.size, self.seed, epoch).tolist():
+                for index in self.indices(epoch, first, min(first + self.CHUNK, stop)).tolist():
                     yield epoch, index
             left -= stop - offset
             epoch, offset = epoch + 1, 0
+
+    def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Sample indices of this rank's positions start..stop-1 of `epoch`."""
+        if self.block:
+            positions = shuffle.rank_range_positions(start, stop, self.size, self.rank, self.world)
+            return shuffle.permute_blocked(positions, self.size, self.block, self.seed, epoch)
+        positions = shuffle.rank_positions(start, stop, self.size, self.rank, self.world)
+        return shuffle.permute(positions, self.size, self.seed, epoch)
 
     def __len__(self) -> int:
         return self.count

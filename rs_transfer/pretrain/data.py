@@ -21,8 +21,6 @@ size, and `dataset.skipped` counts the skips of all DataLoader worker processes 
 import logging
 import multiprocessing
 import os
-import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,18 +30,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from rs_transfer.data.images import decode_rgb8
-from rs_transfer.data.text import ENCODING as TEXT_ENCODING
-from rs_transfer.errors import UserError
+from rs_transfer.pretrain import shards
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_CONSECUTIVE_BAD = 16
-NAMED_IN_WARNINGS = 5  # files named in a warning before "and N more"
-WEBDATASET_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, extension)
 
-class DataError(UserError):
-    pass
+DataError = shards.DataError
 
 
 @dataclass(frozen=True)
@@ -60,12 +54,6 @@ def find_classes(split_dir: Path) -> list:
     if not classes:
         raise DataError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/<image files>")
     return classes
-
-
-def _first_names(names: list) -> str:
-    shown = ", ".join(names[:NAMED_IN_WARNINGS])
-    more = len(names) - NAMED_IN_WARNINGS
-    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def _files_under(folder: Path) -> tuple:
@@ -85,7 +73,7 @@ def _files_under(folder: Path) -> tuple:
 def _warn_not_used(folder: Path, others: list, where: str) -> None:
     if others:
         log.warning("%s: %d files %s are not used (not %s): %s", folder, len(others), where,
-                    "/".join(IMAGE_EXTENSIONS), _first_names([str(p.relative_to(folder)) for p in others]))
+                    "/".join(IMAGE_EXTENSIONS), shards.first_names([str(p.relative_to(folder)) for p in others]))
 
 
 def scan_folder(split_dir: Path, classes: list) -> list:
@@ -106,15 +94,15 @@ def scan_folder(split_dir: Path, classes: list) -> list:
     return items
 
 
-def list_images(path: Path) -> list:
-    """Unlabelled images (label -1) for pseudo-labelling: a folder searched recursively, a .tar, or a folder of .tar."""
+def list_images(path: Path):
+    """Unlabelled images for pseudo-labelling, as a sequence of items: a folder searched recursively (a list,
+    label -1), or a .tar or a folder of .tar (ShardImages, read on demand; FOLDER/index.json used when there)."""
     if path.is_file() and path.suffix == ".tar":
         return scan_shards([path], labelled=False)
     if not path.is_dir():
         raise DataError(f"images not found: {path} (expected a folder of images, a .tar shard or a folder of shards)")
-    shards = sorted(path.glob("*.tar"))
-    if shards:
-        return scan_shards(shards, labelled=False)
+    if any(path.glob("*.tar")):
+        return shards.open_split(path)
     images, others = _files_under(path)
     _warn_not_used(path, others, "in the image folder")
     if not images:
@@ -123,84 +111,28 @@ def list_images(path: Path) -> list:
 
 
 def split_key(name: str) -> tuple:
-    """(key, extension with its dot, lower case) of a tar member by webdataset's rule (`base_plus_ext`): the key
-    is the path up to the first dot of the file name; ("", "") when the rule pairs it with nothing (no dot, or
-    a file name starting with a dot)."""
-    match = WEBDATASET_KEY.match(name)
-    if match is None:
-        return "", ""
-    return match.group(1), "." + match.group(2).lower()
+    """(key, extension with its dot, lower case) of a tar member by webdataset's rule (see shards.split_key)."""
+    return shards.split_key(name)
 
 
-def scan_shards(shards: list, labelled: bool = True) -> list:
-    """Index tar shards in webdataset layout: one image member per key, and a `KEY.cls` label when labelled.
-
-    Members no indexed sample holds (a key without an image member, a name without a key, a link) are named in
-    one warning per shard and counted in a last one; other fields of an indexed sample (KEY.json, ...) are not
-    needed and pass quietly. Raises DataError for an unreadable shard, a key with two images or two labels, an
-    image without its label, a label that is not an integer, or no image at all."""
-    items, not_used, shards_not_used = [], 0, 0
-    for shard in map(Path, shards):
-        shard_items, unused = _scan_shard(shard, labelled)
-        items += shard_items
-        if unused:
-            not_used += len(unused)
-            shards_not_used += 1
-            log.warning("tar shard %s: %d member(s) not used: %s (%s)", shard, len(unused), _first_names(unused),
-                        _sample_rule(unused, labelled))
-    if not_used:
-        log.warning("%d member(s) of %d tar shard(s) were not used (named above)", not_used, shards_not_used)
-    if not items:
-        raise DataError(f"no images found in tar shards {', '.join(map(str, shards))}")
-    return items
+def scan_shards(paths: list, labelled: bool = True) -> shards.ShardImages:
+    """The samples of these tar shards in webdataset layout, as a ShardImages sequence (shards.py: one scan,
+    warnings for members no sample holds). Raises DataError for an unreadable shard, a key with two images or
+    two labels, an image without its label when `labelled`, a label that is not an integer, or no image."""
+    paths = [Path(p) for p in paths]
+    folder = paths[0].parent
+    index = shards.describe(folder, paths)
+    images = shards.ShardImages(folder, index)
+    if labelled:
+        _check_labelled(images, folder)
+    return images
 
 
-def _scan_shard(shard: Path, labelled: bool) -> tuple:
-    """(items, names of the members not used, in tar order) of one shard."""
-    images, labels, members = {}, {}, []  # key -> (member name, where); key -> (member name, bytes); (name, key)
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if member.isdir():
-                    continue
-                key, ext = split_key(member.name) if member.isfile() else ("", "")
-                members.append((member.name, key))
-                if key and ext in IMAGE_EXTENSIONS:
-                    if key in images:
-                        raise DataError(f"tar shard {shard}: sample {key!r} holds two images, {images[key][0]} and "
-                                        f"{member.name}: a sample has one image member")
-                    images[key] = (member.name, (str(shard), member.offset_data, member.size))
-                elif key and ext == ".cls" and labelled:
-                    if key in labels:
-                        raise DataError(f"tar shard {shard}: sample {key!r} holds two labels, {labels[key][0]} and "
-                                        f"{member.name}")
-                    labels[key] = (member.name, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError) as error:
-        raise DataError(f"cannot read tar shard {shard}: {error} (shards must be uncompressed .tar)") from None
-    items = [Item(f"{shard.name}/{key}", _shard_label(shard, key, labels) if labelled else -1, where)
-             for key, (_, where) in sorted(images.items())]
-    return items, [name for name, key in members if key not in images]
-
-
-def _shard_label(shard: Path, key: str, labels: dict) -> int:
-    if key not in labels:
-        raise DataError(f"tar shard {shard}: image {key!r} has no {key}.cls label member")
-    name, raw = labels[key]
-    try:
-        return int(raw.decode(TEXT_ENCODING).strip())  # a BOM or CRLF from a Windows tool is not part of the number
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"tar shard {shard}: {name} holds {raw[:40]!r}, not a class index") from None
-
-
-def _sample_rule(unused: list, labelled: bool) -> str:
-    label = " with KEY.cls" if labelled else ""
-    rule = (f"a sample is KEY{'|'.join(IMAGE_EXTENSIONS)}{label}, KEY being the member name up to the first dot "
-            "of its file name (webdataset's rule)")
-    example = next((name for name in unused if split_key(name)[0]), None)
-    if example is None:
-        return rule
-    key, ext = split_key(example)
-    return f"{rule}: {example!r} is key {key!r} with extension {ext[1:]!r}"
+def _check_labelled(images: shards.ShardImages, where: Path) -> None:
+    if not images.labelled:
+        first = images.index["rs_transfer"].get("first_unlabelled") or "an image"
+        raise DataError(f"{where}: {first} has no .cls label member: a training split of tar shards needs "
+                        "KEY.cls (the class index) beside every image")
 
 
 def load_split(root: str | Path, split: str, num_classes: Optional[int], classes: Optional[list] = None) -> tuple:
@@ -214,15 +146,14 @@ def load_split(root: str | Path, split: str, num_classes: Optional[int], classes
     if not split_dir.is_dir():
         raise DataError(f"data split not found: {split_dir} (expected {Path(root)}/{split}/<class>/<images> or "
                         f"{Path(root)}/{split}/*.tar)")
-    shards = sorted(split_dir.glob("*.tar"))
-    if shards:
-        items = scan_shards(shards, labelled=True)
-        upper = num_classes if num_classes is not None else float("inf")
-        bad = next((item for item in items if not 0 <= item.label < upper), None)
-        if bad is not None:
-            allowed = f"model.num_classes={num_classes}" if num_classes is not None else "0.. (class indices)"
-            raise DataError(f"{split_dir}: {bad.ref} has label {bad.label}, outside {allowed}")
-        return items, classes
+    if any(split_dir.glob("*.tar")):
+        images = shards.open_split(split_dir)
+        _check_labelled(images, split_dir)
+        counts = images.label_counts or []
+        if num_classes is not None and len(counts) > num_classes:
+            raise DataError(f"{split_dir}: images have labels up to {len(counts) - 1}, outside "
+                            f"model.num_classes={num_classes}")
+        return images, classes
     defines_classes = classes is None
     classes = classes or find_classes(split_dir)
     if num_classes is not None and len(classes) != num_classes:
@@ -240,7 +171,7 @@ def _warn_empty_classes(split_dir: Path, items: list, classes: list) -> None:
     empty = [name for index, name in enumerate(classes) if index not in seen]
     if empty:
         log.warning("%s: %d class folder(s) hold no image (%s), so the model gets outputs it never learns: %s",
-                    split_dir, len(empty), "/".join(IMAGE_EXTENSIONS), _first_names(empty))
+                    split_dir, len(empty), "/".join(IMAGE_EXTENSIONS), shards.first_names(empty))
 
 
 def infer_num_classes(items: list, classes: Optional[list], split_dir: str | Path) -> int:
@@ -250,12 +181,13 @@ def infer_num_classes(items: list, classes: Optional[list], split_dir: str | Pat
     head of the wrong size that nothing later notices): raises DataError asking to set model.num_classes."""
     if classes is not None:
         return len(classes)
-    labels = {item.label for item in items}
+    counts = getattr(items, "label_counts", None)
+    labels = {c for c, n in enumerate(counts) if n} if counts is not None else {item.label for item in items}
     top = max(labels)
     missing = [str(c) for c in range(top + 1) if c not in labels]
     if missing:
         raise DataError(f"{split_dir}: tar shards have labels {min(labels)}..{top} but no image of class "
-                        f"{_first_names(missing)}; set model.num_classes (shards carry no class list, and a gap "
+                        f"{shards.first_names(missing)}; set model.num_classes (shards carry no class list, and a gap "
                         "may mean labels counted from 1 or a subset of the classes)")
     return top + 1
 
@@ -267,6 +199,8 @@ def minival_split(items: list, fraction: float, seed: int) -> tuple:
     """
     if not 0 < fraction < 1:
         raise DataError(f"data.minival_fraction must be in (0, 1), got {fraction}")
+    if isinstance(items, shards.ShardImages):
+        return shards.minival_shards(items, fraction, seed)
     order = sorted(range(len(items)), key=lambda i: items[i].ref)
     generator = torch.Generator().manual_seed(seed)
     permutation = torch.randperm(len(items), generator=generator).tolist()
@@ -314,6 +248,11 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def locality(self) -> int:
+        """Consecutive samples an epoch should shuffle together (tar shards, see shards.py); 0: any order."""
+        return getattr(self.items, "locality", 0)
 
     def __getitem__(self, index: int):
         image, index = self.load(index)

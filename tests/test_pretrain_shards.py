@@ -1,0 +1,239 @@
+"""Tar shards at scale: a per-shard descriptor (index.json, wids' format), samples read on demand, whole shards
+held out for minival, an epoch order that keeps to a few shards, and training that resumes exactly."""
+
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_toy import REPO, script_env
+from rs_transfer.cli import main
+from rs_transfer.pretrain import data, shards, transforms
+from rs_transfer.pretrain.synthetic import make_image, make_shard_dataset, write_shards
+
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+TRAIN = ["model.name=rs26-w0.25", "data.image_size=32", "train.batch_size=16", "train.log_every_steps=2",
+         "train.eval_every_epochs=0", "data.eval_split=minival", "data.minival_fraction=0.2"]
+
+
+def jpeg_bytes(label: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    make_image(label, 4, (20, 20), np.random.default_rng(label)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list, tar_format=tarfile.USTAR_FORMAT) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> Path:
+    # 4 classes x 20 images in shards of 8: 10 train shards, minival 0.2 holds out 2 of them
+    return make_shard_dataset(tmp_path_factory.mktemp("shards"), num_classes=4, train_per_class=20,
+                              val_per_class=2, per_shard=8)
+
+
+def test_index_writes_wids_descriptor_and_start_up_then_opens_no_shard(shard_root, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "copy"
+    make_shard_dataset(root, num_classes=4, train_per_class=20, val_per_class=2, per_shard=8)
+    assert main(["index", str(root / "train"), "--workers", "2"]) == 0
+    index = json.loads((root / "train" / "index.json").read_text())
+    assert [e["url"] for e in index["shardlist"]] == [f"shard-{s:05d}.tar" for s in range(10)]
+    assert [e["nsamples"] for e in index["shardlist"]] == [8] * 10
+    assert index["shardlist"][0]["filesize"] == (root / "train" / "shard-00000.tar").stat().st_size
+    assert index["rs_transfer"]["labelled"] and index["rs_transfer"]["label_counts"] == [20, 20, 20, 20]
+
+    def no_shard(path):
+        raise AssertionError(f"start-up opened {path}")
+
+    monkeypatch.setattr(shards, "open_shard", no_shard)
+    images, classes = data.load_split(root, "train", num_classes=None)
+    assert len(images) == 80 and classes is None and images.num_shards == 10
+    assert data.infer_num_classes(images, classes, root / "train") == 4
+    with pytest.raises(data.DataError, match=r"labels up to 3, outside model.num_classes=3"):
+        data.load_split(root, "train", num_classes=3)
+
+
+def test_samples_read_through_the_index_are_those_of_the_scan(shard_root):
+    scanned = data.scan_shards(sorted((shard_root / "train").glob("*.tar")))
+    indexed = shards.ShardImages(shard_root / "train", shards.describe(shard_root / "train"))
+    assert [(s.ref, s.label, s.where) for s in indexed] == [(s.ref, s.label, s.where) for s in scanned]
+    assert indexed[9].ref == "shard-00001.tar/train_000_00009" and indexed[9].label == 0
+    assert indexed[79].label == 3 and indexed.locate(79) == (9, 7)
+    image = data.decode(data.read_bytes(indexed[41].where))
+    assert image.mode == "RGB" and min(image.size) >= 40
+
+
+def test_a_stale_index_is_an_error_naming_the_shard_and_the_fix(tmp_path):
+    folder = tmp_path / "train"
+    write_shards(folder, [(f"k{i}", make_image(i % 2, 2, (16, 16), np.random.default_rng(i)), i % 2)
+                          for i in range(8)], per_shard=4)
+    shards.write_index(folder)
+    images = shards.open_split(folder)
+    write_tar(folder / "shard-00001.tar", [("k4.jpg", jpeg_bytes()), ("k4.cls", b"0")])  # rewritten: 1 sample
+    assert images[3].label == 1
+    with pytest.raises(data.DataError, match=r"shard-00001.tar holds 1 samples but .*index.json says 4: the shards "
+                                             r"changed; rerun `rs-transfer index"):
+        images[4]  # during a run: when the shard is first opened
+    with pytest.raises(data.DataError, match=r"shard-00001.tar has \d+ bytes but .*index.json says \d+: the shards "
+                                             r"changed; rerun `rs-transfer index"):
+        shards.open_split(folder)  # at start-up: sizes are checked
+    (folder / "shard-00001.tar").unlink()
+    with pytest.raises(data.DataError, match=r"shard-00001.tar, listed in .*index.json, cannot be read"):
+        data.load_split(tmp_path, "train", num_classes=2)
+
+
+def test_a_member_name_the_indexed_reader_cannot_read_is_refused(tmp_path):
+    long_key = "d" * 60 + "/" + "k" * 60  # 125 characters: tarfile writes a PAX header for it
+    write_tar(tmp_path / "pax.tar", [(f"{long_key}.jpg", jpeg_bytes()), (f"{long_key}.cls", b"0")],
+              tar_format=tarfile.PAX_FORMAT)
+    with pytest.raises(data.DataError, match=r"pax.tar: '.*kkk.jpg' is stored with a PAX/GNU long-name header"):
+        data.scan_shards([tmp_path / "pax.tar"])
+    # Folder entries also sit between members: read again with tarfile, and accepted since the names agree.
+    with tarfile.open(tmp_path / "dirs.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        folder = tarfile.TarInfo("a")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, payload in (("a/k.jpg", jpeg_bytes()), ("a/k.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert [(s.ref, s.label) for s in data.scan_shards([tmp_path / "dirs.tar"])] == [("dirs.tar/a/k", 1)]
+
+
+def test_minival_holds_out_whole_shards_twenty_of_1024(tmp_path):
+    from rs_transfer.bench.index import write_descriptor
+
+    write_descriptor(tmp_path / "train", samples=1024 * 50, shards=1024)
+    images = shards.open_split(tmp_path / "train")
+    train, minival = data.minival_split(images, 0.02, seed=0)
+    assert minival.num_shards == 20 and train.num_shards == 1004
+    assert len(minival) == 20 * 50 and len(train) + len(minival) == len(images)
+    assert not set(train.shard_numbers) & set(minival.shard_numbers)
+    again = data.minival_split(shards.open_split(tmp_path / "train"), 0.02, seed=0)[1]
+    assert again.shard_numbers == minival.shard_numbers
+    assert data.minival_split(images, 0.02, seed=1)[1].shard_numbers != minival.shard_numbers
+
+
+def test_130m_samples_over_13000_shards_hold_no_object_per_sample(tmp_path):
+    from rs_transfer.bench.index import write_descriptor
+
+    write_descriptor(tmp_path / "train", samples=130_000_000, shards=13_000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    images = shards.open_split(tmp_path / "train")
+    train, minival = data.minival_split(images, 0.02, seed=0)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(images) == 130_000_000 and minival.num_shards == 260
+    assert images.locate(129_999_999) == (12_999, 9_999) and images.locate(10_000) == (1, 0)
+    assert grown_mb < 64
+    assert images.locality == 8 * 10_000
+
+
+def test_a_training_set_of_shards_asks_for_a_blocked_order(shard_root):
+    from rs_transfer.engine.trainer import RunSampler
+
+    images, _ = data.load_split(shard_root, "train", num_classes=4)
+    dataset = data.ImageDataset(images, transforms.eval_transform(16))
+    assert dataset.locality == 64  # 8 shards of 8 samples
+    sampler = RunSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.start, sampler.count = (0, 0), 64
+    order = [index for _, index in sampler]
+    assert sorted(order) == list(range(64))  # the first block: shards 0-7 only, shuffled
+
+
+def test_a_corrupt_member_is_skipped_counted_and_named(tmp_path, caplog):
+    folder = tmp_path / "data" / "train"
+    members = []
+    for i in range(8):
+        payload = jpeg_bytes(i % 2) if i != 3 else b"\xff\xd8\xff\xe0 truncated"
+        members += [(f"k{i}.jpg", payload), (f"k{i}.cls", str(i % 2).encode())]
+    write_tar(folder / "shard-00000.tar", members)
+    images, _ = data.load_split(tmp_path / "data", "train", num_classes=2)
+    dataset = data.ImageDataset(images, transforms.eval_transform(16))
+    loaded = [dataset[i] for i in range(len(dataset))]
+    assert [label for _, label in loaded] == [0, 1, 0, 0, 0, 1, 0, 1]  # k4 stands in for k3
+    assert dataset.skipped == 1
+    assert any("shard-00000.tar/k3" in r.getMessage() for r in caplog.records)
+
+
+def _kill_and_resume(args: list, out: Path, env: dict) -> subprocess.CompletedProcess:
+    run = subprocess.Popen([*args, f"output_dir={out}"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list((out / "checkpoints").glob("step_*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (out / "final.pt").exists(), "the run finished before the kill: nothing was tested"
+    return subprocess.run([*args, f"output_dir={out}", "--resume"], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _same_final_weights(a: Path, b: Path) -> None:
+    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    for part in first:
+        for key, value in first[part].items():
+            assert torch.equal(value, second[part][key]), (part, key)
+
+
+@pytest.mark.slow  # three CLI runs
+def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_would_have(shard_root, tmp_path):
+    shards.write_index(shard_root / "train")
+    try:
+        args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN,
+                "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={shard_root}"]
+        env = script_env(OMP_NUM_THREADS="1")
+        reference = tmp_path / "reference"
+        done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        resumed = _kill_and_resume(args, tmp_path / "killed", env)
+        assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+        _same_final_weights(reference / "final.pt", tmp_path / "killed" / "final.pt")
+        assert (json.loads((reference / "final_metrics.json").read_text())
+                == json.loads((tmp_path / "killed" / "final_metrics.json").read_text()))
+    finally:
+        (shard_root / "train" / "index.json").unlink()
+
+
+@pytest.mark.slow  # three two-process torchrun launches
+def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_would_have(shard_root, tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN, "train.batch_size=8", "data.num_workers=1",
+            "train.epochs=3", "train.checkpoint_every_steps=2", f"data.root={shard_root}"]
+    env = script_env(OMP_NUM_THREADS="1")
+    reference = tmp_path / "reference"
+    done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _kill_and_resume(args, tmp_path / "killed", env)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    _same_final_weights(reference / "final.pt", tmp_path / "killed" / "final.pt")
+
+
+@pytest.mark.slow  # two generated tables and two build processes
+def test_bench_index_start_up_memory_does_not_grow_with_the_sample_count(capsys):
+    assert main(["bench", "index", "--samples", "20000", "--shards", "50", "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert set(small) >= {"samples", "shards", "peak_rss_mb", "build_s"}
+    assert (small["samples"], small["shards"], small["train"], small["minival"]) == (20000, 50, 19600, 400)
+    assert small["first_batch"] == 256 and small["target_shape"] == [128, 1000]  # data_ratio 1: half pseudo
+    assert main(["bench", "index", "--samples", "4000000", "--shards", "50", "--json"]) == 0
+    large = json.loads(capsys.readouterr().out)
+    assert large["train"] == 3_920_000 and large["slots"] == 2 * 3_920_000
+    # 200x the samples: an object per sample would add >600 MB (the design before: 3.4 GB per million)
+    assert 0 < large["peak_rss_mb"] - small["peak_rss_mb"] < 60, (small, large)
+    assert main(["bench", "index", "--samples", "10", "--shards", "20"]) == 2
