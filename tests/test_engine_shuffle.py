@@ -108,3 +108,20 @@ def test_run_sampler_uses_the_blocked_order_for_datasets_that_ask_for_locality()
     whole = [index for _, index in keys(sampler, (0, 0), 500)]
     assert whole == permute_blocked(np.arange(500, 1000), 1000, 100, 7, 0).tolist()
     assert [index for _, index in keys(sampler, (0, 230), 270)] == whole[230:]  # resumes at any position
+
+
+def test_run_sampler_as_a_sequence_gives_the_keys_iteration_gives():
+    class Shards:
+        locality = 30
+
+        def __len__(self):
+            return 103
+
+    for dataset in (range(103), Shards()):
+        sampler = RunSampler(dataset, num_replicas=2, rank=0, seed=3)
+        sampler.samples_per_epoch = 48
+        sampler.CHUNK = 20  # several chunks per epoch, so the cached chunk is replaced
+        sampler.start, sampler.count = (1, 37), 100  # mid-epoch, across two epoch ends
+        assert [sampler[i] for i in range(len(sampler))] == list(sampler)
+        with pytest.raises(IndexError):
+            sampler[100]

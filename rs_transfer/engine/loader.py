@@ -13,6 +13,7 @@ import atexit
 import multiprocessing
 import signal
 import threading
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -22,6 +23,37 @@ from rs_transfer.engine.distributed import shard
 # SLURM's and torchrun's stop signal, a common `#SBATCH --signal` choice, and Ctrl-C (sent to the whole foreground
 # process group, workers included)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@contextmanager
+def stop_signals_handled(handler):
+    """Run the body with `handler(number, frame)` for STOP_SIGNALS, then put the previous handlers back. Handlers
+    can only be installed in the main thread: elsewhere nothing changes."""
+    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, handler) for number in handled}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+class StopFlag:
+    """A signal handler that notes the name of the last stop signal received (`signalled`, None before any)."""
+
+    def __init__(self):
+        self.signalled: str | None = None
+
+    def __call__(self, number, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+
+@contextmanager
+def stop_signals_recorded():
+    """Note stop signals in a StopFlag instead of dying, so the work in hand can finish and be saved."""
+    flag = StopFlag()
+    with stop_signals_handled(flag):
+        yield flag
 
 
 def _kill_remaining_workers() -> None:

@@ -8,6 +8,10 @@ network over the smallest power-of-4 domain holding N, keyed by (seed, epoch), w
 position can be computed directly, which is what resuming mid-epoch needs. Ranks split the positions as
 DistributedSampler does: rank r takes positions r, r + W, ..., padded by repeating the start of the order so
 every rank gets ceil(N / W).
+
+Tar shards, where opening a shard costs as much as reading thousands of its samples, use `permute_blocked`
+instead: blocks of consecutive samples (a few shards' worth) in a shuffled order, each shuffled inside, and
+`rank_range_positions`, a contiguous part of the order per rank (pretrain/shards.py says why).
 """
 
 import numpy as np

@@ -17,6 +17,10 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   them reproducible and resumable (docs/engine.md).
 - The engine calls `model.train()` before training and after every evaluation; a layer that must stay frozen
   (e.g. a frozen BN) should be a module without a training mode, such as torchvision's FrozenBatchNorm2d.
+- `make_loader(keys, batch_size, device)`, when set, replaces the engine's DataLoader (e.g. a DALI pipeline): it
+  returns an iterable of batches of `batch_size` samples, in the order of `keys`, a sequence of (epoch, index)
+  that the engine fills in before each iteration (its length and start change on resume); the batch loader must
+  read key i on demand, never hold them all. Samples keep their augmentation per key, as the engine's loader does.
 - `evaluate` runs under `torch.no_grad()` and the run's autocast (`train.amp`; bf16 on GPU by default): cast outputs
   with `.float()` before accumulating statistics.
 """
@@ -35,3 +39,4 @@ class Task:
     evaluate: Callable[[nn.Module], dict]
     primary_metric: str
     collate_fn: Optional[Callable] = None
+    make_loader: Optional[Callable] = None  # (keys, batch_size, device) -> iterable of batches; None: DataLoader

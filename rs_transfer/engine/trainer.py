@@ -18,7 +18,6 @@ import math
 import random
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from rs_transfer.engine.distributed import (
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
-from rs_transfer.engine.loader import STOP_SIGNALS, Loader
+from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals_recorded
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -87,6 +86,19 @@ class RunSampler(Sampler):
                     yield epoch, index
             left -= stop - offset
             epoch, offset = epoch + 1, 0
+
+    def __getitem__(self, position: int) -> tuple:
+        """Key `position` of this rank's keys (what iterating yields, as a sequence for loaders that read ahead by
+        position, e.g. DALI's external source); computed a chunk at a time and the last chunk kept."""
+        if not 0 <= position < self.count:
+            raise IndexError(f"key {position} of {self.count}")
+        epoch, offset = self.start
+        offset += position
+        epoch, offset = epoch + offset // self.samples_per_epoch, offset % self.samples_per_epoch
+        first = offset - offset % self.CHUNK
+        if getattr(self, "_chunk", (None,))[0] != (epoch, first):
+            self._chunk = (epoch, first), self.indices(epoch, first, min(first + self.CHUNK, self.samples_per_epoch))
+        return epoch, int(self._chunk[1][offset - first])
 
     def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Sample indices of this rank's positions start..stop-1 of `epoch`."""
@@ -167,17 +179,10 @@ def train(config: RunConfig, task: Task) -> dict:
     """Train `task.model` as `config.train` says; return the final evaluation (also OUTPUT_DIR/final_metrics.json)."""
     # A stop signal can arrive while the trainer is being set up (under torchrun, another rank's loader workers may
     # already be running and the signal goes to the whole group): it is noted, not fatal, and acted on at once.
-    received = []
-    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, lambda n, frame: received.append(signal.Signals(n).name))
-                for number in handled}
-    try:
+    with stop_signals_recorded() as received:
         trainer = Trainer(config, task)
-        trainer.signalled = received[-1] if received else None
+        trainer.signalled = received.signalled
         return trainer.run()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 class Trainer:
@@ -218,7 +223,8 @@ class Trainer:
         self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
 
         self.sampler = RunSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, seed=config.seed)
-        self.loader = self._build_loader()
+        self.loader = (self._build_loader() if task.make_loader is None
+                       else task.make_loader(self.sampler, self.micro, info.device))
         self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {len(task.train_set)} samples, fewer than one step of "
@@ -263,14 +269,11 @@ class Trainer:
         # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
         # SIGTERM on; Ctrl-C sends SIGINT. The run then checkpoints at its next log event and stops with a message
         # saying how to resume (a second Ctrl-C quits at once).
-        handled = list(STOP_SIGNALS) if threading.current_thread() is threading.main_thread() else []
-        previous = {number: signal.signal(number, self._on_signal) for number in handled}
-        try:
-            return self._run()
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-            self.logger.close()
+        with stop_signals_handled(self._on_signal):
+            try:
+                return self._run()
+            finally:
+                self.logger.close()
 
     def _on_signal(self, number, frame) -> None:
         if number == signal.SIGINT:

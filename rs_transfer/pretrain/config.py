@@ -18,6 +18,9 @@ class PretrainDataConfig(DataConfig):
     eval_split: str = checked("val", one_of("val", "minival"))
     minival_fraction: float = checked(0.02, fraction(open_low=True))
     minival_seed: int = 0  # fixed apart from `seed`, so every run holds out the same images
+    # "torch": DataLoader workers with PIL (the reference); "dali": NVIDIA DALI decode and augmentation, on the GPU
+    # when training on one (pretrain/dali.py, `pip install -e ".[dali]"`; supervised, TF RandAugment only)
+    backend: str = checked("torch", one_of("torch", "dali"))
 
 
 @dataclass

@@ -276,6 +276,18 @@ class ImageDataset(Dataset):
                         "is the data corrupt?")
 
 
+class EncodedImages:
+    """`read(index)` -> (encoded image bytes, label) of a sequence of items: what a loader that decodes by itself
+    (DALI) reads. Picklable, for loader processes."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __call__(self, index: int) -> tuple:
+        item = self.items[index]
+        return read_bytes(item.where), item.label
+
+
 def collate(batch: list) -> dict:
     images = torch.stack([image for image, _ in batch])
     targets = [target for _, target in batch]

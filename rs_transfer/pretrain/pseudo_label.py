@@ -22,9 +22,7 @@ Reading it needs numpy only: `open_table`, `read_selection`; row i is image `dat
 import json
 import logging
 import os
-import signal
-import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rs_transfer.engine import distributed
-from rs_transfer.engine.loader import STOP_SIGNALS, Loader
+from rs_transfer.engine.loader import Loader, stop_signals_recorded
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json
 from rs_transfer.models import create_model
@@ -142,30 +140,6 @@ def _records(first: int, top_p: np.ndarray, top_i: np.ndarray, errors: list, dty
     return records
 
 
-class _StopFlag:
-    """The name of the stop signal received, if any (set by the signal handler, read after each batch)."""
-
-    def __init__(self):
-        self.signalled: str | None = None
-
-    def __call__(self, number, frame) -> None:
-        self.signalled = signal.Signals(number).name
-
-
-@contextmanager
-def _stop_signals_recorded():
-    """Record STOP_SIGNALS in a _StopFlag instead of dying, so the current batch reaches the disk; the previous
-    handlers are restored afterwards. Handlers can only be installed in the main thread: elsewhere nothing changes."""
-    flag = _StopFlag()
-    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, flag) for number in handled}
-    try:
-        yield flag
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def _refuse_other_world_sizes(out_dir: Path, world: int) -> None:
     mine = f"-of-{world:05d}"
     others = [p for p in sorted(out_dir.glob("rank*-of-*.*")) if p.suffix in (".bin", ".json") and
@@ -249,7 +223,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         loader = Loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
         log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
         written = done
-        with _stop_signals_recorded() as stop, torch.no_grad():
+        with stop_signals_recorded() as stop, torch.no_grad():
             for step, (batch, errors) in enumerate(loader):
                 if max_batches is not None and step >= max_batches:
                     break

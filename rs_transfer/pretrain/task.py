@@ -43,7 +43,7 @@ class ClassificationModel(nn.Module):
 
 
 class TopKEvaluator:
-    """Top-1/top-5 accuracy; rank r of W evaluates items r, r + W, ... and the counts are summed over ranks."""
+    """Top-1/top-5 accuracy; each rank evaluates its contiguous part (distributed.shard) and the counts are summed."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int):
         self.dataset = dataset
@@ -89,10 +89,41 @@ def build_datasets(config: PretrainConfig) -> tuple:
     return train_items, eval_items, classes
 
 
+def _check_dali(config: PretrainConfig) -> None:
+    """Raises UserError when data.backend=dali meets a missing DALI or a config the DALI path does not do."""
+    from rs_transfer.pretrain.dali import import_dali
+
+    import_dali()
+    if config.cotrain.enabled:
+        raise UserError("data.backend=dali does not do co-training (soft targets); use data.backend=torch")
+    if config.augment.randaugment == "timm":
+        raise UserError("data.backend=dali implements the TF RandAugment only: set augment.randaugment=tf (or none), "
+                        "or data.backend=torch")
+
+
+def _dali_loader(config: PretrainConfig, train_items):
+    """The engine's `make_loader` for data.backend=dali: DALI batches of the engine's keys (see pretrain/dali.py)."""
+    from rs_transfer.pretrain.dali import DaliBatches
+
+    layers = 0 if config.augment.randaugment == "none" else config.augment.num_layers
+    read = data.EncodedImages(train_items)
+
+    def make_loader(keys, batch_size: int, device: torch.device) -> DaliBatches:
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        return DaliBatches(read, keys, batch_size, config.data.image_size, config.data.crop_min_area, layers,
+                           config.augment.magnitude, device_id=device_id,
+                           num_threads=max(1, config.data.num_workers), seed=config.seed)
+
+    return make_loader
+
+
 def build_task(config: PretrainConfig) -> Task:
     if config.cotrain.enabled and not config.cotrain.pseudo_labels:
         raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
                         "`rs-transfer pseudo-label`")
+    if config.data.backend == "dali":
+        _check_dali(config)  # before the data are read
     train_items, eval_items, _ = build_datasets(config)
     size = config.data.image_size
     augment = config.augment
@@ -109,9 +140,10 @@ def build_task(config: PretrainConfig) -> Task:
     net = create_model(m.name, num_classes=m.num_classes, weights=m.weights, drop_rate=m.drop_rate,
                        drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
                        zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
+    make_loader = _dali_loader(config, train_items) if config.data.backend == "dali" else None
     _, world, _ = distributed.launcher_env()
     evaluate = TopKEvaluator(eval_set, max(1, config.train.batch_size // world), config.data.num_workers)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
              config.data.eval_split, m.num_classes)
     return Task(model=ClassificationModel(net, config.train.label_smoothing), train_set=train_set,
-                evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn)
+                evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn, make_loader=make_loader)
