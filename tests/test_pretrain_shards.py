@@ -193,12 +193,32 @@ def _same_final_weights(a: Path, b: Path) -> None:
             assert torch.equal(value, second[part][key]), (part, key)
 
 
+@pytest.fixture(scope="module")
+def pseudo_labels(shard_root, tmp_path_factory) -> Path:
+    """Pseudo-labels of the 8 validation images (one shard), by an untrained teacher: all selected."""
+    from rs_transfer.models import create_model
+    from rs_transfer.pretrain.pseudo_label import label_images
+
+    folder = tmp_path_factory.mktemp("pseudo")
+    torch.save(create_model("rs26-w0.25", num_classes=4).state_dict(), folder / "teacher.pth")
+    label_images(str(folder / "teacher.pth"), str(shard_root / "val"), str(folder / "out"), model_name="rs26-w0.25",
+                 image_size=32, batch_size=4, topk=2, threshold=0.0, num_workers=0)
+    return folder / "out"
+
+
+def _cotrain(enabled: bool, pseudo: Path) -> list:
+    return ["cotrain.enabled=true", f"cotrain.pseudo_labels={pseudo}", "cotrain.data_ratio=1"] if enabled else []
+
+
 @pytest.mark.slow  # three CLI runs
-def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_would_have(shard_root, tmp_path):
+@pytest.mark.parametrize("cotrain", [False, True], ids=["supervised", "cotrain"])
+def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_would_have(shard_root, tmp_path,
+                                                                                          cotrain, pseudo_labels):
     shards.write_index(shard_root / "train")
     try:
         args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN,
-                "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={shard_root}"]
+                "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
+                *_cotrain(cotrain, pseudo_labels)]
         env = script_env(OMP_NUM_THREADS="1")
         reference = tmp_path / "reference"
         done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
@@ -213,10 +233,13 @@ def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_
 
 
 @pytest.mark.slow  # three two-process torchrun launches
-def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_would_have(shard_root, tmp_path):
+@pytest.mark.parametrize("cotrain", [False, True], ids=["supervised", "cotrain"])
+def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_would_have(shard_root, tmp_path, cotrain,
+                                                                                      pseudo_labels):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
             "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN, "train.batch_size=8", "data.num_workers=1",
-            "train.epochs=3", "train.checkpoint_every_steps=2", f"data.root={shard_root}"]
+            "train.epochs=3", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
+            *_cotrain(cotrain, pseudo_labels)]
     env = script_env(OMP_NUM_THREADS="1")
     reference = tmp_path / "reference"
     done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
