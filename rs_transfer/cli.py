@@ -371,7 +371,7 @@ def run_bench_data(args) -> int:
 def run_index(args) -> int:
     from rs_transfer.pretrain.shards import write_index
 
-    path = write_index(args.folder, workers=max(1, args.workers))
+    path = write_index(args.folder, workers=args.workers)
     print(path)
     return 0
 

@@ -424,3 +424,29 @@ def _cli_env() -> dict:
     repo = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
+
+
+def test_nonsense_settings_are_refused_before_a_finished_result_is_touched(teacher, unlabelled, tmp_path):
+    out = tmp_path / "pl"
+    _run(teacher, unlabelled, out)
+    meta = (out / "meta.json").read_text()
+    for option, value, message in (("threshold", float("nan"), r"--threshold must be a probability in \[0, 1\], "
+                                    r"got nan"), ("threshold", 2.0, "--threshold"),
+                                   ("per_class", -2, "--per-class must be at least 0"),
+                                   ("batch_size", 0, "--batch-size must be at least 1")):
+        with pytest.raises(UserError, match=message):
+            _run(teacher, unlabelled, out, **{option: value})
+    assert (out / "meta.json").read_text() == meta  # the finished result is still there
+
+
+def test_co_training_refuses_labels_of_an_image_set_swapped_for_one_of_the_same_size(teacher, tmp_path):
+    rng = np.random.default_rng(1)
+    first = [(f"a{i:02d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (32, 32), rng), -1) for i in range(8)]
+    images = write_shards(tmp_path / "images", first, per_shard=4, labelled=False)[0].parent
+    _run(teacher, images, tmp_path / "pl")
+    assert len(cotrain.load_pseudo_set(tmp_path / "pl", transforms.eval_transform(16), NUM_CLASSES)) == 8
+    other = [(f"b{i:02d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (32, 32), rng), -1) for i in range(4)]
+    write_shards(tmp_path / "other", other, per_shard=4, labelled=False)
+    (tmp_path / "other" / "shard-00000.tar").replace(images / "shard-00001.tar")  # same count, other images
+    with pytest.raises(UserError, match=r"are of other images than .* now holds \(shard names, sizes or image names"):
+        cotrain.load_pseudo_set(tmp_path / "pl", transforms.eval_transform(16), NUM_CLASSES)

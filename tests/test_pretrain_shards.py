@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine_toy import REPO, script_env
+from engine_toy import CONFIGS, script_env
 from rs_transfer.cli import main
 from rs_transfer.pretrain import data, shards, transforms
 from rs_transfer.pretrain.synthetic import make_image, make_shard_dataset, write_shards
 
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+DEMO = CONFIGS / "pretrain" / "demo.yaml"
 TRAIN = ["model.name=rs26-w0.25", "data.image_size=32", "train.batch_size=16", "train.log_every_steps=2",
          "train.eval_every_epochs=0", "data.eval_split=minival", "data.minival_fraction=0.2"]
 
@@ -262,3 +262,128 @@ def test_bench_index_start_up_memory_does_not_grow_with_the_sample_count(capsys)
     # 200x the samples: an object per sample would add >600 MB (the design before: 3.4 GB per million)
     assert 0 < large["peak_rss_mb"] - small["peak_rss_mb"] < 60, (small, large)
     assert main(["bench", "index", "--samples", "10", "--shards", "20"]) == 2
+
+
+def _labelled_shard(path: Path, labels: list, cut: int = 0) -> None:
+    members = []
+    for i, label in enumerate(labels):
+        members += [(f"k{i}.jpg", jpeg_bytes(i % 4)), (f"k{i}.cls", str(label).encode())]
+    write_tar(path, members)
+    if cut:
+        path.write_bytes(path.read_bytes()[:cut])
+
+
+def test_a_label_changed_after_indexing_is_an_error_naming_shard_and_key_not_an_index_error(tmp_path):
+    folder = tmp_path / "data" / "train"
+    _labelled_shard(folder / "shard-00000.tar", [0, 1, 2, 3])
+    shards.write_index(folder)
+    raw = (folder / "shard-00000.tar").read_bytes()
+    (folder / "shard-00000.tar").write_bytes(raw.replace(b"3\x00\x00", b"9\x00\x00", 1))  # same size and count
+    images, _ = data.load_split(tmp_path / "data", "train", num_classes=4)
+    assert images[2].label == 2
+    with pytest.raises(data.DataError, match=r"shard-00000.tar: k3 has label 9, but .*index.json counted labels "
+                                             r"0..3: the shards changed; rerun `rs-transfer index"):
+        images[3]
+
+
+@pytest.mark.parametrize("where", ["member boundary", "inside a member"])
+def test_a_truncated_shard_is_an_error_not_fewer_samples(tmp_path, where):
+    whole = tmp_path / "whole.tar"
+    _labelled_shard(whole, [0, 1, 2, 3, 0, 1, 2, 3])
+    members = shards._members(whole)[0]
+    cut = members[6][1] - 512 if where == "member boundary" else members[6][1] + 100  # before k3.jpg's header
+    _labelled_shard(tmp_path / "cut" / "shard-00000.tar", [0, 1, 2, 3, 0, 1, 2, 3], cut=cut)
+    with pytest.raises(data.DataError, match=r"shard-00000.tar (is truncated|: unexpected end)|cannot read tar shard"):
+        data.scan_shards([tmp_path / "cut" / "shard-00000.tar"])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda e: e.update(nsamples=-8), r"has nsamples -8, not an integer >= 0"),
+    (lambda e: e.update(nsamples=8.7), r"has nsamples 8.7, not an integer >= 0"),
+    (lambda e: e.update(url="../val/shard-00000.tar"), r"is not a path inside"),
+    (lambda e: e.update(url="/data/val/shard-00000.tar"), r"is not a path inside"),
+    (lambda e: e.update(url="shard-00000.tar"), r"'shard-00000.tar' is listed twice"),
+])
+def test_a_hand_edited_index_that_would_change_the_data_is_refused(shard_root, tmp_path, edit, message):
+    index = shards.describe(shard_root / "train")
+    edit(index["shardlist"][1])
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(data.DataError, match=message + r".*rewrite it with `rs-transfer index"):
+        shards.read_index(folder)
+
+
+def test_labels_that_are_not_class_indices_stop_training_not_indexing_or_pseudo_labelling(tmp_path, caplog):
+    folder = tmp_path / "data" / "train"
+    _labelled_shard(folder / "shard-00000.tar", [0, 1, 99999999999, 3])
+    assert main(["index", str(folder), "--workers", "1"]) == 0  # no 745 GB bincount, no traceback
+    assert not json.loads((folder / "index.json").read_text())["rs_transfer"]["labelled"]
+    assert any("not fully labelled" in r.getMessage() for r in caplog.records)
+    with pytest.raises(data.DataError, match=r"k2.cls holds b'99999999999', not a class index"):
+        data.load_split(tmp_path / "data", "train", num_classes=None)
+    assert len(data.list_images(folder)) == 4  # pseudo-labelling reads no label
+    _labelled_shard(folder / "shard-00000.tar", [0, -1, 2, 3])
+    (folder / "index.json").unlink()
+    with pytest.raises(data.DataError, match=r"k1.cls holds b'-1', not a class index"):  # not "has no .cls"
+        data.load_split(tmp_path / "data", "train", num_classes=None)
+
+
+def test_an_index_written_by_another_tool_is_named_as_such(shard_root, tmp_path):
+    index = shards.describe(shard_root / "train")
+    del index["rs_transfer"]  # what wids' own indexer writes
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    for entry in index["shardlist"]:
+        (folder / entry["url"]).write_bytes((shard_root / "train" / entry["url"]).read_bytes())
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(data.DataError, match=r"has no \"rs_transfer\" entry .*not written by `rs-transfer index`"):
+        data.load_split(tmp_path / "data", "train", num_classes=4)
+
+
+def test_links_in_a_shard_are_named_and_index_errors_say_where_to_look(tmp_path, caplog, capsys):
+    path = tmp_path / "train" / "shard-00000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in (("k.jpg", jpeg_bytes()), ("k.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("linky.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "k.jpg"
+        tar.addfile(link)
+    assert [s.ref for s in data.scan_shards([path])] == ["shard-00000.tar/k"]
+    assert any("1 member(s) not used: linky.jpg" in r.getMessage() for r in caplog.records)
+    assert main(["index", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no .tar shards in" in err and "its sub-folders train hold shards: give each of them" in err
+    assert main(["index", str(tmp_path / "nowhere")]) == 2
+    assert "shard folder not found" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "train"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_a_class_without_an_image_in_shards_is_named_in_a_warning(tmp_path, caplog):
+    _labelled_shard(tmp_path / "data" / "train" / "shard-00000.tar", [1, 2, 3, 4])
+    images, _ = data.load_split(tmp_path / "data", "train", num_classes=5)
+    assert len(images) == 4
+    assert any("1 class(es) of model.num_classes=5 have no image" in r.getMessage() and ": 0" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.slow  # a CLI run with loader workers
+def test_a_bad_label_found_by_a_loader_worker_is_one_error_line_and_nothing_after_it(tmp_path):
+    folder = tmp_path / "data" / "train"
+    _labelled_shard(folder / "shard-00000.tar", [0, 1, 0, 1, 0, 1, 0, 1])
+    shards.write_index(folder)
+    raw = (folder / "shard-00000.tar").read_bytes()
+    (folder / "shard-00000.tar").write_bytes(raw.replace(b"1\x00\x00", b"a\x00\x00", 1))  # k1.cls: "a"
+    _labelled_shard(tmp_path / "data" / "val" / "shard-00000.tar", [0, 1])
+    result = subprocess.run([sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN,
+                             "data.eval_split=val", f"data.root={tmp_path / 'data'}", "data.num_workers=2",
+                             "train.epochs=null", "train.steps=4", "train.batch_size=4", f"output_dir={tmp_path / 'o'}"],
+                            env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    tail = result.stderr[result.stderr.index("error:"):].strip().splitlines()
+    assert len(tail) == 1 and "k1.cls holds b'a', not a class index" in tail[0], result.stderr[-2000:]

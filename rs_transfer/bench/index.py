@@ -36,7 +36,8 @@ def write_descriptor(folder: Path, samples: int, shards: int) -> None:
     label_counts = np.bincount(np.arange(samples) % NUM_CLASSES, minlength=NUM_CLASSES) if samples < NUM_CLASSES \
         else np.full(NUM_CLASSES, samples // NUM_CLASSES) + (np.arange(NUM_CLASSES) < samples % NUM_CLASSES)
     index = {"wids_version": 1, "name": folder.name,
-             "shardlist": [{"url": f"shard-{s:06d}.tar", "nsamples": n, "filesize": n * 110_000}
+             "shardlist": [{"url": f"shard-{s:06d}.tar", "nsamples": n, "filesize": n * 110_000,
+                            "first": f"img_{s:06d}_000000"}
                            for s, n in enumerate(counts)],
              "rs_transfer": {"format": 1, "labelled": True, "label_counts": label_counts.tolist()}}
     (folder / "index.json").write_text(json.dumps(index))
@@ -115,8 +116,9 @@ def peak_rss_mb() -> float:
 def bench_index(samples: int, shards: int, world: int = 8, topk: int = 10, work_dir: str | None = None) -> dict:
     """Generate the descriptor and table of `samples` over `shards`, build one rank in a fresh process, and
     return {"samples", "shards", "peak_rss_mb", "build_s", ...}. Raises UserError for nonsense sizes."""
-    if samples < 2 or shards < 2 or shards > samples:
-        raise UserError(f"bench index needs 2 <= shards <= samples, got --samples {samples} --shards {shards}")
+    if shards < 2 or shards > samples or samples < NUM_CLASSES:
+        raise UserError(f"bench index needs 2 <= shards <= samples and samples >= {NUM_CLASSES} (the generated labels "
+                        f"cover {NUM_CLASSES} classes), got --samples {samples} --shards {shards}")
     if world < 1 or topk < 1:
         raise UserError(f"bench index needs --world >= 1 and --topk >= 1, got {world} and {topk}")
     with tempfile.TemporaryDirectory(prefix="bench-index-", dir=work_dir) as tmp:

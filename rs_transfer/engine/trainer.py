@@ -273,7 +273,16 @@ class Trainer:
             try:
                 return self._run()
             finally:
+                self._stop_workers()
                 self.logger.close()
+
+    def _stop_workers(self) -> None:
+        """Shut the loader's workers down now, also when the run fails: left to the iterator's garbage collection
+        at exit, after engine.loader has killed them, it prints a second traceback under the error line."""
+        shutdown = getattr(getattr(self, "batches", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.batches = None
 
     def _on_signal(self, number, frame) -> None:
         if number == signal.SIGINT:
@@ -290,6 +299,7 @@ class Trainer:
         self.sampler.start = (progress.epoch, progress.step_in_epoch * per_step)
         self.sampler.count = (self.total - progress.step) * per_step
         batches = iter(self.loader) if progress.step < self.total else None  # no workers for a finished run
+        self.batches = batches
         while progress.step < self.total:
             lr = self._step(batches)
             progress.step += 1
@@ -313,6 +323,7 @@ class Trainer:
                     self.signalled,
                 )
         del batches
+        self.batches = None
         if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
             self._evaluate_and_save()
         if self.main:

@@ -151,6 +151,9 @@ def load_pseudo_set(folder: str | Path, transform, num_classes: int, targets: st
     if len(images) != meta["samples"]:
         raise UserError(f"pseudo-labels in {folder} are of {meta['samples']} images, {meta['images']} now holds "
                         f"{len(images)}: the image set changed; label it again with a new --out")
+    if meta.get("images_digest") not in (None, data.image_set_digest(images)):
+        raise UserError(f"pseudo-labels in {folder} are of other images than {meta['images']} now holds (shard names, "
+                        "sizes or image names changed): label it again with a new --out")
     labels = PseudoLabels(folder, images, len(selected), num_classes, targets == "soft", label_smoothing)
     return data.ImageDataset(labels, transform, targets=_Targets(labels))
 

@@ -141,7 +141,7 @@ class KeySource:
         for position in range(start, min(start + self.batch_size, len(self.keys))):
             epoch, index = (int(k) for k in self.keys[position])
             encoded, label = self.read(index)
-            width, height = image_size(encoded, (epoch, index))
+            width, height = image_size(encoded, describe_key(self.read, epoch, index))
             params = sample_params(self.seed, epoch, index, width, height, self.image_size, self.scale,
                                    self.num_layers, self.magnitude)
             columns["encoded"].append(np.frombuffer(encoded, dtype=np.uint8))
@@ -151,16 +151,23 @@ class KeySource:
         return tuple(columns[name] for name in self.outputs)
 
 
-def image_size(encoded: bytes, key: tuple) -> tuple:
-    """(width, height) from the image header, without decoding (EXIF orientation ignored, as the PyTorch path)."""
+def image_size(encoded: bytes, what: str) -> tuple:
+    """(width, height) from the image header, without decoding (EXIF orientation ignored, as the PyTorch path).
+    Raises UserError naming `what` (the sample) for bytes that are not a readable image."""
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             return image.size
     except UnidentifiedImageError:  # its message shows a BytesIO repr, not the sample
-        raise UserError(f"sample {key} (epoch, index): unknown image format") from None
+        raise UserError(f"{what}: unknown image format") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise UserError(f"sample {key} (epoch, index): not a readable image ({type(error).__name__}: {error})") \
-            from None
+        raise UserError(f"{what}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def describe_key(read, epoch: int, index: int) -> str:
+    """A sample in messages: its name when `read` has `ref(index)` (data.EncodedImages), and its key."""
+    name = getattr(read, "ref", None)
+    return f"{name(index)} (sample ({epoch}, {index}) (epoch, index))" if name else \
+        f"sample ({epoch}, {index}) (epoch, index)"
 
 
 def tf_randaugment_ops(magnitude: float, size: int, device: str = "cpu") -> list:
@@ -336,6 +343,6 @@ class DaliBatches:
         found = DECODE_FAILURE.search(str(error))
         if found is None:
             return error
-        key = tuple(int(k) for k in self.keys[batch * self.batch_size + int(found.group(1))])
-        return UserError(f"DALI cannot decode sample {key} (epoch, index) of batch {batch}: a corrupt or unsupported "
-                         "image (the PyTorch loader, data.backend=torch, skips such images; DALI stops)")
+        epoch, index = (int(k) for k in self.keys[batch * self.batch_size + int(found.group(1))])
+        return UserError(f"DALI cannot decode {describe_key(self.source.read, epoch, index)} of batch {batch}: a corrupt or unsupported image (the PyTorch "
+                         "loader, data.backend=torch, skips such images; DALI stops)")

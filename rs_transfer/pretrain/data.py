@@ -18,6 +18,7 @@ An image that cannot be decoded is skipped: a warning names it, the next sample 
 size, and `dataset.skipped` counts the skips of all DataLoader worker processes together.
 """
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -129,10 +130,13 @@ def scan_shards(paths: list, labelled: bool = True) -> shards.ShardImages:
 
 
 def _check_labelled(images: shards.ShardImages, where: Path) -> None:
+    meta = images.index.get("rs_transfer") or {}
+    if meta.get("format") is None:
+        raise DataError(f"{where}/{shards.INDEX_NAME} has no \"rs_transfer\" entry (labels and their counts): it was "
+                        f"not written by `rs-transfer index`; rerun `rs-transfer index {where}`")
     if not images.labelled:
-        first = images.index["rs_transfer"].get("first_unlabelled") or "an image"
-        raise DataError(f"{where}: {first} has no .cls label member: a training split of tar shards needs "
-                        "KEY.cls (the class index) beside every image")
+        raise DataError(f"{where}: {meta.get('label_problem') or 'images without a label'}: a training split of tar "
+                        "shards needs KEY.cls (the class index) beside every image")
 
 
 def load_split(root: str | Path, split: str, num_classes: Optional[int], classes: Optional[list] = None) -> tuple:
@@ -153,6 +157,11 @@ def load_split(root: str | Path, split: str, num_classes: Optional[int], classes
         if num_classes is not None and len(counts) > num_classes:
             raise DataError(f"{split_dir}: images have labels up to {len(counts) - 1}, outside "
                             f"model.num_classes={num_classes}")
+        if num_classes is not None and split == "train":
+            empty = [str(c) for c in range(num_classes) if c >= len(counts) or not counts[c]]
+            if empty:  # as for class folders: such a class gets an output no image teaches
+                log.warning("%s: %d class(es) of model.num_classes=%d have no image, so the model gets outputs it "
+                            "never learns: %s", split_dir, len(empty), num_classes, shards.first_names(empty))
         return images, classes
     defines_classes = classes is None
     classes = classes or find_classes(split_dir)
@@ -276,6 +285,21 @@ class ImageDataset(Dataset):
                         "is the data corrupt?")
 
 
+def image_set_digest(images) -> str:
+    """A SHA-256 naming an image set's content as listed: for shards their names, sample counts, byte sizes and
+    first keys (from index.json: no shard is read), for a folder its image paths. Pseudo-labels record it, so
+    labels are never joined to images that changed (shards replaced in place must be indexed again)."""
+    digest = hashlib.sha256()
+    if isinstance(images, shards.ShardImages):
+        for path, start, stop, size, first in zip(images.paths, images.starts[:-1], images.starts[1:],
+                                                  images.filesizes, images.first_keys):
+            digest.update(f"{path.name}\t{stop - start}\t{size}\t{first}\n".encode())
+    else:
+        for item in images:
+            digest.update(f"{item.ref}\n".encode())
+    return digest.hexdigest()
+
+
 class EncodedImages:
     """`read(index)` -> (encoded image bytes, label) of a sequence of items: what a loader that decodes by itself
     (DALI) reads. Picklable, for loader processes."""
@@ -286,6 +310,10 @@ class EncodedImages:
     def __call__(self, index: int) -> tuple:
         item = self.items[index]
         return read_bytes(item.where), item.label
+
+    def ref(self, index: int) -> str:
+        """The image's name in messages: its path under the split, or SHARD/KEY."""
+        return self.items[index].ref
 
 
 def collate(batch: list) -> dict:

@@ -149,6 +149,17 @@ def _refuse_other_world_sizes(out_dir: Path, world: int) -> None:
                         f"resume with the same world size or use a new --out")
 
 
+def _check_settings(threshold: float, per_class: int, topk: int, batch_size: int, image_size: int,
+                    num_workers: int) -> None:
+    """Raises UserError naming the option whose value makes no sense."""
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise UserError(f"--threshold must be a probability in [0, 1], got {threshold}")
+    for option, value, least in (("--per-class", per_class, 0), ("--topk", topk, 0), ("--batch-size", batch_size, 1),
+                                 ("--image-size", image_size, 1), ("--num-workers", num_workers, 0)):
+        if value < least:
+            raise UserError(f"{option} must be at least {least}, got {value}")
+
+
 def _check_header(path: Path, header: dict, expected: dict) -> None:
     """Refuse to continue a rank file written for another format, --topk or image set."""
     if header.get("format") != FORMAT:
@@ -157,9 +168,11 @@ def _check_header(path: Path, header: dict, expected: dict) -> None:
     if header["topk"] != expected["topk"]:
         raise UserError(f"{path}: the labels so far were written with --topk {header['topk']}, this run asks for "
                         f"--topk {expected['topk']}; rerun with --topk {header['topk']} or use a new --out")
-    if (header["images"], header["samples"]) != (expected["images"], expected["samples"]):
+    if (header["images"], header["samples"], header.get("images_digest")) != \
+            (expected["images"], expected["samples"], expected["images_digest"]):
         raise UserError(f"{path}: the labels so far are of {header['samples']} images in {header['images']}, this "
-                        f"run has {expected['samples']} images in {expected['images']}; use a new --out")
+                        f"run has {expected['samples']} images in {expected['images']} (or their shards or names "
+                        "changed); use a new --out")
 
 
 def _start_rank_file(out_dir: Path, rank: int, world: int, expected: dict, teacher, model_name: str):
@@ -197,6 +210,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     Raises StoppedBySignal after the current batch when SIGTERM or SIGUSR1 arrives (rerun to continue), and
     FileWriteError naming the folder or file when `out` cannot be written (the labels written before are kept).
     """
+    _check_settings(threshold=threshold, per_class=per_class, topk=topk, batch_size=batch_size,
+                    image_size=image_size, num_workers=num_workers)  # before anything in OUT is touched
     out_dir = Path(out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +222,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     rank, world, device = info.rank, info.world_size, info.device
     _refuse_other_world_sizes(out_dir, world)
     items = data.list_images(Path(images))
-    expected = {"images": str(Path(images).resolve()), "samples": len(items), "topk": topk}
+    expected = {"images": str(Path(images).resolve()), "samples": len(items), "topk": topk,
+                "images_digest": data.image_set_digest(items)}
     header, model = _start_rank_file(out_dir, rank, world, expected, teacher, model_name)
     dtype = record_dtype(header["k"])
     mine = rank_range(rank, world, len(items))
@@ -267,8 +283,8 @@ def _finish(out_dir: Path, world: int, header: dict, settings: dict) -> dict:
     selected = select(columns, settings["threshold"], settings["per_class"])
     with atomic_open(out_dir / "selected.npy", "wb") as file:
         np.save(file, selected, allow_pickle=False)
-    meta = {"format": FORMAT, "images": header["images"], "samples": count, **settings,
-            "num_classes": header["num_classes"], "k": header["k"], "world_size": world, "labelled": count,
+    meta = {"format": FORMAT, "images": header["images"], "images_digest": header["images_digest"],
+            "samples": count, **settings, "num_classes": header["num_classes"], "k": header["k"], "world_size": world, "labelled": count,
             "unreadable": int(np.count_nonzero(columns["label"] < 0)), "selected": len(selected),
             "table": TABLE, "bytes_per_row": dtype.itemsize}
     atomic_write_json(out_dir / "meta.json", meta)

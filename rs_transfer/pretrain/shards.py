@@ -36,7 +36,7 @@ from wids.wids_mmtar import MMIndexedTar
 
 from rs_transfer.data.text import ENCODING as TEXT_ENCODING
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import FileWriteError, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OPEN_SHARDS = 24  # per process: the shards of one shuffled block (SHARDS_PER_BLOCK) plus its neighbours
 SHARDS_PER_BLOCK = 8  # an epoch shuffles blocks of this many shards' samples, in a shuffled block order
 NAMED_IN_WARNINGS = 5  # member names shown in a warning before "and N more"
+MAX_CLASSES = 1 << 20  # a .cls above this is not a class index (ImageNet-21k has 21841, JFT 18291)
 SCAN_WARNING_SHARDS = 64  # more shards than this without an index.json: say that start-up reads every shard
 
 
@@ -90,21 +91,41 @@ def _sample_rule(unused: list) -> str:
     return f"{rule}: {example!r} is key {key!r} with extension {extension[1:]!r}"
 
 
-def _tarfile_members(path: Path) -> list:
-    """(name, data offset, size) of the regular members, read by Python's tarfile (PAX and GNU headers too)."""
+def _truncated(path: Path, end: int) -> DataError:
+    return DataError(f"tar shard {path} is truncated: its members end at byte {end} with no end-of-archive block "
+                     "after them (a copy or write that stopped early?); write it again")
+
+
+def _tarfile_members(path: Path) -> tuple:
+    """(regular members as (name, data offset, size), names of link and device members) by Python's tarfile,
+    which reads PAX and GNU headers too. Raises DataError for an unreadable or truncated shard."""
     try:
         with tarfile.open(path, "r:") as tar:
-            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            members = tar.getmembers()
+            end = tar.offset  # where the end-of-archive block must be
     except (tarfile.TarError, OSError) as error:
         raise DataError(f"cannot read tar shard {path}: {error} (shards must be uncompressed .tar)") from None
+    if not _ends_with_zero_block(path, end):
+        raise _truncated(path, end)
+    regular = [(m.name, m.offset_data, m.size) for m in members if m.isfile()]
+    other = [m.name for m in members if not m.isfile() and not m.isdir()]
+    return regular, other
 
 
-def _members(path: Path) -> list:
-    """(name, data offset, size) of every regular member of a shard, in tar order.
+def _ends_with_zero_block(path: Path, end: int) -> bool:
+    with open(path, "rb") as file:
+        file.seek(end)
+        block = file.read(512)
+    return len(block) == 512 and not any(block)
+
+
+def _members(path: Path) -> tuple:
+    """(regular members as (name, data offset, size) in tar order, names of link and device members).
 
     wids' mmap reader parses plain ustar headers only. Where a member does not start right after the one before,
     another header sits between them (a folder, a link, or a PAX/GNU header carrying a long or non-ASCII name that
-    wids would read truncated), so such a shard is read with tarfile instead: correct, 7x slower to open."""
+    wids would read truncated), so such a shard is read with tarfile instead: correct, 7x slower to open. A shard
+    whose last member is not followed by the end-of-archive block was cut short: DataError."""
     try:
         reader = MMIndexedTar(str(path), verbose=False)
     except (OSError, ValueError, struct.error):
@@ -113,12 +134,14 @@ def _members(path: Path) -> list:
         members = list(reader.by_index)
     finally:
         reader.close()
-    expected = 0
+    end = 0
     for _, offset, size in members:
-        if offset != expected:
+        if offset != end:
             return _tarfile_members(path)
-        expected = offset + 512 + (size + 511) // 512 * 512
-    return [(name, offset + 512, size) for name, offset, size in members]
+        end = offset + 512 + (size + 511) // 512 * 512
+    if not _ends_with_zero_block(path, end):  # a link or folder entry last, or a cut: tarfile tells which
+        return _tarfile_members(path)
+    return [(name, offset + 512, size) for name, offset, size in members], []
 
 
 @dataclass
@@ -131,16 +154,20 @@ class OpenShard:
     label: np.ndarray  # (n, 2) int64: data offset, size; (-1, 0) without a KEY.cls member
     not_used: list  # member names that belong to no sample
 
-    def read_label(self, position: int) -> int:
+    def read_label(self, position: int) -> Optional[int]:
+        """The class index in KEY.cls, None without one. Raises DataError for text that is not an integer >= 0."""
         offset, size = self.label[position]
         if offset < 0:
-            return -1
+            return None
         raw = _read(self.path, offset, size)
         try:
-            return int(raw.decode(TEXT_ENCODING).strip())  # a BOM or CRLF from a Windows tool is not part of it
+            label = int(raw.decode(TEXT_ENCODING).strip())  # a BOM or CRLF from a Windows tool is not part of it
         except (UnicodeDecodeError, ValueError):
-            raise DataError(f"tar shard {self.path}: {self.keys[position]}.cls holds {raw[:40]!r}, not a class "
-                             "index") from None
+            label = -1
+        if not 0 <= label < MAX_CLASSES:
+            raise DataError(f"tar shard {self.path}: {self.keys[position]}.cls holds {raw[:40]!r}, not a class index "
+                            f"(an integer from 0 to {MAX_CLASSES - 1})")
+        return label
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:
@@ -150,16 +177,17 @@ def _read(path: Path, offset: int, size: int) -> bytes:
 
 
 def open_shard(path: Path) -> OpenShard:
-    """Group a shard's members into samples. Raises DataError for an unreadable shard, or a key with two images
-    or two labels."""
+    """Group a shard's members into samples. Raises DataError for an unreadable or truncated shard, or a key with
+    two images or two labels."""
     images, labels, not_used = {}, {}, []
-    for name, offset, size in _members(path):
+    members, other = _members(path)
+    for name, offset, size in members:
         key, extension = split_key(name)
         data = (offset, size)
         if key and extension in IMAGE_EXTENSIONS:
             if key in images:
                 raise DataError(f"tar shard {path}: sample {key!r} holds two images, {images[key][0]} and {name}: "
-                                 "a sample has one image member")
+                                "a sample has one image member")
             images[key] = (name, data)
         elif key and extension == ".cls":
             if key in labels:
@@ -171,75 +199,101 @@ def open_shard(path: Path) -> OpenShard:
     image = np.array([images[k][1] for k in keys], dtype=np.int64).reshape(-1, 2)
     label = np.array([labels[k][1] if k in labels else (-1, 0) for k in keys], dtype=np.int64).reshape(-1, 2)
     not_used = [name for name, key in not_used if key not in images]
-    not_used += [labels[k][0] for k in labels if k not in images]
+    not_used += [labels[k][0] for k in labels if k not in images] + other
     return OpenShard(path, keys, image, label, not_used)
 
 
 def _scan(path: str) -> dict:
-    """The descriptor entry of one shard, plus what indexing checks and reports (runs in a worker process)."""
+    """The descriptor entry of one shard, plus what indexing reports (runs in a worker process): label problems
+    are recorded, not raised, since an unlabelled use (pseudo-labelling) does not read labels."""
     shard = open_shard(Path(path))
-    labels = [shard.read_label(i) for i in range(len(shard.keys))]
-    unlabelled = [k for k, label in zip(shard.keys, labels) if label < 0]
-    negative = next((k for k, label in zip(shard.keys, labels) if label < -1), None)
-    return {"nsamples": len(shard.keys), "filesize": os.path.getsize(path), "not_used": shard.not_used[:NAMED_IN_WARNINGS],
-            "not_used_count": len(shard.not_used), "unlabelled": unlabelled[:1], "unlabelled_count": len(unlabelled),
-            "negative": negative, "counts": np.bincount(np.array([x for x in labels if x >= 0], dtype=np.int64)).tolist()}
+    counts, unlabelled, problem = {}, [], None
+    for position, key in enumerate(shard.keys):
+        try:
+            label = shard.read_label(position)
+        except DataError as error:
+            problem = problem or str(error)
+            continue
+        if label is None:
+            unlabelled.append(key)
+        else:
+            counts[label] = counts.get(label, 0) + 1
+    return {"nsamples": len(shard.keys), "filesize": os.path.getsize(path), "first": shard.keys[0] if shard.keys else "",
+            "not_used": shard.not_used[:NAMED_IN_WARNINGS], "not_used_count": len(shard.not_used),
+            "unlabelled": unlabelled[:1], "unlabelled_count": len(unlabelled), "problem": problem,
+            "counts": sorted(counts.items())}
 
 
 def describe(folder: str | Path, shards: Optional[list] = None, workers: int = 1) -> dict:
-    """Scan every shard of `folder` (or the given ones) and return its index.json content. Raises DataError for
-    no shard, an unreadable one, a broken sample, a negative label, or a split where some images have a label
-    and others not."""
+    """Scan every shard of `folder` (or the given ones) and return its index.json content. The split is labelled
+    when every image has a valid KEY.cls; otherwise `label_problem` says what is wrong, for a training run to
+    report (pseudo-labelling does not need labels). Raises DataError for a missing folder, no shard, an
+    unreadable or truncated one, a key with two images or two labels, or no image at all."""
     folder = Path(folder)
+    if shards is None and not folder.is_dir():
+        raise DataError(f"shard folder not found: {folder}")
     paths = sorted(folder.glob("*.tar")) if shards is None else [Path(s) for s in shards]
     if not paths:
-        raise DataError(f"no .tar shards in {folder}")
+        below = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.tar"))) if folder.is_dir() \
+            else []
+        hint = f"; its sub-folders {', '.join(below)} hold shards: give each of them" if below else ""
+        raise DataError(f"no .tar shards in {folder}{hint}")
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             entries = pool.map(_scan, map(str, paths), chunksize=4)
     else:
         entries = [_scan(str(p)) for p in paths]
-    counts = np.zeros(0, dtype=np.int64)
-    unlabelled = sum(e["unlabelled_count"] for e in entries)
-    total = sum(e["nsamples"] for e in entries)
+    counts = {}
     not_used = 0
     for path, entry in zip(paths, entries):
         if entry["not_used_count"]:
             not_used += entry["not_used_count"]
             log.warning("tar shard %s: %d member(s) not used: %s (%s)", path, entry["not_used_count"],
                         first_names(entry["not_used"], entry["not_used_count"]), _sample_rule(entry["not_used"]))
-        if entry["negative"] is not None:
-            raise DataError(f"tar shard {path}: {entry['negative']}.cls holds a negative class index")
-        if 0 < unlabelled < total and entry["unlabelled_count"]:
-            raise DataError(f"tar shard {path}: image {entry['unlabelled'][0]!r} has no {entry['unlabelled'][0]}.cls "
-                             "label member, while other images of the split have one")
-        grown = np.zeros(max(len(counts), len(entry["counts"])), dtype=np.int64)
-        grown[:len(counts)] += counts
-        grown[:len(entry["counts"])] += np.asarray(entry["counts"], dtype=np.int64)
-        counts = grown
+        for label, count in entry["counts"]:
+            counts[label] = counts.get(label, 0) + count
     if not_used:
         log.warning("%d member(s) of %d tar shard(s) were not used (named above)", not_used,
                     sum(1 for e in entries if e["not_used_count"]))
+    total = sum(e["nsamples"] for e in entries)
     if total == 0:
         raise DataError(f"no images found in tar shards {', '.join(map(str, paths[:NAMED_IN_WARNINGS]))}")
+    problem = next((e["problem"] for e in entries if e["problem"]), None)
+    unlabelled = sum(e["unlabelled_count"] for e in entries)
+    if problem is None and unlabelled:
+        first = next(f"{p.name}/{e['unlabelled'][0]}" for p, e in zip(paths, entries) if e["unlabelled"])
+        problem = (f"image {first} has no .cls label member" +
+                   (f" ({unlabelled} of {total} images have none)" if unlabelled < total else ""))
+    if problem is not None and unlabelled < total:  # partly labelled; a wholly unlabelled set is normal
+        log.warning("%s: the split is not fully labelled, fine for pseudo-labelling, an error for training: %s",
+                    folder, problem)
+    labelled = problem is None
+    label_counts = [counts.get(c, 0) for c in range(max(counts) + 1)] if labelled else None
     return {"wids_version": 1, "name": folder.name,
-            "shardlist": [{"url": os.path.relpath(p, folder), "nsamples": e["nsamples"], "filesize": e["filesize"]}
-                          for p, e in zip(paths, entries)],
-            "rs_transfer": {"format": INDEX_FORMAT, "labelled": unlabelled == 0,
-                            "label_counts": counts.tolist() if unlabelled == 0 else None,
-                            "first_unlabelled": next((f"{p.name}/{e['unlabelled'][0]}" for p, e in zip(paths, entries)
-                                                      if e["unlabelled"]), None)}}
+            "shardlist": [{"url": os.path.relpath(p, folder), "nsamples": e["nsamples"], "filesize": e["filesize"],
+                           "first": e["first"]} for p, e in zip(paths, entries)],
+            "rs_transfer": {"format": INDEX_FORMAT, "labelled": labelled, "label_counts": label_counts,
+                            "label_problem": problem}}
 
 
 def write_index(folder: str | Path, workers: int = 1) -> Path:
-    """`rs-transfer index FOLDER`: scan every shard once and write FOLDER/index.json (atomically)."""
+    """`rs-transfer index FOLDER`: scan every shard once and write FOLDER/index.json (atomically). Raises
+    DataError as `describe` does, and FileWriteError naming index.json when the folder cannot be written."""
     folder = Path(folder)
-    return atomic_write_json(folder / INDEX_NAME, describe(folder, workers=workers))
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    index = describe(folder, workers=workers)
+    try:
+        return atomic_write_json(folder / INDEX_NAME, index)
+    except FileWriteError as error:
+        raise FileWriteError(f"cannot write {folder / INDEX_NAME}: {error.__cause__ or error}; index a writable copy "
+                             "of the folder (index.json travels with the shards), or train without it (every shard "
+                             "is then scanned at start-up)") from None
 
 
 def read_index(folder: str | Path) -> dict:
     """FOLDER/index.json if it is there, else a scan of every shard. Raises DataError for an index that is not
-    a shard descriptor or lists no shard."""
+    a shard descriptor: no shard list, a count that is not an integer >= 0, a shard listed twice or outside FOLDER."""
     folder = Path(folder)
     path = folder / INDEX_NAME
     if not path.is_file():
@@ -248,20 +302,33 @@ def read_index(folder: str | Path) -> dict:
             log.warning("%s: %d shards and no %s: every shard is scanned at start-up; `rs-transfer index %s` "
                         "writes it once", folder, len(shards), INDEX_NAME, folder)
         return describe(folder, shards)
+    fix = f"rewrite it with `rs-transfer index {folder}`"
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-        shardlist = index["shardlist"]
-        entries = [(str(e["url"]), int(e["nsamples"]), e.get("filesize")) for e in shardlist]
+        entries = [(e["url"], e["nsamples"], e.get("filesize"), e.get("first")) for e in index["shardlist"]]
         ours = index.get("rs_transfer") or {}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path} is not a shard index (wids descriptor with a shardlist of url/nsamples): "
-                         f"{error}; rewrite it with `rs-transfer index {folder}`") from None
+                        f"{error}; {fix}") from None
     if not entries:
-        raise DataError(f"{path} lists no shards")
+        raise DataError(f"{path} lists no shards; {fix}")
+    seen = set()
+    for url, count, size, _ in entries:
+        where = f"{path}: shard {url!r}"
+        if not isinstance(url, str) or Path(url).is_absolute() or ".." in Path(url).parts:
+            raise DataError(f"{where} is not a path inside {folder} (shards are listed relative to their index); {fix}")
+        if url in seen:
+            raise DataError(f"{where} is listed twice; {fix}")
+        seen.add(url)
+        for name, value in (("nsamples", count), ("filesize", size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise DataError(f"{where} has {name} {value!r}, not an integer >= 0; {fix}")
+        if count is None:
+            raise DataError(f"{where} has no nsamples; {fix}")
     return {"wids_version": 1, "name": index.get("name", folder.name),
-            "shardlist": [{"url": u, "nsamples": n, "filesize": f} for u, n, f in entries],
+            "shardlist": [{"url": u, "nsamples": n, "filesize": f, "first": k} for u, n, f, k in entries],
             "rs_transfer": {"format": ours.get("format"), "labelled": ours.get("labelled"),
-                            "label_counts": ours.get("label_counts"), "first_unlabelled": ours.get("first_unlabelled")}}
+                            "label_counts": ours.get("label_counts"), "label_problem": ours.get("label_problem")}}
 
 
 class ShardImages:
@@ -277,13 +344,16 @@ class ShardImages:
         entries = index["shardlist"]
         self.shard_numbers = list(range(len(entries))) if shard_numbers is None else sorted(shard_numbers)
         self.paths = [self.folder / entries[s]["url"] for s in self.shard_numbers]
-        counts = np.array([entries[s]["nsamples"] for s in self.shard_numbers], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        sizes = np.array([entries[s]["nsamples"] for s in self.shard_numbers], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.filesizes = [entries[s].get("filesize") for s in self.shard_numbers]
+        self.first_keys = [entries[s].get("first") for s in self.shard_numbers]  # the first sample's key
         meta = index.get("rs_transfer") or {}
         self.labelled = bool(meta.get("labelled"))
-        self.label_counts = meta.get("label_counts") if shard_numbers is None else None
-        self.locality = int(max(1, counts.mean() if len(counts) else 1) * SHARDS_PER_BLOCK)
+        counts = meta.get("label_counts")
+        self.label_counts = counts if shard_numbers is None else None  # of the whole split: for all its shards
+        self.num_labels = len(counts) if counts else None  # labels indexed: 0..num_labels-1
+        self.locality = int(max(1, sizes.mean() if len(sizes) else 1) * SHARDS_PER_BLOCK)
         self._open = OrderedDict()
 
     def __getstate__(self):
@@ -329,8 +399,13 @@ class ShardImages:
         number, position = self.locate(index)
         shard = self.shard(number)
         offset, size = shard.image[position]
-        return ShardSample(f"{self.paths[number].name}/{shard.keys[position]}", shard.read_label(position),
-                           (str(shard.path), int(offset), int(size)))
+        ref = f"{self.paths[number].name}/{shard.keys[position]}"
+        label = shard.read_label(position) if self.labelled else None
+        if self.labelled and (label is None or label >= self.num_labels):
+            raise DataError(f"tar shard {shard.path}: {shard.keys[position]} has label {label}, but "
+                            f"{self.folder / INDEX_NAME} counted labels 0..{self.num_labels - 1}: the shards changed; "
+                            f"rerun `rs-transfer index {self.folder}`")
+        return ShardSample(ref, -1 if label is None else label, (str(shard.path), int(offset), int(size)))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
