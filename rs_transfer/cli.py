@@ -14,6 +14,7 @@ import sys
 
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 
+CONFIG_HELP = "YAML config: a file, or a config shipped in the package by name, e.g. {example}"
 RESUME_HELP = "continue the run in output_dir from its newest checkpoint (same as train.resume=auto)"
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(run=run_index)
 
     pretrain = commands.add_parser("pretrain", help="train a classifier with the RS recipe (ImageNet layout or shards)")
-    pretrain.add_argument("--config", required=True, help="YAML config, e.g. configs/pretrain/rs50_i160.yaml")
+    pretrain.add_argument("--config", required=True, help=CONFIG_HELP.format(example="pretrain/rs50_i160.yaml"))
     pretrain.add_argument("--synthetic", action="store_true", help="generate a small dataset in OUTPUT_DIR and use it")
     pretrain.add_argument("--resume", action="store_true", help=RESUME_HELP)
     pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400: train, 30-view evaluation")
     video_commands = video.add_subparsers(dest="video_command", required=True, metavar="ACTION")
     video_train = video_commands.add_parser("train", help="train a 3D model (torchrun for several processes)")
-    video_train.add_argument("--config", required=True, help="YAML config, e.g. configs/video/demo.yaml")
+    video_train.add_argument("--config", required=True, help=CONFIG_HELP.format(example="video/demo.yaml"))
     video_train.add_argument("--resume", action="store_true", help=RESUME_HELP)
     video_train.add_argument("overrides", nargs="*", metavar="key=value")
     video_train.set_defaults(run=run_video_train)
@@ -209,7 +210,8 @@ def add_downstream_commands(commands) -> None:
         sub.add_argument("--task", required=True, choices=TRANSFER_TASKS)
         sub.add_argument("--backbone", help="zoo name, e.g. rs152 (default: the config's model.name)")
         sub.add_argument("--weights", help="backbone checkpoint (timm's file or ours)")
-        sub.add_argument("--config", help="YAML config (default: configs/downstream/<task>.yaml)")
+        sub.add_argument("--config", help=CONFIG_HELP.format(example="downstream/pascal_seg_demo.yaml")
+                         + " (default: downstream/<task>.yaml)")
         sub.add_argument("--synthetic", action="store_true", help="write and use a tiny dataset in the task's format")
         sub.add_argument("--resume", action="store_true",
                          help=RESUME_HELP if name == "finetune" else "continue every unfinished grid point")

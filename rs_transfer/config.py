@@ -6,10 +6,14 @@ the closest valid one. A value that makes no sense (a negative learning rate, an
 is an error too: each field declares its allowed range where it is declared, `lr: float = checked(0.1, at_least(0))`,
 and `load_config` checks every field of every section. The resolved config is saved with every run as
 `OUTPUT_DIR/config.yaml`, with the git commit it ran from, and loads back as it is.
+
+The YAML configs ship inside the package (`rs_transfer/configs/`, package data), so an installed copy finds them
+from any folder: `find_config` turns a file path or a name like `pretrain/rs50_i160.yaml` into the file.
 """
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import subprocess
 from dataclasses import dataclass, field
@@ -209,11 +213,34 @@ def run_differences(saved: dict, current: dict, may_differ=LOCATION_KEYS, where:
     return changed
 
 
+def packaged_configs() -> Path:
+    """The folder of YAML configs shipped in the package. A wheel installs as plain files, so it is a real folder."""
+    return Path(importlib.resources.files("rs_transfer") / "configs")
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """The config file `name` stands for: an existing file (relative to `relative_to` when given, else to the
+    working folder) is used as it is; otherwise `name` is looked up in the packaged configs, as
+    `pretrain/rs50_i160.yaml` or with the leading `configs/` of a source checkout (`configs/pretrain/...`), so
+    the commands in the docs work from any folder with any install. ConfigError lists where it looked."""
+    given = Path(name)
+    candidates = [given if relative_to is None else relative_to / given]
+    if not given.is_absolute():
+        parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+        candidates.append(packaged_configs().joinpath(*parts))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = " and ".join(str(candidate) for candidate in candidates)
+    raise ConfigError(f"config file not found: {name}; looked for {looked}")
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list | tuple = ()) -> T:
-    """Defaults of `schema`, then the YAML at `path` (and its `base:` chain), then `key=value` overrides."""
+    """Defaults of `schema`, then the YAML at `path` (a file or a packaged name, see `find_config`, and its
+    `base:` chain), then `key=value` overrides."""
     config = OmegaConf.structured(schema)
     if path is not None:
-        _merge(config, _read_chain(Path(path), seen=()), f"config file {path}")
+        _merge(config, _read_chain(find_config(path), seen=()), f"config file {path}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -259,8 +286,6 @@ def git_commit() -> str:
 
 
 def _read_chain(path: Path, seen: tuple) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through `base:`")
     try:
@@ -273,7 +298,13 @@ def _read_chain(path: Path, seen: tuple) -> DictConfig:
     layer = OmegaConf.create(data)
     if base is None:
         return layer
-    parent = _read_chain((path.parent / base), seen + (path.resolve(),))
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: `base:` must name one file, not {base!r}")
+    try:
+        base_path = find_config(base, relative_to=path.parent)  # beside this file first, then a packaged name
+    except ConfigError as error:
+        raise ConfigError(f"{error} (the `base:` of {path})") from None
+    parent = _read_chain(base_path, seen + (path.resolve(),))
     return OmegaConf.merge(parent, layer)
 
 

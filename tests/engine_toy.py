@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import rs_transfer
 from rs_transfer.config import RunConfig, load_config
 from rs_transfer.engine.distributed import all_reduce_sum, shard
 from rs_transfer.engine.task import Task
@@ -27,6 +28,7 @@ from rs_transfer.errors import StoppedBySignal
 DIM, CLASSES = 8, 4
 TOY = Path(__file__)
 REPO = TOY.parent.parent
+CONFIGS = Path(rs_transfer.__file__).resolve().parent / "configs"  # the YAML configs, shipped as package data
 
 
 def script_env(**extra) -> dict:

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_toy import CONFIGS
 from rs_transfer.downstream import finetune, synthetic
 from rs_transfer.downstream.depth import NYUDepth, eval_mask
 from rs_transfer.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "downstream"
+DEMO = CONFIGS / "downstream"
 
 
 def run_demo(task, tmp_path, *overrides):

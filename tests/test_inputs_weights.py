@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine_toy import REPO
+from engine_toy import CONFIGS
 from rs_transfer.models import create_model
 from rs_transfer.models.resnet3d_rs import ResNet3d
 from rs_transfer.models.weights import WeightsError, load_weights, read_state_dict
@@ -142,7 +142,7 @@ def pretrain_run(tmp_path_factory):
 
     root = make_folder_dataset(tmp_path_factory.mktemp("images"), num_classes=4, train_per_class=8, val_per_class=2)
     out = tmp_path_factory.mktemp("run")
-    pretrain(str(REPO / "configs/pretrain/demo.yaml"),
+    pretrain(str(CONFIGS / "pretrain/demo.yaml"),
              [f"model.name={NAME}", "data.image_size=32", "train.epochs=1", "train.batch_size=32",
               "data.num_workers=0", f"data.root={root}", f"output_dir={out}"])
     return out

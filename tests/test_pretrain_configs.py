@@ -1,14 +1,14 @@
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
+from engine_toy import CONFIGS as ALL_CONFIGS
 from rs_transfer.cli import main
 from rs_transfer.config import ConfigError, load_config
 from rs_transfer.pretrain.config import PretrainConfig
 from rs_transfer.pretrain.run import TABLE1
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+CONFIGS = ALL_CONFIGS / "pretrain"
 
 # PAPER.md section 3, Table 8: (model, resolution, RandAugment magnitude, stochastic depth, dropout).
 TABLE8 = [

@@ -4,7 +4,6 @@ order, per-sample determinism (what exact resume needs), the TF RandAugment ops 
 import io
 import pickle
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine_toy import CONFIGS
 from rs_transfer.errors import UserError
 from rs_transfer.pretrain import dali, data, transforms
 from rs_transfer.pretrain.bench_data import synthetic_jpegs
@@ -212,7 +212,7 @@ def test_data_backend_dali_trains_through_the_engine_and_resumes_bitwise(tmp_pat
     from rs_transfer.pretrain.synthetic import make_folder_dataset
 
     root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2)
-    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+    demo = CONFIGS / "pretrain" / "demo.yaml"
     common = ["pretrain", "--config", str(demo), f"data.root={root}", "data.backend=dali", "data.num_workers=0",
               "model.name=rs26-w0.25", "data.image_size=32", "train.batch_size=4", "train.epochs=null",
               "train.log_every_steps=1", "train.checkpoint_every_steps=1", "train.eval_every_epochs=0"]
@@ -229,7 +229,7 @@ def test_data_backend_dali_trains_through_the_engine_and_resumes_bitwise(tmp_pat
 def test_data_backend_dali_refuses_what_it_does_not_do(tmp_path, capsys):
     from rs_transfer.cli import main
 
-    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+    demo = CONFIGS / "pretrain" / "demo.yaml"
     from rs_transfer.pretrain.synthetic import make_folder_dataset
 
     root = make_folder_dataset(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)

@@ -1,7 +1,6 @@
 import json
 import logging
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from engine_toy import CONFIGS
 from rs_transfer.errors import UserError
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.synthetic import make_folder_dataset, make_image, make_shard_dataset, write_shards
@@ -189,7 +189,7 @@ def test_bench_data_reports_every_pipeline(tmp_path, capsys):
     assert set(rates) == {"rs-tf", "rs-timm", "timm", "decode"} and all(rate > 0 for rate in rates.values())
 
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+DEMO = CONFIGS / "pretrain" / "demo.yaml"
 
 
 def test_num_classes_unset_is_inferred_from_the_class_folders(folder):

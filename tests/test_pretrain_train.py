@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_toy import CONFIGS
 from rs_transfer.cli import main
 from rs_transfer.config import load_config
 from rs_transfer.models import create_model
@@ -16,7 +17,7 @@ from rs_transfer.pretrain.config import PretrainConfig
 from rs_transfer.pretrain.task import build_task
 from rs_transfer.pretrain.synthetic import make_folder_dataset
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+DEMO = CONFIGS / "pretrain" / "demo.yaml"
 
 
 def test_demo_learns_a_generated_folder_dataset_and_skips_a_corrupt_image(tmp_path, caplog):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_toy import REPO, script_env
+from engine_toy import CONFIGS, script_env
 
 PRETRAIN = ["model.name=rs26-w0.25", "data.image_size=32", "train.epochs=2", "train.batch_size=32",
             "data.num_workers=0", "train.log_every_steps=4"]
@@ -46,7 +46,7 @@ def test_pretrain_twice_in_one_process_gives_the_same_weights(tmp_path, folder_d
     from rs_transfer.pretrain.run import pretrain
 
     for name in ("a", "b"):
-        pretrain(str(REPO / "configs/pretrain/demo.yaml"),
+        pretrain(str(CONFIGS / "pretrain/demo.yaml"),
                  [*PRETRAIN, f"data.root={folder_dataset}", f"output_dir={tmp_path / name}"])
     same_weights(tmp_path / "a" / "final.pt", tmp_path / "b" / "final.pt")
     same_metrics(tmp_path / "a", tmp_path / "b")
@@ -58,7 +58,7 @@ def test_finetune_twice_in_one_process_gives_the_same_weights(tmp_path):
 
     root = write_synthetic("cifar100", tmp_path / "cifar", 64)
     for name in ("a", "b"):
-        finetune("cifar100", config_path=REPO / "configs/downstream/cifar100_demo.yaml",
+        finetune("cifar100", config_path=CONFIGS / "downstream/cifar100_demo.yaml",
                  overrides=[f"data.root={root}", "train.steps=6", f"output_dir={tmp_path / name}"])
     same_weights(tmp_path / "a" / "final.pt", tmp_path / "b" / "final.pt")
     same_metrics(tmp_path / "a", tmp_path / "b")
@@ -69,7 +69,7 @@ def test_video_train_twice_in_one_process_gives_the_same_weights(tmp_path):
     from rs_transfer.video.task import run_train
 
     for name in ("a", "b"):
-        run_train(str(REPO / "configs/video/demo.yaml"),
+        run_train(str(CONFIGS / "video/demo.yaml"),
                   [f"data.root={tmp_path / 'videos'}", "train.epochs=1", f"output_dir={tmp_path / name}"])
     same_weights(tmp_path / "a" / "final.pt", tmp_path / "b" / "final.pt")
     same_metrics(tmp_path / "a", tmp_path / "b")
@@ -92,7 +92,7 @@ def test_pseudo_label_twice_gives_the_same_labels(tmp_path, folder_dataset):
 @pytest.mark.slow  # three CLI processes
 def test_pretrain_killed_and_resumed_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, folder_dataset):
     # Two loader workers with RandAugment, checkpoints every 2 steps: the kill lands wherever it lands.
-    args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(REPO / "configs/pretrain/demo.yaml"),
+    args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(CONFIGS / "pretrain/demo.yaml"),
             *PRETRAIN, "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2",
             f"data.root={folder_dataset}"]
     env = script_env(OMP_NUM_THREADS="1")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_toy import CONFIGS
 from rs_transfer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "video" / "demo.yaml"
+DEMO = CONFIGS / "video" / "demo.yaml"
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 from rs_transfer.pretrain.run import pretrain
 from rs_transfer.pretrain.synthetic import make_folder_dataset
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+CONFIG = "pretrain/demo.yaml"  # a config shipped in the package
 STEPS_PER_EPOCH, LOG_EVERY = 8, 2
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="epoch-starts-"))
     data = make_folder_dataset(work / "data", num_classes=4, train_per_class=64, val_per_class=4)
-    pretrain(str(CONFIG), [f"data.root={data}", f"output_dir={work / 'run'}", f"train.epochs={args.epochs}",
+    pretrain(CONFIG, [f"data.root={data}", f"output_dir={work / 'run'}", f"train.epochs={args.epochs}",
                            "train.batch_size=32", "data.image_size=32", f"data.num_workers={args.workers}",
                            f"train.log_every_steps={LOG_EVERY}", "train.eval_every_epochs=0"])
     events = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -340,7 +340,7 @@ def video_model_only(device: str, model: str, frames: int, crop: int, batch: int
     from rs_transfer.bench.latency import (device_name, free_memory, precision, resolve_device, run_halving,
                                            synchronize, time_steps)
     from rs_transfer.config import load_config
-    from rs_transfer.engine.trainer import to_channels_last
+    from rs_transfer.engine.device import to_channels_last
     from rs_transfer.video.task import VideoClassifier, VideoConfig, build_net
 
     target = resolve_device(device)
@@ -520,7 +520,8 @@ def throughput(metrics: Path, batch: int, warmup_steps: int) -> dict:
 
 
 def pretrain_command(s: Settings, root: str, out: Path, extra=()) -> list:
-    return ["-m", "rs_transfer", "pretrain", "--config", str(REPO / "configs" / "pretrain" / "rs50_i160.yaml"),
+    # a packaged config's name: the installed wheel's own copy is read, as a user's install would
+    return ["-m", "rs_transfer", "pretrain", "--config", "pretrain/rs50_i160.yaml",
             f"data.root={root}", f"output_dir={out}", f"model.name={s.model}", "model.num_classes=null",
             "model.init=timm",  # the official init takes seconds longer and changes no timing
             f"data.image_size={s.image_size}", f"data.num_workers={s.workers}", "train.epochs=null",

@@ -1,6 +1,6 @@
 """`rs-transfer finetune | sweep | demo | reproduce table5`: one grid point, the grid, a synthetic demo, Table 5.
 
-A run is: load `configs/downstream/<task>.yaml` (or `--config`), apply `key=value`, build the task (dataset,
+A run is: load the packaged `downstream/<task>.yaml` (or `--config`), apply `key=value`, build the task (dataset,
 model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import load_config, run_differences, to_dict
+from rs_transfer.config import load_config, packaged_configs, run_differences, to_dict
 from rs_transfer.downstream import protocol
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.downstream.data import DatasetError
@@ -21,8 +21,6 @@ from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "downstream"
 
 
 def build_task(config):
@@ -44,10 +42,7 @@ def build_task(config):
 def default_config(task: str, demo: bool = False) -> Path:
     if task not in protocol.TASKS:
         raise UserError(f"unknown task {task!r}: expected one of {', '.join(protocol.TASKS)}")
-    path = CONFIG_DIR / f"{task}{'_demo' if demo else ''}.yaml"
-    if not path.is_file():
-        raise UserError(f"default config {path} is missing (run from a source checkout, or pass --config FILE)")
-    return path
+    return packaged_configs() / "downstream" / f"{task}{'_demo' if demo else ''}.yaml"
 
 
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:

@@ -3,7 +3,7 @@
 import logging
 from pathlib import Path
 
-from rs_transfer.config import load_config
+from rs_transfer.config import load_config, packaged_configs
 from rs_transfer.engine.checkpoint import atomic_save
 from rs_transfer.engine.distributed import init_distributed, is_main, seed_everything
 from rs_transfer.engine.write_once import write_once
@@ -11,8 +11,6 @@ from rs_transfer.models.weights import read_state_dict
 from rs_transfer.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
 # Table 1 of the paper: ResNet-200 @ 256, each row adds one change to the previous (PAPER.md section 3).
 TABLE1 = (
@@ -74,13 +72,13 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
 def table1(dry_run: bool, overrides: list) -> list:
     runs = []
     for name, change, top1 in TABLE1:
-        path = CONFIG_DIR / "table1" / name
+        path = packaged_configs() / "pretrain" / "table1" / name
         config = load_config(PretrainConfig, path, overrides)
         runs.append((path, change, top1, config))
     if dry_run:
         print(f"{'config':<52}{'change':<32}{'paper top-1':>12}  output_dir")
         for path, change, top1, config in runs:
-            print(f"{str(path.relative_to(CONFIG_DIR.parents[1])):<52}{change:<32}{top1:>12.1f}  {config.output_dir}")
+            print(f"{path.relative_to(packaged_configs()).as_posix():<52}{change:<32}{top1:>12.1f}  {config.output_dir}")
         print(f"\n{len(runs)} runs of ResNet-200 @ 256; run them with `rs-transfer reproduce table1 data.root=DIR`")
         return runs
     for path, change, top1, _ in runs:

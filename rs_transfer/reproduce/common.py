@@ -12,8 +12,6 @@ from rs_transfer.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (an editable install)
-
 
 @dataclass(frozen=True)
 class Row:

@@ -1,9 +1,10 @@
 """Table 6: the 3D ResNet-RS ladder on Kinetics-400, 30-view top-1 (PAPER.md section 6). One config per row in
-configs/video/table6/, each naming the previous row as its base."""
+rs_transfer/configs/video/table6/, each naming the previous row as its base."""
 
 from pathlib import Path
 
-from rs_transfer.reproduce.common import CONFIGS, Row, collect, write_table
+from rs_transfer.config import packaged_configs
+from rs_transfer.reproduce.common import Row, collect, write_table
 
 TABLE6 = (
     Row("01_baseline", "Baseline (200 epochs, cosine)", 73.4),
@@ -20,7 +21,7 @@ TABLE6 = (
 
 
 def config_path(row: Row) -> Path:
-    return CONFIGS / "video" / "table6" / f"{row.key}.yaml"
+    return packaged_configs() / "video" / "table6" / f"{row.key}.yaml"
 
 
 def reproduce(out: str, run: bool, overrides: list) -> list:
