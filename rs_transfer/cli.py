@@ -171,7 +171,7 @@ def run_bench_table7(args) -> int:
     from pathlib import Path
 
     from rs_transfer.bench.specs import parse_specs
-    from rs_transfer.bench.table7 import run_table7
+    from rs_transfer.reproduce.table7 import run_table7
 
     only = parse_specs(args.only) if args.only else None
     kwargs = {} if args.sources else _timing_kwargs(args)
@@ -349,11 +349,11 @@ def run_video_eval(args) -> int:
 
 def run_reproduce(args) -> int:
     if args.table == "table1":
-        from rs_transfer.pretrain.run import table1
+        from rs_transfer.reproduce.table1 import run_table1
 
-        table1(args.dry_run, args.overrides)
+        run_table1(args.dry_run, args.overrides)
     elif args.table == "table5":
-        from rs_transfer.downstream.finetune import run_table5
+        from rs_transfer.reproduce.table5 import run_table5
 
         run_table5(args.checkpoints, args.data_roots, args.out or "results/table5", args.overrides, args.results)
     else:
@@ -364,7 +364,7 @@ def run_reproduce(args) -> int:
 
 
 def run_bench_data(args) -> int:
-    from rs_transfer.pretrain.bench_data import bench_data, print_report
+    from rs_transfer.bench.data import bench_data, print_report
 
     print_report(bench_data(args.images, args.count, args.resolution, args.magnitude, args.seconds), args.json)
     return 0
@@ -386,7 +386,7 @@ def run_bench_index(args) -> int:
 
 
 def run_bench_video_data(args) -> int:
-    from rs_transfer.video.bench import run_cli
+    from rs_transfer.bench.video_data import run_cli
 
     return run_cli(args)
 

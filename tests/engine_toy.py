@@ -144,3 +144,39 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """Assert two checkpoint files (final.pt: {"model", "ema"?}) hold bitwise equal tensors."""
+    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert first.keys() == second.keys()
+    for part in first:
+        for key, value in first[part].items():
+            assert torch.equal(value, second[part][key]), (part, key)
+
+
+def killed_and_resumed_ends_where_it_would_have(args: list, tmp_path: Path, env: dict, timeout: int = 300) -> None:
+    """Run the CLI command `args` (without output_dir) to the end in TMP/reference; run it again in TMP/killed,
+    SIGKILL its process group as soon as a step checkpoint exists, rerun it with --resume, and assert both runs
+    end with bitwise equal final.pt and equal final_metrics.json."""
+    import json
+    import subprocess
+    import time
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = subprocess.Popen([*args, f"output_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not list((killed / "checkpoints").glob("step_*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (killed / "final.pt").exists(), "the run finished before the kill: nothing was tested"
+    resumed = subprocess.run([*args, f"output_dir={killed}", "--resume"], env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    same_weights(reference / "final.pt", killed / "final.pt")
+    assert (json.loads((reference / "final_metrics.json").read_text())
+            == json.loads((killed / "final_metrics.json").read_text()))

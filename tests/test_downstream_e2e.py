@@ -1,6 +1,6 @@
 """End to end through the shared engine: rs26-w0.25 fine-tuned on generated datasets in each task's real format
-beats the trivial predictor by a wide margin; one task under 2-process gloo DDP; the sweep and Table 5 plumbing;
-CLI errors."""
+beats the trivial predictor by a wide margin; one task under 2-process gloo DDP; CLI errors (the sweep and Table 5
+plumbing: test_reproduce_table5.py)."""
 
 import json
 import os
@@ -15,7 +15,6 @@ import torch
 from engine_toy import CONFIGS
 from rs_transfer.downstream import finetune, synthetic
 from rs_transfer.downstream.depth import NYUDepth, eval_mask
-from rs_transfer.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = CONFIGS / "downstream"
@@ -89,42 +88,6 @@ def test_two_process_gloo_ddp_covers_the_validation_set_once(tmp_path):
         gt = sample["depth"][None]
         expected += eval_mask(gt, 1e-3, 10.0, True, [tuple(gt.shape[-2:])]).sum().item()
     assert metrics["pixels"] == expected and 0 <= metrics["delta1"] <= 1
-
-
-def test_sweep_picks_the_best_point_and_table5_collects_it(tmp_path, capsys):
-    synthetic.write_cifar100(tmp_path / "data", train=64, test=20)
-    summary = finetune.sweep("cifar100", config_path=DEMO / "cifar100_demo.yaml", learning_rates=[0.001, 0.04],
-                             steps=[6], overrides=[f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'sweep'}",
-                                                   "train.batch_size=16", "train.warmup_steps=0"])
-    points = {p["point"]: p["top1"] for p in summary["points"]}
-    assert sorted(points) == ["lr0.001_steps6", "lr0.04_steps6"]
-    assert summary["best"]["top1"] == max(points.values())
-    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == summary
-    finetune.reproduce_table5([f"mine:cifar100={tmp_path / 'sweep'}"], tmp_path / "table")
-    table = json.loads((tmp_path / "table" / "table5.json").read_text())
-    assert table["ours"][0]["cifar100"] == pytest.approx(100 * summary["best"]["top1"])
-    assert table["ours"][0]["pascal_seg"] is None
-    markdown = (tmp_path / "table" / "table5.md").read_text()
-    assert "| paper R152 RS (400 ep) | 88.1 | 82.2 | 78.2 | 42.2 | 83.4 |" in markdown
-
-
-def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
-    synthetic.write_cifar100(tmp_path / "data", train=64, test=20)
-    torch.manual_seed(0)
-    torch.save(create_model("rs26-w0.25").state_dict(), tmp_path / "tiny.pth")
-    grid = dict(config_path=DEMO / "cifar100_demo.yaml", learning_rates=[0.04], steps=[6])
-    args = (["tiny net=rs26-w0.25:" + str(tmp_path / "tiny.pth")], [f"cifar100={tmp_path / 'data'}"], tmp_path / "t5",
-            ["train.batch_size=16", "train.warmup_steps=0"])
-    table = finetune.run_table5(*args, **grid)
-    run = tmp_path / "t5" / "runs" / "tiny_net" / "cifar100"
-    best = json.loads((run / "sweep.json").read_text())["best"]
-    assert best["point"] == "lr0.04_steps6"
-    assert [r["label"] for r in table["ours"]] == ["tiny net"]
-    assert table["ours"][0]["cifar100"] == pytest.approx(100 * best["top1"])
-    assert json.loads((tmp_path / "t5" / "table5.json").read_text())["ours"] == table["ours"]
-    stamp = (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns
-    finetune.run_table5(*args, **grid)  # a second call resumes: the finished point is not trained again
-    assert (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("args, message", [

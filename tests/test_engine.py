@@ -156,7 +156,7 @@ def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
 def test_channels_last_for_2d_and_3d_layers_and_nested_batches():
     from collections import namedtuple
 
-    from rs_transfer.engine.trainer import to_channels_last, to_device
+    from rs_transfer.engine.device import to_channels_last, to_device
 
     model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(4, 2))
     to_channels_last(model)

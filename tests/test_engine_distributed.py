@@ -52,6 +52,31 @@ def test_single_process_collectives_are_identities(clean_env):
     summed = distributed.all_reduce_sum(confusion)
     assert torch.equal(summed, confusion) and summed is not confusion
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.all_gather_list((1, 2)) == [1, 2]
     assert distributed.broadcast_object(7) == 7
     data = list(range(5))
     assert distributed.shard(data) is data
+
+
+def test_shard_gives_each_rank_a_contiguous_part_and_every_item_once(monkeypatch):
+    # What the evaluators rely on: concatenated in rank order (all_gather_list), the parts are the dataset in order.
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 3)
+    parts = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "get_rank", lambda: rank)
+        parts.append(list(distributed.shard(list(range(7)))))
+    assert parts == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [distributed.rank_range(r, 3, 22) for r in range(3)] == [range(0, 7), range(7, 14), range(14, 22)]
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+                                 {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"}])
+def test_write_once_leaves_the_writing_to_local_rank_0_under_either_launcher(clean_env, monkeypatch, tmp_path, env):
+    from rs_transfer.engine.write_once import write_once
+    from rs_transfer.errors import UserError
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="waited 0 s for local rank 0"):
+        write_once(tmp_path / "data", lambda folder: pytest.fail("local rank 1 wrote the dataset"), timeout_s=0)
+    assert not (tmp_path / "data").exists()

@@ -119,7 +119,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
     from torch.utils.data import DataLoader
 
-    from rs_transfer.engine.trainer import RunSampler, SeededSamples
+    from rs_transfer.engine.sampling import RunSampler, SeededSamples
 
     data = engine_toy.Points(48, seed=1, noise=1.0)
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from rs_transfer.engine.shuffle import permute, permute_blocked, rank_positions, rank_range_positions
-from rs_transfer.engine.trainer import RunSampler
+from rs_transfer.engine.sampling import RunSampler
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 1001, 65537])

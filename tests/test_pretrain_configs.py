@@ -3,10 +3,9 @@ from dataclasses import asdict
 import pytest
 
 from engine_toy import CONFIGS as ALL_CONFIGS
-from rs_transfer.cli import main
 from rs_transfer.config import ConfigError, load_config
 from rs_transfer.pretrain.config import PretrainConfig
-from rs_transfer.pretrain.run import TABLE1
+from rs_transfer.reproduce.table1 import TABLE1
 
 CONFIGS = ALL_CONFIGS / "pretrain"
 
@@ -121,11 +120,3 @@ def test_table4_cotrain_config_is_rs152_at_224_with_pseudo_labels():
 def test_config_typo_is_a_clear_error():
     with pytest.raises(ConfigError, match="did you mean 'augment.magnitude'"):
         load_config(PretrainConfig, CONFIGS / "rs50_i160.yaml", ["augment.magnitud=5"])
-
-
-def test_reproduce_table1_dry_run_lists_the_runs(capsys):
-    assert main(["reproduce", "table1", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    for name, change, top1 in TABLE1:
-        assert name in out and f"{top1:.1f}" in out
-    assert "11 runs" in out

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from engine_toy import CONFIGS
+from rs_transfer.bench.data import synthetic_jpegs
 from rs_transfer.errors import UserError
 from rs_transfer.pretrain import dali, data, transforms
-from rs_transfer.pretrain.bench_data import synthetic_jpegs
 from rs_transfer.pretrain.synthetic import make_image
 
 SIZE = 48
@@ -190,19 +190,6 @@ def test_encoded_formats_other_than_jpeg_decode_like_pil():
     for got, (epoch, index) in zip(result, keys):
         expected = pil_crop_and_flip(encoded[index], 0, epoch, index, (1.0, 1.0))
         assert (got.int() - expected).abs().float().mean() < 1.0, index
-
-
-def test_bench_data_measures_the_dali_cpu_pipeline(capsys):
-    from rs_transfer.pretrain import bench_data
-
-    cpu_rate, wall_rate = bench_data.measure_dali(JPEGS[:3], SIZE, 10.0, min_seconds=0.05, seed=0, batch_size=4)
-    assert cpu_rate > 0 and wall_rate > 0
-    result = {"source": "x", "mean_jpeg_kb": 1.0, "resolution": SIZE, "magnitude": 10.0, "cpu_count": 2,
-              "load_average": 0.0, "images_per_cpu_s_per_worker": {"rs-tf": 1.0},
-              "images_per_wall_s_per_worker": {"rs-tf": 1.0},
-              "dali": {"version": "2.4.0", "threads": 1, "images_per_cpu_s": 12.5, "images_per_wall_s": 10.0}}
-    bench_data.print_report(result, as_json=False)
-    assert capsys.readouterr().out.splitlines()[-1].split()[:5] == ["dali-cpu", "12.5", "10.0", "DALI", "2.4.0,"]
 
 
 def test_data_backend_dali_trains_through_the_engine_and_resumes_bitwise(tmp_path):

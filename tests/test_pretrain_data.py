@@ -177,18 +177,6 @@ def test_tf_ops_follow_the_tf_magnitude_rules():
     assert 0 < (cut == 128).all(axis=2).sum() <= 80 * 80
 
 
-def test_bench_data_reports_every_pipeline(tmp_path, capsys):
-    from rs_transfer.cli import main
-
-    make_folder_dataset(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
-    assert main(["bench", "data", "--images", str(tmp_path / "train"), "--count", "3", "--resolution", "32",
-                 "--seconds", "0.05", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["source"] == f"3 images from {tmp_path / 'train'}"
-    rates = result["images_per_cpu_s_per_worker"]
-    assert set(rates) == {"rs-tf", "rs-timm", "timm", "decode"} and all(rate > 0 for rate in rates.values())
-
-
 DEMO = CONFIGS / "pretrain" / "demo.yaml"
 
 

@@ -102,7 +102,6 @@ def test_pseudo_label_round_trip_on_shards_and_resume_after_interruption(teacher
 
 def test_two_ranks_label_contiguous_ranges_and_rank_0_joins_them_like_one_process(teacher, unlabelled, tmp_path,
                                                                                  monkeypatch):
-    assert [pseudo_label.rank_range(r, 3, 22) for r in range(3)] == [range(0, 7), range(7, 14), range(14, 22)]
     one = _run(teacher, unlabelled, tmp_path / "one", threshold=0.36, per_class=5)
     out = tmp_path / "two"
     monkeypatch.setattr(pseudo_label.distributed, "barrier", lambda: None)

@@ -3,20 +3,17 @@ held out for minival, an epoch order that keeps to a few shards, and training th
 
 import io
 import json
-import os
 import resource
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from engine_toy import CONFIGS, script_env
+from engine_toy import CONFIGS, killed_and_resumed_ends_where_it_would_have, script_env
 from rs_transfer.cli import main
 from rs_transfer.pretrain import data, shards, transforms
 from rs_transfer.pretrain.synthetic import make_image, make_shard_dataset, write_shards
@@ -147,7 +144,7 @@ def test_130m_samples_over_13000_shards_hold_no_object_per_sample(tmp_path):
 
 
 def test_a_training_set_of_shards_asks_for_a_blocked_order(shard_root):
-    from rs_transfer.engine.trainer import RunSampler
+    from rs_transfer.engine.sampling import RunSampler
 
     images, _ = data.load_split(shard_root, "train", num_classes=4)
     dataset = data.ImageDataset(images, transforms.eval_transform(16))
@@ -171,26 +168,6 @@ def test_a_corrupt_member_is_skipped_counted_and_named(tmp_path, caplog):
     assert [label for _, label in loaded] == [0, 1, 0, 0, 0, 1, 0, 1]  # k4 stands in for k3
     assert dataset.skipped == 1
     assert any("shard-00000.tar/k3" in r.getMessage() for r in caplog.records)
-
-
-def _kill_and_resume(args: list, out: Path, env: dict) -> subprocess.CompletedProcess:
-    run = subprocess.Popen([*args, f"output_dir={out}"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not list((out / "checkpoints").glob("step_*.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    assert not (out / "final.pt").exists(), "the run finished before the kill: nothing was tested"
-    return subprocess.run([*args, f"output_dir={out}", "--resume"], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def _same_final_weights(a: Path, b: Path) -> None:
-    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    for part in first:
-        for key, value in first[part].items():
-            assert torch.equal(value, second[part][key]), (part, key)
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +196,7 @@ def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_
         args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN,
                 "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
                 *_cotrain(cotrain, pseudo_labels)]
-        env = script_env(OMP_NUM_THREADS="1")
-        reference = tmp_path / "reference"
-        done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        resumed = _kill_and_resume(args, tmp_path / "killed", env)
-        assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
-        _same_final_weights(reference / "final.pt", tmp_path / "killed" / "final.pt")
-        assert (json.loads((reference / "final_metrics.json").read_text())
-                == json.loads((tmp_path / "killed" / "final_metrics.json").read_text()))
+        killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))
     finally:
         (shard_root / "train" / "index.json").unlink()
 
@@ -240,13 +209,7 @@ def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_woul
             "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN, "train.batch_size=8", "data.num_workers=1",
             "train.epochs=3", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
             *_cotrain(cotrain, pseudo_labels)]
-    env = script_env(OMP_NUM_THREADS="1")
-    reference = tmp_path / "reference"
-    done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = _kill_and_resume(args, tmp_path / "killed", env)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
-    _same_final_weights(reference / "final.pt", tmp_path / "killed" / "final.pt")
+    killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))
 
 
 @pytest.mark.slow  # two generated tables and two build processes

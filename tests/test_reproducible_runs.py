@@ -6,28 +6,16 @@ SIGKILL and resumed must end bitwise where an uninterrupted run ends, with nothi
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_toy import CONFIGS, script_env
+from engine_toy import CONFIGS, killed_and_resumed_ends_where_it_would_have, same_weights, script_env
 
 PRETRAIN = ["model.name=rs26-w0.25", "data.image_size=32", "train.epochs=2", "train.batch_size=32",
             "data.num_workers=0", "train.log_every_steps=4"]
-
-
-def same_weights(a: Path, b: Path) -> None:
-    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert first.keys() == second.keys()
-    for part in first:
-        for key, value in first[part].items():
-            assert torch.equal(value, second[part][key]), (part, key)
 
 
 def same_metrics(a: Path, b: Path) -> None:
@@ -95,22 +83,4 @@ def test_pretrain_killed_and_resumed_ends_bitwise_where_an_uninterrupted_run_end
     args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(CONFIGS / "pretrain/demo.yaml"),
             *PRETRAIN, "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2",
             f"data.root={folder_dataset}"]
-    env = script_env(OMP_NUM_THREADS="1")
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run([*args, f"output_dir={reference}"], env=env, check=True, capture_output=True, timeout=300)
-
-    run = subprocess.Popen([*args, f"output_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not list((killed / "checkpoints").glob("step_*.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    assert not (killed / "final.pt").exists(), "the run finished before the kill: nothing was tested"
-
-    resumed = subprocess.run([*args, f"output_dir={killed}", "--resume"], env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
-    same_weights(reference / "final.pt", killed / "final.pt")
-    same_metrics(reference, killed)
+    killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))

@@ -284,7 +284,7 @@ def _write_class(job: tuple) -> int:
     written = 0
     for i in range(count):
         path = folder / f"{split}_{label:04d}_{i:05d}.jpg"
-        make_image(label, classes, size, rng).save(path, format="JPEG", quality=90)  # as bench_data.synthetic_jpegs
+        make_image(label, classes, size, rng).save(path, format="JPEG", quality=90)  # as bench.data.synthetic_jpegs
         written += path.stat().st_size
     return written
 
@@ -314,7 +314,7 @@ def make_videos(root: Path, classes: int, train_per_class: int, val_per_class: i
     """A Kinetics class-folder layout of copies of one video from `bench video-data`'s seek test: 340x256 H.264,
     25 fps, a keyframe a second, noise on every frame (decoding costs what real footage does). The content does not
     matter for speed, so it is encoded once and copied."""
-    from rs_transfer.video.bench import write_seek_video
+    from rs_transfer.bench.video_data import write_seek_video
 
     started = time.perf_counter()
     source = write_seek_video(root / "source.mp4", seconds=seconds)

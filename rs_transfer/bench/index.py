@@ -75,7 +75,7 @@ def build_one_rank(root: Path, world: int) -> dict:
     shards held out), the pseudo-labelled set, the first batch's keys and its pseudo-labelled samples' targets.
     The labelled samples' labels live in the shards, which a batch reads in the loader: not part of start-up."""
     from rs_transfer.config import load_config
-    from rs_transfer.engine.trainer import RunSampler
+    from rs_transfer.engine.sampling import RunSampler
     from rs_transfer.pretrain import cotrain, data, transforms
     from rs_transfer.pretrain.config import PretrainConfig
     from rs_transfer.pretrain.task import build_datasets

@@ -25,8 +25,9 @@ except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, find_dir, model_device, require, to_device
-from rs_transfer.downstream.metrics import all_reduce_sum
+from rs_transfer.downstream.data import DatasetError, find_dir, require
+from rs_transfer.engine.device import model_device, to_device
+from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.models import create_model

@@ -1,6 +1,7 @@
 """Pieces every downstream dataset shares: layout checks with clear errors, image reading, the paper's scale
-jitter + crop + flip (torchvision transforms.v2, so masks, depth and boxes move with the image), padding
-collate, and the per-rank shard of an evaluation set.
+jitter + crop + flip (torchvision transforms.v2, so masks, depth and boxes move with the image)
+and padding collate. Moving batches to the device and splitting evaluation sets over ranks are the engine's
+(engine/device.py, engine/loader.py).
 
 Images stay uint8 until the model, which normalises them (less memory in the loader queues).
 """
@@ -129,17 +130,3 @@ def pad_collate(samples: list, fills: dict) -> dict:
         else:
             batch[key] = values
     return batch
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value

@@ -27,11 +27,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms import v2
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
-from rs_transfer.downstream.data import (
-    DatasetError, ScaleJitter, find_dir, model_device, read_image, read_split, require, to_device,
-)
+from rs_transfer.downstream.data import DatasetError, ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
-from rs_transfer.downstream.metrics import all_gather_list, voc07_map
+from rs_transfer.downstream.metrics import voc07_map
+from rs_transfer.engine.device import model_device, to_device
+from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD

@@ -21,12 +21,7 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from rs_transfer.downstream.data import IGNORE, DatasetError
-from rs_transfer.engine.distributed import all_gather_object, all_reduce_sum
-
-
-def all_gather_list(items: list) -> list:
-    """Every rank's `items`, concatenated in rank order."""
-    return [item for part in all_gather_object(list(items)) for item in part]
+from rs_transfer.engine.distributed import all_reduce_sum
 
 
 class MeanIoU:

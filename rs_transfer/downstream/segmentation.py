@@ -18,11 +18,12 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    IGNORE, DatasetError, dense_train_transform, find_dir, model_device, pad_collate, read_image,
-    read_label_png, read_split, require, to_device,
+    IGNORE, DatasetError, dense_train_transform, find_dir, pad_collate, read_image, read_label_png, read_split,
+    require,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
+from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 

@@ -1,1 +1,1 @@
-"""The one training loop every task shares (see task.py for the contract)."""
+"""The one training loop and every mechanism the tasks share; docs/engine.md lists which module owns what."""

@@ -50,6 +50,22 @@ def atomic_copy(source: Path, path: Path) -> None:
         raise CheckpointError(str(error)) from None
 
 
+def save_step(state: dict, path: Path, best: bool, keep_last: int) -> None:
+    """Rank 0: write the step checkpoint `path` (and, when `best`, best.pt beside it), then prune the folder.
+
+    best.pt is written first and the step file copied from it: the step checkpoint records this result as the
+    best so far and a run resumed from it never writes best.pt for it again, so a kill between the two files
+    must not leave the step one alone.
+    """
+    path = Path(path)
+    if best:
+        atomic_save(state, path.parent / "best.pt")
+        atomic_copy(path.parent / "best.pt", path)
+    else:
+        atomic_save(state, path)
+    prune(path.parent, keep_last)
+
+
 def step_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step_{step:08d}.pt"
 

@@ -5,8 +5,10 @@ collective below returns its input. Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RA
 `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR/PORT exported by the job script) the
 default process group is created once: NCCL on GPU, gloo on CPU.
 
-Evaluators use `shard(dataset)` to split their data over ranks (no padding, so no sample counts twice), sum
-their statistics with `all_reduce_sum`, and get the same metrics on every rank.
+Evaluators use `shard(dataset)` (or `loader.eval_loader`, which calls it) to split their data over ranks in
+contiguous parts (no padding, so no sample counts twice), sum their statistics with `all_reduce_sum` or gather
+per-item results with `all_gather_list`, and get the same metrics on every rank. Batches reach the device
+through device.py.
 """
 
 import atexit
@@ -101,16 +103,18 @@ def barrier() -> None:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (a new tensor; the input is left alone). Confusion matrices, counts, sums of losses."""
-    tensor = tensor.clone()
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The maximum over ranks (a new tensor): flags any rank raised, such as a NaN loss or a stop signal."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     tensor = tensor.clone()
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
@@ -135,6 +139,12 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def all_gather_list(items) -> list:
+    """Every rank's `items`, concatenated in rank order (per-image results of an evaluation: with `shard`'s
+    contiguous parts, this is the order one process would have produced)."""
+    return [item for part in all_gather_object(list(items)) for item in part]
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank (what the other ranks pass is ignored)."""
     if not is_distributed():
@@ -144,14 +154,18 @@ def broadcast_object(obj):
     return holder[0]
 
 
+def rank_range(rank: int, world: int, count: int) -> range:
+    """The items rank `rank` of `world` takes of `count`: a contiguous range (r * N // W up to (r + 1) * N // W), so
+    tar shards are read by one rank each; together the ranks take each item once, with no padding."""
+    return range(rank * count // world, (rank + 1) * count // world)
+
+
 def shard(dataset: Dataset) -> Dataset:
-    """This rank's part of an evaluation set: a contiguous range (rank r of W: items r * N // W up to
-    (r + 1) * N // W), so tar shards are read by one rank each; together the ranks see each item once."""
+    """This rank's part of an evaluation set (`rank_range` of its items)."""
     world = get_world_size()
     if world == 1:
         return dataset
-    rank, size = get_rank(), len(dataset)
-    return Subset(dataset, range(rank * size // world, (rank + 1) * size // world))
+    return Subset(dataset, rank_range(get_rank(), world, len(dataset)))
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,12 @@
 
 The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
 SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs. The same code runs
-as one process or as many under torchrun/SLURM (DDP; see distributed.py).
+as one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a
+run: non-finite losses or weights (NonFiniteLossError) and stop signals, agreed over ranks.
+
+The mechanics it drives live beside it: the data order and per-sample seeding in sampling.py, checkpoint
+contents, resume and the run folder in resume.py (files in checkpoint.py), metrics.jsonl/TensorBoard/progress
+in run_log.py, batches to the device in device.py.
 
 Exact resume: the data order of an epoch is a function of (seed, epoch) alone (RunSampler), a
 checkpoint stores the position inside the epoch and every rank's RNG states, and the LR is a function of the
@@ -12,28 +17,22 @@ epoch, index), see SeededSamples) and the same updates; on CPU the final weights
 uninterrupted run (tests/test_engine_resume.py).
 """
 
-import json
 import logging
-import math
-import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from rs_transfer.config import RESUME_MAY_CHANGE, ConfigError, RunConfig, flatten, run_differences, save_config, to_dict
+from rs_transfer.config import ConfigError, RunConfig, to_dict
 from rs_transfer.engine import checkpoint as ckpt
-from rs_transfer.engine import shuffle
+from rs_transfer.engine import resume
+from rs_transfer.engine.device import to_channels_last, to_device
 from rs_transfer.engine.distributed import (
-    all_gather_object,
     all_reduce_max,
     all_reduce_sum,
     broadcast_buffers,
@@ -44,122 +43,17 @@ from rs_transfer.engine.distributed import (
 from rs_transfer.engine.ema import Ema
 from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals_recorded
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
+from rs_transfer.engine.run_log import RunLogger
+from rs_transfer.engine.sampling import RunSampler, SeededSamples
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
-from rs_transfer.files import atomic_write_json, atomic_write_text, remove_stale_temp_files, to_json
+from rs_transfer.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteLossError(UserError):
     pass
-
-
-class RunSampler(Sampler):
-    """The keys (epoch, index) this rank loads for the rest of the run, from `start` = (epoch, position in this
-    rank's part of it) on, `count` keys in all.
-
-    Each epoch is a seeded shuffle of the dataset (engine/shuffle.py: computed a chunk at a time, never held
-    whole), split over ranks as DistributedSampler splits it, and cut to `samples_per_epoch` (whole optimizer
-    steps), so batches never straddle two epochs. One loader iterator serves the whole run: its workers keep
-    loading ahead across epoch boundaries, and each sample's epoch travels with its key.
-    """
-
-    CHUNK = 65536  # positions computed at once: memory stays this size whatever the dataset's
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        self.size, self.world, self.rank, self.seed = len(dataset), num_replicas, rank, seed
-        # Tar shards want an order that keeps to a few shards at a time (shards.py): blocks, and contiguous
-        # parts per rank; other datasets read any sample as cheaply, so their order is one global shuffle.
-        self.block = int(getattr(dataset, "locality", 0) or 0)
-        self.num_samples = math.ceil(self.size / num_replicas)  # per rank and epoch, as DistributedSampler
-        self.samples_per_epoch = self.num_samples
-        self.start = (0, 0)
-        self.count = 0
-
-    def __iter__(self):
-        epoch, offset = self.start
-        left = self.count
-        while left > 0:
-            stop = min(self.samples_per_epoch, offset + left)
-            for first in range(offset, stop, self.CHUNK):
-                for index in self.indices(epoch, first, min(first + self.CHUNK, stop)).tolist():
-                    yield epoch, index
-            left -= stop - offset
-            epoch, offset = epoch + 1, 0
-
-    def __getitem__(self, position: int) -> tuple:
-        """Key `position` of this rank's keys (what iterating yields, as a sequence for loaders that read ahead by
-        position, e.g. DALI's external source); computed a chunk at a time and the last chunk kept."""
-        if not 0 <= position < self.count:
-            raise IndexError(f"key {position} of {self.count}")
-        epoch, offset = self.start
-        offset += position
-        epoch, offset = epoch + offset // self.samples_per_epoch, offset % self.samples_per_epoch
-        first = offset - offset % self.CHUNK
-        if getattr(self, "_chunk", (None,))[0] != (epoch, first):
-            self._chunk = (epoch, first), self.indices(epoch, first, min(first + self.CHUNK, self.samples_per_epoch))
-        return epoch, int(self._chunk[1][offset - first])
-
-    def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Sample indices of this rank's positions start..stop-1 of `epoch`."""
-        if self.block:
-            positions = shuffle.rank_range_positions(start, stop, self.size, self.rank, self.world)
-            return shuffle.permute_blocked(positions, self.size, self.block, self.seed, epoch)
-        positions = shuffle.rank_positions(start, stop, self.size, self.rank, self.world)
-        return shuffle.permute(positions, self.size, self.seed, epoch)
-
-    def __len__(self) -> int:
-        return self.count
-
-
-class SeededSamples(Dataset):
-    """Item (epoch, index): sample `index`, after seeding the torch, numpy and random generators from (seed, epoch,
-    index).
-
-    A sample's random augmentation then depends on nothing else: not on which worker loads it, how many workers
-    there are (none included), or where a resumed epoch restarts, so resume is exact and `data.num_workers` may
-    change between a run and its resume. In the main process (num_workers=0) the global generators also drive
-    dropout and stochastic depth, so their state is put back after the sample: training draws the same random
-    numbers with or without workers.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple):
-        epoch, index = key
-        if get_worker_info() is not None:  # a worker process: its generators serve the samples alone
-            self._seed(epoch, index)
-            return self.dataset[index]
-        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        try:
-            self._seed(epoch, index)
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(states[0])
-            np.random.set_state(states[1])
-            random.setstate(states[2])
-
-    def _seed(self, epoch: int, index: int) -> None:
-        seed = hash((self.seed, epoch, index)) % 2**63
-        torch.default_generator.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-
-
-@dataclass
-class Progress:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # the epoch being run (epochs done, at an epoch boundary)
-    step_in_epoch: int = 0
-    best: float | None = None
-    metrics: dict = field(default_factory=dict)  # the last evaluation
-    metrics_step: int = -1  # the step `metrics` were computed at
-    eval_pending: bool = False  # checkpointed just before an evaluation of this step, which has not finished
 
 
 def micro_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
@@ -204,7 +98,7 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         # Rank 0 picks the checkpoint and tells the others, so all ranks resume from one file (or all stop).
-        resume_from, problem = broadcast_object(_pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
+        resume_from, problem = broadcast_object(resume.pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
         if problem:
             raise ckpt.CheckpointError(problem)
 
@@ -233,9 +127,9 @@ class Trainer:
         self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
-        self.progress = Progress()
+        self.progress = resume.Progress()
         if resume_from is not None:
-            self.progress = _restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler)
+            self.progress = resume.restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler)
             if self.main:
                 log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
                          self.progress.epoch, self.progress.step_in_epoch)
@@ -244,7 +138,7 @@ class Trainer:
                               f"{resume_from} is at step {self.progress.step}: it cannot continue from there")
         self.last_saved = resume_from
         if self.main:  # only once the resume is accepted: a refused one leaves the run's config.yaml as it was
-            _prepare_output(config, self.out, self.ckpt_dir)
+            resume.prepare_output(config, self.out, self.ckpt_dir)
 
         self.ddp = None
         if info.world_size > 1:
@@ -452,34 +346,11 @@ class Trainer:
     def _save(self, best: bool, eval_pending: bool = False) -> None:
         self._check_flags()
         started = time.perf_counter()
-        progress = self.progress
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "step_in_epoch": progress.step_in_epoch,
-            "batch_size": self.tc.batch_size,
-            "best": progress.best,
-            "metrics": progress.metrics,
-            "metrics_step": progress.metrics_step,
-            "eval_pending": eval_pending,
-            "rng": all_gather_object(ckpt.rng_state()),
-            "config": self.resolved,
-        }
-        if self.ema is not None:
-            state["ema"] = self.ema.module.state_dict()
-        path = ckpt.step_path(self.ckpt_dir, progress.step)
+        state = resume.training_state(self.model, self.ema, self.optimizer, self.scheduler, self.progress,
+                                      self.tc.batch_size, self.resolved, eval_pending)
+        path = ckpt.step_path(self.ckpt_dir, self.progress.step)
         if self.main:
-            # best.pt first: the step checkpoint records this result as the best so far, and a run resumed from
-            # it never writes best.pt for it again, so a kill between the two files must not leave the step one.
-            if best:
-                ckpt.atomic_save(state, self.ckpt_dir / "best.pt")
-                ckpt.atomic_copy(self.ckpt_dir / "best.pt", path)
-            else:
-                ckpt.atomic_save(state, path)
-            ckpt.prune(self.ckpt_dir, self.tc.keep_last)
+            ckpt.save_step(state, path, best, self.tc.keep_last)
         self.last_saved = path
         self.paused += time.perf_counter() - started
 
@@ -511,204 +382,3 @@ class Trainer:
         if not tensors:
             return torch.zeros((), device=self.info.device)
         return (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().to(self.info.device)
-
-
-def _pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume from, or None; the reason not to start, or None)."""
-    if resume is None and ckpt.step_checkpoints(ckpt_dir):
-        return None, (f"{ckpt_dir} holds checkpoints of an earlier run: continue it with train.resume=auto, or "
-                      "choose another output_dir")
-    try:
-        return ckpt.find_resume(resume, ckpt_dir), None
-    except ckpt.CheckpointError as error:
-        return None, str(error)
-
-
-def _restore(path, config, info, model, ema, optimizer, scheduler) -> Progress:
-    state = ckpt.load_training(path)
-    if state["batch_size"] != config.train.batch_size:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained with train.batch_size={state['batch_size']}, this run has "
-            f"{config.train.batch_size}: resuming needs the same global batch"
-        )
-    if isinstance(state.get("config"), dict):
-        check_resumable(state["config"], to_dict(config), path)
-    if ema is not None and "ema" not in state:
-        raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
-    try:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run's model: {one_line(error)}") from None
-    rngs = state["rng"]
-    if len(rngs) == info.world_size:
-        ckpt.set_rng_state(rngs[info.rank])
-    else:
-        log.warning("checkpoint %s was written by %d processes, this run has %d: random streams are re-seeded, "
-                    "so augmentations differ from an uninterrupted run", path, len(rngs), info.world_size)
-        seed_everything(config.seed + info.rank + 1_000_003 * state["step"])
-    fallback_step = state["step"] if state["metrics"] else -1  # checkpoints written before metrics_step existed
-    return Progress(step=state["step"], epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                    best=state["best"], metrics=state["metrics"],
-                    metrics_step=state.get("metrics_step", fallback_step), eval_pending=state.get("eval_pending", False))
-
-
-def check_resumable(saved: dict, current: dict, path) -> None:
-    """Refuse a resume whose config differs from the checkpoint's in a key that changes the run.
-
-    Raises CheckpointError listing every such key with both values (checked before anything is written).
-    """
-    changed = run_differences(saved, current, RESUME_MAY_CHANGE)
-    if changed:
-        raise ckpt.CheckpointError(
-            f"cannot resume from {path}: the config changed ({'; '.join(changed)}). These change the run: a "
-            "resumed run would mix two configs (and the restored optimiser state and schedule override lr, "
-            "momentum and weight_decay). Put them back, or start a new run in another output_dir (model.weights=... "
-            "starts from the checkpoint's weights)"
-        )
-    for key in ("train.steps", "train.epochs"):
-        old, new = flatten(saved).get(key), flatten(current).get(key)
-        if old != new:
-            log.warning("resuming with %s=%s (the checkpoint's run had %s): the LR schedule now spans the new length",
-                        key, new, old)
-
-
-def _prepare_output(config: RunConfig, out: Path, ckpt_dir: Path) -> None:
-    """Rank 0: the run folder with config.yaml; temp files of killed writers removed. One error if unwritable."""
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create output_dir {out}: {error.strerror or error}") from None
-    save_config(config, out)
-    for folder in (out, ckpt_dir):
-        for path in remove_stale_temp_files(folder):
-            log.info("removed %s, left by a writer that was killed", path)
-
-
-def to_channels_last(model: nn.Module) -> None:
-    """Channels-last weights: 4-D (2-D convs) as channels_last, 5-D (3-D convs) as channels_last_3d."""
-    for module in model.modules():
-        dims = {p.ndim for p in module.parameters(recurse=False)}
-        if dims == {4} or dims == {4, 1}:
-            module.to(memory_format=torch.channels_last)
-        elif dims == {5} or dims == {5, 1}:
-            module.to(memory_format=torch.channels_last_3d)
-
-
-def to_device(batch, device: torch.device, channels_last: bool = False):
-    """Tensors anywhere in lists, tuples and dicts moved to `device`; images (4-D/5-D float or uint8) made
-    channels-last (a model's Normalize keeps that format for the float images it makes)."""
-    if torch.is_tensor(batch):
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and (batch.is_floating_point() or batch.dtype == torch.uint8) and batch.ndim in (4, 5):
-            batch = batch.contiguous(
-                memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
-        return batch
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, channels_last) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    return batch
-
-
-class RunLogger:
-    """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
-
-    The progress bar shows on a terminal only; elsewhere (SLURM logs, tests) each train event is one log line.
-    On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl.
-    """
-
-    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.writer = None
-        if not enabled:
-            return
-        self.path = out / "metrics.jsonl"
-        if resumed and self.path.exists():
-            kept = [line for line in _readable_events(self.path) if json.loads(line).get("step", 0) <= start_step]
-            _write_lines(self.path, kept)
-        elif not resumed:
-            self.path.write_text("")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if resumed else None)
-        self.start = time.perf_counter()
-        self.start_step = start_step
-        self.total = total
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def _write(self, kind: str, record: dict) -> None:
-        self._append({"kind": kind, **record})
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
-
-    def train(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self._write("train", record)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
-                                 img_s=f"{record['images_per_s']:.0f}")
-        else:
-            done = record["step"] - self.start_step
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(done, 1) * (self.total - record["step"])
-            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f img/s eta %s", record["step"], self.total,
-                     record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"],
-                     f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-
-    def eval(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self._write("eval", record)
-        message = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
-        (self.bar.write if self.bar is not None else log.info)(f"eval at step {record['step']}: {message}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def _append(self, record: dict) -> None:
-        line = to_json(record, where=str(self.path)) + "\n"
-        try:
-            with open(self.path, "a") as f:
-                f.write(line)
-        except OSError as error:
-            raise UserError(f"cannot write {self.path}: {error.strerror or error}") from None
-
-
-def _readable_events(path: Path) -> list[str]:
-    """The lines of metrics.jsonl that parse; a line torn by a kill mid-write (the last one) is dropped."""
-    lines = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not a complete JSON record (a write cut short by a kill): dropped", path,
-                        number)
-            continue
-        lines.append(line)
-    return lines
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    atomic_write_text(path, "".join(line + "\n" for line in lines))

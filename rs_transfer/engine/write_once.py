@@ -2,8 +2,9 @@
 
 Every task's synthetic writer goes through `write_once`: the data is written into a hidden sibling folder and
 renamed into place when complete, so a folder at `root` is always a whole dataset, and a run killed while
-writing leaves only the hidden folder, which the next writer on that host removes. Under torchrun, local rank 0
-of each node writes (the process group does not exist yet when data is prepared) and the other ranks wait.
+writing leaves only the hidden folder, which the next writer on that host removes. Under torchrun or srun, local
+rank 0 of each node writes (read from the launcher's environment, distributed.launcher_env: the process group
+does not exist yet when data is prepared) and the other ranks wait.
 """
 
 import logging
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rs_transfer.engine.distributed import launcher_env
 from rs_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: flo
     root = Path(root)
     if _has_data(root):
         return root
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    _, _, local_rank = launcher_env()
+    if local_rank != 0:
         deadline = time.monotonic() + timeout_s
         while not _has_data(root):
             if time.monotonic() > deadline:

@@ -53,11 +53,6 @@ def record_dtype(k: int) -> np.dtype:
     return np.dtype([(name, kind, (k,)) if name in TOPK_COLUMNS else (name, kind) for name, kind in COLUMNS.items()])
 
 
-def rank_range(rank: int, world: int, count: int) -> range:
-    """The image indices rank `rank` of `world` labels: a contiguous range, so it reads whole shards in order."""
-    return range(rank * count // world, (rank + 1) * count // world)
-
-
 class _Images(Dataset):
     """Images at `positions` of `items` for inference: a failed decode yields a placeholder and the error, never a
     substitute image."""
@@ -197,7 +192,8 @@ def _all_complete(out_dir: Path, world: int, count: int, record_size: int) -> bo
     for r in range(world):
         path = shard_path(out_dir, r, world)
         size = path.stat().st_size if path.is_file() else -1
-        if not header_path(out_dir, r, world).is_file() or size != len(rank_range(r, world, count)) * record_size:
+        expected = len(distributed.rank_range(r, world, count)) * record_size
+        if not header_path(out_dir, r, world).is_file() or size != expected:
             return False
     return True
 
@@ -226,7 +222,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 "images_digest": data.image_set_digest(items)}
     header, model = _start_rank_file(out_dir, rank, world, expected, teacher, model_name)
     dtype = record_dtype(header["k"])
-    mine = rank_range(rank, world, len(items))
+    mine = distributed.rank_range(rank, world, len(items))
     path = shard_path(out_dir, rank, world)
     done = _complete_records(path, dtype.itemsize, cut=True)
     if done < len(mine):
@@ -271,7 +267,7 @@ def _finish(out_dir: Path, world: int, header: dict, settings: dict) -> dict:
     count, dtype = header["samples"], record_dtype(header["k"])
     with TableWriter(out_dir / TABLE, count, header["k"]) as table:
         for r in range(world):
-            expected = rank_range(r, world, count).start
+            expected = distributed.rank_range(r, world, count).start
             with open(shard_path(out_dir, r, world), "rb") as file:
                 while len(chunk := np.fromfile(file, dtype, count=CHUNK_ROWS)):
                     if chunk["index"][0] != expected or chunk["index"][-1] != expected + len(chunk) - 1:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rs_transfer.engine import distributed
+from rs_transfer.engine.device import model_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
@@ -51,7 +52,7 @@ class TopKEvaluator:
         self.num_workers = num_workers
 
     def __call__(self, model: nn.Module) -> dict:
-        device = next(model.parameters()).device
+        device = model_device(model)
         loader = eval_loader(self.dataset, self.batch_size, data.collate, self.num_workers, device)
         counts = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad():  # the engine calls this inside its autocast (train.amp)

@@ -1,8 +1,16 @@
-"""`rs-transfer reproduce TABLE`: run (or collect) a paper table's grid of runs and write TABLE.md / TABLE.json.
+"""Every paper table, one module each: its runner (list, run or collect the runs) and its renderer.
 
-A table is a module with `reproduce(out, run, overrides)`, registered below by name; `common` has the parts
-they share (rows with the paper's numbers, collecting `final_metrics.json`, writing the table). Adding a table
-is one module and one line here.
+- table1.py: the Table 1 ladder on ResNet-200 @ 256 (`reproduce table1`): lists or trains its eleven runs
+- table5.py: transfer (`reproduce table5`): sweeps each checkpoint on each task, writes table5.md / table5.json
+- table6.py: the video ladder (`reproduce table6`): collects (or trains) its rows, writes table6.md / table6.json
+- table7.py: speed at equal accuracy (`bench table7`): measures each row with bench/latency.py, writes table7.md,
+  table7.json and pareto.png
+- common.py: what they share: `write_table`, the one writer of TABLE.json / TABLE.md (atomic, main rank only),
+  and the ladder rows (a config plus the paper's number, collected from `final_metrics.json`)
+
+Tables 2 and 4 are configs only (rs_transfer/configs/pretrain/table2/, rs152_i224_cotrain.yaml), run with
+`rs-transfer pretrain`. A ladder table is a module with `reproduce(out, run, overrides)`, registered below by
+name; Tables 1 and 5 take their own arguments (cli.py).
 """
 
 import importlib

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from rs_transfer.config import (
     ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of, ordered,
 )
-from rs_transfer.engine.loader import Loader
+from rs_transfer.engine.device import model_device
+from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
@@ -201,14 +202,15 @@ class EvalVideos(Dataset):
 
 def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
     """30-view (or `d.eval_views`) accuracy: softmax averaged over a video's views, top-1/top-5 per video,
-    summed over ranks. Videos are split over ranks; unreadable or too-short ones are skipped and counted."""
-    from rs_transfer.engine.distributed import all_reduce_sum, get_rank, get_world_size
+    summed over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader); unreadable
+    or too-short ones are skipped and counted."""
+    from rs_transfer.engine.distributed import all_reduce_sum
 
     num_clips, num_crops = sampling.views_for(d.eval_views)
-    device = next(net.parameters()).device
+    device = model_device(net)
     normalize = Normalize().to(device)  # views leave the loader as uint8
-    mine = videos[get_rank()::get_world_size()]
-    loader = Loader(EvalVideos(mine, d), batch_size=None, num_workers=min(d.num_workers, len(mine)))
+    # One video per item (batch_size=None), not pinned: an item is a whole decoded video.
+    loader = eval_loader(EvalVideos(videos, d), batch_size=None, num_workers=d.num_workers)
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, skipped
     was_training = net.training
     net.eval()

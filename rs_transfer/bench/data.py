@@ -34,7 +34,7 @@ from rs_transfer.pretrain import data, transforms
 
 
 def synthetic_jpegs(count: int, size=(500, 375), seed: int = 0) -> list:
-    """JPEG bytes (quality 90) at ImageNet's typical 500 x 375, striped with noise (see synthetic.py)."""
+    """JPEG bytes (quality 90) at ImageNet's typical 500 x 375, striped with noise (see pretrain/synthetic.py)."""
     from rs_transfer.pretrain.synthetic import make_image
 
     rng = np.random.default_rng(seed)

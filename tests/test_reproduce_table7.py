@@ -1,4 +1,5 @@
-"""Table 7 runner: rows, files, ratios at equal accuracy, resume, and the refusal to mix devices."""
+"""Table 7 (rs_transfer/reproduce/table7.py): rows, files, ratios at equal accuracy, resume, and the refusal to mix
+devices."""
 
 import json
 import math
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 from rs_transfer.bench.latency import LatencyResult, device_name
-from rs_transfer.bench.table7 import (
-    check_one_setup, interpolate_latency, run_table7, speedups, table7_specs, write_table7,
-)
 from rs_transfer.errors import UserError
 from rs_transfer.models.zoo import TABLE7
+from rs_transfer.reproduce.table7 import (
+    check_one_setup, interpolate_latency, run_table7, speedups, table7_specs, write_table7,
+)
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,6 @@
-"""Table 7 measured here: every RS and EfficientNet row of the paper, the paper's V100 column beside ours, the
-RS/EfficientNet speed-up at equal accuracy (paper and measured), and the Figure 4 style Pareto plot.
+"""Table 7 measured here (`rs-transfer bench table7`): every RS and EfficientNet row of the paper, the paper's V100
+column beside ours, the RS/EfficientNet speed-up at equal accuracy (paper and measured), and the Figure 4 style
+Pareto plot. The measuring is rs_transfer/bench/latency.py's; this module runs it row by row and renders the table.
 
 Equal accuracy: EfficientNet's latency is interpolated at each RS row's top-1, linearly in log-latency between
 the two EfficientNet rows whose (paper) top-1 brackets it; speed-up = that latency / the RS row's latency.
@@ -15,8 +16,8 @@ from pathlib import Path
 from rs_transfer.bench.latency import LatencyResult, device_name, format_results, measure
 from rs_transfer.bench.specs import BenchSpec
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models.zoo import TABLE7
+from rs_transfer.reproduce.common import write_table
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,11 @@ def render_markdown(rows, setup: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(rows, setup: dict, path: Path) -> None:
+def pareto_figure(rows, setup: dict):
     # Figure without pyplot: no global backend state, always the Agg canvas.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    fig = Figure(figsize=(7.5, 5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     for fam, color in (("ResNet-RS", "tab:red"), ("EfficientNet", "tab:blue")):
         mine = [r for r in rows if r["family"] == fam]
@@ -163,7 +164,7 @@ def plot_pareto(rows, setup: dict, path: Path) -> None:
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def write_table7(results, out_dir: Path, plot: bool = True) -> list:
@@ -176,14 +177,9 @@ def write_table7(results, out_dir: Path, plot: bool = True) -> list:
     for key in ("start_batch", "warmup", "repeats", "torch_version"):  # may differ between merged files
         setup[key] = "/".join(sorted({str(getattr(r, key)) for r in results}))
     rows = table_rows(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "table7.json", out_dir / "table7.md", out_dir / "pareto.png"]
     document = {**setup, "ratio_method": RATIO_METHOD, "rows": rows, "results": [r.to_dict() for r in results]}
-    atomic_write_json(paths[0], document)  # a killed run keeps the previous table7.json whole
-    atomic_write_text(paths[1], render_markdown(rows, setup))
-    if plot:
-        plot_pareto(rows, setup, paths[2])
-    return paths if plot else paths[:2]
+    figures = {"pareto.png": pareto_figure(rows, setup)} if plot else {}
+    return write_table(out_dir, "table7", render_markdown(rows, setup), document, figures)
 
 
 def load_results(path: Path) -> list:

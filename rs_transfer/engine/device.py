@@ -1,0 +1,39 @@
+"""Putting a model and its batches on the device: the one batch-to-device, the channels-last memory format, and
+the device a model lives on. The trainer and every evaluator use these.
+"""
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters, which an evaluator moves its batches to."""
+    return next(model.parameters()).device
+
+
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last weights: 4-D (2-D convs) as channels_last, 5-D (3-D convs) as channels_last_3d."""
+    for module in model.modules():
+        dims = {p.ndim for p in module.parameters(recurse=False)}
+        if dims == {4} or dims == {4, 1}:
+            module.to(memory_format=torch.channels_last)
+        elif dims == {5} or dims == {5, 1}:
+            module.to(memory_format=torch.channels_last_3d)
+
+
+def to_device(batch, device: torch.device, channels_last: bool = False):
+    """Tensors anywhere in lists, tuples (named ones included) and dicts moved to `device`; with `channels_last`,
+    images (4-D/5-D float or uint8) made channels-last (a model's Normalize keeps that format for the float
+    images it makes). Anything else is returned as it is."""
+    if torch.is_tensor(batch):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and (batch.is_floating_point() or batch.dtype == torch.uint8) and batch.ndim in (4, 5):
+            batch = batch.contiguous(
+                memory_format=torch.channels_last if batch.ndim == 4 else torch.channels_last_3d)
+        return batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device, channels_last) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch

@@ -1,0 +1,115 @@
+"""What a run reports while it trains: rank 0's OUTPUT_DIR/metrics.jsonl (one JSON object per event, the file
+`reproduce` reads), TensorBoard scalars, and a progress bar or log lines.
+
+Named run_log, not logging, so that `import logging` inside the package still means the standard library.
+"""
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from rs_transfer.files import FileWriteError, atomic_write_text, to_json
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
+
+    The progress bar shows on a terminal only; elsewhere (SLURM logs, tests) each train event is one log line.
+    On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl.
+    """
+
+    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.path = out / "metrics.jsonl"
+        if resumed and self.path.exists():
+            kept = [line for line in _readable_events(self.path) if json.loads(line).get("step", 0) <= start_step]
+            _write_lines(self.path, kept)
+        elif not resumed:
+            self.path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if resumed else None)
+        self.start = time.perf_counter()
+        self.start_step = start_step
+        self.total = total
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _write(self, kind: str, record: dict) -> None:
+        self._append({"kind": kind, **record})
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def train(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write("train", record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+        else:
+            done = record["step"] - self.start_step
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(done, 1) * (self.total - record["step"])
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f img/s eta %s", record["step"], self.total,
+                     record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"],
+                     f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+    def eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write("eval", record)
+        message = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
+        (self.bar.write if self.bar is not None else log.info)(f"eval at step {record['step']}: {message}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _append(self, record: dict) -> None:
+        line = to_json(record, where=str(self.path)) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as error:
+            raise FileWriteError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+
+def _readable_events(path: Path) -> list[str]:
+    """The lines of metrics.jsonl that parse; a line torn by a kill mid-write (the last one) is dropped."""
+    lines = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not a complete JSON record (a write cut short by a kill): dropped", path,
+                        number)
+            continue
+        lines.append(line)
+    return lines
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -1,0 +1,85 @@
+"""Table 5: transfer of one backbone to five tasks (PAPER.md section 5): sweep each checkpoint's LR x steps grid
+on every task (rs_transfer/downstream/finetune.py's `sweep`), pick each sweep's best point and write table5.md /
+table5.json beside the paper's rows (`protocol.TABLE5`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+from rs_transfer.downstream import protocol
+from rs_transfer.downstream.data import DatasetError
+from rs_transfer.downstream.finetune import sweep
+from rs_transfer.errors import UserError
+from rs_transfer.reproduce.common import write_table
+
+
+def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), results=(), config_path=None,
+               learning_rates=None, steps=None) -> dict:
+    """Sweep every checkpoint on every task that has a data root, then write Table 5 from them (and `results`).
+
+    checkpoints: "LABEL=BACKBONE:WEIGHTS" items (e.g. "RS-152=rs152:rs152.pth"; no ":WEIGHTS" = random init);
+    data_roots: "TASK=DIR" items, one per task to run. Sweeps go to OUTPUT_DIR/runs/<label>/<task>/; finished grid
+    points are skipped, so running the same command again resumes.
+    """
+    roots = {}
+    for item in data_roots:
+        task, sep, root = item.partition("=")
+        if not sep or task not in protocol.TASKS or not root:
+            raise UserError(f"bad --data {item!r}: expected TASK=DIR with TASK one of {', '.join(protocol.TASKS)}")
+        roots[task] = root
+    if checkpoints and not roots:
+        raise UserError("--checkpoint needs at least one --data TASK=DIR: the tasks to fine-tune on")
+    collected = list(results)
+    for item in checkpoints:
+        label, sep, spec = item.partition("=")
+        backbone, _, weights = spec.partition(":")
+        if not (sep and label and backbone):
+            raise UserError(f"bad --checkpoint {item!r}: expected LABEL=BACKBONE:WEIGHTS, e.g. RS-152=rs152:rs152.pth")
+        for task, root in roots.items():
+            folder = Path(output_dir) / "runs" / re.sub(r"[^A-Za-z0-9._-]+", "_", label) / task
+            sweep(task, backbone, weights or None, config_path, [*overrides, f"data.root={root}", f"output_dir={folder}"],
+                  learning_rates=learning_rates, steps=steps)
+            collected.append(f"{label}:{task}={folder}")
+    if not collected:
+        raise UserError("nothing to put in Table 5: give --checkpoint with --data, or --result")
+    return reproduce_table5(collected, output_dir)
+
+
+def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dict:
+    """Collect finished runs into table5.md / table5.json beside the paper's numbers.
+
+    runs: "LABEL:TASK=RUN_DIR" items; a RUN_DIR holding sweep.json gives its best point, one holding
+    final_metrics.json gives that run.
+    """
+    table = {}
+    for item in runs:
+        label, sep, rest = item.partition(":")
+        task, sep2, folder = rest.partition("=")
+        if not (sep and sep2) or task not in protocol.TASKS:
+            raise UserError(f"bad --result {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(protocol.TASKS)}")
+        table.setdefault(label, {})[task] = _read_result(Path(folder), task)
+    rows = [{"label": label, **{t: values.get(t) for t in protocol.TABLE5_TASKS}} for label, values in table.items()]
+    paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(protocol.TABLE5_TASKS, v))}
+             for (b, m, e), v in protocol.TABLE5.items()]
+    header = "| run | " + " | ".join(protocol.PROTOCOLS[t].column for t in protocol.TABLE5_TASKS) + " |"
+    lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(protocol.TABLE5_TASKS) + 1) + "|"]
+    for row in rows + paper:
+        cells = ["-" if row[t] is None else f"{row[t]:.1f}" for t in protocol.TABLE5_TASKS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    write_table(output_dir, "table5", "\n".join(lines) + "\n", {"ours": rows, "paper": paper, "unit": "percent"})
+    print("\n".join(lines))
+    return {"ours": rows, "paper": paper}
+
+
+def _read_result(folder: Path, task: str) -> float:
+    metric = protocol.PROTOCOLS[task].metric
+    if (folder / "sweep.json").is_file():
+        return 100 * json.loads((folder / "sweep.json").read_text())["best"][metric]
+    path = folder / "final_metrics.json"
+    if not path.is_file():
+        raise DatasetError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
+    values = json.loads(path.read_text())
+    if metric not in values:
+        raise UserError(f"{path} has no {metric!r}: is it a {task} run?")
+    return 100 * values[metric]
