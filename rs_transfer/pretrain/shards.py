@@ -15,8 +15,9 @@ shuffle together (engine/shuffle.py `permute_blocked`, as wids' ChunkedSampler d
 
 A sample is the members of one key (the name up to the first dot of its file name) in tar order: one image
 (.jpg/.jpeg/.png/.webp/.bmp) and, for training, KEY.cls (the class index as text). Keys without an image are
-named in a warning when indexing; a key with two images or two labels, or an image without a label in a labelled
-split, is an error. Why wids and not webdataset's streaming pipeline, MosaicML streaming or litdata: see
+named in a warning when indexing; a key with two images or two labels is an error; a missing or invalid label is
+recorded in the index and refused by training only (pseudo-labelling reads no label). A shard cut short, or
+changed after indexing, is an error naming it. Why wids and not webdataset's streaming pipeline, MosaicML streaming or litdata: see
 docs/pretrain.md ("Tar shards at scale").
 """
 
@@ -410,10 +411,6 @@ class ShardImages:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def describe(self) -> dict:
-        """What identifies this set in pseudo-label metadata: folder, shard count, sample count."""
-        return {"folder": str(self.folder.resolve()), "shards": self.num_shards, "samples": len(self)}
-
 
 def open_split(folder: str | Path) -> ShardImages:
     """The shards of `folder` through its index.json (or a scan). Every listed shard must exist with the size
@@ -441,7 +438,7 @@ def minival_shards(images: ShardImages, fraction: float, seed: int) -> tuple:
         raise DataError(f"{images.folder}: data.eval_split=minival holds out whole shards, and there is only one; "
                          "write more shards or use data.eval_split=val")
     held = min(count - 1, max(1, round(count * fraction)))
-    order = sorted(range(count), key=lambda s: images.paths[s].name)
+    order = sorted(range(count), key=lambda s: str(images.paths[s].relative_to(images.folder)))
     permutation = np.random.default_rng(seed).permutation(count)
     minival = sorted(order[i] for i in permutation[:held])
     train = sorted(order[i] for i in permutation[held:])
