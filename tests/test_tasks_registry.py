@@ -176,8 +176,9 @@ def test_the_cli_offers_registered_tasks_only(toy_task, capsys):
     ("pascal_seg", "task.nyu_format=h5"),  # nyu_depth's
 ])
 def test_a_key_of_another_task_is_refused_by_name(task, override):
-    with pytest.raises(ConfigError, match=f"unknown key '{override.split('=')[0]}'"):
+    with pytest.raises(ConfigError, match=f"unknown key '{override.split('=')[0]}'") as error:
         finetune.make_config(task, overrides=[override])
+    assert str(error.value).endswith(f"not of {task})")  # names the tasks that have the key
 
 
 def test_a_config_file_with_another_tasks_key_is_refused_by_name(toy_task, tmp_path):

@@ -6,15 +6,17 @@ A run is: look the task up in the registry (rs_transfer/downstream/registry.py),
 hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json. Nothing here names a task.
 """
 
+import dataclasses
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import load_config, packaged_configs, run_differences, to_dict
+from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, to_dict
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.errors import UserError
@@ -38,10 +40,23 @@ def make_config(task: str, backbone=None, weights=None, config_path=None, overri
         fixed.append(f"model.name={backbone}")
     if weights is not None:
         fixed.append(f"model.weights={weights}")
-    config = load_config(registry.get(task).config, config_path or default_config(task), fixed + list(overrides))
+    try:
+        config = load_config(registry.get(task).config, config_path or default_config(task), fixed + list(overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_owners(str(error), task)}") from None
     if config.task.name != task:
         raise UserError(f"override task.name={config.task.name} contradicts --task {task}")
     return config
+
+
+def _owners(message: str, task: str) -> str:
+    """For an unknown task key: which tasks have it (the usual cause: a key or a `base:` of another task)."""
+    found = re.search(r"unknown key 'task\.(\w+)'", message)
+    if not found:
+        return ""
+    owners = [name for name in registry.names()
+              if found.group(1) in {f.name for f in dataclasses.fields(registry.get(name).config().task)}]
+    return f" (task.{found.group(1)} is a key of {', '.join(owners)}, not of {task})" if owners else ""
 
 
 def write_synthetic(task: str, root, images: int) -> Path:
