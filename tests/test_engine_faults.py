@@ -398,7 +398,7 @@ def test_a_resume_with_a_run_shorter_than_the_checkpoint_is_an_error(tmp_path, d
     (["data.jitter_min_area=0.9", "data.jitter_max_area=0.5"], "data.jitter_min_area=0.9 and data.jitter_max_area=0.5"),
 ])
 def test_values_that_make_no_sense_together_are_refused(overrides, message):
-    from rs_transfer.downstream.depth import NYUDepthConfig
+    from rs_transfer.downstream.nyu_depth import NYUDepthConfig
     from rs_transfer.video.task import VideoConfig
 
     # nyu_depth's section has every relation a fine-tuning section declares (scale range, crop, depth range)

@@ -17,11 +17,11 @@ from rs_transfer.errors import UserError
 
 # Task name -> module. The order is Table 5's column order.
 MODULES = {
-    "cifar100": "rs_transfer.downstream.classification",
-    "pascal_det": "rs_transfer.downstream.detection",
+    "cifar100": "rs_transfer.downstream.cifar100",
+    "pascal_det": "rs_transfer.downstream.pascal_det",
     "pascal_seg": "rs_transfer.downstream.pascal_seg",
     "ade_seg": "rs_transfer.downstream.ade_seg",
-    "nyu_depth": "rs_transfer.downstream.depth",
+    "nyu_depth": "rs_transfer.downstream.nyu_depth",
 }
 
 
