@@ -202,7 +202,9 @@ def add_bench_data(bench_commands) -> None:
 
 
 def add_downstream_commands(commands) -> None:
-    from rs_transfer.downstream.protocol import TASKS as TRANSFER_TASKS  # plain data, no torch import
+    from rs_transfer.downstream.registry import names  # task names only: no task module (nor torch) is imported
+
+    TRANSFER_TASKS = names()
 
     for name, help_text in (("finetune", "fine-tune a backbone on a transfer task (one point of the grid)"),
                             ("sweep", "run a task's LR x steps grid (or one point of it) and pick the best")):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from rs_transfer.downstream import classification, depth, detection, segmentation, synthetic
+from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, segmentation, synthetic
 from rs_transfer.downstream.data import IGNORE, DatasetError, dense_train_transform
 
 
@@ -52,10 +52,10 @@ def test_ade_shifts_labels_and_ignores_other(tmp_path):
 
 def test_cifar100_pickles(tmp_path):
     synthetic.write_cifar100(tmp_path, train=20, test=10)
-    data = classification.Cifar100(tmp_path, "train", classification.transforms(48, train=False))
+    data = cifar100.Cifar100(tmp_path, "train", cifar100.transforms(48, train=False))
     sample = data[3]
     assert len(data) == 20 and sample["image"].shape == (3, 48, 48) and sample["label"].item() == 30
-    raw = classification.read_cifar(tmp_path, "test")[0]
+    raw = cifar100.read_cifar(tmp_path, "test")[0]
     assert raw.shape == (10, 3, 32, 32) and raw.dtype == np.uint8
 
 
@@ -84,11 +84,11 @@ def test_wrong_layouts_name_the_missing_file(tmp_path, case):
 
 def test_cifar_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match="cifar-100-python"):
-        classification.read_cifar(tmp_path, "train")
+        cifar100.read_cifar(tmp_path, "train")
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python/train").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="train is not a CIFAR-100 pickle"):
-        classification.read_cifar(tmp_path, "train")
+        cifar100.read_cifar(tmp_path, "train")
 
 
 def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
@@ -119,25 +119,25 @@ def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
 
 def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
     synthetic.write_voc_det(tmp_path, train=6, test=4, size=(40, 56))
-    items = detection.image_sets(tmp_path, ["2007:trainval", "2012:trainval"])
+    items = pascal_det.image_sets(tmp_path, ["2007:trainval", "2012:trainval"])
     assert len(items) == 6 and {i[2].split("/")[0] for i in items} == {"2007", "2012"}
-    test = detection.VOCDetection(detection.image_sets(tmp_path, ["2007:test"]))
+    test = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]))
     empty = test[0]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     # An XML written by hand: 1-based inclusive pixels become continuous boxes; difficult is read.
     xml = tmp_path / "VOCdevkit/VOC2007/Annotations/test000001.xml"
     xml.write_text(synthetic._voc_xml("test000001.jpg", "2007", 40, 56, [("cat", (4, 5, 20, 30), True),
                                                                           ("person", (0, 0, 56, 40), False)]))
-    boxes, labels, difficult = detection.parse_annotation(xml)
+    boxes, labels, difficult = pascal_det.parse_annotation(xml)
     assert boxes.tolist() == [[4, 5, 20, 30], [0, 0, 56, 40]]
-    assert [detection.CLASSES[i] for i in labels] == ["cat", "person"] and difficult.tolist() == [True, False]
-    train_view = detection.VOCDetection(detection.image_sets(tmp_path, ["2007:test"]), keep_difficult=False)[1]
-    assert train_view["labels"].tolist() == [detection.CLASSES.index("person")]
+    assert [pascal_det.CLASSES[i] for i in labels] == ["cat", "person"] and difficult.tolist() == [True, False]
+    train_view = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]), keep_difficult=False)[1]
+    assert train_view["labels"].tolist() == [pascal_det.CLASSES.index("person")]
     xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>kitten</name>"))
     with pytest.raises(DatasetError, match="test000001.xml: unknown class 'kitten'"):
-        detection.parse_annotation(xml)
+        pascal_det.parse_annotation(xml)
     with pytest.raises(DatasetError, match="Pascal VOC 2012"):
-        detection.image_sets(tmp_path / "VOCdevkit/VOC2007", ["2012:trainval"])
+        pascal_det.image_sets(tmp_path / "VOCdevkit/VOC2007", ["2012:trainval"])
 
 
 def test_detection_transform_moves_boxes_with_the_image():
@@ -145,7 +145,7 @@ def test_detection_transform_moves_boxes_with_the_image():
     torch.manual_seed(0)
     image = torch.zeros(3, 60, 80, dtype=torch.uint8)
     image[:, 10:30, 20:60] = 255
-    transform = detection.train_transform(48, (0.5, 2.0))
+    transform = pascal_det.train_transform(48, (0.5, 2.0))
     for _ in range(10):
         sample = {"image": tv_tensors.Image(image), "labels": torch.tensor([3]), "difficult": torch.tensor([False]),
                   "boxes": tv_tensors.BoundingBoxes([[20, 10, 60, 30]], format="XYXY", canvas_size=(60, 80))}
@@ -163,20 +163,20 @@ def test_detection_transform_moves_boxes_with_the_image():
 
 def test_nyu_h5_and_bts_layouts(tmp_path):
     synthetic.write_nyu_h5(tmp_path / "h5", train=3, val=2, size=(48, 64))
-    train = depth.NYUDepth(tmp_path / "h5", "train")
+    train = nyu_depth.NYUDepth(tmp_path / "h5", "train")
     sample = train[0]
-    assert train.format == "h5" and len(train) == 3 and len(depth.NYUDepth(tmp_path / "h5", "val")) == 2
+    assert train.format == "h5" and len(train) == 3 and len(nyu_depth.NYUDepth(tmp_path / "h5", "val")) == 2
     assert sample["image"].shape == (3, 48, 64) and sample["image"].dtype == torch.uint8
     assert sample["depth"].dtype == torch.float32 and 0.9 < sample["depth"][sample["depth"] > 0].min() < 8.1
     synthetic.write_nyu_bts(tmp_path / "bts", train=3, val=2, size=(48, 64))
     with Image.open(next((tmp_path / "bts/sync").rglob("sync_depth_*.png"))) as png:
         assert np.array(png).dtype == np.uint16  # 16-bit millimetres, as distributed
-    bts = depth.NYUDepth(tmp_path / "bts", "val")
+    bts = nyu_depth.NYUDepth(tmp_path / "bts", "val")
     assert bts.format == "bts" and len(bts) == 2  # the line with depth "None" is skipped
     d = bts[0]["depth"]
     assert d.dtype == torch.float32 and 0.9 < d[d > 0].min() and d.max() < 8.1  # millimetres -> metres
     with pytest.raises(DatasetError, match="nyudepthv2_train_files_with_gt.txt: expected the BTS file list"):
-        depth.NYUDepth(tmp_path / "h5", "train", fmt="bts")
+        nyu_depth.NYUDepth(tmp_path / "h5", "train", fmt="bts")
     with pytest.raises(DatasetError, match="expected an HDF5 file with 'rgb'"):
         bad = tmp_path / "h5/nyudepthv2/train/scene_0000/00000.h5"
         bad.write_bytes(b"junk")
@@ -187,6 +187,6 @@ def test_eigen_crop_and_depth_range():
     gt = torch.full((1, 480, 640), 5.0)
     gt[0, 100, 100] = 20.0  # beyond depth_max
     gt[0, 200, 200] = 0.0  # no measurement
-    valid = depth.eval_mask(gt, 1e-3, 10.0, True, [(480, 640)])
+    valid = nyu_depth.eval_mask(gt, 1e-3, 10.0, True, [(480, 640)])
     assert valid.sum() == (471 - 45) * (601 - 41) - 2
     assert not valid[0, 44, 300] and valid[0, 45, 300] and not valid[0, 300, 601]

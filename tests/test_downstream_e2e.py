@@ -14,7 +14,7 @@ import torch
 
 from engine_toy import CONFIGS
 from rs_transfer.downstream import finetune, synthetic
-from rs_transfer.downstream.depth import NYUDepth, eval_mask
+from rs_transfer.downstream.nyu_depth import NYUDepth, eval_mask
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = CONFIGS / "downstream"

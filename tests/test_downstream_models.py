@@ -42,7 +42,7 @@ def test_protocol_matches_paper():
     expected = {"cifar100": (512, None, 5000, 20000), "pascal_seg": (64, 512, 5000, 20000),
                 "pascal_det": (32, 896, 5000, 20000), "nyu_depth": (64, 640, 10000, 40000)}
     for task, (batch, crop, low, high) in expected.items():
-        p = protocol.PROTOCOLS[task]
+        p = protocol.protocols()[task]
         assert (p.batch_size, p.crop_size, min(p.steps), max(p.steps)) == (batch, crop, low, high), task
     assert len(protocol.grid("pascal_seg")) == 7 * 3
 
@@ -61,8 +61,8 @@ def test_table5_matches_paper():
     for line in paper.splitlines():
         backbone, method, epochs, *values = line.split()
         rows[(backbone.replace("-", " "), method, int(epochs))] = tuple(float(v) for v in values)
-    assert protocol.TABLE5 == rows
-    assert protocol.TABLE5_TASKS == ("cifar100", "pascal_det", "pascal_seg", "ade_seg", "nyu_depth")
+    assert protocol.table5() == rows
+    assert protocol.table5_tasks() == ("cifar100", "pascal_det", "pascal_seg", "ade_seg", "nyu_depth")
     assert protocol.paper_value("R152", "RS", "pascal_seg") == 78.2
 
 

@@ -330,11 +330,11 @@ def test_evaluation_loader_workers_survive_a_sigterm_to_the_process_group(tmp_pa
     ("finetune", "task.scale_min=-0.5", "> 0"), ("finetune", "model.num_classes=0", ">= 1"),
 ])
 def test_task_sections_declare_their_ranges_too(schema, override, rule):
-    from rs_transfer.downstream.config import FinetuneConfig
+    from rs_transfer.downstream.pascal_seg import PascalSegConfig
     from rs_transfer.video.task import VideoConfig
 
     with pytest.raises(ConfigError) as error:
-        load_config({"video": VideoConfig, "finetune": FinetuneConfig}[schema], None, [override])
+        load_config({"video": VideoConfig, "finetune": PascalSegConfig}[schema], None, [override])
     assert str(error.value).startswith(override.split("=")[0] + "=") and str(error.value).endswith(rule)
 
 
@@ -398,11 +398,12 @@ def test_a_resume_with_a_run_shorter_than_the_checkpoint_is_an_error(tmp_path, d
     (["data.jitter_min_area=0.9", "data.jitter_max_area=0.5"], "data.jitter_min_area=0.9 and data.jitter_max_area=0.5"),
 ])
 def test_values_that_make_no_sense_together_are_refused(overrides, message):
-    from rs_transfer.downstream.config import FinetuneConfig
+    from rs_transfer.downstream.nyu_depth import NYUDepthConfig
     from rs_transfer.video.task import VideoConfig
 
+    # nyu_depth's section has every relation a fine-tuning section declares (scale range, crop, depth range)
     with pytest.raises(ConfigError, match=message):
-        load_config(VideoConfig if overrides[0].startswith("data.jitter") else FinetuneConfig, None, overrides)
+        load_config(VideoConfig if overrides[0].startswith("data.jitter") else NYUDepthConfig, None, overrides)
 
 
 LOADER_ALIVE_AT_EXIT = """

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from rs_transfer.downstream import classification, depth, detection, segmentation, synthetic
+from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, segmentation, synthetic
 from rs_transfer.downstream.data import DatasetError
 from rs_transfer.pretrain import data
 from rs_transfer.pretrain.synthetic import make_image
@@ -64,20 +64,20 @@ def test_voc_detection_lists_and_annotations_written_on_windows(tmp_path):
     voc = tmp_path / "VOCdevkit/VOC2007"
     rewrite_windows(voc / "ImageSets/Main/test.txt")
     rewrite_windows(voc / "Annotations/test000001.xml")
-    test = detection.VOCDetection(detection.image_sets(tmp_path, ["2007:test"]))
+    test = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]))
     assert [item[2] for item in test.items] == ["2007/test000000", "2007/test000001", "2007/test000002"]
-    boxes, labels, _ = detection.parse_annotation(voc / "Annotations/test000001.xml")
+    boxes, labels, _ = pascal_det.parse_annotation(voc / "Annotations/test000001.xml")
     assert test[1]["boxes"].tolist() == boxes.tolist() and test[1]["labels"].tolist() == labels.tolist()
 
 
 def test_nyu_bts_file_lists_written_on_windows(tmp_path):
     root = synthetic.write_nyu_bts(tmp_path, train=2, val=2, size=(24, 32))
-    rewrite_windows(root / depth.BTS_LISTS["train"])
-    rewrite_windows(root / depth.BTS_LISTS["val"])
-    train = depth.NYUDepth(root, "train")
+    rewrite_windows(root / nyu_depth.BTS_LISTS["train"])
+    rewrite_windows(root / nyu_depth.BTS_LISTS["val"])
+    train = nyu_depth.NYUDepth(root, "train")
     assert train.format == "bts" and [rgb.name for rgb, _ in train.items] == ["rgb_00000.jpg", "rgb_00001.jpg"]
     assert train[0]["image"].shape == (3, 24, 32)
-    assert len(depth.NYUDepth(root, "val")) == 2  # the "None" line is still skipped
+    assert len(nyu_depth.NYUDepth(root, "val")) == 2  # the "None" line is still skipped
 
 
 def test_text_list_that_is_not_utf8_names_the_file(tmp_path):
@@ -159,7 +159,7 @@ def test_crafted_cifar_pickle_runs_nothing_and_is_refused(tmp_path, payload, nam
     folder.mkdir()
     (folder / "train").write_bytes(pickle.dumps({b"data": payload(marker), b"fine_labels": [0]}, protocol=2))
     with pytest.raises(DatasetError, match=rf"cifar-100-python/train is not a CIFAR-100 pickle.*names {named}"):
-        classification.read_cifar(tmp_path, "train")
+        cifar100.read_cifar(tmp_path, "train")
     assert not marker.exists()
 
 
@@ -197,7 +197,7 @@ def test_cifar_pickles_as_distributed_and_as_resaved(tmp_path, form):
         raw = pickle.dumps({"data": pixels, "fine_labels": [np.int64(v) for v in labels], "filenames": ["a.png"]},
                            protocol=protocol)
     (folder / "test").write_bytes(raw)
-    images, read_labels = classification.read_cifar(tmp_path, "test")
+    images, read_labels = cifar100.read_cifar(tmp_path, "test")
     assert images.shape == (3, 3, 32, 32) and np.array_equal(images.reshape(3, -1), pixels)
     assert read_labels.tolist() == labels
 
@@ -228,10 +228,10 @@ class ConstantDepth(nn.Module):
 
 def test_nyu_evaluation_without_a_valid_pixel_is_an_error_not_zero(tmp_path):
     synthetic.write_nyu_h5(tmp_path, train=1, val=2, size=(48, 64))  # depths 1-8 m
-    val = depth.NYUDepth(tmp_path, "val", "h5")
+    val = nyu_depth.NYUDepth(tmp_path, "val", "h5")
     t = SimpleNamespace(eval_batch_size=2, depth_min=1e-3, depth_max=10.0, eigen_crop=True)
-    assert depth.make_evaluator(val, t)(ConstantDepth(2.0))["pixels"] > 0
+    assert nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))["pixels"] > 0
     t.depth_max = 0.5  # every ground-truth depth lies beyond it
     with pytest.raises(DatasetError, match=r"no ground-truth depth inside \(0.001, 0.5\) m and the Eigen crop "
                                            r"in 2 images"):
-        depth.make_evaluator(val, t)(ConstantDepth(2.0))
+        nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))

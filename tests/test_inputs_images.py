@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageCms
 
 from rs_transfer.data.images import decode_rgb8, read_rgb8, to_rgb8
-from rs_transfer.downstream import depth, segmentation, synthetic
+from rs_transfer.downstream import nyu_depth, segmentation, synthetic
 from rs_transfer.downstream.data import DatasetError, read_image, read_label_png
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.pseudo_label import _Images
@@ -152,10 +152,10 @@ def test_downstream_read_image_and_datasets_scale_16_bit_images(tmp_path):
     assert np.array_equal(sample["mask"].numpy(), labels) and set(np.unique(labels)) <= {0, 1, 8, 15, 255}
 
     root = synthetic.write_nyu_bts(tmp_path / "bts", train=2, val=1, size=(64, 64))
-    rgb, depth_png = depth.bts_items(root, "val")[0]
+    rgb, depth_png = nyu_depth.bts_items(root, "val")[0]
     rgb.write_bytes(png_bytes(ramp16()))
     millimetres = np.asarray(Image.open(depth_png)).astype(np.float32)
-    sample = depth.NYUDepth(root, "val", "bts")[0]
+    sample = nyu_depth.NYUDepth(root, "val", "bts")[0]
     assert float(sample["image"].float().mean()) == pytest.approx(RAMP_MEAN, abs=1)
     assert torch.equal(sample["depth"], torch.from_numpy(millimetres / 1000))  # raw millimetres, not rescaled
 
@@ -171,4 +171,4 @@ def test_nyu_h5_rgb_that_is_not_uint8_is_an_error_not_wrapped_values(tmp_path, d
         del f["rgb"]
         f.create_dataset("rgb", data=(rgb / 255).astype(dtype))
     with pytest.raises(DatasetError, match=f"{path.name}: rgb is {np.dtype(dtype).name}: expected uint8"):
-        depth.NYUDepth(tmp_path, "val", "h5")[0]
+        nyu_depth.NYUDepth(tmp_path, "val", "h5")[0]

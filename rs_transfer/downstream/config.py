@@ -1,13 +1,14 @@
-"""The fine-tuning config: the shared `RunConfig` (model, data, train, output_dir) plus a `task` section.
+"""The fine-tuning config: the shared `RunConfig` (model, data, train, output_dir, seed) plus a `task` section.
 
-One schema serves every task; keys a task does not use are ignored by it (e.g. `det_*` by segmentation), which
-keeps `configs/downstream/<task>.yaml` flat and lets a `--config` file switch tasks without a second schema.
+Each task declares its own section (a dataclass built from the pieces below) and its own run config, e.g.
+`class NYUDepthConfig(FinetuneConfig): task: NYUDepthSection`, in its module. A run loads the schema of the task
+it runs, so a key of another task (`task.det_eval_size` in a depth config) is an error naming the key, not a value
+silently ignored.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
 
-from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, one_of, ordered
+from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, ordered
 
 
 def _jittered_crop_has_pixels(task, prefix: str) -> None:
@@ -18,37 +19,31 @@ def _jittered_crop_has_pixels(task, prefix: str) -> None:
 
 
 @dataclass
-class TaskConfig:
-    RELATIONS = (ordered("scale_min", "scale_max"), ordered("depth_min", "depth_max", strict=True),
-                 _jittered_crop_has_pixels)
+class TaskSection:
+    """What every task's section has."""
 
-    name: str = "pascal_seg"  # cifar100, pascal_seg, ade_seg, nyu_depth, pascal_det
+    name: str = ""  # the task; set from --task
+    eval_batch_size: int = checked(8, at_least(1))
+
+
+@dataclass
+class CropSection(TaskSection):
+    """Tasks trained on scale-jittered random crops on an FPN backbone (segmentation, depth, detection)."""
+
+    RELATIONS = (ordered("scale_min", "scale_max"), _jittered_crop_has_pixels)
+
     # training crop (segmentation 512, detection 896, depth 640 in the paper); at least the backbone's stride
     crop_size: int = checked(512, at_least(32))
     scale_min: float = checked(0.5, above(0))  # scale jitter range, relative to the crop
     scale_max: float = checked(2.0, above(0))
-    image_size: int = checked(256, at_least(1))  # cifar100: images are resized to this (the paper: 256)
     fpn_channels: int = checked(256, at_least(1))
+
+
+@dataclass
+class DenseSection(CropSection):
+    """Per-pixel tasks: the FPN's levels summed at stride 4, then a small conv head."""
+
     head_channels: int = checked(256, at_least(1))  # width of the 3 conv layers of the dense head
-    eval_batch_size: int = checked(8, at_least(1))
-    # pascal_seg
-    train_split: str = "train"  # ImageSets/Segmentation/<split>.txt, or "trainaug" (needs sbd_root)
-    val_split: str = "val"
-    sbd_root: Optional[str] = None  # folder holding SBD's dataset/cls/*.mat (benchmark_RELEASE)
-    # nyu_depth
-    nyu_format: str = checked("auto", one_of("auto", "h5", "bts"))  # "h5" (sparse-to-dense release), "bts" (sync PNGs + file lists) or "auto"
-    depth_min: float = checked(1e-3, at_least(0))  # metres; ground truth outside (depth_min, depth_max) is not evaluated
-    depth_max: float = checked(10.0, above(0))
-    eigen_crop: bool = True  # evaluate inside the Eigen et al. crop (rows 45:471, cols 41:601 of 480x640)
-    # pascal_det
-    det_train_sets: list = field(default_factory=lambda: ["2007:trainval", "2012:trainval"])
-    det_test_set: str = "2007:test"
-    anchor_sizes: list = checked(None, above(0), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
-    det_eval_size: int = checked(896, at_least(1))  # test images: longer side resized to this
-    det_fc_channels: int = checked(1024, at_least(1))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
-    det_rois_per_image: int = checked(512, at_least(1))  # RoIs sampled per training image for the box head (torchvision's default)
-    det_score_thresh: float = checked(0.001, at_least(0))
-    det_max_per_image: int = checked(100, at_least(1))
 
 
 @dataclass
@@ -58,8 +53,10 @@ class FinetuneData(DataConfig):
 
 @dataclass
 class FinetuneConfig(RunConfig):
+    """The shared part of every task's run config; a task's config subclasses it with its own `task` section."""
+
     data: FinetuneData = field(default_factory=FinetuneData)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskSection = field(default_factory=TaskSection)
 
 
 def arch_args(config) -> dict:

@@ -1,20 +1,23 @@
 """`rs-transfer finetune | sweep | demo`: one grid point, the grid, a synthetic demo (Table 5's runner, which
 sweeps every checkpoint on every task, is rs_transfer/reproduce/table5.py).
 
-A run is: load the packaged `downstream/<task>.yaml` (or `--config`), apply `key=value`, build the task (dataset,
-model, evaluator) and hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json.
+A run is: look the task up in the registry (rs_transfer/downstream/registry.py), load its `<task>.yaml` (or
+`--config`) into the task's own config schema, apply `key=value`, build the task (dataset, model, evaluator) and
+hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json. Nothing here names a task.
 """
 
+import dataclasses
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import load_config, packaged_configs, run_differences, to_dict
-from rs_transfer.downstream import protocol
+from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, to_dict
+from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json
@@ -23,25 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def build_task(config):
-    """The task's builder, imported lazily so one task's dependencies never slow another down."""
-    name = config.task.name
-    if name in ("pascal_seg", "ade_seg"):
-        from rs_transfer.downstream import segmentation as module
-    elif name == "cifar100":
-        from rs_transfer.downstream import classification as module
-    elif name == "nyu_depth":
-        from rs_transfer.downstream import depth as module
-    elif name == "pascal_det":
-        from rs_transfer.downstream import detection as module
-    else:
-        raise UserError(f"unknown task {name!r}: expected one of {', '.join(protocol.TASKS)}")
-    return module.build(config)
+    return registry.get(config.task.name).build(config)
 
 
 def default_config(task: str, demo: bool = False) -> Path:
-    if task not in protocol.TASKS:
-        raise UserError(f"unknown task {task!r}: expected one of {', '.join(protocol.TASKS)}")
-    return packaged_configs() / "downstream" / f"{task}{'_demo' if demo else ''}.yaml"
+    folder = registry.get(task).config_dir or packaged_configs() / "downstream"
+    return Path(folder) / f"{task}{'_demo' if demo else ''}.yaml"
 
 
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:
@@ -50,25 +40,29 @@ def make_config(task: str, backbone=None, weights=None, config_path=None, overri
         fixed.append(f"model.name={backbone}")
     if weights is not None:
         fixed.append(f"model.weights={weights}")
-    config = load_config(FinetuneConfig, config_path or default_config(task), fixed + list(overrides))
+    try:
+        config = load_config(registry.get(task).config, config_path or default_config(task), fixed + list(overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_owners(str(error), task)}") from None
     if config.task.name != task:
         raise UserError(f"override task.name={config.task.name} contradicts --task {task}")
     return config
 
 
-def write_synthetic(task: str, root, images: int) -> Path:
-    from rs_transfer.downstream import synthetic
+def _owners(message: str, task: str) -> str:
+    """For an unknown task key: which tasks have it (the usual cause: a key or a `base:` of another task)."""
+    found = re.search(r"unknown key 'task\.(\w+)'", message)
+    if not found:
+        return ""
+    owners = [name for name in registry.names()
+              if found.group(1) in {f.name for f in dataclasses.fields(registry.get(name).config().task)}]
+    return f" (task.{found.group(1)} is a key of {', '.join(owners)}, not of {task})" if owners else ""
 
+
+def write_synthetic(task: str, root, images: int) -> Path:
     val = max(images // 4, 2)
-    writers = {
-        "pascal_seg": lambda: synthetic.write_voc_seg(root, train=images, val=val),
-        "ade_seg": lambda: synthetic.write_ade(root, train=images, val=val),
-        "cifar100": lambda: synthetic.write_cifar100(root, train=images, test=val),
-        "nyu_depth": lambda: synthetic.write_nyu_h5(root, train=images, val=val),
-        "pascal_det": lambda: synthetic.write_voc_det(root, train=images, test=val),
-    }
     log.info("writing a synthetic %s dataset (%d train, %d val images) to %s", task, images, val, root)
-    return writers[task]()
+    return registry.get(task).write_synthetic(root, images, val)
 
 
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
@@ -84,7 +78,7 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = build_task(config)
     metrics = train(config, task)
-    name = protocol.PROTOCOLS[config.task.name].metric
+    name = registry.get(config.task.name).metric
     log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)
     return metrics
 
@@ -134,7 +128,7 @@ def _check_point(point: int, count: int) -> int:
 
 
 def collect_sweep(folder, task) -> dict:
-    metric = protocol.PROTOCOLS[task].metric
+    metric = registry.get(task).metric
     results = []
     for path in sorted(Path(folder).glob("lr*_steps*/final_metrics.json")):
         values = json.loads(path.read_text())
@@ -153,10 +147,10 @@ def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=())
     work = Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
     data_dir = Path(data_dir or work / "data")
     output_dir = Path(output_dir or work / "run")
-    config = load_config(FinetuneConfig, default_config(task, demo=True),
+    config = load_config(registry.get(task).config, default_config(task, demo=True),
                          [f"task.name={task}", f"data.root={data_dir}", f"output_dir={output_dir}", *overrides])
     metrics = run(config, synthetic=True)
-    name = protocol.PROTOCOLS[task].metric
+    name = registry.get(task).metric
     print(f"{task}: {name} = {metrics[name]:.3f} on the synthetic validation set after {config.train.steps} steps "
           f"({time.perf_counter() - start:.0f} s); data in {data_dir}, run in {output_dir}")
     return metrics

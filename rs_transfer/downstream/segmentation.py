@@ -1,4 +1,5 @@
-"""Semantic segmentation: Pascal VOC 2012 (21 classes, optional SBD trainaug) and ADE20K (150 classes).
+"""Semantic segmentation, shared by the tasks pascal_seg (Pascal VOC 2012, 21 classes, optional SBD trainaug;
+rs_transfer/downstream/pascal_seg.py) and ade_seg (ADE20K, 150 classes; ade_seg.py): readers, model, evaluator.
 
 Layouts (data.root is the folder as distributed):
   VOC: data.root holds VOC2012/ or VOCdevkit/VOC2012/ (or is VOC2012/): JPEGImages/<id>.jpg,
@@ -33,6 +34,7 @@ VOC_CLASSES = (
 )
 ADE_NUM_CLASSES = 150
 FILLS = {"image": 0, "mask": IGNORE}
+METRIC = "miou"
 
 
 def seg_collate(samples: list) -> dict:
@@ -165,25 +167,15 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
     return evaluate
 
 
-def build(config) -> Task:
+def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None) -> Task:
+    """The shared part of pascal_seg and ade_seg (which differ only in their data): datasets from (image, label)
+    items, the FPN segmentation model, the mIoU evaluator."""
     t = config.task
-    if t.name == "pascal_seg":
-        num_classes = len(VOC_CLASSES)
-        train_items = voc_items(config.data.root, t.train_split, t.sbd_root)
-        val_items = voc_items(config.data.root, t.val_split)
-    elif t.name == "ade_seg":
-        num_classes = ADE_NUM_CLASSES
-        train_items = ade_items(config.data.root, t.train_split)
-        val_items = ade_items(config.data.root, t.val_split)
-    else:
-        raise ValueError(f"segmentation.build got task {t.name!r}")
     check_num_classes(config, num_classes)
     transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
     train_set = SegmentationSet(train_items, num_classes, transform)
     val_set = SegmentationSet(val_items, num_classes)
     model = SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
                               fpn_channels=t.fpn_channels, head_channels=t.head_channels, **arch_args(config))
-    names = VOC_CLASSES if t.name == "pascal_seg" else None
-    evaluate = make_evaluator(val_set, num_classes, t.eval_batch_size, config.data.num_workers, names)
-    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric="miou", collate_fn=seg_collate)
-
+    evaluate = make_evaluator(val_set, num_classes, t.eval_batch_size, config.data.num_workers, class_names)
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate)

@@ -1,13 +1,14 @@
 """Table 5: transfer of one backbone to five tasks (PAPER.md section 5): sweep each checkpoint's LR x steps grid
 on every task (rs_transfer/downstream/finetune.py's `sweep`), pick each sweep's best point and write table5.md /
-table5.json beside the paper's rows (`protocol.TABLE5`).
+table5.json beside the paper's rows (each task's `TASK.paper`, gathered by `protocol.table5()`). The tasks and
+their columns come from the registry (rs_transfer/downstream/registry.py).
 """
 
 import json
 import re
 from pathlib import Path
 
-from rs_transfer.downstream import protocol
+from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.data import DatasetError
 from rs_transfer.downstream.finetune import sweep
 from rs_transfer.errors import UserError
@@ -25,8 +26,8 @@ def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), re
     roots = {}
     for item in data_roots:
         task, sep, root = item.partition("=")
-        if not sep or task not in protocol.TASKS or not root:
-            raise UserError(f"bad --data {item!r}: expected TASK=DIR with TASK one of {', '.join(protocol.TASKS)}")
+        if not sep or task not in registry.names() or not root:
+            raise UserError(f"bad --data {item!r}: expected TASK=DIR with TASK one of {', '.join(registry.names())}")
         roots[task] = root
     if checkpoints and not roots:
         raise UserError("--checkpoint needs at least one --data TASK=DIR: the tasks to fine-tune on")
@@ -56,16 +57,17 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
     for item in runs:
         label, sep, rest = item.partition(":")
         task, sep2, folder = rest.partition("=")
-        if not (sep and sep2) or task not in protocol.TASKS:
-            raise UserError(f"bad --result {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(protocol.TASKS)}")
+        if not (sep and sep2) or task not in registry.names():
+            raise UserError(f"bad --result {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(registry.names())}")
         table.setdefault(label, {})[task] = _read_result(Path(folder), task)
-    rows = [{"label": label, **{t: values.get(t) for t in protocol.TABLE5_TASKS}} for label, values in table.items()]
-    paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(protocol.TABLE5_TASKS, v))}
-             for (b, m, e), v in protocol.TABLE5.items()]
-    header = "| run | " + " | ".join(protocol.PROTOCOLS[t].column for t in protocol.TABLE5_TASKS) + " |"
-    lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(protocol.TABLE5_TASKS) + 1) + "|"]
+    columns = protocol.table5_tasks() + tuple(t for t in registry.names() if t not in protocol.table5_tasks()
+                                               and any(t in values for values in table.values()))
+    rows = [{"label": label, **{t: values.get(t) for t in columns}} for label, values in table.items()]
+    paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(columns, v))} for (b, m, e), v in protocol.table5().items()]
+    header = "| run | " + " | ".join(registry.get(t).protocol.column for t in columns) + " |"
+    lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(columns) + 1) + "|"]
     for row in rows + paper:
-        cells = ["-" if row[t] is None else f"{row[t]:.1f}" for t in protocol.TABLE5_TASKS]
+        cells = ["-" if row.get(t) is None else f"{row[t]:.1f}" for t in columns]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     write_table(output_dir, "table5", "\n".join(lines) + "\n", {"ours": rows, "paper": paper, "unit": "percent"})
     print("\n".join(lines))
@@ -73,7 +75,7 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
 
 
 def _read_result(folder: Path, task: str) -> float:
-    metric = protocol.PROTOCOLS[task].metric
+    metric = registry.get(task).metric
     if (folder / "sweep.json").is_file():
         return 100 * json.loads((folder / "sweep.json").read_text())["best"][metric]
     path = folder / "final_metrics.json"

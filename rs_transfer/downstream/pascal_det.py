@@ -13,6 +13,7 @@ is task.det_eval_size, and boxes come back in original pixels.
 """
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,14 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms import v2
 
-from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.config import above, at_least, checked
+from rs_transfer.downstream import synthetic
+from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
+from rs_transfer.downstream.protocol import Protocol
+from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_loader
@@ -40,6 +45,25 @@ CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+PROTOCOL = Protocol("ap50", (5000, 10000, 20000), 32, 896, "VOC det AP50")
+
+
+@dataclass
+class PascalDetSection(CropSection):
+    name: str = "pascal_det"
+    det_train_sets: list = field(default_factory=lambda: ["2007:trainval", "2012:trainval"])
+    det_test_set: str = "2007:test"
+    anchor_sizes: list = checked(None, above(0), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
+    det_eval_size: int = checked(896, at_least(1))  # test images: longer side resized to this
+    det_fc_channels: int = checked(1024, at_least(1))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
+    det_rois_per_image: int = checked(512, at_least(1))  # RoIs sampled per training image for the box head (torchvision's default)
+    det_score_thresh: float = checked(0.001, at_least(0))
+    det_max_per_image: int = checked(100, at_least(1))
+
+
+@dataclass
+class PascalDetConfig(FinetuneConfig):
+    task: PascalDetSection = field(default_factory=PascalDetSection)
 
 
 def parse_annotation(path: Path) -> tuple:
@@ -204,4 +228,17 @@ def build(config) -> Task:
                      eval_size=t.det_eval_size, score_thresh=t.det_score_thresh,
                      detections_per_img=t.det_max_per_image, rois_per_image=t.det_rois_per_image, **arch_args(config))
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(test_set, t.eval_batch_size, config.data.num_workers),
-                primary_metric="ap50", collate_fn=det_collate)
+                primary_metric=PROTOCOL.metric, collate_fn=det_collate)
+
+
+def write_synthetic(root, train: int, val: int):
+    return synthetic.write_voc_det(root, train=train, test=val)
+
+
+TASK = TransferTask(
+    name="pascal_det", config=PascalDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    # Table 5, percent: (backbone, method, pretraining epochs) -> value
+    paper={("R152", "supervised", 90): 80.0, ("R152", "SimCLR", 800): 83.3, ("R152", "SimCLRv2", 800): 79.1,
+           ("R152", "RS", 400): 82.2, ("R152 2x", "supervised", 90): 81.1, ("R152 2x", "SimCLR", 800): 85.3,
+           ("R152 2x", "SimCLRv2", 800): 80.1, ("R152 2x", "RS", 400): 84.1},
+)

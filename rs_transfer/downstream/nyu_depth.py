@@ -13,6 +13,7 @@ quantity delta < 1.25 measures). Evaluation: full image, ground truth inside (de
 task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes).
 """
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.config import above, at_least, checked, one_of, ordered
+from rs_transfer.downstream import synthetic
+from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     DatasetError, dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
+from rs_transfer.downstream.protocol import Protocol
+from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
@@ -36,6 +41,25 @@ EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
 BTS_DIRS = {"train": "sync", "val": "official_splits/test"}
 FILLS = {"image": 0, "depth": 0.0}
+# The paper's depth grid is 10k-40k steps; the crop is 640 (scale jitter [0.5, 2.0]).
+PROTOCOL = Protocol("delta1", (10000, 20000, 40000), 64, 640, "NYU depth <1.25 %")
+
+
+@dataclass
+class NYUDepthSection(DenseSection):
+    RELATIONS = (DenseSection.RELATIONS[0], ordered("depth_min", "depth_max", strict=True), *DenseSection.RELATIONS[1:])
+
+    name: str = "nyu_depth"
+    # "h5" (sparse-to-dense release), "bts" (sync PNGs + file lists) or "auto"
+    nyu_format: str = checked("auto", one_of("auto", "h5", "bts"))
+    depth_min: float = checked(1e-3, at_least(0))  # metres; ground truth outside (depth_min, depth_max) is not evaluated
+    depth_max: float = checked(10.0, above(0))
+    eigen_crop: bool = True  # evaluate inside the Eigen et al. crop (rows 45:471, cols 41:601 of 480x640)
+
+
+@dataclass
+class NYUDepthConfig(FinetuneConfig):
+    task: NYUDepthSection = field(default_factory=NYUDepthSection)
 
 
 def depth_collate(samples: list) -> dict:
@@ -190,4 +214,17 @@ def build(config) -> Task:
     model = DepthModel(config.model.name, weights=config.model.weights, fpn_channels=t.fpn_channels,
                        head_channels=t.head_channels, **arch_args(config))
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, t, config.data.num_workers),
-                primary_metric="delta1", collate_fn=depth_collate)
+                primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
+
+
+def write_synthetic(root, train: int, val: int):
+    return synthetic.write_nyu_h5(root, train=train, val=val)
+
+
+TASK = TransferTask(
+    name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    # Table 5, percent: (backbone, method, pretraining epochs) -> value
+    paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
+           ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,
+           ("R152 2x", "SimCLRv2", 800): 86.1, ("R152 2x", "RS", 400): 84.7},
+)

@@ -10,6 +10,7 @@ dicts, lists, strings, bytes, numbers and numpy arrays; a file naming anything e
 """
 
 import pickle
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,8 +25,12 @@ try:
 except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
-from rs_transfer.downstream.config import arch_args, check_num_classes
+from rs_transfer.config import at_least, checked
+from rs_transfer.downstream import synthetic
+from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, find_dir, require
+from rs_transfer.downstream.protocol import Protocol
+from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
@@ -34,6 +39,18 @@ from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 
 NUM_CLASSES = 100
+PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
+
+
+@dataclass
+class Cifar100Section(TaskSection):
+    name: str = "cifar100"
+    image_size: int = checked(256, at_least(1))  # images are resized to this (the paper: 256)
+
+
+@dataclass
+class Cifar100Config(FinetuneConfig):
+    task: Cifar100Section = field(default_factory=Cifar100Section)
 
 
 def _latin1_encode(text: str, encoding: str) -> bytes:
@@ -161,4 +178,17 @@ def build(config) -> Task:
     model = Classifier(config.model.name, weights=config.model.weights, label_smoothing=config.train.label_smoothing,
                        drop_rate=config.model.drop_rate, **arch_args(config))
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, t.eval_batch_size, config.data.num_workers),
-                primary_metric="top1")
+                primary_metric=PROTOCOL.metric)
+
+
+def write_synthetic(root, train: int, val: int):
+    return synthetic.write_cifar100(root, train=train, test=val)
+
+
+TASK = TransferTask(
+    name="cifar100", config=Cifar100Config, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    # Table 5, percent: (backbone, method, pretraining epochs) -> value
+    paper={("R152", "supervised", 90): 85.5, ("R152", "SimCLR", 800): 87.1, ("R152", "SimCLRv2", 800): 84.7,
+           ("R152", "RS", 400): 88.1, ("R152 2x", "supervised", 90): 86.6, ("R152 2x", "SimCLR", 800): 89.0,
+           ("R152 2x", "SimCLRv2", 800): 84.8, ("R152 2x", "RS", 400): 89.3},
+)
