@@ -22,6 +22,17 @@ class FileWriteError(UserError):
     pass
 
 
+def make_dir(path: str | Path, what: str, hint: str = "") -> Path:
+    """Create folder `path` (and its parents) if missing. Raises FileWriteError "cannot create WHAT PATH: reason"
+    (+ `hint`) when the disk refuses (read-only, full, a file in the way, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FileWriteError(f"cannot create {what} {path}: {error.strerror or error}{hint}") from None
+    return path
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
 

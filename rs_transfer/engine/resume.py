@@ -15,7 +15,7 @@ from rs_transfer.config import RESUME_MAY_CHANGE, RunConfig, flatten, run_differ
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine.distributed import DistInfo, all_gather_object, seed_everything
 from rs_transfer.errors import one_line
-from rs_transfer.files import FileWriteError, remove_stale_temp_files
+from rs_transfer.files import make_dir, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,8 @@ def check_resumable(saved: dict, current: dict, path) -> None:
 
 def prepare_output(config: RunConfig, out: Path, ckpt_dir: Path) -> None:
     """Rank 0: the run folder with config.yaml; temp files of killed writers removed. One error if unwritable."""
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FileWriteError(f"cannot create output_dir {out}: {error.strerror or error}") from None
+    make_dir(out, "output_dir")
+    make_dir(ckpt_dir, "the checkpoint folder")
     save_config(config, out)
     for folder in (out, ckpt_dir):
         for path in remove_stale_temp_files(folder):

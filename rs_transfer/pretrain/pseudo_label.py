@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from rs_transfer.engine import distributed
 from rs_transfer.engine.loader import Loader, stop_signals_recorded
 from rs_transfer.errors import StoppedBySignal, UserError
-from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json
+from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json, make_dir
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.weights import check_fit, read_state_dict
@@ -208,11 +208,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     """
     _check_settings(threshold=threshold, per_class=per_class, topk=topk, batch_size=batch_size,
                     image_size=image_size, num_workers=num_workers)  # before anything in OUT is touched
-    out_dir = Path(out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FileWriteError(f"cannot create the pseudo-label folder {out_dir}: {error.strerror or error}") from None
+    out_dir = make_dir(out, "the pseudo-label folder")
     info = distributed.init_distributed("auto")
     distributed.seed_everything(0)  # the teacher's weights are all loaded, but nothing may depend on the RNG
     rank, world, device = info.rank, info.world_size, info.device
@@ -300,11 +296,7 @@ class TableWriter:
     def __init__(self, folder: str | Path, rows: int, k: int):
         self.folder, self.rows, self.k = Path(folder), rows, k
         self.written, self.last_index = 0, -1
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FileWriteError(f"cannot create the pseudo-label table {self.folder}: {error.strerror or error}") \
-                from None
+        make_dir(self.folder, "the pseudo-label table")
         self._stack = ExitStack()
         self._files = {}
         with ExitStack() as opening:

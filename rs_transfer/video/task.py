@@ -26,7 +26,7 @@ from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
-from rs_transfer.files import FileWriteError, atomic_write_json
+from rs_transfer.files import atomic_write_json, make_dir
 from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
 from rs_transfer.video import data, sampling, synthetic
@@ -296,11 +296,6 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     if is_main():
         # Logged before writing, so that an unwritable output_dir does not lose an evaluation that took hours.
         log.info("eval: %s", json.dumps(metrics))
-        out = Path(config.output_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FileWriteError(f"cannot create output_dir {out}: {error.strerror or error} (the metrics are in "
-                                 "the log line above)") from None
+        out = make_dir(config.output_dir, "output_dir", " (the metrics are in the log line above)")
         atomic_write_json(out / f"eval_{views}views.json", metrics)
     return metrics
