@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine_toy import script_env
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError
 from rs_transfer.models import create_model
@@ -298,16 +299,9 @@ def test_the_pseudo_set_pickles_without_its_columns(teacher, unlabelled, tmp_pat
 
 @pytest.mark.slow  # a subprocess that imports torch, killed with SIGKILL while it writes
 def test_pseudo_label_resumes_after_sigkill(teacher, tmp_path):
-    rng = np.random.default_rng(1)
-    samples = [(f"k{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
-    images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
     out = tmp_path / "killed"
+    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=1, records=5, stderr=subprocess.DEVNULL)
     shard = pseudo_label.shard_path(out, 0, 1)
-    process = subprocess.Popen(_cli_command(teacher, images, out), env=_cli_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (shard.exists() and shard.stat().st_size >= 5 * RECORD.itemsize):
-        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     written = shard.stat().st_size // RECORD.itemsize
@@ -387,16 +381,10 @@ def test_a_stop_signal_finishes_the_batch_then_stops_and_restores_the_handlers(t
 
 @pytest.mark.slow  # two subprocesses that import torch
 def test_sigterm_to_the_cli_stops_with_143_and_a_rerun_finishes(teacher, tmp_path):
-    rng = np.random.default_rng(2)
-    samples = [(f"t{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
-    images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
     out = tmp_path / "stopped"
+    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=2, records=1, stderr=subprocess.PIPE,
+                                             text=True, start_new_session=True)
     shard = pseudo_label.shard_path(out, 0, 1)
-    process = subprocess.Popen(_cli_command(teacher, images, out), env=_cli_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (shard.exists() and shard.stat().st_size >= RECORD.itemsize):
-        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGTERM)  # as SLURM does: the whole process group
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 143, stderr
@@ -406,8 +394,8 @@ def test_sigterm_to_the_cli_stops_with_143_and_a_rerun_finishes(teacher, tmp_pat
     assert stderr.strip().splitlines()[-1] == (f"stopped: stopped by SIGTERM after {written} of 80 images on rank 0; "
                                                "rerun the same command to continue")
     assert written < 80 and not (out / "meta.json").exists()
-    rerun = subprocess.run(_cli_command(teacher, images, out), env=_cli_env(), capture_output=True, text=True,
-                           timeout=240)
+    rerun = subprocess.run(_cli_command(teacher, images, out), env=script_env(OMP_NUM_THREADS="1"),
+                           capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
     assert _run(teacher, images, tmp_path / "full", batch_size=1)["labelled"] == 80
     _same_files(out, tmp_path / "full")
@@ -419,10 +407,19 @@ def _cli_command(teacher, images, out) -> list:
             "--threshold", "0", "--num-workers", "0"]
 
 
-def _cli_env() -> dict:
-    repo = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
+def _label_in_a_subprocess(teacher, tmp_path, out, seed: int, records: int, **popen) -> tuple:
+    """(image folder, process): 80 generated images in two shards, labelled by the CLI in a subprocess (batch 1)
+    that has written at least `records` records to OUT's rank file when this returns."""
+    rng = np.random.default_rng(seed)
+    samples = [(f"s{seed}_{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
+    images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
+    shard = pseudo_label.shard_path(out, 0, 1)
+    process = subprocess.Popen(_cli_command(teacher, images, out), env=script_env(OMP_NUM_THREADS="1"),
+                               stdout=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (shard.exists() and shard.stat().st_size >= records * RECORD.itemsize):
+        time.sleep(0.01)
+    return images, process
 
 
 def test_nonsense_settings_are_refused_before_a_finished_result_is_touched(teacher, unlabelled, tmp_path):
