@@ -240,8 +240,19 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list | tuple = ()) -> T:
-    """Defaults of `schema`, then the YAML at `path` (a file or a packaged name, see `find_config`, and its
-    `base:` chain), then `key=value` overrides."""
+    """Build a run config: the defaults of `schema`, then the YAML at `path` (a file or a packaged name, see
+    `find_config`, after its `base:` chain, the base first), then `key=value` overrides in order; the last wins.
+
+    Args:
+        schema: a dataclass type (a `RunConfig` subclass), e.g. `PretrainConfig`.
+        path: a YAML file, a packaged name such as "pretrain/rs50_i160.yaml", or None for the defaults alone.
+        overrides: "key=value" strings, dotted keys ("train.batch_size=64"), values parsed as YAML.
+    Returns: an instance of `schema`, every field typed and checked (`validate`).
+    Raises: ConfigError (one line naming the file, override or key) for a missing or unreadable file, a `base:`
+        cycle, an unknown key (naming the closest known key, or the valid ones), a value of the wrong type, a
+        value outside its range (`checked`), two fields out of order (`ordered`) or a required field left unset.
+    Source: the DINOv2 / nanoGPT way (STYLE.md): defaults in code, small override files, typos rejected.
+    """
     config = OmegaConf.structured(schema)
     if path is not None:
         _merge(config, _read_chain(find_config(path), seen=()), f"config file {path}")
