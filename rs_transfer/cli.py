@@ -78,11 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_downstream_commands(commands)
 
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
-    reproduce.add_argument("table", help="table1 (pretraining ladder), table5 (transfer), table6 (video ladder)")
-    reproduce.add_argument("--out", help="table6: rows are OUT/table6/<row> (default runs/video, the configs' output_dir); table5: the table's folder")
-    reproduce.add_argument("--dry-run", action="store_true", help="table1: list the runs and their configs, run nothing")
+    reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
+    reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
+                           "runs or runs/video); table5: the table's folder")
+    reproduce.add_argument("--dry-run", action="store_true", help="ladder tables: list the runs and their configs, run nothing")
     reproduce.add_argument("--run", dest="train_missing", action="store_true",
-                           help="table6: train the rows that have no result yet (default: collect only)")
+                           help="ladder tables: train the rows that have no result yet (default: collect only)")
+    reproduce.add_argument("--repeats", type=int, default=1,
+                           help="ladder tables: runs per row, seeds seed..seed+N-1; mean and spread reported (paper: 2)")
     reproduce.add_argument("--result", dest="results", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
                            help="table5: a finished finetune or sweep folder for one backbone label and task")
     reproduce.add_argument("--checkpoint", dest="checkpoints", action="append", default=[],
@@ -350,18 +353,14 @@ def run_video_eval(args) -> int:
 
 
 def run_reproduce(args) -> int:
-    if args.table == "table1":
-        from rs_transfer.reproduce.table1 import run_table1
-
-        run_table1(args.dry_run, args.overrides)
-    elif args.table == "table5":
+    if args.table == "table5":
         from rs_transfer.reproduce.table5 import run_table5
 
         run_table5(args.checkpoints, args.data_roots, args.out or "results/table5", args.overrides, args.results)
     else:
-        from rs_transfer.reproduce import run_table
+        from rs_transfer.reproduce import run_ladder
 
-        run_table(args.table, args.out or "runs/video", args.train_missing, args.overrides)
+        run_ladder(args.table, args.out, args.train_missing, args.overrides, args.repeats, args.dry_run)
     return 0
 
 

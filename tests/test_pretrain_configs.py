@@ -81,7 +81,7 @@ def test_table1_ladder_rows_each_change_what_the_paper_says():
     assert base.train.decay_epochs == [30, 60, 80] and base.train.weight_decay == 1e-4
     assert base.train.ema_decay is None and base.train.label_smoothing == 0 and base.augment.randaugment == "none"
     assert base.model.drop_rate == 0 and base.model.drop_path_rate == 0
-    assert [name for name, *_ in TABLE1] == ["00_baseline.yaml"] + list(LADDER)
+    assert [f"{row.key}.yaml" for row in TABLE1] == ["00_baseline.yaml"] + list(LADDER)
     previous = _flat(base)
     for name, expected in LADDER.items():
         assert (CONFIGS / "table1" / name).read_text().count("base:") == 1

@@ -1,28 +1,36 @@
-"""Every paper table, one module each: its runner (list, run or collect the runs) and its renderer.
+"""Every paper table, one module each: its rows or grid (with the paper's numbers), its runner and its renderer.
 
-- table1.py: the Table 1 ladder on ResNet-200 @ 256 (`reproduce table1`): lists or trains its eleven runs
+- table1.py, table2.py, table4.py: the pretraining tables (ImageNet top-1): Table 1's additive ladder on
+  ResNet-200, Table 2's weight decay pairs, Table 4's co-training run; `reproduce tableN` collects finished runs
+  (`--run` trains the missing ones, `--repeats N` runs each row N times, `--dry-run` lists the runs)
 - table5.py: transfer (`reproduce table5`): sweeps each checkpoint on each task, writes table5.md / table5.json
-- table6.py: the video ladder (`reproduce table6`): collects (or trains) its rows, writes table6.md / table6.json
+- table6.py: the video ladder (`reproduce table6`), the same runner as Tables 1, 2 and 4
 - table7.py: speed at equal accuracy (`bench table7`): measures each row with bench/latency.py, writes table7.md,
   table7.json and pareto.png
 - common.py: what they share: `write_table`, the one writer of TABLE.json / TABLE.md (atomic, main rank only),
-  and the ladder rows (a config plus the paper's number, collected from `final_metrics.json`)
+  and the ladder tables (`Ladder`: rows of a packaged config plus the paper's number, collected from each run's
+  `final_metrics.json`, rendered paper vs ours)
 
-Tables 2 and 4 are configs only (rs_transfer/configs/pretrain/table2/, rs152_i224_cotrain.yaml), run with
-`rs-transfer pretrain`. A ladder table is a module with `reproduce(out, run, overrides)`, registered below by
-name; Tables 1 and 5 take their own arguments (cli.py).
+A ladder table is a module with a `LADDER`, registered below by name; Table 5 takes its own arguments (cli.py).
 """
 
 import importlib
 
 from rs_transfer.errors import UserError
 
-TABLES = {
+LADDERS = {
+    "table1": "rs_transfer.reproduce.table1",
+    "table2": "rs_transfer.reproduce.table2",
+    "table4": "rs_transfer.reproduce.table4",
     "table6": "rs_transfer.reproduce.table6",
 }
 
 
-def run_table(name: str, out: str, run: bool, overrides: list) -> list:
-    if name not in TABLES:
-        raise UserError(f"unknown table {name!r}: expected one of {', '.join(sorted(TABLES))}")
-    return importlib.import_module(TABLES[name]).reproduce(out, run, overrides)
+def run_ladder(name: str, out: str | None, run: bool, overrides: list, repeats: int = 1, dry_run: bool = False) -> list:
+    """`reproduce NAME` for a ladder table (see common.reproduce_ladder). Raises UserError for an unknown name."""
+    if name not in LADDERS:
+        raise UserError(f"unknown table {name!r}: expected one of {', '.join(sorted([*LADDERS, 'table5']))}")
+    from rs_transfer.reproduce.common import reproduce_ladder
+
+    ladder = importlib.import_module(LADDERS[name]).LADDER
+    return reproduce_ladder(ladder, out, run, overrides, repeats, dry_run)
