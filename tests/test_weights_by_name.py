@@ -1,0 +1,49 @@
+"""`timm:NAME.TAG` weights resolved offline in a Hugging Face cache folder the test builds (rs_transfer/models/hub.py)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rs_transfer.models import hub
+from rs_transfer.models.weights import WeightsError
+
+
+def hf_cache(root: Path, repo_id: str, filename: str, state_dict: dict, revision: str = "0123abcd") -> Path:
+    """The Hugging Face hub cache layout: models--ORG--NAME/refs/main holds the revision, the file is under
+    snapshots/REVISION/ (huggingface_hub's file_download.py)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    if filename.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(snapshot / filename))
+    else:
+        torch.save(state_dict, snapshot / filename)
+    return snapshot / filename
+
+
+def test_a_timm_tag_resolves_to_the_cached_file(tmp_path):
+    state = {"conv1.weight": torch.randn(2, 3, 1, 1)}
+    cached = hf_cache(tmp_path, "timm/resnetrs50.tf_in1k", "model.safetensors", state)
+    assert hub.resolve("timm:resnetrs50.tf_in1k", cache_dir=tmp_path) == cached
+    assert hub.resolve("timm:resnetrs50", cache_dir=tmp_path) == cached  # timm's default tag for the model
+    assert hub.resolve(str(cached)) == cached  # a path stays a path
+
+
+def test_the_pickle_file_is_found_when_there_is_no_safetensors(tmp_path):
+    cached = hf_cache(tmp_path, "timm/resnetrs101.tf_in1k", "pytorch_model.bin", {"w": torch.zeros(1)})
+    assert hub.resolve("timm:resnetrs101.tf_in1k", cache_dir=tmp_path) == cached
+
+
+def test_uncached_unknown_and_bad_tags_are_one_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match=r"timm:resnetrs152.tf_in1k: not in the Hugging Face cache .*"
+                                           r"timm/resnetrs152.tf_in1k.*create_model\('resnetrs152.tf_in1k', pretrained=True\)"):
+        hub.resolve("timm:resnetrs152.tf_in1k", cache_dir=tmp_path)
+    with pytest.raises(WeightsError, match="Invalid pretrained tag.*rs-transfer models"):
+        hub.resolve("timm:resnetrs152.no_such_tag", cache_dir=tmp_path)
+    with pytest.raises(WeightsError, match="timm has no pretrained weights named 'no_such_model'"):
+        hub.resolve("timm:no_such_model", cache_dir=tmp_path)
