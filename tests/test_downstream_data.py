@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, segmentation, synthetic
+from rs_transfer.downstream import ade_seg, cifar100, nyu_depth, pascal_det, pascal_seg, segmentation
 from rs_transfer.downstream.data import IGNORE, DatasetError, dense_train_transform
 
 
 def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
-    synthetic.write_voc_seg(tmp_path, train=3, val=2, size=(40, 56))
+    pascal_seg.write_voc_seg(tmp_path, train=3, val=2, size=(40, 56))
     png = tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000000.png"
     with Image.open(png) as label:
         assert label.mode == "P"  # as distributed: indices, with the VOC colour palette
@@ -28,8 +28,8 @@ def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
 
 
 def test_voc_trainaug_merges_sbd_mat_labels_and_drops_val(tmp_path):
-    synthetic.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(40, 56))
-    sbd = synthetic.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(40, 56))
+    pascal_seg.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(40, 56))
+    sbd = pascal_seg.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(40, 56))
     items = segmentation.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)
     ids = [image.stem for image, _ in items]
     assert len(ids) == 3 + 4 and "2007_000003" not in ids  # VOC val image listed by SBD is dropped
@@ -41,7 +41,7 @@ def test_voc_trainaug_merges_sbd_mat_labels_and_drops_val(tmp_path):
 
 
 def test_ade_shifts_labels_and_ignores_other(tmp_path):
-    synthetic.write_ade(tmp_path, train=2, val=1, size=(40, 56))
+    ade_seg.write_ade(tmp_path, train=2, val=1, size=(40, 56))
     items = segmentation.ade_items(tmp_path, "train")
     mask = segmentation.SegmentationSet(items, 150)[0]["mask"]
     values = set(mask.unique().tolist())
@@ -51,7 +51,7 @@ def test_ade_shifts_labels_and_ignores_other(tmp_path):
 
 
 def test_cifar100_pickles(tmp_path):
-    synthetic.write_cifar100(tmp_path, train=20, test=10)
+    cifar100.write_cifar100(tmp_path, train=20, test=10)
     data = cifar100.Cifar100(tmp_path, "train", cifar100.transforms(48, train=False))
     sample = data[3]
     assert len(data) == 20 and sample["image"].shape == (3, 48, 48) and sample["label"].item() == 30
@@ -61,7 +61,7 @@ def test_cifar100_pickles(tmp_path):
 
 @pytest.mark.parametrize("case", ["no_root", "no_voc", "no_split", "no_png", "bad_label"])
 def test_wrong_layouts_name_the_missing_file(tmp_path, case):
-    synthetic.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
+    pascal_seg.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
     voc = tmp_path / "VOCdevkit/VOC2012"
     root = tmp_path
     if case == "no_root":
@@ -118,7 +118,7 @@ def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
 
 
 def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
-    synthetic.write_voc_det(tmp_path, train=6, test=4, size=(40, 56))
+    pascal_det.write_voc_det(tmp_path, train=6, test=4, size=(40, 56))
     items = pascal_det.image_sets(tmp_path, ["2007:trainval", "2012:trainval"])
     assert len(items) == 6 and {i[2].split("/")[0] for i in items} == {"2007", "2012"}
     test = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]))
@@ -126,7 +126,7 @@ def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     # An XML written by hand: 1-based inclusive pixels become continuous boxes; difficult is read.
     xml = tmp_path / "VOCdevkit/VOC2007/Annotations/test000001.xml"
-    xml.write_text(synthetic._voc_xml("test000001.jpg", "2007", 40, 56, [("cat", (4, 5, 20, 30), True),
+    xml.write_text(pascal_det._voc_xml("test000001.jpg", "2007", 40, 56, [("cat", (4, 5, 20, 30), True),
                                                                           ("person", (0, 0, 56, 40), False)]))
     boxes, labels, difficult = pascal_det.parse_annotation(xml)
     assert boxes.tolist() == [[4, 5, 20, 30], [0, 0, 56, 40]]
@@ -162,13 +162,13 @@ def test_detection_transform_moves_boxes_with_the_image():
 
 
 def test_nyu_h5_and_bts_layouts(tmp_path):
-    synthetic.write_nyu_h5(tmp_path / "h5", train=3, val=2, size=(48, 64))
+    nyu_depth.write_nyu_h5(tmp_path / "h5", train=3, val=2, size=(48, 64))
     train = nyu_depth.NYUDepth(tmp_path / "h5", "train")
     sample = train[0]
     assert train.format == "h5" and len(train) == 3 and len(nyu_depth.NYUDepth(tmp_path / "h5", "val")) == 2
     assert sample["image"].shape == (3, 48, 64) and sample["image"].dtype == torch.uint8
     assert sample["depth"].dtype == torch.float32 and 0.9 < sample["depth"][sample["depth"] > 0].min() < 8.1
-    synthetic.write_nyu_bts(tmp_path / "bts", train=3, val=2, size=(48, 64))
+    nyu_depth.write_nyu_bts(tmp_path / "bts", train=3, val=2, size=(48, 64))
     with Image.open(next((tmp_path / "bts/sync").rglob("sync_depth_*.png"))) as png:
         assert np.array(png).dtype == np.uint16  # 16-bit millimetres, as distributed
     bts = nyu_depth.NYUDepth(tmp_path / "bts", "val")

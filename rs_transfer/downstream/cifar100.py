@@ -11,6 +11,7 @@ dicts, lists, strings, bytes, numbers and numpy arrays; a file naming anything e
 
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +27,11 @@ except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
 from rs_transfer.config import at_least, checked
-from rs_transfer.downstream import synthetic
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.data import DatasetError, find_dir, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
@@ -181,8 +182,41 @@ def build(config) -> Task:
                 primary_metric=PROTOCOL.metric)
 
 
+SYNTHETIC_CLASSES = tuple(range(0, 100, 10))  # the fine labels synthetic images use; class k gets COLOURS[k]
+
+
+def write_cifar100(root, train=400, test=100, seed=0) -> Path:
+    """cifar-100-python/{train,test,meta}: pickles of dicts with byte-string keys, rows of 3072 uint8 (RGB planes)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        labels = [SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)] for i in range(count)]
+        rows = []
+        for label in labels:
+            k = SYNTHETIC_CLASSES.index(label)
+            image = background(rng, 32, 32)
+            mask, _ = shape_mask(rng, 32, 32, 0.4, 0.8)
+            image[mask] = COLOURS[k] + rng.normal(0, 10, size=(int(mask.sum()), 3))
+            rows.append(np.clip(image, 0, 255).astype(np.uint8).transpose(2, 0, 1).reshape(-1))
+        data = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(count)],
+            b"batch_label": f"{split} batch".encode(),
+            b"fine_labels": labels,
+            b"coarse_labels": [label // 5 for label in labels],
+            b"data": np.stack(rows),
+        }
+        with open(folder / split, "wb") as f:
+            pickle.dump(data, f, protocol=2)
+    meta = {b"fine_label_names": [f"class_{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return Path(root)
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_cifar100(root, train=train, test=val)
+    return write_cifar100(root, train=train, test=val)
 
 
 TASK = TransferTask(

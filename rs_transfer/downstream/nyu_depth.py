@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from rs_transfer.config import above, at_least, checked, one_of, ordered
-from rs_transfer.downstream import synthetic
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     DatasetError, dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
@@ -33,6 +32,7 @@ from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import depth_scene
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
@@ -217,8 +217,48 @@ def build(config) -> Task:
                 primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
 
 
+def write_nyu_h5(root, train=32, val=8, size=(96, 128), seed=0) -> Path:
+    """nyudepthv2/train/<scene>/<n>.h5 and val/official/<n>.h5 with `rgb` (3xHxW uint8) and `depth` (HxW
+    float32 metres). The real release is 480x640; `size` is smaller so the demo runs fast."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "nyudepthv2"
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            scene_dir = base / split / ("official" if split == "val" else f"scene_{i % 3:04d}")
+            scene_dir.mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            with h5py.File(scene_dir / f"{i:05d}.h5", "w") as f:
+                f.create_dataset("rgb", data=image.transpose(2, 0, 1))
+                f.create_dataset("depth", data=depth)
+    return Path(root)
+
+
+def write_nyu_bts(root, train=8, val=4, size=(96, 128), seed=0) -> Path:
+    """The BTS sync layout: sync/<scene>/rgb_<n>.jpg + sync_depth_<n>.png (uint16 mm), official_splits/test/
+    likewise, and the two file lists (train paths start with '/', as BTS's do; one test line has no depth)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    lines = {"train": [], "val": []}
+    for split, count, folder in (("train", train, "sync"), ("val", val, "official_splits/test")):
+        for i in range(count):
+            scene_name = f"kitchen_{i % 2:04d}"
+            (root / folder / scene_name).mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            rgb, dep = f"{scene_name}/rgb_{i:05d}.jpg", f"{scene_name}/sync_depth_{i:05d}.png"
+            Image.fromarray(image).save(root / folder / rgb, quality=95)
+            Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(root / folder / dep)
+            prefix = "/" if split == "train" else ""
+            lines[split].append(f"{prefix}{rgb} {prefix}{dep} 518.8579")
+    lines["val"].append("bathroom/rgb_00999.jpg None 518.8579")
+    (root / "nyudepthv2_train_files_with_gt.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "nyudepthv2_test_files_with_gt.txt").write_text("\n".join(lines["val"]) + "\n")
+    return root
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_nyu_h5(root, train=train, val=val)
+    return write_nyu_h5(root, train=train, val=val)
 
 
 TASK = TransferTask(
