@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from rs_transfer.downstream import ade_seg, cifar100, nyu_depth, pascal_det, pascal_seg, segmentation
-from rs_transfer.downstream.data import IGNORE, DatasetError, dense_train_transform
+from rs_transfer.downstream.data import IGNORE, dense_train_transform
+from rs_transfer.errors import DataError
 
 
 def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
@@ -36,7 +37,7 @@ def test_voc_trainaug_merges_sbd_mat_labels_and_drops_val(tmp_path):
     sbd_item = next(i for i, (image, _) in enumerate(items) if image.stem.startswith("2008"))
     sample = segmentation.SegmentationSet(items, 21)[sbd_item]
     assert set(sample["mask"].unique().tolist()) <= {0, 1, 8, 15}
-    with pytest.raises(DatasetError, match="sbd_root"):
+    with pytest.raises(DataError, match="sbd_root"):
         segmentation.voc_items(tmp_path / "voc", "trainaug")
 
 
@@ -77,17 +78,17 @@ def test_wrong_layouts_name_the_missing_file(tmp_path, case):
     else:
         Image.fromarray(np.full((24, 24), 40, dtype=np.uint8)).save(voc / "SegmentationClass/2007_000000.png")
         match = "has class 40: expected 0..20 or 255"
-    with pytest.raises(DatasetError, match=match):
+    with pytest.raises(DataError, match=match):
         items = segmentation.voc_items(root, "train")
         segmentation.SegmentationSet(items, 21)[0]
 
 
 def test_cifar_errors_name_the_file(tmp_path):
-    with pytest.raises(DatasetError, match="cifar-100-python"):
+    with pytest.raises(DataError, match="cifar-100-python"):
         cifar100.read_cifar(tmp_path, "train")
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python/train").write_bytes(b"not a pickle")
-    with pytest.raises(DatasetError, match="train is not a CIFAR-100 pickle"):
+    with pytest.raises(DataError, match="train is not a CIFAR-100 pickle"):
         cifar100.read_cifar(tmp_path, "train")
 
 
@@ -134,9 +135,9 @@ def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
     train_view = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]), keep_difficult=False)[1]
     assert train_view["labels"].tolist() == [pascal_det.CLASSES.index("person")]
     xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>kitten</name>"))
-    with pytest.raises(DatasetError, match="test000001.xml: unknown class 'kitten'"):
+    with pytest.raises(DataError, match="test000001.xml: unknown class 'kitten'"):
         pascal_det.parse_annotation(xml)
-    with pytest.raises(DatasetError, match="Pascal VOC 2012"):
+    with pytest.raises(DataError, match="Pascal VOC 2012"):
         pascal_det.image_sets(tmp_path / "VOCdevkit/VOC2007", ["2012:trainval"])
 
 
@@ -175,9 +176,9 @@ def test_nyu_h5_and_bts_layouts(tmp_path):
     assert bts.format == "bts" and len(bts) == 2  # the line with depth "None" is skipped
     d = bts[0]["depth"]
     assert d.dtype == torch.float32 and 0.9 < d[d > 0].min() and d.max() < 8.1  # millimetres -> metres
-    with pytest.raises(DatasetError, match="nyudepthv2_train_files_with_gt.txt: expected the BTS file list"):
+    with pytest.raises(DataError, match="nyudepthv2_train_files_with_gt.txt: expected the BTS file list"):
         nyu_depth.NYUDepth(tmp_path / "h5", "train", fmt="bts")
-    with pytest.raises(DatasetError, match="expected an HDF5 file with 'rgb'"):
+    with pytest.raises(DataError, match="expected an HDF5 file with 'rgb'"):
         bad = tmp_path / "h5/nyudepthv2/train/scene_0000/00000.h5"
         bad.write_bytes(b"junk")
         train[0]

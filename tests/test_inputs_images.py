@@ -12,7 +12,8 @@ from PIL import Image, ImageCms
 
 from rs_transfer.data.images import decode_rgb8, read_rgb8, to_rgb8
 from rs_transfer.downstream import nyu_depth, pascal_seg, segmentation
-from rs_transfer.downstream.data import DatasetError, read_image, read_label_png
+from rs_transfer.downstream.data import read_image, read_label_png
+from rs_transfer.errors import DataError
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.pseudo_label import _Images
 
@@ -170,5 +171,5 @@ def test_nyu_h5_rgb_that_is_not_uint8_is_an_error_not_wrapped_values(tmp_path, d
         rgb = f["rgb"][()]
         del f["rgb"]
         f.create_dataset("rgb", data=(rgb / 255).astype(dtype))
-    with pytest.raises(DatasetError, match=f"{path.name}: rgb is {np.dtype(dtype).name}: expected uint8"):
+    with pytest.raises(DataError, match=f"{path.name}: rgb is {np.dtype(dtype).name}: expected uint8"):
         nyu_depth.NYUDepth(tmp_path, "val", "h5")[0]

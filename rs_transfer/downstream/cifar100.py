@@ -28,7 +28,7 @@ except ImportError:
 
 from rs_transfer.config import at_least, checked
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, find_dir, require
+from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
@@ -36,6 +36,7 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 
@@ -100,7 +101,7 @@ def _field(data, name: str):
 def read_cifar(root, split: str) -> tuple:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,) in 0..99) of cifar-100-python/`split`.
 
-    Raises DatasetError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
+    Raises DataError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
     class beyond `CifarUnpickler.ALLOWED` (nothing it names is called)."""
     folder = find_dir(root, ("cifar-100-python", "."), "CIFAR-100 (a cifar-100-python folder)")
     path = require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
@@ -110,12 +111,12 @@ def read_cifar(root, split: str) -> tuple:
         pixels = np.asarray(_field(data, "data"))
         labels = np.asarray(_field(data, "fine_labels"), dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
-        raise DatasetError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
+        raise DataError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
                            f"{type(error).__name__}: {error}") from None
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
-        raise DatasetError(f"{path}: 'data' is {pixels.dtype} {pixels.shape}: expected uint8 N x 3072")
+        raise DataError(f"{path}: 'data' is {pixels.dtype} {pixels.shape}: expected uint8 N x 3072")
     if len(labels) == 0 or len(pixels) != len(labels) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DatasetError(f"{path}: {len(pixels)} images, {len(labels)} labels in "
+        raise DataError(f"{path}: {len(pixels)} images, {len(labels)} labels in "
                            f"{labels.min(initial=0)}..{labels.max(initial=0)}: expected one label in 0..99 per image")
     return pixels.reshape(-1, 3, 32, 32), labels
 

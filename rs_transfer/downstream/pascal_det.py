@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from rs_transfer.config import above, at_least, checked
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, ScaleJitter, find_dir, read_image, read_split, require
+from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
@@ -40,6 +40,7 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = (
@@ -72,17 +73,17 @@ def parse_annotation(path: Path) -> tuple:
     try:
         root = ET.parse(require(path, "a VOC XML annotation")).getroot()
     except ET.ParseError as error:
-        raise DatasetError(f"cannot parse {path}: {error}") from None
+        raise DataError(f"cannot parse {path}: {error}") from None
     boxes, labels, difficult = [], [], []
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in CLASSES:
-            raise DatasetError(f"{path}: unknown class {name!r}: expected one of the 20 VOC classes")
+            raise DataError(f"{path}: unknown class {name!r}: expected one of the 20 VOC classes")
         box = obj.find("bndbox")
         try:
             x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
-            raise DatasetError(f"{path}: an object {name!r} lacks a numeric bndbox xmin/ymin/xmax/ymax") from None
+            raise DataError(f"{path}: an object {name!r} lacks a numeric bndbox xmin/ymin/xmax/ymax") from None
         boxes.append((x0 - 1, y0 - 1, x1, y1))
         labels.append(CLASSES.index(name))
         difficult.append(int(obj.findtext("difficult") or 0) == 1)
@@ -100,7 +101,7 @@ def image_sets(root, sets) -> list:
     for item in sets:
         year, sep, split = str(item).partition(":")
         if not sep:
-            raise DatasetError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
+            raise DataError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
         voc = voc_year_dir(root, year)
         ids = read_split(voc / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year}/ImageSets/Main/{split}.txt (one id per line)")
         items += [(voc / "JPEGImages" / f"{i}.jpg", voc / "Annotations" / f"{i}.xml", f"{year}/{i}") for i in ids]
@@ -164,7 +165,7 @@ class Detector(nn.Module):
                  detections_per_img=100, rois_per_image=512, **arch):
         super().__init__()
         if len(anchor_sizes) != len(LEVELS):
-            raise DatasetError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
+            raise DataError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
         body = BackboneFPN(backbone, weights=weights, channels=fpn_channels, **arch)
         anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
         box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d)
