@@ -14,6 +14,16 @@ class UserError(Exception):
     pass
 
 
+class DataError(UserError):
+    """Input data that cannot be used as it is: a dataset folder, list, image, label, annotation, tar shard,
+    shard index or video that is missing, unreadable or not in the layout or format its reader expects (also an
+    evaluation set with nothing to measure, and a run folder `reproduce` reads that holds no result).
+
+    The message names the file (or data.root) and what was expected. One class for every reader (pretraining
+    folders and shards, the transfer tasks, Kinetics), so callers catch one type whatever the data.
+    """
+
+
 class StoppedBySignal(UserError):
     """A run saved a checkpoint and stopped because of a stop signal (SLURM preemption, torchrun shutdown).
 

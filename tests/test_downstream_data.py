@@ -7,12 +7,13 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, segmentation, synthetic
-from rs_transfer.downstream.data import IGNORE, DatasetError, dense_train_transform
+from rs_transfer.downstream import ade_seg, cifar100, nyu_depth, pascal_det, pascal_seg, segmentation
+from rs_transfer.downstream.data import IGNORE, dense_train_transform
+from rs_transfer.errors import DataError
 
 
 def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
-    synthetic.write_voc_seg(tmp_path, train=3, val=2, size=(40, 56))
+    pascal_seg.write_voc_seg(tmp_path, train=3, val=2, size=(40, 56))
     png = tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000000.png"
     with Image.open(png) as label:
         assert label.mode == "P"  # as distributed: indices, with the VOC colour palette
@@ -28,20 +29,20 @@ def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
 
 
 def test_voc_trainaug_merges_sbd_mat_labels_and_drops_val(tmp_path):
-    synthetic.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(40, 56))
-    sbd = synthetic.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(40, 56))
+    pascal_seg.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(40, 56))
+    sbd = pascal_seg.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(40, 56))
     items = segmentation.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)
     ids = [image.stem for image, _ in items]
     assert len(ids) == 3 + 4 and "2007_000003" not in ids  # VOC val image listed by SBD is dropped
     sbd_item = next(i for i, (image, _) in enumerate(items) if image.stem.startswith("2008"))
     sample = segmentation.SegmentationSet(items, 21)[sbd_item]
     assert set(sample["mask"].unique().tolist()) <= {0, 1, 8, 15}
-    with pytest.raises(DatasetError, match="sbd_root"):
+    with pytest.raises(DataError, match="sbd_root"):
         segmentation.voc_items(tmp_path / "voc", "trainaug")
 
 
 def test_ade_shifts_labels_and_ignores_other(tmp_path):
-    synthetic.write_ade(tmp_path, train=2, val=1, size=(40, 56))
+    ade_seg.write_ade(tmp_path, train=2, val=1, size=(40, 56))
     items = segmentation.ade_items(tmp_path, "train")
     mask = segmentation.SegmentationSet(items, 150)[0]["mask"]
     values = set(mask.unique().tolist())
@@ -51,7 +52,7 @@ def test_ade_shifts_labels_and_ignores_other(tmp_path):
 
 
 def test_cifar100_pickles(tmp_path):
-    synthetic.write_cifar100(tmp_path, train=20, test=10)
+    cifar100.write_cifar100(tmp_path, train=20, test=10)
     data = cifar100.Cifar100(tmp_path, "train", cifar100.transforms(48, train=False))
     sample = data[3]
     assert len(data) == 20 and sample["image"].shape == (3, 48, 48) and sample["label"].item() == 30
@@ -61,7 +62,7 @@ def test_cifar100_pickles(tmp_path):
 
 @pytest.mark.parametrize("case", ["no_root", "no_voc", "no_split", "no_png", "bad_label"])
 def test_wrong_layouts_name_the_missing_file(tmp_path, case):
-    synthetic.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
+    pascal_seg.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
     voc = tmp_path / "VOCdevkit/VOC2012"
     root = tmp_path
     if case == "no_root":
@@ -77,17 +78,17 @@ def test_wrong_layouts_name_the_missing_file(tmp_path, case):
     else:
         Image.fromarray(np.full((24, 24), 40, dtype=np.uint8)).save(voc / "SegmentationClass/2007_000000.png")
         match = "has class 40: expected 0..20 or 255"
-    with pytest.raises(DatasetError, match=match):
+    with pytest.raises(DataError, match=match):
         items = segmentation.voc_items(root, "train")
         segmentation.SegmentationSet(items, 21)[0]
 
 
 def test_cifar_errors_name_the_file(tmp_path):
-    with pytest.raises(DatasetError, match="cifar-100-python"):
+    with pytest.raises(DataError, match="cifar-100-python"):
         cifar100.read_cifar(tmp_path, "train")
     (tmp_path / "cifar-100-python").mkdir()
     (tmp_path / "cifar-100-python/train").write_bytes(b"not a pickle")
-    with pytest.raises(DatasetError, match="train is not a CIFAR-100 pickle"):
+    with pytest.raises(DataError, match="train is not a CIFAR-100 pickle"):
         cifar100.read_cifar(tmp_path, "train")
 
 
@@ -118,7 +119,7 @@ def test_scale_jitter_crop_flip_keep_mask_and_depth_aligned():
 
 
 def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
-    synthetic.write_voc_det(tmp_path, train=6, test=4, size=(40, 56))
+    pascal_det.write_voc_det(tmp_path, train=6, test=4, size=(40, 56))
     items = pascal_det.image_sets(tmp_path, ["2007:trainval", "2012:trainval"])
     assert len(items) == 6 and {i[2].split("/")[0] for i in items} == {"2007", "2012"}
     test = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]))
@@ -126,7 +127,7 @@ def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     # An XML written by hand: 1-based inclusive pixels become continuous boxes; difficult is read.
     xml = tmp_path / "VOCdevkit/VOC2007/Annotations/test000001.xml"
-    xml.write_text(synthetic._voc_xml("test000001.jpg", "2007", 40, 56, [("cat", (4, 5, 20, 30), True),
+    xml.write_text(pascal_det._voc_xml("test000001.jpg", "2007", 40, 56, [("cat", (4, 5, 20, 30), True),
                                                                           ("person", (0, 0, 56, 40), False)]))
     boxes, labels, difficult = pascal_det.parse_annotation(xml)
     assert boxes.tolist() == [[4, 5, 20, 30], [0, 0, 56, 40]]
@@ -134,9 +135,9 @@ def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
     train_view = pascal_det.VOCDetection(pascal_det.image_sets(tmp_path, ["2007:test"]), keep_difficult=False)[1]
     assert train_view["labels"].tolist() == [pascal_det.CLASSES.index("person")]
     xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>kitten</name>"))
-    with pytest.raises(DatasetError, match="test000001.xml: unknown class 'kitten'"):
+    with pytest.raises(DataError, match="test000001.xml: unknown class 'kitten'"):
         pascal_det.parse_annotation(xml)
-    with pytest.raises(DatasetError, match="Pascal VOC 2012"):
+    with pytest.raises(DataError, match="Pascal VOC 2012"):
         pascal_det.image_sets(tmp_path / "VOCdevkit/VOC2007", ["2012:trainval"])
 
 
@@ -162,22 +163,22 @@ def test_detection_transform_moves_boxes_with_the_image():
 
 
 def test_nyu_h5_and_bts_layouts(tmp_path):
-    synthetic.write_nyu_h5(tmp_path / "h5", train=3, val=2, size=(48, 64))
+    nyu_depth.write_nyu_h5(tmp_path / "h5", train=3, val=2, size=(48, 64))
     train = nyu_depth.NYUDepth(tmp_path / "h5", "train")
     sample = train[0]
     assert train.format == "h5" and len(train) == 3 and len(nyu_depth.NYUDepth(tmp_path / "h5", "val")) == 2
     assert sample["image"].shape == (3, 48, 64) and sample["image"].dtype == torch.uint8
     assert sample["depth"].dtype == torch.float32 and 0.9 < sample["depth"][sample["depth"] > 0].min() < 8.1
-    synthetic.write_nyu_bts(tmp_path / "bts", train=3, val=2, size=(48, 64))
+    nyu_depth.write_nyu_bts(tmp_path / "bts", train=3, val=2, size=(48, 64))
     with Image.open(next((tmp_path / "bts/sync").rglob("sync_depth_*.png"))) as png:
         assert np.array(png).dtype == np.uint16  # 16-bit millimetres, as distributed
     bts = nyu_depth.NYUDepth(tmp_path / "bts", "val")
     assert bts.format == "bts" and len(bts) == 2  # the line with depth "None" is skipped
     d = bts[0]["depth"]
     assert d.dtype == torch.float32 and 0.9 < d[d > 0].min() and d.max() < 8.1  # millimetres -> metres
-    with pytest.raises(DatasetError, match="nyudepthv2_train_files_with_gt.txt: expected the BTS file list"):
+    with pytest.raises(DataError, match="nyudepthv2_train_files_with_gt.txt: expected the BTS file list"):
         nyu_depth.NYUDepth(tmp_path / "h5", "train", fmt="bts")
-    with pytest.raises(DatasetError, match="expected an HDF5 file with 'rgb'"):
+    with pytest.raises(DataError, match="expected an HDF5 file with 'rgb'"):
         bad = tmp_path / "h5/nyudepthv2/train/scene_0000/00000.h5"
         bad.write_bytes(b"junk")
         train[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine_toy import CONFIGS
-from rs_transfer.downstream import finetune, synthetic
+from rs_transfer.downstream import finetune, nyu_depth
 from rs_transfer.downstream.nyu_depth import NYUDepth, eval_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_pascal_det_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_covers_the_validation_set_once(tmp_path):
-    synthetic.write_nyu_h5(tmp_path / "data", train=16, val=5)  # 5 images over 2 ranks: uneven shards
+    nyu_depth.write_nyu_h5(tmp_path / "data", train=16, val=5)  # 5 images over 2 ranks: uneven shards
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -89,14 +89,14 @@ def test_depth_metrics_by_hand():
 
 
 def test_metrics_with_nothing_to_measure_raise_instead_of_nan_inf_or_zero():
-    from rs_transfer.downstream.data import DatasetError
+    from rs_transfer.errors import DataError
 
-    with pytest.raises(DatasetError, match="depth evaluation found no valid ground-truth depth"):
+    with pytest.raises(DataError, match="depth evaluation found no valid ground-truth depth"):
         depth_metrics(depth_sums(torch.ones(3), torch.zeros(3), torch.zeros(3, dtype=torch.bool)))
     metric = MeanIoU(num_classes=3)
     metric.update(torch.tensor([0, 1, 2]), torch.tensor([255, 255, 255]))
-    with pytest.raises(DatasetError, match="no labelled pixel"):
+    with pytest.raises(DataError, match="no labelled pixel"):
         metric.compute()
     only_difficult = {"img1": ([[0, 0, 10, 10]], [0], [True]), "img2": (np.zeros((0, 4)), [], [])}
-    with pytest.raises(DatasetError, match="no non-difficult ground-truth box in 2 images"):
+    with pytest.raises(DataError, match="no non-difficult ground-truth box in 2 images"):
         voc07_map([("img1", 0, 0.9, [0, 0, 10, 10])], only_difficult, ["cat"])

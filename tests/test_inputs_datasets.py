@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, segmentation, synthetic
-from rs_transfer.downstream.data import DatasetError
+from rs_transfer.downstream import cifar100, nyu_depth, pascal_det, pascal_seg, segmentation
+from rs_transfer.errors import DataError
 from rs_transfer.pretrain import data
 from rs_transfer.pretrain.synthetic import make_image
 
@@ -45,8 +45,8 @@ def jpeg(label: int = 0) -> bytes:
 
 
 def test_voc_segmentation_and_sbd_lists_written_on_windows(tmp_path):
-    synthetic.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(24, 32))
-    sbd = synthetic.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(24, 32))
+    pascal_seg.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(24, 32))
+    sbd = pascal_seg.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(24, 32))
     sets = tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation"
     for path in (sets / "train.txt", sets / "val.txt", sbd / "dataset/train.txt", sbd / "dataset/val.txt"):
         rewrite_windows(path)
@@ -60,7 +60,7 @@ def test_voc_segmentation_and_sbd_lists_written_on_windows(tmp_path):
 
 
 def test_voc_detection_lists_and_annotations_written_on_windows(tmp_path):
-    synthetic.write_voc_det(tmp_path, train=4, test=3, size=(24, 32))
+    pascal_det.write_voc_det(tmp_path, train=4, test=3, size=(24, 32))
     voc = tmp_path / "VOCdevkit/VOC2007"
     rewrite_windows(voc / "ImageSets/Main/test.txt")
     rewrite_windows(voc / "Annotations/test000001.xml")
@@ -71,7 +71,7 @@ def test_voc_detection_lists_and_annotations_written_on_windows(tmp_path):
 
 
 def test_nyu_bts_file_lists_written_on_windows(tmp_path):
-    root = synthetic.write_nyu_bts(tmp_path, train=2, val=2, size=(24, 32))
+    root = nyu_depth.write_nyu_bts(tmp_path, train=2, val=2, size=(24, 32))
     rewrite_windows(root / nyu_depth.BTS_LISTS["train"])
     rewrite_windows(root / nyu_depth.BTS_LISTS["val"])
     train = nyu_depth.NYUDepth(root, "train")
@@ -81,9 +81,9 @@ def test_nyu_bts_file_lists_written_on_windows(tmp_path):
 
 
 def test_text_list_that_is_not_utf8_names_the_file(tmp_path):
-    synthetic.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
+    pascal_seg.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
     (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").write_bytes(b"2007_\xff000000\n")
-    with pytest.raises(DatasetError, match=r"train.txt is not UTF-8 text"):
+    with pytest.raises(DataError, match=r"train.txt is not UTF-8 text"):
         segmentation.voc_items(tmp_path, "train")
 
 
@@ -158,7 +158,7 @@ def test_crafted_cifar_pickle_runs_nothing_and_is_refused(tmp_path, payload, nam
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     (folder / "train").write_bytes(pickle.dumps({b"data": payload(marker), b"fine_labels": [0]}, protocol=2))
-    with pytest.raises(DatasetError, match=rf"cifar-100-python/train is not a CIFAR-100 pickle.*names {named}"):
+    with pytest.raises(DataError, match=rf"cifar-100-python/train is not a CIFAR-100 pickle.*names {named}"):
         cifar100.read_cifar(tmp_path, "train")
     assert not marker.exists()
 
@@ -213,7 +213,7 @@ def test_sbd_labels_keep_their_shape_when_one_pixel_wide(tmp_path):
     read = segmentation.read_sbd_mat(tmp_path / "normal.mat")
     assert read.dtype == np.uint8 and read.tolist() == normal.tolist()
     savemat(tmp_path / "flat.mat", {"GTcls": {"CategoriesPresent": np.array([1])}})
-    with pytest.raises(DatasetError, match="flat.mat has no GTcls.Segmentation"):
+    with pytest.raises(DataError, match="flat.mat has no GTcls.Segmentation"):
         segmentation.read_sbd_mat(tmp_path / "flat.mat")
 
 
@@ -227,11 +227,11 @@ class ConstantDepth(nn.Module):
 
 
 def test_nyu_evaluation_without_a_valid_pixel_is_an_error_not_zero(tmp_path):
-    synthetic.write_nyu_h5(tmp_path, train=1, val=2, size=(48, 64))  # depths 1-8 m
+    nyu_depth.write_nyu_h5(tmp_path, train=1, val=2, size=(48, 64))  # depths 1-8 m
     val = nyu_depth.NYUDepth(tmp_path, "val", "h5")
     t = SimpleNamespace(eval_batch_size=2, depth_min=1e-3, depth_max=10.0, eigen_crop=True)
     assert nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))["pixels"] > 0
     t.depth_max = 0.5  # every ground-truth depth lies beyond it
-    with pytest.raises(DatasetError, match=r"no ground-truth depth inside \(0.001, 0.5\) m and the Eigen crop "
+    with pytest.raises(DataError, match=r"no ground-truth depth inside \(0.001, 0.5\) m and the Eigen crop "
                                            r"in 2 images"):
         nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))

@@ -11,8 +11,9 @@ import torch
 from PIL import Image, ImageCms
 
 from rs_transfer.data.images import decode_rgb8, read_rgb8, to_rgb8
-from rs_transfer.downstream import nyu_depth, segmentation, synthetic
-from rs_transfer.downstream.data import DatasetError, read_image, read_label_png
+from rs_transfer.downstream import nyu_depth, pascal_seg, segmentation
+from rs_transfer.downstream.data import read_image, read_label_png
+from rs_transfer.errors import DataError
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.pseudo_label import _Images
 
@@ -143,7 +144,7 @@ def test_downstream_read_image_and_datasets_scale_16_bit_images(tmp_path):
     assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
     assert float(image.float().mean()) == pytest.approx(RAMP_MEAN, abs=1)
 
-    synthetic.write_voc_seg(tmp_path / "voc", train=2, val=1, size=(64, 64))
+    pascal_seg.write_voc_seg(tmp_path / "voc", train=2, val=1, size=(64, 64))
     voc = tmp_path / "voc/VOCdevkit/VOC2012"
     (voc / "JPEGImages/2007_000000.jpg").write_bytes(png_bytes(ramp16()))  # PIL reads the content, not the name
     sample = segmentation.SegmentationSet(segmentation.voc_items(tmp_path / "voc", "train"), 21)[0]
@@ -151,7 +152,7 @@ def test_downstream_read_image_and_datasets_scale_16_bit_images(tmp_path):
     labels = read_label_png(voc / "SegmentationClass/2007_000000.png")
     assert np.array_equal(sample["mask"].numpy(), labels) and set(np.unique(labels)) <= {0, 1, 8, 15, 255}
 
-    root = synthetic.write_nyu_bts(tmp_path / "bts", train=2, val=1, size=(64, 64))
+    root = nyu_depth.write_nyu_bts(tmp_path / "bts", train=2, val=1, size=(64, 64))
     rgb, depth_png = nyu_depth.bts_items(root, "val")[0]
     rgb.write_bytes(png_bytes(ramp16()))
     millimetres = np.asarray(Image.open(depth_png)).astype(np.float32)
@@ -164,11 +165,11 @@ def test_downstream_read_image_and_datasets_scale_16_bit_images(tmp_path):
 def test_nyu_h5_rgb_that_is_not_uint8_is_an_error_not_wrapped_values(tmp_path, dtype):
     import h5py
 
-    synthetic.write_nyu_h5(tmp_path, train=1, val=1, size=(8, 8))
+    nyu_depth.write_nyu_h5(tmp_path, train=1, val=1, size=(8, 8))
     path = next((tmp_path / "nyudepthv2/val").rglob("*.h5"))
     with h5py.File(path, "r+") as f:
         rgb = f["rgb"][()]
         del f["rgb"]
         f.create_dataset("rgb", data=(rgb / 255).astype(dtype))
-    with pytest.raises(DatasetError, match=f"{path.name}: rgb is {np.dtype(dtype).name}: expected uint8"):
+    with pytest.raises(DataError, match=f"{path.name}: rgb is {np.dtype(dtype).name}: expected uint8"):
         nyu_depth.NYUDepth(tmp_path, "val", "h5")[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_toy import CONFIGS
-from rs_transfer.downstream import finetune, synthetic
+from rs_transfer.downstream import cifar100, finetune
 from rs_transfer.models import create_model
 from rs_transfer.reproduce import table5
 
@@ -15,7 +15,7 @@ DEMO = CONFIGS / "downstream"
 
 
 def test_sweep_picks_the_best_point_and_table5_collects_it(tmp_path, capsys):
-    synthetic.write_cifar100(tmp_path / "data", train=64, test=20)
+    cifar100.write_cifar100(tmp_path / "data", train=64, test=20)
     summary = finetune.sweep("cifar100", config_path=DEMO / "cifar100_demo.yaml", learning_rates=[0.001, 0.04],
                              steps=[6], overrides=[f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'sweep'}",
                                                    "train.batch_size=16", "train.warmup_steps=0"])
@@ -32,7 +32,7 @@ def test_sweep_picks_the_best_point_and_table5_collects_it(tmp_path, capsys):
 
 
 def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
-    synthetic.write_cifar100(tmp_path / "data", train=64, test=20)
+    cifar100.write_cifar100(tmp_path / "data", train=64, test=20)
     torch.manual_seed(0)
     torch.save(create_model("rs26-w0.25").state_dict(), tmp_path / "tiny.pth")
     grid = dict(config_path=DEMO / "cifar100_demo.yaml", learning_rates=[0.04], steps=[6])

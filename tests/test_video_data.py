@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from rs_transfer.errors import DataError
 from rs_transfer.video import data, sampling, synthetic
-from rs_transfer.video.data import UnreadableVideo, VideoDataError
+from rs_transfer.video.data import UnreadableVideo
 
 CLASSES = sorted(synthetic.DIRECTIONS)
 
@@ -50,14 +51,14 @@ def test_csv_layout_files_and_missing_videos(datasets, tmp_path, caplog):
         videos, _ = data.list_videos(copy, "train")
     assert len(videos) == 8
     assert "1 of 9 listed videos are missing" in caplog.text
-    with pytest.raises(VideoDataError, match="annotations/val.csv"):
+    with pytest.raises(DataError, match="annotations/val.csv"):
         data.list_videos(copy, "val")
 
 
 def test_bad_roots_name_the_path(tmp_path):
-    with pytest.raises(VideoDataError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         data.find_layout(tmp_path / "nowhere")
-    with pytest.raises(VideoDataError, match="neither Kinetics layout"):
+    with pytest.raises(DataError, match="neither Kinetics layout"):
         data.find_layout(tmp_path)
 
 

@@ -3,11 +3,15 @@ and evaluator are shared with pascal_seg in rs_transfer/downstream/segmentation.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from rs_transfer.downstream import synthetic
+import numpy as np
+from PIL import Image
+
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import scene
 from rs_transfer.downstream.segmentation import ADE_NUM_CLASSES, METRIC, ade_items, build_segmentation
 
 # Batch 64 for ADE20K is not stated: it uses the VOC segmentation model and batch.
@@ -31,8 +35,31 @@ def build(config):
     return build_segmentation(config, ade_items(root, t.train_split), ade_items(root, t.val_split), ADE_NUM_CLASSES)
 
 
+# Raw ADE labels synthetic scenes use (0 = other; the first is the background), so the -1 shift and the last class
+# are exercised.
+SYNTHETIC_CLASSES = (1, 3, 13, 150)
+
+
+def write_ade(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
+    """ADEChallengeData2016/images|annotations/training|validation, greyscale PNG labels (0 = other)."""
+    rng = np.random.default_rng(seed)
+    ade = Path(root) / "ADEChallengeData2016"
+    for split, count, prefix in (("training", train, "ADE_train"), ("validation", val, "ADE_val")):
+        (ade / "images" / split).mkdir(parents=True, exist_ok=True)
+        (ade / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, label, _ = scene(rng, *size, len(SYNTHETIC_CLASSES) - 1)
+            raw = np.where(label >= 0, np.take(SYNTHETIC_CLASSES[1:], np.clip(label, 0, None)), SYNTHETIC_CLASSES[0])
+            # Background is a real class (ADE label 1); a band of "other" (0) pixels exercises the ignore label.
+            raw[: size[0] // 10] = 0
+            name = f"{prefix}_{i + 1:08d}"
+            Image.fromarray(image).save(ade / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(raw.astype(np.uint8)).save(ade / "annotations" / split / f"{name}.png")
+    return Path(root)
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_ade(root, train=train, val=val)
+    return write_ade(root, train=train, val=val)
 
 
 TASK = TransferTask(

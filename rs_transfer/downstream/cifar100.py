@@ -11,6 +11,7 @@ dicts, lists, strings, bytes, numbers and numpy arrays; a file naming anything e
 
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,15 +27,16 @@ except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
 from rs_transfer.config import at_least, checked
-from rs_transfer.downstream import synthetic
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, find_dir, require
+from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 
@@ -99,7 +101,7 @@ def _field(data, name: str):
 def read_cifar(root, split: str) -> tuple:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,) in 0..99) of cifar-100-python/`split`.
 
-    Raises DatasetError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
+    Raises DataError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
     class beyond `CifarUnpickler.ALLOWED` (nothing it names is called)."""
     folder = find_dir(root, ("cifar-100-python", "."), "CIFAR-100 (a cifar-100-python folder)")
     path = require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
@@ -109,12 +111,12 @@ def read_cifar(root, split: str) -> tuple:
         pixels = np.asarray(_field(data, "data"))
         labels = np.asarray(_field(data, "fine_labels"), dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
-        raise DatasetError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
+        raise DataError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
                            f"{type(error).__name__}: {error}") from None
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
-        raise DatasetError(f"{path}: 'data' is {pixels.dtype} {pixels.shape}: expected uint8 N x 3072")
+        raise DataError(f"{path}: 'data' is {pixels.dtype} {pixels.shape}: expected uint8 N x 3072")
     if len(labels) == 0 or len(pixels) != len(labels) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DatasetError(f"{path}: {len(pixels)} images, {len(labels)} labels in "
+        raise DataError(f"{path}: {len(pixels)} images, {len(labels)} labels in "
                            f"{labels.min(initial=0)}..{labels.max(initial=0)}: expected one label in 0..99 per image")
     return pixels.reshape(-1, 3, 32, 32), labels
 
@@ -181,8 +183,41 @@ def build(config) -> Task:
                 primary_metric=PROTOCOL.metric)
 
 
+SYNTHETIC_CLASSES = tuple(range(0, 100, 10))  # the fine labels synthetic images use; class k gets COLOURS[k]
+
+
+def write_cifar100(root, train=400, test=100, seed=0) -> Path:
+    """cifar-100-python/{train,test,meta}: pickles of dicts with byte-string keys, rows of 3072 uint8 (RGB planes)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        labels = [SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)] for i in range(count)]
+        rows = []
+        for label in labels:
+            k = SYNTHETIC_CLASSES.index(label)
+            image = background(rng, 32, 32)
+            mask, _ = shape_mask(rng, 32, 32, 0.4, 0.8)
+            image[mask] = COLOURS[k] + rng.normal(0, 10, size=(int(mask.sum()), 3))
+            rows.append(np.clip(image, 0, 255).astype(np.uint8).transpose(2, 0, 1).reshape(-1))
+        data = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(count)],
+            b"batch_label": f"{split} batch".encode(),
+            b"fine_labels": labels,
+            b"coarse_labels": [label // 5 for label in labels],
+            b"data": np.stack(rows),
+        }
+        with open(folder / split, "wb") as f:
+            pickle.dump(data, f, protocol=2)
+    meta = {b"fine_label_names": [f"class_{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return Path(root)
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_cifar100(root, train=train, test=val)
+    return write_cifar100(root, train=train, test=val)
 
 
 TASK = TransferTask(

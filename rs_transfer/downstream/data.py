@@ -16,42 +16,38 @@ from torchvision.transforms import v2
 
 from rs_transfer.data.images import read_rgb8
 from rs_transfer.data.text import read_lines
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError
 
 IGNORE = 255  # label of pixels that count neither for the loss nor for mIoU
-
-
-class DatasetError(UserError):
-    pass
 
 
 def find_dir(root, candidates: tuple, what: str) -> Path:
     """The first of `root/candidate` that exists; an error listing every place looked at otherwise."""
     if root is None:
-        raise DatasetError(f"data.root is not set: pass data.root=DIR, the folder that holds {what}")
+        raise DataError(f"data.root is not set: pass data.root=DIR, the folder that holds {what}")
     root = Path(root)
     for candidate in candidates:
         path = root / candidate
         if path.is_dir():
             return path
     looked = ", ".join(str(root / c) for c in candidates)
-    raise DatasetError(f"{what} not found under data.root={root}; looked for: {looked}")
+    raise DataError(f"{what} not found under data.root={root}; looked for: {looked}")
 
 
 def require(path: Path, expected: str) -> Path:
     if not path.exists():
-        raise DatasetError(f"missing {path}: expected {expected}")
+        raise DataError(f"missing {path}: expected {expected}")
     return path
 
 
 def read_text_lines(path: Path, expected: str) -> list:
     """The lines of a list file (UTF-8, an optional BOM, any line ending: see rs_transfer.data.text).
 
-    Raises DatasetError naming `path` when it is missing or not UTF-8 text."""
+    Raises DataError naming `path` when it is missing or not UTF-8 text."""
     try:
         return read_lines(require(path, expected))
     except UnicodeDecodeError as error:
-        raise DatasetError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): "
+        raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): "
                            f"expected {expected}") from None
 
 
@@ -59,18 +55,18 @@ def read_split(path: Path, expected: str) -> list:
     """The first word of every non-blank line: image ids of a VOC ImageSets or SBD list."""
     ids = [line.split()[0] for line in read_text_lines(path, expected) if line.strip()]
     if not ids:
-        raise DatasetError(f"{path} lists no images: expected {expected}")
+        raise DataError(f"{path} lists no images: expected {expected}")
     return ids
 
 
 def read_image(path: Path) -> tv_tensors.Image:
     """uint8 3xHxW RGB of an image file of any mode (16-bit and float scaled, see rs_transfer.data.images).
 
-    Raises DatasetError naming `path` when it is missing or cannot be decoded."""
+    Raises DataError naming `path` when it is missing or cannot be decoded."""
     try:
         array = np.asarray(read_rgb8(require(path, "an image file")))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from None
+        raise DataError(f"cannot read image {path}: {error}") from None
     return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
@@ -79,10 +75,10 @@ def read_label_png(path: Path) -> np.ndarray:
     try:
         with Image.open(require(path, "a label PNG")) as image:
             if image.mode not in ("P", "L"):
-                raise DatasetError(f"label {path} has mode {image.mode}: expected a palette (P) or greyscale (L) PNG")
+                raise DataError(f"label {path} has mode {image.mode}: expected a palette (P) or greyscale (L) PNG")
             return np.array(image)
     except (UnidentifiedImageError, OSError) as error:
-        raise DatasetError(f"cannot read label {path}: {error}") from None
+        raise DataError(f"cannot read label {path}: {error}") from None
 
 
 class ScaleJitter(v2.ScaleJitter):

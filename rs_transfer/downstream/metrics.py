@@ -12,7 +12,7 @@
 - Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE.
 
 A metric with nothing to measure (no labelled pixel, no ground-truth box, no valid depth pixel in the whole
-evaluation set) is undefined: it raises DatasetError instead of returning NaN, infinity or a zero that reads
+evaluation set) is undefined: it raises DataError instead of returning NaN, infinity or a zero that reads
 like a result.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from rs_transfer.downstream.data import IGNORE, DatasetError
+from rs_transfer.downstream.data import IGNORE
 from rs_transfer.engine.distributed import all_reduce_sum
+from rs_transfer.errors import DataError
 
 
 class MeanIoU:
@@ -41,10 +42,10 @@ class MeanIoU:
     def compute(self, class_names=None) -> dict:
         """{"miou": ..., "iou/<class>": ...} as floats; classes absent from prediction and truth are not listed.
 
-        Raises DatasetError when no pixel of the set has a label other than ignore (torchmetrics gives NaN)."""
+        Raises DataError when no pixel of the set has a label other than ignore (torchmetrics gives NaN)."""
         miou = float(self.mean.compute())
         if miou != miou:  # NaN: every class is absent, i.e. every pixel is ignore
-            raise DatasetError(f"segmentation evaluation found no labelled pixel (every pixel is {self.ignore_index}, "
+            raise DataError(f"segmentation evaluation found no labelled pixel (every pixel is {self.ignore_index}, "
                                "ignore): mIoU is undefined; check the label files of the evaluation split")
         metrics = {"miou": miou}
         for index, value in enumerate(self.per_class.compute().tolist()):
@@ -68,10 +69,10 @@ def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tor
 def depth_metrics(sums: torch.Tensor, valid: str = "valid ground-truth depth") -> dict:
     """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics (pixel-weighted).
 
-    Raises DatasetError on every rank when no pixel was valid; `valid` says which pixels count, for the message."""
+    Raises DataError on every rank when no pixel was valid; `valid` says which pixels count, for the message."""
     pixels, good, abs_rel, squared = all_reduce_sum(sums).tolist()
     if pixels == 0:
-        raise DatasetError(f"depth evaluation found no {valid}: delta1, abs_rel and rmse are undefined; check "
+        raise DataError(f"depth evaluation found no {valid}: delta1, abs_rel and rmse are undefined; check "
                            "task.depth_min/depth_max (metres) and the depth files (h5: metres, BTS PNGs: millimetres)")
     return {"delta1": good / pixels, "abs_rel": abs_rel / pixels, "rmse": (squared / pixels) ** 0.5, "pixels": int(pixels)}
 
@@ -138,7 +139,7 @@ def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
     """detections: [(image_id, class_index, score, box)]; ground_truth: image_id -> (boxes, labels, difficult).
 
     Returns ap50 (mean over classes present in the ground truth) and ap50_per_class (None for absent classes).
-    Raises DatasetError when no class has a non-difficult ground-truth box (AP50 would be undefined).
+    Raises DataError when no class has a non-difficult ground-truth box (AP50 would be undefined).
     """
     per_class = []
     for c in range(len(class_names)):
@@ -150,7 +151,7 @@ def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
         per_class.append(class_ap(dets, gt))
     present = [ap for ap in per_class if ap is not None]
     if not present:
-        raise DatasetError(f"detection evaluation found no non-difficult ground-truth box in {len(ground_truth)} "
+        raise DataError(f"detection evaluation found no non-difficult ground-truth box in {len(ground_truth)} "
                            "images: AP50 is undefined; check the annotations of the test set")
     return {
         "ap50": float(np.mean(present)),

@@ -24,18 +24,19 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from rs_transfer.config import above, at_least, checked, one_of, ordered
-from rs_transfer.downstream import synthetic
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    DatasetError, dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
+    dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import depth_scene
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
@@ -73,11 +74,11 @@ def read_h5(path: Path) -> tuple:
         with h5py.File(path, "r") as f:
             rgb, depth = np.asarray(f["rgb"]), np.asarray(f["depth"], dtype=np.float32)
     except (OSError, KeyError) as error:
-        raise DatasetError(f"{path}: expected an HDF5 file with 'rgb' (3xHxW uint8) and 'depth' (HxW metres): {error}") from None
+        raise DataError(f"{path}: expected an HDF5 file with 'rgb' (3xHxW uint8) and 'depth' (HxW metres): {error}") from None
     if rgb.ndim != 3 or rgb.shape[0] != 3 or depth.shape != rgb.shape[1:]:
-        raise DatasetError(f"{path}: rgb {rgb.shape} and depth {depth.shape}: expected 3xHxW and HxW")
+        raise DataError(f"{path}: rgb {rgb.shape} and depth {depth.shape}: expected 3xHxW and HxW")
     if rgb.dtype != np.uint8:  # casting would wrap 16-bit values and floor [0, 1] floats to black
-        raise DatasetError(f"{path}: rgb is {rgb.dtype.name}: expected uint8 (0..255), as the sparse-to-dense release")
+        raise DataError(f"{path}: rgb is {rgb.dtype.name}: expected uint8 (0..255), as the sparse-to-dense release")
     return tv_tensors.Image(torch.from_numpy(rgb)), torch.from_numpy(depth)
 
 
@@ -86,9 +87,9 @@ def read_depth_png(path: Path) -> torch.Tensor:
         with Image.open(require(path, "a 16-bit depth PNG (millimetres)")) as image:
             array = np.array(image)
     except (UnidentifiedImageError, OSError) as error:
-        raise DatasetError(f"cannot read depth {path}: {error}") from None
+        raise DataError(f"cannot read depth {path}: {error}") from None
     if array.dtype != np.uint16 and array.dtype != np.int32:
-        raise DatasetError(f"depth {path} is {array.dtype}: expected a 16-bit PNG in millimetres")
+        raise DataError(f"depth {path} is {array.dtype}: expected a 16-bit PNG in millimetres")
     return torch.from_numpy(array.astype(np.float32) / 1000.0)
 
 
@@ -104,7 +105,7 @@ def h5_files(root, split: str) -> list:
     folder = require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
     files = sorted(folder.rglob("*.h5"))
     if not files:
-        raise DatasetError(f"no .h5 files under {folder}: expected {split}/<scene>/<n>.h5")
+        raise DataError(f"no .h5 files under {folder}: expected {split}/<scene>/<n>.h5")
     return files
 
 
@@ -118,12 +119,12 @@ def bts_items(root, split: str) -> list:
         if not parts:
             continue
         if len(parts) < 2:
-            raise DatasetError(f"{listing} line {number}: expected 'RGB DEPTH FOCAL', got {line!r}")
+            raise DataError(f"{listing} line {number}: expected 'RGB DEPTH FOCAL', got {line!r}")
         if parts[1] == "None":
             continue
         items.append((base / parts[0].lstrip("/"), base / parts[1].lstrip("/")))
     if not items:
-        raise DatasetError(f"{listing} lists no image with ground truth")
+        raise DataError(f"{listing} lists no image with ground truth")
     return items
 
 
@@ -132,10 +133,10 @@ class NYUDepth(Dataset):
 
     def __init__(self, root, split: str, fmt: str = "auto", transform=None):
         if root is None:
-            raise DatasetError("data.root is not set: pass data.root=DIR, the folder that holds nyudepthv2/")
+            raise DataError("data.root is not set: pass data.root=DIR, the folder that holds nyudepthv2/")
         self.format = detect_format(root) if fmt == "auto" else fmt
         if self.format not in ("h5", "bts"):
-            raise DatasetError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")
+            raise DataError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")
         self.items = h5_files(root, split) if self.format == "h5" else bts_items(root, split)
         self.transform = transform
 
@@ -149,7 +150,7 @@ class NYUDepth(Dataset):
             image_path, depth_path = self.items[index]
             image, depth = read_image(image_path), read_depth_png(depth_path)
             if depth.shape != image.shape[-2:]:
-                raise DatasetError(f"depth {depth_path} is {tuple(depth.shape)}, image {tuple(image.shape[-2:])}")
+                raise DataError(f"depth {depth_path} is {tuple(depth.shape)}, image {tuple(image.shape[-2:])}")
         sample = {"image": image, "depth": tv_tensors.Mask(depth)}
         return self.transform(sample) if self.transform else sample
 
@@ -217,8 +218,48 @@ def build(config) -> Task:
                 primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
 
 
+def write_nyu_h5(root, train=32, val=8, size=(96, 128), seed=0) -> Path:
+    """nyudepthv2/train/<scene>/<n>.h5 and val/official/<n>.h5 with `rgb` (3xHxW uint8) and `depth` (HxW
+    float32 metres). The real release is 480x640; `size` is smaller so the demo runs fast."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "nyudepthv2"
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            scene_dir = base / split / ("official" if split == "val" else f"scene_{i % 3:04d}")
+            scene_dir.mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            with h5py.File(scene_dir / f"{i:05d}.h5", "w") as f:
+                f.create_dataset("rgb", data=image.transpose(2, 0, 1))
+                f.create_dataset("depth", data=depth)
+    return Path(root)
+
+
+def write_nyu_bts(root, train=8, val=4, size=(96, 128), seed=0) -> Path:
+    """The BTS sync layout: sync/<scene>/rgb_<n>.jpg + sync_depth_<n>.png (uint16 mm), official_splits/test/
+    likewise, and the two file lists (train paths start with '/', as BTS's do; one test line has no depth)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    lines = {"train": [], "val": []}
+    for split, count, folder in (("train", train, "sync"), ("val", val, "official_splits/test")):
+        for i in range(count):
+            scene_name = f"kitchen_{i % 2:04d}"
+            (root / folder / scene_name).mkdir(parents=True, exist_ok=True)
+            image, depth = depth_scene(rng, *size)
+            rgb, dep = f"{scene_name}/rgb_{i:05d}.jpg", f"{scene_name}/sync_depth_{i:05d}.png"
+            Image.fromarray(image).save(root / folder / rgb, quality=95)
+            Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(root / folder / dep)
+            prefix = "/" if split == "train" else ""
+            lines[split].append(f"{prefix}{rgb} {prefix}{dep} 518.8579")
+    lines["val"].append("bathroom/rgb_00999.jpg None 518.8579")
+    (root / "nyudepthv2_train_files_with_gt.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "nyudepthv2_test_files_with_gt.txt").write_text("\n".join(lines["val"]) + "\n")
+    return root
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_nyu_h5(root, train=train, val=val)
+    return write_nyu_h5(root, train=train, val=val)
 
 
 TASK = TransferTask(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -28,17 +29,18 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms import v2
 
 from rs_transfer.config import above, at_least, checked
-from rs_transfer.downstream import synthetic
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
-from rs_transfer.downstream.data import DatasetError, ScaleJitter, find_dir, read_image, read_split, require
+from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import scene
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = (
@@ -71,17 +73,17 @@ def parse_annotation(path: Path) -> tuple:
     try:
         root = ET.parse(require(path, "a VOC XML annotation")).getroot()
     except ET.ParseError as error:
-        raise DatasetError(f"cannot parse {path}: {error}") from None
+        raise DataError(f"cannot parse {path}: {error}") from None
     boxes, labels, difficult = [], [], []
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in CLASSES:
-            raise DatasetError(f"{path}: unknown class {name!r}: expected one of the 20 VOC classes")
+            raise DataError(f"{path}: unknown class {name!r}: expected one of the 20 VOC classes")
         box = obj.find("bndbox")
         try:
             x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
-            raise DatasetError(f"{path}: an object {name!r} lacks a numeric bndbox xmin/ymin/xmax/ymax") from None
+            raise DataError(f"{path}: an object {name!r} lacks a numeric bndbox xmin/ymin/xmax/ymax") from None
         boxes.append((x0 - 1, y0 - 1, x1, y1))
         labels.append(CLASSES.index(name))
         difficult.append(int(obj.findtext("difficult") or 0) == 1)
@@ -99,7 +101,7 @@ def image_sets(root, sets) -> list:
     for item in sets:
         year, sep, split = str(item).partition(":")
         if not sep:
-            raise DatasetError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
+            raise DataError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
         voc = voc_year_dir(root, year)
         ids = read_split(voc / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year}/ImageSets/Main/{split}.txt (one id per line)")
         items += [(voc / "JPEGImages" / f"{i}.jpg", voc / "Annotations" / f"{i}.xml", f"{year}/{i}") for i in ids]
@@ -163,7 +165,7 @@ class Detector(nn.Module):
                  detections_per_img=100, rois_per_image=512, **arch):
         super().__init__()
         if len(anchor_sizes) != len(LEVELS):
-            raise DatasetError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
+            raise DataError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
         body = BackboneFPN(backbone, weights=weights, channels=fpn_channels, **arch)
         anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
         box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d)
@@ -231,8 +233,49 @@ def build(config) -> Task:
                 primary_metric=PROTOCOL.metric, collate_fn=det_collate)
 
 
+SYNTHETIC_CLASSES = ("aeroplane", "cat", "person")  # the classes synthetic scenes draw
+
+
+def _voc_xml(filename: str, year: str, height: int, width: int, objects: list) -> str:
+    parts = [f"<annotation><folder>VOC{year}</folder><filename>{filename}</filename>",
+             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size><segmented>0</segmented>"]
+    for name, (x0, y0, x1, y1), difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+                     f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+    return "\n".join(parts) + "\n</annotation>\n"
+
+
+def write_voc_det(root, train=48, test=12, size=(96, 128), seed=0) -> Path:
+    """VOCdevkit/VOC2007 (trainval + test) and VOC2012 (trainval): Annotations XML (1-based inclusive boxes,
+    some `difficult`), JPEGImages, ImageSets/Main. The first test image has no objects."""
+    rng = np.random.default_rng(seed)
+    splits = (("2007", "trainval", train - train // 2), ("2012", "trainval", train // 2), ("2007", "test", test))
+    for year, split, count in splits:
+        voc = Path(root) / "VOCdevkit" / f"VOC{year}"
+        for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (voc / folder).mkdir(parents=True, exist_ok=True)
+        ids = []
+        for i in range(count):
+            image_id = f"{split[:4]}{i:06d}" if year == "2007" else f"2012_{i:06d}"
+            empty = split == "test" and i == 0
+            image, _, objects = scene(rng, *size, len(SYNTHETIC_CLASSES), min_objects=0 if empty else 1,
+                                      max_objects=0 if empty else 3)
+            # Later objects paint over earlier ones; keep boxes whose object is still mostly visible.
+            visible, covered = [], np.zeros(size, dtype=bool)
+            for k, box, mask in reversed(objects):
+                if (mask & ~covered).sum() > 0.6 * mask.sum():
+                    visible.append((SYNTHETIC_CLASSES[k], box, rng.random() < 0.1))
+                covered |= mask
+            Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (voc / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(f"{image_id}.jpg", year, *size, visible))
+            ids.append(image_id)
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return Path(root)
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_voc_det(root, train=train, test=val)
+    return write_voc_det(root, train=train, test=val)
 
 
 TASK = TransferTask(

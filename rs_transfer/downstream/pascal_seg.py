@@ -3,12 +3,17 @@ mIoU. Readers, model and evaluator are shared with ade_seg in rs_transfer/downst
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from rs_transfer.downstream import synthetic
+import numpy as np
+from PIL import Image
+
+from rs_transfer.data.text import read_lines
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.scenes import scene, voc_palette
 from rs_transfer.downstream.segmentation import METRIC, VOC_CLASSES, build_segmentation, voc_items
 
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "VOC seg mIoU")
@@ -33,8 +38,66 @@ def build(config):
                               len(VOC_CLASSES), VOC_CLASSES)
 
 
+SYNTHETIC_CLASSES = (1, 8, 15)  # the VOC classes synthetic scenes draw: aeroplane, cat, person
+
+
+def _boundary(label: np.ndarray) -> np.ndarray:
+    # VOC marks object outlines 255 (ignore); mark pixels whose 4-neighbour differs.
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[1:] |= label[1:] != label[:-1]
+    edge[:-1] |= label[1:] != label[:-1]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    return edge
+
+
+def write_voc_seg(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
+    """VOCdevkit/VOC2012 with JPEGImages, palette PNGs in SegmentationClass (255 outlines) and ImageSets."""
+    rng = np.random.default_rng(seed)
+    voc = Path(root) / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
+    ids = [f"2007_{i:06d}" for i in range(train + val)]
+    for image_id in ids:
+        image, label, _ = scene(rng, *size, len(SYNTHETIC_CLASSES))
+        classes = np.where(label >= 0, np.take(SYNTHETIC_CLASSES, np.clip(label, 0, None)), 0).astype(np.uint8)
+        classes[_boundary(label)] = 255
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        png = Image.fromarray(classes)  # mode L; putpalette turns it into P
+        png.putpalette(palette)
+        png.save(voc / "SegmentationClass" / f"{image_id}.png")
+    sets = voc / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("\n".join(ids[:train]) + "\n")
+    (sets / "val.txt").write_text("\n".join(ids[train:]) + "\n")
+    (sets / "trainval.txt").write_text("\n".join(ids) + "\n")
+    return Path(root)
+
+
+def write_sbd(root, voc_root, extra=4, size=(96, 128), seed=1) -> Path:
+    """SBD's benchmark_RELEASE/dataset: img/<id>.jpg, cls/<id>.mat (GTcls.Segmentation), train.txt, val.txt.
+
+    Holds `extra` new images plus the first VOC val image (which trainaug must drop)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    sbd = Path(root) / "benchmark_RELEASE" / "dataset"
+    (sbd / "img").mkdir(parents=True, exist_ok=True)
+    (sbd / "cls").mkdir(parents=True, exist_ok=True)
+    voc_val = read_lines(Path(voc_root) / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
+    ids = [f"2008_{i:06d}" for i in range(extra)]
+    for image_id in ids:
+        image, label, _ = scene(rng, *size, len(SYNTHETIC_CLASSES))
+        classes = np.where(label >= 0, np.take(SYNTHETIC_CLASSES, np.clip(label, 0, None)), 0).astype(np.uint8)
+        Image.fromarray(image).save(sbd / "img" / f"{image_id}.jpg", quality=95)
+        savemat(sbd / "cls" / f"{image_id}.mat", {"GTcls": {"Segmentation": classes, "CategoriesPresent": np.unique(classes)}})
+    (sbd / "train.txt").write_text("\n".join(ids[: extra // 2]) + "\n")
+    (sbd / "val.txt").write_text("\n".join(ids[extra // 2:] + voc_val[:1]) + "\n")
+    return Path(root) / "benchmark_RELEASE"
+
+
 def write_synthetic(root, train: int, val: int):
-    return synthetic.write_voc_seg(root, train=train, val=val)
+    return write_voc_seg(root, train=train, val=val)
 
 
 TASK = TransferTask(

@@ -19,14 +19,14 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import (
-    IGNORE, DatasetError, dense_train_transform, find_dir, pad_collate, read_image, read_label_png, read_split,
-    require,
+    IGNORE, dense_train_transform, find_dir, pad_collate, read_image, read_label_png, read_split, require,
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
+from rs_transfer.errors import DataError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -60,10 +60,10 @@ class SegmentationSet(Dataset):
         image = read_image(image_path)
         label = read_label(label_path)
         if label.shape != tuple(image.shape[-2:]):
-            raise DatasetError(f"label {label_path} is {label.shape}, image {image_path} is {tuple(image.shape[-2:])}")
+            raise DataError(f"label {label_path} is {label.shape}, image {image_path} is {tuple(image.shape[-2:])}")
         bad = (label >= self.num_classes) & (label != IGNORE)
         if bad.any():
-            raise DatasetError(
+            raise DataError(
                 f"label {label_path} has class {int(label[bad].max())}: expected 0..{self.num_classes - 1} or {IGNORE}"
             )
         sample = {"image": image, "mask": tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8)))}
@@ -78,7 +78,7 @@ def read_sbd_mat(path) -> np.ndarray:
     """Class indices (uint8 HxW) of an SBD cls/<id>.mat: the 1x1 struct GTcls, field Segmentation.
 
     Read without squeezing: squeeze_me would turn a label one pixel wide or high into a vector. Raises
-    DatasetError naming `path` when the struct or field is missing or the label is not 2-D class indices."""
+    DataError naming `path` when the struct or field is missing or the label is not 2-D class indices."""
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
@@ -86,10 +86,10 @@ def read_sbd_mat(path) -> np.ndarray:
         gt = loadmat(require(path, "an SBD label .mat"), struct_as_record=False)["GTcls"]
         label = np.asarray(gt[0, 0].Segmentation)
     except (MatReadError, KeyError, AttributeError, IndexError, TypeError, ValueError) as error:
-        raise DatasetError(f"SBD label {path} has no GTcls.Segmentation: {type(error).__name__}: {error}") from None
+        raise DataError(f"SBD label {path} has no GTcls.Segmentation: {type(error).__name__}: {error}") from None
     numeric = label.ndim == 2 and label.dtype.kind in "uif"
     if not numeric or not np.all((label % 1 == 0) & (label >= 0) & (label <= 255)):
-        raise DatasetError(f"SBD label {path}: GTcls.Segmentation is {label.dtype} {label.shape}: expected a 2-D "
+        raise DataError(f"SBD label {path}: GTcls.Segmentation is {label.dtype} {label.shape}: expected a 2-D "
                            "array of class indices 0..255")
     return label.astype(np.uint8)
 
@@ -106,7 +106,7 @@ def voc_items(root, split: str, sbd_root=None) -> list:
         ids = read_split(sets / f"{split}.txt", expected)
         return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids]
     if sbd_root is None:
-        raise DatasetError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
+        raise DataError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
     sbd = find_dir(sbd_root, ("dataset", "benchmark_RELEASE/dataset"), "SBD (a dataset folder with cls/ and train.txt)")
     sbd_ids = read_split(sbd / "train.txt", "SBD train ids") + read_split(sbd / "val.txt", "SBD val ids")
     voc_train = read_split(sets / "train.txt", expected)
@@ -130,7 +130,7 @@ def ade_items(root, split: str) -> list:
     annotations = require(ade / "annotations" / folder, f"ADEChallengeData2016/annotations/{folder}/*.png")
     paths = sorted(images.glob("*.jpg"))
     if not paths:
-        raise DatasetError(f"no .jpg images in {images}")
+        raise DataError(f"no .jpg images in {images}")
     return [(p, (annotations / f"{p.stem}.png", read_ade_label)) for p in paths]
 
 

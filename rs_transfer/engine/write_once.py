@@ -17,19 +17,16 @@ from typing import Callable
 
 from rs_transfer.engine.distributed import launcher_env
 from rs_transfer.errors import UserError
+from rs_transfer.files import FileWriteError
 
 log = logging.getLogger(__name__)
-
-
-class DatasetWriteError(UserError):
-    pass
 
 
 def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: float = 600) -> Path:
     """Make `root` by calling `write(folder)` unless it already holds data; returns `root`.
 
     A non-empty `root` is used as it is (a user's own data, or a dataset written earlier: written datasets only
-    ever appear whole). An empty `root` (a folder the user made) is replaced. Raises DatasetWriteError (one line
+    ever appear whole). An empty `root` (a folder the user made) is replaced. Raises FileWriteError (one line
     naming `root` and the OS's reason) when the disk is read-only or full, with nothing left behind, and UserError
     when local rank 0 has not finished within `timeout_s` seconds.
     """
@@ -58,7 +55,7 @@ def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: flo
         if _has_data(root):  # another node's writer finished first (a shared file system): use its copy
             return root
         if isinstance(error, OSError):  # a read-only or full disk is the user's to fix, not a bug
-            raise DatasetWriteError(f"cannot write the generated dataset {root}: {error.strerror or error} "
+            raise FileWriteError(f"cannot write the generated dataset {root}: {error.strerror or error} "
                                     "(nothing was left behind; free space or choose another folder)") from None
         raise
     return root

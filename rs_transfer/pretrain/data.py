@@ -31,14 +31,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from rs_transfer.data.images import decode_rgb8
+from rs_transfer.errors import DataError
 from rs_transfer.pretrain import shards
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_CONSECUTIVE_BAD = 16
-
-DataError = shards.DataError
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import numpy as np
 from wids.wids_mmtar import MMIndexedTar
 
 from rs_transfer.data.text import ENCODING as TEXT_ENCODING
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError
 from rs_transfer.files import FileWriteError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ SHARDS_PER_BLOCK = 8  # an epoch shuffles blocks of this many shards' samples, i
 NAMED_IN_WARNINGS = 5  # member names shown in a warning before "and N more"
 MAX_CLASSES = 1 << 20  # a .cls above this is not a class index (ImageNet-21k has 21841, JFT 18291)
 SCAN_WARNING_SHARDS = 64  # more shards than this without an index.json: say that start-up reads every shard
-
-
-class DataError(UserError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ import re
 from pathlib import Path
 
 from rs_transfer.downstream import protocol, registry
-from rs_transfer.downstream.data import DatasetError
 from rs_transfer.downstream.finetune import sweep
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError, UserError
 from rs_transfer.reproduce.common import write_table
 
 
@@ -80,7 +79,7 @@ def _read_result(folder: Path, task: str) -> float:
         return 100 * json.loads((folder / "sweep.json").read_text())["best"][metric]
     path = folder / "final_metrics.json"
     if not path.is_file():
-        raise DatasetError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
+        raise DataError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
     values = json.loads(path.read_text())
     if metric not in values:
         raise UserError(f"{path} has no {metric!r}: is it a {task} run?")

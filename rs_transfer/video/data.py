@@ -33,17 +33,13 @@ import torch
 from torch.utils.data import Dataset
 
 from rs_transfer.data.text import open_csv
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError
 from rs_transfer.video import sampling
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 SPLIT_CSV = {"train": ("train.csv",), "val": ("val.csv", "validate.csv")}
-
-
-class VideoDataError(UserError):
-    pass
 
 
 class UnreadableVideo(Exception):
@@ -59,12 +55,12 @@ class Video:
 def find_layout(root: str | Path) -> str:
     root = Path(root)
     if not root.is_dir():
-        raise VideoDataError(f"video data root not found: {root}")
+        raise DataError(f"video data root not found: {root}")
     if (root / "annotations" / "train.csv").is_file():
         return "csv"
     if (root / "train").is_dir():
         return "folders"
-    raise VideoDataError(
+    raise DataError(
         f"{root} is neither Kinetics layout: expected {root}/train/<class>/*.mp4 (class folders) or "
         f"{root}/annotations/train.csv with videos in {root}/train/ (CSV annotations)"
     )
@@ -79,14 +75,14 @@ def list_videos(root: str | Path, split: str) -> tuple[list, list]:
 def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
     """({split: videos}, class names), reading each split once (the training split gives the classes).
 
-    Raises VideoDataError naming the root or file when a layout, annotation file, split or class is missing.
+    Raises DataError naming the root or file when a layout, annotation file, split or class is missing.
     """
     root = Path(root)
     layout = find_layout(root)
     read_rows = _folder_rows if layout == "folders" else _csv_rows
     rows = {"train": read_rows(root, "train")}
     if not rows["train"]:
-        raise VideoDataError(f"no training videos found under {root} ({layout} layout)")
+        raise DataError(f"no training videos found under {root} ({layout} layout)")
     classes = _class_folders(root / "train") if layout == "folders" else sorted({label for _, label in rows["train"]})
     index = {name: i for i, name in enumerate(classes)}
     videos = {}
@@ -96,12 +92,12 @@ def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
         videos[split] = []
         for path, label in rows[split]:
             if label not in index:
-                raise VideoDataError(
+                raise DataError(
                     f"{path}: class {label!r} of the {split} split has no training videos under {root}"
                 )
             videos[split].append(Video(path, index[label]))
         if not videos[split]:
-            raise VideoDataError(f"no {split} videos found under {root} ({layout} layout)")
+            raise DataError(f"no {split} videos found under {root} ({layout} layout)")
     return videos, classes
 
 
@@ -113,7 +109,7 @@ def _class_folders(split_dir: Path) -> list:
 def _folder_rows(root: Path, split: str) -> list:
     split_dir = root / split
     if not split_dir.is_dir():
-        raise VideoDataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
+        raise DataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
     rows = []
     for name in _class_folders(split_dir):
         class_dir = split_dir / name
@@ -131,19 +127,19 @@ def _csv_rows(root: Path, split: str) -> list:
     names = SPLIT_CSV.get(split, (f"{split}.csv",))
     csv_path = next((root / "annotations" / n for n in names if (root / "annotations" / n).is_file()), None)
     if csv_path is None:
-        raise VideoDataError(f"annotation file not found: {root / 'annotations' / names[0]}")
+        raise DataError(f"annotation file not found: {root / 'annotations' / names[0]}")
     on_disk = _videos_by_stem(root / split)
     rows, missing = [], 0
     with open_csv(csv_path) as file:
         reader = csv.DictReader(file)
         needed = {"label", "youtube_id", "time_start", "time_end"}
         if not needed <= set(reader.fieldnames or ()):
-            raise VideoDataError(f"{csv_path}: expected columns {sorted(needed)}, found {reader.fieldnames}")
+            raise DataError(f"{csv_path}: expected columns {sorted(needed)}, found {reader.fieldnames}")
         for line, row in enumerate(reader, start=2):
             try:
                 start, end = int(float(row["time_start"])), int(float(row["time_end"]))
             except ValueError:
-                raise VideoDataError(f"{csv_path}, line {line}: time_start/time_end are not numbers") from None
+                raise DataError(f"{csv_path}, line {line}: time_start/time_end are not numbers") from None
             path = on_disk.get(f"{row['youtube_id']}_{start:06d}_{end:06d}")
             if path is None:
                 missing += 1
@@ -355,7 +351,7 @@ class TrainClips(Dataset):
                 return self.augment(self.load_clip(video.path)), video.label
             except UnreadableVideo as error:
                 self.skipped.skip(video.path, str(error))
-        raise VideoDataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable")
+        raise DataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable")
 
     def load_clip(self, path) -> torch.Tensor:
         with VideoReader(path) as video:
