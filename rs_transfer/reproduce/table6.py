@@ -29,7 +29,7 @@ def config_path(row: Row) -> Path:
 
 
 def reproduce(out: str, run: bool, overrides: list) -> list:
-    from rs_transfer.video.task import run_train
+    from rs_transfer.video.run import run_train
 
     def train(row, run_dir):
         run_train(str(config_path(row)), [*overrides, f"output_dir={run_dir}"])
