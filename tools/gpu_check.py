@@ -56,6 +56,8 @@ DEVICE_WHEELS = {
     "pyparsing": "matplotlib",
     "cycler": "matplotlib",
     "python-dateutil": "matplotlib",
+    "torchmetrics": "top-k accuracy of the pretrain and video evaluators (engine/classification.py)",
+    "lightning-utilities": "torchmetrics",
 }
 OWN_WHEEL = "rs_transfer"
 
