@@ -339,14 +339,14 @@ def run_pseudo_label(args) -> int:
 
 
 def run_video_train(args) -> int:
-    from rs_transfer.video.task import run_train
+    from rs_transfer.video.run import run_train
 
     print(json.dumps(run_train(args.config, with_resume(args))))
     return 0
 
 
 def run_video_eval(args) -> int:
-    from rs_transfer.video.task import run_eval
+    from rs_transfer.video.run import run_eval
 
     print(json.dumps(run_eval(args.checkpoint, args.views, args.config, args.overrides)))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from engine_toy import CONFIGS
 from rs_transfer.downstream import finetune, nyu_depth
@@ -45,6 +46,12 @@ def test_pascal_seg_end_to_end(tmp_path):
 def test_cifar100_end_to_end(tmp_path):
     metrics = run_demo("cifar100", tmp_path, "train.steps=100")
     assert metrics["top1"] > 0.6  # 10 classes used, equally many images each: chance 0.1
+    # The engine's weights.pth is the network alone: it loads strictly, classifier included, into the zoo model.
+    from rs_transfer.models import create_model
+    from rs_transfer.models.weights import load_weights
+
+    name = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["name"]
+    load_weights(create_model(name, num_classes=100), tmp_path / "run" / "weights.pth", new_classifier=False)
 
 
 @pytest.mark.slow

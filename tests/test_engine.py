@@ -11,7 +11,7 @@ from engine_toy import make_task, toy_config
 from rs_transfer.config import ConfigError
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine.trainer import NonFiniteLossError, micro_batch_size, train
-from rs_transfer.models.weights import read_state_dict
+from rs_transfer.models.weights import load_weights, read_state_dict
 
 
 def test_toy_task_learns_and_writes_its_outputs(tmp_path):
@@ -46,6 +46,11 @@ def test_toy_task_learns_and_writes_its_outputs(tmp_path):
     ema = read_state_dict(tmp_path / "final.pt")
     assert set(ema) == {key.removeprefix("net.") for key in task.model.state_dict()}
     assert torch.equal(ema["0.weight"], state["ema"]["net.0.weight"])
+    # weights.pth: the network to export (`model.net`), EMA weights, its own key names; it loads strictly.
+    exported = torch.load(tmp_path / "weights.pth", weights_only=True)
+    assert set(exported) == set(task.model.net.state_dict())
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)
+    load_weights(make_task().model.net, tmp_path / "weights.pth", new_classifier=False)
 
 
 def test_global_batch_must_split_over_processes_and_accumulation():

@@ -331,7 +331,7 @@ def test_evaluation_loader_workers_survive_a_sigterm_to_the_process_group(tmp_pa
 ])
 def test_task_sections_declare_their_ranges_too(schema, override, rule):
     from rs_transfer.downstream.pascal_seg import PascalSegConfig
-    from rs_transfer.video.task import VideoConfig
+    from rs_transfer.video.config import VideoConfig
 
     with pytest.raises(ConfigError) as error:
         load_config({"video": VideoConfig, "finetune": PascalSegConfig}[schema], None, [override])
@@ -399,7 +399,7 @@ def test_a_resume_with_a_run_shorter_than_the_checkpoint_is_an_error(tmp_path, d
 ])
 def test_values_that_make_no_sense_together_are_refused(overrides, message):
     from rs_transfer.downstream.nyu_depth import NYUDepthConfig
-    from rs_transfer.video.task import VideoConfig
+    from rs_transfer.video.config import VideoConfig
 
     # nyu_depth's section has every relation a fine-tuning section declares (scale range, crop, depth range)
     with pytest.raises(ConfigError, match=message):

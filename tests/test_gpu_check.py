@@ -28,7 +28,7 @@ SPEC.loader.exec_module(gpu_check)
 # The modules behind the commands the check runs (cli.py builds its parser with downstream.protocol, then imports
 # one of these for the command) and the ones its helper subcommands import.
 CHECK_MODULES = ("rs_transfer.errors", "rs_transfer.downstream.protocol", "rs_transfer.pretrain.run",
-                 "rs_transfer.bench.latency", "rs_transfer.reproduce.table7", "rs_transfer.video.task",
+                 "rs_transfer.bench.latency", "rs_transfer.reproduce.table7", "rs_transfer.video.run",
                  "rs_transfer.bench.video_data", "rs_transfer.pretrain.synthetic", "rs_transfer.engine.device")
 
 # The tiny run's sitecustomize: this venv's site-packages is swapped for a folder of links to the packages the GPU

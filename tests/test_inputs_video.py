@@ -14,8 +14,10 @@ import yaml
 
 from rs_transfer.config import ConfigError, load_config
 from rs_transfer.video import data, sampling, synthetic
-from rs_transfer.video.task import (EvalVideos, VideoClassifier, VideoConfig, VideoDataConfig, build_net, build_task,
-                                    evaluate_videos, run_eval)
+from rs_transfer.engine.classification import Classifier
+from rs_transfer.video.config import VideoConfig, VideoDataConfig
+from rs_transfer.video.run import run_eval
+from rs_transfer.video.task import EvalVideos, build_net, build_task, evaluate_videos
 
 CLASSES = sorted(synthetic.DIRECTIONS)
 TINY = ["model.name=rs26-w0.125", "data.num_workers=0", "data.clip_frames=8", "data.crop_size=32",
@@ -112,7 +114,7 @@ def test_cut_video_is_evaluated_over_the_frames_that_decode(tmp_path):
             return self.bias.expand(x.shape[0], -1)
 
     net = Counting()
-    metrics = evaluate_videos(net, [data.Video(path, 1)], d)
+    metrics = evaluate_videos(Classifier(net).eval(), [data.Video(path, 1)], d, 4)
     assert metrics == {"top1": 1.0, "top5": 1.0, "videos": 1.0, "skipped": 0.0}
     assert net.views == 30
 
@@ -206,6 +208,6 @@ def test_eval_infers_the_class_count_too(tmp_path):
                                            "train": {"device": "cpu"}, "output_dir": str(tmp_path / "out")}))
     config = load_config(VideoConfig, config_path, TINY[1:])
     config.model.num_classes = 4
-    torch.save({"model": VideoClassifier(build_net(config), 0.0).state_dict()}, tmp_path / "final.pt")
+    torch.save({"model": Classifier(build_net(config)).state_dict()}, tmp_path / "final.pt")
     metrics = run_eval(str(tmp_path / "final.pt"), 3, str(config_path), TINY[1:])
     assert metrics["videos"] == 4.0 and metrics["skipped"] == 0.0 and metrics["views"] == 3

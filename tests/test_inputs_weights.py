@@ -14,7 +14,7 @@ from rs_transfer.models.resnet3d_rs import ResNet3d
 from rs_transfer.models.weights import WeightsError, load_weights, read_state_dict
 from rs_transfer.pretrain.run import pretrain
 from rs_transfer.pretrain.synthetic import make_folder_dataset
-from rs_transfer.video.task import VideoClassifier, load_3d_weights
+from rs_transfer.engine.classification import Classifier
 
 NAME = "rs26-w0.25"
 
@@ -107,10 +107,10 @@ def _net3d():
 
 
 def test_3d_checkpoint_of_a_compiled_classifier_loads(tmp_path):
-    source = VideoClassifier(_net3d(), 0.0)
+    source = Classifier(_net3d())
     torch.save({"model": torch.compile(source).state_dict()}, tmp_path / "final.pt")
     net = ResNet3d("rs26-w0.125", num_classes=4)
-    load_3d_weights(net, str(tmp_path / "final.pt"))
+    load_weights(net, str(tmp_path / "final.pt"), new_classifier=False)
     assert _same(net.state_dict(), source.net.state_dict())
 
 
@@ -119,14 +119,14 @@ def test_3d_checkpoint_with_integer_weights_is_refused(tmp_path):
     state["net.fc.weight"] = state["net.fc.weight"].to(torch.int32)
     save_file(state, str(tmp_path / "final.safetensors"))
     with pytest.raises(WeightsError, match=r"dtype conflicts: fc\.weight: file torch\.int32 vs model torch\.float32"):
-        load_3d_weights(ResNet3d("rs26-w0.125", num_classes=4), str(tmp_path / "final.safetensors"))
+        load_weights(ResNet3d("rs26-w0.125", num_classes=4), str(tmp_path / "final.safetensors"), new_classifier=False)
 
 
 def test_a_teacher_from_a_compiled_pretrain_run_loads_and_integer_weights_are_refused(tmp_path):
     from rs_transfer.pretrain.pseudo_label import load_teacher
 
     net = _model(0)
-    compiled = {f"net._orig_mod.{k}": v for k, v in net.state_dict().items()}  # ClassificationModel(compile(net))
+    compiled = {f"net._orig_mod.{k}": v for k, v in net.state_dict().items()}  # Classifier(compile(net))
     torch.save({"model": compiled}, tmp_path / "teacher.pt")
     assert _same(load_teacher(str(tmp_path / "teacher.pt"), NAME).state_dict(), net.state_dict())
     integers = {k: v.long() if k == "conv1.0.weight" else v for k, v in net.state_dict().items()}
@@ -152,7 +152,7 @@ def pretrain_run(tmp_path_factory):
 def test_our_pretrain_checkpoints_load_for_fine_tuning(pretrain_run, checkpoint):
     path = pretrain_run / checkpoint
     saved = torch.load(path, weights_only=True)["model"]
-    assert all(k.startswith("net.") for k in saved)  # the ClassificationModel wrapper's names
+    assert all(k.startswith("net.") for k in saved)  # the Classifier wrapper's names
     network = {k.removeprefix("net."): v for k, v in saved.items()}
     # Same classes: every key loads strictly. CIFAR-100 fine-tuning: the 4-class head is dropped, the rest loads.
     same = create_model(NAME, num_classes=4, weights=str(path))

@@ -249,7 +249,7 @@ def test_task_resolves_num_classes_for_the_model_and_cotraining(tmp_path):
 def test_uint8_images_are_normalised_on_the_device_as_the_loader_did_before():
     # The loader used to ship (x / 255 - mean) / std in float32; the model's Normalize now does exactly that.
     from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-    from rs_transfer.pretrain.task import ClassificationModel
+    from rs_transfer.engine.classification import Classifier
 
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     expected = (images.float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
@@ -257,4 +257,4 @@ def test_uint8_images_are_normalised_on_the_device_as_the_loader_did_before():
     channels_last = Normalize()(images.contiguous(memory_format=torch.channels_last))
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
     net = torch.nn.Identity()
-    torch.testing.assert_close(ClassificationModel(net).logits(images), expected)
+    torch.testing.assert_close(Classifier(net).eval()({"image": images}), expected)

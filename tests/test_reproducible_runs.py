@@ -54,7 +54,7 @@ def test_finetune_twice_in_one_process_gives_the_same_weights(tmp_path):
 
 @pytest.mark.slow
 def test_video_train_twice_in_one_process_gives_the_same_weights(tmp_path):
-    from rs_transfer.video.task import run_train
+    from rs_transfer.video.run import run_train
 
     for name in ("a", "b"):
         run_train(str(CONFIGS / "video/demo.yaml"),

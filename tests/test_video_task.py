@@ -16,8 +16,9 @@ from rs_transfer.config import ConfigError, load_config, to_dict
 from rs_transfer.cli import main
 from rs_transfer.reproduce.table6 import TABLE6, config_path
 from rs_transfer.video import data, synthetic
-from rs_transfer.video.task import (VideoClassifier, VideoConfig, VideoDataConfig, build_net, build_task,
-                                    evaluate_videos)
+from rs_transfer.engine.classification import Classifier
+from rs_transfer.video.config import VideoConfig, VideoDataConfig
+from rs_transfer.video.task import build_net, build_task, evaluate_videos
 
 # PAPER.md section 6, verbatim.
 PAPER_TABLE6 = ("Top-1: baseline (200 epochs, cosine) 73.4; + FC dropout 74.4; + label smoothing 74.9; + stochastic "
@@ -48,7 +49,7 @@ def test_evaluator_averages_views_per_video_and_skips_broken_ones(tmp_path, capl
     d = VideoDataConfig(num_workers=0, clip_frames=8, frame_stride=2, eval_short_side=32, eval_crop_size=32,
                         eval_views=30, eval_batch_views=7)
     net = FixedLogits(len(classes))
-    metrics = evaluate_videos(net, videos, d)
+    metrics = evaluate_videos(Classifier(net).eval(), videos, d, len(classes))
     assert metrics == {"top1": 0.25, "top5": 1.0, "videos": 8.0, "skipped": 1.0}
     assert net.views == 8 * 30
     assert f"skipping video {broken}" in caplog.text
@@ -144,7 +145,7 @@ def test_video_eval_into_an_unwritable_output_dir_is_one_error_line_and_keeps_th
     config_file.write_text(yaml.safe_dump({"data": {"root": str(root)}, "train": {"device": "cpu"}}))
     config = load_config(VideoConfig, config_file, tiny)
     config.model.num_classes = 4
-    torch.save({"model": VideoClassifier(build_net(config), 0.0).state_dict()}, tmp_path / "final.pt")
+    torch.save({"model": Classifier(build_net(config)).state_dict()}, tmp_path / "final.pt")
     full = tmp_path / "full_disk" / "eval"
     real_mkdir = Path.mkdir
 
@@ -154,7 +155,7 @@ def test_video_eval_into_an_unwritable_output_dir_is_one_error_line_and_keeps_th
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    caplog.set_level(logging.INFO, logger="rs_transfer.video.task")
+    caplog.set_level(logging.INFO, logger="rs_transfer.video.run")
     code = main(["video", "eval", "--checkpoint", str(tmp_path / "final.pt"), "--views", "1", "--config",
                  str(config_file), *tiny, f"output_dir={full}"])
     assert code == 2
@@ -171,7 +172,7 @@ def test_the_model_normalises_uint8_clips_as_the_loader_used_to():
 
     torch.manual_seed(0)
     config = load_config(VideoConfig, None, ["model.name=rs26-w0.125", "model.num_classes=4"])
-    model = VideoClassifier(build_net(config), 0.0).eval()
+    model = Classifier(build_net(config)).eval()
     clips = torch.randint(0, 256, (2, 3, 8, 32, 32), dtype=torch.uint8)
     labels = torch.tensor([0, 3])
     # What TrainAugment returned before: float / 255, normalised with the ImageNet statistics, on the CPU.
@@ -179,8 +180,10 @@ def test_the_model_normalises_uint8_clips_as_the_loader_used_to():
     old = old.transpose(1, 2)
     torch.testing.assert_close(model.normalize(clips), old)
     with torch.no_grad():
+        logits = model({"image": clips})  # eval mode: logits; train mode uses the same logits for its loss
+        torch.testing.assert_close(logits, model.net(old))
         expected = torch.nn.functional.cross_entropy(model.net(old), labels)
-        torch.testing.assert_close(model((clips, labels))["loss"], expected)
+        torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, labels), expected)
 
 
 def test_evaluator_hands_the_net_normalised_float_views(tmp_path):
@@ -195,6 +198,6 @@ def test_evaluator_hands_the_net_normalised_float_views(tmp_path):
 
     d = VideoDataConfig(num_workers=0, clip_frames=8, frame_stride=1, eval_short_side=32, eval_crop_size=32,
                         eval_views=1)
-    evaluate_videos(Recording(len(classes)), videos[:1], d)
+    evaluate_videos(Classifier(Recording(len(classes))).eval(), videos[:1], d, len(classes))
     (views,) = seen
     assert views.dtype == torch.float32 and views.min() < -1.5 and views.max() > 1.5  # normalised, not / 255 only

@@ -31,6 +31,9 @@ def test_demo_learns_motion_direction_and_eval_reproduces_it(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["top1"] == final["top1"] and evaluated["views"] == 3
     assert (out / "eval_3views.json").is_file()
+    # The engine's weights.pth (the 3D network alone) gives the same evaluation.
+    assert main(["video", "eval", "--checkpoint", str(out / "weights.pth"), "--views", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == final["top1"]
     assert main(["video", "eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 

@@ -56,6 +56,8 @@ DEVICE_WHEELS = {
     "pyparsing": "matplotlib",
     "cycler": "matplotlib",
     "python-dateutil": "matplotlib",
+    "torchmetrics": "top-k accuracy of the pretrain and video evaluators (engine/classification.py)",
+    "lightning-utilities": "torchmetrics",
 }
 OWN_WHEEL = "rs_transfer"
 
@@ -341,12 +343,14 @@ def video_model_only(device: str, model: str, frames: int, crop: int, batch: int
                                            synchronize, time_steps)
     from rs_transfer.config import load_config
     from rs_transfer.engine.device import to_channels_last
-    from rs_transfer.video.task import VideoClassifier, VideoConfig, build_net
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.video.config import VideoConfig
+    from rs_transfer.video.task import build_net
 
     target = resolve_device(device)
     config = load_config(VideoConfig, None, [f"model.name={model}", "model.init=timm",
                                              f"model.num_classes={num_classes}"])
-    classifier = VideoClassifier(build_net(config), label_smoothing=0.0).to(target).train()
+    classifier = Classifier(build_net(config), label_smoothing=0.0).to(target).train()
     if channels_last:
         to_channels_last(classifier)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
@@ -360,7 +364,7 @@ def video_model_only(device: str, model: str, frames: int, crop: int, batch: int
         def step():
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                loss = classifier((clips, labels))["loss"]
+                loss = classifier({"image": clips, "label": labels})["loss"]
             loss.backward()
             optimizer.step()
 

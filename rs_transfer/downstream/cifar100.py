@@ -1,5 +1,6 @@
 """CIFAR-100 transfer: the python pickles as distributed (`cifar-100-python/{train,test}`), images resized to
-`task.image_size` (the paper: 256), a new linear head on the zoo classifier, top-1.
+`task.image_size` (the paper: 256), a new linear head on the zoo classifier, top-1. The model and the evaluator
+are the engine's classification ones (engine/classification.py).
 
 data.root holds `cifar-100-python/` (or is it). Each pickle is a dict with byte-string keys (Python 2 wrote them;
 str keys of a file re-saved by Python 3 are read too): b"data" (N x 3072 uint8, the R, G and B planes of 32x32
@@ -15,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -32,13 +31,10 @@ from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
-from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.distributed import all_reduce_sum
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
-from rs_transfer.models.normalize import Normalize
 
 NUM_CLASSES = 100
 PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
@@ -139,48 +135,16 @@ def transforms(image_size: int, train: bool) -> v2.Compose:
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] if train else steps)
 
 
-class Classifier(nn.Module):
-    """batch {"image", "label"} -> {"loss"} in train mode; logits in eval mode."""
-
-    def __init__(self, backbone: str, weights=None, label_smoothing: float = 0.0, **arch):
-        super().__init__()
-        self.normalize = Normalize()
-        self.net = create_model(backbone, num_classes=NUM_CLASSES, weights=weights, **arch)
-        self.label_smoothing = label_smoothing
-
-    def forward(self, batch: dict):
-        logits = self.net(self.normalize(batch["image"]))
-        if not self.training:
-            return logits
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
-        return {"loss": loss, "train_top1": (logits.argmax(1) == batch["label"]).float().mean()}
-
-
-def make_evaluator(val_set, batch_size: int, num_workers: int = 0):
-    def evaluate(model: nn.Module) -> dict:
-        device = model_device(model)
-        counts = torch.zeros(3, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for batch in eval_loader(val_set, batch_size, None, num_workers, device):
-                batch = to_device(batch, device)
-                top5 = model(batch).topk(5, dim=1).indices
-                hits = top5 == batch["label"][:, None]
-                counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(hits), device=device)]).double()
-        correct1, correct5, total = all_reduce_sum(counts).tolist()
-        return {"top1": correct1 / total, "top5": correct5 / total}
-
-    return evaluate
-
-
 def build(config) -> Task:
     t = config.task
     check_num_classes(config, NUM_CLASSES)
     train_set = Cifar100(config.data.root, "train", transforms(t.image_size, train=True))
     val_set = Cifar100(config.data.root, "test", transforms(t.image_size, train=False))
-    model = Classifier(config.model.name, weights=config.model.weights, label_smoothing=config.train.label_smoothing,
+    net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
                        drop_rate=config.model.drop_rate, **arch_args(config))
-    return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, t.eval_batch_size, config.data.num_workers),
-                primary_metric=PROTOCOL.metric)
+    model = Classifier(net, label_smoothing=config.train.label_smoothing)
+    evaluate = TopKEvaluator(val_set, NUM_CLASSES, t.eval_batch_size, config.data.num_workers)
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=PROTOCOL.metric)
 
 
 SYNTHETIC_CLASSES = tuple(range(0, 100, 10))  # the fine labels synthetic images use; class k gets COLOURS[k]

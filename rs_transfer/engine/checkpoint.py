@@ -1,7 +1,8 @@
 """Training checkpoints: atomic writes, keep-last-N + best, RNG states that load with `weights_only=True`.
 
 A checkpoint is a dict of tensors and plain Python values:
-    model, ema (absent without EMA): plain state dicts (no `module.` prefix); weights.py reads them
+    model, ema (absent without EMA): plain state dicts of the task's model (no `module.` prefix; the network's
+        keys under `net.`, see task.py); models/weights.py reads them
     optimizer, scheduler: their state dicts
     step (optimizer steps done), epoch, step_in_epoch (the sampler position: steps done in `epoch`)
     batch_size (global), best (the best primary metric so far, or None), metrics (the last evaluation)
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rs_transfer.errors import UserError, one_line
+from rs_transfer.errors import UserError
 from rs_transfer.files import FileWriteError, atomic_open, remove_stale_temp_files
+from rs_transfer.models.weights import read_file
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +92,9 @@ TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "step_in_ep
 
 
 def load(path: Path) -> dict:
-    """The dict in a checkpoint file, read with `weights_only=True`; CheckpointError (one line) if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: name it and say why in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {one_line(error)}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
-    return state
+    """The dict in a checkpoint file, read by the one reader (`models.weights.read_file`, `weights_only=True`);
+    CheckpointError (one line naming the file) if it is missing or unreadable."""
+    return read_file(path, what="checkpoint", error=CheckpointError)
 
 
 def load_training(path: Path) -> dict:

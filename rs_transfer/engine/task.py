@@ -8,6 +8,16 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
 - `model.forward(batch)` in train mode returns a dict with "loss" (a scalar tensor to minimise) and optionally
   other scalar tensors, which are logged. `batch` is what `collate_fn` returns, moved to the device by the engine
   (tensors anywhere inside lists, tuples and dicts are moved).
+- `model(batch)` in eval mode returns the task's predictions, and evaluators call nothing else (never a sub-module):
+  classification (pretrain, cifar100, video: engine/classification.py's Classifier): logits (N, classes);
+  segmentation (pascal_seg, ade_seg): logits (N, classes, H, W); depth (nyu_depth): depth in metres (N, H, W);
+  detection (pascal_det): torchvision's detections, one dict per image (boxes XYXY in input pixels, labels, scores).
+- `model.net` is the network to export: its state dict has our zoo's key names (a `create_model` classifier, the
+  3D ResNet3d, the dense tasks' DensePredictor), so a wrapper keeps its loss and normalisation outside it. At the
+  end of every run the engine writes OUTPUT_DIR/weights.pth (rank 0, atomically): `model.net`'s state dict, from
+  the EMA copy when the run uses EMA; `models.weights.load_weights` loads it strictly into the same network (e.g.
+  `create_model(name, num_classes=..., weights=".../weights.pth")`). A model without `net` (detection, whose
+  network is the whole model) is exported as it is. Checkpoints (checkpoint.py) hold the whole model.
 - `evaluate(model)` is called on every rank with the model to evaluate (the EMA copy when EMA is on, unwrapped
   from DDP, in eval mode) and returns a dict of metrics as Python floats, identical on every rank (the evaluator
   reduces across ranks itself; `rs_transfer.engine.distributed` has the helpers). Fractions in [0, 1].
@@ -30,6 +40,11 @@ from typing import Callable, Optional
 
 from torch import nn
 from torch.utils.data import Dataset
+
+
+def exported_network(model: nn.Module) -> nn.Module:
+    """The network of a task's model that weights.pth holds: `model.net`, or the model itself without one."""
+    return getattr(model, "net", model)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The one training loop: every task (pretraining, the transfer tasks, video) runs through `train`.
 
 The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
-SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs. The same code runs
-as one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a
-run: non-finite losses or weights (NonFiniteLossError) and stop signals, agreed over ranks.
+SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
+final.pt (the whole model), weights.pth (the network to export) and final_metrics.json. The same code runs as
+one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a run:
+non-finite losses or weights (NonFiniteLossError) and stop signals, agreed over ranks.
 
 The mechanics it drives live beside it: the data order and per-sample seeding in sampling.py, checkpoint
 contents, resume and the run folder in resume.py (files in checkpoint.py), metrics.jsonl/TensorBoard/progress
@@ -45,7 +46,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
-from rs_transfer.engine.task import Task
+from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json
 
@@ -225,8 +226,17 @@ class Trainer:
             if self.ema is not None:
                 final["ema"] = self.ema.module.state_dict()
             ckpt.atomic_save(final, self.out / "final.pt")
+            self._export()
             atomic_write_json(self.out / "final_metrics.json", progress.metrics)
         return progress.metrics
+
+    def _export(self) -> None:
+        """Rank 0: OUTPUT_DIR/weights.pth, the network alone (task.py's `model.net`; the EMA weights when the run
+        keeps an EMA, as they are the ones evaluated), with the zoo's key names: what fine-tuning and
+        `create_model(..., weights=...)` load."""
+        evaluated = self.ema.module if self.ema is not None else self.model
+        ckpt.atomic_save(exported_network(evaluated).state_dict(), self.out / "weights.pth")
+        log.info("network weights (for fine-tuning): %s", self.out / "weights.pth")
 
     def _build_loader(self) -> DataLoader:
         """One loader, and one iterator of it, for the whole run (see RunSampler): no worker start-up and no empty

@@ -1,13 +1,16 @@
-"""Load checkpoints into zoo models, offline and strictly.
+"""Load checkpoints into zoo models, offline and strictly: the project's one file reader (`read_file`) and one
+strict loader (`load_strict`); everything that reads or loads weights goes through them.
 
 Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors), timm's train.py
 checkpoints (`state_dict` / `state_dict_ema`, beside its `args`), our own training checkpoints (`model` / `ema`),
-and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. Our task wrappers (pretraining's
-ClassificationModel, video's VideoClassifier) hold the network as `net`, so a `final.pt` or `checkpoints/*.pt` of
-ours has every key under `net.`: that prefix is stripped too, but only when every key has it (a network that merely
-has a module named `net` keeps its names). A checkpoint never runs code. Every key, shape and kind of number must
-line up; the one deliberate exception is the classifier: a classifier of another size (or none, for a feature
-extractor) is dropped, the model keeps its freshly initialised head, and a log line says so.
+our runs' `weights.pth` (the exported network, written by the engine at the end of every run: plain zoo keys),
+and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. Our task wrappers hold the network as
+`net` (engine/task.py), so a `final.pt` or `checkpoints/*.pt` of ours has every key under `net.`: that prefix is
+stripped too, for those files and for weights exported by hand before the engine wrote `weights.pth`, but only when
+every key has it (a network that merely has a module named `net` keeps its names). A checkpoint never runs code.
+Every key, shape and kind of number must line up; the one deliberate exception is the classifier: a classifier of
+another size (or none, for a feature extractor) is dropped, the model keeps its freshly initialised head, and a log
+line says so.
 """
 
 import argparse
@@ -26,7 +29,7 @@ PLAIN_KEYS = ("state_dict", "model")
 CLASSIFIER_PREFIX = "fc."
 # DDP / DataParallel and torch.compile wrappers; either may wrap the other, so they are stripped in any order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# The attribute our task wrappers keep the network under (pretrain/task.py, video/task.py).
+# The attribute our task wrappers keep the network under (engine/task.py's contract).
 TASK_WRAPPER_PREFIX = "net."
 # timm's train.py stores its parsed command line (`args`, an argparse.Namespace) in every checkpoint; timm's own
 # loader allows this one plain data class under weights_only=True, and so do we. Nothing else is allowed.
@@ -37,18 +40,15 @@ class WeightsError(UserError):
     pass
 
 
-def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
-    """The tensor dict inside a checkpoint file, unwrapped and without `module.` / `_orig_mod.` prefixes, nor the
-    `net.` prefix of our task wrappers when every key has it (wrapper prefixes may sit on either side of it:
-    `module.net.conv1.weight` and `net._orig_mod.conv1.weight` both become `conv1.weight`).
+def read_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> dict:
+    """The dict in a .pt/.pth/.bin (`torch.load(weights_only=True)`) or .safetensors file, on the CPU.
 
-    prefer_ema: take the EMA weights when the file has both (the RS recipe evaluates the EMA).
-    Raises WeightsError (one line naming the file) when the file is missing, unreadable, would need code to run,
-    or holds something other than tensors.
+    Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", or f"{what} PATH holds a
+    TYPE, not a dict") for a missing or unreadable file, one that would need code to run, or one without a dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -57,10 +57,23 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
         else:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file: say which, and why (torch's text is coloured, multi-line)
-        raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: {one_line(error)}") from None
+    except Exception as problem:  # a corrupt or foreign file: say which, and why (torch's text is coloured, multi-line)
+        raise error(f"cannot read {what} {path}: {type(problem).__name__}: {one_line(problem)}") from None
     if not isinstance(checkpoint, dict):
-        raise WeightsError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise error(f"{what} {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
+    """The tensor dict inside a checkpoint file, unwrapped and without `module.` / `_orig_mod.` prefixes, nor the
+    `net.` prefix of our task wrappers when every key has it (wrapper prefixes may sit on either side of it:
+    `module.net.conv1.weight` and `net._orig_mod.conv1.weight` both become `conv1.weight`).
+
+    prefer_ema: take the EMA weights when the file has both (the RS recipe evaluates the EMA).
+    Raises WeightsError (one line naming the file) when the file is missing, unreadable, would need code to run,
+    or holds something other than tensors (see `read_file`).
+    """
+    checkpoint = read_file(path)
     order = EMA_KEYS + PLAIN_KEYS if prefer_ema else PLAIN_KEYS + EMA_KEYS
     for key in order:
         if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
@@ -112,27 +125,40 @@ def check_fit(path: str | Path, state_dict: dict, own: dict, what: str = "the mo
         )
 
 
-def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) -> nn.Module:
-    """Load `path` into `model` strictly, except for a classifier that does not fit (dropped on purpose).
+def load_strict(module: nn.Module, state_dict: dict, path: str | Path, what: str = "the model", hint: str = "",
+                keep: frozenset = frozenset()) -> nn.Module:
+    """Load `state_dict` (read from file `path`) into `module`: every key, shape and kind of number must fit.
 
+    keep: keys of `module` that the file may lack on purpose (a new classifier): they keep their current values.
+    Raises WeightsError naming the file and every key, shape or dtype that does not fit (see `check_fit`).
+    """
+    own = {k: v for k, v in module.state_dict().items() if k not in keep}
+    check_fit(path, state_dict, own, what=what, hint=hint)
+    # Every key was checked above; only `keep` leaves module keys that the file lacks.
+    module.load_state_dict(state_dict, strict=not keep)
+    return module
+
+
+def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True, new_classifier: bool = True,
+                 what: str = "the model", hint: str = "") -> nn.Module:
+    """Load the weights file `path` into `model` strictly (`load_strict`).
+
+    new_classifier: a classifier (`fc.*`) of another size, or none in the file, is dropped on purpose and the model
+    keeps its freshly initialised head (fine-tuning, feature extractors); False: the classifier must fit too.
     Raises WeightsError naming the file and every key, shape or dtype that does not fit (see `check_fit`)."""
     state_dict = read_state_dict(path, prefer_ema=prefer_ema)
     own = model.state_dict()
     classifier = {k for k in state_dict if k.startswith(CLASSIFIER_PREFIX)}
-    own_classifier = {k for k in own if k.startswith(CLASSIFIER_PREFIX)}
-    dropped = False
-    if classifier and (
+    own_classifier = frozenset(k for k in own if k.startswith(CLASSIFIER_PREFIX))
+    keep = frozenset()
+    if new_classifier and classifier and (
         not own_classifier or any(k not in own or own[k].shape != state_dict[k].shape for k in classifier)
     ):
         shape = tuple(state_dict.get("fc.weight", torch.empty(0)).shape)
         log.info("%s: classifier %s dropped; the model keeps its own freshly initialised head", path, shape)
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
-        own = {k: v for k, v in own.items() if k not in own_classifier}
-        dropped = True
-    check_fit(path, state_dict, own)
-    # Every other key was checked above; only a dropped classifier leaves the model keys the file lacks.
-    model.load_state_dict(state_dict, strict=not dropped)
-    return model
+        keep = own_classifier
+    return load_strict(model, state_dict, path, what=what, hint=hint, keep=keep)
 
 
 def _describe(missing, unexpected, mismatched, wrong_kind, show: int = 5) -> str:

@@ -36,7 +36,7 @@ from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json, make_dir
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
-from rs_transfer.models.weights import check_fit, read_state_dict
+from rs_transfer.models.weights import load_strict, read_state_dict
 from rs_transfer.pretrain import data, transforms
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,7 @@ def load_teacher(path: str, model_name: str) -> torch.nn.Module:
     if "fc.weight" not in state:
         raise UserError(f"teacher {path} has no classifier (fc.weight): a teacher must predict classes")
     model = create_model(model_name, num_classes=state["fc.weight"].shape[0])
-    check_fit(path, state, model.state_dict(), what=f"model {model_name!r}", hint=" (give --model)")
-    model.load_state_dict(state)
+    load_strict(model, state, path, what=f"model {model_name!r}", hint=" (give --model)")
     return model.eval()
 
 

@@ -1,13 +1,12 @@
-"""What the `pretrain` command does, called by cli.py (and by `reproduce table1`, rs_transfer/reproduce/table1.py)."""
+"""What the `pretrain` command does, called by cli.py (and by `reproduce table1`, rs_transfer/reproduce/table1.py).
+The engine writes the run's files, weights.pth (the network, EMA weights when trained with EMA) included."""
 
 import logging
 from pathlib import Path
 
 from rs_transfer.config import load_config
-from rs_transfer.engine.checkpoint import atomic_save
-from rs_transfer.engine.distributed import init_distributed, is_main, seed_everything
+from rs_transfer.engine.distributed import init_distributed, seed_everything
 from rs_transfer.engine.write_once import write_once
-from rs_transfer.models.weights import read_state_dict
 from rs_transfer.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -28,8 +27,6 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
     skipped = sum(train_set.skipped for train_set in train_sets)
     if skipped:
         log.warning("%d reads of unreadable training images were skipped (each is named above)", skipped)
-    if is_main():
-        export_weights(Path(config.output_dir) / "final.pt", Path(config.output_dir) / "weights.pth")
     log.info("final metrics: %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
 
@@ -45,10 +42,3 @@ def make_synthetic(config: PretrainConfig) -> Path:
     return write_once(Path(config.output_dir) / "synthetic_data",
                       lambda folder: make_folder_dataset(folder, num_classes=classes, train_per_class=64,
                                                          val_per_class=16))
-
-
-def export_weights(checkpoint: Path, out: Path) -> Path:
-    """The network's weights alone (EMA when trained with it), loadable by `create_model(..., weights=out)`."""
-    atomic_save(read_state_dict(checkpoint, prefer_ema=True), out)
-    log.info("weights for fine-tuning: %s", out)
-    return out

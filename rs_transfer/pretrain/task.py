@@ -1,70 +1,20 @@
-"""ImageNet-style classification as an engine Task: data, a zoo model with its loss, and a top-1/top-5 evaluator."""
+"""ImageNet-style classification as an engine Task: data, a zoo network in the engine's classification wrapper
+(engine/classification.py: normalisation, cross-entropy) and its top-1/top-5 evaluator."""
 
 import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from rs_transfer.engine import distributed
-from rs_transfer.engine.device import model_device
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
-from rs_transfer.models.normalize import Normalize
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class ClassificationModel(nn.Module):
-    """A zoo network whose forward turns a batch of uint8 images into {"loss"}: label-smoothed CE, or CE against
-    soft targets. Images are normalised here, on the device; the network is `net` (its state dict keys are ours)."""
-
-    def __init__(self, net: nn.Module, label_smoothing: float = 0.0):
-        super().__init__()
-        self.normalize = Normalize()
-        self.net = net
-        self.label_smoothing = label_smoothing
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (N, 3, S, S) -> logits (N, classes)."""
-        return self.net(self.normalize(images))
-
-    def forward(self, batch: dict) -> dict:
-        logits = self.logits(batch["image"])
-        if "target" in batch:  # soft targets (co-training) already carry their smoothing
-            loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
-        return {"loss": loss}
-
-
-class TopKEvaluator:
-    """Top-1/top-5 accuracy; each rank evaluates its contiguous part (distributed.shard) and the counts are summed."""
-
-    def __init__(self, dataset, batch_size: int, num_workers: int):
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-
-    def __call__(self, model: nn.Module) -> dict:
-        device = model_device(model)
-        loader = eval_loader(self.dataset, self.batch_size, data.collate, self.num_workers, device)
-        counts = torch.zeros(3, dtype=torch.float64, device=device)
-        with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
-            for batch in loader:
-                logits = model.logits(batch["image"].to(device, non_blocking=True))
-                labels = batch["label"].to(device)
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top == labels[:, None]
-                total = torch.tensor(len(labels), device=device)
-                counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), total])
-        top1, top5, total = distributed.all_reduce_sum(counts).tolist()
-        return {"top1": top1 / total, "top5": top5 / total}
 
 
 def build_datasets(config: PretrainConfig) -> tuple:
@@ -143,8 +93,9 @@ def build_task(config: PretrainConfig) -> Task:
                        zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
     make_loader = _dali_loader(config, train_items) if config.data.backend == "dali" else None
     _, world, _ = distributed.launcher_env()
-    evaluate = TopKEvaluator(eval_set, max(1, config.train.batch_size // world), config.data.num_workers)
+    evaluate = TopKEvaluator(eval_set, m.num_classes, max(1, config.train.batch_size // world), config.data.num_workers,
+                             collate_fn=data.collate)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
              config.data.eval_split, m.num_classes)
-    return Task(model=ClassificationModel(net, config.train.label_smoothing), train_set=train_set,
+    return Task(model=Classifier(net, config.train.label_smoothing), train_set=train_set,
                 evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn, make_loader=make_loader)

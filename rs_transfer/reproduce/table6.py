@@ -4,7 +4,8 @@ rs_transfer/configs/video/table6/, each naming the previous row as its base."""
 from pathlib import Path
 
 from rs_transfer.reproduce.common import Ladder, Row
-from rs_transfer.video.task import VideoConfig, run_train
+from rs_transfer.video.config import VideoConfig
+from rs_transfer.video.run import run_train
 
 TABLE6 = (
     Row("01_baseline", "Baseline (200 epochs, cosine)", 73.4),

@@ -1,98 +1,30 @@
-"""The video task: its config schema (every Table 6 switch is a field), the Task it hands the engine, the 30-view
-evaluator, and the `video train` / `video eval` commands.
-
-Table 6's switches and where they live: FC dropout `model.drop_rate`, label smoothing `train.label_smoothing`,
-stochastic depth `model.drop_path_rate`, EMA `train.ema_decay`, weight decay `train.weight_decay`, epochs
-`train.epochs`, scale jittering `data.scale_jitter`, SE and ResNet-D the model name's suffixes as in the 2D zoo
-(`resnet50` -> `resnet50-se` -> `rs50`), plus `model.temporal_kernels` ("cvrl" or "rs") and `model.self_gating`.
+"""The video task: the 3D network from the config (built, inflated from 2D or loaded), the training clips, the
+30-view evaluator, and the engine Task made of them. The config schema is video/config.py; the `video train` /
+`video eval` commands are video/run.py. The model is the engine's classification wrapper
+(engine/classification.py: uint8 clips normalised on the device, label-smoothed cross-entropy).
 """
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from rs_transfer.config import (
-    ConfigError, DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, load_config, one_of, ordered,
-)
+from rs_transfer.config import ConfigError
+from rs_transfer.engine.classification import Classifier, TopK, fractions
+from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.device import model_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, make_dir
-from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
+from rs_transfer.models.weights import load_weights, read_state_dict
 from rs_transfer.video import data, sampling, synthetic
+from rs_transfer.video.config import VideoConfig, VideoDataConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VideoModelConfig(ModelConfig):
-    name: str = "rs50"  # 2D zoo grammar: rs<depth> = SE + ResNet-D; resnet<depth>[-se][-d] for the ladder
-    num_classes: Optional[int] = checked(None, at_least(1))  # None: the training split's classes (400 for K400)
-    temporal_kernels: str = checked("rs", one_of("rs", "cvrl"))  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
-    self_gating: bool = False  # S3D-G gating in each stage's last block (not in Table 6)
-    stem_pool: str = checked("max", one_of("max", "conv"))  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
-    avg_down: bool = False  # 2D ResNet-D's average-pool shortcut instead of the 3D strided 1x1x1 conv
-    inflate_from: Optional[str] = None  # a 2D zoo checkpoint to inflate (same model name, 2D)
-    inflate: str = checked("mean", one_of("mean", "centre"))  # "mean" (I3D: kernel / kt on every tap) or "centre" (middle tap only)
-
-
-@dataclass
-class VideoDataConfig(DataConfig):
-    RELATIONS = (ordered("jitter_min_area", "jitter_max_area"), ordered("jitter_min_aspect", "jitter_max_aspect"))
-
-    clip_frames: int = checked(32, at_least(1))
-    frame_stride: int = checked(2, at_least(1))
-    crop_size: int = checked(224, at_least(1))
-    scale_jitter: bool = True  # random resized crop of the whole clip; off: short side + random crop
-    jitter_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))
-    jitter_max_area: float = checked(1.0, fraction(closed_high=True, open_low=True))
-    jitter_min_aspect: float = checked(0.5, above(0))
-    jitter_max_aspect: float = checked(2.0, above(0))
-    flip: bool = True  # random horizontal flip (off for data whose labels are left/right motion)
-    train_short_side: int = checked(256, at_least(1))  # without scale jittering
-    eval_short_side: int = checked(256, at_least(1))
-    eval_crop_size: int = checked(256, at_least(1))
-    eval_views: int = checked(30, at_least(1))  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
-    eval_batch_views: int = checked(6, at_least(1))  # views per forward pass
-    max_eval_videos: Optional[int] = checked(None, at_least(1))  # evaluate the first N validation videos only (quick looks)
-    synthetic: bool = False  # write the moving-square dataset to data.root first (when it is not there)
-
-
-@dataclass
-class VideoConfig(RunConfig):
-    model: VideoModelConfig = field(default_factory=VideoModelConfig)
-    data: VideoDataConfig = field(default_factory=VideoDataConfig)
-    output_dir: str = "runs/video"
-
-
-class VideoClassifier(nn.Module):
-    """The engine's model: a batch (clips, labels) in, {"loss", "accuracy"} out. The network is `net`.
-
-    Clips are uint8 (N, 3, T, H, W) as the loader ships them, converted and normalised here on the device
-    (models.normalize.Normalize, the zoo's one ImageNet mean/std).
-    """
-
-    def __init__(self, net: ResNet3d, label_smoothing: float):
-        super().__init__()
-        self.normalize = Normalize()
-        self.net = net
-        self.label_smoothing = label_smoothing
-
-    def forward(self, batch):
-        clips, labels = batch
-        logits = self.net(self.normalize(clips))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 
 
 def build_net(config: VideoConfig) -> ResNet3d:
@@ -108,25 +40,15 @@ def build_net(config: VideoConfig) -> ResNet3d:
     if m.inflate_from is not None and m.weights is not None:
         raise ConfigError("give model.inflate_from (a 2D checkpoint) or model.weights (a 3D one), not both")
     if m.inflate_from is not None:
-        from rs_transfer.models.weights import read_state_dict
-
         skipped = inflate_2d(net, read_state_dict(m.inflate_from), mode=m.inflate)
         log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", m.inflate_from, m.name, m.inflate,
                  ", ".join(skipped) or "none")
     if m.weights is not None:
-        load_3d_weights(net, m.weights)
+        # A 3D checkpoint of ours (`video train`'s weights.pth, final.pt or checkpoints; EMA weights preferred),
+        # classifier included: keys, shapes and float-ness must fit.
+        load_weights(net, m.weights, new_classifier=False, what=f"the 3D {type(net).__name__} built from the config",
+                     hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
     return net
-
-
-def load_3d_weights(net: ResNet3d, path: str) -> None:
-    """A 3D checkpoint of ours (`video train`'s checkpoints or final.pt; EMA weights preferred), strictly: keys,
-    shapes and float-ness (WeightsError naming them otherwise)."""
-    from rs_transfer.models.weights import check_fit, read_state_dict
-
-    state = read_state_dict(path)  # drops the VideoClassifier's `net.` and any DDP/compile prefixes
-    check_fit(path, state, net.state_dict(), what=f"the 3D {type(net).__name__} built from the config",
-              hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
-    net.load_state_dict(state)
 
 
 def prepare_root(config: VideoConfig) -> Path:
@@ -164,13 +86,21 @@ def build_task(config: VideoConfig) -> Task:
     train_set = data.TrainClips(train_videos, d.clip_frames, d.frame_stride, augment)
     if d.max_eval_videos is not None:
         val_videos = val_videos[: d.max_eval_videos]
-    model = VideoClassifier(build_net(config), config.train.label_smoothing)
+    model = Classifier(build_net(config), config.train.label_smoothing)
+    num_classes = config.model.num_classes
     return Task(
         model=model,
         train_set=train_set,
-        evaluate=lambda m: evaluate_videos(m.net, val_videos, d),
+        evaluate=lambda m: evaluate_videos(m, val_videos, d, num_classes),
         primary_metric="top1",
+        collate_fn=collate_clips,
     )
+
+
+def collate_clips(samples: list) -> dict:
+    """TrainClips samples (clip uint8 (3, T, H, W), label) -> the classifier's batch {"image", "label"}."""
+    clips, labels = zip(*samples)
+    return {"image": torch.stack(clips), "label": torch.tensor(labels, dtype=torch.long)}
 
 
 class EvalVideos(Dataset):
@@ -200,42 +130,43 @@ class EvalVideos(Dataset):
         return {"path": str(video.path), "label": video.label, "num_frames": num_frames, "frames": frames}
 
 
-def evaluate_videos(net: nn.Module, videos: list, d: VideoDataConfig) -> dict:
-    """30-view (or `d.eval_views`) accuracy: softmax averaged over a video's views, top-1/top-5 per video,
-    summed over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader); unreadable
-    or too-short ones are skipped and counted."""
-    from rs_transfer.engine.distributed import all_reduce_sum
+def evaluate_videos(model: nn.Module, videos: list, d: VideoDataConfig, num_classes: int) -> dict:
+    """30-view (or `d.eval_views`) accuracy of `model(batch)`'s logits (engine/task.py's contract; a
+    Classifier): softmax averaged over a video's views, top-1/top-5 per video (engine.classification.TopK), summed
+    over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader); unreadable or
+    too-short ones are skipped and counted. Returns {"top1", "top5", "videos", "skipped"} (floats).
 
+    Raises UserError when no video could be evaluated.
+    """
     num_clips, num_crops = sampling.views_for(d.eval_views)
-    device = model_device(net)
-    normalize = Normalize().to(device)  # views leave the loader as uint8
+    device = model_device(model)
     # One video per item (batch_size=None), not pinned: an item is a whole decoded video.
     loader = eval_loader(EvalVideos(videos, d), batch_size=None, num_workers=d.num_workers)
-    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, skipped
-    was_training = net.training
-    net.eval()
+    topk = TopK(num_classes, device)
+    skipped = 0
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for item in loader:
             if "error" in item:
-                counts[3] += 1
+                skipped += 1
                 log.warning("skipping video %s: %s (%d skipped so far in this evaluation)", item["path"],
-                            item["error"], int(counts[3]))
+                            item["error"], skipped)
                 continue
             probs = 0.0
             views = sampling.eval_views(item["frames"], item["num_frames"], d.clip_frames, d.frame_stride,
                                         num_clips, num_crops, d.eval_crop_size)
             for batch in _batched(views, d.eval_batch_views):
-                logits = net(normalize(torch.stack(batch).to(device)))
+                logits = model({"image": torch.stack(batch).to(device)})
                 probs = probs + logits.float().softmax(1).sum(0)
-            top = probs.topk(min(5, probs.numel())).indices.tolist()
-            counts[0] += top[0] == item["label"]
-            counts[1] += item["label"] in top
-            counts[2] += 1
-    net.train(was_training)
-    hits1, hits5, evaluated, skipped = all_reduce_sum(counts.to(device)).cpu().tolist()
+            topk.update(probs[None], torch.tensor([item["label"]], device=device))
+    model.train(was_training)
+    counts = all_reduce_sum(torch.cat([topk.counts(), torch.tensor([skipped], dtype=torch.float64, device=device)]))
+    *topk_counts, skipped = counts.cpu().tolist()
+    evaluated = topk_counts[-1]
     if evaluated == 0:
         raise UserError(f"no validation video could be evaluated ({int(skipped)} skipped)")
-    return {"top1": hits1 / evaluated, "top5": hits5 / evaluated, "videos": evaluated, "skipped": skipped}
+    return {**fractions(topk_counts), "videos": evaluated, "skipped": skipped}
 
 
 def _batched(items, size: int):
@@ -247,55 +178,3 @@ def _batched(items, size: int):
             batch = []
     if batch:
         yield batch
-
-
-def run_train(config_path: str, overrides: list) -> dict:
-    from rs_transfer.engine.distributed import seed_everything
-    from rs_transfer.engine.trainer import train
-
-    config = load_config(VideoConfig, config_path, overrides)
-    prepare_root(config)
-    seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
-    # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
-    metrics = train(config, build_task(config))
-    log.info("final: %s", json.dumps(metrics))
-    return metrics
-
-
-def find_run_config(checkpoint: Path) -> Path:
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise ConfigError(f"no config.yaml beside {checkpoint} or in its parent folder: give --config FILE")
-
-
-def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: list) -> dict:
-    """Evaluate a `video train` checkpoint on the validation split; the model comes from the run's config.
-
-    Returns the metrics, also logged and written to OUTPUT_DIR/eval_{views}views.json. Raises FileWriteError (one
-    line naming the folder or file and the OS's reason) when output_dir cannot be written.
-    """
-    from rs_transfer.engine.distributed import init_distributed, is_main
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint not found: {checkpoint}")
-    config = load_config(VideoConfig, config_path or find_run_config(checkpoint),
-                         [f"data.eval_views={views}", *overrides])
-    config.model.inflate_from = None
-    config.model.weights = str(checkpoint)
-    info = init_distributed(config.train.device)
-    root = prepare_root(config)
-    val_videos, classes = data.list_videos(root, "val")
-    resolve_num_classes(config, classes, root)
-    net = build_net(config).to(info.device)
-    if config.data.max_eval_videos is not None:
-        val_videos = val_videos[: config.data.max_eval_videos]
-    metrics = {"views": views, "checkpoint": str(checkpoint),
-               **evaluate_videos(net, val_videos, config.data)}
-    if is_main():
-        # Logged before writing, so that an unwritable output_dir does not lose an evaluation that took hours.
-        log.info("eval: %s", json.dumps(metrics))
-        out = make_dir(config.output_dir, "output_dir", " (the metrics are in the log line above)")
-        atomic_write_json(out / f"eval_{views}views.json", metrics)
-    return metrics

@@ -1,0 +1,108 @@
+"""Classification for the engine: the one model wrapper (network + normalisation + cross-entropy) and the one top-k
+evaluator, shared by ImageNet pretraining (pretrain/task.py), CIFAR-100 fine-tuning (downstream/cifar100.py) and
+video classification (video/task.py).
+
+They live in the engine, not in one of those tasks nor in models/: three task families use them (a copy per task
+is a job written three times), and models/ holds networks only, without losses or distributed evaluation.
+
+Batches are dicts: "image" uint8 images (N, 3, H, W) or clips (N, 3, T, H, W) as the loaders ship them, and
+"label" int64 class indices (N,) or "target" float soft targets (N, classes) (co-training's pseudo-labels).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from rs_transfer.engine.device import model_device, to_device
+from rs_transfer.engine.distributed import all_reduce_sum
+from rs_transfer.engine.loader import eval_loader
+from rs_transfer.models.normalize import Normalize
+
+TOP_K = (1, 5)
+
+
+class Classifier(nn.Module):
+    """The engine's model for classification (engine/task.py's contract): `net` is the network to export.
+
+    Train mode: batch -> {"loss", "train_top1"}: label-smoothed cross-entropy against "label" (and the batch's
+    top-1 accuracy, logged), or cross-entropy against "target" (soft targets carry their own smoothing; no
+    accuracy). Eval mode: batch -> logits (N, classes), "label" / "target" are not needed.
+    Images are normalised here, on the device (models.normalize.Normalize); its buffers are not persistent, so the
+    state dict is `net.` + the network's own keys.
+    """
+
+    def __init__(self, net: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.normalize = Normalize()
+        self.net = net
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict):
+        logits = self.net(self.normalize(batch["image"]))
+        if not self.training:
+            return logits
+        if "target" in batch:
+            loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            return {"loss": loss}
+        labels = batch["label"]
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "train_top1": (logits.argmax(1) == labels).float().mean()}
+
+
+class TopK:
+    """Top-1 and top-5 hits (top-k capped at the class count) over the samples of this rank, counted by torchmetrics'
+    MulticlassAccuracy (micro average: hits / samples).
+
+    Each rank counts its own samples without torchmetrics' own synchronisation; `counts()` hands the integers to
+    the caller, who sums them over ranks with whatever else it counts (`all_reduce_sum`) and divides once: the
+    fractions are exact (float64), the same on every rank, and a rank with no sample adds zeros.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.metrics = {k: MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro",
+                                              sync_on_compute=False).to(device) for k in TOP_K}
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """scores: (N, classes) logits or probabilities (any float dtype); labels: (N,) class indices."""
+        for metric in self.metrics.values():
+            metric.update(scores.float(), labels)
+
+    def counts(self) -> torch.Tensor:
+        """float64 (len(TOP_K) + 1,): top-k hits for each k in TOP_K, then the number of samples."""
+        states = [metric.metric_state for metric in self.metrics.values()]
+        hits = [state["tp"].sum() for state in states]
+        total = states[0]["tp"].sum() + states[0]["fn"].sum()  # each sample is a hit or a miss of its label
+        return torch.stack([*hits, total]).double()
+
+
+def fractions(counts) -> dict:
+    """{"top1", "top5"} from `TopK.counts()` summed over ranks."""
+    *hits, total = (float(c) for c in counts)
+    return {f"top{k}": h / total for k, h in zip(TOP_K, hits)}
+
+
+class TopKEvaluator:
+    """Top-1/top-5 accuracy of `model(batch)`'s logits (eval mode) over `dataset`: each rank evaluates a contiguous
+    part (engine.distributed.shard, through eval_loader) and the counts are summed over ranks.
+
+    dataset: samples {"image", "label"} (or what `collate_fn` turns into such a batch); num_classes: the model's.
+    Returns {"top1", "top5"}, fractions, identical on every rank.
+    """
+
+    def __init__(self, dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0, collate_fn=None):
+        self.dataset = dataset
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+
+    def __call__(self, model: nn.Module) -> dict:
+        device = model_device(model)
+        topk = TopK(self.num_classes, device)
+        with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
+            for batch in eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers, device):
+                batch = to_device(batch, device)
+                topk.update(model(batch), batch["label"])
+        return fractions(all_reduce_sum(topk.counts()))

@@ -1,0 +1,68 @@
+"""The `video train` and `video eval` commands, called by cli.py (and by `reproduce table6`)."""
+
+import json
+import logging
+from pathlib import Path
+
+from rs_transfer.config import ConfigError, load_config
+from rs_transfer.engine.classification import Classifier
+from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json, make_dir
+from rs_transfer.video import data
+from rs_transfer.video.config import VideoConfig
+from rs_transfer.video.task import build_net, build_task, evaluate_videos, prepare_root, resolve_num_classes
+
+log = logging.getLogger(__name__)
+
+
+def run_train(config_path: str, overrides: list) -> dict:
+    from rs_transfer.engine.distributed import seed_everything
+    from rs_transfer.engine.trainer import train
+
+    config = load_config(VideoConfig, config_path, overrides)
+    prepare_root(config)
+    seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
+    # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
+    metrics = train(config, build_task(config))
+    log.info("final: %s", json.dumps(metrics))
+    return metrics
+
+
+def find_run_config(checkpoint: Path) -> Path:
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigError(f"no config.yaml beside {checkpoint} or in its parent folder: give --config FILE")
+
+
+def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: list) -> dict:
+    """Evaluate a `video train` checkpoint (weights.pth, final.pt or checkpoints/*.pt) on the validation split; the
+    model comes from the run's config.
+
+    Returns the metrics, also logged and written to OUTPUT_DIR/eval_{views}views.json. Raises FileWriteError (one
+    line naming the folder or file and the OS's reason) when output_dir cannot be written.
+    """
+    from rs_transfer.engine.distributed import init_distributed, is_main
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    config = load_config(VideoConfig, config_path or find_run_config(checkpoint),
+                         [f"data.eval_views={views}", *overrides])
+    config.model.inflate_from = None
+    config.model.weights = str(checkpoint)
+    info = init_distributed(config.train.device)
+    root = prepare_root(config)
+    val_videos, classes = data.list_videos(root, "val")
+    resolve_num_classes(config, classes, root)
+    model = Classifier(build_net(config)).to(info.device).eval()
+    if config.data.max_eval_videos is not None:
+        val_videos = val_videos[: config.data.max_eval_videos]
+    metrics = {"views": views, "checkpoint": str(checkpoint),
+               **evaluate_videos(model, val_videos, config.data, config.model.num_classes)}
+    if is_main():
+        # Logged before writing, so that an unwritable output_dir does not lose an evaluation that took hours.
+        log.info("eval: %s", json.dumps(metrics))
+        out = make_dir(config.output_dir, "output_dir", " (the metrics are in the log line above)")
+        atomic_write_json(out / f"eval_{views}views.json", metrics)
+    return metrics
