@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from engine_toy import CONFIGS
 from rs_transfer.bench.data import synthetic_jpegs
@@ -74,10 +76,11 @@ def pil_crop_and_flip(encoded: bytes, seed: int, epoch: int, index: int, scale: 
     image = data.decode(encoded)
     params = dali.sample_params(seed, epoch, index, *image.size, SIZE, scale, 0, 10.0)
     (x, y), (w, h) = params["crop_anchor"].tolist(), params["crop_shape"].tolist()
-    image = image.crop((x, y, x + w, y + h)).resize((SIZE, SIZE), Image.BICUBIC)
+    # The functional ops that transforms.train_transform's v2.RandomResizedCrop and v2.RandomHorizontalFlip apply.
+    image = F.resized_crop(image, y, x, h, w, [SIZE, SIZE], interpolation=InterpolationMode.BICUBIC)
     if params["flip"]:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).int()
+        image = F.horizontal_flip(image)
+    return F.pil_to_tensor(image).int()
 
 
 def test_crop_flip_and_resize_match_the_pil_transform_with_the_same_parameters():

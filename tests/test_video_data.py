@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torchvision import tv_tensors
 
 from rs_transfer.errors import DataError
 from rs_transfer.video import data, sampling, synthetic
@@ -149,9 +150,13 @@ def test_eval_views_cut_the_right_frames_and_pixels():
 
 def test_scale_jitter_bounds():
     height, width = 240, 320
-    boxes = [sampling.scale_jitter_box(height, width, (0.08, 1.0), (0.5, 2.0)) for _ in range(500)]
+    augment = sampling.TrainAugment(24, scale_jitter=True, area=(0.08, 1.0), aspect=(0.5, 2.0))
+    jitter = augment.crop_and_flip.transforms[0]
+    video = tv_tensors.Video(torch.zeros(2, 3, height, width, dtype=torch.uint8))
+    boxes = [jitter.make_params([video]) for _ in range(500)]
     areas, aspects = [], []
-    for top, left, h, w in boxes:
+    for box in boxes:
+        top, left, h, w = box["top"], box["left"], box["height"], box["width"]
         assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
         areas.append(h * w / (height * width))
         aspects.append(w / h)
@@ -175,3 +180,13 @@ def test_train_augment_shapes_and_flip():
         row = augment(ramp)[0, 0, 0]
         flips.add(bool(row[0] > row[-1]))
     assert flips == {True, False}  # both orientations occur
+
+
+@pytest.mark.parametrize("scale_jitter", [True, False])
+def test_train_augment_gives_every_frame_of_a_clip_the_same_crop_and_flip(scale_jitter):
+    torch.manual_seed(0)
+    frame = torch.randint(0, 256, (1, 40, 60, 3), dtype=torch.uint8)
+    augment = sampling.TrainAugment(24, scale_jitter, short_side=30)
+    for _ in range(10):
+        clip = augment(frame.expand(5, -1, -1, -1).contiguous())
+        assert all(torch.equal(clip[:, t], clip[:, 0]) for t in range(1, 5))

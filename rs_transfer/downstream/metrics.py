@@ -1,8 +1,8 @@
 """Task metrics, each accumulated per rank and reduced over ranks before it is read.
 
-- mIoU: torchmetrics' `MulticlassJaccardIndex(ignore_index=...)` over one confusion matrix for the whole set
+- mIoU: one torchmetrics `MulticlassJaccardIndex(ignore_index=...)` over one confusion matrix for the whole set
   (the VOC/ADE convention; its `segmentation.MeanIoU` averages per image instead). Classes absent from both
-  prediction and ground truth are left out of the mean, as in the VOC devkit.
+  prediction and ground truth are left out of the mean, as in the VOC devkit (and its average="macro").
 - VOC07 AP50 with 11-point interpolation: our own, because no maintained implementation exists outside
   detectron2 (not on PyPI). It follows the devkit's `VOCevaldet` / detectron2's `voc_eval`: detections sorted by
   score, each matched to the ground truth box of highest IoU in its image; IoU > 0.5 with an unclaimed box is a
@@ -26,31 +26,32 @@ from rs_transfer.errors import DataError
 
 
 class MeanIoU:
-    """Whole-set confusion matrix; `compute()` syncs it over ranks (torchmetrics does the all-reduce)."""
+    """Whole-set confusion matrix; `compute()` syncs it over ranks (torchmetrics does the all-reduce, so every
+    rank must call it)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE, device="cpu"):
         self.ignore_index = ignore_index
-        kwargs = dict(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
-        self.mean = MulticlassJaccardIndex(average="macro", **kwargs).to(device)
-        # NaN marks a class absent from both prediction and ground truth (left out of the mean above).
-        self.per_class = MulticlassJaccardIndex(average="none", zero_division=float("nan"), **kwargs).to(device)
+        # Per-class IoU, NaN for a class absent from both prediction and ground truth: the mean over the others is
+        # torchmetrics' average="macro", from the same matrix.
+        self.iou = MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index,
+                                          validate_args=False, zero_division=float("nan")).to(device)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.mean.update(pred, target)
-        self.per_class.update(pred, target)
+        """pred, target: class indices of the same shape (any), target `ignore_index` where unlabelled."""
+        self.iou.update(pred, target)
 
     def compute(self, class_names=None) -> dict:
         """{"miou": ..., "iou/<class>": ...} as floats; classes absent from prediction and truth are not listed.
 
-        Raises DataError when no pixel of the set has a label other than ignore (torchmetrics gives NaN)."""
-        miou = float(self.mean.compute())
-        if miou != miou:  # NaN: every class is absent, i.e. every pixel is ignore
+        Raises DataError when no pixel of the set has a label other than ignore (every class is absent)."""
+        per_class = self.iou.compute()
+        present = ~per_class.isnan()
+        if not present.any():
             raise DataError(f"segmentation evaluation found no labelled pixel (every pixel is {self.ignore_index}, "
                                "ignore): mIoU is undefined; check the label files of the evaluation split")
-        metrics = {"miou": miou}
-        for index, value in enumerate(self.per_class.compute().tolist()):
-            if value == value:
-                metrics[f"iou/{class_names[index] if class_names else index}"] = value
+        metrics = {"miou": float(per_class[present].mean())}
+        for index in present.nonzero().flatten().tolist():
+            metrics[f"iou/{class_names[index] if class_names else index}"] = float(per_class[index])
         return metrics
 
 

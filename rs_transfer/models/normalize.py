@@ -3,10 +3,12 @@ float32's bytes through the worker queues and the host-to-device copy), and the 
 turns them into ImageNet-normalised floats."""
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's constants, the statistics its ImageNet weights (resnetrs* included) were trained with: RGB, on [0, 1].
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 
 
 class Normalize(nn.Module):

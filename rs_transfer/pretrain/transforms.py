@@ -19,8 +19,7 @@ RandAugment comes in two flavours, chosen by `augment.randaugment`:
 import random
 
 from PIL import Image, ImageEnhance, ImageOps
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 
 from rs_transfer.config import ConfigError
 from rs_transfer.models.normalize import IMAGENET_MEAN
@@ -156,18 +155,25 @@ def randaugment(kind: str, num_layers: int, magnitude: float, image_size: int, t
 
 def train_transform(image_size: int, randaugment_kind: str = "tf", num_layers: int = 2, magnitude: float = 10.0,
                     timm_config: str = "", scale: tuple = (0.08, 1.0)):
+    """PIL image -> uint8 tensor (3, image_size, image_size).
+
+    The crop and flip draw from torch's generator, RandAugment from Python's `random`: the engine seeds both per
+    sample from (seed, epoch, index), so a resumed run augments each sample as the uninterrupted one did."""
     steps = [
-        T.RandomResizedCrop(image_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
     ]
     if randaugment_kind != "none" and num_layers > 0:
         steps.append(randaugment(randaugment_kind, num_layers, magnitude, image_size, timm_config))
-    steps.append(T.PILToTensor())
-    return T.Compose(steps)
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
 
 
 class CenterCropFraction:
-    """TF's eval crop: the centred square of S / (S + round(S / 7)) of the short side, resized to S x S."""
+    """TF's eval crop: the centred square of S / (S + round(S / 7)) of the short side, resized to S x S.
+
+    Ours, not v2.CenterCrop + v2.Resize: the crop size is a fraction of each image's short side, and TF's offset
+    (margin + 1) // 2 differs from CenterCrop's round(margin / 2) (half to even) by a pixel for odd margins."""
 
     def __init__(self, image_size: int):
         self.image_size = image_size
@@ -185,7 +191,8 @@ class CenterCropFraction:
 
 
 def eval_transform(image_size: int):
-    return T.Compose([
+    """PIL image -> uint8 tensor (3, image_size, image_size), deterministic."""
+    return v2.Compose([
         CenterCropFraction(image_size),
-        T.PILToTensor(),
+        v2.PILToTensor(),
     ])

@@ -1,9 +1,10 @@
 """Where clips come from in time and space: training clips with scale jittering, and the 30-view evaluation.
 
 Training (PAPER.md section 7): a random window of `clip_frames` frames at `frame_stride`, then scale jittering =
-one random resized crop for the whole clip (area 0.08-1 of the frame, aspect 0.5-2, torchvision's sampler) resized
-to `crop_size`, and a horizontal flip with p 0.5. Without scale jittering (Table 6's rows before it): short side
-resized to `train_short_side`, a random `crop_size` square, and the flip.
+one random resized crop for the whole clip (area 0.08-1 of the frame, aspect 0.5-2) resized to `crop_size`, and a
+horizontal flip with p 0.5. Without scale jittering (Table 6's rows before it): short side resized to
+`train_short_side`, a random `crop_size` square, and the flip. The spatial ops are torchvision.transforms.v2's on a
+`tv_tensors.Video`, so every frame of a clip gets the same crop and flip.
 
 Evaluation: short side resized to 256, 10 temporal clips starting at linspace(0, max_offset, 10) truncated to
 integers (as TF's Model Garden does; first and last clip touch the ends) x 3 spatial crops of 256 at the start,
@@ -15,7 +16,8 @@ import random
 
 import numpy as np
 import torch
-from torchvision.transforms import RandomResizedCrop
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
@@ -72,51 +74,39 @@ def views_for(total_views: int) -> tuple:
     return (total_views // 3, 3) if total_views % 3 == 0 else (total_views, 1)
 
 
-def scale_jitter_box(height: int, width: int, area: tuple, aspect: tuple) -> tuple:
-    """(top, left, h, w) of one random resized crop: torchvision's Inception sampler (10 tries, then the largest
-    centred box of an allowed aspect)."""
-    return tuple(RandomResizedCrop.get_params(torch.empty(1, height, width), list(area), list(aspect)))
-
-
 def to_model_input(clip: torch.Tensor) -> torch.Tensor:
     """uint8 (T, 3, H, W) -> uint8 (3, T, H, W), the layout Conv3d wants; the model normalises it on the device."""
     return clip.permute(1, 0, 2, 3).contiguous()
 
 
 class TrainAugment:
-    """uint8 clip (T, H, W, 3) -> uint8 (3, T, crop, crop)."""
+    """uint8 clip (T, H, W, 3) -> uint8 (3, T, crop, crop).
+
+    The random draws (crop box, flip) come from torch's generator, which the engine seeds per sample from (seed,
+    epoch, index): a resumed run augments each clip as the uninterrupted one did."""
 
     def __init__(self, crop_size: int, scale_jitter: bool, area=(0.08, 1.0), aspect=(0.5, 2.0),
                  short_side: int = 256, flip: bool = True):
         self.crop_size = crop_size
         self.scale_jitter = scale_jitter
-        self.area = area
-        self.aspect = aspect
         self.short_side = short_side
-        self.flip = flip
+        if scale_jitter:
+            # torchvision's Inception sampler: 10 tries, then the largest centred box of an allowed aspect.
+            steps = [v2.RandomResizedCrop(crop_size, scale=area, ratio=aspect, antialias=True)]
+        else:
+            steps = [v2.RandomCrop(crop_size)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.crop_and_flip = v2.Compose(steps)
 
     def __call__(self, clip: torch.Tensor) -> torch.Tensor:
-        clip = clip.permute(0, 3, 1, 2)  # (T, 3, H, W)
-        height, width = clip.shape[-2:]
-        size = [self.crop_size, self.crop_size]
-        if self.scale_jitter:
-            top, left, h, w = scale_jitter_box(height, width, self.area, self.aspect)
-            clip = F.resized_crop(clip, top, left, h, w, size, antialias=True)
-        else:
-            clip = F.resize(clip, list(short_side_size(height, width, self.short_side)), antialias=True)
-            clip = _random_crop(clip, self.crop_size)
-        if self.flip and random.random() < 0.5:
-            clip = clip.flip(-1)
-        return to_model_input(clip)
-
-
-def _random_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
-    height, width = clip.shape[-2:]
-    if height < size or width < size:
-        clip = F.resize(clip, [max(size, height), max(size, width)], antialias=True)
-        height, width = clip.shape[-2:]
-    top, left = random.randint(0, height - size), random.randint(0, width - size)
-    return clip[..., top:top + size, left:left + size]
+        video = tv_tensors.Video(clip.permute(0, 3, 1, 2))  # (T, 3, H, W)
+        if not self.scale_jitter:
+            height, width = short_side_size(*video.shape[-2:], self.short_side)
+            # A short side below the crop is stretched up to it (RandomCrop would fail, or pad with black).
+            size = [max(height, self.crop_size), max(width, self.crop_size)]
+            video = F.resize(video, size, antialias=True)
+        return to_model_input(self.crop_and_flip(video).as_subclass(torch.Tensor))
 
 
 def eval_views(frames: dict, num_frames: int, clip_frames: int, frame_stride: int, num_clips: int,
@@ -124,13 +114,15 @@ def eval_views(frames: dict, num_frames: int, clip_frames: int, frame_stride: in
     """Yield every evaluation view as uint8 (3, T, crop, crop) from frames already resized to the short side."""
     for start in eval_clip_starts(num_frames, clip_frames, frame_stride, num_clips):
         indices = clip_indices(start, clip_frames, frame_stride, num_frames)
-        clip = torch.stack([torch.as_tensor(frames[i]) for i in indices]).permute(0, 3, 1, 2)
+        clip = tv_tensors.Video(torch.stack([torch.as_tensor(frames[i]) for i in indices]).permute(0, 3, 1, 2))
         height, width = clip.shape[-2:]
         for top, left in crop_offsets(height, width, crop_size, num_crops):
-            view = clip[..., top:top + crop_size, left:left + crop_size]
-            if view.shape[-2:] != (crop_size, crop_size):  # a frame smaller than the crop: stretch it up
+            # Inside the frame; a side shorter than the crop keeps the whole side (F.crop would pad it with black)
+            # and the view is stretched up to the crop.
+            view = F.crop(clip, top, left, min(crop_size, height), min(crop_size, width))
+            if view.shape[-2:] != (crop_size, crop_size):
                 view = F.resize(view, [crop_size, crop_size], antialias=True)
-            yield to_model_input(view)
+            yield to_model_input(view.as_subclass(torch.Tensor))
 
 
 def eval_frame_indices(num_frames: int, clip_frames: int, frame_stride: int, num_clips: int) -> list:
