@@ -47,3 +47,28 @@ def test_uncached_unknown_and_bad_tags_are_one_clear_error(tmp_path):
         hub.resolve("timm:resnetrs152.no_such_tag", cache_dir=tmp_path)
     with pytest.raises(WeightsError, match="timm has no pretrained weights named 'no_such_model'"):
         hub.resolve("timm:no_such_model", cache_dir=tmp_path)
+
+
+def test_loading_by_tag_gives_the_same_model_as_loading_the_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from rs_transfer.models import create_model
+    from rs_transfer.models.weights import load_weights
+
+    source = create_model("rs26-w0.25", num_classes=10)
+    cached = hf_cache(tmp_path, "timm/resnetrs50.tf_in1k", "model.safetensors",
+                      {k: v.contiguous() for k, v in source.state_dict().items()})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    by_path = load_weights(create_model("rs26-w0.25", num_classes=10), cached, new_classifier=False).eval()
+    by_tag = load_weights(create_model("rs26-w0.25", num_classes=10), "timm:resnetrs50.tf_in1k",
+                          new_classifier=False).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(by_tag(images), by_path(images))
+        assert torch.equal(by_tag(images), source.eval()(images))
+    with pytest.raises(WeightsError, match="timm:resnetrs101.tf_in1k: not in the Hugging Face cache"):
+        load_weights(create_model("rs26-w0.25", num_classes=10), "timm:resnetrs101.tf_in1k")
+    # what configs (`model.weights: timm:...`) and `--weights` reach: create_model's weights argument
+    built = create_model("rs26-w0.25", num_classes=10, weights="timm:resnetrs50.tf_in1k").eval()
+    with torch.no_grad():
+        assert torch.equal(built(images), by_path(images))

@@ -1,7 +1,8 @@
 """Load checkpoints into zoo models, offline and strictly: the project's one file reader (`read_file`) and one
 strict loader (`load_strict`); everything that reads or loads weights goes through them.
 
-Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors), timm's train.py
+Reads timm checkpoint files (.pth/.pt/.bin with `weights_only=True`, or .safetensors; by path, or by timm's name
+`timm:NAME.TAG` from the local Hugging Face cache, models/hub.py), timm's train.py
 checkpoints (`state_dict` / `state_dict_ema`, beside its `args`), our own training checkpoints (`model` / `ema`),
 our runs' `weights.pth` (the exported network, written by the engine at the end of every run: plain zoo keys),
 and the key prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add. Our task wrappers hold the network as
@@ -69,10 +70,14 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
     `net.` prefix of our task wrappers when every key has it (wrapper prefixes may sit on either side of it:
     `module.net.conv1.weight` and `net._orig_mod.conv1.weight` both become `conv1.weight`).
 
+    path: a file, or a timm weight name `timm:NAME.TAG` found in the local Hugging Face cache (models/hub.py).
     prefer_ema: take the EMA weights when the file has both (the RS recipe evaluates the EMA).
-    Raises WeightsError (one line naming the file) when the file is missing, unreadable, would need code to run,
-    or holds something other than tensors (see `read_file`).
+    Raises WeightsError (one line naming the file or the name) when the file is missing, unreadable, would need
+    code to run, or holds something other than tensors (see `read_file`), or a name is not in the cache.
     """
+    from rs_transfer.models import hub  # hub imports this module (WeightsError)
+
+    path = hub.resolve(path)
     checkpoint = read_file(path)
     order = EMA_KEYS + PLAIN_KEYS if prefer_ema else PLAIN_KEYS + EMA_KEYS
     for key in order:
