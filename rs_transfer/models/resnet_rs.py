@@ -10,7 +10,7 @@ needs no torch; they are imported here so `resnet_rs.parse_name`, `resnet_rs.LAY
 
 import math
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -194,6 +194,7 @@ def shapes_only():
         yield
 
 
+@lru_cache(maxsize=None)  # a few ints; `models` and the tests ask for the same names again
 def count_params_fast(name: str, num_classes: int = 1000) -> int:
     """Parameter count without allocating memory (the model is built by `shapes_only`)."""
     with shapes_only():
