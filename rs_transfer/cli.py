@@ -262,11 +262,11 @@ def run_demo(args) -> int:
 
 def run_models(args) -> int:
     from rs_transfer.models import zoo
-    from rs_transfer.models.resnet_rs import RELEASED, count_params_fast, parse_name
+    from rs_transfer.models.resnet_rs import count_params_fast
 
     rows = []
-    for name in RELEASED + ("resnet152", "resnet152-w2", "resnet200", "resnet200-se", "resnet200-d"):
-        spec = parse_name(name)
+    for name in zoo.RELEASED + ("resnet152", "resnet152-w2", "resnet200", "resnet200-se", "resnet200-d"):
+        spec = zoo.parse_name(name)
         paper = zoo.table7_rows(name)
         rows.append({
             "name": name,
@@ -292,11 +292,12 @@ def run_models(args) -> int:
 
 
 def run_info(args) -> int:
-    from rs_transfer.bench.flops import count_gflops
     from rs_transfer.models import zoo
-    from rs_transfer.models.resnet_rs import build_resnet, count_params, parse_name
 
-    spec = parse_name(args.name)
+    spec = zoo.parse_name(args.name)  # a bad name fails before torch and fvcore are imported (~3 s)
+    from rs_transfer.bench.flops import count_gflops
+    from rs_transfer.models.resnet_rs import build_resnet, count_params
+
     model = build_resnet(spec, num_classes=args.num_classes, init="timm")
     paper = zoo.table7_rows(args.name)
     resolutions = args.resolution or [r.resolution for r in paper] or [224]

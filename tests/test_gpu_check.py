@@ -69,12 +69,14 @@ def device_site_packages(folder: Path) -> tuple:
     anything else installed here (scipy, DALI in the `nvidia` folder torch's CUDA wheels share) cannot be imported."""
     real = Path(sysconfig.get_paths()["purelib"])
     allowed = device_distributions()
+    # each distribution's name read once: `dist.metadata` parses METADATA on every access (40 s over all files)
+    named = [(gpu_check.normalise(dist.metadata["Name"]), dist) for dist in distributions()]
     owners = {}  # top-level entry of site-packages -> the distributions with files in it
-    for dist in distributions():
+    for name, dist in named:
         for file in dist.files or []:
-            owners.setdefault(Path(file).parts[0], set()).add(gpu_check.normalise(dist.metadata["Name"]))
-    for dist in distributions():
-        if gpu_check.normalise(dist.metadata["Name"]) not in allowed:
+            owners.setdefault(Path(file).parts[0], set()).add(name)
+    for name, dist in named:
+        if name not in allowed:
             continue
         for file in dist.files or []:
             parts = Path(file).parts

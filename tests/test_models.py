@@ -18,6 +18,7 @@ from rs_transfer.models.resnet_rs import (
     count_params,
     count_params_fast,
     scaling_grid_names,
+    shapes_only,
     stochastic_depth_rates,
 )
 
@@ -53,12 +54,23 @@ def test_width_multiplier_params_match_paper(width):
     assert count_params_fast(f"rs50-w{width:g}") / 1e6 == pytest.approx(PAPER_WIDTH_PARAMS[width], rel=0.005)
 
 
-@pytest.mark.parametrize("name,resolution,gflops", PAPER_GFLOPS)
-def test_gflops_match_table7(name, resolution, gflops):
-    model = build_resnet(parse_name(name), init="timm")
-    assert count_gflops(model, resolution) == pytest.approx(gflops, rel=0.03)
-    row = [r for r in zoo.table7_rows(name) if r.resolution == resolution]
-    assert len(row) == 1 and row[0].gflops == gflops
+def _zero_model(name):
+    # FLOPs depend on shapes only: zeroed memory instead of an init (~8 s of random numbers over these models)
+    with shapes_only():
+        model = build_resnet(parse_name(name))
+    model.to_empty(device="cpu")
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", dict.fromkeys(name for name, _, _ in PAPER_GFLOPS))
+def test_gflops_match_table7(name):
+    model = _zero_model(name)  # built once for all of its Table 7 rows
+    for resolution, gflops in [(res, g) for n, res, g in PAPER_GFLOPS if n == name]:
+        assert count_gflops(model, resolution) == pytest.approx(gflops, rel=0.03)
+        row = [r for r in zoo.table7_rows(name) if r.resolution == resolution]
+        assert len(row) == 1 and row[0].gflops == gflops
 
 
 def test_scaling_grid_builds_with_scaled_widths():
@@ -66,8 +78,8 @@ def test_scaling_grid_builds_with_scaled_widths():
     assert len(names) == len(SCALING_DEPTHS) * len(SCALING_WIDTHS) == 35
     for name in names:
         spec = parse_name(name)
-        with torch.device("meta"):
-            model = build_resnet(spec, init="timm")
+        with shapes_only():
+            model = build_resnet(spec)
         assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == list(spec.layout)
         assert model.num_features == int(512 * spec.width) * 4
         assert model.conv1[0].out_channels == int(32 * spec.width)
@@ -116,11 +128,12 @@ def _randomise_norms(model):
 def test_timm_state_dict_loads_strictly_and_matches(name):
     reference = timm.create_model(f"resnetrs{name[2:]}")
     _randomise_norms(reference)
-    ours = create_model(name, init="timm")  # the weights are overwritten; the official init is slow at 192M
+    with shapes_only():  # no values of our own: all of them come from the load (assign=True takes its tensors)
+        ours = create_model(name)
     theirs, mine = reference.state_dict(), ours.state_dict()
     assert list(mine) == list(theirs)
     assert all(mine[k].shape == v.shape for k, v in theirs.items())
-    ours.load_state_dict(theirs, strict=True)
+    ours.load_state_dict(theirs, strict=True, assign=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), reference.eval()(x))
@@ -129,8 +142,9 @@ def test_timm_state_dict_loads_strictly_and_matches(name):
 def test_vanilla_resnet152_matches_timm():
     reference = timm.create_model("resnet152")
     _randomise_norms(reference)
-    ours = create_model("resnet152", init="timm")
-    ours.load_state_dict(reference.state_dict(), strict=True)
+    with shapes_only():
+        ours = create_model("resnet152")
+    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), reference.eval()(x))
@@ -155,8 +169,8 @@ def test_resnet_d_and_se_are_what_the_paper_describes():
 
 
 def test_resnet152_w2_widens_the_stem():
-    with torch.device("meta"):
-        model = build_resnet(parse_name("resnet152-w2"), init="timm")
+    with shapes_only():
+        model = build_resnet(parse_name("resnet152-w2"))
     assert model.conv1.out_channels == 128 and model.bn1.num_features == 128
     assert model.layer1[0].conv1.in_channels == 128 and model.layer1[0].downsample[0].in_channels == 128
     assert model.num_features == 4096
@@ -164,7 +178,7 @@ def test_resnet152_w2_widens_the_stem():
 
 @pytest.mark.parametrize("name", ["resnet26-w0.25", "resnet50-w0.5", "resnet26-w2"])
 def test_plain_stem_width_multipliers_run(name):
-    model = create_model(name, num_classes=10)
+    model = create_model(name, num_classes=10, init="timm")  # the official init takes seconds at width 2
     first = model.layer1[0]
     assert model.conv1.out_channels == first.conv1.in_channels == first.downsample[0].in_channels
     assert first.downsample[0].out_channels == first.conv3.out_channels
@@ -208,7 +222,8 @@ def test_features_only_gives_c2_to_c5():
     features = backbone(torch.randn(2, 3, 64, 64))
     assert [tuple(f.shape) for f in features] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
     assert backbone.spec.depth == 26
-    vanilla = create_model("resnet152-w2", features_only=True)
+    with shapes_only():  # channels only: the official init of this 240M network took 8 s
+        vanilla = create_model("resnet152-w2", features_only=True)
     assert vanilla.feature_info.channels() == [512, 1024, 2048, 4096]
 
 

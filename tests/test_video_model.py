@@ -6,7 +6,7 @@ import torch
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
-from rs_transfer.models.resnet_rs import count_params
+from rs_transfer.models.resnet_rs import count_params, shapes_only
 
 # PAPER.md section 7: CVRL's temporal kernel per block; 3D ResNet-RS: kt 1 in c2 and c3, 3 in c4 and c5.
 CVRL_KERNELS = [(3, 3, 3), (3, 1, 3, 1), (3, 1, 3, 1, 3, 1), (1, 3, 1)]
@@ -18,7 +18,7 @@ def block_kernels(model):
 
 
 def meta_model(name, **kwargs):
-    with torch.device("meta"):
+    with shapes_only():
         return ResNet3d(name, num_classes=400, init="timm", **kwargs)
 
 
@@ -116,7 +116,7 @@ def test_inflation_keeps_3d_head_when_classes_differ_and_rejects_wrong_models():
     head = model_3d.fc.weight.clone()
     skipped = inflate_2d(model_3d, create_model("rs26-w0.25", num_classes=1000).state_dict())
     assert "fc.weight" in skipped and torch.equal(model_3d.fc.weight, head)
-    with torch.device("meta"):  # shapes only
+    with shapes_only():
         with pytest.raises(UserError, match="cannot inflate layer1.0.downsample.1.weight"):
             inflate_2d(ResNet3d("rs26", init="timm"), create_model("resnet26", init="timm").state_dict())
         partial = create_model("rs26-w0.25", init="timm").state_dict()

@@ -40,7 +40,8 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A freshly initialised network for a zoo name or a timm architecture name."""
     import timm
 
-    from rs_transfer.models.resnet_rs import build_resnet, parse_name
+    from rs_transfer.models.resnet_rs import build_resnet
+    from rs_transfer.models.zoo import parse_name
 
     try:
         spec = parse_name(name)

@@ -24,13 +24,8 @@ from torch import nn
 from timm.layers import DropPath
 
 from rs_transfer.errors import UserError
-from rs_transfer.models.resnet_rs import (
-    STAGE_WIDTHS,
-    ModelSpec,
-    init_conv_official,
-    parse_name,
-    stochastic_depth_rates,
-)
+from rs_transfer.models.resnet_rs import init_conv_official, stochastic_depth_rates
+from rs_transfer.models.zoo import STAGE_WIDTHS, ModelSpec, parse_name
 
 log = logging.getLogger(__name__)
 

@@ -4,94 +4,35 @@ A model is timm's ResNet plus a handful of arguments, so a timm `resnetrs*` stat
 same-named model here. What timm does differently from the official TF code (stochastic depth per block, kaiming
 init, SE channel rounding) is a constructor argument with the official behaviour as the default.
 
-Names users type (the grammar, case-insensitive):
-    rs<depth>[-w<mult>]                    ResNet-RS: SE in every block + ResNet-D (deep stem, stem pool -> conv,
-                                           average-pool shortcut)
-    resnet<depth>[-w<mult>][-se][-d]       vanilla bottleneck ResNet, optionally with SE and/or ResNet-D
-e.g. rs50, rs152, rs101-w1.5, rs26-w0.25, resnet152, resnet152-w2, resnet200-se, resnet200-d.
-`rs200` is the same network as `resnet200-se-d`.
+The name grammar (rs50, rs101-w1.5, resnet152-w2, resnet200-se, ...) and the layout table live in zoo.py, which
+needs no torch; they are imported here so `resnet_rs.parse_name`, `resnet_rs.LAYOUTS`, ... keep working.
 """
 
 import math
-import re
-from dataclasses import dataclass
-from functools import partial
+from contextlib import contextmanager
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from timm.layers import DropPath
 from timm.layers.squeeze_excite import SEModule
 from timm.models import FeatureListNet
 from timm.models.resnet import Bottleneck, ResNet
 
 from rs_transfer.errors import UserError
-
-# Blocks per stage (c2, c3, c4, c5). 26 is not in the paper's table: (2, 2, 2, 2) is timm's resnet26 layout,
-# the one bottleneck layout with 26 layers (2 + 3 * 8).
-LAYOUTS = {
-    26: (2, 2, 2, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-    270: (4, 29, 53, 4),
-    300: (4, 36, 54, 4),
-    350: (4, 36, 72, 4),
-    400: (6, 48, 72, 6),
-    420: (4, 44, 87, 4),
-}
-SCALING_DEPTHS = (26, 50, 101, 200, 300, 350, 400)
-SCALING_WIDTHS = (0.25, 0.5, 1.0, 1.5, 2.0)
-SCALING_RESOLUTIONS = (128, 160, 224, 320, 448)
-RELEASED = ("rs50", "rs101", "rs152", "rs200", "rs270", "rs350", "rs420")
-
-STAGE_WIDTHS = (64, 128, 256, 512)
-FEATURE_STRIDES = (4, 8, 16, 32)
-
-_NAME = re.compile(r"^(rs|resnet)(\d+)((?:-(?:w[0-9.]+|se|d))*)$")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    depth: int
-    width: float = 1.0
-    se: bool = True
-    resnet_d: bool = True
-
-    @property
-    def layout(self) -> tuple:
-        return LAYOUTS[self.depth]
-
-
-def parse_name(name: str) -> ModelSpec:
-    """Turn a user-typed model name into a `ModelSpec`, or raise a `UserError` that shows the grammar."""
-    match = _NAME.match(name.strip().lower())
-    if match is None:
-        raise UserError(
-            f"unknown model name {name!r}: expected rs<depth>[-w<mult>] or resnet<depth>[-w<mult>][-se][-d], "
-            f"e.g. rs50, rs101-w1.5, resnet152-w2, resnet200-se; depths: {sorted(LAYOUTS)}"
-        )
-    family, depth, suffix = match.group(1), int(match.group(2)), match.group(3)
-    if depth not in LAYOUTS:
-        raise UserError(f"unknown depth {depth} in model name {name!r}; depths: {sorted(LAYOUTS)}")
-    parts = [p for p in suffix.split("-") if p]
-    if len(set(parts)) != len(parts):
-        raise UserError(f"model name {name!r} repeats a suffix")
-    width = 1.0
-    for part in parts:
-        if part.startswith("w"):
-            try:
-                width = float(part[1:])
-            except ValueError:
-                raise UserError(f"bad width multiplier {part!r} in model name {name!r}") from None
-            if width <= 0:
-                raise UserError(f"width multiplier must be positive in model name {name!r}")
-    if family == "rs":
-        if "se" in parts or "d" in parts:
-            raise UserError(f"model name {name!r}: rs models already have SE and ResNet-D")
-        return ModelSpec(name=name, depth=depth, width=width, se=True, resnet_d=True)
-    return ModelSpec(name=name, depth=depth, width=width, se="se" in parts, resnet_d="d" in parts)
+from rs_transfer.models.zoo import (  # noqa: F401 (re-exported: the names' home before zoo.py held them)
+    FEATURE_STRIDES,
+    LAYOUTS,
+    RELEASED,
+    SCALING_DEPTHS,
+    SCALING_RESOLUTIONS,
+    SCALING_WIDTHS,
+    STAGE_WIDTHS,
+    ModelSpec,
+    parse_name,
+    scaling_grid_names,
+)
 
 
 def stochastic_depth_rates(layout, rate: float, schedule: str = "stage") -> list:
@@ -228,12 +169,34 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _SkipInitialisers(TorchFunctionMode):
+    # A meta tensor holds no values, so initialising it changes nothing, but each call still runs torch's
+    # reference decompositions (~1 ms for a `normal_`): 10 s of the 35-model scaling grid went there.
+    SKIPPED = {
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.constant_, nn.init.ones_, nn.init.zeros_,
+        nn.init.kaiming_normal_, nn.init.kaiming_uniform_, nn.init.xavier_normal_, nn.init.xavier_uniform_,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if func in self.SKIPPED and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def shapes_only():
+    """Build modules on the meta device without running their initialisers: every parameter, buffer and shape
+    is there (count parameters, read channels and layouts), no memory is allocated and no value exists."""
+    with torch.device("meta"), _SkipInitialisers():
+        yield
+
+
+@lru_cache(maxsize=None)  # a few ints; `models` and the tests ask for the same names again
 def count_params_fast(name: str, num_classes: int = 1000) -> int:
-    """Parameter count without allocating memory (the model is built on the meta device)."""
-    with torch.device("meta"):
+    """Parameter count without allocating memory (the model is built by `shapes_only`)."""
+    with shapes_only():
         model = build_resnet(parse_name(name), num_classes=num_classes, init="timm")
     return count_params(model)
-
-
-def scaling_grid_names() -> list:
-    return [f"rs{d}-w{w:g}" for d in SCALING_DEPTHS for w in SCALING_WIDTHS]

@@ -1,10 +1,95 @@
-"""The paper's Table 7 and the timm weights that exist for each released model: data, checked by tests.
+"""The zoo as data, importable without torch: the model-name grammar, the block layouts, the paper's Table 7 and
+the timm weights that exist for each released model. Checked by tests.
 
-Numbers are the paper's (PAPER.md section 2); `tests/test_models.py` proves our built models match the params
-and GFLOPs columns, so the CLI can print them without building anything.
+Name parsing lives here, not in resnet_rs.py (which imports torch and timm, ~3 s), so that `rs-transfer info` with
+a bad name, and every `--help`, answer at once.
+
+Names users type (the grammar, case-insensitive):
+    rs<depth>[-w<mult>]                    ResNet-RS: SE in every block + ResNet-D (deep stem, stem pool -> conv,
+                                           average-pool shortcut)
+    resnet<depth>[-w<mult>][-se][-d]       vanilla bottleneck ResNet, optionally with SE and/or ResNet-D
+e.g. rs50, rs152, rs101-w1.5, rs26-w0.25, resnet152, resnet152-w2, resnet200-se, resnet200-d.
+`rs200` is the same network as `resnet200-se-d`.
+
+Table 7's numbers are the paper's (PAPER.md section 2); `tests/test_models.py` proves our built models match the
+params and GFLOPs columns, so the CLI can print them without building anything.
 """
 
+import re
 from dataclasses import dataclass
+
+from rs_transfer.errors import UserError
+
+# Blocks per stage (c2, c3, c4, c5). 26 is not in the paper's table: (2, 2, 2, 2) is timm's resnet26 layout,
+# the one bottleneck layout with 26 layers (2 + 3 * 8).
+LAYOUTS = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    270: (4, 29, 53, 4),
+    300: (4, 36, 54, 4),
+    350: (4, 36, 72, 4),
+    400: (6, 48, 72, 6),
+    420: (4, 44, 87, 4),
+}
+SCALING_DEPTHS = (26, 50, 101, 200, 300, 350, 400)
+SCALING_WIDTHS = (0.25, 0.5, 1.0, 1.5, 2.0)
+SCALING_RESOLUTIONS = (128, 160, 224, 320, 448)
+RELEASED = ("rs50", "rs101", "rs152", "rs200", "rs270", "rs350", "rs420")
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+FEATURE_STRIDES = (4, 8, 16, 32)
+
+_NAME = re.compile(r"^(rs|resnet)(\d+)((?:-(?:w[0-9.]+|se|d))*)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    depth: int
+    width: float = 1.0
+    se: bool = True
+    resnet_d: bool = True
+
+    @property
+    def layout(self) -> tuple:
+        return LAYOUTS[self.depth]
+
+
+def parse_name(name: str) -> ModelSpec:
+    """Turn a user-typed model name into a `ModelSpec`, or raise a `UserError` that shows the grammar."""
+    match = _NAME.match(name.strip().lower())
+    if match is None:
+        raise UserError(
+            f"unknown model name {name!r}: expected rs<depth>[-w<mult>] or resnet<depth>[-w<mult>][-se][-d], "
+            f"e.g. rs50, rs101-w1.5, resnet152-w2, resnet200-se; depths: {sorted(LAYOUTS)}"
+        )
+    family, depth, suffix = match.group(1), int(match.group(2)), match.group(3)
+    if depth not in LAYOUTS:
+        raise UserError(f"unknown depth {depth} in model name {name!r}; depths: {sorted(LAYOUTS)}")
+    parts = [p for p in suffix.split("-") if p]
+    if len(set(parts)) != len(parts):
+        raise UserError(f"model name {name!r} repeats a suffix")
+    width = 1.0
+    for part in parts:
+        if part.startswith("w"):
+            try:
+                width = float(part[1:])
+            except ValueError:
+                raise UserError(f"bad width multiplier {part!r} in model name {name!r}") from None
+            if width <= 0:
+                raise UserError(f"width multiplier must be positive in model name {name!r}")
+    if family == "rs":
+        if "se" in parts or "d" in parts:
+            raise UserError(f"model name {name!r}: rs models already have SE and ResNet-D")
+        return ModelSpec(name=name, depth=depth, width=width, se=True, resnet_d=True)
+    return ModelSpec(name=name, depth=depth, width=width, se="se" in parts, resnet_d="d" in parts)
+
+
+def scaling_grid_names() -> list:
+    return [f"rs{d}-w{w:g}" for d in SCALING_DEPTHS for w in SCALING_WIDTHS]
 
 
 @dataclass(frozen=True)
