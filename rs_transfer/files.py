@@ -20,9 +20,8 @@ TEMP_MARK = ".tmp."
 
 class FileWriteError(UserError):
     """The disk refused a write (full, read-only, no permission, a file in the way), or a value cannot be written
-    (NaN in JSON). One class for every writer: result files, run folders, pseudo-label shards and the generated
-    datasets of engine/write_once.py (engine/checkpoint.py re-raises it as CheckpointError). The message names the
-    file or folder."""
+    (NaN in JSON). One class for every writer: checkpoints, result files, run folders, pseudo-label shards and the
+    generated datasets of engine/write_once.py. The message names the file or folder."""
 
 
 def make_dir(path: str | Path, what: str, hint: str = "") -> Path:

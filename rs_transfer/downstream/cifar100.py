@@ -136,6 +136,11 @@ def transforms(image_size: int, train: bool) -> v2.Compose:
 
 
 def build(config) -> Task:
+    """The cifar100 Task (engine/task.py) from its run config: the python pickles under data.root (50k train, 10k
+    test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs
+    (engine.classification.Classifier; eval mode: logits (N, 100)), top-1/top-5 on the test set (fractions).
+    Raises DataError for missing or malformed pickles, ConfigError for model.num_classes other than 100,
+    WeightsError for model.weights that do not fit."""
     t = config.task
     check_num_classes(config, NUM_CLASSES)
     train_set = Cifar100(config.data.root, "train", transforms(t.image_size, train=True))

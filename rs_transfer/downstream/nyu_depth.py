@@ -184,6 +184,11 @@ def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: 
 
 
 def make_evaluator(val_set, t, num_workers: int = 0):
+    """NYU depth metrics of `model(batch)` (eval mode: depth in metres, (N, H, W)) over `val_set`, each rank a
+    contiguous part, sums reduced over ranks: {"delta1", "abs_rel", "rmse", "pixels"}; delta1 (share of pixels
+    with max(pred / gt, gt / pred) < 1.25) a fraction, abs_rel relative, rmse in metres (predictions clamped to
+    (t.depth_min, t.depth_max), pixels with ground truth inside it, optionally the Eigen crop).
+    Raises DataError when no pixel of the set has valid ground truth."""
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -207,6 +212,9 @@ def _collate_with_sizes(samples: list) -> dict:
 
 
 def build(config) -> Task:
+    """The nyu_depth Task: NYU Depth v2 (task.nyu_format: the labelled .mat (HDF5) or the BTS folders), the FPN
+    model with one output channel (eval mode: depth in metres (N, H, W)), delta1 / abs_rel / rmse (make_evaluator).
+    Raises DataError for a missing or malformed dataset, ConfigError for model.num_classes other than 1."""
     t = config.task
     check_num_classes(config, 1)
     transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})

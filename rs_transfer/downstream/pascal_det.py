@@ -190,6 +190,10 @@ class Detector(nn.Module):
 
 
 def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0):
+    """VOC07 11-point AP50 of `model(batch)` (eval mode: torchvision detections, one dict per image with "boxes"
+    (K, 4) x1 y1 x2 y2 in input pixels, "labels" (K,) 1-based, "scores" (K,)) over `test_set`, each rank a contiguous
+    part, detections gathered to every rank: {"ap50", "ap50/<class>"} as fractions (difficult objects ignored,
+    as in the VOC devkit)."""
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         detections, truth = [], {}
@@ -220,6 +224,10 @@ def _eval_collate(samples: list) -> dict:
 
 
 def build(config) -> Task:
+    """The pascal_det Task: VOC 2007+2012 trainval (task.det_train_sets) to VOC 2007 test, torchvision's Faster
+    R-CNN on our FPN P3-P7 (eval mode: detections per image, see make_evaluator), VOC07 11-point AP50.
+    Raises DataError for a missing or malformed VOC layout or annotation (naming the file), ConfigError for
+    model.num_classes other than 20."""
     t = config.task
     check_num_classes(config, len(CLASSES))
     train_set = VOCDetection(image_sets(config.data.root, t.det_train_sets),

@@ -33,6 +33,9 @@ class PascalSegConfig(FinetuneConfig):
 
 
 def build(config):
+    """The pascal_seg Task: VOC 2012 (+ SBD with task.train_split=trainaug) image/label pairs, the FPN segmentation
+    model with 21 outputs (eval mode: logits (N, 21, H, W)), mIoU on task.val_split (segmentation.build_segmentation).
+    Raises DataError for a missing or malformed layout (naming the file), ConfigError for model.num_classes != 21."""
     t, root = config.task, config.data.root
     return build_segmentation(config, voc_items(root, t.train_split, t.sbd_root), voc_items(root, t.val_split),
                               len(VOC_CLASSES), VOC_CLASSES)

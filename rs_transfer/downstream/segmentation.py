@@ -155,6 +155,9 @@ class SegmentationModel(nn.Module):
 
 
 def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int = 0, class_names=None):
+    """mIoU of `model(batch)` (eval mode: logits (N, classes, H, W) at the label's size) over `val_set`, each rank a
+    contiguous part, confusion counts reduced over ranks (metrics.MeanIoU, torchmetrics' MulticlassJaccardIndex;
+    label 255 ignored): {"miou", "iou/<class>"} as fractions. Raises DataError when every pixel is ignore."""
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         metric = MeanIoU(num_classes, device=device)

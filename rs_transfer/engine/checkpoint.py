@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rs_transfer.errors import UserError
-from rs_transfer.files import FileWriteError, atomic_open, remove_stale_temp_files
+from rs_transfer.files import atomic_open, remove_stale_temp_files
 from rs_transfer.models.weights import read_file
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,16 @@ class CheckpointError(UserError):
 
 def atomic_save(obj, path: Path) -> None:
     """`torch.save` through `files.atomic_open`: a kill at any moment leaves the old file or the new one, never a
-    half-written `path`; a full disk or read-only folder raises CheckpointError and leaves no temp file."""
-    try:
-        with atomic_open(path, "wb") as file:
-            torch.save(obj, file)
-    except FileWriteError as error:
-        raise CheckpointError(str(error)) from None
+    half-written `path`; a full disk or read-only folder raises files.FileWriteError and leaves no temp file."""
+    with atomic_open(path, "wb") as file:
+        torch.save(obj, file)
 
 
 def atomic_copy(source: Path, path: Path) -> None:
-    """Copy a written checkpoint to `path` atomically (cheaper than serialising the same state twice)."""
-    try:
-        with atomic_open(path, "wb") as file, open(source, "rb") as original:
-            shutil.copyfileobj(original, file, 16 << 20)
-    except FileWriteError as error:
-        raise CheckpointError(str(error)) from None
+    """Copy a written checkpoint to `path` atomically (cheaper than serialising the same state twice); raises
+    files.FileWriteError as atomic_save does."""
+    with atomic_open(path, "wb") as file, open(source, "rb") as original:
+        shutil.copyfileobj(original, file, 16 << 20)
 
 
 def save_step(state: dict, path: Path, best: bool, keep_last: int) -> None:

@@ -148,9 +148,23 @@ def create_model(
 ) -> nn.Module:
     """Build a zoo model by name, optionally load weights, optionally return the feature extractor.
 
-    features_only: returns timm's `FeatureListNet`, whose forward gives [C2, C3, C4, C5] (strides 4, 8, 16, 32
-    with the default out_indices) and whose `feature_info.channels()` / `.reduction()` describe them; state-dict
-    names are the classifier's minus `fc`, so the same checkpoint loads into both.
+    Args:
+        name: the zoo grammar (models/zoo.py): `rs152` (SE + ResNet-D), `resnet200`, `resnet50-se-d`,
+            `rs26-w0.25` (width multiplier); `rs-transfer models` lists the paper's.
+        num_classes: classifier outputs; 0 builds no classifier (the forward gives pooled features).
+        weights: a weights file or a timm name `timm:NAME.TAG`, loaded strictly (models/weights.py); a classifier
+            of another size is dropped and the model keeps its new head.
+        features_only: return timm's `FeatureListNet`, whose forward gives [C2, C3, C4, C5] (strides 4, 8, 16, 32
+            with the default out_indices) and whose `feature_info.channels()` / `.reduction()` describe them;
+            state-dict names are the classifier's minus `fc`, so the same checkpoint loads into both.
+        **arch_overrides: `build_resnet`'s switches (drop_rate, drop_path_rate, drop_path_schedule, bn_momentum,
+            zero_init_last, init).
+    Returns: an nn.Module taking float images (N, 3, H, W) normalised with the ImageNet mean/std
+        (models/normalize.py) and returning logits (N, num_classes); any H, W (global pooling). With
+        features_only, a list of (N, C_i, H / s_i, W / s_i) for s_i = 4, 8, 16, 32.
+    Raises: UserError for a name outside the grammar or a bad override value; WeightsError for weights that are
+        missing, unreadable, not cached (timm names) or do not fit.
+    Source: timm's `resnetrs*` (timm/models/resnet.py) and the official TF ResNet-RS (PAPER.md sections 2 and 7).
     """
     from rs_transfer.models.weights import load_weights
 

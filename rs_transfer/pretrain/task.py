@@ -70,6 +70,11 @@ def _dali_loader(config: PretrainConfig, train_items):
 
 
 def build_task(config: PretrainConfig) -> Task:
+    """The pretraining Task: class folders or indexed tar shards under data.root (plus pseudo-labels when
+    cotrain.enabled), the zoo network in engine.classification.Classifier (eval mode: logits (N, classes)),
+    top-1/top-5 on data.eval_split. Raises UserError for co-training without pseudo-labels or an unsupported DALI
+    setting, DataError for a missing or malformed dataset or a model.num_classes that disagrees with the class
+    folders, WeightsError for model.weights that do not fit."""
     if config.cotrain.enabled and not config.cotrain.pseudo_labels:
         raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
                         "`rs-transfer pseudo-label`")

@@ -72,6 +72,11 @@ def resolve_num_classes(config: VideoConfig, classes: list, root: Path) -> None:
 
 
 def build_task(config: VideoConfig) -> Task:
+    """The video Task: Kinetics-400 class folders or CSV layout under data.root (train, val), the 3D network in
+    engine.classification.Classifier (clips uint8 (N, 3, T, H, W); eval mode: logits (N, classes)), 30-view top-1 /
+    top-5 (evaluate_videos). Raises DataError for a missing or malformed layout, ConfigError for an unset data.root,
+    a model.num_classes that disagrees with the data or both inflate_from and weights, WeightsError for weights
+    that do not fit."""
     root = prepare_root(config)
     d = config.data
     videos, classes = data.list_splits(root, ("train", "val"))
