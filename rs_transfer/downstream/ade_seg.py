@@ -34,8 +34,9 @@ def build(config):
     """The ade_seg Task: ADEChallengeData2016 image/label pairs (label 0 "other" ignored, 1..150 -> 0..149), the
     FPN segmentation model with 150 outputs (eval mode: logits (N, 150, H, W)), mIoU on task.val_split.
     Raises DataError for a missing or malformed layout (naming the file), ConfigError for model.num_classes != 150."""
-    t, root = config.task, config.data.root
-    return build_segmentation(config, ade_items(root, t.train_split), ade_items(root, t.val_split), ADE_NUM_CLASSES)
+    task_cfg, root = config.task, config.data.root
+    return build_segmentation(config, ade_items(root, task_cfg.train_split), ade_items(root, task_cfg.val_split),
+                              ADE_NUM_CLASSES)
 
 
 # Raw ADE labels synthetic scenes use (0 = other; the first is the background), so the -1 shift and the last class

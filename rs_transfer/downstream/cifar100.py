@@ -141,14 +141,14 @@ def build(config) -> Task:
     (engine.classification.Classifier; eval mode: logits (N, 100)), top-1/top-5 on the test set (fractions).
     Raises DataError for missing or malformed pickles, ConfigError for model.num_classes other than 100,
     WeightsError for model.weights that do not fit."""
-    t = config.task
+    task_cfg = config.task
     check_num_classes(config, NUM_CLASSES)
-    train_set = Cifar100(config.data.root, "train", transforms(t.image_size, train=True))
-    val_set = Cifar100(config.data.root, "test", transforms(t.image_size, train=False))
+    train_set = Cifar100(config.data.root, "train", transforms(task_cfg.image_size, train=True))
+    val_set = Cifar100(config.data.root, "test", transforms(task_cfg.image_size, train=False))
     net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
                        drop_rate=config.model.drop_rate, **arch_args(config))
     model = Classifier(net, label_smoothing=config.train.label_smoothing)
-    evaluate = TopKEvaluator(val_set, NUM_CLASSES, t.eval_batch_size, config.data.num_workers)
+    evaluate = TopKEvaluator(val_set, NUM_CLASSES, task_cfg.eval_batch_size, config.data.num_workers)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=PROTOCOL.metric)
 
 

@@ -61,9 +61,9 @@ class FinetuneConfig(RunConfig):
 
 def arch_args(config) -> dict:
     """The backbone's architecture switches from `model.*`, for `create_model`."""
-    m = config.model
-    return dict(drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
-                zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
+    model_cfg = config.model
+    return dict(drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
+                zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
 
 
 def check_num_classes(config, expected: int) -> None:

@@ -183,23 +183,24 @@ def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: 
     return valid
 
 
-def make_evaluator(val_set, t, num_workers: int = 0):
+def make_evaluator(val_set, task_cfg, num_workers: int = 0):
     """NYU depth metrics of `model(batch)` (eval mode: depth in metres, (N, H, W)) over `val_set`, each rank a
     contiguous part, sums reduced over ranks: {"delta1", "abs_rel", "rmse", "pixels"}; delta1 (share of pixels
     with max(pred / gt, gt / pred) < 1.25) a fraction, abs_rel relative, rmse in metres (predictions clamped to
-    (t.depth_min, t.depth_max), pixels with ground truth inside it, optionally the Eigen crop).
+    (task_cfg.depth_min, task_cfg.depth_max), pixels with ground truth inside it, optionally the Eigen crop).
     Raises DataError when no pixel of the set has valid ground truth."""
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, t.eval_batch_size, _collate_with_sizes, num_workers, device):
+            for batch in eval_loader(val_set, task_cfg.eval_batch_size, _collate_with_sizes, num_workers, device):
                 batch = to_device(batch, device)
-                pred = model(batch).clamp(t.depth_min, t.depth_max)
-                valid = eval_mask(batch["depth"], t.depth_min, t.depth_max, t.eigen_crop, batch["size"])
+                pred = model(batch).clamp(task_cfg.depth_min, task_cfg.depth_max)
+                valid = eval_mask(batch["depth"], task_cfg.depth_min, task_cfg.depth_max, task_cfg.eigen_crop,
+                                  batch["size"])
                 sums += depth_sums(pred, batch["depth"], valid)
-        crop = " and the Eigen crop" if t.eigen_crop else ""
-        return depth_metrics(sums, f"ground-truth depth inside ({t.depth_min}, {t.depth_max}) m{crop} in "
+        crop = " and the Eigen crop" if task_cfg.eigen_crop else ""
+        return depth_metrics(sums, f"ground-truth depth inside ({task_cfg.depth_min}, {task_cfg.depth_max}) m{crop} in "
                                    f"{len(val_set)} images")
 
     return evaluate
@@ -215,14 +216,15 @@ def build(config) -> Task:
     """The nyu_depth Task: NYU Depth v2 (task.nyu_format: the labelled .mat (HDF5) or the BTS folders), the FPN
     model with one output channel (eval mode: depth in metres (N, H, W)), delta1 / abs_rel / rmse (make_evaluator).
     Raises DataError for a missing or malformed dataset, ConfigError for model.num_classes other than 1."""
-    t = config.task
+    task_cfg = config.task
     check_num_classes(config, 1)
-    transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})
-    train_set = NYUDepth(config.data.root, "train", t.nyu_format, transform)
-    val_set = NYUDepth(config.data.root, "val", t.nyu_format)
-    model = DepthModel(config.model.name, weights=config.model.weights, fpn_channels=t.fpn_channels,
-                       head_channels=t.head_channels, **arch_args(config))
-    return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, t, config.data.num_workers),
+    transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
+                                      {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})
+    train_set = NYUDepth(config.data.root, "train", task_cfg.nyu_format, transform)
+    val_set = NYUDepth(config.data.root, "val", task_cfg.nyu_format)
+    model = DepthModel(config.model.name, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
+                       head_channels=task_cfg.head_channels, **arch_args(config))
+    return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, task_cfg, config.data.num_workers),
                 primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
 
 

@@ -228,16 +228,19 @@ def build(config) -> Task:
     R-CNN on our FPN P3-P7 (eval mode: detections per image, see make_evaluator), VOC07 11-point AP50.
     Raises DataError for a missing or malformed VOC layout or annotation (naming the file), ConfigError for
     model.num_classes other than 20."""
-    t = config.task
+    task_cfg = config.task
     check_num_classes(config, len(CLASSES))
-    train_set = VOCDetection(image_sets(config.data.root, t.det_train_sets),
-                             train_transform(t.crop_size, (t.scale_min, t.scale_max)), keep_difficult=False)
-    test_set = VOCDetection(image_sets(config.data.root, [t.det_test_set]))
-    model = Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=t.fpn_channels,
-                     fc_channels=t.det_fc_channels, anchor_sizes=tuple(t.anchor_sizes), train_size=t.crop_size,
-                     eval_size=t.det_eval_size, score_thresh=t.det_score_thresh,
-                     detections_per_img=t.det_max_per_image, rois_per_image=t.det_rois_per_image, **arch_args(config))
-    return Task(model=model, train_set=train_set, evaluate=make_evaluator(test_set, t.eval_batch_size, config.data.num_workers),
+    train_set = VOCDetection(image_sets(config.data.root, task_cfg.det_train_sets),
+                             train_transform(task_cfg.crop_size,
+                                             (task_cfg.scale_min, task_cfg.scale_max)), keep_difficult=False)
+    test_set = VOCDetection(image_sets(config.data.root, [task_cfg.det_test_set]))
+    model = Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
+                     fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
+                     train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
+                     score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
+                     rois_per_image=task_cfg.det_rois_per_image, **arch_args(config))
+    return Task(model=model, train_set=train_set,
+                evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers),
                 primary_metric=PROTOCOL.metric, collate_fn=det_collate)
 
 

@@ -36,9 +36,9 @@ def build(config):
     """The pascal_seg Task: VOC 2012 (+ SBD with task.train_split=trainaug) image/label pairs, the FPN segmentation
     model with 21 outputs (eval mode: logits (N, 21, H, W)), mIoU on task.val_split (segmentation.build_segmentation).
     Raises DataError for a missing or malformed layout (naming the file), ConfigError for model.num_classes != 21."""
-    t, root = config.task, config.data.root
-    return build_segmentation(config, voc_items(root, t.train_split, t.sbd_root), voc_items(root, t.val_split),
-                              len(VOC_CLASSES), VOC_CLASSES)
+    task_cfg, root = config.task, config.data.root
+    return build_segmentation(config, voc_items(root, task_cfg.train_split, task_cfg.sbd_root),
+                              voc_items(root, task_cfg.val_split), len(VOC_CLASSES), VOC_CLASSES)
 
 
 SYNTHETIC_CLASSES = (1, 8, 15)  # the VOC classes synthetic scenes draw: aeroplane, cat, person

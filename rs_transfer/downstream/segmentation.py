@@ -173,12 +173,14 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
 def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None) -> Task:
     """The shared part of pascal_seg and ade_seg (which differ only in their data): datasets from (image, label)
     items, the FPN segmentation model, the mIoU evaluator."""
-    t = config.task
+    task_cfg = config.task
     check_num_classes(config, num_classes)
-    transform = dense_train_transform(t.crop_size, (t.scale_min, t.scale_max), {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
+    transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
+                                      {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
     train_set = SegmentationSet(train_items, num_classes, transform)
     val_set = SegmentationSet(val_items, num_classes)
     model = SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
-                              fpn_channels=t.fpn_channels, head_channels=t.head_channels, **arch_args(config))
-    evaluate = make_evaluator(val_set, num_classes, t.eval_batch_size, config.data.num_workers, class_names)
+                              fpn_channels=task_cfg.fpn_channels, head_channels=task_cfg.head_channels,
+                              **arch_args(config))
+    evaluate = make_evaluator(val_set, num_classes, task_cfg.eval_batch_size, config.data.num_workers, class_names)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate)

@@ -161,11 +161,11 @@ def load_pseudo_set(folder: str | Path, transform, num_classes: int, targets: st
 def build(config, labelled: data.ImageDataset, num_classes: int) -> tuple:
     """(train dataset, collate function) for co-training; `labelled` is the supervised train set and
     `num_classes` the model's resolved class count (model.num_classes may be None: inferred from the data)."""
-    c = config.cotrain
-    if c.data_ratio <= 0:
-        raise UserError(f"cotrain.data_ratio must be positive, got {c.data_ratio}")
+    cotrain_cfg = config.cotrain
+    if cotrain_cfg.data_ratio <= 0:
+        raise UserError(f"cotrain.data_ratio must be positive, got {cotrain_cfg.data_ratio}")
     smoothing = config.train.label_smoothing
-    pseudo = load_pseudo_set(c.pseudo_labels, labelled.transform, num_classes, c.targets, smoothing)
-    collate = MixedCollate(labelled, pseudo, c.data_ratio, num_classes, smoothing)
+    pseudo = load_pseudo_set(cotrain_cfg.pseudo_labels, labelled.transform, num_classes, cotrain_cfg.targets, smoothing)
+    collate = MixedCollate(labelled, pseudo, cotrain_cfg.data_ratio, num_classes, smoothing)
     localities = [n for n in (labelled.locality, pseudo.locality) if n]
-    return SlotDataset(round(len(labelled) * (1 + c.data_ratio)), min(localities, default=0)), collate
+    return SlotDataset(round(len(labelled) * (1 + cotrain_cfg.data_ratio)), min(localities, default=0)), collate

@@ -92,15 +92,17 @@ def build_task(config: PretrainConfig) -> Task:
         from rs_transfer.pretrain import cotrain
 
         train_set, collate_fn = cotrain.build(config, train_set, config.model.num_classes)
-    m = config.model
-    net = create_model(m.name, num_classes=m.num_classes, weights=m.weights, drop_rate=m.drop_rate,
-                       drop_path_rate=m.drop_path_rate, drop_path_schedule=m.drop_path_schedule,
-                       zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum, init=m.init)
+    model_cfg = config.model
+    net = create_model(model_cfg.name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
+                       drop_rate=model_cfg.drop_rate,
+                       drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
+                       zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
     make_loader = _dali_loader(config, train_items) if config.data.backend == "dali" else None
     _, world, _ = distributed.launcher_env()
-    evaluate = TopKEvaluator(eval_set, m.num_classes, max(1, config.train.batch_size // world), config.data.num_workers,
+    evaluate = TopKEvaluator(eval_set, model_cfg.num_classes, max(1, config.train.batch_size // world),
+                             config.data.num_workers,
                              collate_fn=data.collate)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
-             config.data.eval_split, m.num_classes)
+             config.data.eval_split, model_cfg.num_classes)
     return Task(model=Classifier(net, config.train.label_smoothing), train_set=train_set,
                 evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn, make_loader=make_loader)

@@ -28,25 +28,27 @@ log = logging.getLogger(__name__)
 
 
 def build_net(config: VideoConfig) -> ResNet3d:
-    m = config.model
-    if m.num_classes is None:
+    model_cfg = config.model
+    if model_cfg.num_classes is None:
         raise ValueError("model.num_classes is unset: resolve_num_classes sets it from the data before building")
     net = ResNet3d(
-        m.name, num_classes=m.num_classes, temporal_kernels=m.temporal_kernels, self_gating=m.self_gating,
-        stem_pool=m.stem_pool, avg_down=m.avg_down, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
-        drop_path_schedule=m.drop_path_schedule, zero_init_last=m.zero_init_last, bn_momentum=m.bn_momentum,
-        init=m.init,
+        model_cfg.name, num_classes=model_cfg.num_classes, temporal_kernels=model_cfg.temporal_kernels,
+        self_gating=model_cfg.self_gating, stem_pool=model_cfg.stem_pool, avg_down=model_cfg.avg_down,
+        drop_rate=model_cfg.drop_rate, drop_path_rate=model_cfg.drop_path_rate,
+        drop_path_schedule=model_cfg.drop_path_schedule, zero_init_last=model_cfg.zero_init_last,
+        bn_momentum=model_cfg.bn_momentum, init=model_cfg.init,
     )
-    if m.inflate_from is not None and m.weights is not None:
+    if model_cfg.inflate_from is not None and model_cfg.weights is not None:
         raise ConfigError("give model.inflate_from (a 2D checkpoint) or model.weights (a 3D one), not both")
-    if m.inflate_from is not None:
-        skipped = inflate_2d(net, read_state_dict(m.inflate_from), mode=m.inflate)
-        log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", m.inflate_from, m.name, m.inflate,
-                 ", ".join(skipped) or "none")
-    if m.weights is not None:
+    if model_cfg.inflate_from is not None:
+        skipped = inflate_2d(net, read_state_dict(model_cfg.inflate_from), mode=model_cfg.inflate)
+        log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", model_cfg.inflate_from, model_cfg.name,
+                 model_cfg.inflate, ", ".join(skipped) or "none")
+    if model_cfg.weights is not None:
         # A 3D checkpoint of ours (`video train`'s weights.pth, final.pt or checkpoints; EMA weights preferred),
         # classifier included: keys, shapes and float-ness must fit.
-        load_weights(net, m.weights, new_classifier=False, what=f"the 3D {type(net).__name__} built from the config",
+        load_weights(net, model_cfg.weights, new_classifier=False,
+                     what=f"the 3D {type(net).__name__} built from the config",
                      hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
     return net
 
@@ -78,25 +80,26 @@ def build_task(config: VideoConfig) -> Task:
     a model.num_classes that disagrees with the data or both inflate_from and weights, WeightsError for weights
     that do not fit."""
     root = prepare_root(config)
-    d = config.data
+    data_cfg = config.data
     videos, classes = data.list_splits(root, ("train", "val"))
     train_videos, val_videos = videos["train"], videos["val"]
     resolve_num_classes(config, classes, root)
     log.info("%s: %d training and %d validation videos, %d classes", root, len(train_videos), len(val_videos),
              len(classes))
     augment = sampling.TrainAugment(
-        d.crop_size, d.scale_jitter, area=(d.jitter_min_area, d.jitter_max_area),
-        aspect=(d.jitter_min_aspect, d.jitter_max_aspect), short_side=d.train_short_side, flip=d.flip,
+        data_cfg.crop_size, data_cfg.scale_jitter, area=(data_cfg.jitter_min_area, data_cfg.jitter_max_area),
+        aspect=(data_cfg.jitter_min_aspect,
+                data_cfg.jitter_max_aspect), short_side=data_cfg.train_short_side, flip=data_cfg.flip,
     )
-    train_set = data.TrainClips(train_videos, d.clip_frames, d.frame_stride, augment)
-    if d.max_eval_videos is not None:
-        val_videos = val_videos[: d.max_eval_videos]
+    train_set = data.TrainClips(train_videos, data_cfg.clip_frames, data_cfg.frame_stride, augment)
+    if data_cfg.max_eval_videos is not None:
+        val_videos = val_videos[: data_cfg.max_eval_videos]
     model = Classifier(build_net(config), config.train.label_smoothing)
     num_classes = config.model.num_classes
     return Task(
         model=model,
         train_set=train_set,
-        evaluate=lambda m: evaluate_videos(m, val_videos, d, num_classes),
+        evaluate=lambda evaluated: evaluate_videos(evaluated, val_videos, data_cfg, num_classes),
         primary_metric="top1",
         collate_fn=collate_clips,
     )
@@ -112,41 +115,42 @@ class EvalVideos(Dataset):
     """Per video: the frames the evaluation views need, already at the evaluation short side (decoded in a
     DataLoader worker), or the reason it is skipped."""
 
-    def __init__(self, videos: list, d: VideoDataConfig):
+    def __init__(self, videos: list, data_cfg: VideoDataConfig):
         self.videos = videos
-        self.d = d
-        self.num_clips, _ = sampling.views_for(d.eval_views)
+        self.data_cfg = data_cfg
+        self.num_clips, _ = sampling.views_for(data_cfg.eval_views)
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, index):
         video = self.videos[index]
-        d = self.d
+        data_cfg = self.data_cfg
         try:
             with data.VideoReader(video.path) as reader:
                 num_frames = reader.num_frames
-                if num_frames < d.clip_frames:
-                    raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {d.clip_frames}")
-                indices = sampling.eval_frame_indices(num_frames, d.clip_frames, d.frame_stride, self.num_clips)
-                frames = reader.decode(indices, short_side=d.eval_short_side)
+                if num_frames < data_cfg.clip_frames:
+                    raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {data_cfg.clip_frames}")
+                indices = sampling.eval_frame_indices(num_frames, data_cfg.clip_frames, data_cfg.frame_stride,
+                                                      self.num_clips)
+                frames = reader.decode(indices, short_side=data_cfg.eval_short_side)
         except data.UnreadableVideo as error:
             return {"path": str(video.path), "error": str(error)}
         return {"path": str(video.path), "label": video.label, "num_frames": num_frames, "frames": frames}
 
 
-def evaluate_videos(model: nn.Module, videos: list, d: VideoDataConfig, num_classes: int) -> dict:
-    """30-view (or `d.eval_views`) accuracy of `model(batch)`'s logits (engine/task.py's contract; a
+def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, num_classes: int) -> dict:
+    """30-view (or `data_cfg.eval_views`) accuracy of `model(batch)`'s logits (engine/task.py's contract; a
     Classifier): softmax averaged over a video's views, top-1/top-5 per video (engine.classification.TopK), summed
     over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader); unreadable or
     too-short ones are skipped and counted. Returns {"top1", "top5", "videos", "skipped"} (floats).
 
     Raises UserError when no video could be evaluated.
     """
-    num_clips, num_crops = sampling.views_for(d.eval_views)
+    num_clips, num_crops = sampling.views_for(data_cfg.eval_views)
     device = model_device(model)
     # One video per item (batch_size=None), not pinned: an item is a whole decoded video.
-    loader = eval_loader(EvalVideos(videos, d), batch_size=None, num_workers=d.num_workers)
+    loader = eval_loader(EvalVideos(videos, data_cfg), batch_size=None, num_workers=data_cfg.num_workers)
     topk = TopK(num_classes, device)
     skipped = 0
     was_training = model.training
@@ -159,9 +163,9 @@ def evaluate_videos(model: nn.Module, videos: list, d: VideoDataConfig, num_clas
                             item["error"], skipped)
                 continue
             probs = 0.0
-            views = sampling.eval_views(item["frames"], item["num_frames"], d.clip_frames, d.frame_stride,
-                                        num_clips, num_crops, d.eval_crop_size)
-            for batch in _batched(views, d.eval_batch_views):
+            views = sampling.eval_views(item["frames"], item["num_frames"], data_cfg.clip_frames, data_cfg.frame_stride,
+                                        num_clips, num_crops, data_cfg.eval_crop_size)
+            for batch in _batched(views, data_cfg.eval_batch_views):
                 logits = model({"image": torch.stack(batch).to(device)})
                 probs = probs + logits.float().softmax(1).sum(0)
             topk.update(probs[None], torch.tensor([item["label"]], device=device))
