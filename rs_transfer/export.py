@@ -1,0 +1,133 @@
+"""Export a trained network for inference: ONNX, TorchScript or a `torch.export` program (.pt2), each checked
+against PyTorch on random inputs before it is reported written.
+
+ONNX goes through `torch.onnx.export(dynamo=True)` (needs the `export` extra: onnx, onnxscript, onnxruntime) with a
+dynamic batch dimension and is run back with onnxruntime; TorchScript is `torch.jit.trace` (deprecated by PyTorch
+in favour of `torch.export`, kept because deployments still load it); pt2 is `torch.export.export` +
+`torch.export.save`, loadable with `torch.export.load(path).module()`.
+"""
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rs_transfer.errors import UserError, one_line
+from rs_transfer.files import TEMP_MARK, make_dir
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
+# fp32 on CPU: ONNX Runtime fuses and reorders convolutions; the largest difference seen on rs26-w0.25 logits is
+# ~1e-5. The bound leaves two orders of magnitude for deeper nets without hiding a wrong graph (those differ by O(1)).
+ATOL, RTOL = 1e-3, 1e-3
+
+
+class ExportError(UserError):
+    pass
+
+
+@dataclass
+class Exported:
+    path: Path
+    format: str
+    max_abs_diff: float  # largest |exported - PyTorch| over the check inputs
+
+
+def export_module(module: nn.Module, example: torch.Tensor, fmt: str, out: str | Path) -> Exported:
+    """Write `module` (in eval mode, on the CPU) to `out` in format `fmt` and check it.
+
+    example: an input (N, ...) of the shape and dtype the exported model takes; the batch dimension stays dynamic
+    for onnx and pt2 (the check runs batch N and N + 1), TorchScript traces it. Returns the path and the largest
+    absolute output difference. Raises ExportError for an unknown format, a missing `export` extra, a module that
+    does not export (the exporter's first line), or outputs outside ATOL + RTOL x |PyTorch|; the file is
+    written atomically (a failed export leaves no file at `out`).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    make_dir(out.parent, "export folder")
+    module = module.eval().cpu()
+    # beside `out`, with its suffix: torch.export and onnx check the extension
+    tmp = out.with_name(f".{out.stem}{TEMP_MARK}{os.getpid()}{out.suffix}")
+    try:
+        run = _WRITERS[fmt](module, example, tmp)
+        checks = [example, torch.cat([example, example[:1]])] if fmt != "torchscript" else [example]
+        worst = 0.0
+        with torch.no_grad():
+            for inputs in checks:
+                expected, got = module(inputs), run(inputs)
+                worst = max(worst, _compare(expected, got, fmt))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s (%s); largest difference to PyTorch %.2e", out, fmt, worst)
+    return Exported(out, fmt, worst)
+
+
+def _compare(expected, got, fmt: str) -> float:
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    worst = 0.0
+    for want, have in zip(expected, got, strict=True):
+        have = torch.as_tensor(have)
+        if have.shape != want.shape:
+            raise ExportError(f"{fmt} export gives shape {tuple(have.shape)}, PyTorch {tuple(want.shape)}")
+        diff = (have.float() - want.float()).abs()
+        worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+        if not torch.all(diff <= ATOL + RTOL * want.float().abs()):
+            raise ExportError(f"{fmt} export differs from PyTorch by up to {float(diff.max()):.3g} "
+                              f"(allowed {ATOL} + {RTOL} x |output|): not written")
+    return worst
+
+
+def _onnx(module, example, path):
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # external_data=False: one self-contained file (the weights inside, so it can be moved into place atomically);
+    # ONNX's protobuf limit is 2 GB and the largest zoo network, RS-420, is ~0.8 GB in fp32.
+    try:
+        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
+                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    except ImportError as error:  # onnx / onnxscript
+        raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
+    except Exception as error:
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {one_line(error)}") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(inputs):
+        return [torch.from_numpy(output) for output in session.run(None, {name: inputs.numpy()})]
+
+    return run
+
+
+def _torchscript(module, example, path):
+    with warnings.catch_warnings():  # "torch.jit is deprecated": said once, in the module docstring and the docs
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            traced = torch.jit.trace(module, example)
+        except Exception as error:
+            raise ExportError(f"TorchScript trace failed: {type(error).__name__}: {one_line(error)}") from None
+        traced.save(str(path))
+        return torch.jit.load(str(path))
+
+
+def _pt2(module, example, path):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    except Exception as error:
+        raise ExportError(f"torch.export failed: {type(error).__name__}: {one_line(error)}") from None
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+_WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "pt2": _pt2}
