@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_downstream_commands(commands)
 
+    runs = commands.add_parser("runs", help="list the runs under a folder: task, backbone, metric, wall time")
+    runs.add_argument("folder", help="searched recursively for run folders (those holding config.yaml)")
+    runs.add_argument("--sort", choices=("metric", "time", "name"), default="metric",
+                      help="metric (highest first, default), time (longest first) or name")
+    runs.add_argument("--json", action="store_true", help="print JSON for scripts")
+    runs.set_defaults(run=run_runs)
+
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
     reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
@@ -257,6 +264,19 @@ def run_demo(args) -> int:
     from rs_transfer.downstream.finetune import demo
 
     demo(args.task, args.data, args.output, args.overrides)
+    return 0
+
+
+def run_runs(args) -> int:
+    from rs_transfer.engine.summary import find_runs, format_runs, sort_runs
+
+    rows = sort_runs(find_runs(args.folder), args.sort)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"no runs under {args.folder} (a run folder holds config.yaml)")
     return 0
 
 

@@ -5,7 +5,9 @@ A checkpoint is a dict of tensors and plain Python values:
         keys under `net.`, see task.py); models/weights.py reads them
     optimizer, scheduler: their state dicts
     step (optimizer steps done), epoch, step_in_epoch (the sampler position: steps done in `epoch`)
-    batch_size (global), best (the best primary metric so far, or None), metrics (the last evaluation)
+    batch_size (global), best (the best primary metric so far, or None), best_step (its step), metrics (the last
+        evaluation), wall_s and train_s (seconds of the run so far, summed over resumes; train_s without
+        evaluations and checkpoint writes)
     rng: one entry per rank: torch, cuda (list), numpy and python generator states as tensors/lists/ints
     config: the resolved run config as a plain dict
 Files: OUTPUT_DIR/checkpoints/step_00001234.pt (the newest `keep_last`) and best.pt.

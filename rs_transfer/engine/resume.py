@@ -26,9 +26,15 @@ class Progress:
     epoch: int = 0  # the epoch being run (epochs done, at an epoch boundary)
     step_in_epoch: int = 0
     best: float | None = None
+    best_step: int | None = None  # the step `best` was measured at (None in checkpoints older than this field)
     metrics: dict = field(default_factory=dict)  # the last evaluation
     metrics_step: int = -1  # the step `metrics` were computed at
     eval_pending: bool = False  # checkpointed just before an evaluation of this step, which has not finished
+    # Seconds spent by the run up to this point, summed over resumed segments (a resumed run starts from the
+    # checkpoint's values, so the time of work redone after a kill is counted once): all of it, and training alone
+    # (without evaluations and checkpoint writes). summary.json reports them.
+    wall_s: float = 0.0
+    train_s: float = 0.0
 
 
 def training_state(model, ema, optimizer, scheduler, progress: Progress, batch_size: int, config: dict,
@@ -43,9 +49,12 @@ def training_state(model, ema, optimizer, scheduler, progress: Progress, batch_s
         "step_in_epoch": progress.step_in_epoch,
         "batch_size": batch_size,
         "best": progress.best,
+        "best_step": progress.best_step,
         "metrics": progress.metrics,
         "metrics_step": progress.metrics_step,
         "eval_pending": eval_pending,
+        "wall_s": progress.wall_s,
+        "train_s": progress.train_s,
         "rng": all_gather_object(ckpt.rng_state()),
         "config": config,
     }
@@ -93,9 +102,12 @@ def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, sche
                     "so augmentations differ from an uninterrupted run", path, len(rngs), info.world_size)
         seed_everything(config.seed + info.rank + 1_000_003 * state["step"])
     fallback_step = state["step"] if state["metrics"] else -1  # checkpoints written before metrics_step existed
+    # Checkpoints older than best_step / wall_s / train_s: the summary then has no best step and counts time from
+    # this resume on.
     return Progress(step=state["step"], epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                    best=state["best"], metrics=state["metrics"],
-                    metrics_step=state.get("metrics_step", fallback_step), eval_pending=state.get("eval_pending", False))
+                    best=state["best"], best_step=state.get("best_step"), metrics=state["metrics"],
+                    metrics_step=state.get("metrics_step", fallback_step), eval_pending=state.get("eval_pending", False),
+                    wall_s=state.get("wall_s", 0.0), train_s=state.get("train_s", 0.0))
 
 
 def check_resumable(saved: dict, current: dict, path) -> None:

@@ -2,7 +2,8 @@
 
 The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
 SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
-final.pt (the whole model), weights.pth (the network to export) and final_metrics.json. The same code runs as
+final.pt (the whole model), weights.pth (the network to export), final_metrics.json and summary.json (metric,
+best step, wall time, images/s; also logged as a table, see summary.py). The same code runs as
 one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a run:
 non-finite losses or weights (NonFiniteLossError) and stop signals, agreed over ranks.
 
@@ -46,6 +47,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
+from rs_transfer.engine.summary import format_summary, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json
@@ -159,6 +161,10 @@ class Trainer:
         self.sums: dict[str, torch.Tensor] = {}  # the model's logged values, summed over micro-batches
         self.micro_count = 0
         self.tic, self.tic_step, self.paused = time.perf_counter(), self.progress.step, 0.0
+        # This segment's clock (a resumed run adds it to the checkpoint's times, see _clock): started here, and
+        # the seconds of it spent evaluating and writing checkpoints.
+        self.segment_start, self.segment_paused = self.tic, 0.0
+        self.clock_base = (self.progress.wall_s, self.progress.train_s)
 
     def run(self) -> dict:
         # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
@@ -221,6 +227,7 @@ class Trainer:
         self.batches = None
         if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
             self._evaluate_and_save()
+        self._clock()  # the run's time ends with its last evaluation, before the final files are written
         if self.main:
             final = {"model": self.model.state_dict()}
             if self.ema is not None:
@@ -228,7 +235,29 @@ class Trainer:
             ckpt.atomic_save(final, self.out / "final.pt")
             self._export()
             atomic_write_json(self.out / "final_metrics.json", progress.metrics)
+            self._summarize()
         return progress.metrics
+
+    def _summarize(self) -> None:
+        """Rank 0: OUTPUT_DIR/summary.json and the same numbers as a table in the log."""
+        progress = self.progress
+        summary = run_summary(self.out, self.task.primary_metric, progress.metrics, progress.best,
+                              progress.best_step, progress.step, self.tc.batch_size, progress.wall_s, progress.train_s)
+        write_summary(self.out, summary)
+        log.info("run summary:\n%s", format_summary(summary))
+
+    def _clock(self) -> None:
+        """Bring progress.wall_s and progress.train_s up to now: the checkpoint's times plus this segment's."""
+        elapsed = time.perf_counter() - self.segment_start
+        wall, training = self.clock_base
+        self.progress.wall_s = wall + elapsed
+        self.progress.train_s = training + elapsed - self.segment_paused
+
+    def _pause(self, started: float) -> None:
+        """Leave the time since `started` (an evaluation, a checkpoint write) out of training time and images/s."""
+        seconds = time.perf_counter() - started
+        self.paused += seconds
+        self.segment_paused += seconds
 
     def _export(self) -> None:
         """Rank 0: OUTPUT_DIR/weights.pth, the network alone (task.py's `model.net`; the EMA weights when the run
@@ -347,22 +376,23 @@ class Trainer:
         progress.metrics_step = progress.step
         is_best = progress.best is None or progress.metrics[name] > progress.best
         if is_best:
-            progress.best = progress.metrics[name]
+            progress.best, progress.best_step = progress.metrics[name], progress.step
         self.logger.eval({"step": progress.step, "epoch": round(progress.step / self.steps_per_epoch, 4),
                           **progress.metrics, f"best_{name}": progress.best})
-        self.paused += time.perf_counter() - started
+        self._pause(started)
         self._save(best=is_best)
 
     def _save(self, best: bool, eval_pending: bool = False) -> None:
         self._check_flags()
         started = time.perf_counter()
+        self._clock()
         state = resume.training_state(self.model, self.ema, self.optimizer, self.scheduler, self.progress,
                                       self.tc.batch_size, self.resolved, eval_pending)
         path = ckpt.step_path(self.ckpt_dir, self.progress.step)
         if self.main:
             ckpt.save_step(state, path, best, self.tc.keep_last)
         self.last_saved = path
-        self.paused += time.perf_counter() - started
+        self._pause(started)
 
     def _check_flags(self) -> None:
         """Agree over ranks on non-finite values (stop with an error) and on a stop signal (sets stop_requested).

@@ -1,0 +1,214 @@
+"""What a person reads about runs: the end-of-run summary (OUTPUT_DIR/summary.json and a table in the log) and
+`rs-transfer runs DIR`, one row per run folder under DIR.
+
+Imports no torch (the trainer builds the summary from plain numbers), so listing a folder of runs is fast. The
+only exception is a run finished before summary.json existed, with a transfer task: its primary metric's name comes
+from the task registry, which imports the task's module.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from rs_transfer.errors import UserError
+from rs_transfer.files import atomic_write_json
+
+SUMMARY_FILE = "summary.json"
+# The run folder's outputs, as summary.json lists them (relative to the folder).
+OUTPUTS = {
+    "final_metrics": "final_metrics.json",
+    "weights": "weights.pth",
+    "final": "final.pt",
+    "best": "checkpoints/best.pt",
+    "metrics": "metrics.jsonl",
+    "tensorboard": "tensorboard",
+}
+SORTS = ("metric", "time", "name")
+STEP_FILE_PREFIX, STEP_FILE_SUFFIX = "step_", ".pt"  # checkpoint.py's step_00001234.pt, matched without torch
+
+
+def run_summary(out: Path, metric: str, metrics: dict, best: float, best_step: int | None, steps: int,
+                batch_size: int, wall_s: float, train_s: float) -> dict:
+    """The content of summary.json.
+
+    Args: the run folder; the primary metric's name and the final evaluation (`metrics[metric]` is reported); the
+    best value of the metric over the run's evaluations and its step (None when the run resumed from a checkpoint
+    written before best steps were recorded); optimizer steps and the global batch; seconds of the whole run and
+    of training alone (no evaluations or checkpoint writes), both summed over resumed segments.
+    images_per_s = steps x batch_size / train_s: the run's mean training throughput.
+    """
+    return {
+        "metric": metric,
+        "value": metrics[metric],
+        "best_value": best,
+        "best_step": best_step,
+        "steps": steps,
+        "batch_size": batch_size,
+        "wall_s": round(wall_s, 3),
+        "train_s": round(train_s, 3),
+        "images_per_s": round(steps * batch_size / train_s, 2) if train_s > 0 else None,
+        "output_dir": str(out.resolve()),
+        "outputs": OUTPUTS,
+    }
+
+
+def write_summary(out: Path, summary: dict) -> Path:
+    """OUTPUT_DIR/summary.json, written atomically (rank 0)."""
+    return atomic_write_json(out / SUMMARY_FILE, summary)
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table: one aligned `name  value` row per line."""
+    best = (f"{summary['best_value']:.4f} at step {summary['best_step']}" if summary["best_step"] is not None
+            else f"{summary['best_value']:.4f}")
+    speed = summary["images_per_s"]
+    out = summary["output_dir"]
+    rows = [
+        ("metric", f"{summary['metric']} = {summary['value']:.4f} (final evaluation)"),
+        ("best", f"{best} (checkpoints/best.pt)"),
+        ("steps", f"{summary['steps']} x batch {summary['batch_size']}"),
+        ("wall time", f"{format_seconds(summary['wall_s'])} (training {format_seconds(summary['train_s'])}, "
+                      "the rest evaluations and checkpoints)"),
+        ("images/s", f"{speed:.1f} (training, mean over the run)" if speed is not None else "-"),
+        ("outputs", out),
+        ("", ", ".join(OUTPUTS.values()) + f", {SUMMARY_FILE}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """"12.3 s" under a minute, else H:MM:SS; "-" for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_family(config: dict) -> tuple[str, str | None]:
+    """(family, transfer task name) of a run from its config.yaml as a dict.
+
+    family: "transfer" (the config has `task.name`; the name is returned), "pretrain" (it has an `augment` or
+    `cotrain` section), "video" (it has `data.clip_frames`), or "other" (none of these: e.g. a bare engine run);
+    the name is None for every family but "transfer".
+    """
+    task = config.get("task")
+    if isinstance(task, dict) and task.get("name"):
+        return "transfer", task["name"]
+    if "augment" in config or "cotrain" in config:
+        return "pretrain", None
+    if isinstance(config.get("data"), dict) and "clip_frames" in config["data"]:
+        return "video", None
+    return "other", None
+
+
+def find_runs(root: str | Path) -> list[dict]:
+    """One row per run folder under `root` (recursive; a run folder holds config.yaml; its subfolders are not
+    searched). Row keys: folder (relative to root, "." for root itself), family, task, backbone, metric, value,
+    wall_s, finished, step (the newest checkpoint's step of an unfinished run), problem (why the row is
+    incomplete, or None).
+
+    Raises UserError when `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: give the folder that holds the runs (their output_dir)")
+    rows = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "config.yaml" in files:
+            dirs[:] = []  # runs do not nest; this skips checkpoints/, tensorboard/ and generated data
+            rows.append(read_run(Path(folder), root))
+    return rows
+
+
+def read_run(folder: Path, root: Path) -> dict:
+    """The row of one run folder (see find_runs); a file that cannot be read leaves its fields None."""
+    row = {"folder": str(folder.relative_to(root)), "family": None, "task": None, "backbone": None, "metric": None,
+           "value": None, "wall_s": None, "finished": False, "step": None, "problem": None}
+    config = _read(folder / "config.yaml", yaml.safe_load, row)
+    if isinstance(config, dict):
+        row["family"], row["task"] = run_family(config)
+        model = config.get("model")
+        row["backbone"] = model.get("name") if isinstance(model, dict) else None
+    summary = _read(folder / SUMMARY_FILE, json.loads, row)
+    final = _read(folder / "final_metrics.json", json.loads, row)
+    if isinstance(summary, dict):
+        row.update(finished=True, metric=summary.get("metric"), value=summary.get("value"),
+                   wall_s=summary.get("wall_s"), step=summary.get("steps"))
+    elif isinstance(final, dict):
+        row["finished"] = True
+        row["metric"] = primary_metric(row["family"], row["task"])
+        row["value"] = final.get(row["metric"])
+    else:
+        row["step"] = last_checkpoint_step(folder / "checkpoints")
+    return row
+
+
+def primary_metric(family: str | None, task: str | None) -> str | None:
+    """The key in final_metrics.json that a run of this family and task is judged by (runs without summary.json)."""
+    if family in ("pretrain", "video"):
+        return "top1"
+    if family == "transfer":
+        from rs_transfer.downstream import registry  # imports torch: only for transfer runs without summary.json
+
+        try:
+            return registry.get(task).metric
+        except UserError:  # a task registered by a plugin that is not loaded here
+            return None
+    return None
+
+
+def last_checkpoint_step(folder: Path) -> int | None:
+    """The step of the newest step_XXXXXXXX.pt in `folder`, or None when there is none."""
+    steps = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            digits = path.name.removeprefix(STEP_FILE_PREFIX).removesuffix(STEP_FILE_SUFFIX)
+            if path.name.startswith(STEP_FILE_PREFIX) and path.name.endswith(STEP_FILE_SUFFIX) and digits.isdigit():
+                steps.append(int(digits))
+    return max(steps, default=None)
+
+
+def sort_runs(rows: list[dict], by: str = "metric") -> list[dict]:
+    """Rows sorted by metric value (highest first; runs without one last), wall time (longest first; runs without
+    one last) or folder name. Raises UserError for another `by`."""
+    if by == "name":
+        return sorted(rows, key=lambda row: row["folder"])
+    if by not in SORTS:
+        raise UserError(f"--sort {by}: expected one of {', '.join(SORTS)}")
+    key = "value" if by == "metric" else "wall_s"
+    by_name = sorted(rows, key=lambda row: row["folder"])
+    return sorted(by_name, key=lambda row: (row[key] is None, -(row[key] or 0.0)))
+
+
+def format_runs(rows: list[dict]) -> str:
+    """Aligned plain-text columns, one line per run; "-" where a value is unknown."""
+    header = ("folder", "family/task", "backbone", "metric", "value", "wall time", "status")
+    lines = [header]
+    for row in rows:
+        family = f"{row['family']}/{row['task']}" if row["task"] else (row["family"] or "-")
+        value = f"{row['value']:.4f}" if isinstance(row["value"], (int, float)) else "-"
+        status = "finished" if row["finished"] else (
+            f"unfinished (step {row['step']})" if row["step"] is not None else "unfinished (no checkpoint)")
+        if row["problem"]:
+            status += f"; {row['problem']}"
+        lines.append((row["folder"], family, row["backbone"] or "-", row["metric"] or "-", value,
+                      format_seconds(row["wall_s"]), status))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _read(path: Path, parse, row: dict):
+    """`parse(path's text)`, or None when the file is absent; an unreadable one is noted in row["problem"]."""
+    if not path.is_file():
+        return None
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        row["problem"] = f"{path.name} unreadable ({type(error).__name__})"
+        return None
