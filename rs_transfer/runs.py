@@ -86,7 +86,8 @@ def load_run(run_dir, device="cpu") -> Run:
     """The run in `run_dir`: its family, config and model (eval mode, on `device`) with weights.pth loaded strictly.
 
     The model is built from the config alone (`build_model`), so the run's training data need not be there.
-    Raises RunError for a missing folder, config.yaml or weights.pth, or a config of no known family;
+    Raises RunError for a missing folder, config.yaml or weights.pth, a config of no known family or a task without
+    a build_model; UserError for a transfer task that is not registered;
     ConfigError for a config.yaml that no longer loads; WeightsError for weights.pth that do not fit the model."""
     import torch
 
@@ -96,17 +97,18 @@ def load_run(run_dir, device="cpu") -> Run:
 
     folder = Path(run_dir)
     config_path = folder / "config.yaml"
+    saved = read_run_config(folder)
     try:
-        family, task = run_family(read_run_config(folder))
+        family, task = run_family(saved)
     except RunError as error:
-        if str(error).startswith("the config"):
-            raise RunError(f"{config_path}: {error}") from None
-        raise
+        raise RunError(f"{config_path}: {error}") from None
     weights = folder / "weights.pth"
     if not weights.is_file():
         raise RunError(f"{folder} has no weights.pth: the run has not finished (the engine writes it at the end; "
                        "resume the run with --resume to finish it)")
     schema, build_model, _ = family_parts(family, task)
+    if build_model is None:
+        raise RunError(f"task {task} declares no build_model (TASK.build_model): its runs cannot be loaded alone")
     config = load_config(schema, config_path)
     # The network comes from weights.pth: the starting weights the run was given (model.weights, a 2D checkpoint
     # to inflate) are neither needed nor read.
