@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="print JSON for scripts")
     runs.set_defaults(run=run_runs)
 
+    predict = commands.add_parser("predict", help="a trained run's model on new images (or videos): masks, boxes, "
+                                  "depth, top-5 classes")
+    predict.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth)")
+    predict.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
+                         help="image (video) files, or folders searched recursively")
+    predict.add_argument("--out", required=True, help="output folder (predictions.json and the task's files)")
+    predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    predict.set_defaults(run=run_predict)
+
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
     reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
@@ -257,6 +266,15 @@ def run_sweep(args) -> int:
     summary = sweep(args.task, args.backbone, args.weights, args.config, with_resume(args), point=args.point,
                     synthetic=args.synthetic)
     print(json.dumps(summary["best"]))
+    return 0
+
+
+def run_predict(args) -> int:
+    from rs_transfer.predict import predict
+
+    summary = predict(args.run_dir, args.images, args.out, args.device)
+    print(f"{len(summary['predictions'])} predictions ({len(summary['skipped'])} inputs skipped): "
+          f"{args.out}/predictions.json")
     return 0
 
 

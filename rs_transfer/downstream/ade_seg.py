@@ -12,7 +12,8 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene
-from rs_transfer.downstream.segmentation import ADE_NUM_CLASSES, METRIC, ade_items, build_segmentation
+from rs_transfer.downstream import segmentation
+from rs_transfer.downstream.segmentation import ADE_CLASSES, ADE_NUM_CLASSES, METRIC, ade_items, build_segmentation
 
 # Batch 64 for ADE20K is not stated: it uses the VOC segmentation model and batch.
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "ADE seg mIoU")
@@ -28,6 +29,11 @@ class AdeSegSection(DenseSection):
 @dataclass
 class AdeSegConfig(FinetuneConfig):
     task: AdeSegSection = field(default_factory=AdeSegSection)
+
+
+def build_model(config):
+    """The FPN segmentation model with 150 outputs (eval mode: logits (N, 150, H, W)), from the config alone."""
+    return segmentation.build_model(config, ADE_NUM_CLASSES)
 
 
 def build(config):
@@ -66,8 +72,12 @@ def write_synthetic(root, train: int, val: int):
     return write_ade(root, train=train, val=val)
 
 
+# predict: PNGs of ADE's raw indices (prediction + 1; 0 "other" is never predicted); segmentation.predictor
+PREDICTOR = segmentation.predictor(ADE_CLASSES, offset=1, source="the 150 ADE20K SceneParsing classes")
+
 TASK = TransferTask(
     name="ade_seg", config=AdeSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 40.2, ("R152", "SimCLR", 800): 41.0, ("R152", "SimCLRv2", 800): 41.1,
            ("R152", "RS", 400): 42.2, ("R152 2x", "supervised", 90): 41.4, ("R152 2x", "SimCLR", 800): 45.2,

@@ -32,11 +32,26 @@ from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
+from rs_transfer.engine.device import model_device
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
+from rs_transfer.predict import Predictor, read_image, write_top5
 
 NUM_CLASSES = 100
+# The fine label names of cifar-100-python/meta (b"fine_label_names"), in label order.
+CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)
 PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
 
 
@@ -135,6 +150,23 @@ def transforms(image_size: int, train: bool) -> v2.Compose:
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] if train else steps)
 
 
+def build_model(config) -> Classifier:
+    """The zoo classifier with 100 outputs in engine.classification.Classifier (eval mode: logits (N, 100)), from
+    model.* alone. Raises ConfigError for model.num_classes other than 100, WeightsError for model.weights that do
+    not fit."""
+    check_num_classes(config, NUM_CLASSES)
+    net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
+                       drop_rate=config.model.drop_rate, **arch_args(config))
+    return Classifier(net, label_smoothing=config.train.label_smoothing)
+
+
+def predict(model, config, image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> class probabilities (100,): resized to task.image_size as the evaluator does."""
+    batch = transforms(config.task.image_size, train=False)(tv_tensors.Image(image))[None]
+    logits = model({"image": batch.as_subclass(torch.Tensor).to(model_device(model))})
+    return logits[0].float().softmax(0).cpu()
+
+
 def build(config) -> Task:
     """The cifar100 Task (engine/task.py) from its run config: the python pickles under data.root (50k train, 10k
     test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs
@@ -145,9 +177,7 @@ def build(config) -> Task:
     check_num_classes(config, NUM_CLASSES)
     train_set = Cifar100(config.data.root, "train", transforms(task_cfg.image_size, train=True))
     val_set = Cifar100(config.data.root, "test", transforms(task_cfg.image_size, train=False))
-    net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
-                       drop_rate=config.model.drop_rate, **arch_args(config))
-    model = Classifier(net, label_smoothing=config.train.label_smoothing)
+    model = build_model(config)
     evaluate = TopKEvaluator(val_set, NUM_CLASSES, task_cfg.eval_batch_size, config.data.num_workers)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=PROTOCOL.metric)
 
@@ -189,8 +219,13 @@ def write_synthetic(root, train: int, val: int):
     return write_cifar100(root, train=train, test=val)
 
 
+# predict: top-5 classes with their probabilities per image (rs_transfer/predict.py)
+PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
+                      class_names=lambda config: (CLASSES, "the CIFAR-100 fine label names"))
+
 TASK = TransferTask(
     name="cifar100", config=Cifar100Config, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 85.5, ("R152", "SimCLR", 800): 87.1, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 88.1, ("R152 2x", "supervised", 90): 86.6, ("R152 2x", "SimCLR", 800): 89.0,

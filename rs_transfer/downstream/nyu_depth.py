@@ -37,6 +37,8 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
+from rs_transfer.predict import Predictor, colour_map, output_path, save_png
+from rs_transfer.predict import read_image as read_image_file
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
@@ -212,6 +214,33 @@ def _collate_with_sizes(samples: list) -> dict:
     return batch
 
 
+def build_model(config) -> DepthModel:
+    """The FPN depth model (one output channel; eval mode: depth in metres (N, H, W)) from the config alone.
+    Raises ConfigError for model.num_classes other than 1, WeightsError for model.weights that do not fit."""
+    task_cfg = config.task
+    check_num_classes(config, 1)
+    return DepthModel(config.model.name, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
+                      head_channels=task_cfg.head_channels, **arch_args(config))
+
+
+def predict(model, config, image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> depth in metres float32 (H, W): the whole image at its own size, clamped to
+    (task.depth_min, task.depth_max), as the evaluator does."""
+    depth = model({"image": image[None].to(model_device(model))})[0]
+    return depth.clamp(config.task.depth_min, config.task.depth_max).float().cpu()
+
+
+def write_depth(out, name: str, image: torch.Tensor, depth: torch.Tensor, class_names) -> dict:
+    """depth/<name>.png: uint16 millimetres (the BTS convention: round(metres x 1000), 0 = none; 65.535 m at most),
+    and depth_view/<name>.png: the depth through matplotlib's magma, nearest = dark, from the image's own range."""
+    millimetres = np.clip(np.round(depth.numpy().astype(np.float64) * 1000), 0, np.iinfo(np.uint16).max)
+    png = save_png(output_path(out, "depth", name, ".png"), Image.fromarray(millimetres.astype(np.uint16)))
+    low, high = float(depth.min()), float(depth.max())
+    view = save_png(output_path(out, "depth_view", name, ".png"), Image.fromarray(colour_map(depth.numpy(), low, high)))
+    return {"depth": png.relative_to(out).as_posix(), "view": view.relative_to(out).as_posix(), "units": "mm",
+            "min_m": low, "max_m": high}
+
+
 def build(config) -> Task:
     """The nyu_depth Task: NYU Depth v2 (task.nyu_format: the labelled .mat (HDF5) or the BTS folders), the FPN
     model with one output channel (eval mode: depth in metres (N, H, W)), delta1 / abs_rel / rmse (make_evaluator).
@@ -222,8 +251,7 @@ def build(config) -> Task:
                                       {tv_tensors.Image: 0, tv_tensors.Mask: 0.0})
     train_set = NYUDepth(config.data.root, "train", task_cfg.nyu_format, transform)
     val_set = NYUDepth(config.data.root, "val", task_cfg.nyu_format)
-    model = DepthModel(config.model.name, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
-                       head_channels=task_cfg.head_channels, **arch_args(config))
+    model = build_model(config)
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, task_cfg, config.data.num_workers),
                 primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
 
@@ -272,8 +300,12 @@ def write_synthetic(root, train: int, val: int):
     return write_nyu_h5(root, train=train, val=val)
 
 
+PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
+                      class_names=lambda config: (None, "none: depth has no classes"))
+
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,

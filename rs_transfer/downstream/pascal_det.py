@@ -42,6 +42,8 @@ from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+from rs_transfer.predict import Predictor, output_path, save_rgb
+from rs_transfer.predict import read_image as read_image_file
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -223,6 +225,45 @@ def _eval_collate(samples: list) -> dict:
     }
 
 
+def build_model(config) -> Detector:
+    """The Faster R-CNN of task.* and model.* (eval mode: detections per image, see make_evaluator), no data read.
+    Raises ConfigError for model.num_classes other than 20, WeightsError for model.weights that do not fit."""
+    task_cfg = config.task
+    check_num_classes(config, len(CLASSES))
+    return Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
+                    fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
+                    train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
+                    score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
+                    rois_per_image=task_cfg.det_rois_per_image, **arch_args(config))
+
+
+def predict(model, config, image: torch.Tensor) -> dict:
+    """uint8 (3, H, W) -> the evaluator's detections of the image: {"boxes" (K, 4) x1 y1 x2 y2 in the image's
+    pixels, "labels" (K,) 1..20, "scores" (K,)}, on the CPU. The detector resizes (longer side
+    task.det_eval_size) and maps the boxes back itself."""
+    detections = model({"images": [image.to(model_device(model))]})[0]
+    return {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in detections.items()}
+
+
+DRAW_MIN_SCORE = 0.3  # boxes drawn on boxes/<name>.png; predictions.json holds every detection
+
+
+def write_detections(out, name: str, image: torch.Tensor, detections: dict, class_names) -> dict:
+    """The record {"detections": [{"class", "index" (0..19), "score", "box": [x1, y1, x2, y2] (pixels)}], "drawn"}
+    and boxes/<name>.png: the boxes scoring at least DRAW_MIN_SCORE with class and score (draw_bounding_boxes)."""
+    from torchvision.utils import draw_bounding_boxes
+
+    records = [{"class": class_names[label - 1], "index": label - 1, "score": score, "box": box}
+               for box, label, score in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
+                                            detections["scores"].tolist())]
+    keep = detections["scores"] >= DRAW_MIN_SCORE
+    labels = [f"{r['class']} {r['score']:.2f}" for r, k in zip(records, keep.tolist()) if k]
+    # torchvision warns when given no box; the image is then drawn as it is
+    drawn = draw_bounding_boxes(image, detections["boxes"][keep], labels=labels, width=2) if labels else image
+    path = save_rgb(output_path(out, "boxes", name, ".png"), drawn)
+    return {"detections": records, "drawn": path.relative_to(out).as_posix(), "drawn_min_score": DRAW_MIN_SCORE}
+
+
 def build(config) -> Task:
     """The pascal_det Task: VOC 2007+2012 trainval (task.det_train_sets) to VOC 2007 test, torchvision's Faster
     R-CNN on our FPN P3-P7 (eval mode: detections per image, see make_evaluator), VOC07 11-point AP50.
@@ -234,11 +275,7 @@ def build(config) -> Task:
                              train_transform(task_cfg.crop_size,
                                              (task_cfg.scale_min, task_cfg.scale_max)), keep_difficult=False)
     test_set = VOCDetection(image_sets(config.data.root, [task_cfg.det_test_set]))
-    model = Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
-                     fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
-                     train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
-                     score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
-                     rois_per_image=task_cfg.det_rois_per_image, **arch_args(config))
+    model = build_model(config)
     return Task(model=model, train_set=train_set,
                 evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers),
                 primary_metric=PROTOCOL.metric, collate_fn=det_collate)
@@ -289,8 +326,12 @@ def write_synthetic(root, train: int, val: int):
     return write_voc_det(root, train=train, test=val)
 
 
+PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detections,
+                      class_names=lambda config: (CLASSES, "the 20 VOC classes"))
+
 TASK = TransferTask(
     name="pascal_det", config=PascalDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 80.0, ("R152", "SimCLR", 800): 83.3, ("R152", "SimCLRv2", 800): 79.1,
            ("R152", "RS", 400): 82.2, ("R152 2x", "supervised", 90): 81.1, ("R152 2x", "SimCLR", 800): 85.3,

@@ -14,6 +14,7 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene, voc_palette
+from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.segmentation import METRIC, VOC_CLASSES, build_segmentation, voc_items
 
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "VOC seg mIoU")
@@ -30,6 +31,11 @@ class PascalSegSection(DenseSection):
 @dataclass
 class PascalSegConfig(FinetuneConfig):
     task: PascalSegSection = field(default_factory=PascalSegSection)
+
+
+def build_model(config):
+    """The FPN segmentation model with 21 outputs (eval mode: logits (N, 21, H, W)), from the config alone."""
+    return segmentation.build_model(config, len(VOC_CLASSES))
 
 
 def build(config):
@@ -103,8 +109,12 @@ def write_synthetic(root, train: int, val: int):
     return write_voc_seg(root, train=train, val=val)
 
 
+# predict: VOC palette PNGs of VOC indices (0 = background, not painted on the overlays); segmentation.predictor
+PREDICTOR = segmentation.predictor(VOC_CLASSES, offset=0, background=0, source="the 21 VOC classes")
+
 TASK = TransferTask(
     name="pascal_seg", config=PascalSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 70.0, ("R152", "SimCLR", 800): 72.2, ("R152", "SimCLRv2", 800): 73.1,
            ("R152", "RS", 400): 78.2, ("R152 2x", "supervised", 90): 72.2, ("R152 2x", "SimCLR", 800): 78.8,

@@ -3,7 +3,8 @@ Table 5 read.
 
 A task is one module that declares `TASK = TransferTask(...)`: its run config (a dataclass whose `task` section is
 the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
-protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer and its Table 5 numbers.
+protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and
+for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predict.py).
 Adding a task is that module, its YAML configs and one line in `MODULES` (or `register(name, module)` for a module
 outside the package). Modules are imported only when a task is used, so `rs-transfer --help` imports no torch.
 """
@@ -34,6 +35,9 @@ class TransferTask:
     write_synthetic: Callable  # write_synthetic(root, train, val) -> the data.root of a tiny dataset in the real format
     paper: dict = field(default_factory=dict)  # Table 5, percent: (backbone, method, pretraining epochs) -> value
     config_dir: Optional[Path] = None  # holds <name>.yaml and <name>_demo.yaml; None: the packaged downstream/
+    # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
+    build_model: Optional[Callable] = None
+    predictor: "object" = None  # rs_transfer.predict.Predictor: `rs-transfer predict`; None: the task has none
 
     @property
     def metric(self) -> str:

@@ -23,16 +23,37 @@ from rs_transfer.downstream.data import (
 )
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
+from rs_transfer.downstream.scenes import voc_palette
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
+from rs_transfer.predict import Predictor, output_path, overlay_classes, palette_png, save_png, save_rgb
+from rs_transfer.predict import read_image as read_image_file
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 ADE_NUM_CLASSES = 150
+# ADE20K's SceneParsing class names (objectInfo150), in training index order (raw label - 1), as mmsegmentation.
+ADE_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe",
+    "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
+    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
+    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel",
+    "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name",
+    "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
+    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
 FILLS = {"image": 0, "mask": IGNORE}
 METRIC = "miou"
 
@@ -170,6 +191,46 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
     return evaluate
 
 
+def build_model(config, num_classes: int) -> SegmentationModel:
+    """The FPN segmentation model with `num_classes` outputs from model.* and task.* alone (no data read).
+    Raises ConfigError for a model.num_classes other than `num_classes`, WeightsError for model.weights that do
+    not fit."""
+    task_cfg = config.task
+    check_num_classes(config, num_classes)
+    return SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
+                             fpn_channels=task_cfg.fpn_channels, head_channels=task_cfg.head_channels,
+                             **arch_args(config))
+
+
+def predict(model, config, image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> class indices int64 (H, W), the model's (0..classes-1): the argmax of the logits of the
+    whole image at its own size, as the evaluator computes them (no resize, no crop)."""
+    logits = model({"image": image[None].to(model_device(model))})
+    return logits[0].argmax(0).cpu()
+
+
+def predictor(class_names: tuple, offset: int, background=None, source: str = "") -> Predictor:
+    """`rs-transfer predict` for a segmentation task whose dataset stores class c as c + `offset` (ADE: 1, its 0 is
+    "other"). Writes masks/<name>.png (a palette PNG of the dataset's indices, VOC's colours) and overlays/<name>.png
+    (torchvision's draw_segmentation_masks; class `background`, a dataset index, left unpainted); the record lists
+    the mask, the overlay and each class present with its share of the pixels."""
+    palette = voc_palette()
+
+    def write(out, name: str, image: torch.Tensor, classes: torch.Tensor, names) -> dict:
+        raw = classes + offset
+        mask = save_png(output_path(out, "masks", name, ".png"), palette_png(raw.numpy(), palette))
+        colours = {c: tuple(palette[3 * c: 3 * c + 3]) for c in range(len(palette) // 3)}
+        overlay = overlay_classes(image, raw, colours, skip=() if background is None else (background,))
+        overlay_path = save_rgb(output_path(out, "overlays", name, ".png"), overlay)
+        values, counts = classes.unique(return_counts=True)
+        present = [{"index": int(v) + offset, "class": names[int(v)], "fraction": int(n) / classes.numel()}
+                   for v, n in zip(values.tolist(), counts.tolist())]
+        return {"mask": mask.relative_to(out).as_posix(), "overlay": overlay_path.relative_to(out).as_posix(),
+                "classes": present}
+
+    return Predictor(read=read_image_file, predict=predict, write=write, class_names=lambda config: (class_names, source))
+
+
 def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None) -> Task:
     """The shared part of pascal_seg and ade_seg (which differ only in their data): datasets from (image, label)
     items, the FPN segmentation model, the mIoU evaluator."""
@@ -179,8 +240,6 @@ def build_segmentation(config, train_items: list, val_items: list, num_classes: 
                                       {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
     train_set = SegmentationSet(train_items, num_classes, transform)
     val_set = SegmentationSet(val_items, num_classes)
-    model = SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
-                              fpn_channels=task_cfg.fpn_channels, head_channels=task_cfg.head_channels,
-                              **arch_args(config))
+    model = build_model(config, num_classes)
     evaluate = make_evaluator(val_set, num_classes, task_cfg.eval_batch_size, config.data.num_workers, class_names)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate)

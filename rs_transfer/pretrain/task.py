@@ -5,14 +5,17 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from rs_transfer.engine import distributed
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
+from rs_transfer.engine.device import model_device
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.predict import Predictor, read_image, write_top5
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,43 @@ def _dali_loader(config: PretrainConfig, train_items):
     return make_loader
 
 
+def build_model(config: PretrainConfig) -> Classifier:
+    """The zoo network of model.* (model.num_classes set) in engine.classification.Classifier (eval mode: logits
+    (N, classes)), no data read. Raises WeightsError for model.weights that do not fit."""
+    model_cfg = config.model
+    net = create_model(model_cfg.name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
+                       drop_rate=model_cfg.drop_rate,
+                       drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
+                       zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
+    return Classifier(net, config.train.label_smoothing)
+
+
+def predict(model, config: PretrainConfig, image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> class probabilities (classes,): the evaluation transform (transforms.eval_transform: TF's
+    centre crop at data.eval_image_size, or the training size)."""
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    batch = transforms.eval_transform(config.data.eval_image_size or config.data.image_size)(pil)[None]
+    logits = model({"image": batch.to(model_device(model))})
+    return logits[0].float().softmax(0).cpu()
+
+
+def class_names(config: PretrainConfig) -> tuple:
+    """(names, where from): the class folders of data.root/train when they are there and as many as the model's
+    outputs; else (None, why), and predictions name classes by index."""
+    train = Path(config.data.root or "") / "train"
+    try:
+        names = data.find_classes(train)
+    except (OSError, UserError) as error:
+        return None, f"indices: the class folders of {train} cannot be read ({type(error).__name__})"
+    if len(names) != config.model.num_classes:
+        return None, f"indices: {train} has {len(names)} class folders, the model {config.model.num_classes} outputs"
+    return tuple(names), f"the class folders of {train}"
+
+
+# predict: top-5 classes with their probabilities per image (rs_transfer/predict.py)
+PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5, class_names=class_names)
+
+
 def build_task(config: PretrainConfig) -> Task:
     """The pretraining Task: class folders or indexed tar shards under data.root (plus pseudo-labels when
     cotrain.enabled), the zoo network in engine.classification.Classifier (eval mode: logits (N, classes)),
@@ -93,10 +133,7 @@ def build_task(config: PretrainConfig) -> Task:
 
         train_set, collate_fn = cotrain.build(config, train_set, config.model.num_classes)
     model_cfg = config.model
-    net = create_model(model_cfg.name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
-                       drop_rate=model_cfg.drop_rate,
-                       drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
-                       zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
+    model = build_model(config)
     make_loader = _dali_loader(config, train_items) if config.data.backend == "dali" else None
     _, world, _ = distributed.launcher_env()
     evaluate = TopKEvaluator(eval_set, model_cfg.num_classes, max(1, config.train.batch_size // world),
@@ -104,5 +141,5 @@ def build_task(config: PretrainConfig) -> Task:
                              collate_fn=data.collate)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
              config.data.eval_split, model_cfg.num_classes)
-    return Task(model=Classifier(net, config.train.label_smoothing), train_set=train_set,
+    return Task(model=model, train_set=train_set,
                 evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn, make_loader=make_loader)

@@ -18,9 +18,10 @@ from rs_transfer.engine.device import model_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError, UserError
 from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
 from rs_transfer.models.weights import load_weights, read_state_dict
+from rs_transfer.predict import Predictor, write_top5
 from rs_transfer.video import data, sampling, synthetic
 from rs_transfer.video.config import VideoConfig, VideoDataConfig
 
@@ -51,6 +52,12 @@ def build_net(config: VideoConfig) -> ResNet3d:
                      what=f"the 3D {type(net).__name__} built from the config",
                      hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
     return net
+
+
+def build_model(config: VideoConfig) -> Classifier:
+    """The 3D network of model.* (model.num_classes set) in engine.classification.Classifier (clips uint8
+    (N, 3, T, H, W); eval mode: logits (N, classes)), no data read. Raises as build_net."""
+    return Classifier(build_net(config), config.train.label_smoothing)
 
 
 def prepare_root(config: VideoConfig) -> Path:
@@ -94,7 +101,7 @@ def build_task(config: VideoConfig) -> Task:
     train_set = data.TrainClips(train_videos, data_cfg.clip_frames, data_cfg.frame_stride, augment)
     if data_cfg.max_eval_videos is not None:
         val_videos = val_videos[: data_cfg.max_eval_videos]
-    model = Classifier(build_net(config), config.train.label_smoothing)
+    model = build_model(config)
     num_classes = config.model.num_classes
     return Task(
         model=model,
@@ -118,25 +125,29 @@ class EvalVideos(Dataset):
     def __init__(self, videos: list, data_cfg: VideoDataConfig):
         self.videos = videos
         self.data_cfg = data_cfg
-        self.num_clips, _ = sampling.views_for(data_cfg.eval_views)
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, index):
         video = self.videos[index]
-        data_cfg = self.data_cfg
         try:
-            with data.VideoReader(video.path) as reader:
-                num_frames = reader.num_frames
-                if num_frames < data_cfg.clip_frames:
-                    raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {data_cfg.clip_frames}")
-                indices = sampling.eval_frame_indices(num_frames, data_cfg.clip_frames, data_cfg.frame_stride,
-                                                      self.num_clips)
-                frames = reader.decode(indices, short_side=data_cfg.eval_short_side)
+            frames, num_frames = decode_eval_frames(video.path, self.data_cfg)
         except data.UnreadableVideo as error:
             return {"path": str(video.path), "error": str(error)}
         return {"path": str(video.path), "label": video.label, "num_frames": num_frames, "frames": frames}
+
+
+def decode_eval_frames(path, data_cfg: VideoDataConfig) -> tuple:
+    """({index: uint8 (H, W, 3)} at data_cfg.eval_short_side, the frames the evaluation views need; the video's
+    frame count). Raises data.UnreadableVideo when it cannot be decoded or is shorter than a clip."""
+    with data.VideoReader(path) as reader:
+        num_frames = reader.num_frames
+        if num_frames < data_cfg.clip_frames:
+            raise data.UnreadableVideo(f"too short: {num_frames} frames, a clip needs {data_cfg.clip_frames}")
+        indices = sampling.eval_frame_indices(num_frames, data_cfg.clip_frames, data_cfg.frame_stride,
+                                              sampling.views_for(data_cfg.eval_views)[0])
+        return reader.decode(indices, short_side=data_cfg.eval_short_side), num_frames
 
 
 def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, num_classes: int) -> dict:
@@ -147,7 +158,6 @@ def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, n
 
     Raises UserError when no video could be evaluated.
     """
-    num_clips, num_crops = sampling.views_for(data_cfg.eval_views)
     device = model_device(model)
     # One video per item (batch_size=None), not pinned: an item is a whole decoded video.
     loader = eval_loader(EvalVideos(videos, data_cfg), batch_size=None, num_workers=data_cfg.num_workers)
@@ -162,12 +172,7 @@ def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, n
                 log.warning("skipping video %s: %s (%d skipped so far in this evaluation)", item["path"],
                             item["error"], skipped)
                 continue
-            probs = 0.0
-            views = sampling.eval_views(item["frames"], item["num_frames"], data_cfg.clip_frames, data_cfg.frame_stride,
-                                        num_clips, num_crops, data_cfg.eval_crop_size)
-            for batch in _batched(views, data_cfg.eval_batch_views):
-                logits = model({"image": torch.stack(batch).to(device)})
-                probs = probs + logits.float().softmax(1).sum(0)
+            probs = video_probabilities(model, item["frames"], item["num_frames"], data_cfg, device)
             topk.update(probs[None], torch.tensor([item["label"]], device=device))
     model.train(was_training)
     counts = all_reduce_sum(torch.cat([topk.counts(), torch.tensor([skipped], dtype=torch.float64, device=device)]))
@@ -176,6 +181,54 @@ def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, n
     if evaluated == 0:
         raise UserError(f"no validation video could be evaluated ({int(skipped)} skipped)")
     return {**fractions(topk_counts), "videos": evaluated, "skipped": skipped}
+
+
+def video_probabilities(model: nn.Module, frames: dict, num_frames: int, data_cfg: VideoDataConfig,
+                        device: torch.device) -> torch.Tensor:
+    """The sum over a video's evaluation views (data_cfg.eval_views) of the softmax of `model`'s logits:
+    float32 (classes,) on `device`. frames: {index: uint8 (H, W, 3)} at data_cfg.eval_short_side, the indices of
+    sampling.eval_frame_indices."""
+    num_clips, num_crops = sampling.views_for(data_cfg.eval_views)
+    probs = 0.0
+    views = sampling.eval_views(frames, num_frames, data_cfg.clip_frames, data_cfg.frame_stride, num_clips, num_crops,
+                                data_cfg.eval_crop_size)
+    for batch in _batched(views, data_cfg.eval_batch_views):
+        logits = model({"image": torch.stack(batch).to(device)})
+        probs = probs + logits.float().softmax(1).sum(0)
+    return probs
+
+
+def read_video(path, config: VideoConfig) -> dict:
+    """{"frames", "num_frames"}: the frames a video's evaluation views need, at data.eval_short_side (as the
+    evaluator decodes them). Raises DataError naming `path` when it cannot be decoded or is too short."""
+    try:
+        frames, num_frames = decode_eval_frames(path, config.data)
+    except data.UnreadableVideo as error:
+        raise DataError(f"cannot read video {path}: {error}") from None
+    return {"frames": frames, "num_frames": num_frames}
+
+
+def predict(model: nn.Module, config: VideoConfig, video: dict) -> torch.Tensor:
+    """The class probabilities (classes,) of a video: softmax averaged over its evaluation views, as evaluated."""
+    probs = video_probabilities(model, video["frames"], video["num_frames"], config.data, model_device(model))
+    return (probs / config.data.eval_views).cpu()  # views_for: clips x crops = eval_views
+
+
+def class_names(config: VideoConfig) -> tuple:
+    """(names, where from): the training classes of data.root when readable and as many as the model's outputs;
+    else (None, why), and predictions name classes by index."""
+    try:
+        _, names = data.list_splits(config.data.root, ("train",))
+    except (OSError, TypeError, UserError) as error:
+        return None, f"indices: the classes of data.root={config.data.root} cannot be read ({type(error).__name__})"
+    if len(names) != config.model.num_classes:
+        return None, f"indices: {config.data.root} has {len(names)} classes, the model {config.model.num_classes} outputs"
+    return tuple(names), f"the training classes of {config.data.root}"
+
+
+# predict: videos in, top-5 classes with their view-averaged probabilities out (rs_transfer/predict.py)
+PREDICTOR = Predictor(read=read_video, predict=predict, write=write_top5, class_names=class_names,
+                      suffixes=data.VIDEO_SUFFIXES)
 
 
 def _batched(items, size: int):

@@ -1,0 +1,184 @@
+"""`rs-transfer predict --run RUN_DIR --images DIR_OR_FILES --out DIR`: a trained run's model on new images (or
+videos), with the task's own evaluation preprocessing, outputs in the original image's pixels.
+
+Each task family declares a `Predictor` in its module (a transfer task's `TASK.predictor`, pretrain/task.py's and
+video/task.py's `PREDICTOR`): how it reads an input, predicts, and writes the files of one prediction. This module
+owns what they share: listing inputs, the run loop (a corrupt input is skipped with a warning and counted),
+`OUT/predictions.json`, and the drawing helpers (torchvision's drawing utilities, matplotlib colour maps).
+
+OUT/predictions.json: {"run", "family", "task", "class_names" (where the names come from), "predictions": [one
+record per input: {"input": path, ...the task's fields}], "skipped": [{"input", "reason"}], "complete"}.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rs_transfer.errors import DataError, UserError
+from rs_transfer.files import atomic_open, atomic_write_json, make_dir
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEPTH_COLOUR_MAP = "magma"
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """What `predict` needs from a task family.
+
+    read(path, config) -> input (raises DataError naming `path` when it cannot be decoded);
+    predict(model, config, input) -> prediction, in the input's original pixels (called under torch.no_grad());
+    write(out, name, input, prediction, class_names) -> the JSON record of the prediction (files go to
+      out/<kind>/<name>.<ext>, `name` being the input's path relative to its folder, without suffix);
+    class_names(config) -> (names or None, where they come from);
+    suffixes: the input files a folder is searched for.
+    """
+
+    read: Callable
+    predict: Callable
+    write: Callable
+    class_names: Callable
+    suffixes: tuple = IMAGE_SUFFIXES
+
+
+def read_image(path, config=None) -> torch.Tensor:
+    """uint8 (3, H, W) RGB of an image file (downstream.data.read_image: any PIL mode). Raises DataError."""
+    from rs_transfer.downstream.data import read_image as read
+
+    return read(Path(path)).as_subclass(torch.Tensor)
+
+
+def list_inputs(sources: list, suffixes: tuple) -> list:
+    """[(path, name)]: each file as given (name = its stem), each folder searched recursively for `suffixes`
+    (name = the path below the folder, without suffix; hidden files and folders left out). Raises UserError for a
+    source that does not exist, a folder without such files, or two inputs with the same name."""
+    inputs = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            inputs.append((path, path.stem))
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"no {'/'.join(suffixes)} files under {path}")
+            inputs += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in found]
+        else:
+            raise UserError(f"--images: not found: {path}")
+    seen = {}
+    for path, name in inputs:
+        if name in seen:
+            raise UserError(f"{seen[name]} and {path} would write the same outputs ({name}): pass them separately")
+        seen[name] = path
+    return inputs
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
+    """Predict every input of `sources` (files or folders) with the run in `run_dir`; write OUT's files and
+    OUT/predictions.json. Returns the JSON's content.
+
+    Raises runs.RunError for an unusable run folder, UserError for missing inputs or a task without a Predictor,
+    DataError (naming the first file) when no input could be read. A corrupt input among readable ones is skipped
+    with a warning, counted and listed under "skipped". Outputs written before an unexpected failure stay, and
+    predictions.json then holds the predictions so far ("complete": false)."""
+    from rs_transfer.runs import family_parts, load_run
+
+    run = load_run(run_dir, pick_device(device))
+    predictor = family_parts(run.family, run.task)[2]
+    if predictor is None:
+        raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")
+    inputs = list_inputs(sources, predictor.suffixes)
+    out = make_dir(out, "--out")
+    names, names_from = predictor.class_names(run.config)
+    summary = {"run": str(run.folder), "family": run.family, "task": run.task, "class_names": names_from,
+               "predictions": [], "skipped": [], "complete": False}
+    try:
+        for path, name in inputs:
+            try:
+                item = predictor.read(path, run.config)
+            except DataError as error:
+                summary["skipped"].append({"input": str(path), "reason": str(error)})
+                log.warning("skipping %s: %s (%d skipped so far)", path, error, len(summary["skipped"]))
+                continue
+            with torch.no_grad():
+                prediction = predictor.predict(run.model, run.config, item)
+            record = predictor.write(out, name, item, prediction, names)
+            summary["predictions"].append({"input": str(path), **record})
+        if not summary["predictions"]:
+            first = summary["skipped"][0]
+            raise DataError(f"no input could be read ({len(inputs)} tried); {first['input']}: {first['reason']}")
+        summary["complete"] = True
+    finally:
+        if summary["predictions"]:
+            atomic_write_json(out / "predictions.json", summary)
+    log.info("%d predictions (%d inputs skipped) in %s", len(summary["predictions"]), len(summary["skipped"]), out)
+    return summary
+
+
+def output_path(out: Path, kind: str, name: str, suffix: str) -> Path:
+    path = Path(out) / kind / f"{name}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_png(path: Path, image: Image.Image) -> Path:
+    with atomic_open(path, "wb") as file:
+        image.save(file, format="PNG")
+    return path
+
+
+def save_rgb(path: Path, image: torch.Tensor) -> Path:
+    """uint8 (3, H, W) -> an RGB PNG."""
+    return save_png(path, Image.fromarray(image.permute(1, 2, 0).cpu().numpy()))
+
+
+def palette_png(indices: np.ndarray, palette: list) -> Image.Image:
+    """uint8 (H, W) class indices -> a palette ("P") PNG image whose pixel values are the indices."""
+    image = Image.fromarray(indices.astype(np.uint8))  # mode L; putpalette makes it P, the values unchanged
+    image.putpalette(palette)
+    return image
+
+
+def overlay_classes(image: torch.Tensor, indices: torch.Tensor, colours: dict, skip=(), alpha: float = 0.5) -> torch.Tensor:
+    """uint8 (3, H, W) image with every class of `indices` (H, W) but those in `skip` painted in colours[class]
+    (torchvision's draw_segmentation_masks)."""
+    from torchvision.utils import draw_segmentation_masks
+
+    present = [c for c in indices.unique().tolist() if c not in skip]
+    if not present:
+        return image
+    masks = torch.stack([indices == c for c in present])
+    return draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in present])
+
+
+def colour_map(values: np.ndarray, low: float, high: float, name: str = DEPTH_COLOUR_MAP) -> np.ndarray:
+    """float (H, W) -> uint8 (H, W, 3) through matplotlib's colour map `name`, `low`..`high` spanning it."""
+    from matplotlib import colormaps
+
+    scaled = (values - low) / max(high - low, 1e-12)
+    return (colormaps[name](np.clip(scaled, 0, 1))[..., :3] * 255).round().astype(np.uint8)
+
+
+def top_classes(scores: torch.Tensor, class_names, k: int = 5) -> list:
+    """The k highest of `scores` (classes,) (probabilities) as [{"index", "class", "score"}], best first; "class"
+    is the index as a string when there are no names."""
+    values, indices = scores.float().topk(min(k, scores.numel()))
+    return [{"index": int(i), "class": class_names[i] if class_names else str(int(i)), "score": float(v)}
+            for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def write_top5(out: Path, name: str, item, prediction: torch.Tensor, class_names) -> dict:
+    """Classification's writer: the record {"top5": top_classes(prediction)} (prediction: probabilities)."""
+    return {"top5": top_classes(prediction, class_names)}
