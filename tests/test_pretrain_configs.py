@@ -111,6 +111,17 @@ def test_table2_weight_decay_pairs_differ_only_in_weight_decay():
         assert (a["model.drop_path_rate"] > 0) == ("sd" in setting)
 
 
+def test_table2_rows_use_the_papers_resolution_and_split():
+    # Issue 13: the paper's Table 2 has RS-50 at 224x224 evaluated on minival; RS-200 is Table 8's RS-200 at 256.
+    for path in sorted((CONFIGS / "table2").glob("*.yaml")):
+        c = load_config(PretrainConfig, path)
+        rs50 = path.name.startswith("rs50_")
+        assert c.model.name == ("rs50" if rs50 else "rs200"), path.name
+        assert (c.data.image_size, c.data.eval_image_size or c.data.image_size) == ((224, 224) if rs50 else (256, 256))
+        assert c.data.eval_split == ("minival" if rs50 else "val"), path.name
+        assert c.data.minival_fraction == 0.02 and not c.train.report_best  # Table 2 reports minival, no early stop
+
+
 def test_table4_cotrain_config_is_rs152_at_224_with_pseudo_labels():
     c = load_config(PretrainConfig, CONFIGS / "rs152_i224_cotrain.yaml", ["cotrain.pseudo_labels=/data/pseudo"])
     assert (c.model.name, c.data.image_size, c.cotrain.enabled, c.cotrain.targets) == ("rs152", 224, True, "soft")
