@@ -54,6 +54,15 @@ def test_table8_config_matches_the_paper(model, res, magnitude, drop_path, dropo
     assert c.output_dir == f"runs/pretrain/{model}_i{res}"
 
 
+@pytest.mark.parametrize("model,res", [(m, r) for m, r, *_ in TABLE8])
+def test_rs350_and_rs420_at_320_early_stop_on_minival_as_the_paper(model, res):
+    c = load_config(PretrainConfig, CONFIGS / f"{model}_i{res}.yaml")
+    early_stopped = res == 320  # the paper: RS-350@320 and RS-420@320, best minival checkpoint reported
+    assert c.train.report_best == early_stopped
+    assert c.data.eval_split == ("minival" if early_stopped else "val")
+    assert c.data.minival_fraction == 0.02 and c.train.eval_every_epochs == 1
+
+
 def test_every_table8_file_is_tested():
     files = {p.stem for p in CONFIGS.glob("rs*_i*.yaml")} - {"rs152_i224_cotrain"}
     assert files == {f"{m}_i{r}" for m, r, *_ in TABLE8}
