@@ -44,6 +44,10 @@ PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
 class Cifar100Section(TaskSection):
     name: str = "cifar100"
     image_size: int = checked(256, at_least(1))  # images are resized to this (the paper: 256)
+    # The paper's head has 101 outputs, the 100 classes plus a background class that is never a target; top-1 and
+    # top-5 are then taken over all 101 (a background prediction is a miss). Off by default: a 100-way head is what
+    # CIFAR-100 results usually mean (docs/downstream.md). On, set model.num_classes=101 too.
+    background_class: bool = False
 
 
 @dataclass
@@ -137,18 +141,19 @@ def transforms(image_size: int, train: bool) -> v2.Compose:
 
 def build(config) -> Task:
     """The cifar100 Task (engine/task.py) from its run config: the python pickles under data.root (50k train, 10k
-    test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs
-    (engine.classification.Classifier; eval mode: logits (N, 100)), top-1/top-5 on the test set (fractions).
-    Raises DataError for missing or malformed pickles, ConfigError for model.num_classes other than 100,
-    WeightsError for model.weights that do not fit."""
+    test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs, or 101 with
+    task.background_class (engine.classification.Classifier; eval mode: logits (N, 100 or 101)), top-1/top-5 on the
+    test set over every output (fractions). Raises DataError for missing or malformed pickles, ConfigError for a
+    model.num_classes other than the head's outputs, WeightsError for model.weights that do not fit."""
     task_cfg = config.task
-    check_num_classes(config, NUM_CLASSES)
+    outputs = NUM_CLASSES + 1 if task_cfg.background_class else NUM_CLASSES  # class 100: background, never a label
+    check_num_classes(config, outputs)
     train_set = Cifar100(config.data.root, "train", transforms(task_cfg.image_size, train=True))
     val_set = Cifar100(config.data.root, "test", transforms(task_cfg.image_size, train=False))
-    net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
+    net = create_model(config.model.name, num_classes=outputs, weights=config.model.weights,
                        drop_rate=config.model.drop_rate, **arch_args(config))
     model = Classifier(net, label_smoothing=config.train.label_smoothing)
-    evaluate = TopKEvaluator(val_set, NUM_CLASSES, task_cfg.eval_batch_size, config.data.num_workers)
+    evaluate = TopKEvaluator(val_set, outputs, task_cfg.eval_batch_size, config.data.num_workers)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=PROTOCOL.metric)
 
 
