@@ -184,9 +184,9 @@ LOCATION_KEYS = frozenset({
     "train.checkpoint_every_steps", "train.keep_last",
 })
 EVAL_KEYS = frozenset({
-    "train.eval_every_epochs", "train.eval_every_steps", "train.report_best", "task.eval_batch_size", "task.det_eval_size",
+    "train.eval_every_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
     "data.eval_image_size", "data.eval_views", "data.eval_batch_views", "data.max_eval_videos",
-    "data.eval_short_side", "data.eval_crop_size",
+    "data.eval_short_side", "data.eval_crop_size", "train.report_best",
 })
 RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
 INFERRED_KEYS = frozenset({"model.num_classes"})  # None in a config means "from the data": it matches any value
