@@ -94,7 +94,8 @@ def test_table7_writes_all_rows_md_json_png(tmp_path):
     assert len(table_lines) == 19
     assert "| rs350 | 256 | 84.0 | 4.72 | 47.200 | 8 | n/a |" in md
     # the paper's TPUv3 latencies and speed-ups, beside the measured columns (nothing here runs on a TPU)
-    assert rows["efficientnet_b6@528"]["tpu_ms_per_1024_paper"] == 3010 and rows["rs50@160"]["tpu_ms_per_1024_paper"] == 70
+    assert rows["efficientnet_b6@528"]["tpu_ms_per_1024_paper"] == 3010
+    assert rows["rs50@160"]["tpu_ms_per_1024_paper"] == 70
     assert rows["rs350@256"]["speedup_tpu_paper"] == pytest.approx(3010 / 1100)
     assert rows["efficientnet_b0@224"]["speedup_tpu_paper"] is None
     assert "| TPUv3 ms/1024 (paper) | RS speed-up x (paper, TPUv3) |" in md
