@@ -157,6 +157,10 @@ class TrainConfig:
     eval_every_steps: int = checked(0, at_least(0))  # 0: off
     checkpoint_every_steps: int = checked(0, at_least(0))  # also after every evaluation and at the end; 0: only those
     keep_last: int = checked(2, at_least(0))  # step checkpoints kept, besides best.pt; 0: all
+    # Early stopping, as the paper does for RS-350/420 @ 320: at the end, put best.pt (the best primary metric) back
+    # and report it: final.pt, weights.pth and final_metrics.json are the best checkpoint's, evaluated by the
+    # task's report evaluator (pretraining with data.eval_split=minival: on val), else by its evaluator.
+    report_best: bool = False
     log_every_steps: int = checked(50, at_least(1))  # also when stop signals and non-finite values are checked
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 
@@ -182,7 +186,7 @@ LOCATION_KEYS = frozenset({
 EVAL_KEYS = frozenset({
     "train.eval_every_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
     "data.eval_image_size", "data.eval_views", "data.eval_batch_views", "data.max_eval_videos",
-    "data.eval_short_side", "data.eval_crop_size",
+    "data.eval_short_side", "data.eval_crop_size", "train.report_best",
 })
 RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
 INFERRED_KEYS = frozenset({"model.num_classes"})  # None in a config means "from the data": it matches any value

@@ -158,6 +158,44 @@ def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
     assert (state["epoch"], state["step_in_epoch"]) == (2, 2)
 
 
+def test_report_best_ends_the_run_as_its_best_checkpoint_evaluated_by_report(tmp_path):
+    # Early stopping as the paper does for RS-350/420 @ 320: pick on one split (minival), report on another (val).
+    config = toy_config(tmp_path, "train.epochs=3", "train.eval_every_steps=4", "train.ema_decay=0.9",
+                        "train.report_best=true")
+    task = make_task()
+    report_set = engine_toy.Points(64, seed=7, noise=0.0)
+    task.report = engine_toy.make_evaluate(report_set)
+    metrics = train(config, task)
+
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["kind"] == "eval"]
+    first_best = next(e for e in evals if e["accuracy"] == max(e["accuracy"] for e in evals))
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == first_best["step"] < 48 == evals[-1]["step"]  # the best is not the last step here
+    last = torch.load(tmp_path / "checkpoints" / "step_00000048.pt", weights_only=True)
+    assert not torch.equal(last["ema"]["net.0.weight"], best["ema"]["net.0.weight"])
+    # final.pt and weights.pth are the best checkpoint's weights, not the last step's
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(final[part][key], value) for key, value in best[part].items()), part
+    exported = torch.load(tmp_path / "weights.pth", weights_only=True)
+    assert all(torch.equal(value, best["ema"][f"net.{key}"]) for key, value in exported.items())
+    # the reported metrics: the best EMA weights evaluated by task.report (not by task.evaluate)
+    net = make_task().model
+    net.load_state_dict(best["ema"])
+    expected = engine_toy.make_evaluate(report_set)(net.eval())
+    assert metrics == expected == json.loads((tmp_path / "final_metrics.json").read_text())
+
+
+def test_report_best_without_a_report_evaluator_reports_the_best_evaluation(tmp_path):
+    config = toy_config(tmp_path, "train.epochs=3", "train.eval_every_steps=4", "train.ema_decay=0.9",
+                        "train.report_best=true")
+    metrics = train(config, make_task())
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert metrics == best["metrics"] == json.loads((tmp_path / "final_metrics.json").read_text())
+    assert metrics["accuracy"] == best["best"]
+
+
 def test_channels_last_for_2d_and_3d_layers_and_nested_batches():
     from collections import namedtuple
 

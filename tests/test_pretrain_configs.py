@@ -54,6 +54,15 @@ def test_table8_config_matches_the_paper(model, res, magnitude, drop_path, dropo
     assert c.output_dir == f"runs/pretrain/{model}_i{res}"
 
 
+@pytest.mark.parametrize("model,res", [(m, r) for m, r, *_ in TABLE8])
+def test_rs350_and_rs420_at_320_early_stop_on_minival_as_the_paper(model, res):
+    c = load_config(PretrainConfig, CONFIGS / f"{model}_i{res}.yaml")
+    early_stopped = res == 320  # the paper: RS-350@320 and RS-420@320, best minival checkpoint reported
+    assert c.train.report_best == early_stopped
+    assert c.data.eval_split == ("minival" if early_stopped else "val")
+    assert c.data.minival_fraction == 0.02 and c.train.eval_every_epochs == 1
+
+
 def test_every_table8_file_is_tested():
     files = {p.stem for p in CONFIGS.glob("rs*_i*.yaml")} - {"rs152_i224_cotrain"}
     assert files == {f"{m}_i{r}" for m, r, *_ in TABLE8}
@@ -111,6 +120,17 @@ def test_table2_weight_decay_pairs_differ_only_in_weight_decay():
         assert (a["model.drop_path_rate"] > 0) == ("sd" in setting)
 
 
+def test_table2_rows_use_the_papers_resolution_and_split():
+    # Issue 13: the paper's Table 2 has RS-50 at 224x224 evaluated on minival; RS-200 is Table 8's RS-200 at 256.
+    for path in sorted((CONFIGS / "table2").glob("*.yaml")):
+        c = load_config(PretrainConfig, path)
+        rs50 = path.name.startswith("rs50_")
+        assert c.model.name == ("rs50" if rs50 else "rs200"), path.name
+        assert (c.data.image_size, c.data.eval_image_size or c.data.image_size) == ((224, 224) if rs50 else (256, 256))
+        assert c.data.eval_split == ("minival" if rs50 else "val"), path.name
+        assert c.data.minival_fraction == 0.02 and not c.train.report_best  # Table 2 reports minival, no early stop
+
+
 def test_table4_cotrain_config_is_rs152_at_224_with_pseudo_labels():
     c = load_config(PretrainConfig, CONFIGS / "rs152_i224_cotrain.yaml", ["cotrain.pseudo_labels=/data/pseudo"])
     assert (c.model.name, c.data.image_size, c.cotrain.enabled, c.cotrain.targets) == ("rs152", 224, True, "soft")
@@ -120,3 +140,45 @@ def test_table4_cotrain_config_is_rs152_at_224_with_pseudo_labels():
 def test_config_typo_is_a_clear_error():
     with pytest.raises(ConfigError, match="did you mean 'augment.magnitude'"):
         load_config(PretrainConfig, CONFIGS / "rs50_i160.yaml", ["augment.magnitud=5"])
+
+
+# PAPER.md section 5: Table 5's backbones are vanilla ResNets (no SE, no ResNet-D). "RS": the RS training subset
+# (cosine, RandAugment, label smoothing, reduced weight decay, FC dropout), 400 epochs, no stochastic depth, no
+# EMA. "supervised": the 90-epoch baseline (Table 1 row 0's recipe).
+TABLE5_PRETRAIN = {
+    "r152_rs_400ep": ("resnet152", "RS"), "r152x2_rs_400ep": ("resnet152-w2", "RS"),
+    "r152_supervised_90ep": ("resnet152", "supervised"), "r152x2_supervised_90ep": ("resnet152-w2", "supervised"),
+}
+
+
+def test_table5_backbone_configs_follow_the_papers_section_5():
+    assert {p.stem for p in (CONFIGS / "table5").glob("*.yaml")} == set(TABLE5_PRETRAIN)
+    for name, (model, method) in TABLE5_PRETRAIN.items():
+        c = load_config(PretrainConfig, CONFIGS / "table5" / f"{name}.yaml")
+        t = c.train
+        assert c.model.name == model and c.output_dir == f"runs/table5_pretrain/{name}"
+        assert c.model.drop_path_rate == 0 and t.ema_decay is None  # no stochastic depth, no EMA, in both
+        assert c.model.bn_momentum == 0.1  # no EMA of BN buffers, so BN keeps its own running averages
+        assert c.data.image_size == 224 and c.model.num_classes == 1000
+        if method == "RS":
+            assert t.epochs == 400 and t.schedule == "cosine" and t.label_smoothing == 0.1
+            assert c.augment.randaugment == "tf" and c.augment.magnitude == 15 and c.augment.num_layers == 2
+            assert c.model.drop_rate == 0.25 and t.weight_decay == 4e-5
+        else:
+            assert t.epochs == 90 and t.schedule == "step" and t.decay_epochs == [30, 60, 80]
+            assert t.weight_decay == 1e-4 and t.label_smoothing == 0 and c.model.drop_rate == 0
+            assert c.augment.randaugment == "none"
+    # the 2x configs are their 1x twins with the width doubled, nothing else
+    for method in ("rs_400ep", "supervised_90ep"):
+        one = _flat(load_config(PretrainConfig, CONFIGS / "table5" / f"r152_{method}.yaml"))
+        two = _flat(load_config(PretrainConfig, CONFIGS / "table5" / f"r152x2_{method}.yaml"))
+        assert {k for k in one if one[k] != two[k]} == {"model.name", "output_dir"}
+
+
+def test_table5_backbones_are_vanilla_resnets():
+    from rs_transfer.models import zoo
+
+    for model, _ in TABLE5_PRETRAIN.values():
+        spec = zoo.parse_name(model)
+        assert (spec.depth, spec.se, spec.resnet_d) == (152, False, False)
+        assert spec.width == (2 if model.endswith("-w2") else 1)

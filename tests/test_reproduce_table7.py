@@ -56,6 +56,21 @@ def test_paper_speedups_reproduce_the_headline():
     assert round(max(ratios.values()), 1) == 3.3
 
 
+def test_tpu_latencies_are_the_papers_and_reproduce_its_tpu_headline():
+    # PAPER.md section 2, Table 7's TPUv3 column (ms per 1024 images), RS rows and EfficientNet B0..B7 (issue 13)
+    tpu = {f"{r.model}@{r.resolution}": r.tpu_ms for r in TABLE7}
+    assert [tpu[f"efficientnet_b{i}@{res}"] for i, res in enumerate((224, 240, 260, 300, 380, 456, 528, 600))] == [
+        90, 150, 210, 340, 710, 1510, 3010, 6020]
+    assert [tpu[s] for s in ("rs50@160", "rs101@160", "rs101@192", "rs152@192", "rs152@224", "rs152@256", "rs200@256",
+                             "rs270@256", "rs350@256", "rs350@320", "rs420@320")] == [
+        70, 120, 170, 240, 320, 410, 570, 780, 1100, 1630, 2090]
+    ratios = speedups(tpu)
+    assert len(ratios) == 11 and all(v is not None for v in ratios.values())
+    # "RS is 1.7-2.7x faster on TPU": RS-350@256 and B6 share 84.0 top-1, 3010 / 1100
+    assert 1.7 <= min(ratios.values()) < 1.8 and 2.7 <= max(ratios.values()) < 2.8
+    assert ratios["rs350@256"] == pytest.approx(3010 / 1100)
+
+
 def test_table7_writes_all_rows_md_json_png(tmp_path):
     fake = FakeMeasure()
     paths = run_table7(tmp_path, CPU, start_batch=8, warmup=1, repeats=3, measure_fn=fake)
@@ -78,6 +93,14 @@ def test_table7_writes_all_rows_md_json_png(tmp_path):
     table_lines = [line for line in md.splitlines() if line.startswith("| rs") or line.startswith("| efficientnet")]
     assert len(table_lines) == 19
     assert "| rs350 | 256 | 84.0 | 4.72 | 47.200 | 8 | n/a |" in md
+    # the paper's TPUv3 latencies and speed-ups, beside the measured columns (nothing here runs on a TPU)
+    assert rows["efficientnet_b6@528"]["tpu_ms_per_1024_paper"] == 3010
+    assert rows["rs50@160"]["tpu_ms_per_1024_paper"] == 70
+    assert rows["rs350@256"]["speedup_tpu_paper"] == pytest.approx(3010 / 1100)
+    assert rows["efficientnet_b0@224"]["speedup_tpu_paper"] is None
+    assert "| TPUv3 ms/1024 (paper) | RS speed-up x (paper, TPUv3) |" in md
+    assert md.count(" | 1100 | 2.74 |") == 1 and "| 6020 | - |" in md
+    assert "- paper (TPUv3): 1.76x to 2.74x over 11 RS rows" in md
     assert "- paper (V100): 2.18x to 3.33x over 11 RS rows" in md
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

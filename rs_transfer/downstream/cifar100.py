@@ -59,6 +59,10 @@ PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
 class Cifar100Section(TaskSection):
     name: str = "cifar100"
     image_size: int = checked(256, at_least(1))  # images are resized to this (the paper: 256)
+    # The paper's head has 101 outputs, the 100 classes plus a background class that is never a target; top-1 and
+    # top-5 are then taken over all 101 (a background prediction is a miss). Off by default: a 100-way head is what
+    # CIFAR-100 results usually mean (docs/downstream.md). On, set model.num_classes=101 too.
+    background_class: bool = False
 
 
 @dataclass
@@ -150,35 +154,42 @@ def transforms(image_size: int, train: bool) -> v2.Compose:
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] if train else steps)
 
 
+def head_outputs(config) -> int:
+    """100, or 101 with task.background_class (the paper's head; class 100 is background, never a label)."""
+    return NUM_CLASSES + 1 if config.task.background_class else NUM_CLASSES
+
+
 def build_model(config) -> Classifier:
-    """The zoo classifier with 100 outputs in engine.classification.Classifier (eval mode: logits (N, 100)), from
-    model.* alone. Raises ConfigError for model.num_classes other than 100, WeightsError for model.weights that do
-    not fit."""
-    check_num_classes(config, NUM_CLASSES)
-    net = create_model(config.model.name, num_classes=NUM_CLASSES, weights=config.model.weights,
+    """The zoo classifier with 100 outputs (101 with task.background_class) in engine.classification.Classifier
+    (eval mode: logits (N, outputs)), from model.* alone. Raises ConfigError for a model.num_classes other than the
+    head's outputs, WeightsError for model.weights that do not fit."""
+    outputs = head_outputs(config)
+    check_num_classes(config, outputs)
+    net = create_model(config.model.name, num_classes=outputs, weights=config.model.weights,
                        drop_rate=config.model.drop_rate, **arch_args(config))
     return Classifier(net, label_smoothing=config.train.label_smoothing)
 
 
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> class probabilities (100,): resized to task.image_size as the evaluator does."""
+    """uint8 (3, H, W) -> class probabilities (100,): resized to task.image_size as the evaluator does. With
+    task.background_class the softmax is over all 101 outputs and the background's share is left out."""
     batch = transforms(config.task.image_size, train=False)(tv_tensors.Image(image))[None]
     logits = model({"image": batch.as_subclass(torch.Tensor).to(model_device(model))})
-    return logits[0].float().softmax(0).cpu()
+    return logits[0].float().softmax(0)[:NUM_CLASSES].cpu()
 
 
 def build(config) -> Task:
     """The cifar100 Task (engine/task.py) from its run config: the python pickles under data.root (50k train, 10k
-    test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs
-    (engine.classification.Classifier; eval mode: logits (N, 100)), top-1/top-5 on the test set (fractions).
-    Raises DataError for missing or malformed pickles, ConfigError for model.num_classes other than 100,
-    WeightsError for model.weights that do not fit."""
+    test), images resized to task.image_size (uint8 (3, S, S)), the zoo classifier with 100 outputs, or 101 with
+    task.background_class (engine.classification.Classifier; eval mode: logits (N, 100 or 101)), top-1/top-5 on the
+    test set over every output (fractions). Raises DataError for missing or malformed pickles, ConfigError for a
+    model.num_classes other than the head's outputs, WeightsError for model.weights that do not fit."""
     task_cfg = config.task
-    check_num_classes(config, NUM_CLASSES)
+    outputs = head_outputs(config)
     train_set = Cifar100(config.data.root, "train", transforms(task_cfg.image_size, train=True))
     val_set = Cifar100(config.data.root, "test", transforms(task_cfg.image_size, train=False))
     model = build_model(config)
-    evaluate = TopKEvaluator(val_set, NUM_CLASSES, task_cfg.eval_batch_size, config.data.num_workers)
+    evaluate = TopKEvaluator(val_set, outputs, task_cfg.eval_batch_size, config.data.num_workers)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=PROTOCOL.metric)
 
 

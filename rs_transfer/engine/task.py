@@ -22,6 +22,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   from DDP, in eval mode) and returns a dict of metrics as Python floats, identical on every rank (the evaluator
   reduces across ranks itself; `rs_transfer.engine.distributed` has the helpers). Fractions in [0, 1].
 - `primary_metric` names the metric that picks the best checkpoint (higher is better).
+- `report(model)`, when set, is the evaluator `train.report_best` reports the best checkpoint with (pretraining
+  that picks it on minival reports it on val); same contract as `evaluate`, same metric names.
 - `train_set` is a map-style Dataset (indexable, with a length): the engine shards it over ranks, shuffles it per
   epoch and resumes mid-epoch by index. Random augmentations may use torch, numpy or `random`: the engine makes
   them reproducible and resumable (docs/engine.md).
@@ -55,3 +57,4 @@ class Task:
     primary_metric: str
     collate_fn: Optional[Callable] = None
     make_loader: Optional[Callable] = None  # (keys, batch_size, device) -> iterable of batches; None: DataLoader
+    report: Optional[Callable[[nn.Module], dict]] = None  # evaluates best.pt under train.report_best; None: evaluate

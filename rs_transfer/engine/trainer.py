@@ -37,6 +37,7 @@ from rs_transfer.engine.device import to_channels_last, to_device
 from rs_transfer.engine.distributed import (
     all_reduce_max,
     all_reduce_sum,
+    barrier,
     broadcast_buffers,
     broadcast_object,
     init_distributed,
@@ -227,6 +228,8 @@ class Trainer:
         self.batches = None
         if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
             self._evaluate_and_save()
+        if self.tc.report_best:  # early stopping: the run ends as its best checkpoint
+            progress.metrics = self._report_best()
         self._clock()  # the run's time ends with its last evaluation, before the final files are written
         if self.main:
             final = {"model": self.model.state_dict()}
@@ -346,12 +349,12 @@ class Trainer:
         return (last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0)
                 or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0))
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, evaluate=None) -> dict:
         target = self.ema.module if self.ema is not None else self.model
         broadcast_buffers(target)
         target.eval()
         with torch.no_grad(), self._autocast():
-            metrics = self.task.evaluate(target)
+            metrics = (evaluate or self.task.evaluate)(target)
         self.model.train()
         if self.task.primary_metric not in metrics:
             raise ValueError(f"the evaluator returned {sorted(metrics)}, without the primary metric "
@@ -381,6 +384,23 @@ class Trainer:
                           **progress.metrics, f"best_{name}": progress.best})
         self._pause(started)
         self._save(best=is_best)
+
+    def _report_best(self) -> dict:
+        """train.report_best: put best.pt's weights (and EMA) back into the model, so that final.pt and weights.pth
+        are the best checkpoint's, and return their evaluation by `task.report` (`task.evaluate` without one).
+        Raises CheckpointError (naming the file) when best.pt is missing or unreadable."""
+        barrier()  # rank 0 may still be writing best.pt; every rank then reads it, as on resume
+        path = self.ckpt_dir / "best.pt"
+        state = ckpt.load(path)
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        metrics = self._evaluate(self.task.report)
+        if self.main:
+            name = self.task.primary_metric
+            log.info("train.report_best: %s is step %d (%s %.4f); reported: %s", path, state["step"], name,
+                     state["best"], " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     def _save(self, best: bool, eval_pending: bool = False) -> None:
         self._check_flags()

@@ -115,14 +115,14 @@ TABLE7 = (
     Table7Row("rs350", 256, 164, 69, 4.72, 1100, 84.0),
     Table7Row("rs350", 320, 164, 107, 8.48, 1630, 84.2),
     Table7Row("rs420", 320, 192, 128, 10.16, 2090, 84.4),
-    Table7Row("efficientnet_b0", 224, 5.3, 0.8, 0.47, None, 77.1),
-    Table7Row("efficientnet_b1", 240, 7.8, 1.4, 0.82, None, 79.1),
-    Table7Row("efficientnet_b2", 260, 9.2, 2.0, 1.03, None, 80.1),
-    Table7Row("efficientnet_b3", 300, 12, 3.6, 1.76, None, 81.6),
-    Table7Row("efficientnet_b4", 380, 19, 8.4, 4.0, None, 82.9),
-    Table7Row("efficientnet_b5", 456, 30, 20, 8.16, None, 83.7),
-    Table7Row("efficientnet_b6", 528, 43, 38, 15.7, None, 84.0),
-    Table7Row("efficientnet_b7", 600, 66, 74, 29.9, None, 84.7),
+    Table7Row("efficientnet_b0", 224, 5.3, 0.8, 0.47, 90, 77.1),
+    Table7Row("efficientnet_b1", 240, 7.8, 1.4, 0.82, 150, 79.1),
+    Table7Row("efficientnet_b2", 260, 9.2, 2.0, 1.03, 210, 80.1),
+    Table7Row("efficientnet_b3", 300, 12, 3.6, 1.76, 340, 81.6),
+    Table7Row("efficientnet_b4", 380, 19, 8.4, 4.0, 710, 82.9),
+    Table7Row("efficientnet_b5", 456, 30, 20, 8.16, 1510, 83.7),
+    Table7Row("efficientnet_b6", 528, 43, 38, 15.7, 3010, 84.0),
+    Table7Row("efficientnet_b7", 600, 66, 74, 29.9, 6020, 84.7),
 )
 
 # Exact parameter counts of timm's ports (PAPER.md section 7), in millions, 1000 classes.

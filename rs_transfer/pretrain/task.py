@@ -112,7 +112,8 @@ PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5, class_
 def build_task(config: PretrainConfig) -> Task:
     """The pretraining Task: class folders or indexed tar shards under data.root (plus pseudo-labels when
     cotrain.enabled), the zoo network in engine.classification.Classifier (eval mode: logits (N, classes)),
-    top-1/top-5 on data.eval_split. Raises UserError for co-training without pseudo-labels or an unsupported DALI
+    top-1/top-5 on data.eval_split (and, with train.report_best and data.eval_split=minival, the best checkpoint's
+    on val: `Task.report`). Raises UserError for co-training without pseudo-labels or an unsupported DALI
     setting, DataError for a missing or malformed dataset or a model.num_classes that disagrees with the class
     folders, WeightsError for model.weights that do not fit."""
     if config.cotrain.enabled and not config.cotrain.pseudo_labels:
@@ -120,7 +121,7 @@ def build_task(config: PretrainConfig) -> Task:
                         "`rs-transfer pseudo-label`")
     if config.data.backend == "dali":
         _check_dali(config)  # before the data are read
-    train_items, eval_items, _ = build_datasets(config)
+    train_items, eval_items, classes = build_datasets(config)
     size = config.data.image_size
     augment = config.augment
     train_set = data.ImageDataset(train_items, transforms.train_transform(
@@ -139,7 +140,14 @@ def build_task(config: PretrainConfig) -> Task:
     evaluate = TopKEvaluator(eval_set, model_cfg.num_classes, max(1, config.train.batch_size // world),
                              config.data.num_workers,
                              collate_fn=data.collate)
+    report = None
+    if config.train.report_best and config.data.eval_split == "minival":
+        # Early stopping as the paper does: the best checkpoint is picked on minival and reported on val.
+        val_items, _ = data.load_split(config.data.root, "val", model_cfg.num_classes, classes)
+        val_set = data.ImageDataset(val_items, transforms.eval_transform(config.data.eval_image_size or size))
+        report = TopKEvaluator(val_set, model_cfg.num_classes, max(1, config.train.batch_size // world),
+                               config.data.num_workers, collate_fn=data.collate)
     log.info("pretrain data: %d train images, %d %s images, %d classes", len(train_items), len(eval_items),
              config.data.eval_split, model_cfg.num_classes)
-    return Task(model=model, train_set=train_set,
-                evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn, make_loader=make_loader)
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn,
+                make_loader=make_loader, report=report)

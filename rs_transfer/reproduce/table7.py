@@ -1,6 +1,7 @@
 """Table 7 measured here (`rs-transfer bench table7`): every RS and EfficientNet row of the paper, the paper's V100
-column beside ours, the RS/EfficientNet speed-up at equal accuracy (paper and measured), and the Figure 4 style
-Pareto plot. The measuring is rs_transfer/bench/latency.py's; this module runs it row by row and renders the table.
+column beside ours, the RS/EfficientNet speed-up at equal accuracy (paper and measured), the paper's TPUv3 column
+and its speed-up (nothing here measures a TPU: they are shown for comparison), and the Figure 4 style Pareto plot.
+The measuring is rs_transfer/bench/latency.py's; this module runs it row by row and renders the table.
 
 Equal accuracy: EfficientNet's latency is interpolated at each RS row's top-1, linearly in log-latency between
 the two EfficientNet rows whose (paper) top-1 brackets it; speed-up = that latency / the RS row's latency.
@@ -84,6 +85,7 @@ def speedups(latency: dict) -> dict:
 def table_rows(results) -> list:
     measured = {r.spec: r for r in results}
     paper_ratio = speedups({f"{r.model}@{r.resolution}": r.v100_s for r in TABLE7})
+    tpu_ratio = speedups({f"{r.model}@{r.resolution}": r.tpu_ms for r in TABLE7})
     measured_ratio = speedups({spec: r.train_s_per_128 for spec, r in measured.items()})
     rows = []
     for paper in TABLE7:
@@ -101,6 +103,8 @@ def table_rows(results) -> list:
             "infer_img_s": r.infer_img_s if r else None,
             "speedup_paper": paper_ratio.get(spec),
             "speedup_measured": measured_ratio.get(spec),
+            "tpu_ms_per_1024_paper": paper.tpu_ms,
+            "speedup_tpu_paper": tpu_ratio.get(spec),
         })
     return rows
 
@@ -116,11 +120,12 @@ def render_markdown(rows, setup: dict) -> str:
         f"{setup['dtype']}, {'channels-last' if setup['channels_last'] else 'contiguous (NCHW)'}; training step "
         f"latency in seconds per 128 images (start batch {setup['start_batch']}, halved until it fits); median of "
         f"{setup['repeats']} steps after {setup['warmup']} warm-up; torch {setup['torch_version']}. Top-1 and the "
-        f"V100 column are the paper's (V100, fp32).",
+        f"V100 column are the paper's (V100, fp32); so are the last two columns (TPUv3, ms per 1024 images).",
         "",
         "| model | res | top-1 (paper) | V100 s/128 (paper) | measured s/128 | batch | peak mem GB | infer img/s "
-        "| RS speed-up x (paper) | RS speed-up x (measured) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| RS speed-up x (paper) | RS speed-up x (measured) | TPUv3 ms/1024 (paper) "
+        "| RS speed-up x (paper, TPUv3) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         mem = _fmt(row["peak_mem_gb"], ".2f", "n/a" if row["s_per_128"] is not None else "-")
@@ -128,10 +133,12 @@ def render_markdown(rows, setup: dict) -> str:
             f"| {row['model']} | {row['resolution']} | {row['top1_paper']} | {row['v100_s_per_128_paper']} "
             f"| {_fmt(row['s_per_128'], '.3f')} | {_fmt(row['batch'], 'd')} | {mem} "
             f"| {_fmt(row['infer_img_s'], '.1f')} | {_fmt(row['speedup_paper'], '.2f')} "
-            f"| {_fmt(row['speedup_measured'], '.2f')} |"
+            f"| {_fmt(row['speedup_measured'], '.2f')} | {_fmt(row['tpu_ms_per_1024_paper'], 'g')} "
+            f"| {_fmt(row['speedup_tpu_paper'], '.2f')} |"
         )
     lines += ["", f"Speed-up at equal accuracy: {RATIO_METHOD}."]
-    for key, label in (("speedup_paper", "paper (V100)"), ("speedup_measured", "measured")):
+    for key, label in (("speedup_paper", "paper (V100)"), ("speedup_measured", "measured"),
+                       ("speedup_tpu_paper", "paper (TPUv3)")):
         values = [row[key] for row in rows if row[key] is not None]
         span = f"{min(values):.2f}x to {max(values):.2f}x over {len(values)} RS rows" if values else "none"
         lines.append(f"- {label}: {span}")
