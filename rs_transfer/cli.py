@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     predict.set_defaults(run=run_predict)
 
+    export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
+                                 "program, checked against PyTorch")
+    export.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (config.yaml, weights.pth)")
+    export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
+                        help="onnx needs the export extra: pip install 'rs-transfer[export]'")
+    export.add_argument("--resolution", type=int, help="input height and width (default: the run's evaluation size)")
+    export.add_argument("--out", help="output file (default RUN/export/model.onnx|.ts|.pt2)")
+    export.set_defaults(run=run_export)
+
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
     reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
@@ -388,6 +397,14 @@ def run_video_eval(args) -> int:
     from rs_transfer.video.run import run_eval
 
     print(json.dumps(run_eval(args.checkpoint, args.views, args.config, args.overrides)))
+    return 0
+
+
+def run_export(args) -> int:
+    from rs_transfer.export import export_run
+
+    result = export_run(args.run_dir, args.format, args.out, args.resolution)
+    print(json.dumps({"path": str(result.path), "format": result.format, "max_abs_diff": result.max_abs_diff}))
     return 0
 
 

@@ -41,7 +41,8 @@ class Exported:
 def export_module(module: nn.Module, example: torch.Tensor, fmt: str, out: str | Path) -> Exported:
     """Write `module` (in eval mode, on the CPU) to `out` in format `fmt` and check it.
 
-    example: an input (N, ...) of the shape and dtype the exported model takes; the batch dimension stays dynamic
+    example: an input (N, ...) of the shape and dtype the exported model takes, N >= 2 (torch.export specialises a
+    dimension of size 1 to a constant); the batch dimension stays dynamic
     for onnx and pt2 (the check runs batch N and N + 1), TorchScript traces it. Returns the path and the largest
     absolute output difference. Raises ExportError for an unknown format, a missing `export` extra, a module that
     does not export (the exporter's first line), or outputs outside ATOL + RTOL x |PyTorch|; the file is
@@ -131,3 +132,77 @@ def _pt2(module, example, path):
 
 
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "pt2": _pt2}
+
+
+class ImagesToOutputs(nn.Module):
+    """A task model's eval forward (engine/task.py: `model({"image": images})` -> predictions) as images -> outputs,
+    the form exporters take. images: uint8 (N, 3, H, W), or clips (N, 3, T, H, W) for video, as the loaders ship."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model({"image": images})
+
+
+class DetectorFeatures(nn.Module):
+    """pascal_det's backbone + FPN (P3-P7): images already resized and normalised by torchvision's
+    GeneralizedRCNNTransform, float (N, 3, H, W) -> a tuple of 5 feature maps (N, C, H / s, W / s), s = 8 ... 128.
+    The whole Faster R-CNN is not exported: torch.export (and so the dynamo ONNX exporter) stops at torchvision's
+    batched_nms, whose shapes depend on the data ("Could not guard on data-dependent expression 4*u1 > 4000",
+    torch 2.14, torchvision 0.29)."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.body = detector.detector.backbone
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.body(images).values())
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, resolution: int | None = None) -> Exported:
+    """Export the network of a finished run (rs_transfer/runs.py load_run: its config and weights.pth, EMA weights
+    when the run used EMA) for inference.
+
+    What is exported: classification (pretrain, cifar100, video) and dense tasks (pascal_seg, ade_seg, nyu_depth):
+    the whole task model at evaluation, uint8 images (N, 3, R, R) (video: clips (N, 3, T, R, R)) -> logits (N,
+    classes), segmentation logits (N, classes, R, R) or depth in metres (N, R, R), normalisation included;
+    pascal_det: backbone + FPN only (DetectorFeatures). R: `resolution`, else the run's evaluation size. The batch
+    dimension is dynamic (onnx, pt2). out: default RUN_DIR/export/model.{onnx,ts,pt2}.
+    Raises RunError for an unusable run folder, ExportError as export_module does.
+    """
+    from rs_transfer.runs import load_run
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    run = load_run(run_dir, device="cpu")
+    config = run.config
+    size = resolution or _eval_size(run)
+    if resolution is not None and resolution < 1:
+        raise ExportError(f"--resolution must be >= 1, got {resolution}")
+    if run.task == "pascal_det":
+        module = DetectorFeatures(run.model)
+        example = torch.rand(2, 3, size, size)
+    elif run.family == "video":
+        module = ImagesToOutputs(run.model)
+        example = torch.randint(0, 256, (2, 3, config.data.clip_frames, size, size), dtype=torch.uint8)
+    else:
+        module = ImagesToOutputs(run.model)
+        example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    out = Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}"
+    return export_module(module, example, fmt, out)
+
+
+def _eval_size(run) -> int:
+    config = run.config
+    if run.family == "pretrain":
+        return config.data.eval_image_size or config.data.image_size
+    if run.family == "video":
+        return config.data.eval_crop_size
+    task = config.task
+    if run.task == "cifar100":
+        return task.image_size
+    if run.task == "pascal_det":
+        return task.det_eval_size
+    return task.crop_size

@@ -50,3 +50,86 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(net, 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(export.ExportError, match="unknown export format 'tflite'"):
         export.export_module(net, torch.randn(1, 3, 32, 32), "tflite", tmp_path / "net.tflite")
+
+
+def run_folder(folder, family: str, task: str | None, overrides: list):
+    """A run folder as the engine leaves one (config.yaml + weights.pth of the exported network), without training:
+    export only reads those two files."""
+    from rs_transfer.config import load_config, packaged_configs, save_config
+    from rs_transfer.downstream import finetune
+    from rs_transfer.engine.task import exported_network
+    from rs_transfer.runs import family_parts
+
+    schema, build_model, _ = family_parts(family, task)
+    if family == "transfer":
+        config = finetune.make_config(task, config_path=packaged_configs() / "downstream" / f"{task}_demo.yaml",
+                                      overrides=overrides)
+    else:
+        config = load_config(schema, packaged_configs() / family / "demo.yaml", overrides)
+    save_config(config, folder)
+    torch.manual_seed(0)
+    torch.save(exported_network(build_model(config)).state_dict(), folder / "weights.pth")
+    return folder
+
+
+# (family, task, overrides, resolution, format): every family, and ONNX for a dense task
+RUNS = [
+    ("transfer", "cifar100", [], 32, "pt2"),
+    ("transfer", "nyu_depth", [], 64, "pt2"),
+    ("transfer", "pascal_seg", [], 64, "onnx"),
+    ("transfer", "pascal_det", [], 64, "pt2"),
+    ("pretrain", None, ["model.num_classes=4"], 32, "pt2"),
+    ("video", None, ["model.num_classes=4"], 32, "pt2"),
+]
+
+
+@pytest.mark.parametrize("family,task,overrides,resolution,fmt", RUNS, ids=[r[1] or r[0] for r in RUNS])
+def test_export_of_a_run_matches_the_runs_model(tmp_path, capsys, family, task, overrides, resolution, fmt):
+    import json
+
+    from rs_transfer.cli import main
+    from rs_transfer.runs import load_run
+
+    folder = run_folder(tmp_path / "run", family, task, [f"data.root={tmp_path / 'data'}", *overrides])
+    assert main(["export", "--run", str(folder), "--format", fmt, "--resolution", str(resolution)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["path"] == str(folder / "export" / f"model{export.FORMATS[fmt]}") and result["max_abs_diff"] <= 1e-4
+    model = load_run(folder).model
+    torch.manual_seed(1)
+    if task == "pascal_det":  # backbone + FPN on normalised images: five levels, P3 at stride 8
+        images = torch.randn(2, 3, resolution, resolution)
+        expected = tuple(model.detector.backbone(images).values())
+        assert len(expected) == 5 and expected[0].shape[-1] == resolution // 8
+    else:
+        frames = (model_frames(folder),) if family == "video" else ()
+        images = torch.randint(0, 256, (2, 3, *frames, resolution, resolution), dtype=torch.uint8)
+        expected = (model({"image": images}),)
+    with torch.no_grad():
+        if fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(result["path"], providers=["CPUExecutionProvider"])
+            got = [torch.from_numpy(x) for x in session.run(None, {"images": images.numpy()})]
+        else:
+            got = torch.export.load(result["path"]).module()(images)
+            got = list(got) if isinstance(got, tuple) else [got]
+    assert len(got) == len(expected)
+    for have, want in zip(got, expected):
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-4, rtol=1e-4)
+
+
+def model_frames(folder) -> int:
+    import yaml
+
+    return yaml.safe_load((folder / "config.yaml").read_text())["data"]["clip_frames"]
+
+
+def test_export_of_a_folder_that_is_not_a_finished_run_is_one_error_line(tmp_path, capsys):
+    from rs_transfer.cli import main
+
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text("task: {name: cifar100}\n")
+    for folder, message in ((tmp_path / "missing", "run folder not found"), (tmp_path / "unfinished", "no weights.pth")):
+        assert main(["export", "--run", str(folder), "--format", "pt2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
