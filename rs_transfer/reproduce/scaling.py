@@ -206,6 +206,7 @@ def plan(study: str | Path | None, depths, widths, resolutions, epochs, efficien
         return [{**asdict(p), "config": None} for p in points]
     study = Path(study).resolve()
     base_ref = _base_reference(base)
+    (study / "configs").mkdir(parents=True, exist_ok=True)
     rows = []
     for point in points:
         config_path = None
