@@ -121,7 +121,105 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(run=run_reproduce)
 
     add_bench_commands(commands)
+    add_scale_commands(commands)
     return parser
+
+
+def add_scale_commands(commands) -> None:
+    """`rs-transfer scale plan | run | report | suggest`: the paper's scaling study (reproduce/scaling.py)."""
+    scale = commands.add_parser("scale", help="the paper's scaling study: plan, run, report, suggest")
+    scale_commands = scale.add_subparsers(dest="scale_command", required=True, metavar="ACTION")
+
+    plan = scale_commands.add_parser("plan", help="the grid as configs with the paper's regularisation per point")
+    plan.add_argument("--depths", help="comma-separated (default: the paper's 26,50,101,200,300,350,400)")
+    plan.add_argument("--widths", help="width multipliers (default: 0.25,0.5,1,1.5,2)")
+    plan.add_argument("--resolutions", help="pixels (default: 128,160,224,320,448)")
+    plan.add_argument("--epochs", help="epoch regimes (default: 10,100,350)")
+    plan.add_argument("--efficientnet", help="also plan EfficientNet-RS points: b0,...,b7 at the resolutions "
+                      "below each one's original (configs not written: the runner builds ResNets only)")
+    plan.add_argument("--base", default="scaling/base.yaml",
+                      help="the configs' base (default scaling/base.yaml: the RS recipe; scaling/demo.yaml: tiny CPU)")
+    plan.add_argument("--out", default="runs/scaling", help="the study folder (default runs/scaling)")
+    plan.add_argument("--dry-run", action="store_true", help="write nothing; config is null")
+    plan.add_argument("--json", action="store_true", help="print the points as a JSON list")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="written into every config")
+    plan.set_defaults(run=run_scale_plan)
+
+    run = scale_commands.add_parser("run", help="train the study's points (finished ones skipped, others resumed)")
+    run.add_argument("--study", default="runs/scaling", help="the plan's folder (default runs/scaling)")
+    run.add_argument("--point", type=int, help="train only this point (0-based), e.g. $SLURM_ARRAY_TASK_ID")
+    run.add_argument("--synthetic", action="store_true", help="train on a generated dataset in STUDY/synthetic_data")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run, e.g. data.root=DIR")
+    run.set_defaults(run=run_scale_run)
+
+    latency_help = ("run: each run's recorded throughput (default); measure: bench/latency on this machine now")
+    report = scale_commands.add_parser("report", help="scaling.md/.json and top-1 vs GFLOPs / latency plots")
+    report.add_argument("--study", default="runs/scaling")
+    report.add_argument("--latency", default="run", choices=("run", "measure"), help=latency_help)
+    report.add_argument("--device", help="with --latency measure: cpu, cuda or cuda:N")
+    report.set_defaults(run=run_scale_report)
+
+    suggest = scale_commands.add_parser("suggest", help="what the paper's strategies recommend for a budget")
+    budget = suggest.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-flops", type=float, metavar="GFLOPS", help="forward GFLOPs per image")
+    budget.add_argument("--budget-latency", type=float, metavar="S", help="training seconds per 128 images")
+    suggest.add_argument("--epochs", type=int, required=True, help="the training length you will use")
+    suggest.add_argument("--study", help="a study folder with finished points (default: the paper's points)")
+    suggest.add_argument("--latency", default="run", choices=("run", "measure"), help=latency_help)
+    suggest.add_argument("--json", action="store_true")
+    suggest.set_defaults(run=run_scale_suggest)
+
+
+def run_scale_plan(args) -> int:
+    from rs_transfer.models import zoo
+    from rs_transfer.reproduce.scaling import REGIMES, parse_list, plan
+
+    points = plan(
+        args.out,
+        parse_list(args.depths, int, "--depths", zoo.SCALING_DEPTHS),
+        parse_list(args.widths, float, "--widths", zoo.SCALING_WIDTHS),
+        parse_list(args.resolutions, int, "--resolutions", zoo.SCALING_RESOLUTIONS),
+        parse_list(args.epochs, int, "--epochs", REGIMES),
+        efficientnet=parse_list(args.efficientnet, str, "--efficientnet", ()),
+        base=args.base, overrides=args.overrides, dry_run=args.dry_run,
+    )
+    if args.json:
+        print(json.dumps(points, indent=2))
+        return 0
+    print(f"{'#':>4}  {'model':<18}{'res':>5}{'epochs':>7}{'dropout':>8}{'RA':>5}{'SD':>6}{'LS':>6}  config")
+    for i, p in enumerate(points):
+        magnitude = "-" if p["randaugment_magnitude"] is None else f"{p['randaugment_magnitude']:g}"
+        print(f"{i:>4}  {p['model']:<18}{p['resolution']:>5}{p['epochs']:>7}{p['dropout']:>8g}{magnitude:>5}"
+              f"{p['stochastic_depth']:>6g}{p['label_smoothing']:>6g}  {p['config'] or '-'}")
+    if not args.dry_run:
+        print(f"\n{len(points)} points; train them with `rs-transfer scale run --study {args.out} data.root=DIR` "
+              f"(or one per job: --point I)")
+    return 0
+
+
+def run_scale_run(args) -> int:
+    from rs_transfer.reproduce.scaling import run
+
+    trained = run(args.study, args.point, args.overrides, synthetic=args.synthetic)
+    print(f"trained {len(trained)} points: {', '.join(trained) or 'none (all finished)'}")
+    return 0
+
+
+def run_scale_report(args) -> int:
+    from rs_transfer.reproduce.scaling_report import report
+
+    paths = report(args.study, args.latency, args.device)
+    print(paths[1].read_text())
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def run_scale_suggest(args) -> int:
+    from rs_transfer.reproduce.scaling_report import format_suggestion, suggest
+
+    result = suggest(args.epochs, args.budget_flops, args.budget_latency, args.study, args.latency)
+    print(json.dumps(result, indent=2) if args.json else format_suggestion(result))
+    return 0
 
 
 def add_bench_commands(commands) -> None:

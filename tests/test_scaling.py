@@ -1,0 +1,176 @@
+"""The scaling study (`rs-transfer scale`): Appendix E's regularisation at every grid point, the 300/400 layouts,
+the stable `scale plan --json` interface, and a tiny study through plan, run, report and suggest on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from rs_transfer import cli
+from rs_transfer.config import load_config
+from rs_transfer.errors import UserError
+from rs_transfer.models import zoo
+from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.reproduce import scaling, scaling_report
+
+# Appendix E (PAPER.md section 3), written out as tables rather than as the module's rules.
+DROPOUT_350 = {0.25: 0.0, 0.5: 0.1, 1.0: 0.25, 1.5: 0.6, 2.0: 0.75}
+# RandAugment magnitude at 350 epochs by (width, resolution): 10 for widths 0.25-0.5 or resolutions 64-160,
+# 15 for 224-320, 20 otherwise.
+RA_350 = {(w, r): 10 if w in (0.25, 0.5) or r in (128, 160) else 15 if r in (224, 320) else 20
+          for w in zoo.SCALING_WIDTHS for r in zoo.SCALING_RESOLUTIONS}
+SD_350 = {(w, r): 0.0 if w == 0.25 or r in (128, 160) else 0.2
+          for w in zoo.SCALING_WIDTHS for r in zoo.SCALING_RESOLUTIONS}
+FAST = ["data.num_workers=0", "train.log_every_steps=4"]
+
+
+def test_the_paper_grid_and_the_300_400_layouts():
+    assert zoo.SCALING_DEPTHS == (26, 50, 101, 200, 300, 350, 400)
+    assert zoo.SCALING_WIDTHS == (0.25, 0.5, 1.0, 1.5, 2.0)
+    assert zoo.SCALING_RESOLUTIONS == (128, 160, 224, 320, 448)
+    assert scaling.REGIMES == (10, 100, 350)
+    assert zoo.LAYOUTS[300] == (4, 36, 54, 4)
+    assert zoo.LAYOUTS[400] == (6, 48, 72, 6)
+    from rs_transfer.models import create_model
+
+    for depth in (300, 400):
+        with torch.device("meta"):  # the structure only: no memory, no init time
+            model = create_model(f"rs{depth}-w0.25", num_classes=2, init="timm")
+        blocks = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+        assert blocks == zoo.LAYOUTS[depth]
+
+
+def test_every_grid_point_has_appendix_e_regularisation():
+    points = scaling.plan(None, zoo.SCALING_DEPTHS, zoo.SCALING_WIDTHS, zoo.SCALING_RESOLUTIONS, scaling.REGIMES)
+    assert len(points) == 7 * 5 * 5 * 3
+    for p in points:
+        assert p["model"] == f"rs{p['depth']}-w{p['width']:g}" and p["config"] is None
+        assert p["weight_decay"] == 4e-5
+        if p["epochs"] == 350:
+            key = (p["width"], p["resolution"])
+            assert (p["dropout"], p["randaugment_magnitude"], p["stochastic_depth"], p["label_smoothing"]) == \
+                (DROPOUT_350[p["width"]], RA_350[key], SD_350[key], 0.1), p
+        else:  # 10 and 100 epochs: flips and crops only
+            assert (p["dropout"], p["randaugment_magnitude"], p["stochastic_depth"], p["label_smoothing"]) == \
+                (0.0, None, 0.0, 0.0), p
+
+
+def test_efficientnet_rs_points_use_section_7_2_randaugment():
+    points = scaling.plan(None, [], [1.0], [160, 224, 256, 320, 448], [350], efficientnet=["b0", "b7"])
+    got = {(p["model"], p["resolution"]): p["randaugment_magnitude"] for p in points}
+    # reduced resolutions only: below each model's original (B0 224, B7 600)
+    assert got == {("efficientnet_b0", 160): 10, ("efficientnet_b7", 160): 10, ("efficientnet_b7", 224): 10,
+                   ("efficientnet_b7", 256): 15, ("efficientnet_b7", 320): 15, ("efficientnet_b7", 448): 20}
+    with pytest.raises(UserError, match="b9"):
+        scaling.plan(None, [], [1.0], [224], [350], efficientnet=["b9"])
+
+
+def test_plan_json_is_the_stable_interface(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = "scale plan --depths 50,200 --widths 0.25,1.5 --resolutions 128,448 --epochs 10,350 --json".split()
+    assert cli.main(argv) == 0
+    points = json.loads(capsys.readouterr().out)
+    assert len(points) == 16
+    point = next(p for p in points if p["model"] == "rs200-w1.5" and p["resolution"] == 448 and p["epochs"] == 350)
+    config = point.pop("config")
+    assert point == {"model": "rs200-w1.5", "depth": 200, "width": 1.5, "resolution": 448, "epochs": 350,
+                     "dropout": 0.6, "randaugment_magnitude": 20, "stochastic_depth": 0.2, "label_smoothing": 0.1,
+                     "weight_decay": 4e-05}
+    loaded = load_config(PretrainConfig, config)
+    assert (loaded.model.name, loaded.model.drop_rate, loaded.model.drop_path_rate) == ("rs200-w1.5", 0.6, 0.2)
+    assert (loaded.augment.randaugment, loaded.augment.magnitude, loaded.augment.num_layers) == ("tf", 20, 2)
+    assert (loaded.data.image_size, loaded.train.epochs, loaded.train.label_smoothing) == (448, 350, 0.1)
+    assert loaded.train.weight_decay == 4e-5 and loaded.train.ema_decay == 0.9999  # the RS recipe underneath
+    short = next(p for p in points if p["epochs"] == 10)
+    assert short["randaugment_magnitude"] is None
+    assert load_config(PretrainConfig, short["config"]).augment.randaugment == "none"
+    assert cli.main(argv + ["--dry-run"]) == 0
+    assert all(p["config"] is None for p in json.loads(capsys.readouterr().out))
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    assert cli.main(["scale", "plan", "--depths", "51", "--dry-run"]) == 2
+    assert "--depths 51" in capsys.readouterr().err
+    assert cli.main(["scale", "plan", "--widths", "0.75", "--epochs", "350", "--dry-run"]) == 2
+    assert "0.75" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert cli.main(["scale", "plan", "--depths", "26", "--widths", "0.25", "--resolutions", "32", "--epochs", "1",
+                     "--out", str(out), "train.batch_sise=4"]) == 2
+    assert "batch_sise" in capsys.readouterr().err
+    assert cli.main(["scale", "run", "--study", str(tmp_path / "none")]) == 2
+    assert "plan.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: the two budgets are mutually exclusive
+        cli.main(["scale", "suggest", "--budget-flops", "1", "--budget-latency", "1", "--epochs", "10"])
+
+
+def test_run_skips_finished_points_and_resumes_the_others(tmp_path):
+    study = tmp_path / "study"
+    scaling.plan(study, [26], [0.25, 0.5], [32], [2], base="scaling/demo.yaml")
+    calls = []
+    scaling.run(study, train=lambda config, overrides: calls.append((config, overrides)))
+    assert [c[0].rsplit("/", 1)[1] for c in calls] == ["rs26-w0.25_i32_e2.yaml", "rs26-w0.5_i32_e2.yaml"]
+    assert all("train.resume=auto" in overrides for _, overrides in calls)
+    points = scaling.load_plan(study)
+    finished = scaling.run_dir(study, points[0])
+    finished.mkdir(parents=True)
+    (finished / "final_metrics.json").write_text('{"top1": 0.5}')
+    calls.clear()
+    assert scaling.run(study, overrides=["data.root=/data"], train=lambda c, o: calls.append(o)) == ["rs26-w0.5_i32_e2"]
+    assert calls[0][0] == "data.root=/data"
+    assert scaling.run(study, point=0, train=lambda c, o: calls.append(o)) == []
+    with pytest.raises(UserError, match="points 0-1"):
+        scaling.run(study, point=2)
+
+
+def test_a_planned_350_epoch_config_trains(tmp_path):
+    """RandAugment, dropout and label smoothing on: one epoch of rs26-w0.5 at 32 px on a generated dataset."""
+    study = tmp_path / "study"
+    (point,) = scaling.plan(study, [26], [0.5], [32], [350], base="scaling/demo.yaml", overrides=FAST)
+    assert (point["dropout"], point["randaugment_magnitude"], point["label_smoothing"]) == (0.1, 10, 0.1)
+    assert scaling.run(study, synthetic=True, overrides=["train.epochs=1"]) == ["rs26-w0.5_i32_e350"]
+    metrics = json.loads((scaling.run_dir(study, point) / "final_metrics.json").read_text())
+    assert 0.0 <= metrics["top1"] <= 1.0
+
+
+def test_tiny_study_plan_run_report_suggest(tmp_path, capsys):
+    study = tmp_path / "study"
+    assert cli.main(["scale", "plan", "--base", "scaling/demo.yaml", "--depths", "26,50", "--widths", "0.25",
+                     "--resolutions", "32", "--epochs", "1", "--out", str(study), *FAST]) == 0
+    assert cli.main(["scale", "run", "--study", str(study), "--synthetic"]) == 0
+    assert "rs50-w0.25_i32_e1" in capsys.readouterr().out
+    assert cli.main(["scale", "run", "--study", str(study), "--synthetic"]) == 0
+    assert "none (all finished)" in capsys.readouterr().out
+
+    assert cli.main(["scale", "report", "--study", str(study)]) == 0
+    document = json.loads((study / "scaling.json").read_text())
+    assert document["finished"] == document["planned"] == 2 and "throughput" in document["latency_source"]
+    for p in document["points"]:
+        assert p["gflops"] > 0 and p["latency_s_per_128"] > 0 and 0 <= p["top1"] <= 1
+    assert any(p["pareto_gflops"] for p in document["points"])
+    assert (study / "scaling_flops.png").stat().st_size > 0 and (study / "scaling_latency.png").stat().st_size > 0
+    assert "| rs50-w0.25 | 32 | 1 |" in (study / "scaling.md").read_text()
+
+    class Measured:
+        train_s_per_128 = 0.5
+
+    scaling_report.report(study, latency="measure", device="cpu", measure_fn=lambda spec, device: Measured())
+    assert {p["latency_s_per_128"] for p in json.loads((study / "scaling.json").read_text())["points"]} == {0.5}
+
+    result = scaling_report.suggest(10, budget_flops=1.0, study=study)
+    assert "scale width" in result["strategy"] and result["recommended"]["model"] in ("rs26-w0.25", "rs50-w0.25")
+    assert len(result["points"]) == 2
+    assert scaling_report.suggest(10, budget_flops=1e-6, study=study)["recommended"] is None
+    assert cli.main(["scale", "suggest", "--study", str(study), "--budget-flops", "1", "--epochs", "1"]) == 0
+    assert "recommended:" in capsys.readouterr().out
+
+
+def test_suggest_without_a_study_uses_the_paper():
+    long = scaling_report.suggest(350, budget_flops=25)
+    assert "scale depth" in long["strategy"]
+    assert (long["recommended"]["model"], long["recommended"]["resolution"]) == ("rs152", 224)  # Table 7: 24 GFLOPs
+    short = scaling_report.suggest(10, budget_latency=0.5)
+    assert "scale width" in short["strategy"]
+    assert short["recommended"]["model"].startswith("rs50-w") and short["recommended"]["top1"] is None
+    assert scaling_report.suggest(350, budget_latency=0.1)["recommended"] is None
+    with pytest.raises(UserError, match="exactly one"):
+        scaling_report.suggest(350)
