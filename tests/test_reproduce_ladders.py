@@ -92,4 +92,19 @@ def test_ladder_checks_every_override_and_repeats_before_training(tmp_path):
         run_ladder("table2", str(tmp_path), False, [], repeats=0)
     with pytest.raises(UserError, match="unknown table 'table3'"):
         run_ladder("table3", str(tmp_path), False, [])
+    with pytest.raises(UserError, match="rs-transfer bench table7"):
+        run_ladder("table7", str(tmp_path), False, [])
     assert not any(tmp_path.iterdir())
+
+
+def test_every_ladder_row_trains_where_reproduce_collects_it():
+    # `pretrain --config ROW.yaml` (one job per row on a cluster) and `reproduce tableN` must meet in one folder
+    import importlib
+
+    from rs_transfer.config import load_config
+
+    for name, module in LADDERS.items():
+        ladder = importlib.import_module(module).LADDER
+        for row in ladder.rows:
+            config = load_config(ladder.schema, ladder.config(row))
+            assert config.output_dir == f"{ladder.default_out}/{name}/{row.key}", (name, row.key)

@@ -74,6 +74,17 @@ def test_other_classifier_size_is_dropped_on_purpose(tmp_path, caplog):
     assert model.fc.bias.abs().sum() == 0  # the fresh head of the official init, not the file's
 
 
+def test_a_file_without_classifier_keeps_the_models_head(tmp_path, caplog):
+    source = _source()
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}, tmp_path / "features.pth")
+    with caplog.at_level(logging.INFO):
+        model = create_model(NAME, num_classes=10, weights=tmp_path / "features.pth")
+    assert "has no classifier" in caplog.text and model.fc.out_features == 10
+    assert torch.equal(model.layer4[1].conv3.weight, source.layer4[1].conv3.weight)
+    with pytest.raises(WeightsError, match="missing keys: fc.bias, fc.weight"):  # unless the head must fit too
+        load_weights(create_model(NAME, num_classes=10), tmp_path / "features.pth", new_classifier=False)
+
+
 def test_features_only_ignores_the_classifier(tmp_path):
     source = _source()
     torch.save(source.state_dict(), tmp_path / "w.pth")

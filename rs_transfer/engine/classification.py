@@ -1,6 +1,7 @@
-"""Classification for the engine: the one model wrapper (network + normalisation + cross-entropy) and the one top-k
-evaluator, shared by ImageNet pretraining (pretrain/task.py), CIFAR-100 fine-tuning (downstream/cifar100.py) and
-video classification (video/task.py).
+"""Classification for the engine: the one model wrapper (network + normalisation + cross-entropy) and the one
+top-k counter, shared by ImageNet pretraining (pretrain/task.py), CIFAR-100 fine-tuning (downstream/cifar100.py) and
+video classification (video/task.py); the first two evaluate with TopKEvaluator, video's 30-view evaluator
+(video/task.py evaluate_videos) averages each video's views first and counts with TopK.
 
 They live in the engine, not in one of those tasks nor in models/: three task families use them (a copy per task
 is a job written three times), and models/ holds networks only, without losses or distributed evaluation.

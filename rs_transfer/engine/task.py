@@ -2,7 +2,8 @@
 
 A task is a dataset, a model whose forward turns a batch into losses, and an evaluator:
 
-    task = Task(model=SegModel(...), train_set=VOCSegmentation(...), evaluate=evaluate_miou, primary_metric="miou")
+    task = Task(model=SegmentationModel(...), train_set=SegmentationSet(...), evaluate=make_evaluator(...),
+                primary_metric="miou")                       # downstream/segmentation.py builds exactly this
     final_metrics = engine.trainer.train(config, task)
 
 - `model.forward(batch)` in train mode returns a dict with "loss" (a scalar tensor to minimise) and optionally
@@ -13,7 +14,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   segmentation (pascal_seg, ade_seg): logits (N, classes, H, W); depth (nyu_depth): depth in metres (N, H, W);
   detection (pascal_det): torchvision's detections, one dict per image (boxes XYXY in input pixels, labels, scores).
 - `model.net` is the network to export: its state dict has our zoo's key names (a `create_model` classifier, the
-  3D ResNet3d, the dense tasks' DensePredictor), so a wrapper keeps its loss and normalisation outside it. At the
+  3D ResNet3d, the dense tasks' DensePredictor), so a wrapper keeps its loss outside it (and normalisation, where
+  the network is a zoo classifier: a DensePredictor normalises inside, its Normalize has no state). At the
   end of every run the engine writes OUTPUT_DIR/weights.pth (rank 0, atomically): `model.net`'s state dict, from
   the EMA copy when the run uses EMA; `models.weights.load_weights` loads it strictly into the same network (e.g.
   `create_model(name, num_classes=..., weights=".../weights.pth")`). A model without `net` (detection, whose

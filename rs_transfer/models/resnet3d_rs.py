@@ -25,6 +25,7 @@ from timm.layers import DropPath
 
 from rs_transfer.errors import UserError
 from rs_transfer.models.resnet_rs import init_conv_official, stochastic_depth_rates
+from rs_transfer.models.weights import WeightsError
 from rs_transfer.models.zoo import STAGE_WIDTHS, ModelSpec, parse_name
 
 log = logging.getLogger(__name__)
@@ -254,13 +255,16 @@ def _init(model: nn.Module, init: str, zero_init_last: bool) -> None:
 
 def create_model_3d(name: str = "rs50", num_classes: int = 400, inflate_from: str | None = None,
                     inflate: str = "mean", **arch_overrides) -> ResNet3d:
-    """Build a 3D model by 2D zoo name; `inflate_from` is a 2D checkpoint file to inflate into it."""
+    """Build a 3D model by 2D zoo name (`rs50`, `resnet50`, ...; ResNet3d's switches as `arch_overrides`);
+    `inflate_from` is a 2D checkpoint file (or `timm:NAME.TAG`) inflated into it by `inflate_2d` (`inflate`: "mean"
+    or "centre"). Returns a ResNet3d: uint8-normalised float clips (N, 3, T, H, W) -> logits (N, num_classes).
+    Raises UserError for a bad name or mode, WeightsError for a 2D checkpoint that does not fit."""
     model = ResNet3d(name, num_classes=num_classes, **arch_overrides)
     if inflate_from is not None:
         from rs_transfer.models.weights import read_state_dict
 
         skipped = inflate_2d(model, read_state_dict(inflate_from), mode=inflate)
-        log.info("inflated %s into %s (%s); 2D keys with no 3D counterpart: %s", inflate_from, name, inflate,
+        log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", inflate_from, name, inflate,
                  ", ".join(skipped) or "none")
     return model
 
@@ -288,7 +292,8 @@ def inflate_2d(model: ResNet3d, state_dict_2d: dict, mode: str = "mean") -> list
         want = target[key].shape
         if target[key].is_floating_point() and not value.is_floating_point():
             # load_state_dict would cast integer or bool weights into the float parameter without a word
-            raise UserError(f"cannot inflate {key}: the 2D checkpoint holds {value.dtype}, the model {target[key].dtype}")
+            raise WeightsError(f"cannot inflate {key}: the 2D checkpoint holds {value.dtype}, the model "
+                               f"{target[key].dtype}")
         if key.startswith("fc.") and value.shape != want:
             skipped.append(key)
             continue
@@ -301,11 +306,11 @@ def inflate_2d(model: ResNet3d, state_dict_2d: dict, mode: str = "mean") -> list
                 centre[:, :, kt // 2] = value
                 value = centre
         elif value.shape != want:
-            raise UserError(f"cannot inflate {key}: 2D shape {tuple(value.shape)} does not fit 3D {tuple(want)}")
+            raise WeightsError(f"cannot inflate {key}: 2D shape {tuple(value.shape)} does not fit 3D {tuple(want)}")
         target[key] = value
         filled.add(key)
     missing = [k for k in target if k not in filled and not k.startswith("fc.") and "self_gate" not in k]
     if missing:
-        raise UserError(f"2D checkpoint leaves {len(missing)} 3D weights unset, e.g. {missing[:5]}")
+        raise WeightsError(f"2D checkpoint leaves {len(missing)} 3D weights unset, e.g. {missing[:5]}")
     model.load_state_dict(target)
     return skipped

@@ -148,8 +148,9 @@ def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True, ne
                  what: str = "the model", hint: str = "") -> nn.Module:
     """Load the weights file `path` into `model` strictly (`load_strict`).
 
-    new_classifier: a classifier (`fc.*`) of another size, or none in the file, is dropped on purpose and the model
-    keeps its freshly initialised head (fine-tuning, feature extractors); False: the classifier must fit too.
+    new_classifier: a classifier (`fc.*`) in the file that does not fit the model's (another size, or a model
+    without one) is dropped on purpose, and a file without one (a feature extractor's) leaves the model's head as it
+    is: either way the model keeps its freshly initialised head (fine-tuning); False: the classifier must fit too.
     Raises WeightsError naming the file and every key, shape or dtype that does not fit (see `check_fit`)."""
     state_dict = read_state_dict(path, prefer_ema=prefer_ema)
     own = model.state_dict()
@@ -162,6 +163,9 @@ def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True, ne
         shape = tuple(state_dict.get("fc.weight", torch.empty(0)).shape)
         log.info("%s: classifier %s dropped; the model keeps its own freshly initialised head", path, shape)
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
+        keep = own_classifier
+    elif new_classifier and not classifier and own_classifier:
+        log.info("%s has no classifier (a feature extractor's weights); the model keeps its own head", path)
         keep = own_classifier
     return load_strict(model, state_dict, path, what=what, hint=hint, keep=keep)
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from rs_transfer.data.folders import class_folders
 from rs_transfer.data.images import decode_rgb8
 from rs_transfer.errors import DataError
 from rs_transfer.pretrain import shards
@@ -50,7 +51,7 @@ class Item:
 
 
 def find_classes(split_dir: Path) -> list:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/<image files>")
     return classes

@@ -28,8 +28,12 @@ LADDERS = {
 
 def run_ladder(name: str, out: str | None, run: bool, overrides: list, repeats: int = 1, dry_run: bool = False) -> list:
     """`reproduce NAME` for a ladder table (see common.reproduce_ladder). Raises UserError for an unknown name."""
+    if name == "table7":  # its rows are measurements, so its command is a benchmark; the table is table7.py's
+        raise UserError("Table 7 is measured, not trained: run `rs-transfer bench table7` (rs_transfer/reproduce/"
+                        "table7.py renders it)")
     if name not in LADDERS:
-        raise UserError(f"unknown table {name!r}: expected one of {', '.join(sorted([*LADDERS, 'table5']))}")
+        raise UserError(f"unknown table {name!r}: expected one of {', '.join(sorted([*LADDERS, 'table5']))}, "
+                        "or `rs-transfer bench table7`")
     from rs_transfer.reproduce.common import reproduce_ladder
 
     ladder = importlib.import_module(LADDERS[name]).LADDER

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rs_transfer.data.folders import class_folders
 from rs_transfer.data.text import open_csv
 from rs_transfer.errors import DataError
 from rs_transfer.video import sampling
@@ -83,7 +84,7 @@ def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
     rows = {"train": read_rows(root, "train")}
     if not rows["train"]:
         raise DataError(f"no training videos found under {root} ({layout} layout)")
-    classes = _class_folders(root / "train") if layout == "folders" else sorted({label for _, label in rows["train"]})
+    classes = class_folders(root / "train") if layout == "folders" else sorted({label for _, label in rows["train"]})
     index = {name: i for i, name in enumerate(classes)}
     videos = {}
     for split in splits:
@@ -101,17 +102,12 @@ def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
     return videos, classes
 
 
-def _class_folders(split_dir: Path) -> list:
-    """The sorted names of the class folders in `split_dir` (hidden folders, such as .ipynb_checkpoints, left out)."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _folder_rows(root: Path, split: str) -> list:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/*.mp4)")
     rows = []
-    for name in _class_folders(split_dir):
+    for name in class_folders(split_dir):
         class_dir = split_dir / name
         paths = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         if not paths:

@@ -19,8 +19,8 @@ from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import DataError, UserError
-from rs_transfer.models.resnet3d_rs import ResNet3d, inflate_2d
-from rs_transfer.models.weights import load_weights, read_state_dict
+from rs_transfer.models.resnet3d_rs import ResNet3d, create_model_3d
+from rs_transfer.models.weights import load_weights
 from rs_transfer.predict import Predictor, write_top5
 from rs_transfer.video import data, sampling, synthetic
 from rs_transfer.video.config import VideoConfig, VideoDataConfig
@@ -32,19 +32,15 @@ def build_net(config: VideoConfig) -> ResNet3d:
     model_cfg = config.model
     if model_cfg.num_classes is None:
         raise ValueError("model.num_classes is unset: resolve_num_classes sets it from the data before building")
-    net = ResNet3d(
-        model_cfg.name, num_classes=model_cfg.num_classes, temporal_kernels=model_cfg.temporal_kernels,
-        self_gating=model_cfg.self_gating, stem_pool=model_cfg.stem_pool, avg_down=model_cfg.avg_down,
-        drop_rate=model_cfg.drop_rate, drop_path_rate=model_cfg.drop_path_rate,
-        drop_path_schedule=model_cfg.drop_path_schedule, zero_init_last=model_cfg.zero_init_last,
-        bn_momentum=model_cfg.bn_momentum, init=model_cfg.init,
-    )
     if model_cfg.inflate_from is not None and model_cfg.weights is not None:
         raise ConfigError("give model.inflate_from (a 2D checkpoint) or model.weights (a 3D one), not both")
-    if model_cfg.inflate_from is not None:
-        skipped = inflate_2d(net, read_state_dict(model_cfg.inflate_from), mode=model_cfg.inflate)
-        log.info("inflated %s into the 3D %s (%s); 2D keys left out: %s", model_cfg.inflate_from, model_cfg.name,
-                 model_cfg.inflate, ", ".join(skipped) or "none")
+    net = create_model_3d(
+        model_cfg.name, num_classes=model_cfg.num_classes, inflate_from=model_cfg.inflate_from,
+        inflate=model_cfg.inflate, temporal_kernels=model_cfg.temporal_kernels, self_gating=model_cfg.self_gating,
+        stem_pool=model_cfg.stem_pool, avg_down=model_cfg.avg_down, drop_rate=model_cfg.drop_rate,
+        drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
+        zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init,
+    )
     if model_cfg.weights is not None:
         # A 3D checkpoint of ours (`video train`'s weights.pth, final.pt or checkpoints; EMA weights preferred),
         # classifier included: keys, shapes and float-ness must fit.
