@@ -37,7 +37,10 @@ class Predictor:
     write(out, name, input, prediction, class_names) -> the JSON record of the prediction (files go to
       out/<kind>/<name>.<ext>, `name` being the input's path relative to its folder, without suffix);
     class_names(config) -> (names or None, where they come from);
-    suffixes: the input files a folder is searched for.
+    suffixes: the input files a folder is searched for;
+    draw(input, prediction, class_names) -> uint8 (3, H, W), the picture a person looks at (the overlay, the boxes,
+      the coloured depth), or None for tasks whose output is a list (classification): `write` saves it, and
+      `visualizer` sends it to TensorBoard at every evaluation.
     """
 
     read: Callable
@@ -45,6 +48,7 @@ class Predictor:
     write: Callable
     class_names: Callable
     suffixes: tuple = IMAGE_SUFFIXES
+    draw: Callable | None = None
 
 
 def read_image(path, config=None) -> torch.Tensor:
@@ -177,6 +181,26 @@ def top_classes(scores: torch.Tensor, class_names, k: int = 5) -> list:
     values, indices = scores.float().topk(min(k, scores.numel()))
     return [{"index": int(i), "class": class_names[i] if class_names else str(int(i)), "score": float(v)}
             for v, i in zip(values.tolist(), indices.tolist())]
+
+
+VISUALIZED_IMAGES = 4
+
+
+def visualizer(dataset, predictor: Predictor, config, count: int = VISUALIZED_IMAGES) -> Callable:
+    """The engine's Task.visualize for a task with a `draw`: `count` fixed validation images (evenly spaced over
+    `dataset`, whose samples hold "image" uint8 (3, H, W)), predicted and drawn as `predict` draws them, so a user
+    watching TensorBoard sees the run learn. Returns model -> {"val_<index>": uint8 (3, H, W)}."""
+    indices = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(min(count, len(dataset)))})
+    names, _ = predictor.class_names(config)
+
+    def visualize(model) -> dict:
+        pictures = {}
+        for index in indices:
+            image = dataset[index]["image"].as_subclass(torch.Tensor)
+            pictures[f"val_{index}"] = predictor.draw(image, predictor.predict(model, config, image), names)
+        return pictures
+
+    return visualize
 
 
 def write_top5(out: Path, name: str, item, prediction: torch.Tensor, class_names) -> dict:

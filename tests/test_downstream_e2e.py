@@ -40,6 +40,36 @@ def test_pascal_seg_end_to_end(tmp_path):
     masks = masks[masks != 255]
     trivial = (masks == 0).float().mean().item() / len(masks.unique())
     assert trivial < 0.3 and metrics["miou"] > trivial + 0.4, (metrics, trivial)
+    # TensorBoard shows the overlays of 4 fixed validation images at every evaluation; the last ones are what
+    # `predict` draws with the run's final weights (EMA)
+    val = SegmentationSet(voc_items(tmp_path / "data", "val"), 21)
+    pictures = tensorboard_pictures(tmp_path / "run")
+    assert sorted(pictures) == sorted(f"predictions/val_{i}" for i in (0, 4, 7, 11)) and len(val) == 12
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(pictures["predictions/val_0"]) == sum(e["kind"] == "eval" for e in events) >= 1
+    from rs_transfer.downstream.pascal_seg import PREDICTOR
+    from rs_transfer.runs import load_run
+
+    run = load_run(tmp_path / "run")
+    image = val[7]["image"].as_subclass(torch.Tensor)
+    with torch.no_grad():
+        drawn = PREDICTOR.draw(image, PREDICTOR.predict(run.model, run.config, image), None)
+    assert torch.equal(pictures["predictions/val_7"][-1], drawn)
+
+
+def tensorboard_pictures(run_dir: Path) -> dict:
+    """tag -> [uint8 (3, H, W) per logged step, in step order] from the run's TensorBoard event files."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    return {tag: [torch.from_numpy(np.array(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+                  .permute(2, 0, 1) for e in sorted(events.Images(tag), key=lambda e: e.step)]
+            for tag in events.Tags()[IMAGES]}
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def build(config):
     Raises DataError for a missing or malformed layout (naming the file), ConfigError for model.num_classes != 150."""
     task_cfg, root = config.task, config.data.root
     return build_segmentation(config, ade_items(root, task_cfg.train_split), ade_items(root, task_cfg.val_split),
-                              ADE_NUM_CLASSES)
+                              ADE_NUM_CLASSES, predictor=PREDICTOR)
 
 
 # Raw ADE labels synthetic scenes use (0 = other; the first is the background), so the -1 shift and the last class

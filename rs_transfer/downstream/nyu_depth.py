@@ -37,7 +37,7 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import Predictor, colour_map, output_path, save_png
+from rs_transfer.predict import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
 from rs_transfer.predict import read_image as read_image_file
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
@@ -230,15 +230,21 @@ def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     return depth.clamp(config.task.depth_min, config.task.depth_max).float().cpu()
 
 
+def draw_depth(image: torch.Tensor, depth: torch.Tensor, class_names=None) -> torch.Tensor:
+    """uint8 (3, H, W): the depth (H, W) in metres through matplotlib's magma, nearest = dark, from the image's own
+    range; `image` is not drawn on (depth has no overlay)."""
+    view = colour_map(depth.numpy(), float(depth.min()), float(depth.max()))
+    return torch.from_numpy(view).permute(2, 0, 1).contiguous()
+
+
 def write_depth(out, name: str, image: torch.Tensor, depth: torch.Tensor, class_names) -> dict:
     """depth/<name>.png: uint16 millimetres (the BTS convention: round(metres x 1000), 0 = none; 65.535 m at most),
-    and depth_view/<name>.png: the depth through matplotlib's magma, nearest = dark, from the image's own range."""
+    and depth_view/<name>.png: `draw_depth`."""
     millimetres = np.clip(np.round(depth.numpy().astype(np.float64) * 1000), 0, np.iinfo(np.uint16).max)
     png = save_png(output_path(out, "depth", name, ".png"), Image.fromarray(millimetres.astype(np.uint16)))
-    low, high = float(depth.min()), float(depth.max())
-    view = save_png(output_path(out, "depth_view", name, ".png"), Image.fromarray(colour_map(depth.numpy(), low, high)))
+    view = save_rgb(output_path(out, "depth_view", name, ".png"), draw_depth(image, depth))
     return {"depth": png.relative_to(out).as_posix(), "view": view.relative_to(out).as_posix(), "units": "mm",
-            "min_m": low, "max_m": high}
+            "min_m": float(depth.min()), "max_m": float(depth.max())}
 
 
 def build(config) -> Task:
@@ -253,7 +259,8 @@ def build(config) -> Task:
     val_set = NYUDepth(config.data.root, "val", task_cfg.nyu_format)
     model = build_model(config)
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, task_cfg, config.data.num_workers),
-                primary_metric=PROTOCOL.metric, collate_fn=depth_collate)
+                primary_metric=PROTOCOL.metric, collate_fn=depth_collate,
+                visualize=visualizer(val_set, PREDICTOR, config))
 
 
 def write_nyu_h5(root, train=32, val=8, size=(96, 128), seed=0) -> Path:
@@ -301,7 +308,7 @@ def write_synthetic(root, train: int, val: int):
 
 
 PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
-                      class_names=lambda config: (None, "none: depth has no classes"))
+                      class_names=lambda config: (None, "none: depth has no classes"), draw=draw_depth)
 
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,

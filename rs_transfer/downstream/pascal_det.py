@@ -42,7 +42,7 @@ from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
-from rs_transfer.predict import Predictor, output_path, save_rgb
+from rs_transfer.predict import Predictor, output_path, save_rgb, visualizer
 from rs_transfer.predict import read_image as read_image_file
 
 CLASSES = (
@@ -248,19 +248,25 @@ def predict(model, config, image: torch.Tensor) -> dict:
 DRAW_MIN_SCORE = 0.3  # boxes drawn on boxes/<name>.png; predictions.json holds every detection
 
 
-def write_detections(out, name: str, image: torch.Tensor, detections: dict, class_names) -> dict:
-    """The record {"detections": [{"class", "index" (0..19), "score", "box": [x1, y1, x2, y2] (pixels)}], "drawn"}
-    and boxes/<name>.png: the boxes scoring at least DRAW_MIN_SCORE with class and score (draw_bounding_boxes)."""
+def draw_detections(image: torch.Tensor, detections: dict, class_names) -> torch.Tensor:
+    """uint8 (3, H, W): `image` with the boxes scoring at least DRAW_MIN_SCORE, labelled with class and score
+    (torchvision's draw_bounding_boxes)."""
     from torchvision.utils import draw_bounding_boxes
 
+    keep = detections["scores"] >= DRAW_MIN_SCORE
+    labels = [f"{class_names[label - 1]} {score:.2f}"
+              for label, score in zip(detections["labels"][keep].tolist(), detections["scores"][keep].tolist())]
+    # torchvision warns when given no box; the image is then drawn as it is
+    return draw_bounding_boxes(image, detections["boxes"][keep], labels=labels, width=2) if labels else image
+
+
+def write_detections(out, name: str, image: torch.Tensor, detections: dict, class_names) -> dict:
+    """The record {"detections": [{"class", "index" (0..19), "score", "box": [x1, y1, x2, y2] (pixels)}], "drawn"}
+    and boxes/<name>.png (`draw_detections`)."""
     records = [{"class": class_names[label - 1], "index": label - 1, "score": score, "box": box}
                for box, label, score in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
                                             detections["scores"].tolist())]
-    keep = detections["scores"] >= DRAW_MIN_SCORE
-    labels = [f"{r['class']} {r['score']:.2f}" for r, k in zip(records, keep.tolist()) if k]
-    # torchvision warns when given no box; the image is then drawn as it is
-    drawn = draw_bounding_boxes(image, detections["boxes"][keep], labels=labels, width=2) if labels else image
-    path = save_rgb(output_path(out, "boxes", name, ".png"), drawn)
+    path = save_rgb(output_path(out, "boxes", name, ".png"), draw_detections(image, detections, class_names))
     return {"detections": records, "drawn": path.relative_to(out).as_posix(), "drawn_min_score": DRAW_MIN_SCORE}
 
 
@@ -278,7 +284,8 @@ def build(config) -> Task:
     model = build_model(config)
     return Task(model=model, train_set=train_set,
                 evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers),
-                primary_metric=PROTOCOL.metric, collate_fn=det_collate)
+                primary_metric=PROTOCOL.metric, collate_fn=det_collate,
+                visualize=visualizer(test_set, PREDICTOR, config))
 
 
 SYNTHETIC_CLASSES = ("aeroplane", "cat", "person")  # the classes synthetic scenes draw
@@ -327,7 +334,7 @@ def write_synthetic(root, train: int, val: int):
 
 
 PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detections,
-                      class_names=lambda config: (CLASSES, "the 20 VOC classes"))
+                      class_names=lambda config: (CLASSES, "the 20 VOC classes"), draw=draw_detections)
 
 TASK = TransferTask(
     name="pascal_det", config=PascalDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,

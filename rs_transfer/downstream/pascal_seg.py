@@ -44,7 +44,7 @@ def build(config):
     Raises DataError for a missing or malformed layout (naming the file), ConfigError for model.num_classes != 21."""
     task_cfg, root = config.task, config.data.root
     return build_segmentation(config, voc_items(root, task_cfg.train_split, task_cfg.sbd_root),
-                              voc_items(root, task_cfg.val_split), len(VOC_CLASSES), VOC_CLASSES)
+                              voc_items(root, task_cfg.val_split), len(VOC_CLASSES), VOC_CLASSES, PREDICTOR)
 
 
 SYNTHETIC_CLASSES = (1, 8, 15)  # the VOC classes synthetic scenes draw: aeroplane, cat, person

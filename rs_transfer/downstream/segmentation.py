@@ -28,7 +28,7 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import Predictor, output_path, overlay_classes, palette_png, save_png, save_rgb
+from rs_transfer.predict import Predictor, output_path, overlay_classes, palette_png, save_png, save_rgb, visualizer
 from rs_transfer.predict import read_image as read_image_file
 
 VOC_CLASSES = (
@@ -215,25 +215,30 @@ def predictor(class_names: tuple, offset: int, background=None, source: str = ""
     (torchvision's draw_segmentation_masks; class `background`, a dataset index, left unpainted); the record lists
     the mask, the overlay and each class present with its share of the pixels."""
     palette = voc_palette()
+    colours = {c: tuple(palette[3 * c: 3 * c + 3]) for c in range(len(palette) // 3)}
+
+    def draw(image: torch.Tensor, classes: torch.Tensor, names) -> torch.Tensor:
+        return overlay_classes(image, classes + offset, colours, skip=() if background is None else (background,))
 
     def write(out, name: str, image: torch.Tensor, classes: torch.Tensor, names) -> dict:
         raw = classes + offset
         mask = save_png(output_path(out, "masks", name, ".png"), palette_png(raw.numpy(), palette))
-        colours = {c: tuple(palette[3 * c: 3 * c + 3]) for c in range(len(palette) // 3)}
-        overlay = overlay_classes(image, raw, colours, skip=() if background is None else (background,))
-        overlay_path = save_rgb(output_path(out, "overlays", name, ".png"), overlay)
+        overlay_path = save_rgb(output_path(out, "overlays", name, ".png"), draw(image, classes, names))
         values, counts = classes.unique(return_counts=True)
         present = [{"index": int(v) + offset, "class": names[int(v)], "fraction": int(n) / classes.numel()}
                    for v, n in zip(values.tolist(), counts.tolist())]
         return {"mask": mask.relative_to(out).as_posix(), "overlay": overlay_path.relative_to(out).as_posix(),
                 "classes": present}
 
-    return Predictor(read=read_image_file, predict=predict, write=write, class_names=lambda config: (class_names, source))
+    return Predictor(read=read_image_file, predict=predict, write=write, class_names=lambda config: (class_names, source),
+                     draw=draw)
 
 
-def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None) -> Task:
+def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None,
+                       predictor: Predictor | None = None) -> Task:
     """The shared part of pascal_seg and ade_seg (which differ only in their data): datasets from (image, label)
-    items, the FPN segmentation model, the mIoU evaluator."""
+    items, the FPN segmentation model, the mIoU evaluator, and (with the task's `predictor`) the overlays of a few
+    validation images sent to TensorBoard at every evaluation."""
     task_cfg = config.task
     check_num_classes(config, num_classes)
     transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
@@ -242,4 +247,6 @@ def build_segmentation(config, train_items: list, val_items: list, num_classes: 
     val_set = SegmentationSet(val_items, num_classes)
     model = build_model(config, num_classes)
     evaluate = make_evaluator(val_set, num_classes, task_cfg.eval_batch_size, config.data.num_workers, class_names)
-    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate)
+    visualize = visualizer(val_set, predictor, config) if predictor is not None else None
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate,
+                visualize=visualize)

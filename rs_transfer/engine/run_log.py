@@ -78,6 +78,13 @@ class RunLogger:
         message = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
         (self.bar.write if self.bar is not None else log.info)(f"eval at step {record['step']}: {message}")
 
+    def images(self, step: int, pictures: dict) -> None:
+        """TensorBoard images predictions/<name> at `step`: each uint8 (3, H, W) (Task.visualize)."""
+        if not self.enabled:
+            return
+        for name, picture in pictures.items():
+            self.writer.add_image(f"predictions/{name}", picture, step, dataformats="CHW")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -26,6 +26,10 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
 - `primary_metric` names the metric that picks the best checkpoint (higher is better).
 - `report(model)`, when set, is the evaluator `train.report_best` reports the best checkpoint with (pretraining
   that picks it on minival reports it on val); same contract as `evaluate`, same metric names.
+- `visualize(model)`, when set, is called on the main rank after every evaluation with the same model (eval mode,
+  no grad, the run's autocast) and returns {name: uint8 (3, H, W)}, pictures of a few fixed validation images
+  (rs_transfer/predict.py `visualizer`: the overlays, boxes or coloured depth `predict` draws), logged to
+  TensorBoard as predictions/<name> at the evaluation's step.
 - `train_set` is a map-style Dataset (indexable, with a length): the engine shards it over ranks, shuffles it per
   epoch and resumes mid-epoch by index. Random augmentations may use torch, numpy or `random`: the engine makes
   them reproducible and resumable (docs/engine.md).
@@ -60,3 +64,4 @@ class Task:
     collate_fn: Optional[Callable] = None
     make_loader: Optional[Callable] = None  # (keys, batch_size, device) -> iterable of batches; None: DataLoader
     report: Optional[Callable[[nn.Module], dict]] = None  # evaluates best.pt under train.report_best; None: evaluate
+    visualize: Optional[Callable[[nn.Module], dict]] = None  # model -> {name: uint8 (3, H, W)} for TensorBoard

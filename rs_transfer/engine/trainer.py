@@ -361,6 +361,17 @@ class Trainer:
                              f"{self.task.primary_metric!r}")
         return {k: float(v) for k, v in metrics.items()}
 
+    def _visualize(self) -> None:
+        """Task.visualize's pictures to TensorBoard, main rank only (the other ranks go on to the next step)."""
+        if not (self.main and self.task.visualize is not None):
+            return
+        target = self.ema.module if self.ema is not None else self.model
+        target.eval()
+        with torch.no_grad(), self._autocast():
+            pictures = self.task.visualize(target)
+        self.model.train()
+        self.logger.images(self.progress.step, pictures)
+
     def _evaluate_and_save(self) -> None:
         """Checkpoint, evaluate, then checkpoint again with the result (and best.pt when it is the best).
 
@@ -382,6 +393,7 @@ class Trainer:
             progress.best, progress.best_step = progress.metrics[name], progress.step
         self.logger.eval({"step": progress.step, "epoch": round(progress.step / self.steps_per_epoch, 4),
                           **progress.metrics, f"best_{name}": progress.best})
+        self._visualize()
         self._pause(started)
         self._save(best=is_best)
 
