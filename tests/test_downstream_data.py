@@ -17,33 +17,33 @@ def test_voc_seg_reads_palette_pngs_with_ignore_outlines(tmp_path):
     png = tmp_path / "VOCdevkit/VOC2012/SegmentationClass/2007_000000.png"
     with Image.open(png) as label:
         assert label.mode == "P"  # as distributed: indices, with the VOC colour palette
-    items = segmentation.voc_items(tmp_path, "train")
+    items = pascal_seg.voc_items(tmp_path, "train")
     data = segmentation.SegmentationSet(items, num_classes=21)
     sample = data[0]
     assert len(data) == 3 and sample["image"].shape == (3, 40, 56) and sample["image"].dtype == torch.uint8
     values = set(sample["mask"].unique().tolist())
     assert IGNORE in values and values <= {0, 1, 8, 15, IGNORE}  # class indices, not palette colours
     # data.root may also be the VOCdevkit folder or VOC2012 itself.
-    assert len(segmentation.voc_items(tmp_path / "VOCdevkit", "val")) == 2
-    assert len(segmentation.voc_items(tmp_path / "VOCdevkit/VOC2012", "val")) == 2
+    assert len(pascal_seg.voc_items(tmp_path / "VOCdevkit", "val")) == 2
+    assert len(pascal_seg.voc_items(tmp_path / "VOCdevkit/VOC2012", "val")) == 2
 
 
 def test_voc_trainaug_merges_sbd_mat_labels_and_drops_val(tmp_path):
     pascal_seg.write_voc_seg(tmp_path / "voc", train=3, val=2, size=(40, 56))
     sbd = pascal_seg.write_sbd(tmp_path / "sbd", tmp_path / "voc", extra=4, size=(40, 56))
-    items = segmentation.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)
+    items = pascal_seg.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)
     ids = [image.stem for image, _ in items]
     assert len(ids) == 3 + 4 and "2007_000003" not in ids  # VOC val image listed by SBD is dropped
     sbd_item = next(i for i, (image, _) in enumerate(items) if image.stem.startswith("2008"))
     sample = segmentation.SegmentationSet(items, 21)[sbd_item]
     assert set(sample["mask"].unique().tolist()) <= {0, 1, 8, 15}
     with pytest.raises(DataError, match="sbd_root"):
-        segmentation.voc_items(tmp_path / "voc", "trainaug")
+        pascal_seg.voc_items(tmp_path / "voc", "trainaug")
 
 
 def test_ade_shifts_labels_and_ignores_other(tmp_path):
     ade_seg.write_ade(tmp_path, train=2, val=1, size=(40, 56))
-    items = segmentation.ade_items(tmp_path, "train")
+    items = ade_seg.ade_items(tmp_path, "train")
     mask = segmentation.SegmentationSet(items, 150)[0]["mask"]
     values = set(mask.unique().tolist())
     assert IGNORE in values  # raw 0 ("other")
@@ -79,7 +79,7 @@ def test_wrong_layouts_name_the_missing_file(tmp_path, case):
         Image.fromarray(np.full((24, 24), 40, dtype=np.uint8)).save(voc / "SegmentationClass/2007_000000.png")
         match = "has class 40: expected 0..20 or 255"
     with pytest.raises(DataError, match=match):
-        items = segmentation.voc_items(root, "train")
+        items = pascal_seg.voc_items(root, "train")
         segmentation.SegmentationSet(items, 21)[0]
 
 

@@ -34,7 +34,8 @@ def run_demo(task, tmp_path, *overrides):
 def test_pascal_seg_end_to_end(tmp_path):
     metrics = run_demo("pascal_seg", tmp_path, "train.steps=120")
     # Trivial predictor: everything background. Its mIoU is IoU(background) over the classes present.
-    from rs_transfer.downstream.segmentation import SegmentationSet, voc_items
+    from rs_transfer.downstream.pascal_seg import voc_items
+    from rs_transfer.downstream.segmentation import SegmentationSet
 
     masks = torch.cat([s["mask"].flatten() for s in SegmentationSet(voc_items(tmp_path / "data", "val"), 21)])
     masks = masks[masks != 255]

@@ -4,7 +4,7 @@ protocol numbers against PAPER.md (section 5, Table 5)."""
 import pytest
 import torch
 
-from rs_transfer.downstream import protocol
+from rs_transfer.downstream import finetune, protocol, registry
 from rs_transfer.downstream.fpn import BackboneFPN, DensePredictor
 
 
@@ -45,6 +45,44 @@ def test_protocol_matches_paper():
         p = protocol.protocols()[task]
         assert (p.batch_size, p.crop_size, min(p.steps), max(p.steps)) == (batch, crop, low, high), task
     assert len(protocol.grid("pascal_seg")) == 7 * 3
+    assert protocol.protocols()["cifar100"].image_size == 256  # "images resized to 256x256"
+
+
+# The package's tasks (an installed plugin's task follows its own protocol, not necessarily the paper's).
+@pytest.mark.parametrize("name", tuple(registry.MODULES))
+def test_each_tasks_full_config_holds_its_protocol(name):
+    # The run reads these values from the task's YAML; the Protocol is the one place the paper's numbers are
+    # stated, so the full config (not the demo) must say the same.
+    p = registry.get(name).protocol
+    config = finetune.make_config(name)
+    assert config.train.batch_size == p.batch_size
+    assert getattr(config.task, "crop_size", None) == p.crop_size
+    assert getattr(config.task, "image_size", None) == p.image_size
+    assert config.train.weight_decay == protocol.WEIGHT_DECAY and config.train.schedule == protocol.SCHEDULE
+    if p.crop_size is not None:  # the crop tasks jitter the scale; cifar100 resizes whole images
+        assert (config.task.scale_min, config.task.scale_max) == protocol.SCALE_RANGE
+    # The default config is one point of the grid, whose learning rates are absolute.
+    assert config.train.steps in p.steps and config.train.lr in protocol.LEARNING_RATES
+    assert config.train.scale_lr is False
+
+
+@pytest.mark.parametrize("name", tuple(registry.MODULES))
+def test_sweep_runs_every_protocol_learning_rate_at_every_protocol_length(name, tmp_path, monkeypatch):
+    import json
+
+    ran = []
+
+    def fake_run(config, synthetic=False):
+        ran.append((config.train.lr, config.train.steps))
+        (tmp_path / protocol.point_name(config.train.lr, config.train.steps)).mkdir()
+        (tmp_path / protocol.point_name(config.train.lr, config.train.steps) / "final_metrics.json").write_text(
+            json.dumps({registry.get(name).metric: 0.5}))
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    summary = finetune.sweep(name, overrides=[f"output_dir={tmp_path}"])
+    steps = registry.get(name).protocol.steps
+    assert ran == [(lr, s) for s in steps for lr in protocol.LEARNING_RATES]
+    assert len(summary["points"]) == len(protocol.LEARNING_RATES) * len(steps)
 
 
 def test_table5_matches_paper():

@@ -50,10 +50,10 @@ def test_voc_segmentation_and_sbd_lists_written_on_windows(tmp_path):
     sets = tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation"
     for path in (sets / "train.txt", sets / "val.txt", sbd / "dataset/train.txt", sbd / "dataset/val.txt"):
         rewrite_windows(path)
-    items = segmentation.voc_items(tmp_path / "voc", "train")
+    items = pascal_seg.voc_items(tmp_path / "voc", "train")
     assert [image.stem for image, _ in items] == ["2007_000000", "2007_000001", "2007_000002"]
     assert segmentation.SegmentationSet(items, 21)[0]["image"].shape == (3, 24, 32)  # the first id's files exist
-    trainaug = [image.stem for image, _ in segmentation.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)]
+    trainaug = [image.stem for image, _ in pascal_seg.voc_items(tmp_path / "voc", "trainaug", sbd_root=sbd)]
     # SBD's lists name 2008_000000..3 and VOC val's first id 2007_000003, which must still be dropped.
     assert trainaug == ["2007_000000", "2007_000001", "2007_000002",
                         "2008_000000", "2008_000001", "2008_000002", "2008_000003"]
@@ -84,7 +84,7 @@ def test_text_list_that_is_not_utf8_names_the_file(tmp_path):
     pascal_seg.write_voc_seg(tmp_path, train=2, val=1, size=(24, 24))
     (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").write_bytes(b"2007_\xff000000\n")
     with pytest.raises(DataError, match=r"train.txt is not UTF-8 text"):
-        segmentation.voc_items(tmp_path, "train")
+        pascal_seg.voc_items(tmp_path, "train")
 
 
 def test_shard_labels_written_on_windows(tmp_path):
@@ -209,12 +209,12 @@ def test_sbd_labels_keep_their_shape_when_one_pixel_wide(tmp_path):
     normal = np.arange(20, dtype=np.uint8).reshape(4, 5)
     for name, label in (("column", column), ("normal", normal)):
         savemat(tmp_path / f"{name}.mat", {"GTcls": {"Segmentation": label, "CategoriesPresent": np.unique(label)}})
-    assert segmentation.read_sbd_mat(tmp_path / "column.mat").tolist() == column.tolist()
-    read = segmentation.read_sbd_mat(tmp_path / "normal.mat")
+    assert pascal_seg.read_sbd_mat(tmp_path / "column.mat").tolist() == column.tolist()
+    read = pascal_seg.read_sbd_mat(tmp_path / "normal.mat")
     assert read.dtype == np.uint8 and read.tolist() == normal.tolist()
     savemat(tmp_path / "flat.mat", {"GTcls": {"CategoriesPresent": np.array([1])}})
     with pytest.raises(DataError, match="flat.mat has no GTcls.Segmentation"):
-        segmentation.read_sbd_mat(tmp_path / "flat.mat")
+        pascal_seg.read_sbd_mat(tmp_path / "flat.mat")
 
 
 class ConstantDepth(nn.Module):

@@ -147,7 +147,7 @@ def test_downstream_read_image_and_datasets_scale_16_bit_images(tmp_path):
     pascal_seg.write_voc_seg(tmp_path / "voc", train=2, val=1, size=(64, 64))
     voc = tmp_path / "voc/VOCdevkit/VOC2012"
     (voc / "JPEGImages/2007_000000.jpg").write_bytes(png_bytes(ramp16()))  # PIL reads the content, not the name
-    sample = segmentation.SegmentationSet(segmentation.voc_items(tmp_path / "voc", "train"), 21)[0]
+    sample = segmentation.SegmentationSet(pascal_seg.voc_items(tmp_path / "voc", "train"), 21)[0]
     assert float(sample["image"].float().mean()) == pytest.approx(RAMP_MEAN, abs=1)
     labels = read_label_png(voc / "SegmentationClass/2007_000000.png")
     assert np.array_equal(sample["mask"].numpy(), labels) and set(np.unique(labels)) <= {0, 1, 8, 15, 255}

@@ -1,10 +1,15 @@
-"""A transfer task is one module (rs_transfer/downstream/registry.py): a sixth task written here, in a temp folder,
-with its own config section and YAML, registered with one line, runs `finetune`, `sweep` and Table 5 through the
-CLI without any other file of the package edited. And a task's config refuses another task's keys by name."""
+"""A transfer task is one module (rs_transfer/downstream/registry.py): the example of docs/downstream.md "Adding a
+task", read from the page, written to a temp folder with its own config section and YAML and registered with one
+line, runs `finetune`, `sweep` and Table 5 through the CLI without any other file of the package edited; installed
+as a plugin (an `rs_transfer.tasks` entry point) it runs through `python -m rs_transfer`. And a task's config
+refuses another task's keys by name."""
 
 import json
+import os
+import re
+import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -12,120 +17,45 @@ from rs_transfer.cli import main
 from rs_transfer.config import ConfigError
 from rs_transfer.downstream import finetune, protocol, registry
 
-TOY_MODULE = '''
-"""toy_task: 4 colours, 4 classes, 16 px images in one .npz file; a tiny conv net; accuracy."""
-
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import Dataset
-
-from rs_transfer.config import at_least, checked
-from rs_transfer.downstream.config import FinetuneConfig, TaskSection
-from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
-from rs_transfer.engine.task import Task
-
-COLOURS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=np.float32)
-PROTOCOL = Protocol("acc", (4, 8), 8, None, "toy acc")
+REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class ToySection(TaskSection):
-    name: str = "toy_task"
-    noise: float = checked(0.3, at_least(0))  # the one key only this task has
+def doc_example(name: str) -> str:
+    """The file `name` as docs/downstream.md shows it (the code block after its `example file:` marker)."""
+    text = (REPO / "docs" / "downstream.md").read_text(encoding="utf-8")
+    found = re.search(rf"<!-- example file: {re.escape(name)} .*?-->\n```\w+\n(.*?)\n```\n", text, re.S)
+    assert found, f"docs/downstream.md shows no {name}"
+    return found.group(1) + "\n"
 
 
-@dataclass
-class ToyConfig(FinetuneConfig):
-    task: ToySection = field(default_factory=ToySection)
+TOY_MODULE = doc_example("toy_task.py")
+TOY_YAML = doc_example("toy_task.yaml")
 
 
-def write_synthetic(root, train, val):
-    rng = np.random.default_rng(0)
-    root = Path(root)
-    root.mkdir(parents=True)
-    for split, count in (("train", train), ("val", val)):
-        labels = np.arange(count) % 4
-        np.save(root / f"{split}_labels.npy", labels)
-        np.save(root / f"{split}_colours.npy", COLOURS[labels])
-    return root
+def write_toy_task(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "toy_task.py").write_text(TOY_MODULE)
+    (folder / "toy_task.yaml").write_text(TOY_YAML)
+    return folder
 
 
-class ToySet(Dataset):
-    def __init__(self, root, split, noise):
-        self.labels = np.load(Path(root) / f"{split}_labels.npy")
-        self.colours = np.load(Path(root) / f"{split}_colours.npy")
-        self.noise = noise
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        image = torch.from_numpy(self.colours[i])[:, None, None] + self.noise * torch.randn(3, 16, 16)
-        return {"image": image, "label": torch.tensor(int(self.labels[i]))}
-
-
-class ToyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, batch):
-        logits = self.fc(F.relu(self.conv(batch["image"])).mean((2, 3)))
-        return {"loss": F.cross_entropy(logits, batch["label"])} if self.training else logits
-
-
-def build(config):
-    val_set = ToySet(config.data.root, "val", config.task.noise)
-
-    def evaluate(model):
-        with torch.no_grad():
-            batch = {k: torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in ("image", "label")}
-            return {"acc": (model(batch).argmax(1) == batch["label"]).float().mean().item()}
-
-    return Task(model=ToyNet(), train_set=ToySet(config.data.root, "train", config.task.noise), evaluate=evaluate,
-                primary_metric=PROTOCOL.metric)
-
-
-TASK = TransferTask(name="toy_task", config=ToyConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-                    paper={("R152", "RS", 400): 99.0}, config_dir=Path(__file__).parent)
-'''
-
-TOY_YAML = """
-task:
-  name: toy_task
-  noise: 0.2
-data:
-  num_workers: 0
-  synthetic_images: 32
-train:
-  steps: 8
-  batch_size: 8
-  lr: 0.5
-  scale_lr: false
-  weight_decay: 0.0
-  channels_last: false
-  eval_every_epochs: 0
-  log_every_steps: 4
-output_dir: runs/toy
-"""
+def install_plugin(folder: Path, entry_points: str) -> None:
+    """What `pip install` leaves on the path for a package whose pyproject.toml declares
+    `[project.entry-points."rs_transfer.tasks"]` with these lines."""
+    info = folder / "mytask-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mytask\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[rs_transfer.tasks]\n{entry_points}\n")
 
 
 @pytest.fixture
 def toy_task(tmp_path, monkeypatch):
-    (tmp_path / "toy_module.py").write_text(textwrap.dedent(TOY_MODULE))
-    (tmp_path / "toy_task.yaml").write_text(TOY_YAML)
+    write_toy_task(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "MODULES", dict(registry.MODULES))  # the registry as it was, after the test
-    registry.register("toy_task", "toy_module")  # the one line that adds a task
+    registry.register("toy_task", "toy_task")  # the one line that adds a task
     yield tmp_path
-    sys.modules.pop("toy_module", None)
+    sys.modules.pop("toy_task", None)
 
 
 def test_a_sixth_task_runs_finetune_sweep_and_table5_through_the_cli(toy_task, tmp_path, capsys):
@@ -203,3 +133,58 @@ def test_a_point_saved_with_every_tasks_keys_still_matches(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(finetune.UserError, match="task.crop_size: 256 there, 512 now"):
         finetune.check_finished_point(tmp_path, config)
+
+
+def test_an_installed_plugin_task_runs_through_python_m_rs_transfer(tmp_path):
+    # A package declaring the entry point, as pip installs it: nothing registers the task in the process.
+    plugin = write_toy_task(tmp_path / "site")
+    install_plugin(plugin, "toy_task = toy_task")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "rs_transfer", "finetune", "--task", "toy_task", "--synthetic",
+         f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "train.device=cpu"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert 0.5 <= metrics["acc"] <= 1.0  # chance is 0.25
+
+
+@pytest.fixture
+def installed_plugins(tmp_path, monkeypatch):
+    """Install entry points in a temp folder on sys.path for this test; the registry reads them afresh."""
+    def install(entry_points: str) -> Path:
+        write_toy_task(tmp_path)
+        install_plugin(tmp_path, entry_points)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        registry.plugins.cache_clear()  # read once per process: this test installs after the first read
+        return tmp_path
+
+    yield install
+    registry.plugins.cache_clear()
+    sys.modules.pop("toy_task", None)
+
+
+def test_plugin_names_follow_the_packages_and_do_not_replace_them(installed_plugins, caplog):
+    installed_plugins("toy_task = toy_task\ncifar100 = toy_task")
+    assert registry.names() == (*registry.MODULES, "toy_task")
+    assert registry.get("toy_task").protocol.column == "toy acc"
+    assert registry.get("cifar100").protocol.metric == "top1"  # the package's, not the plugin's
+    assert "ignored the rs_transfer.tasks entry point cifar100 = toy_task" in caplog.text
+
+
+@pytest.mark.parametrize("entry_point, message", [
+    ("broken = no_such_module_here", "the rs_transfer.tasks entry point broken = 'no_such_module_here' cannot be "
+                                     "imported: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("broken = toy_task", "the rs_transfer.tasks entry point broken = 'toy_task' declares task 'toy_task', "
+                          "registered as 'broken'"),
+    ("broken = json", "the rs_transfer.tasks entry point broken = 'json' declares no TASK = TransferTask(...)"),
+    ("broken = toy_task:TASK", "the rs_transfer.tasks entry point broken = 'toy_task:TASK': the value must be a "
+                               "module path"),
+])
+def test_a_broken_plugin_is_one_error_line_naming_its_entry_point(installed_plugins, entry_point, message, capsys):
+    folder = installed_plugins(entry_point)
+    assert main(["finetune", "--task", "broken", "--synthetic", f"output_dir={folder / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err

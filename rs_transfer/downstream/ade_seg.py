@@ -1,5 +1,9 @@
-"""The ade_seg task: ADE20K semantic segmentation (150 classes; label 0 "other" is ignored), mIoU. Readers, model
-and evaluator are shared with pascal_seg in rs_transfer/downstream/segmentation.py.
+"""The ade_seg task: ADE20K semantic segmentation (150 classes; label 0 "other" is ignored), mIoU. The ADE reader
+lives here; the dataset, model and evaluator are shared with pascal_seg in rs_transfer/downstream/segmentation.py.
+
+Layout (data.root is the folder as distributed): ADEChallengeData2016/ (or data.root is it):
+images/{training,validation}/*.jpg, annotations/{training,validation}/<same stem>.png (greyscale, 0 = other,
+ignored; 1..150 = classes, shifted to 0..149).
 """
 
 from dataclasses import dataclass, field
@@ -9,11 +13,33 @@ import numpy as np
 from PIL import Image
 
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
+from rs_transfer.downstream.data import find_dir, read_label_png, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene
 from rs_transfer.downstream import segmentation
-from rs_transfer.downstream.segmentation import ADE_CLASSES, ADE_NUM_CLASSES, METRIC, ade_items, build_segmentation
+from rs_transfer.downstream.segmentation import METRIC, build_segmentation
+from rs_transfer.errors import DataError
+
+ADE_NUM_CLASSES = 150
+# ADE20K's SceneParsing class names (objectInfo150), in training index order (raw label - 1), as mmsegmentation.
+ADE_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe",
+    "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
+    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
+    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel",
+    "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name",
+    "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
+    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
 
 # Batch 64 for ADE20K is not stated: it uses the VOC segmentation model and batch.
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "ADE seg mIoU")
@@ -29,6 +55,23 @@ class AdeSegSection(DenseSection):
 @dataclass
 class AdeSegConfig(FinetuneConfig):
     task: AdeSegSection = field(default_factory=AdeSegSection)
+
+
+def ade_items(root, split: str) -> list:
+    """[(image path, (label path, loader))] for an ADE split: "train", "val" or a folder name under images/."""
+    ade = find_dir(root, ("ADEChallengeData2016", "."), "ADE20K (an ADEChallengeData2016 folder)")
+    folder = {"train": "training", "val": "validation"}.get(split, split)
+    images = require(ade / "images" / folder, f"ADEChallengeData2016/images/{folder}/*.jpg")
+    annotations = require(ade / "annotations" / folder, f"ADEChallengeData2016/annotations/{folder}/*.png")
+    paths = sorted(images.glob("*.jpg"))
+    if not paths:
+        raise DataError(f"no .jpg images in {images}")
+    return [(p, (annotations / f"{p.stem}.png", read_ade_label)) for p in paths]
+
+
+def read_ade_label(path) -> np.ndarray:
+    # 0 ("other") -> 255 ignore, 1..150 -> 0..149: uint8 arithmetic wraps 0 - 1 to 255.
+    return read_label_png(path) - np.uint8(1)
 
 
 def build_model(config):

@@ -52,7 +52,7 @@ CLASSES = (
     "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
     "willow_tree", "wolf", "woman", "worm",
 )
-PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc")
+PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc", image_size=256)
 
 
 @dataclass

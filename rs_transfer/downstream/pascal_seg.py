@@ -1,5 +1,12 @@
 """The pascal_seg task: Pascal VOC 2012 semantic segmentation (21 classes; `task.train_split=trainaug` adds SBD),
-mIoU. Readers, model and evaluator are shared with ade_seg in rs_transfer/downstream/segmentation.py.
+mIoU. The VOC and SBD readers live here; the dataset, model and evaluator are shared with ade_seg in
+rs_transfer/downstream/segmentation.py.
+
+Layout (data.root is the folder as distributed): VOC2012/ or VOCdevkit/VOC2012/ (or data.root is VOC2012/):
+JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNG, index = class, 255 = ignore/boundary),
+ImageSets/Segmentation/{train,val}.txt. trainaug: task.sbd_root holds SBD's dataset/cls/<id>.mat
+(GTcls.Segmentation), dataset/img/<id>.jpg, dataset/{train,val}.txt; trainaug = SBD train + SBD val + VOC train -
+VOC val (10,582 images).
 """
 
 from dataclasses import dataclass, field
@@ -11,11 +18,18 @@ from PIL import Image
 
 from rs_transfer.data.text import read_lines
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
+from rs_transfer.downstream.data import find_dir, read_label_png, read_split, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene, voc_palette
 from rs_transfer.downstream import segmentation
-from rs_transfer.downstream.segmentation import METRIC, VOC_CLASSES, build_segmentation, voc_items
+from rs_transfer.downstream.segmentation import METRIC, build_segmentation
+from rs_transfer.errors import DataError
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "VOC seg mIoU")
 
@@ -31,6 +45,59 @@ class PascalSegSection(DenseSection):
 @dataclass
 class PascalSegConfig(FinetuneConfig):
     task: PascalSegSection = field(default_factory=PascalSegSection)
+
+
+def voc_dir(root):
+    return find_dir(root, ("VOC2012", "VOCdevkit/VOC2012", "."), "Pascal VOC 2012 (a VOC2012 folder)")
+
+
+def read_sbd_mat(path) -> np.ndarray:
+    """Class indices (uint8 HxW) of an SBD cls/<id>.mat: the 1x1 struct GTcls, field Segmentation.
+
+    Read without squeezing: squeeze_me would turn a label one pixel wide or high into a vector. Raises
+    DataError naming `path` when the struct or field is missing or the label is not 2-D class indices."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        gt = loadmat(require(path, "an SBD label .mat"), struct_as_record=False)["GTcls"]
+        label = np.asarray(gt[0, 0].Segmentation)
+    except (MatReadError, KeyError, AttributeError, IndexError, TypeError, ValueError) as error:
+        raise DataError(f"SBD label {path} has no GTcls.Segmentation: {type(error).__name__}: {error}") from None
+    numeric = label.ndim == 2 and label.dtype.kind in "uif"
+    if not numeric or not np.all((label % 1 == 0) & (label >= 0) & (label <= 255)):
+        raise DataError(f"SBD label {path}: GTcls.Segmentation is {label.dtype} {label.shape}: expected a 2-D "
+                           "array of class indices 0..255")
+    return label.astype(np.uint8)
+
+
+def voc_items(root, split: str, sbd_root=None) -> list:
+    """[(image path, (label path, loader))] for a VOC split; "trainaug" merges SBD."""
+    voc = voc_dir(root)
+    sets = voc / "ImageSets" / "Segmentation"
+    expected = "one image id per line (VOC2012 ImageSets/Segmentation)"
+    jpeg = voc / "JPEGImages"
+    require(jpeg, "VOC2012/JPEGImages/<id>.jpg")
+    require(voc / "SegmentationClass", "VOC2012/SegmentationClass/<id>.png (palette PNGs)")
+    if split != "trainaug":
+        ids = read_split(sets / f"{split}.txt", expected)
+        return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids]
+    if sbd_root is None:
+        raise DataError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
+    sbd = find_dir(sbd_root, ("dataset", "benchmark_RELEASE/dataset"), "SBD (a dataset folder with cls/ and train.txt)")
+    sbd_ids = read_split(sbd / "train.txt", "SBD train ids") + read_split(sbd / "val.txt", "SBD val ids")
+    voc_train = read_split(sets / "train.txt", expected)
+    val = set(read_split(sets / "val.txt", expected))
+    items, seen = [], set()
+    for i in voc_train + sbd_ids:
+        if i in val or i in seen:
+            continue
+        seen.add(i)
+        png = voc / "SegmentationClass" / f"{i}.png"
+        label = (png, read_label_png) if png.exists() else (sbd / "cls" / f"{i}.mat", read_sbd_mat)
+        image = jpeg / f"{i}.jpg"
+        items.append((image if image.exists() else sbd / "img" / f"{i}.jpg", label))
+    return items
 
 
 def build_model(config):

@@ -1,9 +1,12 @@
 """The paper's fine-tuning protocol (Appendix F, PAPER.md section 5): what every task shares, and Table 5 as the
 tasks declare it.
 
-Each task's own numbers (metric, grid lengths, batch, crop, its Table 5 column) sit in its module's `TASK`
-(rs_transfer/downstream/registry.py); `rs-transfer sweep` runs `grid(task)`; `rs-transfer reproduce table5` prints
-`table5()` as the reference rows. tests/test_downstream_models.py checks these numbers against PAPER.md.
+Each task's own numbers (metric, grid lengths, batch, crop or image size, its Table 5 column) sit in its module's
+`TASK` (rs_transfer/downstream/registry.py); `rs-transfer sweep` runs `grid(task)`; `rs-transfer reproduce table5`
+prints `table5()` as the reference rows. A run reads its batch, crop, weight decay, schedule and scale jitter from
+the task's YAML (rs_transfer/configs/downstream/<task>.yaml, the record of the run, saved with it); this module is
+the one source those YAMLs are checked against: tests/test_downstream_models.py checks every package task's full
+config against its `Protocol` and the shared values below, and these numbers against PAPER.md.
 """
 
 from dataclasses import dataclass
@@ -18,11 +21,14 @@ SCALE_RANGE = (0.5, 2.0)
 
 @dataclass(frozen=True)
 class Protocol:
+    """One task's part of the protocol, as the paper states it; its full config holds the same values (tested)."""
+
     metric: str  # the key in final_metrics.json, a fraction
     steps: tuple  # the training lengths of the grid
-    batch_size: int
-    crop_size: int | None  # training crop; cifar100 resizes whole images instead
+    batch_size: int  # global batch: train.batch_size
+    crop_size: int | None  # training crop: task.crop_size; None for a task trained on whole images
     column: str  # the Table 5 column
+    image_size: int | None = None  # whole images resized to this: task.image_size (cifar100); None for crops
 
 
 def protocols() -> dict:

@@ -5,16 +5,28 @@ A task is one module that declares `TASK = TransferTask(...)`: its run config (a
 the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
 protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and
 for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predict.py).
-Adding a task is that module, its YAML configs and one line in `MODULES` (or `register(name, module)` for a module
-outside the package). Modules are imported only when a task is used, so `rs-transfer --help` imports no torch.
+
+Where names come from, first found wins: `MODULES` (the package's tasks, one line each), `register(name, module)`
+(one Python process: a test, a notebook), then installed packages that declare an entry point in the group
+`rs_transfer.tasks` (name = task name, value = module path; the standard Python plugin mechanism, read with
+importlib.metadata), so `rs-transfer finetune --task NAME` knows a task that lives in another package.
+Names are read without importing any task module, so `rs-transfer --help` imports no torch; a module is imported
+when its task is used.
 """
 
+import functools
 import importlib
+import logging
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Optional
 
 from rs_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "rs_transfer.tasks"
 
 # Task name -> module. The order is Table 5's column order.
 MODULES = {
@@ -45,18 +57,57 @@ class TransferTask:
 
 
 def register(name: str, module: str) -> None:
-    """Add a task whose module lives outside this package (a plugin, a test)."""
+    """Add a task whose module lives outside this package, for this Python process only (a test, a notebook).
+    An installed package declares an entry point instead (docs/downstream.md, "Adding a task")."""
     MODULES[name] = module
 
 
+@functools.cache
+def plugins() -> dict:
+    """Task name -> EntryPoint, for every installed `rs_transfer.tasks` entry point, sorted by name. Read once per
+    process (a scan of the installed distributions' metadata, no import). A name that `MODULES` already has is
+    skipped with a warning: a plugin does not replace a task of the package."""
+    found = {}
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
+        if point.name in MODULES:
+            log.warning("ignored the %s entry point %s = %s: the package has a task of that name",
+                        ENTRY_POINT_GROUP, point.name, point.value)
+            continue
+        found.setdefault(point.name, point)
+    return found
+
+
 def names() -> tuple:
-    return tuple(MODULES)
+    """Every task name: the package's in Table 5's order, those added with `register`, then the plugins'."""
+    return tuple(MODULES) + tuple(name for name in plugins() if name not in MODULES)
 
 
 def get(name: str) -> TransferTask:
-    if name not in MODULES:
-        raise UserError(f"unknown task {name!r}: expected one of {', '.join(MODULES)}")
-    task = importlib.import_module(MODULES[name]).TASK
+    """The task's TransferTask, importing its module. Raises UserError for an unknown name (listing the known ones)
+    and for a plugin that cannot be used (naming its entry point): its module fails to import, has no `TASK`, or
+    declares another name."""
+    if name in MODULES:
+        module, source = MODULES[name], f"module {MODULES[name]}"
+    elif name in plugins():
+        point = plugins()[name]
+        module, source = point.value, f"the {ENTRY_POINT_GROUP} entry point {name} = {point.value!r}"
+        if point.attr:
+            raise UserError(f"{source}: the value must be a module path (e.g. my_package.my_task), "
+                            "not an object reference with ':'")
+    else:
+        raise UserError(f"unknown task {name!r}: expected one of {', '.join(names())}")
+    task = getattr(_import(module, source), "TASK", None)
+    if not isinstance(task, TransferTask):
+        raise UserError(f"{source} declares no TASK = TransferTask(...)")
     if task.name != name:
-        raise UserError(f"module {MODULES[name]} declares task {task.name!r}, registered as {name!r}")
+        raise UserError(f"{source} declares task {task.name!r}, registered as {name!r}")
     return task
+
+
+def _import(module: str, source: str):
+    if module.startswith("rs_transfer."):
+        return importlib.import_module(module)  # the package's own: an error here is a bug, keep its traceback
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # anything a plugin's import raises is the plugin's fault, not the user's input
+        raise UserError(f"{source} cannot be imported: {type(error).__name__}: {error}") from error

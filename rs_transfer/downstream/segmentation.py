@@ -1,13 +1,7 @@
-"""Semantic segmentation, shared by the tasks pascal_seg (Pascal VOC 2012, 21 classes, optional SBD trainaug;
-rs_transfer/downstream/pascal_seg.py) and ade_seg (ADE20K, 150 classes; ade_seg.py): readers, model, evaluator.
-
-Layouts (data.root is the folder as distributed):
-  VOC: data.root holds VOC2012/ or VOCdevkit/VOC2012/ (or is VOC2012/): JPEGImages/<id>.jpg,
-       SegmentationClass/<id>.png (palette PNG, index = class, 255 = ignore/boundary), ImageSets/Segmentation/
-       {train,val}.txt. trainaug: task.sbd_root holds SBD's dataset/cls/<id>.mat (GTcls.Segmentation),
-       dataset/{train,val}.txt; trainaug = SBD train + SBD val + VOC train - VOC val (10,582 images).
-  ADE: data.root holds ADEChallengeData2016/ (or is it): images/{training,validation}/*.jpg,
-       annotations/{training,validation}/*.png (greyscale, 0 = other/ignore, 1..150 = classes; shifted to 0..149).
+"""Semantic segmentation, what the tasks pascal_seg (Pascal VOC 2012, 21 classes, optional SBD trainaug;
+rs_transfer/downstream/pascal_seg.py) and ade_seg (ADE20K, 150 classes; ade_seg.py) share: the dataset over
+(image, label) items, the FPN model, the mIoU evaluator and the predictor. Each task's readers (its layout, its
+label format, its class names) live in its own module.
 """
 
 import numpy as np
@@ -18,9 +12,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
-from rs_transfer.downstream.data import (
-    IGNORE, dense_train_transform, find_dir, pad_collate, read_image, read_label_png, read_split, require,
-)
+from rs_transfer.downstream.data import IGNORE, dense_train_transform, pad_collate, read_image
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.downstream.scenes import voc_palette
@@ -31,29 +23,6 @@ from rs_transfer.errors import DataError
 from rs_transfer.predict import Predictor, output_path, overlay_classes, palette_png, save_png, save_rgb, visualizer
 from rs_transfer.predict import read_image as read_image_file
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-ADE_NUM_CLASSES = 150
-# ADE20K's SceneParsing class names (objectInfo150), in training index order (raw label - 1), as mmsegmentation.
-ADE_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
-    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
-    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe",
-    "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
-    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
-    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
-    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
-    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
-    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel",
-    "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
-    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
-    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name",
-    "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
-    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
-)
 FILLS = {"image": 0, "mask": IGNORE}
 METRIC = "miou"
 
@@ -89,75 +58,6 @@ class SegmentationSet(Dataset):
             )
         sample = {"image": image, "mask": tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8)))}
         return self.transform(sample) if self.transform else sample
-
-
-def voc_dir(root):
-    return find_dir(root, ("VOC2012", "VOCdevkit/VOC2012", "."), "Pascal VOC 2012 (a VOC2012 folder)")
-
-
-def read_sbd_mat(path) -> np.ndarray:
-    """Class indices (uint8 HxW) of an SBD cls/<id>.mat: the 1x1 struct GTcls, field Segmentation.
-
-    Read without squeezing: squeeze_me would turn a label one pixel wide or high into a vector. Raises
-    DataError naming `path` when the struct or field is missing or the label is not 2-D class indices."""
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
-
-    try:
-        gt = loadmat(require(path, "an SBD label .mat"), struct_as_record=False)["GTcls"]
-        label = np.asarray(gt[0, 0].Segmentation)
-    except (MatReadError, KeyError, AttributeError, IndexError, TypeError, ValueError) as error:
-        raise DataError(f"SBD label {path} has no GTcls.Segmentation: {type(error).__name__}: {error}") from None
-    numeric = label.ndim == 2 and label.dtype.kind in "uif"
-    if not numeric or not np.all((label % 1 == 0) & (label >= 0) & (label <= 255)):
-        raise DataError(f"SBD label {path}: GTcls.Segmentation is {label.dtype} {label.shape}: expected a 2-D "
-                           "array of class indices 0..255")
-    return label.astype(np.uint8)
-
-
-def voc_items(root, split: str, sbd_root=None) -> list:
-    """[(image path, (label path, loader))] for a VOC split; "trainaug" merges SBD."""
-    voc = voc_dir(root)
-    sets = voc / "ImageSets" / "Segmentation"
-    expected = "one image id per line (VOC2012 ImageSets/Segmentation)"
-    jpeg = voc / "JPEGImages"
-    require(jpeg, "VOC2012/JPEGImages/<id>.jpg")
-    require(voc / "SegmentationClass", "VOC2012/SegmentationClass/<id>.png (palette PNGs)")
-    if split != "trainaug":
-        ids = read_split(sets / f"{split}.txt", expected)
-        return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids]
-    if sbd_root is None:
-        raise DataError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
-    sbd = find_dir(sbd_root, ("dataset", "benchmark_RELEASE/dataset"), "SBD (a dataset folder with cls/ and train.txt)")
-    sbd_ids = read_split(sbd / "train.txt", "SBD train ids") + read_split(sbd / "val.txt", "SBD val ids")
-    voc_train = read_split(sets / "train.txt", expected)
-    val = set(read_split(sets / "val.txt", expected))
-    items, seen = [], set()
-    for i in voc_train + sbd_ids:
-        if i in val or i in seen:
-            continue
-        seen.add(i)
-        png = voc / "SegmentationClass" / f"{i}.png"
-        label = (png, read_label_png) if png.exists() else (sbd / "cls" / f"{i}.mat", read_sbd_mat)
-        image = jpeg / f"{i}.jpg"
-        items.append((image if image.exists() else sbd / "img" / f"{i}.jpg", label))
-    return items
-
-
-def ade_items(root, split: str) -> list:
-    ade = find_dir(root, ("ADEChallengeData2016", "."), "ADE20K (an ADEChallengeData2016 folder)")
-    folder = {"train": "training", "val": "validation"}.get(split, split)
-    images = require(ade / "images" / folder, f"ADEChallengeData2016/images/{folder}/*.jpg")
-    annotations = require(ade / "annotations" / folder, f"ADEChallengeData2016/annotations/{folder}/*.png")
-    paths = sorted(images.glob("*.jpg"))
-    if not paths:
-        raise DataError(f"no .jpg images in {images}")
-    return [(p, (annotations / f"{p.stem}.png", read_ade_label)) for p in paths]
-
-
-def read_ade_label(path) -> np.ndarray:
-    # 0 ("other") -> 255 ignore, 1..150 -> 0..149: uint8 arithmetic wraps 0 - 1 to 255.
-    return read_label_png(path) - np.uint8(1)
 
 
 class SegmentationModel(nn.Module):
