@@ -136,7 +136,7 @@ def add_scale_commands(commands) -> None:
     plan.add_argument("--resolutions", help="pixels (default: 128,160,224,320,448)")
     plan.add_argument("--epochs", help="epoch regimes (default: 10,100,350)")
     plan.add_argument("--efficientnet", help="also plan EfficientNet-RS points: b0,...,b7 at the resolutions "
-                      "below each one's original (configs not written: the runner builds ResNets only)")
+                      "below each one's original (timm's efficientnet_bN, Section 7.2's RandAugment)")
     plan.add_argument("--base", default="scaling/base.yaml",
                       help="the configs' base (default scaling/base.yaml: the RS recipe; scaling/demo.yaml: tiny CPU)")
     plan.add_argument("--out", default="runs/scaling", help="the study folder (default runs/scaling)")
@@ -250,6 +250,8 @@ def add_bench_commands(commands) -> None:
     table7.add_argument("--from", dest="sources", nargs="+", metavar="JSON",
                         help="render from saved results (latency --json output or table7.json), measure nothing")
     table7.add_argument("--fresh", action="store_true", help="ignore rows already in OUT/table7.json")
+    table7.add_argument("--study", metavar="DIR", help="add a scaling study's measured points (ResNet-RS and "
+                        "EfficientNet-RS; its scaling.json from `scale report`) to the table and the Pareto plot")
     table7.set_defaults(run=run_bench_table7)
 
     flops = bench_commands.add_parser("flops", help="params (M) and GFLOPs (2 x fvcore multiply-adds)")
@@ -301,7 +303,8 @@ def run_bench_table7(args) -> int:
 
     only = parse_specs(args.only) if args.only else None
     kwargs = {} if args.sources else _timing_kwargs(args)
-    paths = run_table7(Path(args.out), only=only, sources=args.sources or (), fresh=args.fresh, **kwargs)
+    paths = run_table7(Path(args.out), only=only, sources=args.sources or (), fresh=args.fresh, study=args.study,
+                       **kwargs)
     print(paths[1].read_text())
     print("wrote " + ", ".join(map(str, paths)))
     return 0

@@ -149,3 +149,39 @@ def test_bad_results_file(tmp_path):
         run_table7(tmp_path / "out", sources=[tmp_path / "bad.json"])
     with pytest.raises(UserError, match="missing.json: no such file"):
         run_table7(tmp_path / "out", sources=[tmp_path / "missing.json"])
+
+
+def test_a_scaling_study_joins_the_table_and_the_pareto_plot(tmp_path):
+    """A finished study written by hand (the scaling.json of `scale report`): its ResNet-RS and EfficientNet-RS
+    points are their own rows and plot series, beside the paper's."""
+    study = tmp_path / "study"
+    study.mkdir()
+    point = {"depth": None, "width": None, "dropout": 0.2, "randaugment_magnitude": 10, "stochastic_depth": 0.2,
+             "label_smoothing": 0.1, "weight_decay": 1e-5, "config": "c.yaml", "params_m": 5.3}
+    points = [{**point, "model": "efficientnet_b0", "resolution": 192, "epochs": 350, "top1": 0.765,
+               "latency_s_per_128": 0.42, "gflops": 0.29},
+              {**point, "model": "rs50-w1", "depth": 50, "width": 1.0, "resolution": 160, "epochs": 350,
+               "top1": 0.781, "latency_s_per_128": 0.55, "gflops": 4.6}]
+    (study / "scaling.json").write_text(json.dumps({"latency_source": "the run's training throughput",
+                                                    "finished": 2, "planned": 2, "points": points}))
+    fake = FakeMeasure()
+    only = [s for s in table7_specs() if str(s) in ("rs50@160", "efficientnet_b0@224")]
+    paths = run_table7(tmp_path / "out", CPU, only=only, study=study, measure_fn=fake)
+    data = json.loads(paths[0].read_text())
+    assert data["study"]["latency_source"] == "the run's training throughput"
+    assert [(p["family"], p["model"], p["top1_measured"], p["s_per_128"]) for p in data["study"]["points"]] == [
+        ("EfficientNet-RS", "efficientnet_b0", pytest.approx(76.5), 0.42),
+        ("ResNet-RS", "rs50-w1", pytest.approx(78.1), 0.55)]
+    assert len(data["rows"]) == 19  # the paper's rows are all still there
+    md = paths[1].read_text()
+    assert "## Scaling study measured here" in md
+    assert "| EfficientNet-RS | efficientnet_b0 | 192 | 350 | 76.5 | 0.42 | 0.29 |" in md
+    assert "| ResNet-RS | rs50-w1 | 160 | 350 | 78.1 | 0.55 | 4.6 |" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # rendering saved results takes the study too; a folder without a report is one clear error
+    assert "rs50-w1" in run_table7(tmp_path / "again", sources=[paths[0]], study=study)[1].read_text()
+    with pytest.raises(UserError, match="scaling.json: no such file.*scale report"):
+        run_table7(tmp_path / "out", CPU, only=only, study=tmp_path, measure_fn=fake)
+    (study / "scaling.json").write_text('{"points": [{"model": "rs50"}]}')
+    with pytest.raises(UserError, match="not a scaling report"):
+        run_table7(tmp_path / "out", CPU, only=only, study=study, measure_fn=fake)

@@ -174,3 +174,58 @@ def test_suggest_without_a_study_uses_the_paper():
     assert scaling_report.suggest(350, budget_latency=0.1)["recommended"] is None
     with pytest.raises(UserError, match="exactly one"):
         scaling_report.suggest(350)
+
+
+def test_a_planned_efficientnet_rs_point_trains(tmp_path):
+    """Section 7.2's point is timm's efficientnet_b0 with the plan's dropout, drop-connect and RandAugment: three
+    steps at 32 px on a generated dataset."""
+    study = tmp_path / "study"
+    (point,) = scaling.plan(study, [], [1.0], [32], [350], efficientnet=["b0"], base="scaling/demo.yaml",
+                            overrides=FAST)
+    assert (point["model"], point["randaugment_magnitude"], point["dropout"]) == ("efficientnet_b0", 10, 0.2)
+    loaded = load_config(PretrainConfig, point["config"])
+    assert (loaded.model.name, loaded.model.drop_rate, loaded.model.drop_path_rate) == ("efficientnet_b0", 0.2, 0.2)
+    assert (loaded.augment.magnitude, loaded.train.weight_decay) == (10, 1e-5)
+    short = ["train.epochs=null", "train.steps=3", "train.batch_size=16", "train.warmup_epochs=0"]
+    assert scaling.run(study, synthetic=True, overrides=short) == ["efficientnet_b0_i32_e350"]
+    run = scaling.run_dir(study, point)
+    assert 0.0 <= json.loads((run / "final_metrics.json").read_text())["top1"] <= 1.0
+    from rs_transfer.models.weights import read_state_dict
+
+    assert "classifier.weight" in read_state_dict(run / "weights.pth")  # timm's EfficientNet, not a zoo ResNet
+
+
+def test_efficientnet_refuses_resnet_switches():
+    from rs_transfer.models import create_model
+    from rs_transfer.pretrain.task import build_model
+
+    net = create_model("efficientnet_b0", num_classes=3, drop_rate=0.3, drop_path_rate=0.1, init="official",
+                       bn_momentum=0.1, zero_init_last=True, drop_path_schedule="stage")
+    assert type(net).__name__ == "EfficientNet" and net.drop_rate == 0.3 and net.classifier.out_features == 3
+    for key, value in (("bn_momentum", 1.0), ("init", "timm"), ("zero_init_last", False),
+                       ("drop_path_schedule", "block")):
+        with pytest.raises(UserError, match=f"{key}={value!r} is a ResNet-only switch"):
+            create_model("efficientnet_b0", num_classes=3, **{key: value})
+    with pytest.raises(UserError, match="features_only"):
+        create_model("efficientnet_b0", num_classes=0, features_only=True)
+    config = load_config(PretrainConfig, "pretrain/recipe.yaml", ["model.name=efficientnet_b0"])  # bn_momentum 1.0
+    with pytest.raises(UserError, match="model.bn_momentum"):
+        build_model(config)
+
+
+def test_report_plots_efficientnet_rs_points_beside_the_resnets(tmp_path):
+    """Points finished by hand (final_metrics.json and a metrics.jsonl train record): no training needed."""
+    study = tmp_path / "study"
+    points = scaling.plan(study, [26], [0.25], [32], [350], efficientnet=["b0"], base="scaling/demo.yaml")
+    for point, (top1, rate) in zip(points, ((0.5, 256.0), (0.6, 128.0))):
+        folder = scaling.run_dir(study, point)
+        folder.mkdir(parents=True)
+        (folder / "final_metrics.json").write_text(json.dumps({"top1": top1}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"kind": "train", "images_per_s": rate}) + "\n")
+    scaling_report.report(study)
+    document = json.loads((study / "scaling.json").read_text())
+    got = {p["model"]: (p["top1"], p["latency_s_per_128"], p["depth"]) for p in document["points"]}
+    assert got == {"rs26-w0.25": (0.5, 0.5, 26), "efficientnet_b0": (0.6, 1.0, None)}
+    assert document["finished"] == document["planned"] == 2
+    assert "| efficientnet_b0 | 32 | 350 |" in (study / "scaling.md").read_text()
+    assert (study / "scaling_latency.png").stat().st_size > 0

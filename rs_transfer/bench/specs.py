@@ -40,7 +40,7 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A freshly initialised network for a zoo name or a timm architecture name."""
     import timm
 
-    from rs_transfer.models.resnet_rs import build_resnet
+    from rs_transfer.models.resnet_rs import EFFICIENTNET_NAMES, build_efficientnet, build_resnet
     from rs_transfer.models.zoo import parse_name
 
     try:
@@ -50,6 +50,8 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     if spec is not None:
         # timm's init: the official truncated-normal init takes ~17 s for RS-50 on CPU and changes no timing.
         return build_resnet(spec, num_classes=num_classes, init="timm")
+    if name in EFFICIENTNET_NAMES:  # the very network pretraining builds for an EfficientNet-RS point
+        return build_efficientnet(name, num_classes=num_classes)
     if timm.is_model(name):
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     raise UserError(

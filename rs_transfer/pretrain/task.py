@@ -73,8 +73,11 @@ def _dali_loader(config: PretrainConfig, train_items):
 
 
 def build_model(config: PretrainConfig) -> Classifier:
-    """The zoo network of model.* (model.num_classes set) in engine.classification.Classifier (eval mode: logits
-    (N, classes)), no data read. Raises WeightsError for model.weights that do not fit."""
+    """The network of model.* (model.num_classes set) in engine.classification.Classifier (eval mode: logits
+    (N, classes)), no data read: a zoo ResNet, or timm's efficientnet_b0 ... b7 for EfficientNet-RS
+    (models.create_model builds both; an EfficientNet takes model.drop_rate and model.drop_path_rate only).
+    Raises UserError for a ResNet switch (model.init, zero_init_last, bn_momentum, drop_path_schedule) set away
+    from its default for an EfficientNet, WeightsError for model.weights that do not fit."""
     model_cfg = config.model
     net = create_model(model_cfg.name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
                        drop_rate=model_cfg.drop_rate,

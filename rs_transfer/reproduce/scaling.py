@@ -8,8 +8,8 @@ skipped, an unfinished one resumes from its newest checkpoint. `report` and `sug
 the finished points.
 
 EfficientNet-RS (Section 7.2): EfficientNet B0-B7 at reduced resolutions with the paper's RandAugment rule are
-planned points too (`--efficientnet`), but the pretraining runner builds zoo ResNets only, so their config is
-null and `run` skips them: they are for a user's own EfficientNet trainer (the plan says what to run).
+planned points too (`--efficientnet`); their configs train timm's `efficientnet_bN` (models.create_model) on the
+same recipe, with the original EfficientNets' dropout, drop-connect and weight decay.
 """
 
 import json
@@ -161,12 +161,17 @@ def _base_reference(base: str) -> str:
 
 
 def point_config(point: Point, base: str, run_dir: Path) -> dict:
-    """The YAML mapping of one ResNet point: its base, model, resolution, epochs and regularisation."""
+    """The YAML mapping of one point: its base, model, resolution, epochs and regularisation."""
     magnitude = point.randaugment_magnitude
+    model = {"name": point.model, "drop_rate": point.dropout, "drop_path_rate": point.stochastic_depth}
+    if point.family == "EfficientNet-RS":
+        # The RS recipe's bn_momentum 1.0 is a ResNet switch (create_model refuses it for an EfficientNet):
+        # back to the default, timm's own BatchNorm.
+        model["bn_momentum"] = 0.1
     return {
         "base": base,
         "output_dir": str(run_dir),
-        "model": {"name": point.model, "drop_rate": point.dropout, "drop_path_rate": point.stochastic_depth},
+        "model": model,
         "data": {"image_size": point.resolution},
         "augment": {"randaugment": "none" if magnitude is None else "tf", "num_layers": RANDAUGMENT_LAYERS,
                     "magnitude": 0 if magnitude is None else magnitude},
@@ -194,7 +199,7 @@ def _with_overrides(mapping: dict, overrides: list) -> dict:
 def plan(study: str | Path | None, depths, widths, resolutions, epochs, efficientnet=(), base: str = "scaling/base.yaml",
          overrides: list = (), dry_run: bool = False) -> list:
     """Plan a study: one dict per point (`Point` fields + "config": the written config's path, or None with
-    `dry_run` and for EfficientNet points). Writes STUDY/configs/<key>.yaml (each checked with load_config) and
+    `dry_run`). Writes STUDY/configs/<key>.yaml (each checked with load_config) and
     STUDY/plan.json unless `dry_run`. `overrides` are written into every config (e.g. train.batch_size=1024).
 
     Raises UserError for bad grid values, ConfigError for an override or base the pretraining schema rejects.
@@ -209,16 +214,14 @@ def plan(study: str | Path | None, depths, widths, resolutions, epochs, efficien
     (study / "configs").mkdir(parents=True, exist_ok=True)
     rows = []
     for point in points:
-        config_path = None
-        if point.family == "ResNet-RS":
-            mapping = _with_overrides(point_config(point, base_ref, study / "runs" / point.key), list(overrides))
-            config_path = study / "configs" / f"{point.key}.yaml"
-            atomic_write_text(config_path, f"# rs-transfer scale plan: {point.model} at {point.resolution} px, "
-                              f"{point.epochs} epochs, Appendix E regularisation\n"
-                              + yaml.safe_dump(mapping, sort_keys=False))
-            load_config(PretrainConfig, config_path)  # a bad override or base fails here, not hours later
-            config_path = str(config_path)
-        rows.append({**asdict(point), "config": config_path})
+        mapping = _with_overrides(point_config(point, base_ref, study / "runs" / point.key), list(overrides))
+        config_path = study / "configs" / f"{point.key}.yaml"
+        rule = "Appendix E" if point.family == "ResNet-RS" else "Section 7.2"
+        atomic_write_text(config_path, f"# rs-transfer scale plan: {point.model} at {point.resolution} px, "
+                          f"{point.epochs} epochs, {rule} regularisation\n"
+                          + yaml.safe_dump(mapping, sort_keys=False))
+        load_config(PretrainConfig, config_path)  # a bad override or base fails here, not hours later
+        rows.append({**asdict(point), "config": str(config_path)})
     atomic_write_json(study / PLAN_FILE, {"base": base_ref, "overrides": list(overrides), "points": rows})
     log.info("planned %d points in %s", len(rows), study)
     return rows
@@ -260,11 +263,11 @@ def synthetic_root(study: str | Path) -> Path:
 
 def run(study: str | Path, point: int | None = None, overrides: list = (), synthetic: bool = False,
         train=None) -> list:
-    """Train the study's unfinished ResNet points in plan order (or only point `point`, 0-based); returns the keys
+    """Train the study's unfinished points in plan order (or only point `point`, 0-based); returns the keys
     trained. Finished points (final_metrics.json) are skipped; an unfinished one resumes (train.resume=auto).
     `overrides` pass through to every run (e.g. data.root=DIR); `synthetic` uses STUDY/synthetic_data.
     `train(config, overrides)` defaults to pretrain.run.pretrain. Raises UserError for a point index outside
-    the plan or a point that cannot be trained here (EfficientNet)."""
+    the plan or a point without a config (a plan written before EfficientNet-RS points trained: plan again)."""
     if train is None:
         from rs_transfer.pretrain.run import pretrain as train
     points = load_plan(study)
@@ -272,14 +275,15 @@ def run(study: str | Path, point: int | None = None, overrides: list = (), synth
         if not 0 <= point < len(points):
             raise UserError(f"--point {point}: the plan in {study} has points 0-{len(points) - 1}")
         if points[point]["config"] is None:
-            raise UserError(f"--point {point} ({point_key(points[point])}) has no config: the pretraining runner "
-                            "builds zoo ResNets only; train EfficientNet-RS points with your own trainer")
+            raise UserError(f"--point {point} ({point_key(points[point])}) has no config in {study}/{PLAN_FILE}: "
+                            "an older rs-transfer planned it; run `rs-transfer scale plan` again")
         selected = [points[point]]
     else:
         selected = [p for p in points if p["config"] is not None]
         skipped = len(points) - len(selected)
         if skipped:
-            log.info("%d EfficientNet-RS points have no config here (the runner builds zoo ResNets only)", skipped)
+            log.warning("%d points of %s have no config (planned by an older rs-transfer): run `rs-transfer scale "
+                        "plan` again to train them", skipped, study)
     extra = [f"data.root={synthetic_root(study)}"] if synthetic else []
     trained = []
     for p in selected:

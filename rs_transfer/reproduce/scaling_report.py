@@ -1,8 +1,9 @@
 """`rs-transfer scale report | suggest`: read a scaling study's finished points (reproduce/scaling.py).
 
 report: top-1 of every finished point against GFLOPs and against training latency, like the paper's Figures 2
-and 3 (one panel per epoch regime; one curve per depth and one per width), with the Pareto front, written as
-STUDY/scaling.json, scaling.md, scaling_flops.png and scaling_latency.png through common.write_table.
+and 3 (one panel per epoch regime; one curve per depth and one per width, and one per EfficientNet-RS model), with
+the Pareto front, written as STUDY/scaling.json, scaling.md, scaling_flops.png and scaling_latency.png through
+common.write_table. `bench table7 --study STUDY` puts the same points beside Table 7 (reproduce/table7.py).
 
 Latency is seconds per 128 training images, from one of two sources (the table says which):
 - "run": the run's own throughput, 128 / median images_per_s of its metrics.jsonl train records (data loading
@@ -23,6 +24,7 @@ from rs_transfer.errors import UserError
 from rs_transfer.models.zoo import TABLE7
 from rs_transfer.reproduce.common import write_table
 from rs_transfer.reproduce.scaling import (
+    EFFICIENTNET_RESOLUTION,
     SHORT_REGIME_MAX_EPOCHS,
     SCALING_WIDTHS,
     is_finished,
@@ -68,8 +70,8 @@ def pareto_front(points: list, cost: str) -> list:
 
 
 def collect(study, latency: str = "run", device=None, measure_fn=None) -> list:
-    """One dict per finished ResNet point: the plan's fields plus top1 (fraction), gflops, params_m, latency
-    (s per 128 images) and run_dir. `latency` is "run" or "measure" (see the module doc)."""
+    """One dict per finished point (ResNet-RS and EfficientNet-RS): the plan's fields plus top1 (fraction), gflops,
+    params_m, latency (s per 128 images) and run_dir. `latency` is "run" or "measure" (see the module doc)."""
     from rs_transfer.bench.flops import params_and_gflops
     from rs_transfer.bench.specs import BenchSpec
 
@@ -142,7 +144,8 @@ def markdown(rows: list, source: str, total: int) -> str:
 
 def figure(rows: list, cost: str, xlabel: str):
     """Rows of panels: curves per depth (top), curves per width (bottom); one column per epoch regime. Each curve
-    joins its points in cost order; the black line is the regime's Pareto front."""
+    joins its points in cost order; EfficientNet-RS points (no depth or width) are one dashed curve per model in
+    both rows; the black line is the regime's Pareto front."""
     from matplotlib.figure import Figure
 
     regimes = sorted({r["epochs"] for r in rows})
@@ -150,11 +153,18 @@ def figure(rows: list, cost: str, xlabel: str):
     axes = fig.subplots(2, len(regimes), squeeze=False)
     for column, regime in enumerate(regimes):
         mine = [r for r in rows if r["epochs"] == regime and r[cost] is not None]
+        resnets = [r for r in mine if r["depth"] is not None]
+        curves = [(f"efficientnet_{v}", "s--", [r for r in mine if r["model"] == f"efficientnet_{v}"])
+                  for v in EFFICIENTNET_RESOLUTION]
         for row, (field, label) in enumerate((("depth", "depth {}"), ("width", "width {:g}"))):
             ax = axes[row][column]
-            for value in sorted({r[field] for r in mine}):
-                curve = sorted((r for r in mine if r[field] == value), key=lambda r: r[cost])
-                ax.plot([r[cost] for r in curve], [100 * r["top1"] for r in curve], "o-", label=label.format(value))
+            by_field = [(label.format(value), "o-", [r for r in resnets if r[field] == value])
+                        for value in sorted({r[field] for r in resnets})]
+            for name, style, curve in by_field + curves:
+                if not curve:
+                    continue
+                curve = sorted(curve, key=lambda r: r[cost])
+                ax.plot([r[cost] for r in curve], [100 * r["top1"] for r in curve], style, label=name)
                 for r in curve:
                     ax.annotate(f"{r['resolution']}", (r[cost], 100 * r["top1"]), fontsize=6, xytext=(2, 2),
                                 textcoords="offset points")

@@ -7,6 +7,10 @@ Equal accuracy: EfficientNet's latency is interpolated at each RS row's top-1, l
 the two EfficientNet rows whose (paper) top-1 brackets it; speed-up = that latency / the RS row's latency.
 RS rows outside EfficientNet's top-1 range, or whose bracketing rows were not measured, get no ratio.
 One table holds one device, one dtype and one memory format: merging anything else is refused.
+
+`study`: a finished scaling study (reproduce/scaling.py, its STUDY/scaling.json from `rs-transfer scale report`)
+adds its measured points, ResNet-RS and EfficientNet-RS, to table7.md / table7.json and to the Pareto plot as
+series of their own: top-1 measured on the study's data against the study's latency, next to the paper's rows.
 """
 
 import json
@@ -146,7 +150,48 @@ def render_markdown(rows, setup: dict) -> str:
     return "\n".join(lines)
 
 
-def pareto_figure(rows, setup: dict):
+def load_study(study) -> dict:
+    """The measured points of a finished scaling study, from STUDY/scaling.json (written by `scale report`):
+    {"path", "latency_source", "points": [{"model", "resolution", "epochs", "family" ("ResNet-RS" or
+    "EfficientNet-RS"), "top1_measured" (percent), "s_per_128" (seconds per 128 training images, or None),
+    "gflops"}]}, points in the report's order. Raises UserError when the file is missing, is not a scaling report
+    or holds no point."""
+    path = Path(study) / "scaling.json"
+    try:
+        document = json.loads(path.read_text())
+        points = [{"model": p["model"], "resolution": p["resolution"], "epochs": p["epochs"],
+                   "family": "EfficientNet-RS" if p["model"].startswith("efficientnet") else "ResNet-RS",
+                   "top1_measured": 100 * p["top1"], "s_per_128": p["latency_s_per_128"], "gflops": p["gflops"]}
+                  for p in document["points"]]
+        source = document["latency_source"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; write it with `rs-transfer scale report --study {study}`") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a scaling report ({type(error).__name__}: {error})") from None
+    if not points:
+        raise UserError(f"{path}: no finished point")
+    return {"path": str(path.parent.resolve()), "latency_source": source, "points": points}
+
+
+def render_study(study: dict) -> str:
+    """The markdown section of a study's measured points (appended to table7.md)."""
+    lines = [
+        f"## Scaling study measured here ({study['path']})",
+        "",
+        f"Top-1 measured on the study's own data and epochs (ImageNet only if the study trained on it); latency: "
+        f"{study['latency_source']}. Neither column is the paper's.",
+        "",
+        "| family | model | res | epochs | top-1 % (measured) | s/128 (measured) | GFLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in study["points"]:
+        lines.append(f"| {p['family']} | {p['model']} | {p['resolution']} | {p['epochs']} | {p['top1_measured']:.1f} "
+                     f"| {_fmt(p['s_per_128'], '.3g')} | {p['gflops']:.3g} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_figure(rows, setup: dict, study: dict | None = None):
     # Figure without pyplot: no global backend state, always the Agg canvas.
     from matplotlib.figure import Figure
 
@@ -164,9 +209,18 @@ def pareto_figure(rows, setup: dict):
                 ax.annotate(f"{r['model'].replace('efficientnet_', '')}@{r['resolution']}",
                             (r["s_per_128"], r["top1_paper"]), fontsize=7, xytext=(3, -9),
                             textcoords="offset points")
+    for fam, marker, color in (("ResNet-RS", "^", "tab:orange"), ("EfficientNet-RS", "s", "tab:cyan")):
+        mine = [p for p in (study or {}).get("points", ()) if p["family"] == fam and p["s_per_128"] is not None]
+        if mine:
+            ax.plot([p["s_per_128"] for p in mine], [p["top1_measured"] for p in mine], marker, color=color,
+                    linestyle="none", label=f"{fam} (scaling study, measured here: top-1 and latency)")
+            for p in mine:
+                ax.annotate(f"{p['model'].replace('efficientnet_', '')}@{p['resolution']}/{p['epochs']}e",
+                            (p["s_per_128"], p["top1_measured"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("training step latency, s per 128 images (log)")
-    ax.set_ylabel("ImageNet top-1 (paper)")
+    ax.set_ylabel("ImageNet top-1 (paper)" if study is None else "top-1 % (paper: ImageNet; study: its data)")
     ax.set_title(f"{setup['device']}, {setup['dtype']}{', channels-last' if setup['channels_last'] else ''}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -174,8 +228,9 @@ def pareto_figure(rows, setup: dict):
     return fig
 
 
-def write_table7(results, out_dir: Path, plot: bool = True) -> list:
-    """Write table7.json, table7.md and (if `plot`) pareto.png for results measured on one device."""
+def write_table7(results, out_dir: Path, plot: bool = True, study: dict | None = None) -> list:
+    """Write table7.json, table7.md and (if `plot`) pareto.png for results measured on one device, with a
+    `load_study` study's points (table7.json "study", a table7.md section, their own plot series) when given."""
     results = list(results)
     if not results:
         raise UserError("no Table 7 results to write")
@@ -185,8 +240,12 @@ def write_table7(results, out_dir: Path, plot: bool = True) -> list:
         setup[key] = "/".join(sorted({str(getattr(r, key)) for r in results}))
     rows = table_rows(results)
     document = {**setup, "ratio_method": RATIO_METHOD, "rows": rows, "results": [r.to_dict() for r in results]}
-    figures = {"pareto.png": pareto_figure(rows, setup)} if plot else {}
-    return write_table(out_dir, "table7", render_markdown(rows, setup), document, figures)
+    markdown = render_markdown(rows, setup)
+    if study is not None:
+        document["study"] = study
+        markdown += "\n" + render_study(study)
+    figures = {"pareto.png": pareto_figure(rows, setup, study)} if plot else {}
+    return write_table(out_dir, "table7", markdown, document, figures)
 
 
 def load_results(path: Path) -> list:
@@ -204,18 +263,20 @@ def load_results(path: Path) -> list:
 
 
 def run_table7(out_dir: Path, device=None, dtype: str = "fp32", channels_last: bool = False, start_batch: int = 128,
-               warmup: int = 5, repeats: int = 20, only=None, sources=(), fresh: bool = False,
+               warmup: int = 5, repeats: int = 20, only=None, sources=(), fresh: bool = False, study=None,
                measure_fn=measure) -> list:
     """Measure the Table 7 rows (or render `sources` without measuring) and write the table after every row.
 
     Rows already in out_dir/table7.json with the same device, dtype and memory format are reused (so a run cut
-    short resumes), unless `fresh`.
+    short resumes), unless `fresh`. `study`: a scaling study folder whose measured points join the table and the
+    plot (`load_study`; read before anything is measured).
     """
     out_dir = Path(out_dir)
+    study = None if study is None else load_study(study)
     if sources:
         results = [r for source in sources for r in load_results(source)]
         check_one_setup(results, source=" + ".join(map(str, sources)))
-        return write_table7(results, out_dir)
+        return write_table7(results, out_dir, study=study)
     specs = select_specs(only)
     done = {}
     existing = out_dir / "table7.json"
@@ -237,5 +298,5 @@ def run_table7(out_dir: Path, device=None, dtype: str = "fp32", channels_last: b
         done[str(spec)] = measure_fn(spec, device, dtype=dtype, channels_last=channels_last,
                                      start_batch=start_batch, warmup=warmup, repeats=repeats)
         log.info("%s", format_results([done[str(spec)]]).splitlines()[2])
-        write_table7(done.values(), out_dir, plot=False)  # a run cut short keeps every finished row
-    return write_table7(done.values(), out_dir)
+        write_table7(done.values(), out_dir, plot=False, study=study)  # a run cut short keeps every finished row
+    return write_table7(done.values(), out_dir, study=study)
