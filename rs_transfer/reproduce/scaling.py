@@ -22,7 +22,7 @@ import yaml
 from rs_transfer.config import find_config, load_config, packaged_configs
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text
-from rs_transfer.models.zoo import LAYOUTS, SCALING_DEPTHS, SCALING_RESOLUTIONS, SCALING_WIDTHS
+from rs_transfer.models.zoo import LAYOUTS
 
 log = logging.getLogger(__name__)
 
