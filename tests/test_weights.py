@@ -143,3 +143,11 @@ def test_checkpoint_never_runs_code(tmp_path, capsys):
     with pytest.raises(WeightsError, match="cannot read weights file"):
         read_state_dict(tmp_path / "evil.pth")
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_an_efficientnet_classifier_of_another_size_is_dropped_like_a_resnets(tmp_path):
+    source = create_model("efficientnet_b0", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "b0.pth")
+    model = create_model("efficientnet_b0", num_classes=10, weights=tmp_path / "b0.pth")
+    assert model.classifier.out_features == 10
+    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 PLAIN_KEYS = ("state_dict", "model")
-CLASSIFIER_PREFIX = "fc."
+CLASSIFIER_PREFIX = "fc."  # our ResNets' (timm's ResNet); other timm models name theirs in pretrained_cfg
 # DDP / DataParallel and torch.compile wrappers; either may wrap the other, so they are stripped in any order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The attribute our task wrappers keep the network under (engine/task.py's contract).
@@ -144,23 +144,31 @@ def load_strict(module: nn.Module, state_dict: dict, path: str | Path, what: str
     return module
 
 
+def classifier_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of `model`'s classifier: "fc." for our ResNets, the name timm's pretrained_cfg gives
+    for other timm models (EfficientNet's "classifier.")."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return f"{config.get('classifier', 'fc')}." if isinstance(config, dict) else CLASSIFIER_PREFIX
+
+
 def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True, new_classifier: bool = True,
                  what: str = "the model", hint: str = "") -> nn.Module:
     """Load the weights file `path` into `model` strictly (`load_strict`).
 
-    new_classifier: a classifier (`fc.*`) in the file that does not fit the model's (another size, or a model
+    new_classifier: a classifier (`fc.*`, or what `classifier_prefix` names) in the file that does not fit the model's (another size, or a model
     without one) is dropped on purpose, and a file without one (a feature extractor's) leaves the model's head as it
     is: either way the model keeps its freshly initialised head (fine-tuning); False: the classifier must fit too.
     Raises WeightsError naming the file and every key, shape or dtype that does not fit (see `check_fit`)."""
     state_dict = read_state_dict(path, prefer_ema=prefer_ema)
     own = model.state_dict()
-    classifier = {k for k in state_dict if k.startswith(CLASSIFIER_PREFIX)}
-    own_classifier = frozenset(k for k in own if k.startswith(CLASSIFIER_PREFIX))
+    prefix = classifier_prefix(model)
+    classifier = {k for k in state_dict if k.startswith(prefix)}
+    own_classifier = frozenset(k for k in own if k.startswith(prefix))
     keep = frozenset()
     if new_classifier and classifier and (
         not own_classifier or any(k not in own or own[k].shape != state_dict[k].shape for k in classifier)
     ):
-        shape = tuple(state_dict.get("fc.weight", torch.empty(0)).shape)
+        shape = tuple(state_dict.get(f"{prefix}weight", torch.empty(0)).shape)
         log.info("%s: classifier %s dropped; the model keeps its own freshly initialised head", path, shape)
         state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
         keep = own_classifier
