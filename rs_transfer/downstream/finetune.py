@@ -7,7 +7,6 @@ hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json. Nothin
 """
 
 import dataclasses
-import json
 import logging
 import re
 import tempfile
@@ -19,6 +18,7 @@ import yaml
 from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, to_dict
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
+from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json
 
@@ -98,7 +98,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
         out = Path(base.output_dir) / protocol.point_name(lr, s)
         config = make_config(task, backbone, weights, config_path,
                              list(overrides) + [f"train.lr={lr}", f"train.steps={s}", f"output_dir={out}"])
-        if (out / "final_metrics.json").is_file():
+        if (out / FINAL_METRICS_FILE).is_file():
             check_finished_point(out, config)
             log.info("%s: finished earlier with this config, skipped", out)
             continue
@@ -128,10 +128,13 @@ def _check_point(point: int, count: int) -> int:
 
 
 def collect_sweep(folder, task) -> dict:
+    """Write FOLDER/sweep.json from every finished grid point (FOLDER/lr*_steps*/final_metrics.json) and return it:
+    {"task", "metric", "best": the point with the highest metric, "points"}. Raises UserError when no point has
+    finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
     metric = registry.get(task).metric
     results = []
-    for path in sorted(Path(folder).glob("lr*_steps*/final_metrics.json")):
-        values = json.loads(path.read_text())
+    for path in sorted(Path(folder).glob(f"lr*_steps*/{FINAL_METRICS_FILE}")):
+        values = read_final_metrics(path.parent, metric)
         results.append({"point": path.parent.name, metric: values[metric]})
     if not results:
         raise UserError(f"no finished grid points (lr*_steps*/final_metrics.json) in {folder}")
