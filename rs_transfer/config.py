@@ -277,6 +277,14 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     return resolved
 
 
+def data_root(root: str | Path | None, holds: str) -> Path:
+    """`root` (a config's data.root) as a Path. Raises ConfigError "data.root is not set: give data.root=DIR, the
+    folder that holds HOLDS" when it is None or empty: the one message of every command that reads a dataset."""
+    if not root:
+        raise ConfigError(f"data.root is not set: give data.root=DIR, the folder that holds {holds}")
+    return Path(root)
+
+
 def save_config(config, output_dir: str | Path) -> Path:
     """Write the resolved config to OUTPUT_DIR/config.yaml, headed by the git commit it ran from."""
     output_dir = Path(output_dir)
