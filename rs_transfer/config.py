@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rs_transfer.data.text import ENCODING as TEXT_ENCODING
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_text
+from rs_transfer.files import atomic_write_text, make_dir
 
 T = TypeVar("T")
 
@@ -286,9 +286,9 @@ def data_root(root: str | Path | None, holds: str) -> Path:
 
 
 def save_config(config, output_dir: str | Path) -> Path:
-    """Write the resolved config to OUTPUT_DIR/config.yaml, headed by the git commit it ran from."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write the resolved config to OUTPUT_DIR/config.yaml, headed by the git commit it ran from. Raises
+    FileWriteError naming the folder or file when the disk refuses."""
+    output_dir = make_dir(output_dir, "output_dir")
     path = output_dir / "config.yaml"
     text = f"# rs-transfer run config; git commit: {git_commit()}\n" + OmegaConf.to_yaml(OmegaConf.structured(config))
     return atomic_write_text(path, text)

@@ -25,13 +25,16 @@ class FileWriteError(UserError):
 
 
 def make_dir(path: str | Path, what: str, hint: str = "") -> Path:
-    """Create folder `path` (and its parents) if missing. Raises FileWriteError "cannot create WHAT PATH: reason"
-    (+ `hint`) when the disk refuses (read-only, full, a file in the way, no permission)."""
+    """Create folder `path` (and its parents) if missing: the one way the toolkit makes a folder. Raises
+    FileWriteError "cannot create WHAT PATH: reason" (+ `hint`) when the disk refuses (read-only, full, no
+    permission) or a file is in the way (the reason then names that file, not the OS's "File exists")."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FileWriteError(f"cannot create {what} {path}: {error.strerror or error}{hint}") from None
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else error.strerror or error
+        raise FileWriteError(f"cannot create {what} {path}: {reason}{hint}") from None
     return path
 
 

@@ -143,3 +143,26 @@ def test_help_is_argparses_own(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["finetune", "--help"])
     assert exit.value.code == 0 and capsys.readouterr().out.startswith("usage: rs-transfer finetune [-h] --task")
+
+
+@pytest.mark.parametrize("args, what", [
+    (["reproduce", "table1", "--out", "{file}/t"], "the table folder {file}/t"),
+    (["finetune", "--task", "cifar100", "--synthetic", "output_dir={file}"],
+     "the folder that holds the generated dataset {file}"),
+    (["demo", "--task", "cifar100", "--output", "{file}/run", "--data", "{file}/data"],
+     "the folder that holds the generated dataset {file}"),
+])
+def test_a_file_where_a_folder_goes_is_named_as_such(args, what, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    assert main([arg.format(file=file) for arg in args]) == 2
+    assert capsys.readouterr().err == f"error: cannot create {what.format(file=file)}: {file} is a file, not a folder\n"
+
+
+def test_save_config_makes_its_folder_the_one_way(tmp_path):
+    from rs_transfer.config import RunConfig, save_config
+    from rs_transfer.files import FileWriteError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileWriteError, match=f"^cannot create output_dir {tmp_path}/a-file/run: {tmp_path}/a-file is a"):
+        save_config(RunConfig(), tmp_path / "a-file" / "run")

@@ -13,7 +13,7 @@ from rs_transfer.config import load_config, packaged_configs
 from rs_transfer.engine.distributed import is_main
 from rs_transfer.engine.summary import read_final_metrics
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_open, atomic_write_json, atomic_write_text
+from rs_transfer.files import atomic_open, atomic_write_json, atomic_write_text, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def write_table(out: str | Path, name: str, markdown: str, document, figures: di
     paths = [out / f"{name}.json", out / f"{name}.md", *(out / file_name for file_name in figures)]
     if not is_main():
         return paths
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the table folder")
     atomic_write_json(paths[0], document)
     atomic_write_text(paths[1], markdown)
     for path, figure in zip(paths[2:], figures.values()):
