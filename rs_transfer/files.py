@@ -38,6 +38,21 @@ def make_dir(path: str | Path, what: str, hint: str = "") -> Path:
     return path
 
 
+def checkpoint_format(path: str | Path) -> str | None:
+    """What a weights file is, from its first bytes: "zip" (torch.save since PyTorch 1.6, TorchScript),
+    "pickle" (the legacy torch.save format), "safetensors" (an 8-byte header length, then a JSON header), or None
+    for anything else (a text file, an image, an empty file). Reads 9 bytes; no torch. OSError when unreadable."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80") and len(head) > 1 and 2 <= head[1] <= 5:  # pickle's PROTO opcode and version
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
 

@@ -20,7 +20,7 @@ from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import atomic_write_json, checkpoint_format
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,35 @@ def write_synthetic(task: str, root, images: int) -> Path:
     return registry.get(task).write_synthetic(root, images, val)
 
 
+def check_model(config: FinetuneConfig) -> None:
+    """Check model.name and model.weights before anything is written or trained, so that a typo fails in a second,
+    not after the synthetic dataset is written. Raises UserError for a name outside the zoo grammar, WeightsError
+    for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
+    checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
+    from rs_transfer.models import hub, zoo
+    from rs_transfer.models.weights import WeightsError
+
+    zoo.parse_name(config.model.name)
+    if not config.model.weights:
+        return
+    path = hub.resolve(config.model.weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (model.weights)")
+    try:
+        kind = checkpoint_format(path)
+    except OSError as error:
+        raise WeightsError(f"cannot read weights file {path}: {error.strerror or error}") from None
+    if kind is None:
+        raise WeightsError(f"weights file {path} (model.weights) is not a PyTorch checkpoint (torch.save: .pt, "
+                           ".pth, .bin) or a safetensors file")
+
+
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
     from rs_transfer.engine.write_once import write_once
 
+    check_model(config)
     if synthetic:
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
         # A folder the user filled keeps its data (the loader checks its layout).
@@ -147,7 +171,7 @@ def collect_sweep(folder, task) -> dict:
 def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=()) -> dict:
     """Write a small synthetic dataset in the task's real format and fine-tune the demo config on it."""
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
+    work = None if data_dir and output_dir else Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
     data_dir = Path(data_dir or work / "data")
     output_dir = Path(output_dir or work / "run")
     config = load_config(registry.get(task).config, default_config(task, demo=True),
