@@ -166,3 +166,13 @@ def test_save_config_makes_its_folder_the_one_way(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(FileWriteError, match=f"^cannot create output_dir {tmp_path}/a-file/run: {tmp_path}/a-file is a"):
         save_config(RunConfig(), tmp_path / "a-file" / "run")
+
+
+def test_a_config_of_another_task_is_refused_naming_both(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("task:\n  name: cifar100\ntrain:\n  steps: 3\n")
+    assert main(["finetune", "--task", "pascal_seg", "--config", str(config), f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (f"error: config file {config} has task.name: cifar100, which contradicts --task "
+                                       "pascal_seg: give a config of pascal_seg, or --task cifar100\n")
+    assert main(["finetune", "--task", "pascal_seg", "task.name=cifar100"]) == 2
+    assert capsys.readouterr().err == "error: override task.name=cifar100 contradicts --task pascal_seg\n"

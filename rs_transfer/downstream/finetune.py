@@ -35,17 +35,27 @@ def default_config(task: str, demo: bool = False) -> Path:
 
 
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:
-    fixed = [f"task.name={task}"]
+    """The run config of `task`: its schema's defaults, the config file (`config_path`, default
+    downstream/<task>.yaml), --backbone and --weights, then `overrides`.
+
+    Raises ConfigError for a bad file, key or value, and when the file or an override sets task.name to another task
+    than `task`: a config written for another task would otherwise run silently as this one."""
+    fixed = []
     if backbone is not None:
         fixed.append(f"model.name={backbone}")
     if weights is not None:
         fixed.append(f"model.weights={weights}")
+    path = config_path or default_config(task)
     try:
-        config = load_config(registry.get(task).config, config_path or default_config(task), fixed + list(overrides))
+        config = load_config(registry.get(task).config, path, fixed + list(overrides))
     except ConfigError as error:
         raise ConfigError(f"{error}{_owners(str(error), task)}") from None
-    if config.task.name != task:
-        raise UserError(f"override task.name={config.task.name} contradicts --task {task}")
+    if config.task.name not in ("", task):  # "": a file that leaves the name to --task
+        if any(item.strip().startswith("task.name=") for item in overrides):
+            raise ConfigError(f"override task.name={config.task.name} contradicts --task {task}")
+        raise ConfigError(f"config file {path} has task.name: {config.task.name}, which contradicts --task {task}: "
+                          f"give a config of {task}, or --task {config.task.name}")
+    config.task.name = task
     return config
 
 
