@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import sys
 
@@ -18,8 +19,57 @@ CONFIG_HELP = "YAML config: a file, or a config shipped in the package by name, 
 RESUME_HELP = "continue the run in output_dir from its newest checkpoint (same as train.resume=auto)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "error: MESSAGE (see rs-transfer COMMAND --help)" and exit code 2, for the
+    top-level parser and every subcommand's (subparsers are made of the parent's class). --help is unchanged."""
+
+    def error(self, message: str):
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str):
+    print(f"error: {message} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class OptionError(UserError):
+    """A command-line option's value that makes no sense (a resolution of 0, a negative class count)."""
+
+
+def whole(option: str, least: int):
+    """An argparse `type=` for an integer option >= `least`; OptionError "OPTION must be ..." otherwise.
+
+    A UserError (not argparse's ArgumentTypeError) so that main() turns it into its one `error:` line and returns
+    2, like every other bad input; the option's name is given because argparse does not pass it to `type`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise OptionError(f"{option} must be a whole number >= {least}, got {text!r}") from None
+        if value < least:
+            raise OptionError(f"{option} must be at least {least}, got {value}")
+        return value
+    return parse
+
+
+def real(option: str, low: float, high: float | None = None, open_low: bool = False):
+    """An argparse `type=` for a finite float option in [low, high] ((low, high] with `open_low`; no upper bound
+    when `high` is None); OptionError naming the option otherwise."""
+    rule = f"{'>' if open_low else '>='} {low:g}" if high is None else f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (value <= low if open_low else value < low) or (high is not None and value > high):
+            raise OptionError(f"{option} must be a number {rule}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rs-transfer", description=__doc__.splitlines()[0])
+    parser = Parser(prog="rs-transfer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = commands.add_parser("models", help="the model zoo: layouts, params, GFLOPs, paper top-1, timm tags")
@@ -28,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="one model in detail (params and GFLOPs measured now)")
     info.add_argument("name", help="zoo name, e.g. rs152, rs101-w1.5, resnet152-w2")
-    info.add_argument("--resolution", type=int, action="append", help="GFLOPs at this size (repeatable)")
-    info.add_argument("--num-classes", type=int, default=1000)
+    info.add_argument("--resolution", type=whole("--resolution", 1), action="append", help="GFLOPs at this size (repeatable)")
+    info.add_argument("--num-classes", type=whole("--num-classes", 1), default=1000)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
 
     index = commands.add_parser("index", help="write FOLDER/index.json for a folder of tar shards (one pass)")
     index.add_argument("folder", help="a folder of webdataset-layout .tar shards, e.g. /data/imagenet/train")
-    index.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes scanning shards")
+    index.add_argument("--workers", type=whole("--workers", 1), default=os.cpu_count() or 1, help="processes scanning shards")
     index.set_defaults(run=run_index)
 
     pretrain = commands.add_parser("pretrain", help="train a classifier with the RS recipe (ImageNet layout or shards)")
@@ -50,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--images", required=True, help="a folder of images, a .tar shard or a folder of .tar shards")
     pseudo.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     pseudo.add_argument("--model", default="rs152", help="the teacher's zoo name (default rs152)")
-    pseudo.add_argument("--image-size", type=int, default=224, help="teacher eval resolution (default 224)")
-    pseudo.add_argument("--batch-size", type=int, default=128, help="per process")
-    pseudo.add_argument("--topk", type=int, default=10, help="probabilities kept per image for soft targets (0: none)")
-    pseudo.add_argument("--threshold", type=float, default=0.3, help="minimum confidence (Noisy Student: 0.3)")
-    pseudo.add_argument("--per-class", type=int, default=0,
+    pseudo.add_argument("--image-size", type=whole("--image-size", 1), default=224, help="teacher eval resolution (default 224)")
+    pseudo.add_argument("--batch-size", type=whole("--batch-size", 1), default=128, help="per process")
+    pseudo.add_argument("--topk", type=whole("--topk", 0), default=10, help="probabilities kept per image for soft targets (0: none)")
+    pseudo.add_argument("--threshold", type=real("--threshold", 0, 1), default=0.3, help="minimum confidence (Noisy Student: 0.3)")
+    pseudo.add_argument("--per-class", type=whole("--per-class", 0), default=0,
                         help="balance to this many images per class (Noisy Student: 130000); 0: no balancing")
-    pseudo.add_argument("--num-workers", type=int, default=8)
-    pseudo.add_argument("--max-batches", type=int, help="stop after this many batches per rank (resume later)")
+    pseudo.add_argument("--num-workers", type=whole("--num-workers", 0), default=8)
+    pseudo.add_argument("--max-batches", type=whole("--max-batches", 1), help="stop after this many batches per rank (resume later)")
     pseudo.set_defaults(run=run_pseudo_label)
 
     video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400: train, 30-view evaluation")
@@ -69,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     video_train.set_defaults(run=run_video_train)
     video_eval = video_commands.add_parser("eval", help="multi-view evaluation of a checkpoint on the val split")
     video_eval.add_argument("--checkpoint", required=True, help="a `video train` checkpoint (EMA weights preferred)")
-    video_eval.add_argument("--views", type=int, default=30, help="30 = 10 clips x 3 crops; 3 = 1 x 3; 1 = centre")
+    video_eval.add_argument("--views", type=whole("--views", 1), default=30, help="30 = 10 clips x 3 crops; 3 = 1 x 3; 1 = centre")
     video_eval.add_argument("--config", help="the run's config (default: config.yaml beside the checkpoint)")
     video_eval.add_argument("overrides", nargs="*", metavar="key=value")
     video_eval.set_defaults(run=run_video_eval)
@@ -98,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (config.yaml, weights.pth)")
     export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
                         help="onnx needs the export extra: pip install 'rs-transfer[export]'")
-    export.add_argument("--resolution", type=int, help="input height and width (default: the run's evaluation size)")
+    export.add_argument("--resolution", type=whole("--resolution", 1), help="input height and width (default: the run's evaluation size)")
     export.add_argument("--out", help="output file (default RUN/export/model.onnx|.ts|.pt2)")
     export.set_defaults(run=run_export)
 
@@ -109,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dry-run", action="store_true", help="ladder tables: list the runs and their configs, run nothing")
     reproduce.add_argument("--run", dest="train_missing", action="store_true",
                            help="ladder tables: train the rows that have no result yet (default: collect only)")
-    reproduce.add_argument("--repeats", type=int, default=1,
+    reproduce.add_argument("--repeats", type=whole("--repeats", 1), default=1,
                            help="ladder tables: runs per row, seeds seed..seed+N-1; mean and spread reported (paper: 2)")
     reproduce.add_argument("--result", dest="results", action="append", default=[], metavar="LABEL:TASK=RUN_DIR",
                            help="table5: a finished finetune or sweep folder for one backbone label and task")
@@ -227,14 +277,14 @@ def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed, memory and FLOPs the paper's way (Tables 3 and 7)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
 
-    timing = argparse.ArgumentParser(add_help=False)  # options every timed bench shares
+    timing = Parser(add_help=False)  # options every timed bench shares
     timing.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     timing.add_argument("--dtype", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="fp32 (TF32 off, like the paper's V100), tf32, or bf16 autocast")
     timing.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    timing.add_argument("--batch", type=int, help="start batch, halved until it fits (default 128 on GPU, 8 on CPU)")
-    timing.add_argument("--warmup", type=int, help="untimed steps first (default 5 on GPU, 1 on CPU)")
-    timing.add_argument("--repeats", type=int, help="timed steps, median reported (default 20 on GPU, 3 on CPU)")
+    timing.add_argument("--batch", type=whole("--batch", 1), help="start batch, halved until it fits (default 128 on GPU, 8 on CPU)")
+    timing.add_argument("--warmup", type=whole("--warmup", 0), help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    timing.add_argument("--repeats", type=whole("--repeats", 1), help="timed steps, median reported (default 20 on GPU, 3 on CPU)")
 
     latency = bench_commands.add_parser("latency", parents=[timing],
                                         help="training-step latency, peak memory, inference throughput")
@@ -262,18 +312,18 @@ def add_bench_commands(commands) -> None:
     add_bench_data(bench_commands)
 
     index = bench_commands.add_parser("index", help="start-up memory and time of one rank at N samples over S shards")
-    index.add_argument("--samples", type=int, default=1_000_000, help="N samples (default 1000000)")
-    index.add_argument("--shards", type=int, default=100, help="S shards (default 100)")
-    index.add_argument("--world", type=int, default=8, help="ranks of the simulated run (default 8: one node)")
-    index.add_argument("--topk", type=int, default=10, help="soft labels per pseudo-labelled image (default 10)")
+    index.add_argument("--samples", type=whole("--samples", 1), default=1_000_000, help="N samples (default 1000000)")
+    index.add_argument("--shards", type=whole("--shards", 2), default=100, help="S shards (default 100)")
+    index.add_argument("--world", type=whole("--world", 1), default=8, help="ranks of the simulated run (default 8: one node)")
+    index.add_argument("--topk", type=whole("--topk", 1), default=10, help="soft labels per pseudo-labelled image (default 10)")
     index.add_argument("--work-dir", help="where the descriptor and table are generated (default: a temp folder)")
     index.add_argument("--json", action="store_true", help="JSON output (it always is; for scripts' symmetry)")
     index.set_defaults(run=run_bench_index)
 
     video_data = bench_commands.add_parser("video-data", help="video loader: decoded training clips/s per worker")
     video_data.add_argument("--root", help="Kinetics root (default: 4 generated 10 s 340x256 videos)")
-    video_data.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    video_data.add_argument("--clips", type=int, default=24)
+    video_data.add_argument("--workers", type=whole("--workers", 0), nargs="+", default=[0, 1, 2])
+    video_data.add_argument("--clips", type=whole("--clips", 1), default=24)
     video_data.add_argument("--json", action="store_true", help="JSON output (it always is; for scripts' symmetry)")
     video_data.set_defaults(run=run_bench_video_data)
 
@@ -322,10 +372,10 @@ def run_bench_flops(args) -> int:
 def add_bench_data(bench_commands) -> None:
     bench_data = bench_commands.add_parser("data", help="decoded + augmented images/s per loader worker: RS vs timm")
     bench_data.add_argument("--images", help="a folder of images to read (default: synthetic 500x375 JPEGs)")
-    bench_data.add_argument("--count", type=int, default=64, help="images held in memory and cycled")
-    bench_data.add_argument("--resolution", type=int, default=160)
-    bench_data.add_argument("--magnitude", type=float, default=10.0)
-    bench_data.add_argument("--seconds", type=float, default=5.0, help="minimum CPU time per pipeline")
+    bench_data.add_argument("--count", type=whole("--count", 1), default=64, help="images held in memory and cycled")
+    bench_data.add_argument("--resolution", type=whole("--resolution", 1), default=160)
+    bench_data.add_argument("--magnitude", type=real("--magnitude", 0), default=10.0)
+    bench_data.add_argument("--seconds", type=real("--seconds", 0, open_low=True), default=5.0, help="minimum CPU time per pipeline")
     bench_data.add_argument("--json", action="store_true")
     bench_data.set_defaults(run=run_bench_data)
 
@@ -349,7 +399,7 @@ def add_downstream_commands(commands) -> None:
         sub.add_argument("overrides", nargs="*", metavar="key=value")
         sub.set_defaults(run=run_finetune if name == "finetune" else run_sweep)
     sweep = commands.choices["sweep"]
-    sweep.add_argument("--point", type=int, help="run only this grid point (0-based), e.g. one job per point")
+    sweep.add_argument("--point", type=whole("--point", 0), help="run only this grid point (0-based), e.g. one job per point")
     demo = commands.add_parser("demo", help="fine-tune a tiny backbone on a generated dataset, end to end")
     demo.add_argument("--task", default="pascal_seg", choices=TRANSFER_TASKS)
     demo.add_argument("--data", help="folder for the generated dataset (default: a temporary folder)")
@@ -552,12 +602,17 @@ def run_bench_video_data(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except OptionError as error:  # a nonsense number, from the `type=` helpers above
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
     # `key=value` overrides may follow options (`finetune ... --resume train.steps=2`): argparse leaves those over
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command = [args.command, getattr(args, "video_command", None), getattr(args, "bench_command", None)]
+        usage_error(" ".join(["rs-transfer", *filter(None, command)]), f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except StoppedBySignal as stop:  # not an error: the run saved its checkpoint and can be resumed

@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rs_transfer.data.text import ENCODING as TEXT_ENCODING
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_text
+from rs_transfer.files import atomic_write_text, make_dir
 
 T = TypeVar("T")
 
@@ -277,10 +277,18 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     return resolved
 
 
+def data_root(root: str | Path | None, holds: str) -> Path:
+    """`root` (a config's data.root) as a Path. Raises ConfigError "data.root is not set: give data.root=DIR, the
+    folder that holds HOLDS" when it is None or empty: the one message of every command that reads a dataset."""
+    if not root:
+        raise ConfigError(f"data.root is not set: give data.root=DIR, the folder that holds {holds}")
+    return Path(root)
+
+
 def save_config(config, output_dir: str | Path) -> Path:
-    """Write the resolved config to OUTPUT_DIR/config.yaml, headed by the git commit it ran from."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write the resolved config to OUTPUT_DIR/config.yaml, headed by the git commit it ran from. Raises
+    FileWriteError naming the folder or file when the disk refuses."""
+    output_dir = make_dir(output_dir, "output_dir")
     path = output_dir / "config.yaml"
     text = f"# rs-transfer run config; git commit: {git_commit()}\n" + OmegaConf.to_yaml(OmegaConf.structured(config))
     return atomic_write_text(path, text)

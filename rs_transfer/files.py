@@ -25,14 +25,32 @@ class FileWriteError(UserError):
 
 
 def make_dir(path: str | Path, what: str, hint: str = "") -> Path:
-    """Create folder `path` (and its parents) if missing. Raises FileWriteError "cannot create WHAT PATH: reason"
-    (+ `hint`) when the disk refuses (read-only, full, a file in the way, no permission)."""
+    """Create folder `path` (and its parents) if missing: the one way the toolkit makes a folder. Raises
+    FileWriteError "cannot create WHAT PATH: reason" (+ `hint`) when the disk refuses (read-only, full, no
+    permission) or a file is in the way (the reason then names that file, not the OS's "File exists")."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FileWriteError(f"cannot create {what} {path}: {error.strerror or error}{hint}") from None
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else error.strerror or error
+        raise FileWriteError(f"cannot create {what} {path}: {reason}{hint}") from None
     return path
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """What a weights file is, from its first bytes: "zip" (torch.save since PyTorch 1.6, TorchScript),
+    "pickle" (the legacy torch.save format), "safetensors" (an 8-byte header length, then a JSON header), or None
+    for anything else (a text file, an image, an empty file). Reads 9 bytes; no torch. OSError when unreadable."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80") and len(head) > 1 and 2 <= head[1] <= 5:  # pickle's PROTO opcode and version
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
 
 
 def temp_path(path: Path) -> Path:

@@ -94,3 +94,85 @@ def test_an_os_refusal_is_one_error_line_naming_the_path(monkeypatch, capsys):
     monkeypatch.setattr(finetune, "finetune", read_only)
     assert main(["finetune", "--task", "cifar100"]) == 2
     assert capsys.readouterr().err == "error: /mnt/ro/run: Read-only file system (errno EROFS)\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "rs50", "--resolution", "0"], "--resolution must be at least 1, got 0"),
+    (["info", "rs50", "--resolution", "-5"], "--resolution must be at least 1, got -5"),
+    (["info", "rs50", "--num-classes", "-1"], "--num-classes must be at least 1, got -1"),
+    (["info", "rs50", "--num-classes", "ten"], "--num-classes must be a whole number >= 1, got 'ten'"),
+    (["index", "/data", "--workers", "-2"], "--workers must be at least 1, got -2"),
+    (["pseudo-label", "--teacher", "t.pt", "--images", "i", "--out", "o", "--threshold", "nan"],
+     "--threshold must be a number in [0, 1], got 'nan'"),
+    (["pseudo-label", "--teacher", "t.pt", "--images", "i", "--out", "o", "--image-size", "0"],
+     "--image-size must be at least 1, got 0"),
+    (["pseudo-label", "--teacher", "t.pt", "--images", "i", "--out", "o", "--max-batches", "0"],
+     "--max-batches must be at least 1, got 0"),
+    (["video", "eval", "--checkpoint", "c.pt", "--views", "0"], "--views must be at least 1, got 0"),
+    (["export", "--run", "r", "--format", "onnx", "--resolution", "-1"], "--resolution must be at least 1, got -1"),
+    (["reproduce", "table1", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["sweep", "--task", "cifar100", "--point", "-1"], "--point must be at least 0, got -1"),
+    (["bench", "latency", "--models", "rs50@64", "--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["bench", "data", "--seconds", "0"], "--seconds must be a number > 0, got '0'"),
+    (["bench", "data", "--magnitude", "inf"], "--magnitude must be a number >= 0, got 'inf'"),
+    (["bench", "index", "--shards", "1"], "--shards must be at least 2, got 1"),
+    (["bench", "video-data", "--workers", "0", "-1"], "--workers must be at least 0, got -1"),
+    (["bench", "video-data", "--clips", "0"], "--clips must be at least 1, got 0"),
+])
+def test_a_nonsense_number_is_one_error_line_naming_the_option_before_any_work(args, message, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("args, message, command", [
+    (["finetune", "--task", "nosuch"], "argument --task: invalid choice: 'nosuch' (choose from ", "finetune"),
+    (["finetune", "--task", "cifar100", "--bogus"], "unrecognized arguments: --bogus", "finetune"),
+    (["video", "train"], "the following arguments are required: --config", "video train"),
+    (["bench", "latency", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'", "bench latency"),
+    ([], "the following arguments are required: COMMAND", ""),
+])
+def test_a_parser_error_is_one_line_pointing_at_the_commands_help(args, message, command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {message}") and err.endswith(f" (see rs-transfer {command} --help)\n".replace("  ", " ")), err
+
+
+def test_help_is_argparses_own(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--help"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("usage: rs-transfer finetune [-h] --task")
+
+
+@pytest.mark.parametrize("args, what", [
+    (["reproduce", "table1", "--out", "{file}/t"], "the table folder {file}/t"),
+    (["finetune", "--task", "cifar100", "--synthetic", "output_dir={file}"],
+     "the folder that holds the generated dataset {file}"),
+    (["demo", "--task", "cifar100", "--output", "{file}/run", "--data", "{file}/data"],
+     "the folder that holds the generated dataset {file}"),
+])
+def test_a_file_where_a_folder_goes_is_named_as_such(args, what, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    assert main([arg.format(file=file) for arg in args]) == 2
+    assert capsys.readouterr().err == f"error: cannot create {what.format(file=file)}: {file} is a file, not a folder\n"
+
+
+def test_save_config_makes_its_folder_the_one_way(tmp_path):
+    from rs_transfer.config import RunConfig, save_config
+    from rs_transfer.files import FileWriteError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileWriteError, match=f"^cannot create output_dir {tmp_path}/a-file/run: {tmp_path}/a-file is a"):
+        save_config(RunConfig(), tmp_path / "a-file" / "run")
+
+
+def test_a_config_of_another_task_is_refused_naming_both(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("task:\n  name: cifar100\ntrain:\n  steps: 3\n")
+    assert main(["finetune", "--task", "pascal_seg", "--config", str(config), f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (f"error: config file {config} has task.name: cifar100, which contradicts --task "
+                                       "pascal_seg: give a config of pascal_seg, or --task cifar100\n")
+    assert main(["finetune", "--task", "pascal_seg", "task.name=cifar100"]) == 2
+    assert capsys.readouterr().err == "error: override task.name=cifar100 contradicts --task pascal_seg\n"

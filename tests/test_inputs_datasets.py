@@ -235,3 +235,27 @@ def test_nyu_evaluation_without_a_valid_pixel_is_an_error_not_zero(tmp_path):
     with pytest.raises(DataError, match=r"no ground-truth depth inside \(0.001, 0.5\) m and the Eigen crop "
                                            r"in 2 images"):
         nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))
+
+
+def _unset_root_errors():
+    """Each reader's path to data.root with the key unset: every transfer task, NYU's reader, pretraining, video."""
+    from rs_transfer.config import load_config
+    from rs_transfer.downstream import finetune, registry
+    from rs_transfer.pretrain.config import PretrainConfig
+    from rs_transfer.pretrain.task import build_datasets
+    from rs_transfer.video.config import VideoConfig
+    from rs_transfer.video.task import prepare_root
+
+    cases = {task: (lambda task=task: finetune.build_task(finetune.make_config(task))) for task in registry.names()}
+    cases["NYUDepth"] = lambda: nyu_depth.NYUDepth(None, "train")
+    cases["pretrain"] = lambda: build_datasets(load_config(PretrainConfig))
+    cases["video"] = lambda: prepare_root(load_config(VideoConfig))
+    return cases
+
+
+@pytest.mark.parametrize("reader", list(_unset_root_errors()))
+def test_an_unset_data_root_is_one_config_error_of_one_shape_for_every_reader(reader):
+    from rs_transfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.root is not set: give data\.root=DIR, the folder that holds \S"):
+        _unset_root_errors()[reader]()

@@ -171,3 +171,33 @@ def test_net_prefix_is_stripped_around_wrapper_prefixes_and_only_when_every_key_
     mixed = {"net.weight": torch.zeros(2), "head.weight": torch.zeros(2)}
     torch.save(mixed, tmp_path / "mixed.pth")
     assert read_state_dict(tmp_path / "mixed.pth").keys() == mixed.keys()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--backbone", "rs999"], "unknown depth 999 in model name 'rs999'"),
+    (["--weights", "timm:nonsense"], "timm:nonsense: timm has no pretrained weights named 'nonsense'"),
+    (["--weights", "{tmp}/notes.pth"], "weights file {tmp}/notes.pth (model.weights) is not a PyTorch checkpoint"),
+    (["--weights", "{tmp}/missing.pth"], "weights file not found: {tmp}/missing.pth"),
+])
+def test_a_bad_backbone_or_weights_fails_before_the_synthetic_dataset_is_written(option, message, tmp_path, capsys):
+    from rs_transfer.cli import main
+
+    (tmp_path / "notes.pth").write_text("not weights\n")
+    args = ["finetune", "--task", "cifar100", "--synthetic", *option, f"output_dir={tmp_path / 'run'}"]
+    assert main([arg.format(tmp=tmp_path) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(tmp=tmp_path)}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_with_data_and_output_given_makes_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from rs_transfer.downstream import finetune
+
+    def no_temp(*args, **kwargs):
+        raise AssertionError("demo made a temporary folder it does not use")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temp)
+    monkeypatch.setattr(finetune, "run", lambda config, synthetic: {"top1": 0.5})
+    assert finetune.demo("cifar100", tmp_path / "data", tmp_path / "run") == {"top1": 0.5}

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from rs_transfer.config import data_root
 from rs_transfer.data.images import read_rgb8
 from rs_transfer.data.text import read_lines
 from rs_transfer.errors import DataError
@@ -22,10 +23,9 @@ IGNORE = 255  # label of pixels that count neither for the loss nor for mIoU
 
 
 def find_dir(root, candidates: tuple, what: str) -> Path:
-    """The first of `root/candidate` that exists; an error listing every place looked at otherwise."""
-    if root is None:
-        raise DataError(f"data.root is not set: pass data.root=DIR, the folder that holds {what}")
-    root = Path(root)
+    """The first of `root/candidate` that exists; DataError listing every place looked at otherwise, ConfigError
+    when `root` (data.root) is not set."""
+    root = data_root(root, what)
     for candidate in candidates:
         path = root / candidate
         if path.is_dir():

@@ -7,7 +7,6 @@ hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json. Nothin
 """
 
 import dataclasses
-import json
 import logging
 import re
 import tempfile
@@ -19,8 +18,9 @@ import yaml
 from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, to_dict
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
+from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import atomic_write_json, checkpoint_format
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +35,27 @@ def default_config(task: str, demo: bool = False) -> Path:
 
 
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:
-    fixed = [f"task.name={task}"]
+    """The run config of `task`: its schema's defaults, the config file (`config_path`, default
+    downstream/<task>.yaml), --backbone and --weights, then `overrides`.
+
+    Raises ConfigError for a bad file, key or value, and when the file or an override sets task.name to another task
+    than `task`: a config written for another task would otherwise run silently as this one."""
+    fixed = []
     if backbone is not None:
         fixed.append(f"model.name={backbone}")
     if weights is not None:
         fixed.append(f"model.weights={weights}")
+    path = config_path or default_config(task)
     try:
-        config = load_config(registry.get(task).config, config_path or default_config(task), fixed + list(overrides))
+        config = load_config(registry.get(task).config, path, fixed + list(overrides))
     except ConfigError as error:
         raise ConfigError(f"{error}{_owners(str(error), task)}") from None
-    if config.task.name != task:
-        raise UserError(f"override task.name={config.task.name} contradicts --task {task}")
+    if config.task.name not in ("", task):  # "": a file that leaves the name to --task
+        if any(item.strip().startswith("task.name=") for item in overrides):
+            raise ConfigError(f"override task.name={config.task.name} contradicts --task {task}")
+        raise ConfigError(f"config file {path} has task.name: {config.task.name}, which contradicts --task {task}: "
+                          f"give a config of {task}, or --task {config.task.name}")
+    config.task.name = task
     return config
 
 
@@ -65,11 +75,35 @@ def write_synthetic(task: str, root, images: int) -> Path:
     return registry.get(task).write_synthetic(root, images, val)
 
 
+def check_model(config: FinetuneConfig) -> None:
+    """Check model.name and model.weights before anything is written or trained, so that a typo fails in a second,
+    not after the synthetic dataset is written. Raises UserError for a name outside the zoo grammar, WeightsError
+    for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
+    checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
+    from rs_transfer.models import hub, zoo
+    from rs_transfer.models.weights import WeightsError
+
+    zoo.parse_name(config.model.name)
+    if not config.model.weights:
+        return
+    path = hub.resolve(config.model.weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (model.weights)")
+    try:
+        kind = checkpoint_format(path)
+    except OSError as error:
+        raise WeightsError(f"cannot read weights file {path}: {error.strerror or error}") from None
+    if kind is None:
+        raise WeightsError(f"weights file {path} (model.weights) is not a PyTorch checkpoint (torch.save: .pt, "
+                           ".pth, .bin) or a safetensors file")
+
+
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
     from rs_transfer.engine.write_once import write_once
 
+    check_model(config)
     if synthetic:
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
         # A folder the user filled keeps its data (the loader checks its layout).
@@ -98,7 +132,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
         out = Path(base.output_dir) / protocol.point_name(lr, s)
         config = make_config(task, backbone, weights, config_path,
                              list(overrides) + [f"train.lr={lr}", f"train.steps={s}", f"output_dir={out}"])
-        if (out / "final_metrics.json").is_file():
+        if (out / FINAL_METRICS_FILE).is_file():
             check_finished_point(out, config)
             log.info("%s: finished earlier with this config, skipped", out)
             continue
@@ -128,10 +162,13 @@ def _check_point(point: int, count: int) -> int:
 
 
 def collect_sweep(folder, task) -> dict:
+    """Write FOLDER/sweep.json from every finished grid point (FOLDER/lr*_steps*/final_metrics.json) and return it:
+    {"task", "metric", "best": the point with the highest metric, "points"}. Raises UserError when no point has
+    finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
     metric = registry.get(task).metric
     results = []
-    for path in sorted(Path(folder).glob("lr*_steps*/final_metrics.json")):
-        values = json.loads(path.read_text())
+    for path in sorted(Path(folder).glob(f"lr*_steps*/{FINAL_METRICS_FILE}")):
+        values = read_final_metrics(path.parent, metric)
         results.append({"point": path.parent.name, metric: values[metric]})
     if not results:
         raise UserError(f"no finished grid points (lr*_steps*/final_metrics.json) in {folder}")
@@ -144,7 +181,7 @@ def collect_sweep(folder, task) -> dict:
 def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=()) -> dict:
     """Write a small synthetic dataset in the task's real format and fine-tune the demo config on it."""
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
+    work = None if data_dir and output_dir else Path(tempfile.mkdtemp(prefix=f"rs-transfer-demo-{task}-"))
     data_dir = Path(data_dir or work / "data")
     output_dir = Path(output_dir or work / "run")
     config = load_config(registry.get(task).config, default_config(task, demo=True),

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from rs_transfer.config import above, at_least, checked, one_of, ordered
+from rs_transfer.config import above, at_least, checked, data_root, one_of, ordered
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import (
     dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
@@ -134,8 +134,7 @@ class NYUDepth(Dataset):
     """{"image": uint8 3xHxW, "depth": float32 HxW metres, 0 = no measurement} after `transform`."""
 
     def __init__(self, root, split: str, fmt: str = "auto", transform=None):
-        if root is None:
-            raise DataError("data.root is not set: pass data.root=DIR, the folder that holds nyudepthv2/")
+        data_root(root, "nyudepthv2/ (or the BTS lists)")
         self.format = detect_format(root) if fmt == "auto" else fmt
         if self.format not in ("h5", "bts"):
             raise DataError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")

@@ -7,18 +7,20 @@ from the task registry, which imports the task's module.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
 import yaml
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError, UserError, one_line
 from rs_transfer.files import atomic_write_json
 
 SUMMARY_FILE = "summary.json"
+FINAL_METRICS_FILE = "final_metrics.json"
 # The run folder's outputs, as summary.json lists them (relative to the folder).
 OUTPUTS = {
-    "final_metrics": "final_metrics.json",
+    "final_metrics": FINAL_METRICS_FILE,
     "weights": "weights.pth",
     "final": "final.pt",
     "best": "checkpoints/best.pt",
@@ -136,17 +138,70 @@ def read_run(folder: Path, root: Path) -> dict:
         model = config.get("model")
         row["backbone"] = model.get("name") if isinstance(model, dict) else None
     summary = _read(folder / SUMMARY_FILE, json.loads, row)
-    final = _read(folder / "final_metrics.json", json.loads, row)
+    try:
+        final = read_final_metrics(folder)
+    except DataError as error:
+        final, row["problem"] = None, one_line(error)
     if isinstance(summary, dict):
-        row.update(finished=True, metric=summary.get("metric"), value=summary.get("value"),
-                   wall_s=summary.get("wall_s"), step=summary.get("steps"))
-    elif isinstance(final, dict):
+        row.update(finished=True, metric=summary.get("metric"), value=_number_or_none(summary.get("value")),
+                   wall_s=_number_or_none(summary.get("wall_s")), step=summary.get("steps"))
+    elif final is not None:
         row["finished"] = True
         row["metric"] = primary_metric(row["family"], row["task"])
-        row["value"] = final.get(row["metric"])
+        row["value"] = _number_or_none(final.get(row["metric"]))
     else:
         row["step"] = last_checkpoint_step(folder / "checkpoints")
     return row
+
+
+def read_final_metrics(folder: str | Path, metric: str | None = None) -> dict | None:
+    """The final evaluation a run wrote, FOLDER/final_metrics.json ({metric name: number, ...}), or None when the
+    run has not written it (unfinished, or not a run folder). The one reader of the file: reproduce's tables, sweep
+    and `rs-transfer runs` all use it.
+
+    With `metric`, that value is checked to be there and a finite number. Raises DataError naming the file when it
+    cannot be read, is not JSON, is not a JSON object, or (with `metric`) lacks the metric or holds a non-number.
+    """
+    path = Path(folder) / FINAL_METRICS_FILE
+    values = read_json_object(path, "the final evaluation of a run")
+    if values is not None and metric is not None:
+        metric_value(values, metric, path)
+    return values
+
+
+def read_json_object(path: Path, what: str) -> dict | None:
+    """The JSON object (dict) in `path`, or None when there is no file; DataError naming the file and `what` it
+    should hold when it cannot be read or holds anything else (a run killed by an old writer, a hand edit)."""
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DataError(f"{path} is not readable JSON ({one_line(error)}); it should hold {what}: rerun that run "
+                        "or remove the file") from None
+    if not isinstance(values, dict):
+        raise DataError(f"{path} holds a JSON {type(values).__name__}, not an object: it should hold {what}")
+    return values
+
+
+def metric_value(values: dict, metric: str, path: Path) -> float | int:
+    """`values[metric]`, a number; DataError naming `path` (the file `values` came from) when it is missing or not
+    a finite number."""
+    if metric not in values:
+        raise DataError(f"{path} has no {metric!r} (it holds {', '.join(map(repr, values)) or 'nothing'}): is it a "
+                        "run of this task?")
+    value = _number_or_none(values[metric])
+    if value is None:
+        raise DataError(f"{path}: {metric} = {values[metric]!r} is not a number")
+    return value
+
+
+def _number_or_none(value) -> float | int | None:
+    """`value` when it is a finite int or float; None for anything else (a string, a bool, NaN that another tool
+    wrote), so that sorting and formatting never meet a non-number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
 
 
 def primary_metric(family: str | None, task: str | None) -> str | None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rs_transfer.engine.distributed import launcher_env
 from rs_transfer.errors import UserError
-from rs_transfer.files import FileWriteError
+from rs_transfer.files import FileWriteError, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def write_once(root: str | Path, write: Callable[[Path], object], timeout_s: flo
             time.sleep(0.2)
         return root
     partial = root.with_name(f".{root.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    make_dir(root.parent, "the folder that holds the generated dataset")
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(root)
         shutil.rmtree(partial, ignore_errors=True)
         write(partial)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from rs_transfer.config import data_root
 from rs_transfer.engine import distributed
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.engine.device import model_device
@@ -25,8 +26,7 @@ def build_datasets(config: PretrainConfig) -> tuple:
 
     model.num_classes unset (None) is inferred from the training split and written back into `config`, so the
     model, co-training and the run's saved config.yaml all hold the one count (set, it is checked instead)."""
-    if not config.data.root:
-        raise UserError("data.root is not set: give data.root=DIR (DIR/train/<class>/<images>, DIR/val/...)")
+    data_root(config.data.root, "train/<class>/<images> and val/<class>/<images>")
     num_classes = config.model.num_classes
     train_items, classes = data.load_split(config.data.root, "train", num_classes)
     if num_classes is None:

@@ -4,7 +4,6 @@ ladder tables (Tables 1, 2, 4 and 6): rows of a packaged config plus the paper's
 "not run"; `--repeats N` trains each row N times with seeds seed, seed+1, ... and reports the mean and the spread
 (the paper averages Tables 1, 2 and 6 over 2 runs)."""
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Callable
 
 from rs_transfer.config import load_config, packaged_configs
 from rs_transfer.engine.distributed import is_main
+from rs_transfer.engine.summary import read_final_metrics
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_open, atomic_write_json, atomic_write_text
+from rs_transfer.files import atomic_open, atomic_write_json, atomic_write_text, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def write_table(out: str | Path, name: str, markdown: str, document, figures: di
     paths = [out / f"{name}.json", out / f"{name}.md", *(out / file_name for file_name in figures)]
     if not is_main():
         return paths
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the table folder")
     atomic_write_json(paths[0], document)
     atomic_write_text(paths[1], markdown)
     for path, figure in zip(paths[2:], figures.values()):
@@ -110,22 +110,23 @@ def collect(rows, runs_dir: Path, metric: str, train: Callable[[Row, Path, int],
             repeats: int = 1) -> list:
     """One result dict per row: the paper's number and ours, the mean of `metric` over the row's finished repeats
     (RUNS_DIR/<row>[-repeat<i>]/final_metrics.json, see `repeat_dir`), with each repeat's value and the spread
-    (max - min) when there are several. `train(row, run_dir, repeat)`, when given, trains a missing repeat first."""
+    (max - min) when there are several. `train(row, run_dir, repeat)`, when given, trains a missing repeat first.
+    Raises DataError naming the file when a final_metrics.json is unreadable or lacks a numeric `metric` (a folder of
+    another run, a hand edit): the table would otherwise show that row as "not run"."""
     results = []
     for row in rows:
         values, metrics, run_dirs = [], None, []
         for repeat in range(repeats):
             run_dir = repeat_dir(runs_dir, row, repeat)
             run_dirs.append(str(run_dir))
-            metrics_file = run_dir / "final_metrics.json"
-            if not metrics_file.is_file() and train is not None:
+            run_metrics = read_final_metrics(run_dir, metric)
+            if run_metrics is None and train is not None:
                 log.info("training %s (repeat %d of %d) into %s", row.key, repeat + 1, repeats, run_dir)
                 train(row, run_dir, repeat)
-            if metrics_file.is_file():
-                run_metrics = json.loads(metrics_file.read_text())
+                run_metrics = read_final_metrics(run_dir, metric)
+            if run_metrics is not None:
                 metrics = metrics if metrics is not None else run_metrics
-                if run_metrics.get(metric) is not None:
-                    values.append(run_metrics[metric])
+                values.append(run_metrics[metric])
         ours = sum(values) / len(values) if values else None
         status = "done" if len(values) == repeats else "not run" if not values else f"{len(values)} of {repeats} runs"
         result = {"row": row.key, "label": row.label, "paper": row.paper, "run_dir": run_dirs[0], "ours": ours,

@@ -4,12 +4,12 @@ table5.json beside the paper's rows (each task's `TASK.paper`, gathered by `prot
 their columns come from the registry (rs_transfer/downstream/registry.py).
 """
 
-import json
 import re
 from pathlib import Path
 
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.finetune import sweep
+from rs_transfer.engine.summary import metric_value, read_final_metrics, read_json_object
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.reproduce.common import write_table
 
@@ -74,13 +74,17 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
 
 
 def _read_result(folder: Path, task: str) -> float:
+    """The task's metric in percent: the best point of FOLDER/sweep.json, else FOLDER/final_metrics.json. Raises
+    DataError naming the file when neither is there, or one is unreadable or lacks a numeric metric."""
     metric = registry.get(task).metric
-    if (folder / "sweep.json").is_file():
-        return 100 * json.loads((folder / "sweep.json").read_text())["best"][metric]
-    path = folder / "final_metrics.json"
-    if not path.is_file():
+    sweep_path = folder / "sweep.json"
+    summary = read_json_object(sweep_path, "a finished sweep (rs-transfer sweep)")
+    if summary is not None:
+        best = summary.get("best")
+        if not isinstance(best, dict):
+            raise DataError(f"{sweep_path} has no 'best' grid point: is it a finished sweep?")
+        return 100 * metric_value(best, metric, sweep_path)
+    values = read_final_metrics(folder, metric)
+    if values is None:
         raise DataError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
-    values = json.loads(path.read_text())
-    if metric not in values:
-        raise UserError(f"{path} has no {metric!r}: is it a {task} run?")
     return 100 * values[metric]

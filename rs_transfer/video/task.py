@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rs_transfer.config import ConfigError
+from rs_transfer.config import ConfigError, data_root
 from rs_transfer.engine.classification import Classifier, TopK, fractions
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.device import model_device
@@ -57,9 +57,7 @@ def build_model(config: VideoConfig) -> Classifier:
 
 
 def prepare_root(config: VideoConfig) -> Path:
-    if config.data.root is None:
-        raise ConfigError("data.root is not set: give data.root=/path/to/kinetics400 (see docs/video.md)")
-    root = Path(config.data.root)
+    root = data_root(config.data.root, "Kinetics-400: train/<class>/<videos> and val/ (see docs/video.md)")
     if config.data.synthetic:  # written once, atomically; a folder that holds data is used as it is
         write_once(root, lambda folder: synthetic.write_dataset(folder, "folders", seed=config.seed))
     return root
