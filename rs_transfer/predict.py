@@ -133,7 +133,7 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
 
 def output_path(out: Path, kind: str, name: str, suffix: str) -> Path:
     path = Path(out) / kind / f"{name}{suffix}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "prediction folder")
     return path
 
 

@@ -176,7 +176,7 @@ def test_net_prefix_is_stripped_around_wrapper_prefixes_and_only_when_every_key_
 @pytest.mark.parametrize("option, message", [
     (["--backbone", "rs999"], "unknown depth 999 in model name 'rs999'"),
     (["--weights", "timm:nonsense"], "timm:nonsense: timm has no pretrained weights named 'nonsense'"),
-    (["--weights", "{tmp}/notes.pth"], "weights file {tmp}/notes.pth (model.weights) is not a PyTorch checkpoint"),
+    (["--weights", "{tmp}/notes.pth"], "cannot read weights file {tmp}/notes.pth: not a PyTorch checkpoint"),
     (["--weights", "{tmp}/missing.pth"], "weights file not found: {tmp}/missing.pth"),
 ])
 def test_a_bad_backbone_or_weights_fails_before_the_synthetic_dataset_is_written(option, message, tmp_path, capsys):

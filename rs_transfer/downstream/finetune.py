@@ -20,7 +20,7 @@ from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, checkpoint_format
+from rs_transfer.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +81,11 @@ def check_model(config: FinetuneConfig) -> None:
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
     from rs_transfer.models import hub, zoo
-    from rs_transfer.models.weights import WeightsError
+    from rs_transfer.models.weights import check_file
 
     zoo.parse_name(config.model.name)
-    if not config.model.weights:
-        return
-    path = hub.resolve(config.model.weights)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (model.weights)")
-    try:
-        kind = checkpoint_format(path)
-    except OSError as error:
-        raise WeightsError(f"cannot read weights file {path}: {error.strerror or error}") from None
-    if kind is None:
-        raise WeightsError(f"weights file {path} (model.weights) is not a PyTorch checkpoint (torch.save: .pt, "
-                           ".pth, .bin) or a safetensors file")
+    if config.model.weights:
+        check_file(hub.resolve(config.model.weights))
 
 
 def run(config: FinetuneConfig, synthetic: bool = False) -> dict:

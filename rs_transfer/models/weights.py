@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rs_transfer.errors import UserError, one_line
+from rs_transfer.files import checkpoint_format
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,35 @@ class WeightsError(UserError):
     pass
 
 
-def read_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> dict:
-    """The dict in a .pt/.pth/.bin (`torch.load(weights_only=True)`) or .safetensors file, on the CPU.
+def check_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> str:
+    """The format of weights file `path` ("zip" or "pickle": torch.save; "safetensors"), from its first bytes.
 
-    Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", or f"{what} PATH holds a
-    TYPE, not a dict") for a missing or unreadable file, one that would need code to run, or one without a dict.
-    """
+    Raises `error` (one line naming the file) when it is missing, unreadable, or neither format (a text file would
+    otherwise fail inside torch.load as "KeyError: 101")."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        kind = checkpoint_format(path)
+    except OSError as problem:
+        raise error(f"cannot read {what} {path}: {problem.strerror or problem}") from None
+    if kind is None:
+        raise error(f"cannot read {what} {path}: not a PyTorch checkpoint (torch.save: .pt, .pth, .bin) nor a "
+                    "safetensors file")
+    return kind
+
+
+def read_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> dict:
+    """The dict in a .pt/.pth/.bin (`torch.load(weights_only=True)`) or .safetensors file, on the CPU.
+
+    Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", or f"{what} PATH holds a
+    TYPE, not a dict") for a missing or unreadable file, one that would need code to run, or one without a dict;
+    see `check_file`.
+    """
+    path = Path(path)
+    kind = check_file(path, what, error)
+    try:
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             checkpoint = load_file(str(path), device="cpu")
