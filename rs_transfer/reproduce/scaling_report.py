@@ -21,12 +21,11 @@ import statistics
 from pathlib import Path
 
 from rs_transfer.errors import UserError
-from rs_transfer.models.zoo import TABLE7
+from rs_transfer.models.zoo import SCALING_WIDTHS, TABLE7
 from rs_transfer.reproduce.common import write_table
 from rs_transfer.reproduce.scaling import (
     EFFICIENTNET_RESOLUTION,
     SHORT_REGIME_MAX_EPOCHS,
-    SCALING_WIDTHS,
     is_finished,
     load_plan,
     point_key,
