@@ -203,15 +203,21 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def run_differences(saved: dict, current: dict, may_differ=LOCATION_KEYS, where: str = "in the checkpoint") -> list[str]:
+def run_differences(saved: dict, current: dict, may_differ=LOCATION_KEYS, where: str = "in the checkpoint",
+                    defaults: dict | None = None) -> list[str]:
     """Keys (outside `may_differ`) whose values differ between two resolved configs (`to_dict`), each as
-    "key: OLD <where>, NEW now"."""
+    "key: OLD <where>, NEW now". `defaults` (`to_dict` of the schema's defaults): a key the saved config lacks
+    (added to the schema after it was saved) matches when the current value is its default, as the saved run
+    behaved."""
     old, new = flatten(saved), flatten(current)
+    default = flatten(defaults) if defaults is not None else {}
     changed = []
     for key in sorted(old.keys() | new.keys()):
         if key in may_differ or old.get(key) == new.get(key):
             continue
         if key in INFERRED_KEYS and (new.get(key) is None or old.get(key) is None):
+            continue
+        if key not in old and key in default and new.get(key) == default[key]:
             continue
         if key.startswith("task.") and key not in new:
             # Configs saved before each task had its own section (2026-11-30) hold every task's keys; those of

@@ -83,12 +83,6 @@ def list_inputs(sources: list, suffixes: tuple) -> list:
     return inputs
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
     """Predict every input of `sources` (files or folders) with the run in `run_dir`; write OUT's files and
     OUT/predictions.json. Returns the JSON's content.
@@ -99,7 +93,9 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
     predictions.json then holds the predictions so far ("complete": false)."""
     from rs_transfer.runs import family_parts, load_run
 
-    run = load_run(run_dir, pick_device(device))
+    from rs_transfer.engine.device import resolve_device
+
+    run = load_run(run_dir, resolve_device(device))
     predictor = family_parts(run.family, run.task)[2]
     if predictor is None:
         raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")

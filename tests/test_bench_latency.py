@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from rs_transfer.bench.latency import (
-    format_results, measure, precision, resolve_device, run_halving, time_steps, timing_options,
+    format_results, measure, precision, run_halving, time_steps, timing_options,
 )
 from rs_transfer.bench.specs import BenchSpec, build_model, parse_spec, parse_specs
+from rs_transfer.engine.device import resolve_device
 from rs_transfer.errors import UserError
 
 

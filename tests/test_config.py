@@ -84,3 +84,19 @@ def test_saved_config_round_trips_with_commit(tmp_path):
     assert path.read_text().startswith("# rs-transfer run config; git commit: ")
     assert load_config(RunConfig, path) == config
 
+
+
+def test_a_key_added_to_the_schema_after_a_run_was_saved_matches_at_its_default():
+    # A sweep point or checkpoint saved before `train.report_best` existed behaved as its default (false): it is
+    # still the same run, so a finished point is reused and a checkpoint resumes; set to true it is another run.
+    from rs_transfer.config import RunConfig, run_differences, to_dict
+
+    config = RunConfig()
+    saved = to_dict(config)
+    del saved["train"]["report_best"]
+    defaults = to_dict(RunConfig())
+    assert run_differences(saved, to_dict(config), defaults=defaults) == []
+    config.train.report_best = True
+    assert run_differences(saved, to_dict(config), defaults=defaults) == ["train.report_best: None in the checkpoint, True now"]
+    config.train.report_best = False
+    assert run_differences(saved, to_dict(config)) == ["train.report_best: None in the checkpoint, False now"]  # no defaults given

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rs_transfer.bench.specs import BenchSpec, build_model
+from rs_transfer.engine.device import resolve_device
 from rs_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,6 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {name!r}: expected cpu, cuda or cuda:N")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def timing_options(device=None, dtype="fp32", channels_last=False, batch=None, warmup=None, repeats=None) -> dict:

@@ -139,7 +139,7 @@ def check_finished_point(folder: Path, config: FinetuneConfig) -> None:
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{folder} holds a finished grid point whose {saved_path.name} cannot be read ({error}): "
                         "remove the folder to run the point again") from None
-    changed = run_differences(saved, to_dict(config), where="there")
+    changed = run_differences(saved, to_dict(config), where="there", defaults=to_dict(type(config)()))
     if changed:
         raise UserError(f"{folder} holds a finished grid point of another config ({'; '.join(changed[:6])}): use "
                         "another output_dir, or remove the folder to run the point again")

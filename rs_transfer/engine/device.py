@@ -5,6 +5,8 @@ the device a model lives on. The trainer and every evaluator use these.
 import torch
 from torch import nn
 
+from rs_transfer.errors import UserError
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's (first) parameters, which an evaluator moves its batches to."""
@@ -37,3 +39,16 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
         moved = [to_device(v, device, channels_last) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a command-line `--device` names: None or "auto" (CUDA when available, else the CPU), "cpu",
+    "cuda" or "cuda:N". Raises UserError for another name, or for CUDA where none is available."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device

@@ -83,7 +83,7 @@ def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, sche
             f"{config.train.batch_size}: resuming needs the same global batch"
         )
     if isinstance(state.get("config"), dict):
-        check_resumable(state["config"], to_dict(config), path)
+        check_resumable(state["config"], to_dict(config), path, defaults=to_dict(type(config)()))
     if ema is not None and "ema" not in state:
         raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
     try:
@@ -110,12 +110,12 @@ def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, sche
                     wall_s=state.get("wall_s", 0.0), train_s=state.get("train_s", 0.0))
 
 
-def check_resumable(saved: dict, current: dict, path) -> None:
+def check_resumable(saved: dict, current: dict, path, defaults: dict | None = None) -> None:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes the run.
 
     Raises CheckpointError listing every such key with both values (checked before anything is written).
     """
-    changed = run_differences(saved, current, RESUME_MAY_CHANGE)
+    changed = run_differences(saved, current, RESUME_MAY_CHANGE, defaults=defaults)
     if changed:
         raise ckpt.CheckpointError(
             f"cannot resume from {path}: the config changed ({'; '.join(changed)}). These change the run: a "

@@ -123,7 +123,8 @@ def report(study, latency: str = "run", device=None, measure_fn=None) -> list:
 
 
 def _device_label(device) -> str:
-    from rs_transfer.bench.latency import device_name, resolve_device
+    from rs_transfer.bench.latency import device_name
+    from rs_transfer.engine.device import resolve_device
 
     return device_name(resolve_device(device))
 
