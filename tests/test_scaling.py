@@ -2,6 +2,7 @@
 the stable `scale plan --json` interface, and a tiny study through plan, run, report and suggest on CPU."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,46 @@ def test_report_plots_efficientnet_rs_points_beside_the_resnets(tmp_path):
     assert document["finished"] == document["planned"] == 2
     assert "| efficientnet_b0 | 32 | 350 |" in (study / "scaling.md").read_text()
     assert (study / "scaling_latency.png").stat().st_size > 0
+
+
+def test_planning_into_a_study_keeps_its_finished_points(tmp_path, capsys):
+    """A second `scale plan --out STUDY` merges: existing points (finished or not) stay, new ones are added."""
+    study = tmp_path / "study"
+    (first,) = scaling.plan(study, [26], [0.25], [32], [2], base="scaling/demo.yaml")
+    config = Path(first["config"])
+    config_text = config.read_text()
+    folder = scaling.run_dir(study, first)
+    folder.mkdir(parents=True)
+    (folder / "final_metrics.json").write_text('{"top1": 0.5}')
+    assert cli.main(["scale", "plan", "--base", "scaling/demo.yaml", "--depths", "50,26", "--widths", "0.25",
+                     "--resolutions", "32", "--epochs", "2", "--out", str(study), "train.batch_size=8"]) == 0
+    keys = [scaling.point_key(p) for p in scaling.load_plan(study)]
+    assert keys == ["rs26-w0.25_i32_e2", "rs50-w0.25_i32_e2"]  # the same key is the same point: kept, not doubled
+    assert config.read_text() == config_text  # a finished point's config is not rewritten
+    assert [p["model"] for p in scaling_report.collect(study)] == ["rs26-w0.25"]
+
+
+def test_base_and_overrides_are_checked_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "study"
+    grid = ["scale", "plan", "--depths", "26", "--widths", "0.25", "--resolutions", "32", "--epochs", "1"]
+    for extra in (["--base", "nope.yaml"], ["train.batchsize=3"]):
+        for mode in (["--dry-run"], ["--out", str(out)]):
+            assert cli.main(grid + extra + mode) == 2
+            err = capsys.readouterr().err
+            assert err.count("error:") == 1 and ("--base nope.yaml" in err or "'train.batchsize=3'" in err), err
+            assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--budget-flops", "-1"), ("--budget-flops", "nan"),
+                                           ("--budget-latency", "0"), ("--budget-latency", "inf")])
+def test_suggest_refuses_a_budget_that_is_not_positive_and_finite(option, value, capsys):
+    assert cli.main(["scale", "suggest", option, value, "--epochs", "350"]) == 2
+    assert option in capsys.readouterr().err
+
+
+def test_repeated_values_in_a_list_option_are_planned_once(capsys):
+    argv = ["scale", "plan", "--depths", "26,50,26", "--widths", "0.25,0.25", "--resolutions", "32,32",
+            "--epochs", "2,2", "--efficientnet", "b0,b0", "--dry-run", "--json"]
+    assert cli.main(argv) == 0
+    models = [p["model"] for p in json.loads(capsys.readouterr().out)]
+    assert models == ["rs26-w0.25", "rs50-w0.25", "efficientnet_b0"]

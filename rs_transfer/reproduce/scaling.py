@@ -14,12 +14,13 @@ same recipe, with the original EfficientNets' dropout, drop-connect and weight d
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import find_config, load_config, packaged_configs
+from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models.zoo import LAYOUTS
@@ -141,13 +142,15 @@ def _check_positive(values, option: str) -> None:
 
 
 def parse_list(text: str | None, kind, option: str, default) -> list:
-    """`--depths 50,200` -> [50, 200]; None -> default. Raises UserError naming the option."""
+    """`--depths 50,200,50` -> [50, 200] (a repeated value counts once, first order kept); None -> default.
+    Raises UserError naming the option."""
     if text is None:
         return list(default)
     try:
-        return [kind(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"{option} {text!r}: expected comma-separated {kind.__name__} values") from None
+    return list(dict.fromkeys(values))
 
 
 def _base_reference(base: str) -> str:
@@ -199,32 +202,73 @@ def _with_overrides(mapping: dict, overrides: list) -> dict:
 def plan(study: str | Path | None, depths, widths, resolutions, epochs, efficientnet=(), base: str = "scaling/base.yaml",
          overrides: list = (), dry_run: bool = False) -> list:
     """Plan a study: one dict per point (`Point` fields + "config": the written config's path, or None with
-    `dry_run`). Writes STUDY/configs/<key>.yaml (each checked with load_config) and
-    STUDY/plan.json unless `dry_run`. `overrides` are written into every config (e.g. train.batch_size=1024).
+    `dry_run`). Writes STUDY/configs/<key>.yaml (each checked with load_config) and STUDY/plan.json unless
+    `dry_run`. `overrides` are written into every config (e.g. train.batch_size=1024).
 
-    Raises UserError for bad grid values, ConfigError for an override or base the pretraining schema rejects.
+    A study that already has a plan is extended, never replaced, so its finished runs stay in `report`: its points
+    keep their place, config and run folder (a point key already planned is the same point: not rewritten, not
+    added twice; one planned without a config by an older rs-transfer gets one), and the new grid's other points
+    are appended. Returns every point of the resulting plan, in plan order (the `--point` index).
+
+    Raises UserError for bad grid values, ConfigError naming `--base` or the override as typed for a base or
+    override the pretraining schema rejects; both before anything is written (and with `dry_run` too).
     """
-    from rs_transfer.pretrain.config import PretrainConfig
-
     points = resnet_points(depths, widths, resolutions, epochs) + efficientnet_points(efficientnet, resolutions, epochs)
+    base_ref = _check_base_and_overrides(base, list(overrides))
     if dry_run or study is None:
         return [{**asdict(p), "config": None} for p in points]
     study = Path(study).resolve()
-    base_ref = _base_reference(base)
-    (study / "configs").mkdir(parents=True, exist_ok=True)
-    rows = []
+    existing = {point_key(p): p for p in load_plan(study)} if (study / PLAN_FILE).is_file() else {}
+    kept = {key: row for key, row in existing.items() if row["config"] is not None}
+    texts = {}  # key -> (point, config text) of the points to write
     for point in points:
+        if point.key in kept or point.key in texts:
+            continue
         mapping = _with_overrides(point_config(point, base_ref, study / "runs" / point.key), list(overrides))
-        config_path = study / "configs" / f"{point.key}.yaml"
         rule = "Appendix E" if point.family == "ResNet-RS" else "Section 7.2"
-        atomic_write_text(config_path, f"# rs-transfer scale plan: {point.model} at {point.resolution} px, "
-                          f"{point.epochs} epochs, {rule} regularisation\n"
-                          + yaml.safe_dump(mapping, sort_keys=False))
-        load_config(PretrainConfig, config_path)  # a bad override or base fails here, not hours later
-        rows.append({**asdict(point), "config": str(config_path)})
-    atomic_write_json(study / PLAN_FILE, {"base": base_ref, "overrides": list(overrides), "points": rows})
-    log.info("planned %d points in %s", len(rows), study)
-    return rows
+        texts[point.key] = (point, f"# rs-transfer scale plan: {point.model} at {point.resolution} px, "
+                            f"{point.epochs} epochs, {rule} regularisation\n" + yaml.safe_dump(mapping, sort_keys=False))
+    _check_configs({key: text for key, (_, text) in texts.items()})  # a bad point fails before any file is written
+    (study / "configs").mkdir(parents=True, exist_ok=True)
+    rows = dict(existing)  # insertion order: the existing plan's points first, in their order
+    for key, (point, text) in texts.items():
+        config_path = atomic_write_text(study / "configs" / f"{key}.yaml", text)
+        rows[key] = {**asdict(point), "config": str(config_path)}
+    atomic_write_json(study / PLAN_FILE, {"base": base_ref, "overrides": list(overrides), "points": list(rows.values())})
+    finished = sum(is_finished(study, row) for row in kept.values())
+    log.info("planned %d new points in %s%s", len(texts), study,
+             f"; kept the {len(kept)} points of its existing plan ({finished} finished)" if kept else "")
+    return list(rows.values())
+
+
+def _check_base_and_overrides(base: str, overrides: list) -> str:
+    """The configs' `base:` reference (`_base_reference`), after checking `base` alone and then with `overrides`
+    against the pretraining schema. Raises ConfigError naming `--base BASE` or the override as typed."""
+    from rs_transfer.pretrain.config import PretrainConfig
+
+    try:
+        base_ref = _base_reference(base)
+        load_config(PretrainConfig, base)
+    except ConfigError as error:
+        raise ConfigError(f"--base {base}: {error}") from None
+    _with_overrides({}, overrides)  # the key=value syntax the configs are written with
+    load_config(PretrainConfig, base, overrides)  # its ConfigError names the override 'key=value' as typed
+    return base_ref
+
+
+def _check_configs(texts: dict) -> None:
+    """load_config every point's config text (key -> YAML) from a scratch folder, so that a point the schema
+    rejects leaves no file in the study. Raises ConfigError naming the point."""
+    from rs_transfer.pretrain.config import PretrainConfig
+
+    with tempfile.TemporaryDirectory(prefix="rs-transfer-plan-") as scratch:
+        for key, text in texts.items():
+            path = Path(scratch) / f"{key}.yaml"
+            atomic_write_text(path, text)
+            try:
+                load_config(PretrainConfig, path)
+            except ConfigError as error:
+                raise ConfigError(f"point {key}: {error}") from None
 
 
 def load_plan(study: str | Path) -> list:

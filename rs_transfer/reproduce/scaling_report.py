@@ -17,6 +17,7 @@ when given, else from the paper's own points (Table 7 for long training, a width
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -209,9 +210,14 @@ def suggest(epochs: int, budget_flops: float | None = None, budget_latency: floa
     """The recommendation for a budget: {"strategy", "budget", "recommended" (a point or None), "points" (the ones it
     is based on, within budget, cheapest first), "source"}. With a study, the recommended point is its best
     measured top-1 within budget among the points of the nearest epoch regime; without, the largest of the
-    paper's points within budget. Raises UserError unless exactly one budget is given, or for an empty study."""
+    paper's points within budget. Raises UserError unless exactly one budget is given, for a budget that is not
+    positive and finite, or for an empty study."""
     if (budget_flops is None) == (budget_latency is None):
         raise UserError("give exactly one of --budget-flops GFLOPS or --budget-latency SECONDS_PER_128_IMAGES")
+    for option, value in (("--budget-flops", budget_flops), ("--budget-latency", budget_latency)):
+        # nan compares false with everything, so it would pass `cost <= budget` silently: "nothing fits".
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{option} {value:g}: expected a positive, finite number")
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     cost, budget = ("gflops", budget_flops) if budget_flops is not None else ("latency_s_per_128", budget_latency)
