@@ -169,13 +169,15 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     the whole task model at evaluation, uint8 images (N, 3, R, R) (video: clips (N, 3, T, R, R)) -> logits (N,
     classes), segmentation logits (N, classes, R, R) or depth in metres (N, R, R), normalisation included;
     pascal_det: backbone + FPN only (DetectorFeatures). R: `resolution`, else the run's evaluation size. The batch
-    dimension is dynamic (onnx, pt2). out: default RUN_DIR/export/model.{onnx,ts,pt2}.
+    dimension is dynamic (onnx, pt2). out: a file, or an existing folder (OUT/model.<ext>); default
+    RUN_DIR/export/model.{onnx,ts,pt2}; checked before exporting.
     Raises RunError for an unusable run folder, ExportError as export_module does.
     """
     from rs_transfer.runs import load_run
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = export_path(run_dir, fmt, out)  # checked before the (slow) export, not after
     run = load_run(run_dir, device="cpu")
     config = run.config
     size = resolution or _eval_size(run)
@@ -190,8 +192,21 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     else:
         module = ImagesToOutputs(run.model)
         example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-    out = Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}"
     return export_module(module, example, fmt, out)
+
+
+def export_path(run_dir, fmt: str, out) -> Path:
+    """The file an export writes: `out` when it is a file path, OUT/model.<ext> when `out` is an existing folder,
+    RUN_DIR/export/model.<ext> when None. Raises ExportError naming --out when its parent is a file."""
+    name = f"model{FORMATS[fmt]}"
+    if out is None:
+        return Path(run_dir) / "export" / name
+    out = Path(out)
+    if out.is_dir():
+        return out / name
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"--out {out}: {out.parent} is a file, not a folder")
+    return out
 
 
 def _eval_size(run) -> int:

@@ -7,7 +7,10 @@ owns what they share: listing inputs, the run loop (a corrupt input is skipped w
 `OUT/predictions.json`, and the drawing helpers (torchvision's drawing utilities, matplotlib colour maps).
 
 OUT/predictions.json: {"run", "family", "task", "class_names" (where the names come from), "predictions": [one
-record per input: {"input": path, ...the task's fields}], "skipped": [{"input", "reason"}], "complete"}.
+record per input: {"input": path, ...the task's fields}], "skipped": [{"input", "reason"}], "ignored": [{"input",
+"reason"}] (files of an --images folder that are not inputs), "complete"}. Predicting the same run into the same
+OUT again merges: records of inputs not predicted this time stay. An OUT holding another run's predictions is
+refused.
 """
 
 import logging
@@ -58,29 +61,67 @@ def read_image(path, config=None) -> torch.Tensor:
     return read(Path(path)).as_subclass(torch.Tensor)
 
 
-def list_inputs(sources: list, suffixes: tuple) -> list:
+def list_inputs(sources: list, suffixes: tuple, ignored: list | None = None) -> list:
     """[(path, name)]: each file as given (name = its stem), each folder searched recursively for `suffixes`
-    (name = the path below the folder, without suffix; hidden files and folders left out). Raises UserError for a
-    source that does not exist, a folder without such files, or two inputs with the same name."""
-    inputs = []
+    (name = the path below the folder, without suffix; hidden files and folders left out). The same file given
+    twice (a file and its folder) is predicted once. Two files whose names would collide (x.jpg and x.png) keep
+    their suffix in the name (x.jpg, x.png). Other files in a folder are appended to `ignored` as
+    {"input", "reason"}. Raises UserError for a source that does not exist, a folder without such files, or two
+    inputs that still share a name (two folders holding the same relative path)."""
+    inputs, seen_files = [], set()
     for source in sources:
         path = Path(source)
         if path.is_file():
-            inputs.append((path, path.stem))
+            found = [(path, path.name)]
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+            files = sorted(p for p in path.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if ignored is not None:
+                ignored += [{"input": str(p), "reason": "not an input file type"}
+                            for p in files if p.suffix.lower() not in suffixes]
+            found = [(p, p.relative_to(path).as_posix()) for p in files if p.suffix.lower() in suffixes]
             if not found:
                 raise UserError(f"no {'/'.join(suffixes)} files under {path}")
-            inputs += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in found]
         else:
             raise UserError(f"--images: not found: {path}")
+        for file, name in found:
+            if file.resolve() not in seen_files:  # a file also inside a given folder: once
+                seen_files.add(file.resolve())
+                inputs.append((file, name))
+    # Outputs are named by the input's name without suffix, unless that would make two inputs share it.
+    stems = {}
+    for _, name in inputs:
+        stem = str(Path(name).with_suffix("").as_posix())
+        stems[stem] = stems.get(stem, 0) + 1
+    inputs = [(path, stem if stems[stem] == 1 else name)
+              for path, name in inputs for stem in [Path(name).with_suffix("").as_posix()]]
     seen = {}
     for path, name in inputs:
         if name in seen:
-            raise UserError(f"{seen[name]} and {path} would write the same outputs ({name}): pass them separately")
+            raise UserError(f"{seen[name]} and {path} would write the same outputs ({name}): give one of them "
+                            "alone, or each folder in its own run with its own --out")
         seen[name] = path
     return inputs
+
+
+def check_out(out: Path, run_folder: Path) -> list:
+    """The records of OUT/predictions.json when it was written by the same run (so a new predict merges into it),
+    else []. Raises UserError naming --out for a folder that holds another run's predictions (two models' outputs
+    would mix) or a predictions.json that cannot be read."""
+    import json
+
+    path = Path(out) / "predictions.json"
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_run, records = old["run"], list(old["predictions"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--out {out}: cannot read its {path.name} ({type(error).__name__}: {error}); "
+                        "give an empty or new folder") from None
+    if Path(old_run).resolve() != Path(run_folder).resolve():
+        raise UserError(f"--out {out} holds the predictions of another run ({old_run}): give an empty or new folder")
+    return records
 
 
 def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
@@ -99,11 +140,16 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
     predictor = family_parts(run.family, run.task)[2]
     if predictor is None:
         raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")
-    inputs = list_inputs(sources, predictor.suffixes)
+    ignored = []
+    inputs = list_inputs(sources, predictor.suffixes, ignored)
+    if ignored:
+        log.info("%d files under --images are not input files (%s) and are ignored; listed in predictions.json",
+                 len(ignored), "/".join(predictor.suffixes))
+    earlier = check_out(out, run.folder)
     out = make_dir(out, "--out")
     names, names_from = predictor.class_names(run.config)
     summary = {"run": str(run.folder), "family": run.family, "task": run.task, "class_names": names_from,
-               "predictions": [], "skipped": [], "complete": False}
+               "predictions": [], "skipped": [], "ignored": ignored, "complete": False}
     try:
         for path, name in inputs:
             try:
@@ -122,7 +168,10 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
         summary["complete"] = True
     finally:
         if summary["predictions"]:
-            atomic_write_json(out / "predictions.json", summary)
+            # the same run predicted into this folder before: its records of other inputs stay listed
+            redone = {record["input"] for record in summary["predictions"]}
+            kept = [record for record in earlier if record.get("input") not in redone]
+            atomic_write_json(out / "predictions.json", {**summary, "predictions": kept + summary["predictions"]})
     log.info("%d predictions (%d inputs skipped) in %s", len(summary["predictions"]), len(summary["skipped"]), out)
     return summary
 

@@ -52,6 +52,8 @@ class Run:
 
 def read_run_config(folder: Path) -> dict:
     """config.yaml of a run folder as a dict. Raises RunError naming the folder or file."""
+    if folder.is_file():
+        raise RunError(f"{folder} is a file; give the run folder that holds it: {folder.parent}")
     if not folder.is_dir():
         raise RunError(f"run folder not found: {folder}")
     path = folder / "config.yaml"

@@ -133,3 +133,20 @@ def test_export_of_a_folder_that_is_not_a_finished_run_is_one_error_line(tmp_pat
         assert main(["export", "--run", str(folder), "--format", "pt2"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_into_an_existing_folder_writes_model_ext_there(tmp_path, capsys):
+    import json
+
+    from rs_transfer.cli import main
+
+    folder = run_folder(tmp_path / "run", "transfer", "cifar100", [f"data.root={tmp_path / 'data'}"])
+    (tmp_path / "exports").mkdir()
+    assert main(["export", "--run", str(folder), "--format", "torchscript", "--resolution", "32",
+                 "--out", str(tmp_path / "exports")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["path"] == str(tmp_path / "exports" / "model.ts") and (tmp_path / "exports" / "model.ts").is_file()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["export", "--run", str(folder), "--format", "pt2", "--out", str(tmp_path / "a_file" / "m.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and len(err.strip().splitlines()) == 1

@@ -215,3 +215,59 @@ def test_a_run_of_no_known_family_cannot_be_loaded(tmp_path):
     (tmp_path / "weights.pth").write_bytes(b"")
     with pytest.raises(RunError, match="config.yaml: the config has no task.name"):
         load_run(tmp_path)
+
+
+def copy_run(run_dir: Path, folder: Path) -> Path:
+    """Another run folder with the same config and weights: a different run to predict with."""
+    folder.mkdir()
+    for name in ("config.yaml", "weights.pth"):
+        (folder / name).write_bytes((run_dir / name).read_bytes())
+    return folder
+
+
+def picture(path: Path, colour=(90, 20, 200)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+    return path
+
+
+def test_predicting_again_into_the_same_out_merges_and_another_run_is_refused(runs, tmp_path, capsys):
+    run_dir, out = runs("nyu_depth"), tmp_path / "out"
+    first, second = picture(tmp_path / "a" / "first.jpg"), picture(tmp_path / "b" / "second.jpg")
+    assert main(["predict", "--run", str(run_dir), "--images", str(first), "--out", str(out)]) == 0
+    assert main(["predict", "--run", str(run_dir), "--images", str(second), "--out", str(out)]) == 0
+    assert sorted(Path(r["input"]).name for r in records(out)) == ["first.jpg", "second.jpg"]
+    other = copy_run(run_dir, tmp_path / "other_run")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(other), "--images", str(first), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "another run" in err and len(err.strip().splitlines()) == 1
+    assert len(records(out)) == 2
+
+
+def test_a_file_inside_a_given_folder_is_predicted_once_and_colliding_stems_keep_their_suffix(runs, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    gray = picture(images / "gray.png")
+    picture(images / "x.jpg"), picture(images / "x.png", (10, 200, 30))
+    assert main(["predict", "--run", str(runs("nyu_depth")), "--images", str(images), str(gray),
+                 "--out", str(out)]) == 0
+    assert sorted(Path(r["input"]).name for r in records(out)) == ["gray.png", "x.jpg", "x.png"]
+    assert sorted(p.name for p in (out / "depth").iterdir()) == ["gray.png", "x.jpg.png", "x.png.png"]
+
+
+def test_files_that_are_not_inputs_are_listed_as_ignored(runs, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    picture(images / "a.jpg")
+    (images / "notes.txt").write_text("notes")
+    assert main(["predict", "--run", str(runs("nyu_depth")), "--images", str(images), "--out", str(out)]) == 0
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["ignored"] == [{"input": str(images / "notes.txt"), "reason": "not an input file type"}]
+
+
+def test_a_run_given_as_its_config_file_names_the_folder(runs, tmp_path, capsys):
+    run_dir = runs("nyu_depth")
+    picture(tmp_path / "a.jpg")
+    assert main(["predict", "--run", str(run_dir / "config.yaml"), "--images", str(tmp_path / "a.jpg"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and str(run_dir) in err and len(err.strip().splitlines()) == 1

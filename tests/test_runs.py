@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,12 @@ def test_listing_runs_with_summaries_imports_no_torch(runs_root):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [line.split()[0] for line in done.stdout.splitlines()] == ["folder", "long", "short"]
+
+
+def test_the_summary_table_labels_throughput_by_what_a_sample_is():
+    from rs_transfer.engine.summary import format_summary, run_summary
+
+    summary = run_summary(Path("."), "top1", {"top1": 0.5}, 0.5, 2, 4, 8, 10.0, 8.0)
+    assert summary["images_per_s"] == 4.0  # the JSON key stays for every family
+    assert "clips/s" in format_summary(summary, "video") and "images/s" not in format_summary(summary, "video")
+    assert "images/s" in format_summary(summary, "pretrain") and "images/s" in format_summary(summary)

@@ -72,3 +72,15 @@ def test_loading_by_tag_gives_the_same_model_as_loading_the_file(tmp_path, monke
     built = create_model("rs26-w0.25", num_classes=10, weights="timm:resnetrs50.tf_in1k").eval()
     with torch.no_grad():
         assert torch.equal(built(images), by_path(images))
+
+
+def test_an_empty_timm_name_reaches_resolve_as_a_string(tmp_path):
+    # `--weights timm:` became the override model.weights=timm:, which YAML read as a dict {'timm': None}
+    from rs_transfer.downstream import finetune
+
+    config = finetune.make_config("cifar100", weights="timm:", overrides=[f"data.root={tmp_path}"])
+    assert config.model.weights == "timm:"
+    with pytest.raises(WeightsError, match="no weights name after timm:"):
+        finetune.check_model(config)
+    odd = str(tmp_path / "a:b {c}' d.pth")
+    assert finetune.make_config("cifar100", weights=odd).model.weights == odd

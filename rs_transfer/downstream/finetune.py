@@ -34,6 +34,13 @@ def default_config(task: str, demo: bool = False) -> Path:
     return Path(folder) / f"{task}{'_demo' if demo else ''}.yaml"
 
 
+def string_override(key: str, value) -> str:
+    """`key='value'`: an override whose value OmegaConf takes as the string it is. Unquoted, `key=value` is parsed
+    as YAML, so `model.weights=timm:` became a dict ({'timm': None}) and a path with ':' or '{' could too."""
+    text = str(value).replace("'", "''")  # YAML single quotes: '' is one quote
+    return f"{key}='{text}'"
+
+
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:
     """The run config of `task`: its schema's defaults, the config file (`config_path`, default
     downstream/<task>.yaml), --backbone and --weights, then `overrides`.
@@ -42,9 +49,9 @@ def make_config(task: str, backbone=None, weights=None, config_path=None, overri
     than `task`: a config written for another task would otherwise run silently as this one."""
     fixed = []
     if backbone is not None:
-        fixed.append(f"model.name={backbone}")
+        fixed.append(string_override("model.name", backbone))
     if weights is not None:
-        fixed.append(f"model.weights={weights}")
+        fixed.append(string_override("model.weights", weights))
     path = config_path or default_config(task)
     try:
         config = load_config(registry.get(task).config, path, fixed + list(overrides))
@@ -121,7 +128,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
     for lr, s in chosen:
         out = Path(base.output_dir) / protocol.point_name(lr, s)
         config = make_config(task, backbone, weights, config_path,
-                             list(overrides) + [f"train.lr={lr}", f"train.steps={s}", f"output_dir={out}"])
+                             list(overrides) + [f"train.lr={lr}", f"train.steps={s}", string_override("output_dir", out)])
         if (out / FINAL_METRICS_FILE).is_file():
             check_finished_point(out, config)
             log.info("%s: finished earlier with this config, skipped", out)
@@ -175,7 +182,8 @@ def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=())
     data_dir = Path(data_dir or work / "data")
     output_dir = Path(output_dir or work / "run")
     config = load_config(registry.get(task).config, default_config(task, demo=True),
-                         [f"task.name={task}", f"data.root={data_dir}", f"output_dir={output_dir}", *overrides])
+                         [f"task.name={task}", string_override("data.root", data_dir),
+                          string_override("output_dir", output_dir), *overrides])
     metrics = run(config, synthetic=True)
     name = registry.get(task).metric
     print(f"{task}: {name} = {metrics[name]:.3f} on the synthetic validation set after {config.train.steps} steps "

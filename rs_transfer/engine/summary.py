@@ -61,8 +61,14 @@ def write_summary(out: Path, summary: dict) -> Path:
     return atomic_write_json(out / SUMMARY_FILE, summary)
 
 
-def format_summary(summary: dict) -> str:
-    """The end-of-run table: one aligned `name  value` row per line."""
+# What one training sample is, per config family (run_family), for the throughput row; summary.json keeps the key
+# images_per_s for every family so readers of it need not know the family.
+SAMPLE_UNITS = {"video": "clips"}
+
+
+def format_summary(summary: dict, family: str | None = None) -> str:
+    """The end-of-run table: one aligned `name  value` row per line; the throughput row is labelled by what a
+    sample of `family` is (clips/s for video, else images/s)."""
     best = (f"{summary['best_value']:.4f} at step {summary['best_step']}" if summary["best_step"] is not None
             else f"{summary['best_value']:.4f}")
     speed = summary["images_per_s"]
@@ -73,7 +79,7 @@ def format_summary(summary: dict) -> str:
         ("steps", f"{summary['steps']} x batch {summary['batch_size']}"),
         ("wall time", f"{format_seconds(summary['wall_s'])} (training {format_seconds(summary['train_s'])}, "
                       "the rest evaluations and checkpoints)"),
-        ("images/s", f"{speed:.1f} (training, mean over the run)" if speed is not None else "-"),
+        (f"{SAMPLE_UNITS.get(family, 'images')}/s", f"{speed:.1f} (training, mean over the run)" if speed is not None else "-"),
         ("outputs", out),
         ("", ", ".join(OUTPUTS.values()) + f", {SUMMARY_FILE}"),
     ]

@@ -48,7 +48,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import build_optimizer, build_scheduler
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
-from rs_transfer.engine.summary import format_summary, run_summary, write_summary
+from rs_transfer.engine.summary import format_summary, run_family, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json
@@ -247,7 +247,7 @@ class Trainer:
         summary = run_summary(self.out, self.task.primary_metric, progress.metrics, progress.best,
                               progress.best_step, progress.step, self.tc.batch_size, progress.wall_s, progress.train_s)
         write_summary(self.out, summary)
-        log.info("run summary:\n%s", format_summary(summary))
+        log.info("run summary:\n%s", format_summary(summary, run_family(self.resolved)[0]))
 
     def _clock(self) -> None:
         """Bring progress.wall_s and progress.train_s up to now: the checkpoint's times plus this segment's."""

@@ -29,6 +29,9 @@ def resolve(weights: str | Path, cache_dir: str | Path | None = None) -> Path:
     if not is_name(weights):
         return Path(weights)
     name = str(weights)[len(PREFIX):]
+    if not name.strip():
+        raise WeightsError(f"{weights!s}: no weights name after {PREFIX} (e.g. timm:resnetrs152.tf_in1k); "
+                           "`rs-transfer models` lists the weight tags")
     import huggingface_hub
     from timm.models import get_pretrained_cfg
 
