@@ -249,6 +249,14 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
     raise ConfigError(f"config file not found: {name}; looked for {looked}")
 
 
+def string_override(key: str, value) -> str:
+    """`key='value'`: an override whose value OmegaConf takes as the string it is. Unquoted, `key=value` is parsed
+    as YAML, so `model.weights=timm:` became a dict ({'timm': None}) and a path with ':' or '{' could too. Every
+    override the toolkit builds from a path or a name goes through this."""
+    text = str(value).replace("'", "''")  # YAML single quotes: '' is one quote
+    return f"{key}='{text}'"
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list | tuple = ()) -> T:
     """Build a run config: the defaults of `schema`, then the YAML at `path` (a file or a packaged name, see
     `find_config`, after its `base:` chain, the base first), then `key=value` overrides in order; the last wins.

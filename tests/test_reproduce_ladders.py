@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rs_transfer.cli import main
 from rs_transfer.config import ConfigError
@@ -71,11 +72,12 @@ def test_repeats_report_mean_and_spread_and_train_missing_repeats_with_their_own
     trained = []
 
     def fake_pretrain(config_file, overrides):
-        options = dict(item.split("=", 1) for item in overrides)
+        options = {key: str(yaml.safe_load(value)) for key, value in (item.split("=", 1) for item in overrides)}
         trained.append((Path(config_file).name, options["seed"], options["output_dir"]))
         _finish(Path(options["output_dir"]), 0.86 + 0.004 * int(options["seed"]))
 
     monkeypatch.setattr(table4, "LADDER", dataclasses.replace(table4.LADDER, train=fake_pretrain))
+    tmp_path = tmp_path / "a:{b}"  # a folder name YAML would read as a mapping: overrides must quote it
     _finish(tmp_path / "table4" / "rs152_i224_cotrain", 0.862)  # repeat 0 is done already
     results = run_ladder("table4", str(tmp_path), True, ["seed=3"], repeats=2)
     assert trained == [("rs152_i224_cotrain.yaml", "4", str(tmp_path / "table4" / "rs152_i224_cotrain-repeat1"))]

@@ -74,14 +74,15 @@ def build_one_rank(root: Path, world: int) -> dict:
     """Build rank 0's training data of a co-training run on ROOT/train with ROOT/pseudo: the labelled set (minival
     shards held out), the pseudo-labelled set, the first batch's keys and its pseudo-labelled samples' targets.
     The labelled samples' labels live in the shards, which a batch reads in the loader: not part of start-up."""
-    from rs_transfer.config import load_config
+    from rs_transfer.config import load_config, string_override
     from rs_transfer.engine.sampling import RunSampler
     from rs_transfer.pretrain import cotrain, data, transforms
     from rs_transfer.pretrain.config import PretrainConfig
     from rs_transfer.pretrain.task import build_datasets
 
-    config = load_config(PretrainConfig, None, [f"data.root={root}", "data.eval_split=minival", "cotrain.enabled=true",
-                                                f"cotrain.pseudo_labels={root / 'pseudo'}"])
+    config = load_config(PretrainConfig, None, [string_override("data.root", root), "data.eval_split=minival",
+                                                "cotrain.enabled=true",
+                                                string_override("cotrain.pseudo_labels", root / "pseudo")])
     train_items, eval_items, _ = build_datasets(config)
     labelled = data.ImageDataset(train_items, transforms.eval_transform(32))
     train_set, collate = cotrain.build(config, labelled, config.model.num_classes)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, to_dict
+from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, string_override, to_dict
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
@@ -32,13 +32,6 @@ def build_task(config):
 def default_config(task: str, demo: bool = False) -> Path:
     folder = registry.get(task).config_dir or packaged_configs() / "downstream"
     return Path(folder) / f"{task}{'_demo' if demo else ''}.yaml"
-
-
-def string_override(key: str, value) -> str:
-    """`key='value'`: an override whose value OmegaConf takes as the string it is. Unquoted, `key=value` is parsed
-    as YAML, so `model.weights=timm:` became a dict ({'timm': None}) and a path with ':' or '{' could too."""
-    text = str(value).replace("'", "''")  # YAML single quotes: '' is one quote
-    return f"{key}='{text}'"
 
 
 def make_config(task: str, backbone=None, weights=None, config_path=None, overrides=()) -> FinetuneConfig:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rs_transfer.config import load_config, packaged_configs
+from rs_transfer.config import load_config, packaged_configs, string_override
 from rs_transfer.engine.distributed import is_main
 from rs_transfer.engine.summary import read_final_metrics
 from rs_transfer.errors import UserError
@@ -94,7 +94,8 @@ def reproduce_ladder(ladder: Ladder, out: str | None, run: bool, overrides: list
         return []
 
     def train(row: Row, run_dir: Path, repeat: int) -> None:
-        ladder.train(str(ladder.config(row)), [*overrides, f"output_dir={run_dir}", f"seed={seeds[row.key] + repeat}"])
+        ladder.train(str(ladder.config(row)), [*overrides, string_override("output_dir", run_dir),
+                                                   f"seed={seeds[row.key] + repeat}"])
 
     results = collect(ladder.rows, runs_dir, ladder.metric, train if run else None, repeats)
     markdown = ladder_markdown(ladder.title, results, ladder.unit, scale=100.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs
+from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs, string_override
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text
 from rs_transfer.models.zoo import LAYOUTS
@@ -328,7 +328,7 @@ def run(study: str | Path, point: int | None = None, overrides: list = (), synth
         if skipped:
             log.warning("%d points of %s have no config (planned by an older rs-transfer): run `rs-transfer scale "
                         "plan` again to train them", skipped, study)
-    extra = [f"data.root={synthetic_root(study)}"] if synthetic else []
+    extra = [string_override("data.root", synthetic_root(study))] if synthetic else []
     trained = []
     for p in selected:
         key = point_key(p)
@@ -336,6 +336,6 @@ def run(study: str | Path, point: int | None = None, overrides: list = (), synth
             log.info("%s: finished, skipped", key)
             continue
         log.info("training %s into %s", key, run_dir(study, p))
-        train(p["config"], [*extra, *overrides, f"output_dir={run_dir(study, p)}", "train.resume=auto"])
+        train(p["config"], [*extra, *overrides, string_override("output_dir", run_dir(study, p)), "train.resume=auto"])
         trained.append(key)
     return trained

@@ -7,6 +7,7 @@ their columns come from the registry (rs_transfer/downstream/registry.py).
 import re
 from pathlib import Path
 
+from rs_transfer.config import string_override
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.finetune import sweep
 from rs_transfer.engine.summary import metric_value, read_final_metrics, read_json_object
@@ -38,7 +39,7 @@ def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), re
             raise UserError(f"bad --checkpoint {item!r}: expected LABEL=BACKBONE:WEIGHTS, e.g. RS-152=rs152:rs152.pth")
         for task, root in roots.items():
             folder = Path(output_dir) / "runs" / re.sub(r"[^A-Za-z0-9._-]+", "_", label) / task
-            sweep(task, backbone, weights or None, config_path, [*overrides, f"data.root={root}", f"output_dir={folder}"],
+            sweep(task, backbone, weights or None, config_path, [*overrides, string_override("data.root", root), string_override("output_dir", folder)],
                   learning_rates=learning_rates, steps=steps)
             collected.append(f"{label}:{task}={folder}")
     if not collected:
