@@ -7,8 +7,10 @@ in favour of `torch.export`, kept because deployments still load it); pt2 is `to
 `torch.export.save`, loadable with `torch.export.load(path).module()`.
 """
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +97,11 @@ def _onnx(module, example, path):
     # external_data=False: one self-contained file (the weights inside, so it can be moved into place atomically);
     # ONNX's protobuf limit is 2 GB and the largest zoo network, RS-420, is ~0.8 GB in fp32.
     try:
-        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
-                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+        # The exporter prints its progress ("[torch.onnx] Run decompositions...", the optimiser's lines) to stdout,
+        # where `rs-transfer export` prints its one JSON result: send them to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
+                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
     except ImportError as error:  # onnx / onnxscript
         raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
     except Exception as error:

@@ -92,7 +92,9 @@ def test_export_of_a_run_matches_the_runs_model(tmp_path, capsys, family, task, 
 
     folder = run_folder(tmp_path / "run", family, task, [f"data.root={tmp_path / 'data'}", *overrides])
     assert main(["export", "--run", str(folder), "--format", fmt, "--resolution", str(resolution)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1  # only the JSON result on stdout (the exporter's chatter on stderr)
+    result = json.loads(out)
     assert result["path"] == str(folder / "export" / f"model{export.FORMATS[fmt]}") and result["max_abs_diff"] <= 1e-4
     model = load_run(folder).model
     torch.manual_seed(1)
@@ -144,7 +146,9 @@ def test_export_into_an_existing_folder_writes_model_ext_there(tmp_path, capsys)
     (tmp_path / "exports").mkdir()
     assert main(["export", "--run", str(folder), "--format", "torchscript", "--resolution", "32",
                  "--out", str(tmp_path / "exports")]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1  # only the JSON result on stdout (the exporter's chatter on stderr)
+    result = json.loads(out)
     assert result["path"] == str(tmp_path / "exports" / "model.ts") and (tmp_path / "exports" / "model.ts").is_file()
     (tmp_path / "a_file").write_text("x")
     assert main(["export", "--run", str(folder), "--format", "pt2", "--out", str(tmp_path / "a_file" / "m.pt2")]) == 2
