@@ -182,12 +182,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if resolution is not None and resolution < 1:
+        raise ExportError(f"--resolution must be >= 1, got {resolution}")
     out = export_path(run_dir, fmt, out)  # checked before the (slow) export, not after
     run = load_run(run_dir, device="cpu")
     config = run.config
-    size = resolution or _eval_size(run)
-    if resolution is not None and resolution < 1:
-        raise ExportError(f"--resolution must be >= 1, got {resolution}")
+    size = resolution if resolution is not None else _eval_size(run)
     if run.task == "pascal_det":
         module = DetectorFeatures(run.model)
         example = torch.rand(2, 3, size, size)

@@ -102,6 +102,12 @@ class RunLogger:
             raise FileWriteError(f"cannot write {self.path}: {error.strerror or error}") from None
 
 
+def read_events(path: Path) -> list[dict]:
+    """The events of a run's metrics.jsonl as dicts ({"kind": "train" | "eval", "step", ...}), in order; a line torn
+    by a kill mid-write is dropped with a warning. Imports no torch."""
+    return [json.loads(line) for line in _readable_events(path)]
+
+
 def _readable_events(path: Path) -> list[str]:
     """The lines of metrics.jsonl that parse; a line torn by a kill mid-write (the last one) is dropped."""
     lines = []

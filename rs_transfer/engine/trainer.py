@@ -266,8 +266,7 @@ class Trainer:
         """Rank 0: OUTPUT_DIR/weights.pth, the network alone (task.py's `model.net`; the EMA weights when the run
         keeps an EMA, as they are the ones evaluated), with the zoo's key names: what fine-tuning and
         `create_model(..., weights=...)` load."""
-        evaluated = self.ema.module if self.ema is not None else self.model
-        ckpt.atomic_save(exported_network(evaluated).state_dict(), self.out / "weights.pth")
+        ckpt.atomic_save(exported_network(self.evaluated).state_dict(), self.out / "weights.pth")
         log.info("network weights (for fine-tuning): %s", self.out / "weights.pth")
 
     def _build_loader(self) -> DataLoader:
@@ -349,13 +348,22 @@ class Trainer:
         return (last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0)
                 or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0))
 
-    def _evaluate(self, evaluate=None) -> dict:
-        target = self.ema.module if self.ema is not None else self.model
-        broadcast_buffers(target)
-        target.eval()
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that is evaluated, visualised and exported: the EMA copy when the run keeps one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _in_eval_mode(self, call):
+        """call(self.evaluated) in eval mode, under no_grad and the run's autocast; back to training mode after."""
+        self.evaluated.eval()
         with torch.no_grad(), self._autocast():
-            metrics = (evaluate or self.task.evaluate)(target)
+            result = call(self.evaluated)
         self.model.train()
+        return result
+
+    def _evaluate(self, evaluate=None) -> dict:
+        broadcast_buffers(self.evaluated)
+        metrics = self._in_eval_mode(evaluate or self.task.evaluate)
         if self.task.primary_metric not in metrics:
             raise ValueError(f"the evaluator returned {sorted(metrics)}, without the primary metric "
                              f"{self.task.primary_metric!r}")
@@ -365,12 +373,7 @@ class Trainer:
         """Task.visualize's pictures to TensorBoard, main rank only (the other ranks go on to the next step)."""
         if not (self.main and self.task.visualize is not None):
             return
-        target = self.ema.module if self.ema is not None else self.model
-        target.eval()
-        with torch.no_grad(), self._autocast():
-            pictures = self.task.visualize(target)
-        self.model.train()
-        self.logger.images(self.progress.step, pictures)
+        self.logger.images(self.progress.step, self._in_eval_mode(self.task.visualize))
 
     def _evaluate_and_save(self) -> None:
         """Checkpoint, evaluate, then checkpoint again with the result (and best.pt when it is the best).

@@ -22,7 +22,7 @@ import yaml
 
 from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs, string_override
 from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, atomic_write_text
+from rs_transfer.files import atomic_write_json, atomic_write_text, make_dir
 from rs_transfer.models.zoo import LAYOUTS
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def plan(study: str | Path | None, depths, widths, resolutions, epochs, efficien
         texts[point.key] = (point, f"# rs-transfer scale plan: {point.model} at {point.resolution} px, "
                             f"{point.epochs} epochs, {rule} regularisation\n" + yaml.safe_dump(mapping, sort_keys=False))
     _check_configs({key: text for key, (_, text) in texts.items()})  # a bad point fails before any file is written
-    (study / "configs").mkdir(parents=True, exist_ok=True)
+    make_dir(study / "configs", "scaling study's config folder")
     rows = dict(existing)  # insertion order: the existing plan's points first, in their order
     for key, (point, text) in texts.items():
         config_path = atomic_write_text(study / "configs" / f"{key}.yaml", text)

@@ -15,12 +15,13 @@ occur, i.e. long training; width for short training; raise resolution slowly), f
 when given, else from the paper's own points (Table 7 for long training, a width ladder for short).
 """
 
-import json
 import logging
 import math
 import statistics
 from pathlib import Path
 
+from rs_transfer.engine.run_log import read_events
+from rs_transfer.engine.summary import read_final_metrics
 from rs_transfer.errors import UserError
 from rs_transfer.models.zoo import SCALING_WIDTHS, TABLE7
 from rs_transfer.reproduce.common import write_table
@@ -47,14 +48,8 @@ def run_latency(folder: Path) -> float | None:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return None
-    rates = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if record.get("kind") == "train" and record.get("images_per_s"):
-            rates.append(record["images_per_s"])
+    rates = [event["images_per_s"] for event in read_events(path)
+             if event.get("kind") == "train" and event.get("images_per_s")]
     return PAPER_BATCH / statistics.median(rates) if rates else None
 
 
@@ -82,9 +77,7 @@ def collect(study, latency: str = "run", device=None, measure_fn=None) -> list:
         if point["config"] is None or not is_finished(study, point):
             continue
         folder = run_dir(study, point)
-        metrics = json.loads((folder / "final_metrics.json").read_text())
-        if metrics.get("top1") is None:
-            raise UserError(f"{folder / 'final_metrics.json'}: no top1")
+        metrics = read_final_metrics(folder, metric="top1")  # DataError naming the file: unreadable, no top1
         spec = BenchSpec(point["model"], point["resolution"])
         size = params_and_gflops([spec])[0]
         if latency == "run":
