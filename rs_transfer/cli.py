@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
                         help="onnx needs the export extra: pip install 'rs-transfer[export]'")
     export.add_argument("--resolution", type=whole("--resolution", 1), help="input height and width (default: the run's evaluation size)")
-    export.add_argument("--out", help="output file (default RUN/export/model.onnx|.ts|.pt2)")
+    export.add_argument("--out", help="output file, or an existing folder for FOLDER/model.<ext> "
+                        "(default RUN/export/model.onnx|.ts|.pt2)")
     export.set_defaults(run=run_export)
 
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
