@@ -189,7 +189,10 @@ EVAL_KEYS = frozenset({
     "data.eval_short_side", "data.eval_crop_size", "train.report_best",
 })
 RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
-INFERRED_KEYS = frozenset({"model.num_classes"})  # None in a config means "from the data": it matches any value
+# None in a config means "from the data": it matches any value. A task that reads its classes from the user's data
+# (folder_cls, coco_det, folder_seg, video lists) writes them into the run's config at build time, so config.yaml
+# carries them to `predict` and `export` without the data.
+INFERRED_KEYS = frozenset({"model.num_classes", "task.class_names", "task.category_ids", "data.class_names"})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
