@@ -3,19 +3,29 @@
 Every file the toolkit writes (configs, metrics, tables, checkpoints, exported weights) goes through `atomic_open`:
 the bytes go to a hidden temp file in the same folder (`.NAME.tmp.PID`), are flushed to disk, and the temp file is
 renamed over NAME. A full disk or a read-only folder is one `FileWriteError` naming the file, with the old file
-intact and the temp file removed; a temp file left by a killed writer is removed by `remove_stale_temp_files`.
+intact and the temp file removed; a temp file left by a killed writer is removed by `remove_stale_temp_files`
+(called only by the holder of the folder's lock, `folder_lock`, so no live writer's temp file is ever removed).
 JSON is written without NaN or Infinity, which are not JSON (other tools refuse to read them).
 """
 
+import fcntl
 import json
 import math
 import os
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from rs_transfer.errors import UserError
 
 TEMP_MARK = ".tmp."
+LOCK_NAME = ".lock"
+
+
+class FolderInUseError(UserError):
+    """Another live process holds the folder's lock (`folder_lock`): a run, pseudo-labelling or predict writing
+    there now. The message names the folder and the holder's host and pid."""
 
 
 class FileWriteError(UserError):
@@ -36,6 +46,38 @@ def make_dir(path: str | Path, what: str, hint: str = "") -> Path:
         reason = f"{in_the_way} is a file, not a folder" if in_the_way else error.strerror or error
         raise FileWriteError(f"cannot create {what} {path}: {reason}{hint}") from None
     return path
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str):
+    """Hold FOLDER/.lock for the with-block: one live writer per folder (a run's output_dir, pseudo-label's --out,
+    predict's --out). Creates the folder (`make_dir`).
+
+    An advisory `flock`, so the OS releases it when the holder dies in any way (SIGKILL, node loss on a local
+    disk): a killed run never leaves a stale lock, and `--resume` after a kill just works. The file keeps the
+    holder's host, pid and start time for the message of whoever is refused; it is not deleted on release (deleting
+    a lock file races with the next holder). On NFS, Linux maps flock to POSIX byte-range locks, which NFS servers
+    arbitrate between hosts. Raises FolderInUseError naming the folder and the holder, FileWriteError when the
+    folder cannot be made or the lock file written."""
+    folder = make_dir(folder, what)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise FileWriteError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise FolderInUseError(f"{what} {folder} is in use by a live process ({holder}): wait for it to end, "
+                                   "or use another folder") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def checkpoint_format(path: str | Path) -> str | None:

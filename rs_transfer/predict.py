@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from rs_transfer.errors import DataError, UserError
-from rs_transfer.files import atomic_open, atomic_write_json, make_dir
+from rs_transfer.files import atomic_open, atomic_write_json, folder_lock, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,15 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
     if ignored:
         log.info("%d files under --images are not input files (%s) and are ignored; listed in predictions.json",
                  len(ignored), "/".join(predictor.suffixes))
+    # One predict per --out at a time: two would merge their records into predictions.json at once (files.folder_lock)
+    with folder_lock(out, "--out"):
+        return _write_predictions(Path(out), run, predictor, inputs, ignored)
+
+
+def _write_predictions(out: Path, run, predictor: Predictor, inputs: list, ignored: list) -> dict:
+    """Predict `inputs` into `out` (held by this process) and write out/predictions.json, merged with the same
+    run's earlier records there; the contract of `predict`."""
     earlier = check_out(out, run.folder)
-    out = make_dir(out, "--out")
     names, names_from = predictor.class_names(run.config)
     summary = {"run": str(run.folder), "family": run.family, "task": run.task, "class_names": names_from,
                "predictions": [], "skipped": [], "ignored": ignored, "complete": False}

@@ -10,7 +10,9 @@ uninterrupted one when the engine restores the RNG states and the sampler positi
 import argparse
 import os
 import signal
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,23 @@ CONFIGS = Path(rs_transfer.__file__).resolve().parent / "configs"  # the YAML co
 def script_env(**extra) -> dict:
     """The environment for running this file (or `python -c`) in a subprocess against this checkout."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+@contextmanager
+def folder_held(folder):
+    """Another live process holding `folder`'s lock (rs_transfer.files.folder_lock), as a job still writing there
+    would; yields its pid; SIGKILLed at the end, as a job that dies."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom rs_transfer.files import folder_lock\n"
+         f"with folder_lock({str(folder)!r}, 'held'):\n    print('held', flush=True)\n    time.sleep(600)"],
+        env=script_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 class Points(Dataset):

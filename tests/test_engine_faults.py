@@ -456,3 +456,18 @@ def test_a_stop_signal_while_loader_workers_start_does_not_kill_them(tmp_path):
     result = run_group([sys.executable, "-c", SIGNAL_WHILE_WORKERS_START])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "True"]
+
+
+def test_one_live_run_per_output_dir_and_a_killed_holder_leaves_no_stale_lock(tmp_path, deterministic):
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    before = sorted(p.name for p in out.rglob("*"))
+    # a run still training there (an array job with a fixed folder, a resubmitted job), killed at the end
+    with engine_toy.folder_held(out) as pid:
+        for args in (["train.epochs=2", "train.resume=auto"], ["train.epochs=1", "seed=1"]):
+            with pytest.raises(UserError, match=rf"output_dir {out} is in use by a live process \(host .*, pid "
+                                                rf"{pid}, since .*\): wait for it to end, or use another folder"):
+                engine_toy.main([str(out), *args])
+        assert sorted(p.name for p in out.rglob("*")) == before  # the refused runs wrote and removed nothing
+    engine_toy.main([str(out), "train.epochs=2", "train.resume=auto"])  # SIGKILLed holder: no stale lock
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2

@@ -271,3 +271,16 @@ def test_a_run_given_as_its_config_file_names_the_folder(runs, tmp_path, capsys)
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "is a file" in err and str(run_dir) in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_predict_per_out_folder_at_a_time(runs, tmp_path):
+    from engine_toy import folder_held
+    from rs_transfer.files import FolderInUseError
+
+    run = runs("cifar100")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    with folder_held(tmp_path / "out") as pid:
+        with pytest.raises(FolderInUseError, match=rf"--out {tmp_path / 'out'} is in use .*pid {pid}"):
+            predict(run, [str(image)], tmp_path / "out")
+    assert len(predict(run, [str(image)], tmp_path / "out")["predictions"]) == 1

@@ -446,3 +446,14 @@ def test_co_training_refuses_labels_of_an_image_set_swapped_for_one_of_the_same_
     (tmp_path / "other" / "shard-00000.tar").replace(images / "shard-00001.tar")  # same count, other images
     with pytest.raises(UserError, match=r"are of other images than .* now holds \(shard names, sizes or image names"):
         cotrain.load_pseudo_set(tmp_path / "pl", transforms.eval_transform(16), NUM_CLASSES)
+
+
+def test_one_pseudo_labelling_job_per_out_folder_at_a_time(teacher, unlabelled, tmp_path):
+    from engine_toy import folder_held
+    from rs_transfer.files import FolderInUseError
+
+    with folder_held(tmp_path / "out") as pid:
+        with pytest.raises(FolderInUseError, match=rf"--out {tmp_path / 'out'} is in use .*pid {pid}"):
+            _run(teacher, unlabelled, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # nothing labelled, nothing removed
+    assert _run(teacher, unlabelled, tmp_path / "out")["samples"] == 22

@@ -15,7 +15,9 @@ import atexit
 import datetime
 import os
 import random
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from rs_transfer.errors import UserError
+from rs_transfer.files import FolderInUseError, folder_lock
 
 
 class DistributedError(UserError):
@@ -152,6 +155,24 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+@contextmanager
+def claimed_folder(folder: str | Path, what: str):
+    """For the with-block, rank 0 holds `folder`'s lock (files.folder_lock: one live job per folder, released by the
+    OS however the holder dies); when another live process holds it, every rank raises FolderInUseError naming the
+    folder and the holder (all ranks stop, none waits at a later collective)."""
+    with ExitStack() as held:
+        problem = None
+        if get_rank() == 0:
+            try:
+                held.enter_context(folder_lock(folder, what))
+            except FolderInUseError as error:
+                problem = str(error)
+        problem = broadcast_object(problem)
+        if problem:
+            raise FolderInUseError(problem)
+        yield
 
 
 def rank_range(rank: int, world: int, count: int) -> range:

@@ -22,7 +22,7 @@ uninterrupted run (tests/test_engine_resume.py).
 import logging
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from rs_transfer.engine.distributed import (
     barrier,
     broadcast_buffers,
     broadcast_object,
+    claimed_folder,
     init_distributed,
     seed_everything,
 )
@@ -77,8 +78,9 @@ def train(config: RunConfig, task: Task) -> dict:
     """Train `task.model` as `config.train` says; return the final evaluation (also OUTPUT_DIR/final_metrics.json)."""
     # A stop signal can arrive while the trainer is being set up (under torchrun, another rank's loader workers may
     # already be running and the signal goes to the whole group): it is noted, not fatal, and acted on at once.
-    with stop_signals_recorded() as received:
-        trainer = Trainer(config, task)
+    # `held` keeps output_dir's lock (rank 0) for the run's life, released when this returns or raises.
+    with stop_signals_recorded() as received, ExitStack() as held:
+        trainer = Trainer(config, task, held)
         trainer.signalled = received.signalled
         return trainer.run()
 
@@ -86,7 +88,7 @@ def train(config: RunConfig, task: Task) -> dict:
 class Trainer:
     """One run: set up in __init__ (devices, model, data, optimizer, resume), then `run()` is the loop."""
 
-    def __init__(self, config: RunConfig, task: Task):
+    def __init__(self, config: RunConfig, task: Task, held: ExitStack):
         tc = self.tc = config.train
         self.config, self.task = config, task
         if (tc.epochs is None) == (tc.steps is None):
@@ -101,6 +103,8 @@ class Trainer:
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        # One live run per output_dir (two would mix their logs and checkpoints): rank 0 holds its lock until the run ends.
+        held.enter_context(claimed_folder(self.out, "output_dir"))
         # Rank 0 picks the checkpoint and tells the others, so all ranks resume from one file (or all stop).
         resume_from, problem = broadcast_object(resume.pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
         if problem:

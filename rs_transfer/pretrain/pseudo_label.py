@@ -211,49 +211,51 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
     info = distributed.init_distributed("auto")
     distributed.seed_everything(0)  # the teacher's weights are all loaded, but nothing may depend on the RNG
     rank, world, device = info.rank, info.world_size, info.device
-    _refuse_other_world_sizes(out_dir, world)
-    items = data.list_images(Path(images))
-    expected = {"images": str(Path(images).resolve()), "samples": len(items), "topk": topk,
-                "images_digest": data.image_set_digest(items)}
-    header, model = _start_rank_file(out_dir, rank, world, expected, teacher, model_name)
-    dtype = record_dtype(header["k"])
-    mine = distributed.rank_range(rank, world, len(items))
-    path = shard_path(out_dir, rank, world)
-    done = _complete_records(path, dtype.itemsize, cut=True)
-    if done < len(mine):
-        model = (model if model is not None else load_teacher(teacher, model_name)).to(device)
-        if model.fc.out_features != header["num_classes"]:
-            raise UserError(f"teacher {teacher} predicts {model.fc.out_features} classes, the labels so far in "
-                            f"{path} {header['num_classes']}: resume with the same teacher or use a new --out")
-        normalize = Normalize().to(device)  # the loader ships uint8 images
-        dataset = _Images(items, transforms.eval_transform(image_size), range(mine.start + done, mine.stop))
-        loader = Loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-        log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
-        written = done
-        with stop_signals_recorded() as stop, torch.no_grad():
-            for step, (batch, errors) in enumerate(loader):
-                if max_batches is not None and step >= max_batches:
-                    break
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(normalize(batch.to(device, non_blocking=True)))
-                top_p, top_i = logits.float().softmax(dim=1).topk(max(header["k"], 1), dim=1)
-                records = _records(mine.start + written, top_p.cpu().numpy(), top_i.cpu().numpy(), errors, dtype)
-                _append_records(path, records, written)
-                written += len(records)
-                if stop.signalled and written < len(mine):
-                    raise StoppedBySignal(f"stopped by {stop.signalled} after {written} of {len(mine)} images on "
-                                          f"rank {rank}; rerun the same command to continue", stop.signalled)
-    distributed.barrier()
-    if not _all_complete(out_dir, world, len(items), dtype.itemsize):
-        log.info("pseudo-labelling stopped before the end; rerun the same command to continue")
-        return {}
-    meta = {}
-    if rank == 0:
-        settings = {"teacher": str(teacher), "model": model_name, "image_size": image_size, "topk": topk,
-                    "threshold": threshold, "per_class": per_class}
-        meta = _finish(out_dir, world, header, settings)
-    distributed.barrier()
-    return meta
+    # one labelling job per --out: two would append to the same rank files (engine.distributed.claimed_folder)
+    with distributed.claimed_folder(out_dir, "--out"):
+        _refuse_other_world_sizes(out_dir, world)
+        items = data.list_images(Path(images))
+        expected = {"images": str(Path(images).resolve()), "samples": len(items), "topk": topk,
+                    "images_digest": data.image_set_digest(items)}
+        header, model = _start_rank_file(out_dir, rank, world, expected, teacher, model_name)
+        dtype = record_dtype(header["k"])
+        mine = distributed.rank_range(rank, world, len(items))
+        path = shard_path(out_dir, rank, world)
+        done = _complete_records(path, dtype.itemsize, cut=True)
+        if done < len(mine):
+            model = (model if model is not None else load_teacher(teacher, model_name)).to(device)
+            if model.fc.out_features != header["num_classes"]:
+                raise UserError(f"teacher {teacher} predicts {model.fc.out_features} classes, the labels so far in "
+                                f"{path} {header['num_classes']}: resume with the same teacher or use a new --out")
+            normalize = Normalize().to(device)  # the loader ships uint8 images
+            dataset = _Images(items, transforms.eval_transform(image_size), range(mine.start + done, mine.stop))
+            loader = Loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+            log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
+            written = done
+            with stop_signals_recorded() as stop, torch.no_grad():
+                for step, (batch, errors) in enumerate(loader):
+                    if max_batches is not None and step >= max_batches:
+                        break
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        logits = model(normalize(batch.to(device, non_blocking=True)))
+                    top_p, top_i = logits.float().softmax(dim=1).topk(max(header["k"], 1), dim=1)
+                    records = _records(mine.start + written, top_p.cpu().numpy(), top_i.cpu().numpy(), errors, dtype)
+                    _append_records(path, records, written)
+                    written += len(records)
+                    if stop.signalled and written < len(mine):
+                        raise StoppedBySignal(f"stopped by {stop.signalled} after {written} of {len(mine)} images on "
+                                              f"rank {rank}; rerun the same command to continue", stop.signalled)
+        distributed.barrier()
+        if not _all_complete(out_dir, world, len(items), dtype.itemsize):
+            log.info("pseudo-labelling stopped before the end; rerun the same command to continue")
+            return {}
+        meta = {}
+        if rank == 0:
+            settings = {"teacher": str(teacher), "model": model_name, "image_size": image_size, "topk": topk,
+                        "threshold": threshold, "per_class": per_class}
+            meta = _finish(out_dir, world, header, settings)
+        distributed.barrier()
+        return meta
 
 
 def _finish(out_dir: Path, world: int, header: dict, settings: dict) -> dict:
