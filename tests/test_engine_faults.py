@@ -471,3 +471,38 @@ def test_one_live_run_per_output_dir_and_a_killed_holder_leaves_no_stale_lock(tm
         assert sorted(p.name for p in out.rglob("*")) == before  # the refused runs wrote and removed nothing
     engine_toy.main([str(out), "train.epochs=2", "train.resume=auto"])  # SIGKILLed holder: no stale lock
     assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
+
+
+def flip_a_weight_bit(path) -> None:
+    """Flip one bit inside the first tensor record of a torch.save zip, as a disk or a copy can."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if "/data/" in info.filename and info.file_size > 16)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = (int.from_bytes(data[record.header_offset + i: record.header_offset + i + 2], "little")
+                                 for i in (26, 28))
+    data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_checkpoint_is_skipped_on_resume_and_a_flipped_weights_file_is_refused(tmp_path, deterministic,
+                                                                                              caplog):
+    from rs_transfer.models.weights import WeightsError, read_state_dict
+
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1", "train.checkpoint_every_steps=8"])
+    straight = final_weights(out)
+    older, newest = ckpt.step_checkpoints(out / "checkpoints")[-2:]
+    flip_a_weight_bit(newest)
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint {newest} is corrupted: .* fails its CRC-32 check"):
+        ckpt.load(newest)  # torch.load alone would return the changed weights
+    engine_toy.main([str(out), "train.epochs=1", "train.resume=auto", "train.checkpoint_every_steps=8"])
+    skipped = [r.getMessage() for r in caplog.records if "skipping unreadable checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and str(newest) in skipped[0] and "CRC-32" in skipped[0]
+    assert any(f"resumed from {older}" in r.getMessage() for r in caplog.records)
+    assert_same_weights(straight, final_weights(out))  # the steps after the older checkpoint trained again, exactly
+    flip_a_weight_bit(out / "final.pt")
+    with pytest.raises(WeightsError, match=rf"weights file {out / 'final.pt'} is corrupted"):
+        read_state_dict(out / "final.pt")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rs_transfer.errors import UserError, one_line
-from rs_transfer.files import checkpoint_format
+from rs_transfer.files import checkpoint_format, failed_zip_record
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,24 @@ def check_file(path: str | Path, what: str = "weights file", error: type[UserErr
 def read_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> dict:
     """The dict in a .pt/.pth/.bin (`torch.load(weights_only=True)`) or .safetensors file, on the CPU.
 
-    Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", or f"{what} PATH holds a
-    TYPE, not a dict") for a missing or unreadable file, one that would need code to run, or one without a dict;
-    see `check_file`.
+    A torch.save zip is checked against the CRC-32 it stores for every record first (torch.load does not check them):
+    any bit flipped since it was written is an error, not different weights. Legacy pickle files and safetensors
+    carry no checksum.
+
+    Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", f"{what} PATH is corrupted:
+    RECORD fails its CRC-32 check", or f"{what} PATH holds a TYPE, not a dict") for a missing, unreadable or
+    corrupted file, one that would need code to run, or one without a dict; see `check_file`.
     """
     path = Path(path)
     kind = check_file(path, what, error)
+    if kind == "zip":  # every torch.save file since PyTorch 1.6: ours, timm's, torchvision's
+        try:
+            bad = failed_zip_record(path)
+        except OSError as problem:
+            raise error(f"cannot read {what} {path}: {problem.strerror or problem}") from None
+        if bad is not None:
+            raise error(f"{what} {path} is corrupted: {bad} fails its CRC-32 check (bytes changed on disk or in a "
+                        "copy since torch.save wrote it); use another copy")
     try:
         if kind == "safetensors":
             from safetensors.torch import load_file
