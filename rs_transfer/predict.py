@@ -219,6 +219,44 @@ def overlay_classes(image: torch.Tensor, indices: torch.Tensor, colours: dict, s
     return draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in present])
 
 
+LABEL_GRID = 256  # name_classes places names on a grid of at most this many pixels a side (a distance transform each)
+
+
+def name_classes(image: torch.Tensor, indices: torch.Tensor, names, colours: dict, skip=()) -> torch.Tensor:
+    """uint8 (3, H, W) `image` with names[class] written on a patch of colours[class] for every class of `indices`
+    (H, W) but those in `skip`, centred on the class's most interior pixel (farthest from any other class and from
+    the border: scipy's Euclidean distance transform, on a grid of at most LABEL_GRID pixels a side), so a name sits
+    inside its region and apart from the others' (torchvision's draw_bounding_boxes: an empty box, a filled label).
+    """
+    from PIL import ImageFont
+    from scipy.ndimage import distance_transform_edt
+    from torchvision.utils import draw_bounding_boxes
+
+    font = ImageFont.load_default()  # the font draw_bounding_boxes writes with
+    height, width = indices.shape
+    step = max(1, -(-max(height, width) // LABEL_GRID))
+    grid = np.pad(indices[::step, ::step].numpy(), 1, constant_values=-1)  # -1: the border counts as another class
+    boxes, labels, fills, inks = [], [], [], []
+    for c in indices.unique().tolist():
+        if c in skip:
+            continue
+        y, x = np.unravel_index(distance_transform_edt(grid == c).argmax(), grid.shape)
+        label = str(names[c])
+        left, top, right, bottom = font.getbbox(label)
+        x = min(max(0, (x - 1) * step - (right - left) // 2), max(0, width - (right - left) - 3))
+        y = min(max(0, (y - 1) * step - (bottom - top) // 2), max(0, height - (bottom - top) - 3))
+        boxes.append([x, y, x, y])
+        labels.append(label)
+        fills.append(colours[c])
+        # dark text on light colours, white on dark ones (ITU-R BT.601 luma)
+        inks.append((0, 0, 0) if 0.299 * colours[c][0] + 0.587 * colours[c][1] + 0.114 * colours[c][2] > 128
+                    else (255, 255, 255))
+    if not labels:
+        return image
+    return draw_bounding_boxes(image, torch.tensor(boxes), labels=labels, colors=fills, width=0, label_colors=inks,
+                               fill_labels=True)
+
+
 def colour_map(values: np.ndarray, low: float, high: float, name: str = DEPTH_COLOUR_MAP) -> np.ndarray:
     """float (H, W) -> uint8 (H, W, 3) through matplotlib's colour map `name`, `low`..`high` spanning it."""
     from matplotlib import colormaps

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
-from rs_transfer.downstream.data import find_dir, read_label_png, require
+from rs_transfer.downstream.data import find_dir, read_label_png_reduced, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene
@@ -69,9 +69,8 @@ def ade_items(root, split: str) -> list:
     return [(p, (annotations / f"{p.stem}.png", read_ade_label)) for p in paths]
 
 
-def read_ade_label(path) -> np.ndarray:
-    # 0 ("other") -> 255 ignore, 1..150 -> 0..149: uint8 arithmetic wraps 0 - 1 to 255.
-    return read_label_png(path) - np.uint8(1)
+# 0 ("other") -> 255 ignore, 1..150 -> 0..149 (ADE has no 255; one would stay ignored, as in mmsegmentation)
+read_ade_label = read_label_png_reduced
 
 
 def build_model(config):

@@ -81,6 +81,19 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DataError(f"cannot read label {path}: {error}") from None
 
 
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """uint8 class indices whose 0 means "unlabelled" (ADE20K's convention, mmsegmentation's reduce_zero_label):
+    0 -> IGNORE, c -> c - 1, IGNORE stays IGNORE (a set's 255 outlines stay ignored)."""
+    reduced = label - np.uint8(1)  # uint8 arithmetic wraps 0 - 1 to 255 = IGNORE
+    reduced[label == IGNORE] = IGNORE
+    return reduced
+
+
+def read_label_png_reduced(path: Path) -> np.ndarray:
+    """`read_label_png` then `reduce_zero_label`: ADE20K's labels, folder_seg's with task.reduce_zero_label."""
+    return reduce_zero_label(read_label_png(path))
+
+
 class ScaleJitter(v2.ScaleJitter):
     """torchvision's ScaleJitter (scale relative to the target size, as the TF detection/segmentation code does),
     except that labels and depth are resized with NEAREST_EXACT. torchvision resizes every mask with NEAREST,

@@ -21,7 +21,7 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.data import find_dir, read_label_png, read_split, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
-from rs_transfer.downstream.scenes import scene, voc_palette
+from rs_transfer.downstream.scenes import outlines, scene, voc_palette
 from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.segmentation import METRIC, build_segmentation
 from rs_transfer.errors import DataError
@@ -117,16 +117,6 @@ def build(config):
 SYNTHETIC_CLASSES = (1, 8, 15)  # the VOC classes synthetic scenes draw: aeroplane, cat, person
 
 
-def _boundary(label: np.ndarray) -> np.ndarray:
-    # VOC marks object outlines 255 (ignore); mark pixels whose 4-neighbour differs.
-    edge = np.zeros(label.shape, dtype=bool)
-    edge[1:] |= label[1:] != label[:-1]
-    edge[:-1] |= label[1:] != label[:-1]
-    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
-    return edge
-
-
 def write_voc_seg(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
     """VOCdevkit/VOC2012 with JPEGImages, palette PNGs in SegmentationClass (255 outlines) and ImageSets."""
     rng = np.random.default_rng(seed)
@@ -138,7 +128,7 @@ def write_voc_seg(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
     for image_id in ids:
         image, label, _ = scene(rng, *size, len(SYNTHETIC_CLASSES))
         classes = np.where(label >= 0, np.take(SYNTHETIC_CLASSES, np.clip(label, 0, None)), 0).astype(np.uint8)
-        classes[_boundary(label)] = 255
+        classes[outlines(label)] = 255  # VOC marks object outlines 255 (ignore)
         Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
         png = Image.fromarray(classes)  # mode L; putpalette turns it into P
         png.putpalette(palette)

@@ -72,6 +72,17 @@ def scene(rng, height, width, num_classes, max_objects=3, min_objects=1):
     return np.clip(image, 0, 255).astype(np.uint8), label, objects
 
 
+def outlines(label: np.ndarray) -> np.ndarray:
+    """bool HxW: the pixels of `label` whose 4-neighbour has another label (both sides of every edge), which VOC
+    and many hand-made masks mark 255 (ignore)."""
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[1:] |= label[1:] != label[:-1]
+    edge[:-1] |= label[1:] != label[:-1]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    return edge
+
+
 def depth_scene(rng, height, width):
     """An image and its depth (metres): a floor-like background whose brightness follows its depth (8 m at the
     top to 2 m at the bottom) and objects whose colour gives their depth (1 m + 0.9 m per colour index)."""

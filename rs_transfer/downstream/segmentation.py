@@ -1,7 +1,7 @@
 """Semantic segmentation, what the tasks pascal_seg (Pascal VOC 2012, 21 classes, optional SBD trainaug;
-rs_transfer/downstream/pascal_seg.py) and ade_seg (ADE20K, 150 classes; ade_seg.py) share: the dataset over
-(image, label) items, the FPN model, the mIoU evaluator and the predictor. Each task's readers (its layout, its
-label format, its class names) live in its own module.
+rs_transfer/downstream/pascal_seg.py), ade_seg (ADE20K, 150 classes; ade_seg.py) and folder_seg (the user's own
+image/mask folders; folder_seg.py) share: the dataset over (image, label) items, the FPN model, the mIoU evaluator
+and the predictor. Each task's readers (its layout, its label format, its class names) live in its own module.
 """
 
 import numpy as np
@@ -20,7 +20,8 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import Predictor, output_path, overlay_classes, palette_png, save_png, save_rgb, visualizer
+from rs_transfer.predict import (Predictor, name_classes, output_path, overlay_classes, palette_png, save_png,
+                                 save_rgb, visualizer)
 from rs_transfer.predict import read_image as read_image_file
 
 FILLS = {"image": 0, "mask": IGNORE}
@@ -109,36 +110,53 @@ def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     return logits[0].argmax(0).cpu()
 
 
-def predictor(class_names: tuple, offset: int, background=None, source: str = "") -> Predictor:
-    """`rs-transfer predict` for a segmentation task whose dataset stores class c as c + `offset` (ADE: 1, its 0 is
-    "other"). Writes masks/<name>.png (a palette PNG of the dataset's indices, VOC's colours) and overlays/<name>.png
-    (torchvision's draw_segmentation_masks; class `background`, a dataset index, left unpainted); the record lists
-    the mask, the overlay and each class present with its share of the pixels."""
+def predictor(class_names, offset=0, background=None, source: str = "", labelled: bool = False) -> Predictor:
+    """`rs-transfer predict` for a segmentation task whose dataset stores the model's class c as c + `offset` (ADE and
+    folder_seg's task.reduce_zero_label: 1, their 0 is "unlabelled"). `class_names` (the model's, in index order)
+    and `offset` are values, or for a task whose classes come from the user's data, functions of the run's config
+    (class_names: config -> (names, where they come from); offset: config -> int).
+
+    Its predictions are in the dataset's indices (the model's argmax + offset), so masks/<name>.png (a palette PNG,
+    VOC's colours) holds the indices the user's masks hold; overlays/<name>.png paints each class present
+    (torchvision's draw_segmentation_masks; class `background`, a dataset index, left unpainted) and, `labelled`,
+    writes its name on it; the record lists the mask, the overlay and each class present with its share of the
+    pixels."""
     palette = voc_palette()
     colours = {c: tuple(palette[3 * c: 3 * c + 3]) for c in range(len(palette) // 3)}
+    skip = () if background is None else (background,)
+    names_of = class_names if callable(class_names) else lambda config: (class_names, source)
+    offset_of = offset if callable(offset) else lambda config: offset
 
-    def draw(image: torch.Tensor, classes: torch.Tensor, names) -> torch.Tensor:
-        return overlay_classes(image, classes + offset, colours, skip=() if background is None else (background,))
+    def names_by_index(config):
+        # Indexed by the dataset's index: the record and the overlay's labels name the indices the masks hold.
+        names, where = names_of(config)
+        return (None,) * offset_of(config) + tuple(names), where
 
-    def write(out, name: str, image: torch.Tensor, classes: torch.Tensor, names) -> dict:
-        raw = classes + offset
-        mask = save_png(output_path(out, "masks", name, ".png"), palette_png(raw.numpy(), palette))
-        overlay_path = save_rgb(output_path(out, "overlays", name, ".png"), draw(image, classes, names))
-        values, counts = classes.unique(return_counts=True)
-        present = [{"index": int(v) + offset, "class": names[int(v)], "fraction": int(n) / classes.numel()}
+    def predict_indices(model, config, image: torch.Tensor) -> torch.Tensor:
+        return predict(model, config, image) + offset_of(config)
+
+    def draw(image: torch.Tensor, indices: torch.Tensor, names) -> torch.Tensor:
+        overlay = overlay_classes(image, indices, colours, skip=skip)
+        return name_classes(overlay, indices, names, colours, skip=skip) if labelled and names else overlay
+
+    def write(out, name: str, image: torch.Tensor, indices: torch.Tensor, names) -> dict:
+        mask = save_png(output_path(out, "masks", name, ".png"), palette_png(indices.numpy(), palette))
+        overlay_path = save_rgb(output_path(out, "overlays", name, ".png"), draw(image, indices, names))
+        values, counts = indices.unique(return_counts=True)
+        present = [{"index": int(v), "class": names[int(v)], "fraction": int(n) / indices.numel()}
                    for v, n in zip(values.tolist(), counts.tolist())]
         return {"mask": mask.relative_to(out).as_posix(), "overlay": overlay_path.relative_to(out).as_posix(),
                 "classes": present}
 
-    return Predictor(read=read_image_file, predict=predict, write=write, class_names=lambda config: (class_names, source),
+    return Predictor(read=read_image_file, predict=predict_indices, write=write, class_names=names_by_index,
                      draw=draw)
 
 
 def build_segmentation(config, train_items: list, val_items: list, num_classes: int, class_names=None,
                        predictor: Predictor | None = None) -> Task:
-    """The shared part of pascal_seg and ade_seg (which differ only in their data): datasets from (image, label)
-    items, the FPN segmentation model, the mIoU evaluator, and (with the task's `predictor`) the overlays of a few
-    validation images sent to TensorBoard at every evaluation."""
+    """The shared part of pascal_seg, ade_seg and folder_seg (which differ only in their data): datasets from
+    (image, label) items, the FPN segmentation model, the mIoU evaluator, and (with the task's `predictor`) the
+    overlays of a few validation images sent to TensorBoard at every evaluation."""
     task_cfg = config.task
     check_num_classes(config, num_classes)
     transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
