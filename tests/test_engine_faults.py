@@ -63,13 +63,17 @@ def test_a_stop_signal_to_the_process_group_with_workers_saves_and_resumes_exact
 
 
 @pytest.mark.slow  # three two-process torchrun launches
-def test_sigterm_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOY]
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path, stop):
+    # SIGUSR1 (`#SBATCH --signal=USR1@120`) kills a torchrun that does not handle it, leaving the ranks unsupervised:
+    # docs/engine.md's torchrun command adds it to --signals-to-handle, as here
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TOY]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     assert run_group([*torchrun, reference, *WORKERS]).returncode == 0
-    result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100"])
+    result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop])
     assert "killed by signal" not in result.stderr
-    assert "stopped by SIGTERM at step" in result.stderr, result.stderr[-3000:]
+    assert f"stopped by {stop} at step" in result.stderr, result.stderr[-3000:]
     saved = ckpt.step_checkpoints(stopped / "checkpoints")
     assert len(saved) == 1 and not (stopped / "final.pt").exists()
     assert len(ckpt.load(saved[0])["rng"]) == 2  # both ranks' random states were gathered into it
@@ -506,3 +510,15 @@ def test_a_bit_flipped_checkpoint_is_skipped_on_resume_and_a_flipped_weights_fil
     flip_a_weight_bit(out / "final.pt")
     with pytest.raises(WeightsError, match=rf"weights file {out / 'final.pt'} is corrupted"):
         read_state_dict(out / "final.pt")
+
+
+def test_a_worker_group_that_torchrun_restarted_resumes_by_itself(tmp_path, deterministic, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    engine_toy.main([str(out), "train.epochs=1"])
+    with pytest.raises(ckpt.CheckpointError, match="holds checkpoints of an earlier run"):
+        engine_toy.main([str(out), "train.epochs=2"])  # a first start without --resume refuses them
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts, after a worker failed
+    engine_toy.main([str(out), "train.epochs=2"])
+    assert "torchrun restart 1: resuming" in caplog.text
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2

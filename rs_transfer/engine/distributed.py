@@ -2,7 +2,7 @@
 
 One process is the special case of many: with no launcher environment this is rank 0 of 1 and every
 collective below returns its input. Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or
-`srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR/PORT exported by the job script) the
+`srun` (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, with MASTER_ADDR/PORT exported by the job script) the
 default process group is created once: NCCL on GPU, gloo on CPU.
 
 Evaluators use `shard(dataset)` (or `loader.eval_loader`, which calls it) to split their data over ranks in
@@ -13,6 +13,7 @@ through device.py.
 
 import atexit
 import datetime
+import logging
 import os
 import random
 from contextlib import ExitStack, contextmanager
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset, Subset
 
 from rs_transfer.errors import UserError
 from rs_transfer.files import FolderInUseError, folder_lock
+
+log = logging.getLogger(__name__)
 
 
 class DistributedError(UserError):
@@ -41,12 +44,50 @@ class DistInfo:
 
 
 def launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else (0, 1, 0)."""
+    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else (0, 1, 0).
+
+    SLURM: the processes started are srun's step (SLURM_STEP_NUM_TASKS), not the allocation (SLURM_NTASKS, also
+    set in an sbatch script or an salloc shell, where no srun started the other tasks: joining a group of
+    SLURM_NTASKS there waits for processes that never come, until the 30-minute timeout). Raises DistributedError
+    when the allocation has several tasks and no srun started this process; a step of one task under a bigger
+    allocation (`srun -n 1`) is one process, with a warning."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+    allocated = int(os.environ.get("SLURM_NTASKS", 1))
+    if allocated <= 1:
+        return 0, 1, 0
+    if "SLURM_STEP_NUM_TASKS" not in os.environ:
+        raise DistributedError(
+            f"SLURM_NTASKS={allocated}, but this process was not started by srun (no SLURM_STEP_NUM_TASKS: an sbatch "
+            "script or an salloc shell runs the command once): prefix it with `srun` to start one process per task, "
+            "run it under torchrun, or ask SLURM for one task")
+    started = int(os.environ["SLURM_STEP_NUM_TASKS"])
+    if started == 1:
+        log.warning("SLURM allocated %d tasks but srun started this one process alone (SLURM_STEP_NUM_TASKS=1): "
+                    "training on one process", allocated)
+        return 0, 1, 0
+    return int(os.environ["SLURM_PROCID"]), started, int(os.environ.get("SLURM_LOCALID", 0))
+
+
+def elastic_restart() -> int:
+    """How many times torchrun (`--max-restarts`) has restarted the worker group: 0 on the first start. A restarted
+    group continues from its checkpoints (the trainer resumes by itself), instead of refusing them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of the process with `local_rank` on its node, among the `visible` ones it sees.
+
+    torchrun and `srun --gpus-per-node` show every process all the node's GPUs: take the local rank's. SLURM with
+    one GPU per task (`--gpus-per-task 1`, or CUDA_VISIBLE_DEVICES per rank) shows each process only its own: take
+    it, whatever the local rank. Raises DistributedError when several GPUs are visible but fewer than the local
+    ranks."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise DistributedError(f"local rank {local_rank} but only {visible} GPUs visible to it: start at most {visible} "
+                               "processes per node, or one GPU per task (srun --gpus-per-task 1)")
+    return local_rank
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -57,8 +98,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DistributedError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
+        torch_device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(torch_device)
     elif device == "cpu":
         torch_device = torch.device("cpu")
     else:

@@ -41,6 +41,7 @@ from rs_transfer.engine.distributed import (
     broadcast_buffers,
     broadcast_object,
     claimed_folder,
+    elastic_restart,
     init_distributed,
     seed_everything,
 )
@@ -106,7 +107,8 @@ class Trainer:
         # One live run per output_dir (two would mix their logs and checkpoints): rank 0 holds its lock until the run ends.
         held.enter_context(claimed_folder(self.out, "output_dir"))
         # Rank 0 picks the checkpoint and tells the others, so all ranks resume from one file (or all stop).
-        resume_from, problem = broadcast_object(resume.pick_resume(tc.resume, self.ckpt_dir) if self.main else None)
+        resume_from, problem = broadcast_object(resume.pick_resume(self._resume_mode(), self.ckpt_dir)
+                                                if self.main else None)
         if problem:
             raise ckpt.CheckpointError(problem)
 
@@ -170,6 +172,15 @@ class Trainer:
         # the seconds of it spent evaluating and writing checkpoints.
         self.segment_start, self.segment_paused = self.tic, 0.0
         self.clock_base = (self.progress.wall_s, self.progress.train_s)
+
+    def _resume_mode(self) -> str | None:
+        """train.resume, or "auto" in a worker group torchrun restarted (`--max-restarts`): the group it replaces
+        left checkpoints in this output_dir, and a restart must continue from them, not refuse them."""
+        restarts = elastic_restart()
+        if self.tc.resume is None and restarts > 0:
+            log.info("torchrun restart %d: resuming from the newest checkpoint in %s, if any", restarts, self.ckpt_dir)
+            return "auto"
+        return self.tc.resume
 
     def run(self) -> dict:
         # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
