@@ -59,7 +59,7 @@ def test_csv_layout_files_and_missing_videos(datasets, tmp_path, caplog):
 def test_bad_roots_name_the_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.find_layout(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="neither Kinetics layout"):
+    with pytest.raises(DataError, match="holds no video layout"):
         data.find_layout(tmp_path)
 
 

@@ -1,1 +1,2 @@
-"""Kinetics-400 video classification with 3D ResNet-RS: data, clip sampling, 30-view evaluation, the task."""
+"""Video classification with 3D ResNet-RS (Kinetics-400 or your own videos): data, clip sampling, 30-view
+evaluation, the task."""

@@ -46,6 +46,14 @@ class VideoDataConfig(DataConfig):
     eval_batch_views: int = checked(6, at_least(1))  # views per forward pass
     max_eval_videos: Optional[int] = checked(None, at_least(1))  # evaluate the first N validation videos only (quick looks)
     synthetic: bool = False  # write the moving-square dataset to data.root first (when it is not there)
+    synthetic_layout: str = checked("folders", one_of("folders", "csv", "list"))  # the layout data.synthetic writes
+    # Your own videos as a `path label` list (SlowFast, mmaction2; docs/video.md). Relative paths are under data.root.
+    train_list: Optional[str] = None  # None: ROOT/train.csv or ROOT/train.txt
+    val_list: Optional[str] = None  # None: ROOT/val.csv or ROOT/val.txt
+    class_names_file: Optional[str] = None  # one name per line, in index order; None: ROOT/classes.txt when there
+    # The class names, index order; None: from the data (folders, labels, names file). Filled in when the run is
+    # built, so the run's config.yaml carries them to `predict`; set, the data must agree.
+    class_names: Optional[list] = None
 
 
 @dataclass

@@ -1,13 +1,17 @@
-"""Kinetics-400 on disk: finding the videos of a split, decoding them with PyAV, and the training clip dataset.
+"""Video datasets on disk (Kinetics-400 or a user's own): finding the videos of a split, decoding them with PyAV,
+and the training clip dataset.
 
-Two layouts are read (`find_layout` tells them apart):
-- class folders: ROOT/train/<class name>/*.mp4 and ROOT/val/<class name>/*.mp4
+Three layouts are read (`find_layout` tells them apart):
+- class folders: ROOT/train/<class name>/*.mp4 and ROOT/val/<class name>/*.mp4 (any class names and count)
+- SlowFast's and mmaction2's lists: ROOT/train.csv and ROOT/val.csv (or .txt), `path label` per line, and optional
+  class names in ROOT/classes.txt; read by video/lists.py, whose docstring gives the rules
 - the CSV annotations as distributed (e.g. the CVDF copy): ROOT/annotations/train.csv and ROOT/annotations/val.csv
   (or validate.csv), columns label,youtube_id,time_start,time_end,split[,is_cc], and the videos in
   ROOT/train/ and ROOT/val/ named <youtube_id>_<time_start:06d>_<time_end:06d> plus any suffix of VIDEO_SUFFIXES
   (copies mix mp4, mkv and webm). Rows whose video is missing (many copies lack some) are left out with one log
   line giving the count.
-Class indices are the sorted class names of the training split, so train and val agree. In the class-folder layout
+In the folder and Kinetics CSV layouts, class indices are the sorted class names of the training split, so train
+and val agree (lists index their classes as lists.py says). In the class-folder layout
 these are the names of the folders in train/, empty ones included (with a warning naming each): a folder whose
 videos failed to download keeps its index, so the indices of the classes after it never shift. Folders whose name
 starts with a dot are not classes.
@@ -35,7 +39,7 @@ from torch.utils.data import Dataset
 from rs_transfer.data.folders import class_folders
 from rs_transfer.data.text import open_csv
 from rs_transfer.errors import DataError
-from rs_transfer.video import sampling
+from rs_transfer.video import lists, sampling
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +57,52 @@ class Video:
     label: int
 
 
-def find_layout(root: str | Path) -> str:
+def find_layout(root: str | Path, list_files: dict | None = None) -> str:
+    """"list", "csv" or "folders": the layout of `root`. Lists named in the config (`list_files`, {split: file})
+    make it "list"; otherwise Kinetics' annotations/train.csv, then ROOT/train.csv or train.txt, then ROOT/train/.
+    Raises DataError naming the root when it is missing or holds none of them."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"video data root not found: {root}")
+    if list_files:
+        return "list"
     if (root / "annotations" / "train.csv").is_file():
         return "csv"
+    if lists.find_list(root, "train") is not None:
+        return "list"
     if (root / "train").is_dir():
         return "folders"
     raise DataError(
-        f"{root} is neither Kinetics layout: expected {root}/train/<class>/*.mp4 (class folders) or "
-        f"{root}/annotations/train.csv with videos in {root}/train/ (CSV annotations)"
+        f"{root} holds no video layout: expected {root}/train/<class>/*.mp4 (class folders), {root}/train.csv or "
+        f"train.txt (a `path label` list), or {root}/annotations/train.csv with videos in {root}/train/ (Kinetics' "
+        "CSV annotations)"
     )
 
 
-def list_videos(root: str | Path, split: str) -> tuple[list, list]:
-    """(videos of `split`, class names); class indices come from the training split."""
-    videos, classes = list_splits(root, (split,))
+def list_videos(root: str | Path, split: str, list_files: dict | None = None,
+                names_file: str | None = None) -> tuple[list, list]:
+    """(videos of `split`, class names); class indices come from the training split (or the class names file)."""
+    videos, classes = list_splits(root, (split,), list_files, names_file)
     return videos[split], classes
 
 
-def list_splits(root: str | Path, splits=("train", "val")) -> tuple[dict, list]:
+def list_splits(root: str | Path, splits=("train", "val"), list_files: dict | None = None,
+                names_file: str | None = None) -> tuple[dict, list]:
     """({split: videos}, class names), reading each split once (the training split gives the classes).
 
-    Raises DataError naming the root or file when a layout, annotation file, split or class is missing.
+    list_files: {split: list file} from the config (data.train_list, data.val_list), relative to root; names_file:
+    data.class_names_file; both only for the list layout. Raises DataError naming the root or file (and line) when
+    a layout, annotation file, list, split or class is missing or malformed.
     """
     root = Path(root)
-    layout = find_layout(root)
+    layout = find_layout(root, list_files)
+    if layout == "list":
+        found, classes = lists.read_splits(root, splits, list_files or {}, names_file)
+        return {split: [Video(path, label) for path, label in found[split]] for split in splits}, classes
+    if names_file is not None:
+        own = "class folders" if layout == "folders" else "CSV labels"
+        raise DataError(f"data.class_names_file={names_file} names the classes of a `path label` list, but {root} "
+                        f"holds the {layout} layout, whose classes are its {own}")
     read_rows = _folder_rows if layout == "folders" else _csv_rows
     rows = {"train": read_rows(root, "train")}
     if not rows["train"]:

@@ -8,9 +8,8 @@ from rs_transfer.config import ConfigError, load_config
 from rs_transfer.engine.classification import Classifier
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, make_dir
-from rs_transfer.video import data
 from rs_transfer.video.config import VideoConfig
-from rs_transfer.video.task import build_net, build_task, evaluate_videos, prepare_root, resolve_num_classes
+from rs_transfer.video.task import build_net, build_task, evaluate_videos, list_data, prepare_root, resolve_classes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,9 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     config.model.weights = str(checkpoint)
     info = init_distributed(config.train.device)
     root = prepare_root(config)
-    val_videos, classes = data.list_videos(root, "val")
-    resolve_num_classes(config, classes, root)
+    videos, classes = list_data(config, root, ("val",))
+    val_videos = videos["val"]
+    resolve_classes(config, classes, root)
     model = Classifier(build_net(config)).to(info.device).eval()
     if config.data.max_eval_videos is not None:
         val_videos = val_videos[: config.data.max_eval_videos]

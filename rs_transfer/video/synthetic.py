@@ -1,9 +1,9 @@
 """A tiny generated Kinetics: a square moving across noise, whose direction is the class.
 
-Written in either real on-disk layout (class folders, or CSV annotations with youtube_id-named files) through
-PyAV: H.264 in .mp4 / .mkv, VP9 in .webm (real Kinetics copies mix all three), so the demo and the tests read it
-with exactly the code that reads Kinetics-400. A single frame cannot tell the classes apart; only motion can, so
-a model that learns it uses the time axis.
+Written in any real on-disk layout (class folders, CSV annotations with youtube_id-named files, or a SlowFast
+`path label` list with classes.txt) through PyAV: H.264 in .mp4 / .mkv, VP9 in .webm (real Kinetics copies mix
+all three), so the demo and the tests read it with exactly the code that reads Kinetics-400 and users' videos.
+A single frame cannot tell the classes apart; only motion can, so a model that learns it uses the time axis.
 """
 
 import csv
@@ -59,22 +59,31 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> None:
 
 
 def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: dict | None = None,
-                  num_frames: int = 24, size: int = 32, classes: tuple = tuple(DIRECTIONS), seed: int = 0,
+                  num_frames: int = 24, size: int = 32, classes: tuple | dict = tuple(DIRECTIONS), seed: int = 0,
                   suffixes: tuple = (".mp4",)) -> Path:
-    """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout; returns `root`.
+    """Write train and val splits under `root` in the "folders" or "csv" Kinetics layout, or the "list" layout
+    (write_lists); returns `root`. classes: names of DIRECTIONS, or {any name: (row step, column step)}.
 
-    Video i of a class gets container suffixes[i % len(suffixes)], so ".mp4", ".mkv", ".webm" mixes them."""
+    Video i of a class gets container suffixes[i % len(suffixes)], so ".mp4", ".mkv", ".webm" mixes them. The same
+    seed writes the same videos in every layout."""
+    if layout not in ("folders", "csv", "list"):
+        raise ValueError(f"unknown layout {layout!r}: expected 'folders', 'csv' or 'list'")
     root = Path(root)
+    directions = classes if isinstance(classes, dict) else {name: DIRECTIONS[name] for name in classes}
     videos_per_class = videos_per_class or {"train": 16, "val": 4}
     rng = np.random.default_rng(seed)
     rows = {split: [] for split in videos_per_class}
     for split, count in videos_per_class.items():
-        for name in classes:
+        for name, direction in directions.items():
             for i in range(count):
-                frames = moving_square(DIRECTIONS[name], num_frames, size, rng)
+                frames = moving_square(direction, num_frames, size, rng)
                 suffix = suffixes[i % len(suffixes)]
                 if layout == "folders":
                     write_video(root / split / name / f"{split}_{i:04d}{suffix}", frames)
+                elif layout == "list":
+                    path = Path("videos") / split / name / f"{split}_{i:04d}{suffix}"
+                    write_video(root / path, frames)
+                    rows[split].append((path.as_posix(), name))
                 else:
                     youtube_id = f"{name.split()[-1]}{split}{i:04d}"[:11]
                     start = 10 * i
@@ -87,6 +96,20 @@ def write_dataset(root: str | Path, layout: str = "folders", videos_per_class: d
                 writer = csv.writer(file)
                 writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
                 writer.writerows(split_rows)
-    elif layout != "folders":
-        raise ValueError(f"unknown layout {layout!r}: expected 'folders' or 'csv'")
+    elif layout == "list":
+        write_lists(root, rows)
     return root
+
+
+def write_lists(root: Path, rows: dict) -> None:
+    """SlowFast's list layout from {split: [(path relative to root, class name)]}: ROOT/<split>.csv with one
+    `path index` line per video (space separated, as SlowFast's are; the paths hold spaces) and the names in
+    ROOT/classes.txt. Classes and lines are sorted as the class-folder layout lists them, so the same seed gives the
+    same videos with the same indices in the same order, and the same training run, in both layouts."""
+    names = sorted({name for split_rows in rows.values() for _, name in split_rows})
+    index = {name: i for i, name in enumerate(names)}
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    for split, split_rows in rows.items():
+        lines = sorted(split_rows, key=lambda row: (row[1], row[0]))
+        (root / f"{split}.csv").write_text("".join(f"{path} {index[name]}\n" for path, name in lines),
+                                           encoding="utf-8")

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def build_net(config: VideoConfig) -> ResNet3d:
     model_cfg = config.model
     if model_cfg.num_classes is None:
-        raise ValueError("model.num_classes is unset: resolve_num_classes sets it from the data before building")
+        raise ValueError("model.num_classes is unset: resolve_classes sets it from the data before building")
     if model_cfg.inflate_from is not None and model_cfg.weights is not None:
         raise ConfigError("give model.inflate_from (a 2D checkpoint) or model.weights (a 3D one), not both")
     net = create_model_3d(
@@ -57,15 +57,38 @@ def build_model(config: VideoConfig) -> Classifier:
 
 
 def prepare_root(config: VideoConfig) -> Path:
-    root = data_root(config.data.root, "Kinetics-400: train/<class>/<videos> and val/ (see docs/video.md)")
+    root = data_root(config.data.root, "the videos: train/<class>/<videos> and val/, or train.csv and val.csv "
+                                       "lists (see docs/video.md)")
     if config.data.synthetic:  # written once, atomically; a folder that holds data is used as it is
-        write_once(root, lambda folder: synthetic.write_dataset(folder, "folders", seed=config.seed))
+        layout = config.data.synthetic_layout
+        write_once(root, lambda folder: synthetic.write_dataset(folder, layout, seed=config.seed))
     return root
 
 
-def resolve_num_classes(config: VideoConfig, classes: list, root: Path) -> None:
-    """Set `config.model.num_classes` to the training split's class count when unset (so the saved run config
-    holds the number); raise ConfigError when it is set to another count."""
+def list_data(config: VideoConfig, root: Path, splits=("train", "val")) -> tuple[dict, list]:
+    """({split: videos}, class names) under `root` in whichever layout it holds, with the list and names files of
+    data.* (data.list_splits). Raises DataError as data.list_splits."""
+    data_cfg = config.data
+    list_files = {split: given for split, given in (("train", data_cfg.train_list), ("val", data_cfg.val_list))
+                  if given is not None}
+    return data.list_splits(root, splits, list_files, data_cfg.class_names_file)
+
+
+def resolve_classes(config: VideoConfig, classes: list, root: Path) -> None:
+    """Fill in the data's classes: `config.data.class_names` and `config.model.num_classes` when unset (so the saved
+    run config holds them, and `predict` names classes without the data); raise ConfigError naming both when either
+    is set to something else."""
+    given = config.data.class_names
+    if given is None:
+        config.data.class_names = list(classes)
+    elif [str(name) for name in given] != list(classes):
+        # Kinetics has 400 names: show where the two lists part, not both whole
+        at = next((i for i, (a, b) in enumerate(zip(given, classes)) if str(a) != b), min(len(given), len(classes)))
+        theirs = repr(classes[at]) if at < len(classes) else "nothing"
+        ours = repr(given[at]) if at < len(given) else "nothing"
+        raise ConfigError(f"data.class_names ({len(given)} names) disagrees with the {len(classes)} classes of {root}: "
+                          f"class {at} is {ours} in data.class_names, {theirs} in the data (leave data.class_names "
+                          "unset to take the data's)")
     if config.model.num_classes is None:
         config.model.num_classes = len(classes)
         log.info("model.num_classes=%d: the training classes under %s", len(classes), root)
@@ -75,16 +98,17 @@ def resolve_num_classes(config: VideoConfig, classes: list, root: Path) -> None:
 
 
 def build_task(config: VideoConfig) -> Task:
-    """The video Task: Kinetics-400 class folders or CSV layout under data.root (train, val), the 3D network in
-    engine.classification.Classifier (clips uint8 (N, 3, T, H, W); eval mode: logits (N, classes)), 30-view top-1 /
-    top-5 (evaluate_videos). Raises DataError for a missing or malformed layout, ConfigError for an unset data.root,
-    a model.num_classes that disagrees with the data or both inflate_from and weights, WeightsError for weights
-    that do not fit."""
+    """The video Task: class folders, a `path label` list or Kinetics' CSV layout under data.root (train, val), the
+    3D network in engine.classification.Classifier (clips uint8 (N, 3, T, H, W); eval mode: logits (N, classes)),
+    30-view top-1 / top-5 (evaluate_videos). Fills in data.class_names and model.num_classes (resolve_classes).
+    Raises DataError for a missing or malformed layout, ConfigError for an unset data.root, a data.class_names or
+    model.num_classes that disagrees with the data or both inflate_from and weights, WeightsError for weights that
+    do not fit."""
     root = prepare_root(config)
     data_cfg = config.data
-    videos, classes = data.list_splits(root, ("train", "val"))
+    videos, classes = list_data(config, root, ("train", "val"))
     train_videos, val_videos = videos["train"], videos["val"]
-    resolve_num_classes(config, classes, root)
+    resolve_classes(config, classes, root)
     log.info("%s: %d training and %d validation videos, %d classes", root, len(train_videos), len(val_videos),
              len(classes))
     augment = sampling.TrainAugment(
@@ -209,15 +233,20 @@ def predict(model: nn.Module, config: VideoConfig, video: dict) -> torch.Tensor:
 
 
 def class_names(config: VideoConfig) -> tuple:
-    """(names, where from): the training classes of data.root when readable and as many as the model's outputs;
-    else (None, why), and predictions name classes by index."""
-    try:
-        _, names = data.list_splits(config.data.root, ("train",))
-    except (OSError, TypeError, UserError) as error:
-        return None, f"indices: the classes of data.root={config.data.root} cannot be read ({type(error).__name__})"
+    """(names, where from): the run's data.class_names (filled in when it was built) when as many as the model's
+    outputs; for runs saved before that, the training classes of data.root when readable; else (None, why), and
+    predictions name classes by index."""
+    names = config.data.class_names
+    where = "data.class_names of the run's config"
+    if names is None:
+        try:
+            _, names = list_data(config, Path(config.data.root), ("train",))
+        except (OSError, TypeError, UserError) as error:
+            return None, f"indices: the classes of data.root={config.data.root} cannot be read ({type(error).__name__})"
+        where = f"the training classes of {config.data.root}"
     if len(names) != config.model.num_classes:
-        return None, f"indices: {config.data.root} has {len(names)} classes, the model {config.model.num_classes} outputs"
-    return tuple(names), f"the training classes of {config.data.root}"
+        return None, f"indices: {where} holds {len(names)} classes, the model {config.model.num_classes} outputs"
+    return tuple(str(name) for name in names), where
 
 
 # predict: videos in, top-5 classes with their view-averaged probabilities out (rs_transfer/predict.py)
