@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--max-batches", type=whole("--max-batches", 1), help="stop after this many batches per rank (resume later)")
     pseudo.set_defaults(run=run_pseudo_label)
 
-    video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400: train, 30-view evaluation")
+    video = commands.add_parser("video", help="3D ResNet-RS on Kinetics-400 or your own videos (class folders, "
+                                "path-label lists): train, 30-view evaluation")
     video_commands = video.add_subparsers(dest="video_command", required=True, metavar="ACTION")
     video_train = video_commands.add_parser("train", help="train a 3D model (torchrun for several processes)")
     video_train.add_argument("--config", required=True, help=CONFIG_HELP.format(example="video/demo.yaml"))

@@ -179,7 +179,8 @@ class RunConfig:
 # change how and how often it evaluates (EVAL_KEYS), the run's length (the schedule then spans the new length) and
 # the weights it started from (restored from the checkpoint instead). Any other key changes the run.
 LOCATION_KEYS = frozenset({
-    "output_dir", "data.root", "data.num_workers", "data.prefetch_factor", "data.synthetic", "train.resume", "train.device",
+    "output_dir", "data.root", "data.num_workers", "data.prefetch_factor", "data.synthetic", "data.synthetic_layout",
+    "train.resume", "train.device",
     "train.compile", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_last",
 })
