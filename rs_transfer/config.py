@@ -35,6 +35,64 @@ class ConfigError(UserError):
     pass
 
 
+# Bounds of every YAML the toolkit reads (config files, overrides, a run's config.yaml): ours are a few KB, three
+# levels deep and a few hundred values. Without them a YAML "billion laughs" (aliases of aliases) grows to GBs while
+# OmegaConf copies it, and deep nesting ends in a RecursionError.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000  # nodes once every alias is expanded
+
+
+def check_yaml(text: str, where: str) -> None:
+    """Raise ConfigError naming `where` when YAML `text` is larger, deeper or (aliases expanded) bigger than the
+    bounds above, or is not YAML. Only composes the text (no value is built, no tag is constructed)."""
+    if len(text.encode("utf-8", "replace")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_YAML_BYTES >> 20} MiB: not a config")
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply (more than {MAX_YAML_DEPTH} levels)") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(error).split())}") from None
+    finally:
+        loader.dispose()
+    pending, values = [(root, 1)] if root is not None else [], 0
+    while pending:  # iterative: aliases make a node reachable many times, and each time counts
+        node, depth = pending.pop()
+        values += 1
+        if values > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            what = f"nested more than {MAX_YAML_DEPTH} levels deep" if depth > MAX_YAML_DEPTH else \
+                f"more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded"
+            raise ConfigError(f"{where} holds {what}: not a config")
+        if isinstance(node, yaml.SequenceNode):
+            pending += [(child, depth + 1) for child in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            pending += [(part, depth + 1) for pair in node.value for part in pair]
+
+
+def read_yaml(text: str, where: str):
+    """The value of YAML `text` (safe: plain data only, no tag builds an object), within the bounds of `check_yaml`.
+    Raises ConfigError naming `where`."""
+    check_yaml(text, where)
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError, ValueError) as error:  # ValueError: an int of over 4300 digits
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(error).split())}") from None
+
+
+def _literal(tree):
+    """`tree` (plain YAML data) with every "${" escaped, so OmegaConf keeps it as text: a study named S${oc.env:X}
+    or a folder with "${" in its name stays what it is. No config key of ours asks for interpolation."""
+    if isinstance(tree, str):
+        return tree.replace("${", "\\${")
+    if isinstance(tree, dict):
+        return {key: _literal(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_literal(value) for value in tree]
+    return tree
+
+
 @dataclass(frozen=True)
 class Check:
     """An allowed range: `ok(value)` is True when the value is allowed; `rule` says what is, for the error."""
@@ -91,6 +149,10 @@ def validate(config, prefix: str = "") -> None:
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, str) and any(ord(c) < 32 or c == "\x7f" for c in v) for v in values):
+            # a newline in output_dir would be folded into a space when config.yaml is read back: another folder
+            raise ConfigError(f"{key}={value!r} holds a control character (a newline, tab, ...): paths, names and "
+                              "choices are one line of printable text")
         for check in f.metadata.get("checks", ()):
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v) or not check.ok(v):
@@ -280,13 +342,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         _merge(config, _read_chain(find_config(path), seen=()), f"config file {path}")
     for item in overrides:
         key, sep, value = item.partition("=")
+        shown = repr(item if len(item) <= 80 else item[:77] + "...")
         if not sep or not key.strip():
-            raise ConfigError(f"bad override {item!r}: expected key=value, e.g. train.batch_size=64")
+            raise ConfigError(f"bad override {shown}: expected key=value, e.g. train.batch_size=64")
+        if any(ord(c) < 32 or c == "\x7f" for c in item):
+            # YAML folds a newline inside quotes into a space: 'a<newline>b' would silently become "a b"
+            raise ConfigError(f"bad override {shown}: it holds a control character (a newline, tab, ...)")
+        check_yaml(value, f"override {shown}")
         try:
             parsed = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"bad override {item!r}: {error}") from None
-        _merge(config, parsed, f"override {item!r}")
+            parsed = OmegaConf.create(_literal(OmegaConf.to_container(parsed, resolve=False)))
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:  # a !!python/... tag; a 5000-digit int
+            raise ConfigError(f"bad override {shown}: {' '.join(str(error).split())}") from None
+        _merge(config, parsed, f"override {shown}")
     try:
         resolved = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
@@ -334,13 +402,14 @@ def _read_chain(path: Path, seen: tuple) -> DictConfig:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through `base:`")
     try:
-        data = yaml.safe_load(path.read_text(encoding=TEXT_ENCODING)) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        text = path.read_text(encoding=TEXT_ENCODING)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    data = read_yaml(text, f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
     base = data.pop("base", None)
-    layer = OmegaConf.create(data)
+    layer = OmegaConf.create(_literal(data))
     if base is None:
         return layer
     if not isinstance(base, str):

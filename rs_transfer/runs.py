@@ -9,8 +9,7 @@ config) and `weights.pth` (the task model's exported network, engine/task.py: EM
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from rs_transfer.config import ConfigError, read_yaml
 from rs_transfer.engine.summary import run_family
 from rs_transfer.errors import UserError
 
@@ -60,8 +59,8 @@ def read_run_config(folder: Path) -> dict:
     if not path.is_file():
         raise RunError(f"{folder} is not a run folder: it has no config.yaml (the OUTPUT_DIR of a training command)")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        config = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
         raise RunError(f"cannot read {path}: {type(error).__name__}: {' '.join(str(error).split())}") from None
     if not isinstance(config, dict):
         raise RunError(f"{path} holds no config (a YAML mapping)")

@@ -100,3 +100,70 @@ def test_a_key_added_to_the_schema_after_a_run_was_saved_matches_at_its_default(
     assert run_differences(saved, to_dict(config), defaults=defaults) == ["train.report_best: None in the checkpoint, True now"]
     config.train.report_best = False
     assert run_differences(saved, to_dict(config)) == ["train.report_best: None in the checkpoint, False now"]  # no defaults given
+
+
+BOMB = "".join(f"{name}: &{name} [{', '.join([f'*{prev}'] * 10 if prev else ['lol'] * 10)}]\n"
+               for prev, name in zip(["", "a", "b", "c", "d", "e", "f", "g"], "abcdefgh"))
+
+
+FLOW_BOMB = "[" + ", ".join(["[" + ", ".join(["[" + ", ".join(["x"] * 50) + "]"] * 50) + "]"] * 50) + "]"
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "more than 100000 values once its aliases"),  # billion laughs: 10^8 values, a few hundred bytes
+    ("model: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+    ("model:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 40)), "nested more than 32 levels deep"),
+    ("seed: " + "1" * (1 << 20) + "\n", "larger than 1 MiB"),
+    ("seed: " + "1" * 5000 + "\n", "is not valid YAML: .*Exceeds the limit"),
+])
+def test_yaml_bombs_and_abysses_are_one_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file {path} .*{message}"):
+        load_config(RunConfig, path)
+
+
+@pytest.mark.parametrize("value, message", [
+    (FLOW_BOMB, "more than 100000 values"), ("[" * 2000 + "]" * 2000, "nested too deeply"),
+    ("1" * 5000, "Exceeds the limit"),
+])
+def test_an_override_is_bounded_like_a_file(value, message):
+    with pytest.raises(ConfigError, match=rf"override 'seed=.{{72}}\.\.\.'.*{message}"):  # the value shown cut short
+        load_config(RunConfig, None, [f"seed={value}"])
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_python_tags_are_refused_in_files_and_overrides_alike(tmp_path, where):
+    value = "!!python/object/apply:os.system ['touch owned']"
+    path = tmp_path / "tag.yaml"
+    path.write_text(f"output_dir: {value}\n")
+    with pytest.raises(ConfigError, match="could not determine a constructor for the tag"):
+        load_config(RunConfig, path) if where == "file" else load_config(RunConfig, None, [f"output_dir={value}"])
+    assert not (tmp_path / "owned").exists()
+
+
+def test_values_are_literal_text_never_interpolated(tmp_path, monkeypatch):
+    from rs_transfer.config import string_override
+
+    monkeypatch.setenv("X", "expanded")
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: runs/${oc.env:X}\n")
+    assert load_config(RunConfig, path).output_dir == "runs/${oc.env:X}"
+    for item in ("output_dir=S${oc.env:X}", string_override("output_dir", "S${oc.env:X}"), "output_dir=${seed}"):
+        assert load_config(RunConfig, None, [item]).output_dir == item.split("=", 1)[1].strip("'")
+    saved = save_config(load_config(RunConfig, None, ["output_dir=S${oc.env:X}"]), tmp_path / "out")
+    assert load_config(RunConfig, saved).output_dir == "S${oc.env:X}"  # a run's config.yaml reads back the same
+
+
+@pytest.mark.parametrize("item", ["output_dir='a\nb'", "output_dir=a\tb", "data.root=/data/\x00x"])
+def test_a_control_character_in_a_value_is_refused_not_folded(item):
+    # YAML folds a newline inside quotes into a space: the run would have trained into another folder
+    with pytest.raises(ConfigError, match="control character"):
+        load_config(RunConfig, None, [item])
+
+
+def test_a_control_character_from_a_file_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('output_dir: "runs/a\\nb"\n')
+    with pytest.raises(ConfigError, match=r"output_dir='runs/a\\nb' holds a control character"):
+        load_config(RunConfig, path)

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from rs_transfer.config import ConfigError, load_config, packaged_configs, run_differences, string_override, to_dict
+from rs_transfer.config import (
+    ConfigError, load_config, packaged_configs, read_yaml, run_differences, string_override, to_dict,
+)
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
@@ -135,8 +135,8 @@ def check_finished_point(folder: Path, config: FinetuneConfig) -> None:
     output_dir would silently stand in for this one). Raises UserError naming the differences."""
     saved_path = folder / "config.yaml"
     try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+        saved = read_yaml(saved_path.read_text(encoding="utf-8"), str(saved_path))
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
         raise UserError(f"{folder} holds a finished grid point whose {saved_path.name} cannot be read ({error}): "
                         "remove the folder to run the point again") from None
     changed = run_differences(saved, to_dict(config), where="there", defaults=to_dict(type(config)()))

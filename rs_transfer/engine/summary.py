@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from rs_transfer.config import ConfigError, read_yaml
 from rs_transfer.errors import DataError, UserError, one_line
 from rs_transfer.files import atomic_write_json
 
@@ -138,7 +139,7 @@ def read_run(folder: Path, root: Path) -> dict:
     """The row of one run folder (see find_runs); a file that cannot be read leaves its fields None."""
     row = {"folder": str(folder.relative_to(root)), "family": None, "task": None, "backbone": None, "metric": None,
            "value": None, "wall_s": None, "finished": False, "step": None, "problem": None}
-    config = _read(folder / "config.yaml", yaml.safe_load, row)
+    config = _read(folder / "config.yaml", lambda text: read_yaml(text, str(folder / "config.yaml")), row)
     if isinstance(config, dict):
         row["family"], row["task"] = run_family(config)
         model = config.get("model")
@@ -270,6 +271,6 @@ def _read(path: Path, parse, row: dict):
         return None
     try:
         return parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError, yaml.YAMLError, ConfigError) as error:
         row["problem"] = f"{path.name} unreadable ({type(error).__name__})"
         return None
