@@ -35,6 +35,7 @@ MODULES = {
     "pascal_seg": "rs_transfer.downstream.pascal_seg",
     "ade_seg": "rs_transfer.downstream.ade_seg",
     "nyu_depth": "rs_transfer.downstream.nyu_depth",
+    "folder_cls": "rs_transfer.downstream.folder_cls",
 }
 
 
