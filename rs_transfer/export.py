@@ -170,7 +170,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     """Export the network of a finished run (rs_transfer/runs.py load_run: its config and weights.pth, EMA weights
     when the run used EMA) for inference.
 
-    What is exported: classification (pretrain, cifar100, video) and dense tasks (pascal_seg, ade_seg, nyu_depth):
+    What is exported: classification (pretrain, cifar100, folder_cls, video) and dense tasks (pascal_seg, ade_seg, nyu_depth):
     the whole task model at evaluation, uint8 images (N, 3, R, R) (video: clips (N, 3, T, R, R)) -> logits (N,
     classes), segmentation logits (N, classes, R, R) or depth in metres (N, R, R), normalisation included;
     pascal_det: backbone + FPN only (DetectorFeatures). R: `resolution`, else the run's evaluation size. The batch
@@ -221,8 +221,10 @@ def _eval_size(run) -> int:
     if run.family == "video":
         return config.data.eval_crop_size
     task = config.task
-    if run.task == "cifar100":
-        return task.image_size
     if run.task == "pascal_det":
         return task.det_eval_size
+    from rs_transfer.downstream import registry
+
+    if registry.get(run.task).protocol.image_size is not None:  # whole images at task.image_size (cifar100, folder_cls)
+        return task.image_size
     return task.crop_size

@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "rs_transfer.tasks"
 
-# Task name -> module. The order is Table 5's column order.
+# Task name -> module: the paper's tasks in Table 5's column order, then the own-data tasks (docs/downstream.md).
 MODULES = {
     "cifar100": "rs_transfer.downstream.cifar100",
     "pascal_det": "rs_transfer.downstream.pascal_det",
     "pascal_seg": "rs_transfer.downstream.pascal_seg",
     "ade_seg": "rs_transfer.downstream.ade_seg",
     "nyu_depth": "rs_transfer.downstream.nyu_depth",
+    "folder_cls": "rs_transfer.downstream.folder_cls",
     "folder_seg": "rs_transfer.downstream.folder_seg",
 }
 

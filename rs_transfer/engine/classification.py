@@ -1,7 +1,8 @@
 """Classification for the engine: the one model wrapper (network + normalisation + cross-entropy) and the one
-top-k counter, shared by ImageNet pretraining (pretrain/task.py), CIFAR-100 fine-tuning (downstream/cifar100.py) and
-video classification (video/task.py); the first two evaluate with TopKEvaluator, video's 30-view evaluator
-(video/task.py evaluate_videos) averages each video's views first and counts with TopK.
+top-k counter, shared by ImageNet pretraining (pretrain/task.py), CIFAR-100 and class-folder fine-tuning
+(downstream/cifar100.py, downstream/folder_cls.py, which also reports per-class accuracy) and video classification
+(video/task.py); the first two families evaluate with TopKEvaluator, video's 30-view evaluator (video/task.py
+evaluate_videos) averages each video's views first and counts with TopK.
 
 They live in the engine, not in one of those tasks nor in models/: three task families use them (a copy per task
 is a job written three times), and models/ holds networks only, without losses or distributed evaluation.
@@ -54,56 +55,84 @@ class Classifier(nn.Module):
 
 class TopK:
     """Top-1 and top-5 hits (top-k capped at the class count) over the samples of this rank, counted by torchmetrics'
-    MulticlassAccuracy (micro average: hits / samples).
+    MulticlassAccuracy (micro average: hits / samples); with `per_class`, also each class's top-1 hits and samples
+    (average="none" keeps them per class).
 
     Each rank counts its own samples without torchmetrics' own synchronisation; `counts()` hands the integers to
     the caller, who sums them over ranks with whatever else it counts (`all_reduce_sum`) and divides once: the
     fractions are exact (float64), the same on every rank, and a rank with no sample adds zeros.
     """
 
-    def __init__(self, num_classes: int, device: torch.device):
+    def __init__(self, num_classes: int, device: torch.device, per_class: bool = False):
         self.metrics = {k: MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro",
                                               sync_on_compute=False).to(device) for k in TOP_K}
+        self.per_class = MulticlassAccuracy(num_classes, top_k=1, average="none",
+                                            sync_on_compute=False).to(device) if per_class else None
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
         """scores: (N, classes) logits or probabilities (any float dtype); labels: (N,) class indices."""
         for metric in self.metrics.values():
             metric.update(scores.float(), labels)
+        if self.per_class is not None:
+            self.per_class.update(scores.float(), labels)
 
     def counts(self) -> torch.Tensor:
-        """float64 (len(TOP_K) + 1,): top-k hits for each k in TOP_K, then the number of samples."""
+        """float64 (len(TOP_K) + 1,): top-k hits for each k in TOP_K, then the number of samples; with `per_class`
+        followed by (2 x classes,): each class's top-1 hits, then each class's samples."""
         states = [metric.metric_state for metric in self.metrics.values()]
         hits = [state["tp"].sum() for state in states]
         total = states[0]["tp"].sum() + states[0]["fn"].sum()  # each sample is a hit or a miss of its label
-        return torch.stack([*hits, total]).double()
+        counts = [torch.stack([*hits, total])]
+        if self.per_class is not None:
+            state = self.per_class.metric_state
+            counts += [state["tp"], state["tp"] + state["fn"]]
+        return torch.cat(counts).double()
 
 
-def fractions(counts) -> dict:
-    """{"top1", "top5"} from `TopK.counts()` summed over ranks."""
-    *hits, total = (float(c) for c in counts)
-    return {f"top{k}": h / total for k, h in zip(TOP_K, hits)}
+def fractions(counts, class_names=None) -> dict:
+    """{"top1", "top5"} from `TopK.counts()` summed over ranks.
+
+    With `class_names` (the counts of a TopK with per_class, one name per class): top-k is left out when there are
+    fewer than k classes (a top-5 of 3 classes is 1 whatever the model), and "acc/<name>" is each class's top-1
+    accuracy, for the classes that have samples (a class without any has no accuracy, as segmentation leaves out a
+    class absent from the data)."""
+    values = [float(c) for c in counts]
+    *hits, total = values[:len(TOP_K) + 1]
+    if class_names is None:
+        return {f"top{k}": h / total for k, h in zip(TOP_K, hits)}
+    metrics = {f"top{k}": h / total for k, h in zip(TOP_K, hits) if k <= len(class_names)}
+    per_class = values[len(TOP_K) + 1:]
+    class_hits, class_totals = per_class[:len(class_names)], per_class[len(class_names):]
+    for name, h, n in zip(class_names, class_hits, class_totals):
+        if n:
+            metrics[f"acc/{name}"] = h / n
+    return metrics
 
 
 class TopKEvaluator:
     """Top-1/top-5 accuracy of `model(batch)`'s logits (eval mode) over `dataset`: each rank evaluates a contiguous
     part (engine.distributed.shard, through eval_loader) and the counts are summed over ranks.
 
-    dataset: samples {"image", "label"} (or what `collate_fn` turns into such a batch); num_classes: the model's.
-    Returns {"top1", "top5"}, fractions, identical on every rank.
+    dataset: samples {"image", "label"} (or what `collate_fn` turns into such a batch); num_classes: the model's;
+    class_names: None, or one name per class for the per-class accuracies (`fractions`).
+    Returns {"top1", "top5"} (with class_names: top5 only with at least 5 classes, and "acc/<name>"), fractions,
+    identical on every rank.
     """
 
-    def __init__(self, dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0, collate_fn=None):
+    def __init__(self, dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0, collate_fn=None,
+                 class_names=None):
         self.dataset = dataset
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.collate_fn = collate_fn
+        self.class_names = class_names
 
     def __call__(self, model: nn.Module) -> dict:
         device = model_device(model)
-        topk = TopK(self.num_classes, device)
+        topk = TopK(self.num_classes, device, per_class=self.class_names is not None)
         with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
             for batch in eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers, device):
                 batch = to_device(batch, device)
                 topk.update(model(batch), batch["label"])
-        return fractions(all_reduce_sum(topk.counts()))
+        return fractions(all_reduce_sum(topk.counts()), self.class_names)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from rs_transfer.data.folders import class_folders
+from rs_transfer.data.folders import class_folders, list_files
 from rs_transfer.data.images import decode_rgb8
 from rs_transfer.errors import DataError
 from rs_transfer.pretrain import shards
@@ -58,17 +58,8 @@ def find_classes(split_dir: Path) -> list:
 
 
 def _files_under(folder: Path) -> tuple:
-    """(image files, other files) anywhere under `folder`, sorted. Hidden files that are not images (.DS_Store)
-    are in neither list: they are not data, and naming them in warnings would only be noise."""
-    images, others = [], []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif not path.name.startswith("."):
-            others.append(path)
-    return images, others
+    """(image files, other files) anywhere under `folder`, sorted (data.folders.list_files with IMAGE_EXTENSIONS)."""
+    return list_files(folder, IMAGE_EXTENSIONS)
 
 
 def _warn_not_used(folder: Path, others: list, where: str) -> None:
