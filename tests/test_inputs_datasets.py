@@ -163,6 +163,20 @@ def test_crafted_cifar_pickle_runs_nothing_and_is_refused(tmp_path, payload, nam
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("declared", [
+    b"\x8e" + (1 << 44).to_bytes(8, "little"),  # BINBYTES8: 16 TiB of bytes, 5 bytes present
+    b"B" + (1 << 31).to_bytes(4, "little"),  # BINBYTES: 2 GiB
+    b"\x8d" + (1 << 40).to_bytes(8, "little"),  # BINUNICODE8: 1 TiB of text
+])
+def test_a_cifar_pickle_declaring_more_bytes_than_it_holds_is_refused_before_allocating(tmp_path, declared):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(b"\x80\x04" + declared + b"12345.")
+    with pytest.raises(DataError, match=r"cifar-100-python/train is not a CIFAR-100 pickle.*UnpicklingError: it "
+                                        r"declares a value of \d+ bytes where 6 are left in the file"):
+        cifar100.read_cifar(tmp_path, "train")
+
+
 def python2_cifar_pickle(pixels: np.ndarray, labels: list) -> bytes:
     """The bytes Python 2's cPickle wrote for a CIFAR file (protocol 2): byte-string keys, and the array rebuilt
     by numpy.core.multiarray._reconstruct with its state as a tuple of Python 2 strings (no _codecs)."""

@@ -2,6 +2,7 @@
 the stable `scale plan --json` interface, and a tiny study through plan, run, report and suggest on CPU."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,21 @@ def test_repeated_values_in_a_list_option_are_planned_once(capsys):
     assert cli.main(argv) == 0
     models = [p["model"] for p in json.loads(capsys.readouterr().out)]
     assert models == ["rs26-w0.25", "rs50-w0.25", "efficientnet_b0"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda plan: {"points": 5}, 'not a scale plan \\(expected an object whose "points" is a list'),
+    (lambda plan: [1, 2], "not a scale plan"),
+    (lambda plan: {"points": [5]}, "point 0 is a JSON int, not an object"),
+    (lambda plan: {"points": [{**plan["points"][0], "depth": "26"}]}, "point 0 has depth = '26': expected int or null"),
+    (lambda plan: {"points": [{"model": "rs26-w0.25"}]}, "point 0 has depth = None: expected int or null"),
+])
+def test_a_hand_edited_plan_is_one_error_line_in_run_and_report(tmp_path, capsys, edit, message):
+    study = tmp_path / "study"
+    scaling.plan(study, [26], [0.25], [32], [2], base="scaling/demo.yaml")
+    (study / "plan.json").write_text(json.dumps(edit(json.loads((study / "plan.json").read_text()))))
+    for command in (["scale", "run", "--study", str(study)], ["scale", "report", "--study", str(study)]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {study / 'plan.json'}: ") and len(err.strip().splitlines()) == 1
+        assert re.search(message, err), err

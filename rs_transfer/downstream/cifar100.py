@@ -103,6 +103,40 @@ class CifarUnpickler(pickle.Unpickler):
                                          "(refused, not run: the file may be crafted to run code)") from None
 
 
+class _BoundedReader:
+    """A file that refuses a read longer than what is left of it, before reading."""
+
+    def __init__(self, file, size: int):
+        self.file, self.left = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n > self.left:
+            raise pickle.UnpicklingError(f"it declares a value of {n} bytes where {self.left} are left in the file")
+        data = self.file.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.file.readline(self.left)
+        self.left -= len(line)
+        return line
+
+
+def check_declared_sizes(file, size: int) -> None:
+    """Walk the pickle's opcodes (pickletools.genops, nothing built) and refuse one that declares more bytes than the
+    file holds: the unpickler allocates a declared bytes object before reading it, so a few crafted bytes would
+    otherwise ask for terabytes (MemoryError) or take the machine's memory. Rewinds `file`. Raises
+    pickle.UnpicklingError."""
+    import pickletools
+
+    try:
+        for _ in pickletools.genops(_BoundedReader(file, size)):
+            pass
+    except ValueError as error:  # genops' own "expected N bytes ... only M remain", a bad opcode
+        raise pickle.UnpicklingError(str(error)) from None
+    file.seek(0)
+
+
 def _field(data, name: str):
     # Python 2 wrote byte-string keys; a file re-saved by Python 3 has str keys.
     if not isinstance(data, dict):
@@ -122,6 +156,7 @@ def read_cifar(root, split: str) -> tuple:
     path = require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
     try:
         with open(path, "rb") as f:
+            check_declared_sizes(f, path.stat().st_size)
             data = CifarUnpickler(f, encoding="bytes").load()
         pixels = np.asarray(_field(data, "data"))
         labels = np.asarray(_field(data, "fine_labels"), dtype=np.int64)

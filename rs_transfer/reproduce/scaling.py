@@ -271,16 +271,37 @@ def _check_configs(texts: dict) -> None:
                 raise ConfigError(f"point {key}: {error}") from None
 
 
+# What each point of plan.json must hold: the Point fields (and "config") with their JSON types.
+POINT_TYPES = {"model": (str,), "depth": (int, type(None)), "width": (int, float, type(None)), "resolution": (int,),
+               "epochs": (int,), "dropout": (int, float), "randaugment_magnitude": (int, float, type(None)),
+               "stochastic_depth": (int, float), "label_smoothing": (int, float), "weight_decay": (int, float),
+               "config": (str, type(None))}
+
+
 def load_plan(study: str | Path) -> list:
-    """The points of STUDY/plan.json. Raises UserError when it is missing or not a plan."""
+    """The points of STUDY/plan.json, each checked to hold every Point field (and "config") with its type, so
+    `run` and `report` never meet a hand-edited or truncated plan halfway. Raises UserError naming the file (and the
+    point and field) when it is missing or not a plan."""
     path = Path(study) / PLAN_FILE
     try:
-        document = json.loads(path.read_text())
-        points = document["points"]
+        document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; write it with `rs-transfer scale plan --out {study}`") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not a scale plan ({error})") from None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a scale plan ({' '.join(str(error).split())})") from None
+    points = document.get("points") if isinstance(document, dict) else None
+    if not isinstance(points, list):
+        raise UserError(f"{path}: not a scale plan (expected an object whose \"points\" is a list, as `rs-transfer "
+                        "scale plan` writes)")
+    for index, point in enumerate(points):
+        if not isinstance(point, dict):
+            raise UserError(f"{path}: point {index} is a JSON {type(point).__name__}, not an object")
+        for field_name, types in POINT_TYPES.items():
+            value = point.get(field_name)
+            if field_name not in point or not isinstance(value, types) or isinstance(value, bool):
+                raise UserError(f"{path}: point {index} has {field_name} = {value!r}: expected "
+                                f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}; "
+                                "plan the study again with `rs-transfer scale plan`")
     return points
 
 
