@@ -522,3 +522,28 @@ def test_a_worker_group_that_torchrun_restarted_resumes_by_itself(tmp_path, dete
     engine_toy.main([str(out), "train.epochs=2"])
     assert "torchrun restart 1: resuming" in caplog.text
     assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
+
+
+def test_an_evaluation_whose_save_failed_is_logged_once_after_resume(tmp_path, deterministic, monkeypatch):
+    # The disk fills between an evaluation (logged) and the checkpoint after it: the resume evaluates the step again
+    from rs_transfer.engine import trainer
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    engine_toy.main([str(reference)])
+    real_save = ckpt.save_step
+    saves = []
+
+    def full_disk_after_the_first_evaluation(state, path, best, keep_last):
+        saves.append(state["eval_pending"])
+        if saves == [True, False]:
+            raise FileWriteError(f"cannot write {path}: No space left on device")
+        real_save(state, path, best, keep_last)
+
+    monkeypatch.setattr(trainer.ckpt, "save_step", full_disk_after_the_first_evaluation)
+    with pytest.raises(FileWriteError, match="No space left"):
+        engine_toy.main([str(run)])
+    monkeypatch.setattr(trainer.ckpt, "save_step", real_save)
+    engine_toy.main([str(run), "train.resume=auto"])
+    events = [(e["kind"], e["step"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    expected = [(e["kind"], e["step"]) for e in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())]
+    assert events == expected and events.count(("eval", 16)) == 1

@@ -20,10 +20,12 @@ class RunLogger:
     """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
 
     The progress bar shows on a terminal only; elsewhere (SLURM logs, tests) each train event is one log line.
-    On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl.
+    On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl, and
+    with `eval_pending` (the checkpoint was written before an evaluation the run will now do again) the evaluation
+    at that step too: it may have been logged before the checkpoint after it failed (a full disk).
     """
 
-    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool):
+    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool, eval_pending: bool = False):
         self.enabled = enabled
         self.bar = None
         self.writer = None
@@ -31,7 +33,11 @@ class RunLogger:
             return
         self.path = out / "metrics.jsonl"
         if resumed and self.path.exists():
-            kept = [line for line in _readable_events(self.path) if json.loads(line).get("step", 0) <= start_step]
+            def kept_event(event: dict) -> bool:
+                step = event.get("step", 0)
+                return step < start_step or step == start_step and not (eval_pending and event.get("kind") == "eval")
+
+            kept = [line for line in _readable_events(self.path) if kept_event(json.loads(line))]
             _write_lines(self.path, kept)
         elif not resumed:
             self.path.write_text("")

@@ -159,7 +159,7 @@ class Trainer:
         self.forward = torch.compile(wrapped) if tc.compile else wrapped
 
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
-                                resumed=resume_from is not None)
+                                resumed=resume_from is not None, eval_pending=self.progress.eval_pending)
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)
