@@ -8,18 +8,19 @@ in favour of `torch.export`, kept because deployments still load it); pt2 is `to
 """
 
 import contextlib
+import io
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from rs_transfer.errors import UserError, one_line
-from rs_transfer.files import TEMP_MARK, make_dir
+from rs_transfer.files import atomic_open, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +49,26 @@ def export_module(module: nn.Module, example: torch.Tensor, fmt: str, out: str |
     for onnx and pt2 (the check runs batch N and N + 1), TorchScript traces it. Returns the path and the largest
     absolute output difference. Raises ExportError for an unknown format, a missing `export` extra, a module that
     does not export (the exporter's first line), or outputs outside ATOL + RTOL x |PyTorch|; the file is
-    written atomically (a failed export leaves no file at `out`).
+    written atomically (a failed export leaves no file at `out`; a full disk is one FileWriteError naming it, and no
+    temp file is left).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
     make_dir(out.parent, "export folder")
     module = module.eval().cpu()
-    # beside `out`, with its suffix: torch.export and onnx check the extension
-    tmp = out.with_name(f".{out.stem}{TEMP_MARK}{os.getpid()}{out.suffix}")
-    try:
-        run = _WRITERS[fmt](module, example, tmp)
-        checks = [example, torch.cat([example, example[:1]])] if fmt != "torchscript" else [example]
-        worst = 0.0
-        with torch.no_grad():
-            for inputs in checks:
-                expected, got = module(inputs), run(inputs)
-                worst = max(worst, _compare(expected, got, fmt))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Serialised in memory and run back from those bytes; only a checked file reaches the disk, through a Python
+    # write (files.atomic_open): the exporters' C++ file writers abort the process on a full disk (exit -6) and
+    # leave their half-written file behind.
+    data, run = _WRITERS[fmt](module, example)
+    checks = [example, torch.cat([example, example[:1]])] if fmt != "torchscript" else [example]
+    worst = 0.0
+    with torch.no_grad():
+        for inputs in checks:
+            expected, got = module(inputs), run(inputs)
+            worst = max(worst, _compare(expected, got, fmt))
+    with atomic_open(out, "wb") as file:  # a full disk: one FileWriteError naming `out`, no temp file left
+        file.write(data)
     log.info("wrote %s (%s); largest difference to PyTorch %.2e", out, fmt, worst)
     return Exported(out, fmt, worst)
 
@@ -88,52 +89,57 @@ def _compare(expected, got, fmt: str) -> float:
     return worst
 
 
-def _onnx(module, example, path):
+def _onnx(module, example) -> tuple[bytes, Callable]:
     try:
         import onnxruntime
     except ImportError as error:
         raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # external_data=False: one self-contained file (the weights inside, so it can be moved into place atomically);
-    # ONNX's protobuf limit is 2 GB and the largest zoo network, RS-420, is ~0.8 GB in fp32.
+    # One self-contained model (the weights inside): ONNX's protobuf limit is 2 GB and the largest zoo network,
+    # RS-420, is ~0.8 GB in fp32.
     try:
         # The exporter prints its progress ("[torch.onnx] Run decompositions...", the optimiser's lines) to stdout,
         # where `rs-transfer export` prints its one JSON result: send them to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
-                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
+                                        dynamic_shapes=({0: batch},), verbose=False)
+            data = program.model_proto.SerializeToString()
     except ImportError as error:  # onnx / onnxscript
         raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
     except Exception as error:
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {one_line(error)}") from None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(inputs):
         return [torch.from_numpy(output) for output in session.run(None, {name: inputs.numpy()})]
 
-    return run
+    return data, run
 
 
-def _torchscript(module, example, path):
+def _torchscript(module, example) -> tuple[bytes, Callable]:
     with warnings.catch_warnings():  # "torch.jit is deprecated": said once, in the module docstring and the docs
         warnings.simplefilter("ignore", FutureWarning)
         try:
             traced = torch.jit.trace(module, example)
         except Exception as error:
             raise ExportError(f"TorchScript trace failed: {type(error).__name__}: {one_line(error)}") from None
-        traced.save(str(path))
-        return torch.jit.load(str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        data = buffer.getvalue()
+        return data, torch.jit.load(io.BytesIO(data))
 
 
-def _pt2(module, example, path):
+def _pt2(module, example) -> tuple[bytes, Callable]:
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     except Exception as error:
         raise ExportError(f"torch.export failed: {type(error).__name__}: {one_line(error)}") from None
-    torch.export.save(program, str(path))
-    return torch.export.load(str(path)).module()
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getvalue()
+    return data, torch.export.load(io.BytesIO(data)).module()
 
 
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "pt2": _pt2}

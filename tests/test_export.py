@@ -2,6 +2,7 @@
 and an export that does not match is refused without leaving a file."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,9 +41,8 @@ def test_every_format_reloads_and_matches_pytorch_on_other_inputs(net, fmt, tmp_
 
 
 def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(net, tmp_path, monkeypatch):
-    def wrong(module, example, path):
-        path.write_bytes(b"not a model")
-        return lambda inputs: module(inputs) + 0.5
+    def wrong(module, example):
+        return b"not a model", lambda inputs: module(inputs) + 0.5
 
     monkeypatch.setitem(export._WRITERS, "pt2", wrong)
     with pytest.raises(export.ExportError, match=r"pt2 export differs from PyTorch by up to 0.5"):
@@ -50,6 +50,20 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(net, 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(export.ExportError, match="unknown export format 'tflite'"):
         export.export_module(net, torch.randn(1, 3, 32, 32), "tflite", tmp_path / "net.tflite")
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_nothing(net, tmp_path):
+    # The temp file export writes points at /dev/full, whose every write fails with ENOSPC, as a full disk's does;
+    # torch.jit's own C++ writer aborted the process there (exit -6) and left its temp file.
+    import os
+
+    from rs_transfer.files import FileWriteError, temp_path
+
+    out = tmp_path / "net.ts"
+    os.symlink("/dev/full", temp_path(out))
+    with pytest.raises(FileWriteError, match=rf"^cannot write {out}: No space left on device"):
+        export.export_module(net, torch.randn(2, 3, 32, 32), "torchscript", out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def run_folder(folder, family: str, task: str | None, overrides: list):
