@@ -2,7 +2,6 @@
 and an export that does not match is refused without leaving a file."""
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
