@@ -35,6 +35,7 @@ MODULES = {
     "pascal_seg": "rs_transfer.downstream.pascal_seg",
     "ade_seg": "rs_transfer.downstream.ade_seg",
     "nyu_depth": "rs_transfer.downstream.nyu_depth",
+    "coco_det": "rs_transfer.downstream.coco_det",
 }
 
 
