@@ -212,6 +212,20 @@ def test_cli_names_the_json_in_one_error_line_with_exit_code_2(tmp_path, capsys)
     assert err.strip() == f'error: {path}: annotation 17 has image_id 99, which is not in "images"'
 
 
+def test_synthetic_coco_has_the_pitfalls_of_real_exports(tmp_path, caplog):
+    coco_det.write_coco_det(tmp_path, train=6, val=4, size=(40, 56))
+    with caplog.at_level(logging.WARNING):
+        splits = [load(tmp_path / "annotations" / f"instances_{s}.json") for s in ("train2017", "val2017")]
+    for split in splits:
+        assert split.category_ids == [3, 7, 42] and split.class_names == ["red", "green", "blue"]
+        counts = np.diff(split.starts)
+        assert counts[0] == 0 and counts[1:].min() > 0  # image 0 is a negative
+        assert split.crowd.sum() == 1 and (~split.crowd).sum() > 0
+        assert split.sizes[0].tolist() == [40, 56] and split.sizes[1].tolist() == [56, 40]
+        assert not np.allclose(split.boxes, split.boxes.round())  # float boxes
+    assert caplog.text.count("skipped 1 annotation whose box has no area") == 2  # one degenerate box per split
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo config for a few steps on the synthetic COCO layout: (run folder, its final metrics)."""

@@ -285,8 +285,8 @@ def load_split(json_path: Path, image_dir: Path, expected: tuple | None = None) 
                                                                             category_ids)
     del data  # the parsed JSON (COCO train: several GB of dicts) goes before the files are checked
     if skipped:
-        log.warning("%s: skipped %d annotations whose box has no area inside its image (w or h <= 0, or outside the "
-                    "image); annotation ids: %s", json_path, len(skipped),
+        log.warning("%s: skipped %d annotation%s whose box has no area inside its image (w or h <= 0, or outside "
+                    "the image); annotation ids: %s", json_path, len(skipped), "s" if len(skipped) > 1 else "",
                     ", ".join(map(str, skipped[:20])) + (", ..." if len(skipped) > 20 else ""))
     _check_image_files(image_dir, files, image_ids, json_path)
     return CocoSplit(json_path=json_path, image_dir=image_dir, category_ids=category_ids, class_names=class_names,
@@ -435,8 +435,8 @@ def _rle(mask: np.ndarray) -> dict:
 def write_coco_det(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
     """The COCO 2017 layout: annotations/instances_{train,val}2017.json and {train,val}2017/*.jpg, with what real
     exports hold: category ids 3, 7, 42 (listed unsorted), image ids with gaps, images of two shapes, float
-    [x, y, w, h] boxes. In each split image 0 has no annotation, image 1's first object is an iscrowd=1 region (an
-    RLE mask) and image 2 has one more annotation with a degenerate box (w = 0)."""
+    [x, y, w, h] boxes. In each split image 0 has no annotation, the first image with two or more objects has its
+    top one as an iscrowd=1 region (an RLE mask), and image 2 has one more annotation with a degenerate box (w = 0)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -445,7 +445,7 @@ def write_coco_det(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
     annotation_id = 0
     for split, count in (("train2017", train), ("val2017", val)):
         (root / split).mkdir(exist_ok=True)
-        images, annotations = [], []
+        images, annotations, crowd_done = [], [], False
         for i in range(count):
             height, width = size if i % 2 == 0 else size[::-1]
             objects = 0 if i == 0 else 3
@@ -454,9 +454,11 @@ def write_coco_det(root, train=48, val=12, size=(96, 128), seed=0) -> Path:
             image_id = 9 * i + 5
             images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": height, "width": width})
             Image.fromarray(image).save(root / split / f"{image_id:012d}.jpg", quality=95)
-            for n, (k, (x0, y0, x1, y1), mask) in enumerate(visible_objects(drawn, (height, width))):
+            visible = visible_objects(drawn, (height, width))
+            for n, (k, (x0, y0, x1, y1), mask) in enumerate(visible):
                 annotation_id += 1
-                crowd = i == 1 and n == 0
+                crowd = n == 0 and len(visible) > 1 and not crowd_done
+                crowd_done |= crowd
                 annotations.append({
                     "id": annotation_id, "image_id": image_id, "category_id": ids_of[k], "iscrowd": int(crowd),
                     "bbox": [x0 + 0.25, y0 + 0.5, x1 - x0 - 0.5, y1 - y0 - 0.75], "area": float(mask.sum()),
