@@ -189,7 +189,7 @@ def test_an_image_of_another_size_than_its_json_says_is_an_error_naming_both(tmp
 
 def test_classes_come_from_the_train_json_and_a_config_that_disagrees_is_a_config_error(tmp_path):
     write_coco(tmp_path)
-    write_coco(tmp_path, split="val2017")
+    write_coco(tmp_path, split="val2017", annotations=[box(1)])
     overrides = [f"data.root={tmp_path}", "model.name=rs26-w0.25", "task.fpn_channels=8", "task.det_fc_channels=8"]
     config = finetune.make_config("coco_det", overrides=overrides)
     finetune.build_task(config)
@@ -200,6 +200,10 @@ def test_classes_come_from_the_train_json_and_a_config_that_disagrees_is_a_confi
     write_coco(tmp_path, split="val2017", categories=[{"id": 3, "name": "circle"}])
     with pytest.raises(DataError, match=r"instances_val2017.json lists the categories \{3: 'circle'\}, the training "
                                         r"JSON \{3: 'circle', 7: 'square'\}"):
+        finetune.build_task(finetune.make_config("coco_det", overrides=overrides))
+    write_coco(tmp_path, split="val2017", annotations=[box(1, iscrowd=1), box(2, bbox=(3, 3, -1, 5))])
+    with pytest.raises(DataError, match=r"instances_val2017.json has no box to evaluate on .*: COCO AP would be "
+                                        "undefined"):
         finetune.build_task(finetune.make_config("coco_det", overrides=overrides))
     with pytest.raises(ConfigError, match="task.category_ids is not set"):
         coco_det.build_model(finetune.make_config("coco_det"))

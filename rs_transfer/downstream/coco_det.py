@@ -334,7 +334,10 @@ def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0):
     x2 y2 in input pixels, "labels" (K,) 1..K, "scores" (K,)) over `val`'s images, each rank a contiguous part,
     detections gathered to every rank, then pycocotools' COCOeval on every rank (the same numbers):
     {"map", "ap50", "ap75", "ap/<category id>:<name>"} as fractions; categories without a non-crowd box in `val`
-    are not listed. Raises DataError when `val` has no non-crowd box at all."""
+    are not listed. Raises DataError naming `val`'s JSON when it has no non-crowd box (here, before any training)."""
+    if not (~val.crowd).any():
+        raise DataError(f"{val.json_path} has no box to evaluate on (none that is not iscrowd and has an area inside "
+                        "its image): COCO AP would be undefined; give a val JSON with annotated objects")
     dataset = CocoDetection(val)
 
     def evaluate(model) -> dict:
