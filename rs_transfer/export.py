@@ -158,11 +158,11 @@ class ImagesToOutputs(nn.Module):
 
 
 class DetectorFeatures(nn.Module):
-    """pascal_det's backbone + FPN (P3-P7): images already resized and normalised by torchvision's
-    GeneralizedRCNNTransform, float (N, 3, H, W) -> a tuple of 5 feature maps (N, C, H / s, W / s), s = 8 ... 128.
-    The whole Faster R-CNN is not exported: torch.export (and so the dynamo ONNX exporter) stops at torchvision's
-    batched_nms, whose shapes depend on the data ("Could not guard on data-dependent expression 4*u1 > 4000",
-    torch 2.14, torchvision 0.29)."""
+    """A detection task's (pascal_det, coco_det) backbone + FPN (P3-P7): images already resized and normalised by
+    torchvision's GeneralizedRCNNTransform, float (N, 3, H, W) -> a tuple of 5 feature maps (N, C, H / s, W / s),
+    s = 8 ... 128. The whole Faster R-CNN is not exported: torch.export (and so the dynamo ONNX exporter) stops at
+    torchvision's batched_nms, whose shapes depend on the data ("Could not guard on data-dependent expression
+    4*u1 > 4000", torch 2.14, torchvision 0.29)."""
 
     def __init__(self, detector):
         super().__init__()
@@ -179,11 +179,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     What is exported: classification (pretrain, cifar100, folder_cls, video) and dense tasks (pascal_seg, ade_seg, nyu_depth):
     the whole task model at evaluation, uint8 images (N, 3, R, R) (video: clips (N, 3, T, R, R)) -> logits (N,
     classes), segmentation logits (N, classes, R, R) or depth in metres (N, R, R), normalisation included;
-    pascal_det: backbone + FPN only (DetectorFeatures). R: `resolution`, else the run's evaluation size. The batch
-    dimension is dynamic (onnx, pt2). out: a file, or an existing folder (OUT/model.<ext>); default
-    RUN_DIR/export/model.{onnx,ts,pt2}; checked before exporting.
+    detection (pascal_det, coco_det: pascal_det's Detector): backbone + FPN only (DetectorFeatures). R: `resolution`,
+    else the run's evaluation size. The batch dimension is dynamic (onnx, pt2). out: a file, or an existing folder
+    (OUT/model.<ext>); default RUN_DIR/export/model.{onnx,ts,pt2}; checked before exporting.
     Raises RunError for an unusable run folder, ExportError as export_module does.
     """
+    from rs_transfer.downstream.pascal_det import Detector
     from rs_transfer.runs import load_run
 
     if fmt not in FORMATS:
@@ -194,7 +195,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     run = load_run(run_dir, device="cpu")
     config = run.config
     size = resolution if resolution is not None else _eval_size(run)
-    if run.task == "pascal_det":
+    if isinstance(run.model, Detector):
         module = DetectorFeatures(run.model)
         example = torch.rand(2, 3, size, size)
     elif run.family == "video":
@@ -227,7 +228,7 @@ def _eval_size(run) -> int:
     if run.family == "video":
         return config.data.eval_crop_size
     task = config.task
-    if run.task == "pascal_det":
+    if hasattr(task, "det_eval_size"):  # the detection tasks' section (pascal_det.DetectorSection)
         return task.det_eval_size
     from rs_transfer.downstream import registry
 

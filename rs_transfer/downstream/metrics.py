@@ -9,6 +9,9 @@
   true positive, with an already claimed box a false positive (duplicate), with a `difficult` box neither.
   Boxes are continuous (x0, y0, x1, y1); XML boxes enter as (xmin - 1, ymin - 1, xmax, ymax), which gives the
   same IoU as the devkit's "+1" pixel convention.
+- COCO box AP (coco_det): pycocotools' COCOeval, the COCO API itself, so the numbers are the field's reference
+  numbers: AP@[.5:.95] (`map`), AP50, AP75 with 101-point interpolated precision, 100 detections per image, `iscrowd`
+  regions matched as COCO matches them (a detection on a crowd region is neither a true nor a false positive).
 - Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE.
 
 A metric with nothing to measure (no labelled pixel, no ground-truth box, no valid depth pixel in the whole
@@ -158,3 +161,44 @@ def voc07_map(detections: list, ground_truth: dict, class_names: list) -> dict:
         "ap50": float(np.mean(present)),
         "ap50_per_class": dict(zip(class_names, per_class)),
     }
+
+
+def coco_box_ap(ground_truth: dict, detections: list) -> dict:
+    """COCO box AP with pycocotools' COCOeval (iouType "bbox", its default parameters).
+
+    ground_truth: a COCO instances dict {"images": [{"id", "width", "height"}], "categories": [{"id", "name"}],
+    "annotations": [{"id", "image_id", "category_id", "bbox": [x, y, w, h], "area", "iscrowd"}]}, every image of the
+    evaluation set (images without annotations count: detections there are false positives); detections: COCO
+    results [{"image_id", "category_id", "bbox": [x, y, w, h] (pixels), "score"}].
+    Returns {"map": AP@[.5:.95], "ap50", "ap75", "per_category": {category id: AP@[.5:.95], or None for a category
+    without a non-crowd box}} as fractions. Raises DataError when no category has a non-crowd box (AP undefined).
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def index(dataset: dict) -> COCO:
+        coco = COCO()  # built from the dicts (COCO.loadRes fails on an empty detection list)
+        coco.dataset = dataset
+        coco.createIndex()
+        return coco
+
+    results = [{**d, "id": i + 1, "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0} for i, d in enumerate(detections)]
+    with contextlib.redirect_stdout(io.StringIO()):  # the COCO API prints its progress and the summary table
+        evaluation = COCOeval(index(ground_truth), index({**ground_truth, "annotations": results}), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    if evaluation.stats[0] < 0:
+        raise DataError(f"detection evaluation found no non-crowd ground-truth box in {len(ground_truth['images'])} "
+                        "images: AP is undefined; check the annotations of the evaluation set")
+    # precision: (IoU thresholds, recall points, categories, area ranges, max detections); area "all", 100 detections
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    per_category = {}
+    for k, category_id in enumerate(evaluation.params.catIds):
+        values = precision[:, :, k]
+        per_category[category_id] = float(values[values > -1].mean()) if (values > -1).any() else None
+    return {"map": float(evaluation.stats[0]), "ap50": float(evaluation.stats[1]), "ap75": float(evaluation.stats[2]),
+            "per_category": per_category}

@@ -35,7 +35,7 @@ from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
-from rs_transfer.downstream.scenes import scene
+from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_loader
@@ -53,16 +53,22 @@ PROTOCOL = Protocol("ap50", (5000, 10000, 20000), 32, 896, "VOC det AP50")
 
 
 @dataclass
-class PascalDetSection(CropSection):
-    name: str = "pascal_det"
-    det_train_sets: list = field(default_factory=lambda: ["2007:trainval", "2012:trainval"])
-    det_test_set: str = "2007:test"
+class DetectorSection(CropSection):
+    """The Faster R-CNN's keys, which every detection task (pascal_det, coco_det) has."""
+
     anchor_sizes: list = checked(None, above(0), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
     det_eval_size: int = checked(896, at_least(1))  # test images: longer side resized to this
     det_fc_channels: int = checked(1024, at_least(1))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
     det_rois_per_image: int = checked(512, at_least(1))  # RoIs sampled per training image for the box head (torchvision's default)
     det_score_thresh: float = checked(0.001, at_least(0))
     det_max_per_image: int = checked(100, at_least(1))
+
+
+@dataclass
+class PascalDetSection(DetectorSection):
+    name: str = "pascal_det"
+    det_train_sets: list = field(default_factory=lambda: ["2007:trainval", "2012:trainval"])
+    det_test_set: str = "2007:test"
 
 
 @dataclass
@@ -141,12 +147,14 @@ class VOCDetection(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-def train_transform(crop_size: int, scale_range) -> v2.Compose:
+def train_transform(crop_size: int, scale_range, labels_getter=_labels_and_difficult) -> v2.Compose:
+    """Scale jitter, random crop, flip; then the boxes cropped away or to < 1 px are dropped with the entries
+    `labels_getter` names (VOC: labels and difficult; "default": the sample's "labels")."""
     return v2.Compose([
         ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill=0),
         v2.RandomHorizontalFlip(),
-        v2.SanitizeBoundingBoxes(labels_getter=_labels_and_difficult),  # boxes cropped away or to < 1 px
+        v2.SanitizeBoundingBoxes(labels_getter=labels_getter),
     ])
 
 
@@ -228,9 +236,15 @@ def _eval_collate(samples: list) -> dict:
 def build_model(config) -> Detector:
     """The Faster R-CNN of task.* and model.* (eval mode: detections per image, see make_evaluator), no data read.
     Raises ConfigError for model.num_classes other than 20, WeightsError for model.weights that do not fit."""
-    task_cfg = config.task
     check_num_classes(config, len(CLASSES))
-    return Detector(config.model.name, len(CLASSES), weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
+    return detector(config, len(CLASSES))
+
+
+def detector(config, num_classes: int) -> Detector:
+    """The Faster R-CNN of task.* (a DetectorSection) and model.* with `num_classes` classes (labels 1..num_classes,
+    0 = background), no data read. Raises WeightsError for model.weights that do not fit."""
+    task_cfg = config.task
+    return Detector(config.model.name, num_classes, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
                     fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
                     train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
                     score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
@@ -261,8 +275,8 @@ def draw_detections(image: torch.Tensor, detections: dict, class_names) -> torch
 
 
 def write_detections(out, name: str, image: torch.Tensor, detections: dict, class_names) -> dict:
-    """The record {"detections": [{"class", "index" (0..19), "score", "box": [x1, y1, x2, y2] (pixels)}], "drawn"}
-    and boxes/<name>.png (`draw_detections`)."""
+    """The record {"detections": [{"class", "index" (0-based label: 0..19 for VOC), "score", "box": [x1, y1, x2, y2]
+    (pixels)}], "drawn"} and boxes/<name>.png (`draw_detections`)."""
     records = [{"class": class_names[label - 1], "index": label - 1, "score": score, "box": box}
                for box, label, score in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
                                             detections["scores"].tolist())]
@@ -316,12 +330,7 @@ def write_voc_det(root, train=48, test=12, size=(96, 128), seed=0) -> Path:
             empty = split == "test" and i == 0
             image, _, objects = scene(rng, *size, len(SYNTHETIC_CLASSES), min_objects=0 if empty else 1,
                                       max_objects=0 if empty else 3)
-            # Later objects paint over earlier ones; keep boxes whose object is still mostly visible.
-            visible, covered = [], np.zeros(size, dtype=bool)
-            for k, box, mask in reversed(objects):
-                if (mask & ~covered).sum() > 0.6 * mask.sum():
-                    visible.append((SYNTHETIC_CLASSES[k], box, rng.random() < 0.1))
-                covered |= mask
+            visible = [(SYNTHETIC_CLASSES[k], box, rng.random() < 0.1) for k, box, _ in visible_objects(objects, size)]
             Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
             (voc / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(f"{image_id}.jpg", year, *size, visible))
             ids.append(image_id)

@@ -36,6 +36,7 @@ MODULES = {
     "ade_seg": "rs_transfer.downstream.ade_seg",
     "nyu_depth": "rs_transfer.downstream.nyu_depth",
     "folder_cls": "rs_transfer.downstream.folder_cls",
+    "coco_det": "rs_transfer.downstream.coco_det",
     "folder_seg": "rs_transfer.downstream.folder_seg",
 }
 

@@ -83,6 +83,18 @@ def outlines(label: np.ndarray) -> np.ndarray:
     return edge
 
 
+def visible_objects(objects: list, shape: tuple, min_visible: float = 0.6) -> list:
+    """The objects of `scene` ([(class index, box, mask)]) whose mask is still more than `min_visible` visible
+    (later objects paint over earlier ones), last painted first: those a detection box can honestly be drawn for."""
+    visible, covered = [], np.zeros(shape, dtype=bool)
+    for obj in reversed(objects):
+        mask = obj[2]
+        if (mask & ~covered).sum() > min_visible * mask.sum():
+            visible.append(obj)
+        covered |= mask
+    return visible
+
+
 def depth_scene(rng, height, width):
     """An image and its depth (metres): a floor-like background whose brightness follows its depth (8 m at the
     top to 2 m at the bottom) and objects whose colour gives their depth (1 m + 0.9 m per colour index)."""
