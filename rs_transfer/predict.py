@@ -219,28 +219,41 @@ def overlay_classes(image: torch.Tensor, indices: torch.Tensor, colours: dict, s
     return draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in present])
 
 
-LABEL_GRID = 256  # name_classes places names on a grid of at most this many pixels a side (a distance transform each)
+LABEL_GRID = 256  # name_classes places names on a grid of at most this many pixels a side
+
+
+def most_interior(mask: torch.Tensor) -> tuple:
+    """(y, x) of a pixel of bool `mask` (H, W) farthest from every pixel outside it (chessboard distance; the first
+    such pixel in raster order): the mask eroded (a 3x3 min-pool, torch's max_pool2d of the complement) until one
+    more erosion would leave nothing. A distance transform in torch, because the GPU check's device has no scipy."""
+    current = mask
+    while True:
+        eroded = torch.nn.functional.max_pool2d((~current)[None, None].float(), 3, stride=1, padding=1)[0, 0] == 0
+        if not eroded.any():
+            break
+        current = eroded
+    y, x = current.nonzero()[0].tolist()
+    return y, x
 
 
 def name_classes(image: torch.Tensor, indices: torch.Tensor, names, colours: dict, skip=()) -> torch.Tensor:
     """uint8 (3, H, W) `image` with names[class] written on a patch of colours[class] for every class of `indices`
     (H, W) but those in `skip`, centred on the class's most interior pixel (farthest from any other class and from
-    the border: scipy's Euclidean distance transform, on a grid of at most LABEL_GRID pixels a side), so a name sits
-    inside its region and apart from the others' (torchvision's draw_bounding_boxes: an empty box, a filled label).
+    the border, `most_interior`, on a grid of at most LABEL_GRID pixels a side), so a name sits inside its region and
+    apart from the others' (torchvision's draw_bounding_boxes: an empty box, a filled label).
     """
     from PIL import ImageFont
-    from scipy.ndimage import distance_transform_edt
     from torchvision.utils import draw_bounding_boxes
 
     font = ImageFont.load_default()  # the font draw_bounding_boxes writes with
     height, width = indices.shape
     step = max(1, -(-max(height, width) // LABEL_GRID))
-    grid = np.pad(indices[::step, ::step].numpy(), 1, constant_values=-1)  # -1: the border counts as another class
+    grid = torch.nn.functional.pad(indices[::step, ::step], (1, 1, 1, 1), value=-1)  # -1: the border is another class
     boxes, labels, fills, inks = [], [], [], []
     for c in indices.unique().tolist():
         if c in skip:
             continue
-        y, x = np.unravel_index(distance_transform_edt(grid == c).argmax(), grid.shape)
+        y, x = most_interior(grid == c)
         label = str(names[c])
         left, top, right, bottom = font.getbbox(label)
         x = min(max(0, (x - 1) * step - (right - left) // 2), max(0, width - (right - left) - 3))
