@@ -62,15 +62,24 @@ def test_a_stop_signal_to_the_process_group_with_workers_saves_and_resumes_exact
     assert_same_weights(final_weights(reference), final_weights(stopped))
 
 
-@pytest.mark.slow  # three two-process torchrun launches
+# SIGUSR1 (`#SBATCH --signal=USR1@120`) kills a torchrun that does not handle it, leaving the ranks unsupervised:
+# docs/engine.md's torchrun command adds it to --signals-to-handle, as here
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TOY]
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(tmp_path_factory):
+    """The uninterrupted two-process torchrun run that the stopped and resumed ones must end equal to."""
+    reference = tmp_path_factory.mktemp("torchrun") / "reference"
+    assert run_group([*TORCHRUN, reference, *WORKERS]).returncode == 0
+    return final_weights(reference)
+
+
+@pytest.mark.slow  # two two-process torchrun launches (and the shared reference)
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
-def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path, stop):
-    # SIGUSR1 (`#SBATCH --signal=USR1@120`) kills a torchrun that does not handle it, leaving the ranks unsupervised:
-    # docs/engine.md's torchrun command adds it to --signals-to-handle, as here
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TOY]
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert run_group([*torchrun, reference, *WORKERS]).returncode == 0
+def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path, torchrun_reference, stop):
+    torchrun, stopped = TORCHRUN, tmp_path / "stopped"
     result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop])
     assert "killed by signal" not in result.stderr
     assert f"stopped by {stop} at step" in result.stderr, result.stderr[-3000:]
@@ -79,7 +88,7 @@ def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly
     assert len(ckpt.load(saved[0])["rng"]) == 2  # both ranks' random states were gathered into it
     resumed = run_group([*torchrun, stopped, *WORKERS, "train.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(final_weights(reference), final_weights(stopped))
+    assert_same_weights(torchrun_reference, final_weights(stopped))
 
 
 def test_an_infinite_update_after_a_finite_loss_is_never_checkpointed(tmp_path, deterministic):
