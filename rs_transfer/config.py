@@ -105,6 +105,21 @@ def at_least(low) -> Check:
     return Check(f">= {low}", lambda v: v >= low)
 
 
+# Upper bounds of sizes and counts: far beyond any real run, low enough that a typo (an extra zero, 1e9) is an
+# error naming the key instead of a MemoryError, or a run that allocates for hours before its first step.
+MAX_PIXELS = 16384  # an image side, a crop, a resize target
+MAX_BATCH = 1 << 20  # images (clips, views) in one batch
+MAX_STEPS = 10 ** 9  # optimiser steps, and step intervals
+MAX_EPOCHS = 10 ** 6
+MAX_WORKERS = 1024  # loader processes per training process
+MAX_CHANNELS = 1 << 16  # the width of a head layer
+MAX_FRAMES = 4096  # frames of one clip
+
+
+def at_most(high) -> Check:
+    return Check(f"<= {high}", lambda v: v <= high)
+
+
 def above(low) -> Check:
     return Check(f"> {low}", lambda v: v > low)
 
@@ -177,17 +192,17 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None
-    num_workers: int = checked(4, at_least(0))  # loader processes per training process; they persist across epochs
-    prefetch_factor: int = checked(2, at_least(1))  # batches each worker loads ahead
+    num_workers: int = checked(4, at_least(0), at_most(MAX_WORKERS))  # loader processes per training process; they persist across epochs
+    prefetch_factor: int = checked(2, at_least(1), at_most(MAX_BATCH))  # batches each worker loads ahead
 
 
 @dataclass
 class TrainConfig:
     # Length: give exactly one. A step is one optimizer update of `batch_size` images.
-    epochs: Optional[int] = checked(None, at_least(1))
-    steps: Optional[int] = checked(None, at_least(1))
-    batch_size: int = checked(256, at_least(1))  # global: per-process batch x processes x grad_accum_steps
-    grad_accum_steps: int = checked(1, at_least(1))
+    epochs: Optional[int] = checked(None, at_least(1), at_most(MAX_EPOCHS))
+    steps: Optional[int] = checked(None, at_least(1), at_most(MAX_STEPS))
+    batch_size: int = checked(256, at_least(1), at_most(MAX_BATCH))  # global: per-process batch x processes x grad_accum_steps
+    grad_accum_steps: int = checked(1, at_least(1), at_most(MAX_BATCH))
     # Optimizer: SGD with momentum; peak LR = lr x batch_size / 256 when scale_lr, else lr.
     lr: float = checked(0.1, at_least(0))
     scale_lr: bool = True
@@ -199,7 +214,7 @@ class TrainConfig:
     # Schedule over optimizer steps: linear warmup to the peak LR, then "cosine" to 0 or "step" decay.
     schedule: str = checked("cosine", one_of("cosine", "step"))
     warmup_epochs: float = checked(0.0, at_least(0))  # give warmup_epochs or warmup_steps, not both
-    warmup_steps: int = checked(0, at_least(0))
+    warmup_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))
     decay_epochs: list[float] = checked(None, at_least(0), factory=list)  # "step": LR x decay_rate at these epochs
     decay_steps: list[int] = checked(None, at_least(0), factory=list)  # ... or at these steps
     decay_rate: float = checked(0.1, fraction(closed_high=True, open_low=True))
@@ -215,15 +230,15 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP option for models that skip parameters in some steps
     device: str = checked("auto", one_of("auto", "cpu", "cuda"))  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
     # Evaluation, checkpoints and logging. Evaluation always runs at the end as well.
-    eval_every_epochs: int = checked(1, at_least(0))  # 0: off
-    eval_every_steps: int = checked(0, at_least(0))  # 0: off
-    checkpoint_every_steps: int = checked(0, at_least(0))  # also after every evaluation and at the end; 0: only those
+    eval_every_epochs: int = checked(1, at_least(0), at_most(MAX_EPOCHS))  # 0: off
+    eval_every_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))  # 0: off
+    checkpoint_every_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))  # also after every evaluation and at the end; 0: only those
     keep_last: int = checked(2, at_least(0))  # step checkpoints kept, besides best.pt; 0: all
     # Early stopping, as the paper does for RS-350/420 @ 320: at the end, put best.pt (the best primary metric) back
     # and report it: final.pt, weights.pth and final_metrics.json are the best checkpoint's, evaluated by the
     # task's report evaluator (pretraining with data.eval_split=minival: on val), else by its evaluator.
     report_best: bool = False
-    log_every_steps: int = checked(50, at_least(1))  # also when stop signals and non-finite values are checked
+    log_every_steps: int = checked(50, at_least(1), at_most(MAX_STEPS))  # also when stop signals and non-finite values are checked
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 
 

@@ -268,6 +268,10 @@ def test_nonsense_values_are_refused_where_they_are_declared(override, rule):
 @pytest.mark.parametrize("override,rule", [
     ("data.image_size=0", ">= 1"), ("data.crop_min_area=1.5", "in (0, 1]"), ("data.crop_min_area=0", "in (0, 1]"),
     ("augment.magnitude=-1", ">= 0"),
+    # a typo's extra zeros: an error naming the key, not a MemoryError or hours of allocation before step one
+    ("data.image_size=1000000000", "<= 16384"), ("data.eval_image_size=20000", "<= 16384"),
+    ("train.batch_size=10000000000", "<= 1048576"), ("train.steps=10000000000", "<= 1000000000"),
+    ("train.epochs=100000000", "<= 1000000"), ("data.num_workers=100000", "<= 1024"),
 ])
 def test_pretrain_values_are_refused_too(override, rule):
     from rs_transfer.pretrain.config import PretrainConfig
@@ -341,6 +345,9 @@ def test_evaluation_loader_workers_survive_a_sigterm_to_the_process_group(tmp_pa
     ("video", "data.clip_frames=0", ">= 1"), ("video", "data.jitter_min_area=0", "in (0, 1]"),
     ("video", "model.temporal_kernels=slowfast", "one of rs, cvrl"), ("finetune", "task.crop_size=1", ">= 32"),
     ("finetune", "task.scale_min=-0.5", "> 0"), ("finetune", "model.num_classes=0", ">= 1"),
+    ("video", "data.clip_frames=100000", "<= 4096"), ("video", "data.eval_crop_size=50000", "<= 16384"),
+    ("finetune", "task.crop_size=51200", "<= 16384"), ("finetune", "task.eval_batch_size=2000000", "<= 1048576"),
+    ("finetune", "task.head_channels=1000000", "<= 65536"),
 ])
 def test_task_sections_declare_their_ranges_too(schema, override, rule):
     from rs_transfer.downstream.pascal_seg import PascalSegConfig

@@ -25,7 +25,7 @@ try:
 except ImportError:
     from numpy.core import multiarray, numeric  # numpy 1.x
 
-from rs_transfer.config import at_least, checked
+from rs_transfer.config import MAX_PIXELS, at_least, at_most, checked
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
@@ -58,7 +58,7 @@ PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "CIFAR-100 acc", im
 @dataclass
 class Cifar100Section(TaskSection):
     name: str = "cifar100"
-    image_size: int = checked(256, at_least(1))  # images are resized to this (the paper: 256)
+    image_size: int = checked(256, at_least(1), at_most(MAX_PIXELS))  # images are resized to this (the paper: 256)
     # The paper's head has 101 outputs, the 100 classes plus a background class that is never a target; top-1 and
     # top-5 are then taken over all 101 (a background prediction is a miss). Off by default: a 100-way head is what
     # CIFAR-100 results usually mean (docs/downstream.md). On, set model.num_classes=101 too.

@@ -8,7 +8,10 @@ silently ignored.
 
 from dataclasses import dataclass, field
 
-from rs_transfer.config import ConfigError, DataConfig, RunConfig, above, at_least, checked, ordered
+from rs_transfer.config import (
+    MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, DataConfig, RunConfig, above, at_least, at_most, checked,
+    ordered,
+)
 
 
 def _jittered_crop_has_pixels(task, prefix: str) -> None:
@@ -23,7 +26,7 @@ class TaskSection:
     """What every task's section has."""
 
     name: str = ""  # the task; set from --task
-    eval_batch_size: int = checked(8, at_least(1))
+    eval_batch_size: int = checked(8, at_least(1), at_most(MAX_BATCH))
 
 
 @dataclass
@@ -33,22 +36,22 @@ class CropSection(TaskSection):
     RELATIONS = (ordered("scale_min", "scale_max"), _jittered_crop_has_pixels)
 
     # training crop (segmentation 512, detection 896, depth 640 in the paper); at least the backbone's stride
-    crop_size: int = checked(512, at_least(32))
+    crop_size: int = checked(512, at_least(32), at_most(MAX_PIXELS))
     scale_min: float = checked(0.5, above(0))  # scale jitter range, relative to the crop
     scale_max: float = checked(2.0, above(0))
-    fpn_channels: int = checked(256, at_least(1))
+    fpn_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))
 
 
 @dataclass
 class DenseSection(CropSection):
     """Per-pixel tasks: the FPN's levels summed at stride 4, then a small conv head."""
 
-    head_channels: int = checked(256, at_least(1))  # width of the 3 conv layers of the dense head
+    head_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))  # width of the 3 conv layers of the dense head
 
 
 @dataclass
 class FinetuneData(DataConfig):
-    synthetic_images: int = checked(48, at_least(2))  # --synthetic: training images written (validation gets a quarter)
+    synthetic_images: int = checked(48, at_least(2), at_most(MAX_BATCH))  # --synthetic: training images written (validation gets a quarter)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rs_transfer.config import ConfigError, at_least, checked, data_root, fraction
+from rs_transfer.config import ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction
 from rs_transfer.data.folders import class_folders, image_extensions, list_files
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.protocol import Protocol
@@ -55,7 +55,7 @@ PROTOCOL = Protocol("top1", (5000, 10000, 20000), 512, None, "folder cls", image
 @dataclass
 class FolderClsSection(TaskSection):
     name: str = "folder_cls"
-    image_size: int = checked(224, at_least(1))  # training crop and evaluation size, pixels (square)
+    image_size: int = checked(224, at_least(1), at_most(MAX_PIXELS))  # training crop and evaluation size, pixels (square)
     crop_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))  # RandomResizedCrop's smallest area
     class_names: Optional[list[str]] = None  # None: the sorted class folders of train/ (filled in); set: must match
 

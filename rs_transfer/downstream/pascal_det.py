@@ -28,7 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms import v2
 
-from rs_transfer.config import above, at_least, checked
+from rs_transfer.config import MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, above, at_least, at_most, checked
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
@@ -56,12 +56,12 @@ PROTOCOL = Protocol("ap50", (5000, 10000, 20000), 32, 896, "VOC det AP50")
 class DetectorSection(CropSection):
     """The Faster R-CNN's keys, which every detection task (pascal_det, coco_det) has."""
 
-    anchor_sizes: list = checked(None, above(0), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
-    det_eval_size: int = checked(896, at_least(1))  # test images: longer side resized to this
-    det_fc_channels: int = checked(1024, at_least(1))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
-    det_rois_per_image: int = checked(512, at_least(1))  # RoIs sampled per training image for the box head (torchvision's default)
+    anchor_sizes: list = checked(None, above(0), at_most(MAX_PIXELS), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
+    det_eval_size: int = checked(896, at_least(1), at_most(MAX_PIXELS))  # test images: longer side resized to this
+    det_fc_channels: int = checked(1024, at_least(1), at_most(MAX_CHANNELS))  # the box head's FC ("4conv1fc"); its convs are fpn_channels wide
+    det_rois_per_image: int = checked(512, at_least(1), at_most(MAX_BATCH))  # RoIs sampled per training image for the box head (torchvision's default)
     det_score_thresh: float = checked(0.001, at_least(0))
-    det_max_per_image: int = checked(100, at_least(1))
+    det_max_per_image: int = checked(100, at_least(1), at_most(MAX_BATCH))
 
 
 @dataclass

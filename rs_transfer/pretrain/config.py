@@ -6,13 +6,13 @@ Model, optimiser, schedule, label smoothing and EMA keys are the shared `model.*
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import DataConfig, RunConfig, above, at_least, checked, fraction, one_of
+from rs_transfer.config import MAX_PIXELS, DataConfig, RunConfig, above, at_least, at_most, checked, fraction, one_of
 
 
 @dataclass
 class PretrainDataConfig(DataConfig):
-    image_size: int = checked(224, at_least(1))  # training resolution S
-    eval_image_size: Optional[int] = checked(None, at_least(1))  # None: the training resolution, as in the paper
+    image_size: int = checked(224, at_least(1), at_most(MAX_PIXELS))  # training resolution S
+    eval_image_size: Optional[int] = checked(None, at_least(1), at_most(MAX_PIXELS))  # None: the training resolution, as in the paper
     crop_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))  # random resized crop area [min, 1]
     # "val": ROOT/val; "minival": hold out minival_fraction of ROOT/train and train on the rest
     eval_split: str = checked("val", one_of("val", "minival"))

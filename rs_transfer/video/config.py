@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rs_transfer.config import (
-    DataConfig, ModelConfig, RunConfig, above, at_least, checked, fraction, one_of, ordered,
+    MAX_BATCH, MAX_FRAMES, MAX_PIXELS, DataConfig, ModelConfig, RunConfig, above, at_least, at_most, checked, fraction,
+    one_of, ordered,
 )
 
 
@@ -30,20 +31,20 @@ class VideoModelConfig(ModelConfig):
 class VideoDataConfig(DataConfig):
     RELATIONS = (ordered("jitter_min_area", "jitter_max_area"), ordered("jitter_min_aspect", "jitter_max_aspect"))
 
-    clip_frames: int = checked(32, at_least(1))
+    clip_frames: int = checked(32, at_least(1), at_most(MAX_FRAMES))
     frame_stride: int = checked(2, at_least(1))
-    crop_size: int = checked(224, at_least(1))
+    crop_size: int = checked(224, at_least(1), at_most(MAX_PIXELS))
     scale_jitter: bool = True  # random resized crop of the whole clip; off: short side + random crop
     jitter_min_area: float = checked(0.08, fraction(closed_high=True, open_low=True))
     jitter_max_area: float = checked(1.0, fraction(closed_high=True, open_low=True))
     jitter_min_aspect: float = checked(0.5, above(0))
     jitter_max_aspect: float = checked(2.0, above(0))
     flip: bool = True  # random horizontal flip (off for data whose labels are left/right motion)
-    train_short_side: int = checked(256, at_least(1))  # without scale jittering
-    eval_short_side: int = checked(256, at_least(1))
-    eval_crop_size: int = checked(256, at_least(1))
-    eval_views: int = checked(30, at_least(1))  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
-    eval_batch_views: int = checked(6, at_least(1))  # views per forward pass
+    train_short_side: int = checked(256, at_least(1), at_most(MAX_PIXELS))  # without scale jittering
+    eval_short_side: int = checked(256, at_least(1), at_most(MAX_PIXELS))
+    eval_crop_size: int = checked(256, at_least(1), at_most(MAX_PIXELS))
+    eval_views: int = checked(30, at_least(1), at_most(MAX_BATCH))  # 10 clips x 3 crops; 3 = 1 x 3, 1 = centre clip and crop
+    eval_batch_views: int = checked(6, at_least(1), at_most(MAX_BATCH))  # views per forward pass
     max_eval_videos: Optional[int] = checked(None, at_least(1))  # evaluate the first N validation videos only (quick looks)
     synthetic: bool = False  # write the moving-square dataset to data.root first (when it is not there)
     synthetic_layout: str = checked("folders", one_of("folders", "csv", "list"))  # the layout data.synthetic writes
