@@ -56,6 +56,22 @@ def test_csv_layout_files_and_missing_videos(datasets, tmp_path, caplog):
         data.list_videos(copy, "val")
 
 
+def test_a_csv_class_whose_videos_are_all_missing_keeps_its_index(datasets, tmp_path, caplog):
+    # a Kinetics copy without any video of one class: the classes are the CSV's, so later classes do not shift
+    root = datasets["csv"]
+    copy = tmp_path / "k400"
+    (copy / "annotations").mkdir(parents=True)
+    (copy / "train").mkdir()
+    (copy / "annotations" / "train.csv").write_text((root / "annotations" / "train.csv").read_text())
+    for video in (root / "train").iterdir():
+        if not video.name.startswith("down"):  # "moving down" (class 0) lost every video
+            (copy / "train" / video.name).symlink_to(video)
+    with caplog.at_level(logging.WARNING):
+        videos, classes = data.list_videos(copy, "train")
+    assert classes == CLASSES and sorted(v.label for v in videos) == [1, 1, 2, 2, 3, 3]
+    assert "1 of the 4 classes of" in caplog.text and "'moving down'" in caplog.text
+
+
 def test_bad_roots_name_the_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.find_layout(tmp_path / "nowhere")

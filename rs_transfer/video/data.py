@@ -103,11 +103,15 @@ def list_splits(root: str | Path, splits=("train", "val"), list_files: dict | No
         own = "class folders" if layout == "folders" else "CSV labels"
         raise DataError(f"data.class_names_file={names_file} names the classes of a `path label` list, but {root} "
                         f"holds the {layout} layout, whose classes are its {own}")
-    read_rows = _folder_rows if layout == "folders" else _csv_rows
+    listed = set()  # the CSV layout: every label train.csv lists, whether its videos are on disk or not
+    read_rows = _folder_rows if layout == "folders" else lambda root, split: _csv_rows(root, split, listed)
     rows = {"train": read_rows(root, "train")}
     if not rows["train"]:
         raise DataError(f"no training videos found under {root} ({layout} layout)")
-    classes = class_folders(root / "train") if layout == "folders" else sorted({label for _, label in rows["train"]})
+    # The CSV's classes, not those of the videos found: a copy that lacks a whole class would otherwise have 399
+    # classes (refused by num_classes: 400) and every class after the gap would shift by one index.
+    classes = class_folders(root / "train") if layout == "folders" else sorted(listed)
+    _warn_classes_without_videos(classes, rows["train"], root, layout)
     index = {name: i for i, name in enumerate(classes)}
     videos = {}
     for split in splits:
@@ -142,7 +146,20 @@ def _folder_rows(root: Path, split: str) -> list:
     return rows
 
 
-def _csv_rows(root: Path, split: str) -> list:
+def _warn_classes_without_videos(classes: list, rows: list, root: Path, layout: str) -> None:
+    if layout == "folders":
+        return  # _folder_rows names each empty class folder itself
+    present = {label for _, label in rows}
+    absent = [name for name in classes if name not in present]
+    if absent:
+        log.warning("%d of the %d classes of %s's train.csv have no video under %s (%s%s): they keep their index and "
+                    "output, which no video teaches", len(absent), len(classes), root, root / "train",
+                    ", ".join(map(repr, absent[:5])), ", ..." if len(absent) > 5 else "")
+
+
+def _csv_rows(root: Path, split: str, listed: set | None = None) -> list:
+    """[(video path, label)] of annotations/<split>.csv whose video is on disk; every label the CSV lists (found or
+    not) is added to `listed`."""
     names = SPLIT_CSV.get(split, (f"{split}.csv",))
     csv_path = next((root / "annotations" / n for n in names if (root / "annotations" / n).is_file()), None)
     if csv_path is None:
@@ -160,6 +177,8 @@ def _csv_rows(root: Path, split: str) -> list:
             except ValueError:
                 raise DataError(f"{csv_path}, line {line}: time_start/time_end are not numbers") from None
             path = on_disk.get(f"{row['youtube_id']}_{start:06d}_{end:06d}")
+            if listed is not None:
+                listed.add(row["label"])
             if path is None:
                 missing += 1
             else:
