@@ -10,6 +10,7 @@ import tarfile
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from torch import nn
@@ -273,3 +274,50 @@ def test_an_unset_data_root_is_one_config_error_of_one_shape_for_every_reader(re
 
     with pytest.raises(ConfigError, match=r"^data\.root is not set: give data\.root=DIR, the folder that holds \S"):
         _unset_root_errors()[reader]()
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("reader", ["pretrain", "folder_cls"])
+def test_a_half_sorted_val_is_an_error_and_a_stray_image_a_warning(tmp_path, caplog, reader):
+    # an interrupted ImageNet valprep.sh: some class folders done, the other images still flat beside them
+    from rs_transfer.downstream.folder_cls import list_split
+    from rs_transfer.pretrain.data import scan_folder
+
+    read = scan_folder if reader == "pretrain" else list_split
+    val = tmp_path / "val"
+    for i in range(8):
+        _image(val / f"n0{i % 2}" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    for i in range(8, 20):
+        _image(val / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(DataError, match=rf"{val} holds 12 images directly in it, beside 8 sorted into class folders "
+                                        r"\(ILSVRC2012_val_00000008.JPEG, .*\).*valprep.sh"):
+        read(val, ["n00", "n01"])
+    for path in sorted(val.glob("*.JPEG")):
+        path.unlink()
+    for i in range(8, 1000):  # a sorted split of 1000: one stray picture is left out with a warning
+        (val / "n00" / f"{i}.JPEG").hardlink_to(val / "n00" / "ILSVRC2012_val_00000000.JPEG")
+    _image(val / "preview.png")
+    assert len(read(val, ["n00", "n01"])) == 1000
+    assert "1 images lie beside the class folders, in no class, and are left out: preview.png" in caplog.text
+
+
+@pytest.mark.parametrize("reader", ["pretrain", "folder_cls", "video"])
+def test_a_flat_split_says_how_to_sort_it(tmp_path, reader):
+    from rs_transfer.downstream.folder_cls import list_split
+    from rs_transfer.pretrain.data import find_classes
+    from rs_transfer.video.data import _folder_rows
+
+    val = tmp_path / "val"
+    suffix = ".mp4" if reader == "video" else ".JPEG"
+    for i in range(3):
+        (val / f"ILSVRC2012_val_{i:08d}{suffix}").parent.mkdir(parents=True, exist_ok=True)
+        (val / f"ILSVRC2012_val_{i:08d}{suffix}").write_bytes(b"x")
+    read = {"pretrain": find_classes, "folder_cls": lambda folder: list_split(folder, ["a"]),
+            "video": lambda folder: _folder_rows(tmp_path, "val")}[reader]
+    with pytest.raises(DataError, match=rf"{val} holds 3 (images|videos) directly in it, and no class folder .*move "
+                                        r"them into their class folders"):
+        read(val)

@@ -157,7 +157,8 @@ def test_a_split_without_class_folders_is_an_error_naming_it(tmp_path, split):
         for image in folder.iterdir():
             image.rename(root / split / image.name)  # loose images, no class folder
         folder.rmdir()
-    with pytest.raises(DataError, match=re.escape(f"{root / split} has no class sub-folders")):
+    with pytest.raises(DataError, match=re.escape(f"{root / split} holds ") + r"\d+ images directly in it, and no "
+                                        r"class folder .*move them into their class folders"):
         folder_cls.build_datasets(config_for(root))
 
 

@@ -2,9 +2,19 @@
 which files of a folder are images."""
 
 import functools
+import logging
 from pathlib import Path
 
 from PIL import Image, ImageFile
+
+from rs_transfer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Data files lying directly in a split folder beside its class folders belong to no class. This many or fewer (and
+# no more than STRAY_FRACTION of the sorted files) are strays, left out with a warning; more are a half-sorted split.
+STRAY_LIMIT = 5
+STRAY_FRACTION = 0.001
 
 # Formats Pillow identifies but cannot decode by itself: stubs that need a handler registered from outside (BUFR,
 # GRIB, HDF5; WMF/EMF outside Windows), MPEG, of which Pillow reads the size only, and EPS, which needs the
@@ -52,3 +62,26 @@ def list_files(folder: Path, extensions, skip_hidden: bool = False) -> tuple[lis
         elif not path.name.startswith("."):
             others.append(path)
     return images, others
+
+
+def check_sorted(split_dir: Path, extensions, sorted_count: int, what: str = "images") -> None:
+    """Check that the data files (`extensions`, lower case with the dot) of class-folder split `split_dir` are in
+    its class folders, `sorted_count` of them. Files directly in `split_dir` belong to no class: a few strays
+    (STRAY_LIMIT, STRAY_FRACTION) are left out with a warning naming them; more mean a split sorted only in part
+    (an interrupted ImageNet valprep.sh leaves thousands beside the folders done) or not at all, whose evaluation
+    would silently cover only the sorted part: raises DataError naming the count, the first files and the fix."""
+    loose = sorted(p.name for p in Path(split_dir).iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+    if not loose:
+        return
+    first = ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else "")
+    if len(loose) <= STRAY_LIMIT and len(loose) <= STRAY_FRACTION * sorted_count:
+        log.warning("%s: %d %s lie beside the class folders, in no class, and are left out: %s", split_dir,
+                    len(loose), what, first)
+        return
+    imagenet = " (ImageNet's validation images come as one flat folder: sort them with the devkit's ground truth, " \
+        "e.g. the common valprep.sh or Kaggle's LOC_val_solution.csv)" if loose[0].startswith("ILSVRC2012_val_") else ""
+    state = f"beside {sorted_count} sorted into class folders" if sorted_count else "and no class folder"
+    raise DataError(f"{split_dir} holds {len(loose)} {what} directly in it, {state} ({first}): a class-folder split "
+                    f"keeps each one in {split_dir}/<class>/; move them into their class folders{imagenet}, or out of "
+                    f"{split_dir}")

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from rs_transfer.config import ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction
-from rs_transfer.data.folders import class_folders, image_extensions, list_files
+from rs_transfer.data.folders import check_sorted, class_folders, image_extensions, list_files
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
@@ -89,6 +89,7 @@ def list_split(folder: Path, classes: list) -> list:
         images, others = list_files(folder / name, image_extensions(), skip_hidden=True)
         items += [Item(str(path), index[name], str(path)) for path in images]
         ignored += others
+    check_sorted(folder, image_extensions(), len(items))
     if ignored:
         log.info("%s: %d files in class folders are not images Pillow reads and are ignored: %s", folder,
                  len(ignored), first_names([str(p.relative_to(folder)) for p in ignored]))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from rs_transfer.data.folders import class_folders, list_files
+from rs_transfer.data.folders import check_sorted, class_folders, list_files
 from rs_transfer.data.images import decode_rgb8
 from rs_transfer.errors import DataError
 from rs_transfer.pretrain import shards
@@ -53,6 +53,7 @@ class Item:
 def find_classes(split_dir: Path) -> list:
     classes = class_folders(split_dir)
     if not classes:
+        check_sorted(split_dir, IMAGE_EXTENSIONS, 0)  # a flat folder of images: say how to sort it
         raise DataError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/<image files>")
     return classes
 
@@ -81,6 +82,7 @@ def scan_folder(split_dir: Path, classes: list) -> list:
         items += [Item(str(path.relative_to(split_dir)), index[class_dir.name], str(path)) for path in images]
         not_used += others
     _warn_not_used(split_dir, not_used, "in class folders")
+    check_sorted(split_dir, IMAGE_EXTENSIONS, len(items))
     if not items:
         raise DataError(f"{split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
     return items

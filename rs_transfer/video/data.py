@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rs_transfer.data.folders import class_folders
+from rs_transfer.data.folders import check_sorted, class_folders
 from rs_transfer.data.text import open_csv
 from rs_transfer.errors import DataError
 from rs_transfer.video import lists, sampling
@@ -143,6 +143,7 @@ def _folder_rows(root: Path, split: str) -> list:
                            else "nothing of the class is evaluated")
             log.warning("class folder %s holds no videos (%s): %s", class_dir, " ".join(VIDEO_SUFFIXES), consequence)
         rows.extend((path, name) for path in paths)
+    check_sorted(split_dir, VIDEO_SUFFIXES, len(rows), "videos")
     return rows
 
 
