@@ -39,6 +39,18 @@ def test_the_pickle_file_is_found_when_there_is_no_safetensors(tmp_path):
     assert hub.resolve("timm:resnetrs101.tf_in1k", cache_dir=tmp_path) == cached
 
 
+def test_a_cache_copied_without_refs_is_found_by_its_snapshot(tmp_path):
+    cached = hf_cache(tmp_path, "timm/resnetrs50.tf_in1k", "model.safetensors", {"w": torch.zeros(1)})
+    (cached.parents[2] / "refs" / "main").unlink()  # `cp -r snapshots/` or a tar of the files alone
+    assert hub.resolve("timm:resnetrs50.tf_in1k", cache_dir=tmp_path) == cached
+    second = cached.parents[1] / "fedcba98" / "model.safetensors"
+    second.parent.mkdir()
+    second.write_bytes(cached.read_bytes())
+    with pytest.raises(WeightsError, match=r"has no refs/main for timm/resnetrs50.tf_in1k and 2 snapshots hold its "
+                                           r"weights .*: give the path of one"):
+        hub.resolve("timm:resnetrs50.tf_in1k", cache_dir=tmp_path)
+
+
 def test_uncached_unknown_and_bad_tags_are_one_clear_error(tmp_path):
     with pytest.raises(WeightsError, match=r"timm:resnetrs152.tf_in1k: not in the Hugging Face cache .*"
                                            r"timm/resnetrs152.tf_in1k.*create_model\('resnetrs152.tf_in1k', pretrained=True\)"):

@@ -51,7 +51,22 @@ def resolve(weights: str | Path, cache_dir: str | Path | None = None) -> Path:
         found = huggingface_hub.try_to_load_from_cache(config.hf_hub_id, filename, cache_dir=str(cache))
         if isinstance(found, str):
             return Path(found)
+    found = _snapshot_without_refs(cache, config.hf_hub_id, filenames, weights)
+    if found is not None:
+        return found
     raise WeightsError(
         f"{weights}: not in the Hugging Face cache {cache} (looked for {config.hf_hub_id}/{' or '.join(filenames)}); "
         f"on a machine with network run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`, "
         "then copy its Hugging Face cache here (or point HF_HUB_CACHE at it)")
+
+
+def _snapshot_without_refs(cache: Path, repo_id: str, filenames: list, weights) -> Path | None:
+    """The file in the repo's one snapshot when the cache has no refs/main to name it: a cache copied by hand
+    (`cp -r snapshots`, a tar without refs/) keeps the files, and try_to_load_from_cache, which starts from the
+    ref, misses them. None when no snapshot holds one; WeightsError when several do (which one is unknowable)."""
+    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    found = sorted(path for filename in filenames for path in snapshots.glob(f"*/{filename}") if path.is_file())
+    if len(found) > 1:
+        raise WeightsError(f"{weights}: the Hugging Face cache {cache} has no refs/main for {repo_id} and {len(found)} "
+                           f"snapshots hold its weights ({', '.join(str(p) for p in found)}): give the path of one")
+    return found[0] if found else None
