@@ -321,3 +321,16 @@ def test_a_flat_split_says_how_to_sort_it(tmp_path, reader):
     with pytest.raises(DataError, match=rf"{val} holds 3 (images|videos) directly in it, and no class folder .*move "
                                         r"them into their class folders"):
         read(val)
+
+
+def test_nyu_bts_pairs_missing_from_sync_are_found_at_start_up(tmp_path, caplog):
+    # a sync/ copy short of some files: found when the dataset is built, not when an epoch reaches them
+    root = nyu_depth.write_nyu_bts(tmp_path, train=6, val=3)
+    (root / "sync" / "kitchen_0001" / "sync_depth_00003.png").unlink()
+    train = nyu_depth.NYUDepth(root, "train", "bts")
+    assert len(train) == 5
+    assert "1 of the 6 listed pairs have a file missing and are left out (first: line 4" in caplog.text
+    (root / "official_splits" / "test" / "kitchen_0000" / "rgb_00002.jpg").unlink()
+    with pytest.raises(DataError, match=r"nyudepthv2_test_files_with_gt.txt line 3: .*rgb_00002.jpg is missing \(1 of "
+                                        r"the 3 listed pairs .*every test pair counts"):
+        nyu_depth.NYUDepth(root, "val", "bts")

@@ -13,6 +13,7 @@ quantity delta < 1.25 measures). Evaluation: full image, ground truth inside (de
 task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes).
 """
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predict import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
 from rs_transfer.predict import read_image as read_image_file
+
+log = logging.getLogger(__name__)
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
@@ -124,10 +127,29 @@ def bts_items(root, split: str) -> list:
             raise DataError(f"{listing} line {number}: expected 'RGB DEPTH FOCAL', got {line!r}")
         if parts[1] == "None":
             continue
-        items.append((base / parts[0].lstrip("/"), base / parts[1].lstrip("/")))
+        items.append((base / parts[0].lstrip("/"), base / parts[1].lstrip("/"), number))
     if not items:
         raise DataError(f"{listing} lists no image with ground truth")
-    return items
+    return _present_pairs(items, listing, split)
+
+
+def _present_pairs(items: list, listing: Path, split: str) -> list:
+    """[(image, depth)] of `items` [(image, depth, line)] checked at start-up (a stat per file), not when an epoch
+    reaches a missing file hours in. Training pairs with a file missing are left out with one warning (a copy of
+    sync/ short of a few scenes still trains); an evaluation pair missing is a DataError naming the file and its
+    line, as is a training list none of whose pairs is there (data.root is most likely the wrong folder)."""
+    present, missing = [], []
+    for image, depth, number in items:
+        absent = next((path for path in (image, depth) if not path.is_file()), None)
+        (missing if absent else present).append((absent, number) if absent else (image, depth))
+    if missing and (split != "train" or not present):
+        path, number = missing[0]
+        raise DataError(f"{listing} line {number}: {path} is missing ({len(missing)} of the {len(items)} listed pairs "
+                        f"have a file missing{'' if split == 'train' else '; every test pair counts in delta1'})")
+    if missing:
+        log.warning("%s: %d of the %d listed pairs have a file missing and are left out (first: line %d, %s)",
+                    listing, len(missing), len(items), missing[0][1], missing[0][0])
+    return present
 
 
 class NYUDepth(Dataset):
