@@ -457,3 +457,18 @@ def test_one_pseudo_labelling_job_per_out_folder_at_a_time(teacher, unlabelled, 
             _run(teacher, unlabelled, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # nothing labelled, nothing removed
     assert _run(teacher, unlabelled, tmp_path / "out")["samples"] == 22
+
+
+def test_any_timm_classifier_can_teach(unlabelled, tmp_path):
+    # Table 4's teacher is EfficientNet-L2 (timm's tf_efficientnet_l2): a timm classifier whose head is `classifier`,
+    # not a zoo ResNet's `fc`; a small one of the same kind stands in for it here
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv3_small_050", num_classes=NUM_CLASSES)
+    path = tmp_path / "timm_teacher.pth"
+    torch.save(net.state_dict(), path)
+    meta = _run(path, unlabelled, tmp_path / "out", model_name="mobilenetv3_small_050")
+    assert meta["num_classes"] == NUM_CLASSES and meta["labelled"] == 22
+    with pytest.raises(UserError, match="neither a zoo name .* nor a timm model"):
+        _run(path, unlabelled, tmp_path / "other", model_name="no_such_net")

@@ -76,13 +76,47 @@ class _Images(Dataset):
 
 
 def load_teacher(path: str, model_name: str) -> torch.nn.Module:
-    """A zoo model with the teacher's weights: a timm/zoo weights file or a `pretrain` checkpoint (EMA preferred)."""
+    """The teacher, in eval mode: `model_name` with the weights of `path` (a timm or zoo weights file, or a
+    `pretrain` checkpoint, EMA preferred), loaded strictly with the classifier size the file holds.
+
+    `model_name`: a zoo name (rs152, resnet200-se-d, ...) or any timm classifier (efficientnet_b5, or the paper's
+    Table 4 teacher `tf_efficientnet_l2`, Noisy Student's EfficientNet-L2), built offline without weights; zoo and
+    timm models both keep their class count in `num_classes`.
+    Raises UserError for a name that is neither, or weights without the model's classifier; WeightsError for a
+    file that does not fit."""
+    from rs_transfer.models import zoo
+
     state = read_state_dict(path)
-    if "fc.weight" not in state:
-        raise UserError(f"teacher {path} has no classifier (fc.weight): a teacher must predict classes")
-    model = create_model(model_name, num_classes=state["fc.weight"].shape[0])
+    try:
+        zoo.parse_name(model_name)
+        in_zoo, classifier = True, "fc"
+    except UserError:
+        in_zoo, classifier = False, _timm_classifier(model_name)
+    if f"{classifier}.weight" not in state:
+        raise UserError(f"teacher {path} has no classifier ({classifier}.weight) for model {model_name!r}: a teacher "
+                        "must predict classes (give --model the teacher's architecture)")
+    classes = state[f"{classifier}.weight"].shape[0]
+    if in_zoo:
+        model = create_model(model_name, num_classes=classes)
+    else:
+        import timm
+
+        model = timm.create_model(model_name, pretrained=False, num_classes=classes)
     load_strict(model, state, path, what=f"model {model_name!r}", hint=" (give --model)")
     return model.eval()
+
+
+def _timm_classifier(model_name: str) -> str:
+    """The classifier's module name of timm model `model_name` (its pretrained config's `classifier`). Raises
+    UserError for a name that timm does not know either."""
+    import timm
+
+    if not timm.is_model(model_name.split(".")[0]):
+        raise UserError(f"--model {model_name!r} is neither a zoo name (rs152, resnet200, ...) nor a timm model "
+                        "(efficientnet_b5; tf_efficientnet_l2, Table 4's teacher)")
+    config = timm.models.get_pretrained_cfg(model_name)
+    return (config.classifier if config is not None else None) or "classifier"
+
 
 
 def shard_path(out: Path, rank: int, world: int) -> Path:
@@ -177,7 +211,7 @@ def _start_rank_file(out_dir: Path, rank: int, world: int, expected: dict, teach
         _check_header(path, header, expected)
         return header, None
     model = load_teacher(teacher, model_name)
-    num_classes = model.fc.out_features
+    num_classes = model.num_classes
     k = min(max(expected["topk"], 0), num_classes)
     dtype = record_dtype(k)
     header = {"format": FORMAT, **expected, "k": k, "num_classes": num_classes, "world_size": world, "rank": rank,
@@ -224,8 +258,8 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
         done = _complete_records(path, dtype.itemsize, cut=True)
         if done < len(mine):
             model = (model if model is not None else load_teacher(teacher, model_name)).to(device)
-            if model.fc.out_features != header["num_classes"]:
-                raise UserError(f"teacher {teacher} predicts {model.fc.out_features} classes, the labels so far in "
+            if model.num_classes != header["num_classes"]:
+                raise UserError(f"teacher {teacher} predicts {model.num_classes} classes, the labels so far in "
                                 f"{path} {header['num_classes']}: resume with the same teacher or use a new --out")
             normalize = Normalize().to(device)  # the loader ships uint8 images
             dataset = _Images(items, transforms.eval_transform(image_size), range(mine.start + done, mine.stop))
