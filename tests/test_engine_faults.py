@@ -563,3 +563,24 @@ def test_an_evaluation_whose_save_failed_is_logged_once_after_resume(tmp_path, d
     events = [(e["kind"], e["step"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     expected = [(e["kind"], e["step"]) for e in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())]
     assert events == expected and events.count(("eval", 16)) == 1
+
+
+def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder(tmp_path, deterministic, monkeypatch, capfd):
+    # tensorboard writes from a thread: the disk's error there ended the thread with its own traceback
+    from tensorboard.summary.writer import record_writer
+
+    real_write, written = record_writer.RecordWriter.write, []
+
+    def full_disk_after_some_events(self, data):  # the disk fills mid-run, under the writer thread
+        written.append(data)
+        if len(written) > 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk_after_some_events)
+    out = tmp_path / "run"
+    with pytest.raises(FileWriteError, match=rf"^cannot write TensorBoard events in {out / 'tensorboard'}: No space "
+                                             r"left on device$"):
+        engine_toy.main([str(out), "train.epochs=1", "train.log_every_steps=2"])
+    assert "Traceback" not in capfd.readouterr().err
+    assert [p.name for p in out.iterdir() if ".tmp." in p.name] == []

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,11 @@ class RunLogger:
             self.path.write_text("")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if resumed else None)
+        _quiet_tensorboard_threads()
+        self.tensorboard_dir = out / "tensorboard"
+        self.tensorboard_failed = False
+        self.writer = self._tensorboard(SummaryWriter, str(self.tensorboard_dir),
+                                        purge_step=start_step if resumed else None)
         self.start = time.perf_counter()
         self.start_step = start_step
         self.total = total
@@ -60,7 +65,7 @@ class RunLogger:
         self._append({"kind": kind, **record})
         for key, value in record.items():
             if key not in ("step", "epoch"):
-                self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+                self._tensorboard(self.writer.add_scalar, f"{kind}/{key}", value, record["step"])
 
     def train(self, record: dict) -> None:
         if not self.enabled:
@@ -89,15 +94,32 @@ class RunLogger:
         if not self.enabled:
             return
         for name, picture in pictures.items():
-            self.writer.add_image(f"predictions/{name}", picture, step, dataformats="CHW")
+            self._tensorboard(self.writer.add_image, f"predictions/{name}", picture, step, dataformats="CHW")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            if self.tensorboard_failed:  # said once already; closing would raise the same error again
+                try:
+                    writer.close()
+                except OSError:
+                    pass
+            else:
+                self._tensorboard(writer.close)
+
+    def _tensorboard(self, call, *args, **kwargs):
+        """`call(*args, **kwargs)`, a TensorBoard call. Its writer thread keeps a write's error (a full or read-only
+        disk) and raises it at the next call: here, as one FileWriteError naming the folder (metrics.jsonl and the
+        checkpoints are written apart from it)."""
+        try:
+            return call(*args, **kwargs)
+        except OSError as error:
+            self.tensorboard_failed = True
+            raise FileWriteError(f"cannot write TensorBoard events in {self.tensorboard_dir}: "
+                                 f"{error.strerror or error}") from None
 
     def _append(self, record: dict) -> None:
         line = to_json(record, where=str(self.path)) + "\n"
@@ -106,6 +128,23 @@ class RunLogger:
                 f.write(line)
         except OSError as error:
             raise FileWriteError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+
+def _quiet_tensorboard_threads() -> None:
+    """Keep the traceback of a failed TensorBoard writer thread off the terminal: tensorboard's _AsyncWriterThread
+    stores a write error and re-raises it to end the thread, and RunLogger._tensorboard reports that same error as
+    one line when the training thread next writes. Other threads' exceptions go to the hook as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def read_events(path: Path) -> list[dict]:
