@@ -149,3 +149,53 @@ def test_miou_on_two_gloo_ranks_equals_one_process(tmp_path):
     expected = single.compute()
     assert json.loads((tmp_path / "out.json").read_text()) == pytest.approx(expected)
     assert expected["iou/3"] == 0.0 and len(expected) == 5
+
+
+SIZES = ((40, 52), (48, 64), (56, 40), (64, 64))  # every validation image of another size, as real sets have
+
+
+class MixedSizes(torch.utils.data.Dataset):
+    """Images of SIZES with a label map (segmentation) or a depth map (metres), drawn from a fixed seed."""
+
+    def __init__(self, kind: str):
+        generator = torch.Generator().manual_seed(0)
+        self.samples = []
+        for height, width in SIZES:
+            image = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+            target = (torch.randint(0, 3, (height, width), generator=generator).to(torch.uint8) if kind == "mask"
+                      else 0.5 + 4 * torch.rand(height, width, generator=generator))
+            self.samples.append({"image": image, kind: target})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_dense_metrics_do_not_depend_on_the_evaluation_batch(task):
+    # A padded batch let the network see other images' padding: mIoU moved with task.eval_batch_size (and with the
+    # number of processes). Each size is now its own batch: batch 4 gives batch 1's numbers exactly.
+    from rs_transfer.downstream import nyu_depth, segmentation
+
+    torch.manual_seed(0)
+    if task == "segmentation":
+        model = segmentation.SegmentationModel("rs26-w0.25", 3, fpn_channels=16, head_channels=16).eval()
+        results = [segmentation.make_evaluator(MixedSizes("mask"), 3, batch)(model) for batch in (1, 4)]
+    else:
+        model = nyu_depth.DepthModel("rs26-w0.25", fpn_channels=16, head_channels=16).eval()
+        section = nyu_depth.NYUDepthSection(eigen_crop=False)
+        results = []
+        for batch in (1, 4):
+            section.eval_batch_size = batch
+            results.append(nyu_depth.make_evaluator(MixedSizes("depth"), section)(model))
+    assert results[0] == results[1]
+
+
+def test_evaluation_batches_hold_one_image_size_each():
+    from rs_transfer.engine.loader import eval_batches
+
+    samples = [{"image": torch.zeros(3, *size), "i": i} for i, size in enumerate([(8, 8), (8, 9), (8, 8), (9, 8)])]
+    batches = list(eval_batches(samples, 4, lambda group: [s["i"] for s in group]))
+    assert batches == [[0, 2], [1], [3]]

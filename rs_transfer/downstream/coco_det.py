@@ -49,7 +49,7 @@ from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predict import Predictor, visualizer
@@ -344,7 +344,7 @@ def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0):
         device = model_device(model)
         found = []
         with torch.no_grad():
-            for batch in eval_loader(dataset, batch_size, _eval_collate, num_workers, device):
+            for batch in eval_batches(dataset, batch_size, _eval_collate, num_workers, device):
                 outputs = model(to_device({"images": batch["images"]}, device))
                 for image_id, out in zip(batch["ids"], outputs):
                     for (x0, y0, x1, y1), label, score in zip(out["boxes"].float().cpu().tolist(),

@@ -35,7 +35,7 @@ from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import depth_scene
 from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predict import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
@@ -216,7 +216,7 @@ def make_evaluator(val_set, task_cfg, num_workers: int = 0):
         device = model_device(model)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, task_cfg.eval_batch_size, _collate_with_sizes, num_workers, device):
+            for batch in eval_batches(val_set, task_cfg.eval_batch_size, _collate_with_sizes, num_workers, device):
                 batch = to_device(batch, device)
                 pred = model(batch).clamp(task_cfg.depth_min, task_cfg.depth_max)
                 valid = eval_mask(batch["depth"], task_cfg.depth_min, task_cfg.depth_max, task_cfg.eigen_crop,

@@ -38,7 +38,7 @@ from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
@@ -208,7 +208,7 @@ def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0
         device = model_device(model)
         detections, truth = [], {}
         with torch.no_grad():
-            for batch in eval_loader(test_set, batch_size, _eval_collate, num_workers, device):
+            for batch in eval_batches(test_set, batch_size, _eval_collate, num_workers, device):
                 outputs = model(to_device({"images": batch["images"]}, device))
                 for image_id, out, gt in zip(batch["ids"], outputs, batch["truth"]):
                     truth[image_id] = gt

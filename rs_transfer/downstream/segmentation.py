@@ -17,7 +17,7 @@ from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.downstream.scenes import voc_palette
 from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predict import (Predictor, name_classes, output_path, overlay_classes, palette_png, save_png,
@@ -84,7 +84,7 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
         device = model_device(model)
         metric = MeanIoU(num_classes, device=device)
         with torch.no_grad():
-            for batch in eval_loader(val_set, batch_size, seg_collate, num_workers, device):
+            for batch in eval_batches(val_set, batch_size, seg_collate, num_workers, device):
                 batch = to_device(batch, device)
                 metric.update(model(batch).argmax(1), batch["mask"])
         return metric.compute(class_names)

@@ -1,5 +1,5 @@
 """DataLoaders the way every part of the toolkit builds them: workers that survive a stop signal, and the
-per-rank shard of an evaluation set.
+per-rank shard of an evaluation set (`eval_loader`; `eval_batches` for images of many sizes).
 
 SLURM and torchrun stop a job by signalling the whole process group, DataLoader workers included. PyTorch's
 workers die on a SIGTERM that does not come from their parent, and the main process then fails with "DataLoader
@@ -110,3 +110,18 @@ def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers:
     return Loader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                   num_workers=min(num_workers, len(part)),
                   pin_memory=device is not None and torch.device(device).type == "cuda")
+
+
+def eval_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int = 0,
+                 device: torch.device | None = None):
+    """`eval_loader`'s batches of dict samples, each split by the size of the samples' "image" and collated per
+    size with `collate_fn`: yields batches whose images share one size, so no network sees another image's padding.
+    A padded batch made dense metrics depend on the batch size and the number of processes (which images meet in
+    a batch): now an image is predicted as it would be alone, as mmsegmentation evaluates and `predict` runs. Same-
+    size images (a dataset of one resolution) still go through together, at full batch."""
+    for samples in eval_loader(dataset, batch_size, list, num_workers, device):
+        by_size = {}
+        for sample in samples:
+            by_size.setdefault(tuple(sample["image"].shape[-2:]), []).append(sample)
+        for group in by_size.values():
+            yield collate_fn(group)
