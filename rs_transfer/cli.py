@@ -52,6 +52,21 @@ def whole(option: str, least: int):
     return parse
 
 
+def positive_list(option: str, kind: type):
+    """An argparse `type=` for a comma-separated list of positive numbers of `kind` (int or float), e.g. `200,400`;
+    OptionError naming the option otherwise."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise OptionError(f"{option} must be comma-separated {kind.__name__}s, e.g. "
+                              f"{'200,400' if kind is int else '0.01,0.02'}; got {text!r}") from None
+        if not all(value > 0 and math.isfinite(value) for value in values):
+            raise OptionError(f"{option} values must be positive, got {text!r}")
+        return values
+    return parse
+
+
 def real(option: str, low: float, high: float | None = None, open_low: bool = False):
     """An argparse `type=` for a finite float option in [low, high] ((low, high] with `open_low`; no upper bound
     when `high` is None); OptionError naming the option otherwise."""
@@ -402,6 +417,10 @@ def add_downstream_commands(commands) -> None:
         sub.set_defaults(run=run_finetune if name == "finetune" else run_sweep)
     sweep = commands.choices["sweep"]
     sweep.add_argument("--point", type=whole("--point", 0), help="run only this grid point (0-based), e.g. one job per point")
+    sweep.add_argument("--learning-rates", type=positive_list("--learning-rates", float), metavar="LR,LR,...",
+                       help="the grid's learning rates (default: the paper's 0.005 ... 0.32)")
+    sweep.add_argument("--steps", type=positive_list("--steps", int), metavar="N,N,...",
+                       help="the grid's training lengths (default: the task's protocol, e.g. 5000,10000,20000)")
     demo = commands.add_parser("demo", help="fine-tune a tiny backbone on a generated dataset, end to end")
     demo.add_argument("--task", default="pascal_seg", choices=TRANSFER_TASKS)
     demo.add_argument("--data", help="folder for the generated dataset (default: a temporary folder)")
@@ -426,7 +445,7 @@ def run_sweep(args) -> int:
     from rs_transfer.downstream.finetune import sweep
 
     summary = sweep(args.task, args.backbone, args.weights, args.config, with_resume(args), point=args.point,
-                    synthetic=args.synthetic)
+                    synthetic=args.synthetic, learning_rates=args.learning_rates, steps=args.steps)
     print(json.dumps(summary["best"]))
     return 0
 

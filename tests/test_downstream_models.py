@@ -126,6 +126,31 @@ def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatc
     assert grid[:2] == [(0.005, 5000), (0.01, 5000)] and grid[7] == (0.005, 10000)
 
 
+def test_sweep_grid_comes_from_its_options_and_a_grid_key_override_is_refused(tmp_path, monkeypatch, capsys):
+    # `sweep ... train.steps=20` used to run 5000-step points: the grid replaced the override without a word
+    import json
+
+    from rs_transfer import cli
+    from rs_transfer.downstream import finetune
+
+    ran = []
+
+    def fake_run(config, synthetic=False):
+        ran.append((config.train.lr, config.train.steps))
+        out = tmp_path / "sweep" / protocol.point_name(config.train.lr, config.train.steps)
+        out.mkdir(parents=True)
+        (out / "final_metrics.json").write_text(json.dumps({"top1": 0.5}))
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    base = ["sweep", "--task", "cifar100", f"output_dir={tmp_path / 'sweep'}"]
+    assert cli.main([*base, "train.steps=20"]) == 2
+    assert "sweep sets train.lr and train.steps per grid point, so train.steps=20 would be ignored" in \
+        capsys.readouterr().err
+    assert cli.main([*base, "--steps", "20,40", "--learning-rates", "0.01"]) == 0
+    assert ran == [(0.01, 20), (0.01, 40)]
+    assert cli.main([*base, "--steps", "20,-4"]) == 2 and "--steps values must be positive" in capsys.readouterr().err
+
+
 def test_sweep_reuses_a_finished_point_only_if_it_ran_the_same_config(tmp_path, monkeypatch):
     import json
 

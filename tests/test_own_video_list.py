@@ -203,12 +203,15 @@ ERRORS = [
     ("label,youtube_id,time_start,time_end,split\n", "a.mp4 0\n", None, r"train.csv is Kinetics' annotation CSV",
      "train.csv"),
     ("", "a.mp4 0\n", None, r"train.csv lists no videos", "train.csv"),
+    # a path with a space and no label: "take 0.mp4" is no class name
+    ("a.mp4,cat\nclips/down move/take 0.mp4\n", "a.mp4,cat\n", None, r"train.csv, line 2: expected `path label`",
+     "train.csv"),
 ]
 
 
 @pytest.mark.parametrize("train,val,names,message,named", ERRORS, ids=[
     "malformed", "out-of-range", "negative", "mixed", "unknown-name", "val-beyond-train", "val-unknown-name",
-    "names-blank-line", "names-twice", "kinetics-csv", "empty"])
+    "names-blank-line", "names-twice", "kinetics-csv", "empty", "no-label-space-in-path"])
 def test_list_errors_name_the_file_and_line(tmp_path, train, val, names, message, named):
     root = touch(tmp_path, "a.mp4", "b.mp4")
     write(root / "train.csv", train)

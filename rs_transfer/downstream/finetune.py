@@ -115,6 +115,11 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
           learning_rates=None, steps=None) -> dict:
     """Run the task's grid (or one point of it, by index, for one job per point) into OUTPUT_DIR/<point>/, then
     collect every finished point and write OUTPUT_DIR/sweep.json with the best."""
+    grid_keys = [item for item in overrides if item.partition("=")[0].strip() in GRID_KEYS]
+    if grid_keys:  # each grid point sets them: an override would be replaced without a word
+        raise UserError(f"sweep sets train.lr and train.steps per grid point, so {', '.join(grid_keys)} would be "
+                        "ignored: choose the grid with --learning-rates and --steps (e.g. --steps 200 for a quick "
+                        "try), or run one point with finetune")
     base = make_config(task, backbone, weights, config_path, overrides)
     points = protocol.grid(task, learning_rates, steps)
     chosen = points if point is None else [points[_check_point(point, len(points))]]
@@ -128,6 +133,9 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
             continue
         run(config, synthetic=synthetic)
     return collect_sweep(base.output_dir, task)
+
+
+GRID_KEYS = ("train.lr", "train.steps", "train.epochs")
 
 
 def check_finished_point(folder: Path, config: FinetuneConfig) -> None:

@@ -43,7 +43,7 @@ from rs_transfer.video import lists, sampling
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_SUFFIXES = lists.VIDEO_FILE_SUFFIXES
 SPLIT_CSV = {"train": ("train.csv",), "val": ("val.csv", "validate.csv")}
 
 

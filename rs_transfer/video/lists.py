@@ -30,6 +30,7 @@ from rs_transfer.errors import DataError
 log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = (".csv", ".txt")
+VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")  # the videos every layout reads (data.VIDEO_SUFFIXES)
 NAMES_FILE = "classes.txt"
 HEADER_LABELS = ("label", "class")
 INTEGER = re.compile(r"-?[0-9]+")
@@ -97,7 +98,8 @@ def read_list(path: Path, root: Path) -> list[Row]:
                             f"it in {root / 'annotations'}/ with the videos in {root}/train/ and {root}/val/ "
                             "(docs/video.md)")
         video, label = split_line(text)
-        if not video or not label:
+        # a path with a space and no label splits into "clips/take" + "0.mp4": a class named like a file
+        if not video or not label or Path(label).suffix.lower() in VIDEO_FILE_SUFFIXES:
             raise DataError(f"{path}, line {number}: expected `path label` (the label is the last field, after the "
                             f"last comma or space), found {text!r}")
         if not rows and label.lower() in HEADER_LABELS:
