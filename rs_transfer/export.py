@@ -10,6 +10,7 @@ in favour of `torch.export`, kept because deployments still load it); pt2 is `to
 import contextlib
 import io
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -208,13 +209,15 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
 
 
 def export_path(run_dir, fmt: str, out) -> Path:
-    """The file an export writes: `out` when it is a file path, OUT/model.<ext> when `out` is an existing folder,
-    RUN_DIR/export/model.<ext> when None. Raises ExportError naming --out when its parent is a file."""
+    """The file an export writes: `out` when it is a file path, OUT/model.<ext> when `out` is an existing folder or
+    ends with a slash (a folder to make), RUN_DIR/export/model.<ext> when None. Raises ExportError naming --out when
+    its parent is a file."""
     name = f"model{FORMATS[fmt]}"
     if out is None:
         return Path(run_dir) / "export" / name
+    folder = str(out).endswith(("/", os.sep))
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() or folder:
         return out / name
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"--out {out}: {out.parent} is a file, not a folder")

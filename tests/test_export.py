@@ -163,6 +163,10 @@ def test_export_into_an_existing_folder_writes_model_ext_there(tmp_path, capsys)
     assert len(out.strip().splitlines()) == 1  # only the JSON result on stdout (the exporter's chatter on stderr)
     result = json.loads(out)
     assert result["path"] == str(tmp_path / "exports" / "model.ts") and (tmp_path / "exports" / "model.ts").is_file()
+    # a folder that does not exist yet, said with a trailing slash: made, model.ts written in it (not a file "new")
+    assert main(["export", "--run", str(folder), "--format", "torchscript", "--resolution", "32",
+                 "--out", f"{tmp_path / 'new' / 'sub'}/"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "new" / "sub" / "model.ts")
     (tmp_path / "a_file").write_text("x")
     assert main(["export", "--run", str(folder), "--format", "pt2", "--out", str(tmp_path / "a_file" / "m.pt2")]) == 2
     err = capsys.readouterr().err
