@@ -61,7 +61,14 @@ def prepare_root(config: VideoConfig) -> Path:
                                        "lists (see docs/video.md)")
     if config.data.synthetic:  # written once, atomically; a folder that holds data is used as it is
         layout = config.data.synthetic_layout
-        write_once(root, lambda folder: synthetic.write_dataset(folder, layout, seed=config.seed))
+
+        def write(folder):
+            # said out loud: with a mistyped data.root a demo config would otherwise train on generated videos
+            log.warning("data.synthetic is on and %s holds no data: writing generated videos (moving squares, %s "
+                        "layout) there; data.synthetic=false to train on your own videos", root, layout)
+            return synthetic.write_dataset(folder, layout, seed=config.seed)
+
+        write_once(root, write)
     return root
 
 
