@@ -180,11 +180,18 @@ def test_a_listed_image_that_is_missing_is_an_error_at_build_naming_it(tmp_path)
         load(path)
 
 
-def test_an_image_of_another_size_than_its_json_says_is_an_error_naming_both(tmp_path):
+def test_an_image_of_another_size_than_its_json_says_is_an_error_at_build_naming_both(tmp_path):
     path = write_coco(tmp_path)
-    Image.new("RGB", (20, 30)).save(tmp_path / "train2017" / "a.jpg")  # rotated: 20 wide, 30 high
-    with pytest.raises(DataError, match=r"a.jpg is 20x30 pixels, but .*instances_train2017.json says 30x20"):
-        coco_det.CocoDetection(load(path))[0]
+    Image.new("RGB", (20, 30)).save(tmp_path / "train2017" / "a.jpg")  # 20 wide, 30 high
+    with pytest.raises(DataError, match=r"a.jpg is 20x30 pixels, but .*instances_train2017.json says 30x20 .*"
+                                        r"misplaced\.$"):
+        load(path)  # at build, not when an epoch reaches the image
+    # a phone picture stored 20x30 whose EXIF orientation turns it to the 30x20 the annotation tool showed
+    exif = Image.Exif()
+    exif[coco_det.EXIF_ORIENTATION] = 6
+    Image.new("RGB", (20, 30)).save(tmp_path / "train2017" / "a.jpg", exif=exif)
+    with pytest.raises(DataError, match=r"says 30x20 .* Its EXIF orientation tag turns it a quarter.*exif_transpose"):
+        load(path)
 
 
 def test_classes_come_from_the_train_json_and_a_config_that_disagrees_is_a_config_error(tmp_path):

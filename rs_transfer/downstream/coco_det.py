@@ -5,8 +5,9 @@ or any other: task.train_json, task.val_json, task.train_images, task.val_images
 two image folders (relative to data.root, or absolute). A JSON's `file_name`s are relative to its image folder.
 
 Reading the user's JSON (json, never eval): it must hold "images", "annotations" and "categories" lists with
-unique integer ids; an annotation whose image_id or category_id is not listed, a bbox that is not 4 numbers and an
-image file listed but missing are DataErrors naming the JSON and the id, found at build. Categories: the train
+unique integer ids; an annotation whose image_id or category_id is not listed, a bbox that is not 4 numbers, an
+image file listed but missing and an image whose size is not the JSON's (its header read: 65 us an image, 8 s for
+COCO train's 118k, page cache warm) are DataErrors naming the JSON and the id, found at build. Categories: the train
 JSON's, sorted by id, are the labels 0..K-1 (COCO's ids 1..90 have gaps; exports keep any ids they like); the
 val JSON must list the same ones. task.category_ids and task.class_names (None: from the data) are filled in at
 build, so the run's config.yaml carries them and `predict`/`export` need no data; set, they must match the data.
@@ -257,7 +258,14 @@ def _read_annotations(data: dict, path: Path, image_ids: np.ndarray, sizes: np.n
     return (starts.astype(np.int64), *(a[order] for a in arrays)), skipped
 
 
-def _check_image_files(image_dir: Path, files: np.ndarray, image_ids: np.ndarray, path: Path) -> None:
+EXIF_ORIENTATION = 0x0112  # values 5-8 turn the picture a quarter; viewers and annotation tools show it turned
+
+
+def _check_image_files(image_dir: Path, files: np.ndarray, image_ids: np.ndarray, sizes: np.ndarray,
+                       path: Path) -> None:
+    """Every listed image is there and its size (read from its header, no decoding) is the JSON's: a size that
+    differs would misplace its boxes, and found at build it costs seconds, not a run stopped hours in. Raises
+    DataError naming the first file (and, for a picture that its EXIF orientation turns, saying so)."""
     if not image_dir.is_dir():
         raise DataError(f"missing image folder {image_dir}: expected the images that {path} lists")
     missing = [i for i, name in enumerate(files) if not (image_dir / name).is_file()]
@@ -265,6 +273,20 @@ def _check_image_files(image_dir: Path, files: np.ndarray, image_ids: np.ndarray
         first = missing[0]
         raise DataError(f"{len(missing)} of {len(files)} images that {path} lists are missing; the first: "
                         f"{image_dir / files[first]} (image id {image_ids[first]})")
+    for index, name in enumerate(files):
+        try:
+            with Image.open(image_dir / name) as image:
+                width, height = image.size
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # not an image: the reader names it when it reads it
+        if (height, width) == tuple(sizes[index]):
+            continue
+        turned = (" Its EXIF orientation tag turns it a quarter, and the annotation tool drew the boxes on the turned "
+                  "picture: save the image turned (PIL.ImageOps.exif_transpose) so its pixels are what was annotated"
+                  if orientation in (5, 6, 7, 8) and (width, height) == tuple(sizes[index]) else "")
+        raise DataError(f"{image_dir / name} is {width}x{height} pixels, but {path} says {sizes[index][1]}x"
+                        f"{sizes[index][0]} (image id {image_ids[index]}): its boxes would be misplaced.{turned}")
 
 
 def load_split(json_path: Path, image_dir: Path, expected: tuple | None = None) -> CocoSplit:
@@ -288,7 +310,7 @@ def load_split(json_path: Path, image_dir: Path, expected: tuple | None = None) 
         log.warning("%s: skipped %d annotation%s whose box has no area inside its image (w or h <= 0, or outside "
                     "the image); annotation ids: %s", json_path, len(skipped), "s" if len(skipped) > 1 else "",
                     ", ".join(map(str, skipped[:20])) + (", ..." if len(skipped) > 20 else ""))
-    _check_image_files(image_dir, files, image_ids, json_path)
+    _check_image_files(image_dir, files, image_ids, sizes, json_path)
     return CocoSplit(json_path=json_path, image_dir=image_dir, category_ids=category_ids, class_names=class_names,
                      image_ids=image_ids, files=files, sizes=sizes, starts=starts, boxes=boxes, labels=labels,
                      crowd=crowd, annotation_ids=ids, areas=areas)
