@@ -117,6 +117,15 @@ def test_unreadable_and_short_videos_are_skipped_by_name(datasets, tmp_path, cap
     assert f"skipping video {short}: too short: 4 frames" in caplog.text
 
 
+def test_clips_longer_than_every_video_say_so_not_unreadable(datasets):
+    videos, _ = data.list_videos(datasets["folders"], "train")  # 20 frames each
+    clips = data.TrainClips(videos, clip_frames=32, frame_stride=2, max_tries=3,
+                            augment=sampling.TrainAugment(32, scale_jitter=False, short_side=32))
+    with pytest.raises(DataError, match=r"3 videos in a row from .* on are shorter than a clip \(20 frames, a clip "
+                                        r"needs 32\): lower data.clip_frames"):
+        clips[0]
+
+
 def test_training_clip_indices():
     assert sampling.clip_span(32, 2) == 63
     assert sampling.clip_indices(10, 4, 2, 100) == [10, 12, 14, 16]

@@ -323,7 +323,9 @@ def build(config):
     check_label_range(num_classes, shift)
     check_num_classes(config, num_classes)
     task_cfg.class_names = names or default_names(num_classes, shift)
-    log.info("folder_seg: %d classes (from %s): %s", num_classes, source, _first(task_cfg.class_names))
+    names = list(task_cfg.class_names)  # in index order, not sorted as _first lists file stems
+    log.info("folder_seg: %d classes (from %s): %s", num_classes, source,
+             ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else ""))
     read = read_label_png_reduced if shift else read_label_png
     items = [[(image, (mask, read)) for image, mask in pairs] for pairs in (train_pairs, val_pairs)]
     return build_segmentation(config, *items, num_classes, tuple(task_cfg.class_names), PREDICTOR)

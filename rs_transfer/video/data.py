@@ -384,13 +384,20 @@ class TrainClips(Dataset):
         return len(self.videos)
 
     def __getitem__(self, index):
+        reasons = []
         for attempt in range(self.max_tries):
             video = self.videos[(index + attempt) % len(self.videos)]
             try:
                 return self.augment(self.load_clip(video.path)), video.label
             except UnreadableVideo as error:
                 self.skipped.skip(video.path, str(error))
-        raise DataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable")
+                reasons.append(str(error))
+        if all(reason.startswith("too short") for reason in reasons):
+            raise DataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are shorter than a "
+                            f"clip ({reasons[-1].removeprefix('too short: ')}): lower data.clip_frames (or "
+                            "data.frame_stride)")
+        raise DataError(f"{self.max_tries} videos in a row from {self.videos[index].path} on are unreadable or too "
+                        f"short (the last: {reasons[-1]})")
 
     def load_clip(self, path) -> torch.Tensor:
         with VideoReader(path) as video:
