@@ -68,18 +68,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
             "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TOY]
 
 
-@pytest.fixture(scope="module")
-def torchrun_reference(tmp_path_factory):
-    """The uninterrupted two-process torchrun run that the stopped and resumed ones must end equal to."""
-    reference = tmp_path_factory.mktemp("torchrun") / "reference"
-    assert run_group([*TORCHRUN, reference, *WORKERS]).returncode == 0
-    return final_weights(reference)
-
-
-@pytest.mark.slow  # two two-process torchrun launches (and the shared reference)
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
-def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path, torchrun_reference, stop):
-    torchrun, stopped = TORCHRUN, tmp_path / "stopped"
+@pytest.mark.slow  # three two-process torchrun launches
+def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly(tmp_path):
+    # SIGUSR1, the signal torchrun does not handle by default; its SIGTERM takes the same way through torchrun
+    # (--signals-to-handle lists both) and through the ranks' one handler (the test above sends SIGTERM and SIGINT)
+    torchrun, stop = TORCHRUN, "SIGUSR1"
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert run_group([*torchrun, reference, *WORKERS]).returncode == 0
     result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop])
     assert "killed by signal" not in result.stderr
     assert f"stopped by {stop} at step" in result.stderr, result.stderr[-3000:]
@@ -88,7 +83,7 @@ def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly
     assert len(ckpt.load(saved[0])["rng"]) == 2  # both ranks' random states were gathered into it
     resumed = run_group([*torchrun, stopped, *WORKERS, "train.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(torchrun_reference, final_weights(stopped))
+    assert_same_weights(final_weights(reference), final_weights(stopped))
 
 
 def test_an_infinite_update_after_a_finite_loss_is_never_checkpointed(tmp_path, deterministic):
