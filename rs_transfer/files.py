@@ -95,21 +95,31 @@ def checkpoint_format(path: str | Path) -> str | None:
     return None
 
 
-def failed_zip_record(path: str | Path) -> str | None:
-    """The first record of zip file `path` whose bytes do not match their stored CRC-32, or None when all do.
+ZIP_ENCRYPTED = 0x1  # general-purpose flag bit 0
+MSDOS_DIRECTORY = 0x10  # external attribute bit: the entry is a folder
 
-    torch.save writes a zip with a CRC-32 per record (one per tensor storage, plus the pickle), but torch.load
-    never checks them: a bit flipped on disk or in a copy loads silently as different weights. Reading every record
-    once costs about 0.06 s per 100 MB. Raises OSError when the file cannot be read; a zip so damaged that its
-    directory cannot be parsed is reported as the record "the zip directory"."""
+
+def zip_damage(path: str | Path) -> str | None:
+    """What is wrong with torch.save zip `path` ("its record R fails its CRC-32 check", ...), or None when nothing is.
+
+    torch.save writes a zip with a CRC-32 per record (one per tensor storage, plus the pickle), but torch.load never
+    checks them: a bit flipped on disk or in a copy loads silently as different weights. The CRCs cover the bytes
+    of the records, not the zip's directory entries, some of whose bits change what torch's reader returns without
+    an error (a record marked a folder loads as zeros or as uninitialised memory): torch writes every record
+    stored, unencrypted, as a file, so an entry marked otherwise is damage too. Reading every record once costs
+    about 0.06 s per 100 MB. Raises OSError when the file cannot be read."""
     import zipfile
     import zlib
 
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as error:
-        return f"the zip directory ({type(error).__name__}: {error})"
+            for info in archive.infolist():
+                if info.flag_bits & ZIP_ENCRYPTED or info.external_attr & MSDOS_DIRECTORY or info.is_dir():
+                    return f"its zip entry {info.filename} is marked {'encrypted' if info.flag_bits & 1 else 'a folder'}"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError, RuntimeError) as error:
+        return f"it is not a readable zip ({type(error).__name__}: {error})"  # RuntimeError: zipfile's "encrypted"
+    return None if bad is None else f"its record {bad} fails its CRC-32 check"
 
 
 def temp_path(path: Path) -> Path:

@@ -579,3 +579,24 @@ def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder(tmp_path, 
         engine_toy.main([str(out), "train.epochs=1", "train.log_every_steps=2"])
     assert "Traceback" not in capfd.readouterr().err
     assert [p.name for p in out.iterdir() if ".tmp." in p.name] == []
+
+
+@pytest.mark.parametrize("field, bit, marked", [("external attributes", 0x10, "a folder"), ("flags", 0x1, "encrypted")])
+def test_a_flipped_bit_in_a_zip_entry_the_crcs_do_not_cover_is_refused(tmp_path, field, bit, marked):
+    # The directory entry's "folder" bit made torch load that tensor as zeros; its "encrypted" bit a traceback
+    import zipfile
+
+    from rs_transfer.models.weights import WeightsError, read_state_dict
+
+    path = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.ones(4, 3, 1, 1)}, path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        names = [info.filename for info in archive.infolist()]
+    entries = [i for i in range(len(data) - 3) if data[i:i + 4] == b"PK\x01\x02"]  # central directory, in order
+    entry = next(offset for offset, name in zip(entries, names) if name == "weights/data/0")
+    data[entry + (38 if field == "external attributes" else 8)] ^= bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=rf"weights file {path} is corrupted: its zip entry weights/data/0 is "
+                                           rf"marked {marked}"):
+        read_state_dict(path)

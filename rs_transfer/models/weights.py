@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rs_transfer.errors import UserError, one_line
-from rs_transfer.files import checkpoint_format, failed_zip_record
+from rs_transfer.files import checkpoint_format, zip_damage
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,19 @@ def read_file(path: str | Path, what: str = "weights file", error: type[UserErro
     carry no checksum.
 
     Raises `error` (one line: f"{what} not found: PATH", f"cannot read {what} PATH: why", f"{what} PATH is corrupted:
-    RECORD fails its CRC-32 check", or f"{what} PATH holds a TYPE, not a dict") for a missing, unreadable or
+    its record RECORD fails its CRC-32 check" (files.zip_damage), or f"{what} PATH holds a TYPE, not a dict") for a missing, unreadable or
     corrupted file, one that would need code to run, or one without a dict; see `check_file`.
     """
     path = Path(path)
     kind = check_file(path, what, error)
     if kind == "zip":  # every torch.save file since PyTorch 1.6: ours, timm's, torchvision's
         try:
-            bad = failed_zip_record(path)
+            damage = zip_damage(path)
         except OSError as problem:
             raise error(f"cannot read {what} {path}: {problem.strerror or problem}") from None
-        if bad is not None:
-            raise error(f"{what} {path} is corrupted: {bad} fails its CRC-32 check (bytes changed on disk or in a "
-                        "copy since torch.save wrote it); use another copy")
+        if damage is not None:
+            raise error(f"{what} {path} is corrupted: {damage} (bytes changed on disk or in a copy since torch.save "
+                        "wrote it); use another copy")
     try:
         if kind == "safetensors":
             from safetensors.torch import load_file
