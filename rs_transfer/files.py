@@ -8,6 +8,7 @@ intact and the temp file removed; a temp file left by a killed writer is removed
 JSON is written without NaN or Infinity, which are not JSON (other tools refuse to read them).
 """
 
+import errno
 import fcntl
 import json
 import math
@@ -53,12 +54,13 @@ def folder_lock(folder: str | Path, what: str):
     """Hold FOLDER/.lock for the with-block: one live writer per folder (a run's output_dir, pseudo-label's --out,
     predict's --out). Creates the folder (`make_dir`).
 
-    An advisory `flock`, so the OS releases it when the holder dies in any way (SIGKILL, node loss on a local
-    disk): a killed run never leaves a stale lock, and `--resume` after a kill just works. The file keeps the
+    An advisory POSIX lock (`lockf`), so the OS releases it when the holder dies in any way (SIGKILL, node loss on a
+    local disk): a killed run never leaves a stale lock, and `--resume` after a kill just works. The file keeps the
     holder's host, pid and start time for the message of whoever is refused; it is not deleted on release (deleting
-    a lock file races with the next holder). On NFS, Linux maps flock to POSIX byte-range locks, which NFS servers
-    arbitrate between hosts. Raises FolderInUseError naming the folder and the holder, FileWriteError when the
-    folder cannot be made or the lock file written."""
+    a lock file races with the next holder). NFS servers arbitrate POSIX locks between hosts (NLM / NFSv4). One
+    process holds one folder once: a second `folder_lock` of the same folder in the same process is not refused.
+    Raises FolderInUseError naming the folder and the holder, FileWriteError when the folder cannot be made or the
+    lock file written or locked."""
     folder = make_dir(folder, what)
     path = folder / LOCK_NAME
     try:
@@ -67,8 +69,12 @@ def folder_lock(folder: str | Path, what: str):
         raise FileWriteError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a SIGKILLed
+            # run's folder is free at once, not when its orphaned workers exit
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as problem:
+            if problem.errno not in (errno.EACCES, errno.EAGAIN):
+                raise FileWriteError(f"cannot lock {path}: {problem.strerror or problem}") from None
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             raise FolderInUseError(f"{what} {folder} is in use by a live process ({holder}): wait for it to end, "
                                    "or use another folder") from None

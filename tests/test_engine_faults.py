@@ -600,3 +600,23 @@ def test_a_flipped_bit_in_a_zip_entry_the_crcs_do_not_cover_is_refused(tmp_path,
     with pytest.raises(WeightsError, match=rf"weights file {path} is corrupted: its zip entry weights/data/0 is "
                                            rf"marked {marked}"):
         read_state_dict(path)
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_folder(tmp_path):
+    # DataLoader workers are forked from the run: with flock they kept a SIGKILLed run's lock until they exited
+    from rs_transfer.files import folder_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nfrom rs_transfer.files import folder_lock\n"
+         f"with folder_lock({str(tmp_path)!r}, 'held'):\n    child = os.fork()\n    if child == 0:\n"
+         "        time.sleep(60)\n        os._exit(0)\n    print(child, flush=True)\n    time.sleep(60)"],
+        env=script_env(), stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        with folder_lock(tmp_path, "output_dir"):  # at once, while the forked child still lives
+            os.kill(child, 0)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.stdout.close()
