@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import math
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,8 @@ def read_yaml(text: str, where: str):
 def _literal(tree):
     """`tree` (plain YAML data) with every "${" escaped, so OmegaConf keeps it as text: a study named S${oc.env:X}
     or a folder with "${" in its name stays what it is. No config key of ours asks for interpolation."""
-    if isinstance(tree, str):
-        return tree.replace("${", "\\${")
+    if isinstance(tree, str):  # OmegaConf reads \${ as a literal ${ and \\ before ${ as a literal \
+        return re.sub(r"(\\*)\$\{", lambda found: found.group(1) * 2 + "\\${", tree)
     if isinstance(tree, dict):
         return {key: _literal(value) for key, value in tree.items()}
     if isinstance(tree, list):
@@ -114,6 +115,8 @@ MAX_EPOCHS = 10 ** 6
 MAX_WORKERS = 1024  # loader processes per training process
 MAX_CHANNELS = 1 << 16  # the width of a head layer
 MAX_FRAMES = 4096  # frames of one clip
+MAX_CLASSES = 100_000  # classifier outputs (ImageNet-21k has 21,841); --synthetic writes a folder per class
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
 
 
 def at_most(high) -> Check:
@@ -179,7 +182,7 @@ def validate(config, prefix: str = "") -> None:
 @dataclass
 class ModelConfig:
     name: str = "rs50"
-    num_classes: Optional[int] = checked(None, at_least(1))  # None: inferred from the data (class folders, CSV, the task); set: checked
+    num_classes: Optional[int] = checked(None, at_least(1), at_most(MAX_CLASSES))  # None: inferred from the data (class folders, CSV, the task); set: checked
     weights: Optional[str] = None  # checkpoint file to start from (timm's or ours), read offline
     drop_rate: float = checked(0.0, fraction())  # dropout before the classifier
     drop_path_rate: float = checked(0.0, fraction())  # stochastic depth
@@ -213,10 +216,10 @@ class TrainConfig:
     clip_grad_norm: Optional[float] = checked(None, above(0))  # max global gradient norm; None: no clipping
     # Schedule over optimizer steps: linear warmup to the peak LR, then "cosine" to 0 or "step" decay.
     schedule: str = checked("cosine", one_of("cosine", "step"))
-    warmup_epochs: float = checked(0.0, at_least(0))  # give warmup_epochs or warmup_steps, not both
+    warmup_epochs: float = checked(0.0, at_least(0), at_most(MAX_EPOCHS))  # give warmup_epochs or warmup_steps, not both
     warmup_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))
-    decay_epochs: list[float] = checked(None, at_least(0), factory=list)  # "step": LR x decay_rate at these epochs
-    decay_steps: list[int] = checked(None, at_least(0), factory=list)  # ... or at these steps
+    decay_epochs: list[float] = checked(None, at_least(0), at_most(MAX_EPOCHS), factory=list)  # "step": LR x decay_rate at these epochs
+    decay_steps: list[int] = checked(None, at_least(0), at_most(MAX_STEPS), factory=list)  # ... or at these steps
     decay_rate: float = checked(0.1, fraction(closed_high=True, open_low=True))
     label_smoothing: float = checked(0.0, fraction())  # read by tasks that use a cross-entropy loss
     # EMA of weights and BN buffers, updated after every step; evaluation uses it when on.
@@ -248,7 +251,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = checked(0, at_least(0), at_most(MAX_SEED))
 
 
 # What may differ between two configs of the same run. LOCATION_KEYS: where things are, on what hardware, how
@@ -360,6 +363,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         shown = repr(item if len(item) <= 80 else item[:77] + "...")
         if not sep or not key.strip():
             raise ConfigError(f"bad override {shown}: expected key=value, e.g. train.batch_size=64")
+        if key.count(".") >= MAX_YAML_DEPTH:
+            raise ConfigError(f"bad override {shown}: its key is nested more than {MAX_YAML_DEPTH} levels deep")
         if any(ord(c) < 32 or c == "\x7f" for c in item):
             # YAML folds a newline inside quotes into a space: 'a<newline>b' would silently become "a b"
             raise ConfigError(f"bad override {shown}: it holds a control character (a newline, tab, ...)")
@@ -424,7 +429,10 @@ def _read_chain(path: Path, seen: tuple) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
     base = data.pop("base", None)
-    layer = OmegaConf.create(_literal(data))
+    try:
+        layer = OmegaConf.create(_literal(data))
+    except OmegaConfBaseException as error:  # e.g. a key that is not a string ({null: 1})
+        raise ConfigError(f"config file {path}: {_first_line(error)}") from None
     if base is None:
         return layer
     if not isinstance(base, str):

@@ -167,3 +167,24 @@ def test_a_control_character_from_a_file_is_refused_naming_the_key(tmp_path):
     path.write_text('output_dir: "runs/a\\nb"\n')
     with pytest.raises(ConfigError, match=r"output_dir='runs/a\\nb' holds a control character"):
         load_config(RunConfig, path)
+
+
+def test_a_backslash_before_an_interpolation_keeps_it_literal_too(monkeypatch):
+    # OmegaConf reads \\ before ${ as a backslash and then interpolates: i\${oc.env:HOME} wrote into i\/root
+    monkeypatch.setenv("X", "expanded")
+    for value in ("i\\${oc.env:X}", "i\\\\${oc.env:X}", "\\${seed}", "a\\b${x}"):
+        assert load_config(RunConfig, None, [f"output_dir={value}"]).output_dir == value
+
+
+@pytest.mark.parametrize("text, where, message", [
+    ("train: {null: 1}\n", "file", "Incompatible key type 'NoneType'"),
+    ("a." * 100 + "b=1", "override", "nested more than 32 levels deep"),
+    ("seed=99999999999999999999", "override", "seed=99999999999999999999 makes no sense here: it must be <= 4294967295"),
+    ("train.warmup_epochs=1e300", "override", "it must be <= 1000000"),
+    ("model.num_classes=1000000000", "override", "it must be <= 100000"),
+])
+def test_odd_keys_and_absurd_numbers_are_one_error_not_a_traceback(tmp_path, text, where, message):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(RunConfig, path) if where == "file" else load_config(RunConfig, None, [text])

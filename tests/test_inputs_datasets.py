@@ -334,3 +334,17 @@ def test_nyu_bts_pairs_missing_from_sync_are_found_at_start_up(tmp_path, caplog)
     with pytest.raises(DataError, match=r"nyudepthv2_test_files_with_gt.txt line 3: .*rgb_00002.jpg is missing \(1 of "
                                         r"the 3 listed pairs .*every test pair counts"):
         nyu_depth.NYUDepth(root, "val", "bts")
+
+
+def test_a_cifar_pickle_whose_data_is_a_self_referencing_list_is_refused_before_numpy_builds_it(tmp_path):
+    # 34 levels of [L, L] through the pickle memo: a few hundred bytes that np.asarray would expand to 2^34 items
+    nested = []
+    level = nested
+    for _ in range(34):
+        level = [level, level]
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(pickle.dumps({b"data": level, b"fine_labels": [0]}, protocol=2))
+    assert (folder / "train").stat().st_size < 1000
+    with pytest.raises(DataError, match=r"is not a CIFAR-100 pickle .*'data' is a list, not an array"):
+        cifar100.read_cifar(tmp_path, "train")

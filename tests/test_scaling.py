@@ -282,11 +282,15 @@ def test_repeated_values_in_a_list_option_are_planned_once(capsys):
     (lambda plan: {"points": [5]}, "point 0 is a JSON int, not an object"),
     (lambda plan: {"points": [{**plan["points"][0], "depth": "26"}]}, "point 0 has depth = '26': expected int or null"),
     (lambda plan: {"points": [{"model": "rs26-w0.25"}]}, "point 0 has depth = None: expected int or null"),
+    (lambda plan: {"points": [{**plan["points"][0], "model": "../../escaped/x"}]}, "point 0 \\('../../escaped/x' "
+     "at 32 px, 2 epochs\\) is not a point a plan writes"),
+    (lambda plan: "[" * 100000, "not a scale plan"),  # JSON nested past Python's recursion limit
 ])
 def test_a_hand_edited_plan_is_one_error_line_in_run_and_report(tmp_path, capsys, edit, message):
     study = tmp_path / "study"
     scaling.plan(study, [26], [0.25], [32], [2], base="scaling/demo.yaml")
-    (study / "plan.json").write_text(json.dumps(edit(json.loads((study / "plan.json").read_text()))))
+    edited = edit(json.loads((study / "plan.json").read_text()))
+    (study / "plan.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
     for command in (["scale", "run", "--study", str(study)], ["scale", "report", "--study", str(study)]):
         assert cli.main(command) == 2
         err = capsys.readouterr().err

@@ -158,9 +158,16 @@ def read_cifar(root, split: str) -> tuple:
         with open(path, "rb") as f:
             check_declared_sizes(f, path.stat().st_size)
             data = CifarUnpickler(f, encoding="bytes").load()
-        pixels = np.asarray(_field(data, "data"))
-        labels = np.asarray(_field(data, "fine_labels"), dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        pixels, labels = _field(data, "data"), _field(data, "fine_labels")
+        # The file says what they are before numpy builds anything: a crafted list of lists (a few bytes of pickle
+        # memo references) would make np.asarray allocate gigabytes or fail with a MemoryError
+        if not isinstance(pixels, np.ndarray):
+            raise TypeError(f"'data' is a {type(pixels).__name__}, not an array")
+        if not (isinstance(labels, (list, np.ndarray)) and all(isinstance(v, (int, np.integer)) for v in labels)):
+            raise TypeError("'fine_labels' is not a list of integers")
+        labels = np.asarray(labels, dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError,
+            RecursionError) as error:
         raise DataError(f"{path} is not a CIFAR-100 pickle with 'data' (N x 3072) and 'fine_labels': "
                            f"{type(error).__name__}: {error}") from None
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:

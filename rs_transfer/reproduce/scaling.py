@@ -13,6 +13,7 @@ same recipe, with the original EfficientNets' dropout, drop-connect and weight d
 """
 
 import json
+import re
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -287,8 +288,8 @@ def load_plan(study: str | Path) -> list:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; write it with `rs-transfer scale plan --out {study}`") from None
-    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: not a scale plan ({' '.join(str(error).split())})") from None
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a scale plan ({' '.join(str(error).split()) or type(error).__name__})") from None
     points = document.get("points") if isinstance(document, dict) else None
     if not isinstance(points, list):
         raise UserError(f"{path}: not a scale plan (expected an object whose \"points\" is a list, as `rs-transfer "
@@ -302,6 +303,11 @@ def load_plan(study: str | Path) -> list:
                 raise UserError(f"{path}: point {index} has {field_name} = {value!r}: expected "
                                 f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}; "
                                 "plan the study again with `rs-transfer scale plan`")
+        # the model names the point's run folder (point_key): a name like ../x would train outside the study
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", point["model"]) or point["resolution"] < 1 \
+                or point["epochs"] < 1:
+            raise UserError(f"{path}: point {index} ({point['model']!r} at {point['resolution']} px, {point['epochs']} "
+                            "epochs) is not a point a plan writes: plan the study again with `rs-transfer scale plan`")
     return points
 
 

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rs_transfer.config import (
-    MAX_BATCH, MAX_FRAMES, MAX_PIXELS, DataConfig, ModelConfig, RunConfig, above, at_least, at_most, checked, fraction,
-    one_of, ordered,
+    MAX_BATCH, MAX_CLASSES, MAX_FRAMES, MAX_PIXELS, DataConfig, ModelConfig, RunConfig, above, at_least, at_most,
+    checked, fraction, one_of, ordered,
 )
 
 
 @dataclass
 class VideoModelConfig(ModelConfig):
     name: str = "rs50"  # 2D zoo grammar: rs<depth> = SE + ResNet-D; resnet<depth>[-se][-d] for the ladder
-    num_classes: Optional[int] = checked(None, at_least(1))  # None: the training split's classes (400 for K400)
+    num_classes: Optional[int] = checked(None, at_least(1), at_most(MAX_CLASSES))  # None: the training split's classes (400 for K400)
     temporal_kernels: str = checked("rs", one_of("rs", "cvrl"))  # "rs": kt 1,1,3,3 per stage; "cvrl": CVRL's per-block lists
     self_gating: bool = False  # S3D-G gating in each stage's last block (not in Table 6)
     stem_pool: str = checked("max", one_of("max", "conv"))  # "max" (3D Model Garden) or "conv" (the 2D ResNet-RS stem conv; exact inflation)
