@@ -104,8 +104,8 @@ def test_table5_matches_paper():
     assert protocol.paper_value("R152", "RS", "pascal_seg") == 78.2
 
 
-def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatch):
-    # One order everywhere: `sweep` runs grid(task) in order, `sweep --point I` runs grid(task)[I].
+def record_sweep_runs(tmp_path, monkeypatch, metric: str) -> list:
+    """finetune.run replaced by a recorder of (lr, steps) that leaves each point a finished result in tmp/sweep."""
     import json
 
     from rs_transfer.downstream import finetune
@@ -116,9 +116,17 @@ def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatc
         ran.append((config.train.lr, config.train.steps))
         out = tmp_path / "sweep" / protocol.point_name(config.train.lr, config.train.steps)
         out.mkdir(parents=True)
-        (out / "final_metrics.json").write_text(json.dumps({"miou": 0.5}))
+        (out / "final_metrics.json").write_text(json.dumps({metric: 0.5}))
 
     monkeypatch.setattr(finetune, "run", fake_run)
+    return ran
+
+
+def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatch):
+    # One order everywhere: `sweep` runs grid(task) in order, `sweep --point I` runs grid(task)[I].
+    from rs_transfer.downstream import finetune
+
+    ran = record_sweep_runs(tmp_path, monkeypatch, "miou")
     grid = protocol.grid("pascal_seg")
     for index in (0, 1, 7, 20):
         finetune.sweep("pascal_seg", overrides=[f"output_dir={tmp_path / 'sweep'}"], point=index)
@@ -128,20 +136,9 @@ def test_sweep_point_i_runs_the_i_th_point_of_protocol_grid(tmp_path, monkeypatc
 
 def test_sweep_grid_comes_from_its_options_and_a_grid_key_override_is_refused(tmp_path, monkeypatch, capsys):
     # `sweep ... train.steps=20` used to run 5000-step points: the grid replaced the override without a word
-    import json
-
     from rs_transfer import cli
-    from rs_transfer.downstream import finetune
 
-    ran = []
-
-    def fake_run(config, synthetic=False):
-        ran.append((config.train.lr, config.train.steps))
-        out = tmp_path / "sweep" / protocol.point_name(config.train.lr, config.train.steps)
-        out.mkdir(parents=True)
-        (out / "final_metrics.json").write_text(json.dumps({"top1": 0.5}))
-
-    monkeypatch.setattr(finetune, "run", fake_run)
+    ran = record_sweep_runs(tmp_path, monkeypatch, "top1")
     base = ["sweep", "--task", "cifar100", f"output_dir={tmp_path / 'sweep'}"]
     assert cli.main([*base, "train.steps=20"]) == 2
     assert "sweep sets train.lr and train.steps per grid point, so train.steps=20 would be ignored" in \
