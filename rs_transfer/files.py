@@ -120,8 +120,9 @@ def zip_damage(path: str | Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.flag_bits & ZIP_ENCRYPTED or info.external_attr & MSDOS_DIRECTORY or info.is_dir():
-                    return f"its zip entry {info.filename} is marked {'encrypted' if info.flag_bits & 1 else 'a folder'}"
+                encrypted = info.flag_bits & ZIP_ENCRYPTED
+                if encrypted or info.external_attr & MSDOS_DIRECTORY or info.is_dir():
+                    return f"its zip entry {info.filename} is marked {'encrypted' if encrypted else 'a folder'}"
             bad = archive.testzip()
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError, RuntimeError) as error:
         return f"it is not a readable zip ({type(error).__name__}: {error})"  # RuntimeError: zipfile's "encrypted"

@@ -104,7 +104,7 @@ class Trainer:
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        # One live run per output_dir (two would mix their logs and checkpoints): rank 0 holds its lock until the run ends.
+        # One live run per output_dir (two would mix their logs and checkpoints): rank 0 holds its lock to the end.
         held.enter_context(claimed_folder(self.out, "output_dir"))
         # Rank 0 picks the checkpoint and tells the others, so all ranks resume from one file (or all stop).
         resume_from, problem = broadcast_object(resume.pick_resume(self._resume_mode(), self.ckpt_dir)
