@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from rs_transfer.errors import UserError
-from rs_transfer.files import FolderInUseError, folder_lock
+from rs_transfer.files import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +201,19 @@ def broadcast_object(obj):
 @contextmanager
 def claimed_folder(folder: str | Path, what: str):
     """For the with-block, rank 0 holds `folder`'s lock (files.folder_lock: one live job per folder, released by the
-    OS however the holder dies); when another live process holds it, every rank raises FolderInUseError naming the
-    folder and the holder (all ranks stop, none waits at a later collective)."""
+    OS however the holder dies). When another live process holds it (FolderInUseError, naming the folder and the
+    holder) or the folder cannot be made (FileWriteError), every rank raises rank 0's error: all ranks stop, none
+    waits at a later collective."""
     with ExitStack() as held:
         problem = None
         if get_rank() == 0:
             try:
                 held.enter_context(folder_lock(folder, what))
-            except FolderInUseError as error:
-                problem = str(error)
+            except UserError as error:
+                problem = error
         problem = broadcast_object(problem)
-        if problem:
-            raise FolderInUseError(problem)
+        if problem is not None:
+            raise problem
         yield
 
 
