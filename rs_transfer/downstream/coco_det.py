@@ -6,8 +6,9 @@ two image folders (relative to data.root, or absolute). A JSON's `file_name`s ar
 
 Reading the user's JSON (json, never eval): it must hold "images", "annotations" and "categories" lists with
 unique integer ids; an annotation whose image_id or category_id is not listed, a bbox that is not 4 numbers, an
-image file listed but missing and an image whose size is not the JSON's (its header read: 65 us an image, 8 s for
-COCO train's 118k, page cache warm) are DataErrors naming the JSON and the id, found at build. Categories: the train
+image file listed but missing and an image whose size is not the JSON's (its header read: tens of microseconds an
+image, a few seconds for COCO train's 118k; tools/own_data_times.py) are DataErrors naming the JSON and the id, found
+at build. Categories: the train
 JSON's, sorted by id, are the labels 0..K-1 (COCO's ids 1..90 have gaps; exports keep any ids they like); the
 val JSON must list the same ones. task.category_ids and task.class_names (None: from the data) are filled in at
 build, so the run's config.yaml carries them and `predict`/`export` need no data; set, they must match the data.
