@@ -18,13 +18,11 @@ tells which they hold. Here:
 | LAB | CIE L*a*b* to sRGB through littleCMS (ImageCms, shipped with Pillow) |
 """
 
-import functools
-import inspect
 import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 SIXTEEN_BIT_MAX = 65535
@@ -63,19 +61,6 @@ def read_rgb8(path: str | Path) -> Image.Image:
     """The image file at `path` as 8-bit RGB; raises as `to_rgb8` (FileNotFoundError when it does not exist)."""
     with Image.open(path) as image:
         return to_rgb8(image)
-
-
-@functools.cache
-def readable_suffixes() -> frozenset:
-    """The file suffixes (lower case, with the dot) of every image format this Pillow opens (its plugins' registered
-    extensions), less the stub formats it only identifies (HDF5, GRIB, BUFR, WMF) and MPEG video."""
-    Image.init()
-
-    def decodes(fmt: str) -> bool:
-        factory = Image.OPEN[fmt][0]
-        return fmt != "MPEG" and not (inspect.isclass(factory) and issubclass(factory, ImageFile.StubImageFile))
-
-    return frozenset(s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and decodes(fmt))
 
 
 def _float_to_0_255(values: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rs_transfer.config import ConfigError, data_root
-from rs_transfer.data.images import readable_suffixes
+from rs_transfer.data.folders import image_extensions, list_files
 from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import IGNORE, read_label_png, read_label_png_reduced, read_text_lines
@@ -75,12 +75,6 @@ def split_dir(root: Path, kind: str, split: str, expected: str) -> Path:
     return folder
 
 
-def _files(folder: Path) -> list:
-    """Every file below `folder`, hidden files and folders left out (.DS_Store, .ipynb_checkpoints)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def _by_stem(folder: Path, files: list, what: str) -> dict:
     """NAME (the path below `folder` without its suffix) -> file; DataError for two files of one NAME."""
     found = {}
@@ -93,27 +87,25 @@ def _by_stem(folder: Path, files: list, what: str) -> dict:
 
 
 def image_files(folder: Path) -> dict:
-    """NAME -> image file of `folder`: every file with a suffix Pillow reads (any case); other files are skipped."""
-    suffixes = readable_suffixes()
-    files = _files(folder)
-    images = [p for p in files if p.suffix.lower() in suffixes]
-    if len(images) < len(files):
-        log.info("%s: %d files that are not images skipped", folder, len(files) - len(images))
+    """NAME -> image file of `folder`: every file with a suffix Pillow decodes (any case, data.folders.list_files:
+    hidden files and folders left out); other files are skipped."""
+    images, others = list_files(folder, image_extensions(), skip_hidden=True)
+    if others:
+        log.info("%s: %d files that are not images skipped", folder, len(others))
     return _by_stem(folder, images, "images")
 
 
 def mask_files(folder: Path) -> dict:
     """NAME -> mask file of `folder`: NAME.png (any case). Raises DataError for a mask saved in another image format
     (JPEG changes the indices at every edge); files that are not images are skipped."""
-    suffixes = readable_suffixes()
-    files = _files(folder)
-    for path in files:
-        if path.suffix.lower() in suffixes and path.suffix.lower() != MASK_SUFFIX:
+    images, _ = list_files(folder, image_extensions(), skip_hidden=True)
+    for path in images:
+        if path.suffix.lower() != MASK_SUFFIX:
             lossy = " (JPEG compression changes the class indices along every edge)" if path.suffix.lower() in (
                 ".jpg", ".jpeg", ".jfif", ".jpe") else ""
             raise DataError(f"mask {path} is a {path.suffix} file{lossy}: masks must be PNG files of class "
                             "indices, masks/<split>/NAME.png")
-    return _by_stem(folder, [p for p in files if p.suffix.lower() == MASK_SUFFIX], "masks")
+    return _by_stem(folder, [p for p in images if p.suffix.lower() == MASK_SUFFIX], "masks")
 
 
 def pair_split(root, split: str) -> list:
