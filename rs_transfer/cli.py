@@ -111,17 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=run_pretrain)
 
     pseudo = commands.add_parser("pseudo-label", help="label images with a teacher (sharded over ranks, resumable)")
-    pseudo.add_argument("--teacher", required=True, help="teacher weights: weights.pth, final.pt or a timm file")
+    pseudo.add_argument("--teacher", required=True, help="the teacher: a pretrain (or folder_cls/cifar100) run folder, "
+                        "which gives --model and --image-size, or a weights file (weights.pth, final.pt, timm's)")
     pseudo.add_argument("--images", required=True, help="a folder of images, a .tar shard or a folder of .tar shards")
     pseudo.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    pseudo.add_argument("--model", default="rs152", help="the teacher's zoo name (default rs152)")
-    pseudo.add_argument("--image-size", type=whole("--image-size", 1), default=224, help="teacher eval resolution (default 224)")
+    pseudo.add_argument("--model", help="the teacher's zoo or timm name (default: the run's; rs152 for a file alone)")
+    pseudo.add_argument("--image-size", type=whole("--image-size", 1),
+                        help="teacher eval resolution (default: the run's; 224 for a file alone)")
     pseudo.add_argument("--batch-size", type=whole("--batch-size", 1), default=128, help="per process")
     pseudo.add_argument("--topk", type=whole("--topk", 0), default=10, help="probabilities kept per image for soft targets (0: none)")
     pseudo.add_argument("--threshold", type=real("--threshold", 0, 1), default=0.3, help="minimum confidence (Noisy Student: 0.3)")
     pseudo.add_argument("--per-class", type=whole("--per-class", 0), default=0,
                         help="balance to this many images per class (Noisy Student: 130000); 0: no balancing")
-    pseudo.add_argument("--num-workers", type=whole("--num-workers", 0), default=8)
+    pseudo.add_argument("--num-workers", type=whole("--num-workers", 0),
+                        help="loader processes per process (default: 8, or fewer on a machine with fewer cores)")
     pseudo.add_argument("--max-batches", type=whole("--max-batches", 1), help="stop after this many batches per rank (resume later)")
     pseudo.set_defaults(run=run_pseudo_label)
 
@@ -550,9 +553,10 @@ def run_pretrain(args) -> int:
 
 
 def run_pseudo_label(args) -> int:
-    from rs_transfer.pretrain.pseudo_label import label_images
+    from rs_transfer.pretrain.pseudo_label import label_images, teacher_from_run
 
-    label_images(args.teacher, args.images, args.out, model_name=args.model, image_size=args.image_size,
+    teacher, model_name, image_size = teacher_from_run(args.teacher, args.model, args.image_size)
+    label_images(teacher, args.images, args.out, model_name=model_name, image_size=image_size,
                  batch_size=args.batch_size, topk=args.topk, threshold=args.threshold, per_class=args.per_class,
                  num_workers=args.num_workers, max_batches=args.max_batches)
     return 0

@@ -472,3 +472,29 @@ def test_any_timm_classifier_can_teach(unlabelled, tmp_path):
     assert meta["num_classes"] == NUM_CLASSES and meta["labelled"] == 22
     with pytest.raises(UserError, match="neither a zoo name .* nor a timm model"):
         _run(path, unlabelled, tmp_path / "other", model_name="no_such_net")
+
+
+def test_a_run_folder_as_teacher_gives_model_and_resolution_and_a_wrong_model_is_named(teacher, tmp_path):
+    import yaml
+
+    run = tmp_path / "teacher_run"
+    run.mkdir()
+    config = {"model": {"name": "rs26-w0.25"}, "data": {"image_size": 160, "eval_image_size": 192}, "augment": {}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match=r"has no weights\.pth .*resume it"):
+        pseudo_label.teacher_from_run(str(run), None, None)
+    (run / "weights.pth").write_bytes(teacher.read_bytes())
+    weights = str(run / "weights.pth")
+    assert pseudo_label.teacher_from_run(str(run), None, None) == (weights, "rs26-w0.25", 192)
+    assert pseudo_label.teacher_from_run(weights, None, 64) == (weights, "rs26-w0.25", 64)
+    with pytest.raises(UserError, match=r"--model rs152, but the teacher run .* is a rs26-w0\.25"):
+        pseudo_label.teacher_from_run(str(run), "rs152", None)
+    # a file without a run beside it keeps the documented defaults
+    assert pseudo_label.teacher_from_run(str(teacher), None, None) == (str(teacher), "rs152", 224)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "rs26-w0.25"}, "task": {"name": "pascal_seg"}}))
+    with pytest.raises(UserError, match=r"a teacher is a classifier, and .* is a pascal_seg run"):
+        pseudo_label.teacher_from_run(str(run), None, None)
+    # the wrong architecture: the hint comes before the long list of keys
+    with pytest.raises(UserError, match=r"does not fit model 'rs50' \(give --model the teacher's architecture, or "
+                                        r"--teacher its run folder\): \d+ missing keys"):
+        pseudo_label.load_teacher(str(teacher), "rs50")

@@ -157,7 +157,8 @@ def check_fit(path: str | Path, state_dict: dict, own: dict, what: str = "the mo
     ]
     if missing or unexpected or mismatched or wrong_kind:
         raise WeightsError(
-            f"weights file {path} does not fit {what}: " + _describe(missing, unexpected, mismatched, wrong_kind) + hint
+            # the hint first: the key lists that follow can run to hundreds of characters
+            f"weights file {path} does not fit {what}{hint}: " + _describe(missing, unexpected, mismatched, wrong_kind)
         )
 
 

@@ -75,6 +75,48 @@ class _Images(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), data.describe_error(error)
 
 
+DEFAULT_TEACHER = ("rs152", 224)  # (model, image size) of a teacher file given without its run folder
+
+
+def teacher_from_run(teacher: str, model_name: str | None, image_size: int | None) -> tuple:
+    """(weights file, model name, image size) of `--teacher`: a run folder of a classifier (`pretrain`, or a
+    fine-tuned `folder_cls`/`cifar100`), a `weights.pth` beside its run's config.yaml, or any other weights file.
+
+    From a run, the model and resolution are the run's (model.name; pretraining's data.eval_image_size, else its
+    data.image_size; a transfer task's task.image_size); `--image-size` may still change the resolution, and
+    `--model` must agree with the run. Without a run: `--model`/`--image-size`, defaulting to rs152 at 224.
+    Raises UserError for a run folder without weights.pth, a run that is not a classifier, or a `--model` other
+    than the run's."""
+    from rs_transfer.runs import read_run_config
+    from rs_transfer.engine.summary import run_family
+
+    path = Path(teacher)
+    run_dir = path if path.is_dir() else path.parent
+    if not (run_dir / "config.yaml").is_file() or not (path.is_dir() or path.name == "weights.pth"):
+        return teacher, model_name or DEFAULT_TEACHER[0], image_size or DEFAULT_TEACHER[1]
+    config = read_run_config(run_dir)
+    family, task = run_family(config)
+    data_cfg, task_cfg = config.get("data") or {}, config.get("task") or {}
+    if family == "pretrain":
+        run_size = data_cfg.get("eval_image_size") or data_cfg.get("image_size")
+    elif family == "transfer" and isinstance(task_cfg.get("image_size"), int):  # the classification tasks' size
+        run_size = task_cfg["image_size"]
+    else:
+        raise UserError(f"--teacher {teacher}: a teacher is a classifier, and {run_dir} is a "
+                        f"{task or family} run: give a pretrain, folder_cls or cifar100 run, or a weights file")
+    weights = run_dir / "weights.pth"
+    if not weights.is_file():
+        raise UserError(f"--teacher {teacher}: {run_dir} has no weights.pth (the run has not finished: resume it, or "
+                        "give one of its checkpoints as --teacher with --model and --image-size)")
+    run_model = (config.get("model") or {}).get("name")
+    if model_name is not None and model_name != run_model:
+        raise UserError(f"--model {model_name}, but the teacher run {run_dir} is a {run_model}: leave --model out "
+                        "(a run folder gives the model)")
+    size = image_size or run_size
+    log.info("teacher: %s, %s at %d px (from %s)", weights, run_model, size, run_dir / "config.yaml")
+    return str(weights), run_model, size
+
+
 def load_teacher(path: str, model_name: str) -> torch.nn.Module:
     """The teacher, in eval mode: `model_name` with the weights of `path` (a timm or zoo weights file, or a
     `pretrain` checkpoint, EMA preferred), loaded strictly with the classifier size the file holds.
@@ -102,7 +144,7 @@ def load_teacher(path: str, model_name: str) -> torch.nn.Module:
         import timm
 
         model = timm.create_model(model_name, pretrained=False, num_classes=classes)
-    load_strict(model, state, path, what=f"model {model_name!r}", hint=" (give --model)")
+    load_strict(model, state, path, what=f"model {model_name!r}", hint=" (give --model the teacher's architecture, or --teacher its run folder)")
     return model.eval()
 
 
@@ -233,12 +275,14 @@ def _all_complete(out_dir: Path, world: int, count: int, record_size: int) -> bo
 
 def label_images(teacher: str, images: str, out: str, model_name: str = "rs152", image_size: int = 224,
                  batch_size: int = 64, topk: int = 10, threshold: float = 0.3, per_class: int = 0,
-                 num_workers: int = 4, max_batches: int | None = None) -> dict:
+                 num_workers: int | None = None, max_batches: int | None = None) -> dict:
     """Run (or continue) pseudo-labelling; returns meta.json's content once all ranks are complete, else {}.
 
     Raises StoppedBySignal after the current batch when SIGTERM or SIGUSR1 arrives (rerun to continue), and
     FileWriteError naming the folder or file when `out` cannot be written (the labels written before are kept).
     """
+    if num_workers is None:  # more workers than the cores this process may use only makes torch warn
+        num_workers = min(8, len(os.sched_getaffinity(0)))
     _check_settings(threshold=threshold, per_class=per_class, topk=topk, batch_size=batch_size,
                     image_size=image_size, num_workers=num_workers)  # before anything in OUT is touched
     out_dir = make_dir(out, "the pseudo-label folder")

@@ -46,7 +46,7 @@ def build_net(config: VideoConfig) -> ResNet3d:
         # classifier included: keys, shapes and float-ness must fit.
         load_weights(net, model_cfg.weights, new_classifier=False,
                      what=f"the 3D {type(net).__name__} built from the config",
-                     hint="; check model.name, model.num_classes, model.temporal_kernels and model.self_gating")
+                     hint=" (check model.name, model.num_classes, model.temporal_kernels and model.self_gating)")
     return net
 
 
