@@ -155,6 +155,30 @@ def ordered(low_key: str, high_key: str, strict: bool = False):
     return check
 
 
+def _as_typed(value) -> str:
+    """A value as a user types it in an override: true/false, not True/False."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def only_with(switch: str, on, *keys: str):
+    """A relation: `keys` of a section act only when `switch` is `on` (a value, or a tuple of values): one of them
+    set away from its default while the switch is off is a ConfigError, not a silent no-op (say, pseudo-labels
+    given to a run that does not co-train)."""
+    allowed = on if isinstance(on, tuple) else (on,)
+
+    def check(section, prefix: str) -> None:
+        if getattr(section, switch) in allowed:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(section)}
+        for key in keys:
+            if getattr(section, key) != defaults[key]:
+                wanted = " or ".join(_as_typed(v) for v in allowed)
+                raise ConfigError(f"{prefix}{key}={_as_typed(getattr(section, key))} has no effect with "
+                                  f"{prefix}{switch}={_as_typed(getattr(section, switch))}: set {prefix}{switch}="
+                                  f"{wanted} to use it, or leave {prefix}{key} out")
+    return check
+
+
 def validate(config, prefix: str = "") -> None:
     """Check every field of `config` and its sections against its declared ranges, then each section's
     RELATIONS between fields; ConfigError names the key(s)."""

@@ -1,4 +1,5 @@
 from dataclasses import asdict
+import re
 
 import pytest
 
@@ -182,3 +183,17 @@ def test_table5_backbones_are_vanilla_resnets():
         spec = zoo.parse_name(model)
         assert (spec.depth, spec.se, spec.resnet_d) == (152, False, False)
         assert spec.width == (2 if model.endswith("-w2") else 1)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["cotrain.pseudo_labels=/data/pseudo"], "cotrain.pseudo_labels=/data/pseudo has no effect with cotrain.enabled="
+                                             "false: set cotrain.enabled=true"),
+    (["cotrain.targets=hard"], "cotrain.targets=hard has no effect"),
+    (["augment.timm_config=rand-m9"], "augment.timm_config=rand-m9 has no effect with augment.randaugment=tf: set "
+                                      "augment.randaugment=timm"),
+])
+def test_a_key_that_acts_only_with_another_is_refused_without_it(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(PretrainConfig, CONFIGS / "demo.yaml", overrides)
+    switch = {"cotrain": "cotrain.enabled=true", "augment": "augment.randaugment=timm"}[overrides[0].split(".")[0]]
+    load_config(PretrainConfig, CONFIGS / "demo.yaml", [switch, *overrides])  # with its switch it is taken

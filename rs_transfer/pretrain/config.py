@@ -6,7 +6,9 @@ Model, optimiser, schedule, label smoothing and EMA keys are the shared `model.*
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rs_transfer.config import MAX_PIXELS, DataConfig, RunConfig, above, at_least, at_most, checked, fraction, one_of
+from rs_transfer.config import (
+    MAX_PIXELS, DataConfig, RunConfig, above, at_least, at_most, checked, fraction, one_of, only_with,
+)
 
 
 @dataclass
@@ -25,6 +27,8 @@ class PretrainDataConfig(DataConfig):
 
 @dataclass
 class AugmentConfig:
+    RELATIONS = (only_with("randaugment", "timm", "timm_config"),)
+
     # "tf" (official TF behaviour), "timm" (timm's rand_augment_transform) or "none"
     randaugment: str = checked("tf", one_of("tf", "timm", "none"))
     num_layers: int = checked(2, at_least(0))
@@ -34,6 +38,8 @@ class AugmentConfig:
 
 @dataclass
 class CotrainConfig:
+    RELATIONS = (only_with("enabled", True, "pseudo_labels", "data_ratio", "targets"),)
+
     enabled: bool = False
     pseudo_labels: Optional[str] = None  # the --out folder of `rs-transfer pseudo-label`
     data_ratio: float = checked(1.0, above(0))  # Model Garden semantics: int(B * r / (1 + r)) of each batch of B are pseudo-labelled
