@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +98,9 @@ def _onnx(module, example) -> tuple[bytes, Callable]:
     # One self-contained model (the weights inside): ONNX's protobuf limit is 2 GB and the largest zoo network,
     # RS-420, is ~0.8 GB in fp32.
     try:
-        # The exporter prints its progress ("[torch.onnx] Run decompositions...", the optimiser's lines) to stdout,
-        # where `rs-transfer export` prints its one JSON result: send them to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # The exporter prints ~20 lines of progress ("[torch.onnx] Run decompositions...", the optimiser's) to
+        # stdout, where `rs-transfer export` prints its one JSON result: kept, and shown only at debug level.
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
                                         dynamic_shapes=({0: batch},), verbose=False)
             data = program.model_proto.SerializeToString()
@@ -109,6 +108,8 @@ def _onnx(module, example) -> tuple[bytes, Callable]:
         raise ExportError(f"ONNX export needs the export extra (pip install 'rs-transfer[export]'): {error}") from None
     except Exception as error:
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {one_line(error)}") from None
+    finally:
+        log.debug("torch.onnx.export said:\n%s", chatter.getvalue())
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
