@@ -237,15 +237,20 @@ def last_checkpoint_step(folder: Path) -> int | None:
 
 
 def sort_runs(rows: list[dict], by: str = "metric") -> list[dict]:
-    """Rows sorted by metric value (highest first; runs without one last), wall time (longest first; runs without
-    one last) or folder name. Raises UserError for another `by`."""
+    """Rows sorted by metric value, wall time (longest first; runs without one last) or folder name.
+
+    By metric: runs of one family/task and metric together (an mIoU is not ranked against a top-1, nor ImageNet's
+    top-1 against Kinetics'), the groups by name, each highest first with its runs without a value last.
+    Raises UserError for another `by`."""
     if by == "name":
         return sorted(rows, key=lambda row: row["folder"])
     if by not in SORTS:
         raise UserError(f"--sort {by}: expected one of {', '.join(SORTS)}")
-    key = "value" if by == "metric" else "wall_s"
     by_name = sorted(rows, key=lambda row: row["folder"])
-    return sorted(by_name, key=lambda row: (row[key] is None, -(row[key] or 0.0)))
+    if by == "time":
+        return sorted(by_name, key=lambda row: (row["wall_s"] is None, -(row["wall_s"] or 0.0)))
+    return sorted(by_name, key=lambda row: (row["metric"] is None, row["family"] or "", row["task"] or "",
+                                            row["metric"] or "", row["value"] is None, -(row["value"] or 0.0)))
 
 
 def format_runs(rows: list[dict]) -> str:
