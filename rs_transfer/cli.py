@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
     reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
                            "runs or runs/video); table5: the table's folder")
-    reproduce.add_argument("--dry-run", action="store_true", help="ladder tables: list the runs and their configs, run nothing")
+    reproduce.add_argument("--dry-run", action="store_true", help="list the runs (ladder tables: rows and configs; "
+                           "table5: every grid point of every --checkpoint x --data), run nothing")
     reproduce.add_argument("--run", dest="train_missing", action="store_true",
                            help="ladder tables: train the rows that have no result yet (default: collect only)")
     reproduce.add_argument("--repeats", type=whole("--repeats", 1), default=1,
@@ -261,10 +262,18 @@ def run_scale_plan(args) -> int:
         magnitude = "-" if p["randaugment_magnitude"] is None else f"{p['randaugment_magnitude']:g}"
         print(f"{i:>4}  {p['model']:<18}{p['resolution']:>5}{p['epochs']:>7}{p['dropout']:>8g}{magnitude:>5}"
               f"{p['stochastic_depth']:>6g}{p['label_smoothing']:>6g}  {p['config'] or '-'}")
-    if not args.dry_run:
-        print(f"\n{len(points)} points; train them with `rs-transfer scale run --study {args.out} data.root=DIR` "
-              f"(or one per job: --point I)")
+    epochs = sum(p["epochs"] for p in points)
+    by_regime = ", ".join(f"{sum(p['epochs'] == e for p in points)} x {e}" for e in sorted({p["epochs"] for p in points}))
+    print(f"\n{len(points)} points ({by_regime} epochs): {epochs:,} epochs in all, {epochs * IMAGENET_TRAIN:,.3g} "
+          f"training images at ImageNet's {IMAGENET_TRAIN:,} per epoch")
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        print(f"train them with `rs-transfer scale run --study {args.out} data.root=DIR` (or one per job: --point I)")
     return 0
+
+
+IMAGENET_TRAIN = 1_281_167  # ImageNet-1k's training images, the scaling study's dataset
 
 
 def run_scale_run(args) -> int:
@@ -588,7 +597,8 @@ def run_reproduce(args) -> int:
     if args.table == "table5":
         from rs_transfer.reproduce.table5 import run_table5
 
-        run_table5(args.checkpoints, args.data_roots, args.out or "results/table5", args.overrides, args.results)
+        run_table5(args.checkpoints, args.data_roots, args.out or "results/table5", args.overrides, args.results,
+                   dry_run=args.dry_run)
     else:
         from rs_transfer.reproduce import run_ladder
 

@@ -48,3 +48,10 @@ def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
     stamp = (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns
     table5.run_table5(*args, **grid)  # a second call resumes: the finished point is not trained again
     assert (run / "lr0.04_steps6" / "final_metrics.json").stat().st_mtime_ns == stamp
+    # --dry-run lists every run of the grid (the finished one said so) and writes nothing
+    dry_args = (args[0], [*args[1], f"pascal_seg={tmp_path / 'voc'}"], tmp_path / "t5", args[3])
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "t5").rglob("*"))
+    plan = table5.run_table5(*dry_args, learning_rates=[0.04, 0.1], steps=[6, 12], dry_run=True)["runs"]
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "t5").rglob("*")) == before
+    assert len(plan) == 8 and {r["task"] for r in plan} == {"cifar100", "pascal_seg"}
+    assert [r["folder"] for r in plan if r["finished"]] == [str(run / "lr0.04_steps6")]

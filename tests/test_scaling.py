@@ -90,6 +90,15 @@ def test_plan_json_is_the_stable_interface(tmp_path, monkeypatch, capsys):
     assert all(p["config"] is None for p in json.loads(capsys.readouterr().out))
 
 
+def test_plan_dry_run_says_the_totals_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["scale", "plan", "--depths", "26,50", "--widths", "0.5", "--resolutions", "128,160",
+                     "--epochs", "10,100", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 points (4 x 10, 4 x 100 epochs): 440 epochs in all, 5.64e+08 training images" in out
+    assert "dry run: nothing written" in out and not any(tmp_path.iterdir())
+
+
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert cli.main(["scale", "plan", "--depths", "51", "--dry-run"]) == 2
     assert "--depths 51" in capsys.readouterr().err

@@ -16,12 +16,14 @@ from rs_transfer.reproduce.common import write_table
 
 
 def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), results=(), config_path=None,
-               learning_rates=None, steps=None) -> dict:
+               learning_rates=None, steps=None, dry_run: bool = False) -> dict:
     """Sweep every checkpoint on every task that has a data root, then write Table 5 from them (and `results`).
 
     checkpoints: "LABEL=BACKBONE:WEIGHTS" items (e.g. "RS-152=rs152:rs152.pth"; no ":WEIGHTS" = random init);
     data_roots: "TASK=DIR" items, one per task to run. Sweeps go to OUTPUT_DIR/runs/<label>/<task>/; finished grid
-    points are skipped, so running the same command again resumes.
+    points are skipped, so running the same command again resumes. `dry_run`: print every fine-tuning run the
+    command would start (grid point, steps, folder, finished or not) and return {"runs": [...]}; nothing is
+    trained or written.
     """
     roots = {}
     for item in data_roots:
@@ -31,7 +33,7 @@ def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), re
         roots[task] = root
     if checkpoints and not roots:
         raise UserError("--checkpoint needs at least one --data TASK=DIR: the tasks to fine-tune on")
-    collected = list(results)
+    collected, planned = list(results), []
     for item in checkpoints:
         label, sep, spec = item.partition("=")
         backbone, _, weights = spec.partition(":")
@@ -39,12 +41,37 @@ def run_table5(checkpoints: list, data_roots: list, output_dir, overrides=(), re
             raise UserError(f"bad --checkpoint {item!r}: expected LABEL=BACKBONE:WEIGHTS, e.g. RS-152=rs152:rs152.pth")
         for task, root in roots.items():
             folder = Path(output_dir) / "runs" / re.sub(r"[^A-Za-z0-9._-]+", "_", label) / task
+            if dry_run:
+                for lr, length in protocol.grid(task, learning_rates, steps):
+                    point = folder / protocol.point_name(lr, length)
+                    planned.append({"label": label, "task": task, "backbone": backbone, "weights": weights or None,
+                                    "lr": lr, "steps": length, "folder": str(point),
+                                    "finished": (point / "final_metrics.json").is_file()})
+                continue
             sweep(task, backbone, weights or None, config_path, [*overrides, string_override("data.root", root), string_override("output_dir", folder)],
                   learning_rates=learning_rates, steps=steps)
             collected.append(f"{label}:{task}={folder}")
+    if dry_run:
+        _print_plan(planned)
+        return {"runs": planned}
     if not collected:
         raise UserError("nothing to put in Table 5: give --checkpoint with --data, or --result")
     return reproduce_table5(collected, output_dir)
+
+
+def _print_plan(planned: list) -> None:
+    """`reproduce table5 --dry-run`: one line per fine-tuning run, then the totals."""
+    if not planned:
+        print("nothing to run: give --checkpoint LABEL=BACKBONE:WEIGHTS with --data TASK=DIR")
+        return
+    print(f"{'label':<12}{'task':<12}{'backbone':<12}{'lr':>8}{'steps':>8}  status      folder")
+    for run in planned:
+        status = "finished" if run["finished"] else "to run"
+        print(f"{run['label']:<12}{run['task']:<12}{run['backbone']:<12}{run['lr']:>8g}{run['steps']:>8}  "
+              f"{status:<10}  {run['folder']}")
+    left = [run for run in planned if not run["finished"]]
+    print(f"\n{len(planned)} fine-tuning runs, {len(left)} to run ({sum(run['steps'] for run in left)} training steps); "
+          "dry run: nothing trained or written")
 
 
 def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dict:
