@@ -74,8 +74,12 @@ def tensorboard_pictures(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_cifar100_end_to_end(tmp_path):
+def test_cifar100_end_to_end(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rs_transfer")
     metrics = run_demo("cifar100", tmp_path, "train.steps=100")
+    # the log names the dataset's folder, not the staging folder it is written into first
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("writing a synthetic")]
+    assert len(said) == 1 and said[0].endswith(f" val images) to {tmp_path / 'data'}"), said
     assert metrics["top1"] > 0.6  # 10 classes used, equally many images each: chance 0.1
     # The engine's weights.pth is the network alone: it loads strictly, classifier included, into the zoo model.
     from rs_transfer.models import create_model

@@ -69,9 +69,11 @@ def _owners(message: str, task: str) -> str:
     return f" (task.{found.group(1)} is a key of {', '.join(owners)}, not of {task})" if owners else ""
 
 
-def write_synthetic(task: str, root, images: int) -> Path:
+def write_synthetic(task: str, root, images: int, shown_as=None) -> Path:
+    """Task `task`'s tiny dataset of `images` training images (and a quarter as many for validation) in `root`;
+    the log names `shown_as` (where it will be: `write_once` writes into a staging folder first) or `root`."""
     val = max(images // 4, 2)
-    log.info("writing a synthetic %s dataset (%d train, %d val images) to %s", task, images, val, root)
+    log.info("writing a synthetic %s dataset (%d train, %d val images) to %s", task, images, val, shown_as or root)
     return registry.get(task).write_synthetic(root, images, val)
 
 
@@ -97,7 +99,7 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     if synthetic:
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
         # A folder the user filled keeps its data (the loader checks its layout).
-        write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images))
+        write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images, root))
         config.data.root = str(root)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = build_task(config)

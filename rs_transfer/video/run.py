@@ -22,9 +22,7 @@ def run_train(config_path: str, overrides: list) -> dict:
     prepare_root(config)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
-    metrics = train(config, build_task(config))
-    log.info("final: %s", json.dumps(metrics))
-    return metrics
+    return train(config, build_task(config))  # the engine logs the summary; the command prints the JSON once
 
 
 def find_run_config(checkpoint: Path) -> Path:
