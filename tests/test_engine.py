@@ -255,3 +255,18 @@ def test_loader_workers_persist_across_epochs(tmp_path, deterministic):
     train(engine_toy.toy_config(tmp_path / "run", "train.epochs=3", "data.num_workers=2"), task)
     pids = set((tmp_path / "pids.txt").read_text().split())
     assert len(pids) == 2 and str(os.getpid()) not in pids
+
+
+def test_fp16_steps_the_scaler_skips_are_logged_not_a_divergence(tmp_path, caplog):
+    # The loss x1e6 (finite; the LR / 1e6) overflows float16 gradients at any loss scale >= 1: the scaler skips steps
+    # and halves the scale down to 1/8, where steps are taken again. The run goes on (no NonFiniteLossError) and the
+    # log says what happened.
+    caplog.set_level("INFO")
+    task = make_task(loss_gain=1e6)
+    train(toy_config(tmp_path, "train.amp=fp16", "train.lr=1.6e-6", "train.steps=24", "train.epochs=null"), task)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["amp_skipped"], e["loss_scale"]) for e in events if e["kind"] == "train"] == [
+        (4, 4096), (4, 256), (4, 16), (4, 1), (3, 0.125), (0, 0.125)]
+    assert "fp16: 3 step(s) skipped since the last log event and the loss scale fell to 0.125" in caplog.text
+    assert caplog.text.count("the loss scale fell to") == 1  # not at the last event, which skipped none
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())

@@ -1,7 +1,8 @@
 """The one training loop: every task (pretraining, the transfer tasks, video) runs through `train`.
 
-The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
-SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
+The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model under the
+run's autocast (train.amp, resolved by device.resolve_amp), steps SGD (through a GradScaler in fp16) and the LR
+schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
 final.pt (the whole model), weights.pth (the network to export), final_metrics.json and summary.json (metric,
 best step, wall time, images/s; also logged as a table, see summary.py). The same code runs as
 one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a run:
@@ -387,9 +388,10 @@ class Trainer:
         if not self.scaler.is_enabled():
             return {}
         scale = self.scaler.get_scale()
-        if scale < 1 and self.main:
-            log.warning("fp16: the loss scale fell to %g: gradients overflow float16 even unscaled, and those steps "
-                        "are skipped (no update); train.amp=bf16 or none avoids this", scale)
+        if scale < 1 and self.amp_skipped and self.main:
+            log.warning("fp16: %d step(s) skipped since the last log event and the loss scale fell to %g: gradients "
+                        "overflow float16 even unscaled, and such steps make no update; train.amp=bf16 or none "
+                        "avoids this", self.amp_skipped, scale)
         record, self.amp_skipped = {"amp_skipped": self.amp_skipped, "loss_scale": scale}, 0
         return record
 
