@@ -360,7 +360,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         skipped = not self.optimizer_stepped
-        if norm is not None and not skipped:  # a skipped step's norm is inf or NaN, not a value to average
+        # A skipped step's norm is inf or NaN, not a value to average. Every rank skips the same steps (DDP averages
+        # the gradients, so an overflow on one rank is one on all): all ranks log the same keys.
+        if norm is not None and not skipped:
             self._add("grad_norm", norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self._step_schedule(skipped)
