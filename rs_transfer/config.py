@@ -250,7 +250,7 @@ class TrainConfig:
     ema_decay: Optional[float] = checked(None, fraction())  # e.g. 0.9999; None: no EMA
     ema_warmup: bool = True  # official: decay at step t = min(ema_decay, (1 + t) / (10 + t))
     # Speed: autocast, channels-last memory format, torch.compile.
-    amp: str = checked("auto", one_of("auto", "bf16", "none"))  # "bf16", "none", or "auto": bf16 on GPU, none on CPU (CPU bf16 is often several times slower)
+    amp: str = checked("auto", one_of("auto", "bf16", "fp16", "none"))  # "auto": bf16 on GPUs that have it, fp16 (with a GradScaler) on older ones, none on CPU (CPU bf16 is often several times slower); engine/device.resolve_amp
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (dense tasks with small per-GPU batches)

@@ -84,20 +84,21 @@ class Points(Dataset):
 
 
 class ToyNet(nn.Module):
-    def __init__(self, bn: bool = False, dropout: float = 0.1, nan_at: int | None = None):
+    def __init__(self, bn: bool = False, dropout: float = 0.1, nan_at: int | None = None, loss_gain: float = 1.0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(DIM, 32), nn.BatchNorm1d(32) if bn else nn.Identity(), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(32, CLASSES),
         )
         self.nan_at = nan_at
+        self.loss_gain = loss_gain  # x1000 with train.lr / 1000: the same updates, gradients that overflow fp16
         self.calls = 0
 
     def forward(self, batch):
         x, y = batch
         self.calls += 1
         logits = self.net(x).float()
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y) * self.loss_gain
         if self.nan_at is not None and self.calls >= self.nan_at:
             loss = loss * float("nan")
         return {"loss": loss, "accuracy": (logits.argmax(1) == y).float().mean()}
@@ -117,9 +118,9 @@ def make_evaluate(val_set: Dataset):
 
 def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None,
               kill_with=signal.SIGKILL, nan_at=None, seed: int = 0, term_group_at=None, marker=None,
-              group_signal=signal.SIGTERM) -> Task:
+              group_signal=signal.SIGTERM, loss_gain: float = 1.0) -> Task:
     torch.manual_seed(seed)
-    model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at)
+    model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at, loss_gain=loss_gain)
     val = Points(128, seed=99, noise=0.0)
     train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with, term_group_at=term_group_at,
                        marker=marker, group_signal=group_signal)
@@ -146,6 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bn", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--loss-gain", type=float, default=1.0, help="the loss times this (see ToyNet)")
     args = parser.parse_intermixed_args(argv)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -153,7 +155,7 @@ def main(argv=None) -> None:
     task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
                      kill_with=signal.Signals[args.signal], nan_at=args.nan_at,
                      term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"),
-                     group_signal=signal.Signals[args.group_signal])
+                     group_signal=signal.Signals[args.group_signal], loss_gain=args.loss_gain)
     try:
         train(config, task)
     except StoppedBySignal as stop:  # what the CLI does: one line, the signal's exit code

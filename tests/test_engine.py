@@ -108,7 +108,8 @@ class ConvNet(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["label"])}
 
 
-@pytest.mark.parametrize("amp, autocast, dtype", [("bf16", True, torch.bfloat16), ("auto", False, torch.float32)])
+@pytest.mark.parametrize("amp, autocast, dtype", [("bf16", True, torch.bfloat16), ("fp16", True, torch.float16),
+                                                  ("auto", False, torch.float32)])
 def test_autocast_and_channels_last_on_cpu(tmp_path, amp, autocast, dtype):
     from rs_transfer.engine.distributed import all_reduce_sum
     from rs_transfer.engine.task import Task
@@ -131,11 +132,31 @@ def test_autocast_and_channels_last_on_cpu(tmp_path, amp, autocast, dtype):
     assert metrics["accuracy"] > 0.8  # 3 classes
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(e["grad_norm"] > 0 for e in events if e["kind"] == "train")
+    # The gradient scaler's record: fp16 only (bf16 has float32's exponent range and needs none).
+    assert all(("loss_scale" in e) == (amp == "fp16") for e in events if e["kind"] == "train")
 
 
 def test_unknown_amp_mode_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.amp"):
-        train(toy_config(tmp_path, "train.amp=fp16"), make_task())
+        train(toy_config(tmp_path, "train.amp=fp8"), make_task())
+
+
+@pytest.mark.parametrize("device, native_bf16, expected", [
+    ("cuda", True, ("bf16", "auto: this GPU has bf16")),
+    ("cuda", False, ("fp16", "auto: this GPU has no native bf16")),  # V100, T4: bf16 would only be emulated
+    ("cpu", None, ("none", "auto: float32 on cpu, where autocast is slower")),
+])
+def test_auto_amp_resolves_by_the_gpus_native_bf16(monkeypatch, device, native_bf16, expected):
+    from contextlib import nullcontext
+
+    from rs_transfer.engine.device import resolve_amp
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: asked.append(kw) or native_bf16)
+    assert resolve_amp("auto", torch.device(device)) == expected
+    assert asked == ([{"including_emulation": False}] if device == "cuda" else [])
+    assert resolve_amp("fp16", torch.device(device)) == ("fp16", "train.amp=fp16")
 
 
 def test_checkpoints_of_an_earlier_run_need_resume_or_a_new_output_dir(tmp_path):
@@ -234,3 +255,18 @@ def test_loader_workers_persist_across_epochs(tmp_path, deterministic):
     train(engine_toy.toy_config(tmp_path / "run", "train.epochs=3", "data.num_workers=2"), task)
     pids = set((tmp_path / "pids.txt").read_text().split())
     assert len(pids) == 2 and str(os.getpid()) not in pids
+
+
+def test_fp16_steps_the_scaler_skips_are_logged_not_a_divergence(tmp_path, caplog):
+    # The loss x1e6 (finite; the LR / 1e6) overflows float16 gradients at any loss scale >= 1: the scaler skips steps
+    # and halves the scale down to 1/8, where steps are taken again. The run goes on (no NonFiniteLossError) and the
+    # log says what happened.
+    caplog.set_level("INFO")
+    task = make_task(loss_gain=1e6)
+    train(toy_config(tmp_path, "train.amp=fp16", "train.lr=1.6e-6", "train.steps=24", "train.epochs=null"), task)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["amp_skipped"], e["loss_scale"]) for e in events if e["kind"] == "train"] == [
+        (4, 4096), (4, 256), (4, 16), (4, 1), (3, 0.125), (0, 0.125)]
+    assert "fp16: 3 step(s) skipped since the last log event and the loss scale fell to 0.125" in caplog.text
+    assert caplog.text.count("the loss scale fell to") == 1  # not at the last event, which skipped none
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())

@@ -1,6 +1,7 @@
 """Exact resume after SIGKILL, atomic checkpoint writes, and picking the checkpoint to resume from."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -134,3 +135,47 @@ def test_worker_augmentations_depend_only_on_seed_epoch_and_index():
     assert torch.equal(samples(8, workers=0), whole[8:])  # and in the main process
     different_epoch = SeededSamples(data, seed=0)[(4, 0)][0]
     assert not torch.equal(different_epoch, SeededSamples(data, seed=0)[(3, 0)][0])
+
+
+# CPU autocast computes in float16 in every torch we support (>= 2.9), so this is real fp16 with a GradScaler. The
+# loss x1000 (the LR / 1000: the same updates) overflows float16 gradients at the first loss scales: the scaler skips
+# the first steps (the first one included, which PyTorch's scheduler would warn about) and backs off to 128.
+FP16 = ["train.amp=fp16", "train.lr=0.0016", "--loss-gain", "1000", "train.clip_grad_norm=1000",
+        "train.grad_accum_steps=2", "train.ema_decay=0.9", "--bn"]
+
+
+def test_fp16_run_stopped_and_resumed_ends_bitwise_where_the_uninterrupted_one_does(tmp_path, deterministic, caplog):
+    caplog.set_level("INFO")
+    engine_toy.main([str(tmp_path / "reference"), *FP16])
+    events = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [e["amp_skipped"] for e in events if e["kind"] == "train"]
+    assert skipped[0] == 4 and sum(skipped) < len(skipped) * 4  # all of the first 4 steps skipped, not all steps
+    assert "amp: fp16 (train.amp=fp16)" in caplog.text
+
+    killed = tmp_path / "killed"
+    # SIGTERM while fetching step 6's batch: the run checkpoints step 8 (its next log event) and stops.
+    assert engine_toy.main([str(killed), *FP16, "--kill-at", str(16 * 5 + 3), "--signal", "SIGTERM"]) == 143
+    state = ckpt.load(killed / "checkpoints" / "step_00000008.pt")
+    assert state["scaler"]["scale"] == 256.0 and state["scaler"]["_growth_tracker"] == 0
+    (tmp_path / "float32" / "checkpoints").mkdir(parents=True)
+    shutil.copy(killed / "checkpoints" / "step_00000008.pt", tmp_path / "float32" / "checkpoints")
+    engine_toy.main([str(killed), *FP16, "train.resume=auto"])
+    engine_toy.same_weights(tmp_path / "reference" / "final.pt", killed / "final.pt")
+    assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
+        (tmp_path / "reference" / "final_metrics.json").read_text())
+
+    # A checkpoint without scaler state (from before fp16, or a bf16/float32 run) resumes with a fresh scaler, which
+    # skips steps again: the run ends elsewhere, so the restored state above is what made it exact.
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    del state["scaler"]
+    ckpt.atomic_save(state, old / "checkpoints" / "step_00000008.pt")
+    engine_toy.main([str(old), *FP16, "train.resume=auto"])
+    assert "fp16 starts a fresh scaler, loss scale 65536" in caplog.text
+    reference = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)["model"]
+    fresh = torch.load(old / "final.pt", weights_only=True)["model"]
+    assert not all(torch.equal(value, fresh[key]) for key, value in reference.items())
+    # train.amp may change on resume (a LOCATION_KEY): an fp16 checkpoint resumed in float32 leaves the scaler out.
+    engine_toy.main([str(tmp_path / "float32"), *FP16, "train.amp=none", "train.resume=auto"])
+    assert "was an fp16 run; this run is not, so its gradient scaler state is not used" in caplog.text
+    assert "scaler" not in ckpt.load(tmp_path / "float32" / "checkpoints" / "step_00000032.pt")

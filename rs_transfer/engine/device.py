@@ -1,5 +1,6 @@
-"""Putting a model and its batches on the device: the one batch-to-device, the channels-last memory format, and
-the device a model lives on. The trainer and every evaluator use these.
+"""Putting a model and its batches on the device: the one batch-to-device, the channels-last memory format, the
+device a model lives on, and the precision it computes in (`train.amp` resolved once, by `resolve_amp`). The trainer,
+every evaluator and pseudo-labelling use these.
 """
 
 import torch
@@ -52,3 +53,28 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return device
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """`train.amp` ("auto", "bf16", "fp16" or "none") on `device`: (the precision used, "bf16", "fp16" or "none"; why,
+    for the run's start line).
+
+    `auto` is bf16 on a GPU that computes it natively (compute capability >= 8.0, or ROCm), fp16 on an older GPU
+    (where bf16 is only emulated, and slow), and none on the CPU, where bf16 autocast was measured about 4x slower
+    than float32 (docs/engine.md). `torch.cuda.is_bf16_supported()` counts emulation as support unless told not to.
+    """
+    if amp != "auto":
+        return amp, f"train.amp={amp}"
+    if device.type != "cuda":
+        return "none", f"auto: float32 on {device.type}, where autocast is slower"
+    with torch.cuda.device(device):
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return ("bf16", "auto: this GPU has bf16") if native else ("fp16", "auto: this GPU has no native bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a resolved precision (`resolve_amp`); "none" is a disabled one (float32)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision), enabled=precision != "none")

@@ -37,9 +37,13 @@ class Progress:
     train_s: float = 0.0
 
 
-def training_state(model, ema, optimizer, scheduler, progress: Progress, batch_size: int, config: dict,
+def training_state(model, ema, optimizer, scheduler, scaler, progress: Progress, batch_size: int, config: dict,
                    eval_pending: bool = False) -> dict:
-    """The checkpoint of a run at `progress` (called on every rank: each rank's RNG states are gathered)."""
+    """The checkpoint of a run at `progress` (called on every rank: each rank's RNG states are gathered).
+
+    `scaler` is the run's torch.amp.GradScaler; its state (loss scale, growth tracker) is saved when it is enabled
+    (train.amp resolved to fp16), so a resumed fp16 run scales and skips as the uninterrupted one would.
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -60,6 +64,8 @@ def training_state(model, ema, optimizer, scheduler, progress: Progress, batch_s
     }
     if ema is not None:
         state["ema"] = ema.module.state_dict()
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     return state
 
 
@@ -74,8 +80,13 @@ def pick_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path | None, str | 
         return None, str(error)
 
 
-def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, scheduler) -> Progress:
-    """Load checkpoint `path` into the run's objects and this rank's RNGs; CheckpointError when it does not fit."""
+def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, scheduler, scaler) -> Progress:
+    """Load checkpoint `path` into the run's objects and this rank's RNGs; CheckpointError when it does not fit.
+
+    train.amp may change on resume: a run that is fp16 now and whose checkpoint has no scaler state (a bf16 or
+    float32 run, or one from before fp16 existed) starts a fresh GradScaler; a checkpoint's scaler state is
+    dropped when the run is no longer fp16.
+    """
     state = ckpt.load_training(path)
     if state["batch_size"] != config.train.batch_size:
         raise ckpt.CheckpointError(
@@ -92,6 +103,7 @@ def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, sche
             ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _restore_scaler(scaler, state.get("scaler"), path)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run's model: {one_line(error)}") from None
     rngs = state["rng"]
@@ -108,6 +120,16 @@ def restore(path, config: RunConfig, info: DistInfo, model, ema, optimizer, sche
                     best=state["best"], best_step=state.get("best_step"), metrics=state["metrics"],
                     metrics_step=state.get("metrics_step", fallback_step), eval_pending=state.get("eval_pending", False),
                     wall_s=state.get("wall_s", 0.0), train_s=state.get("train_s", 0.0))
+
+
+def _restore_scaler(scaler, saved: dict | None, path) -> None:
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled():
+        log.info("checkpoint %s has no gradient scaler state (not an fp16 run): fp16 starts a fresh scaler, loss "
+                 "scale %g", path, scaler.get_scale())
+    elif saved:
+        log.info("checkpoint %s was an fp16 run; this run is not, so its gradient scaler state is not used", path)
 
 
 def check_resumable(saved: dict, current: dict, path, defaults: dict | None = None) -> None:

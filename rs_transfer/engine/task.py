@@ -39,8 +39,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   returns an iterable of batches of `batch_size` samples, in the order of `keys`, a sequence of (epoch, index)
   that the engine fills in before each iteration (its length and start change on resume); the batch loader must
   read key i on demand, never hold them all. Samples keep their augmentation per key, as the engine's loader does.
-- `evaluate` runs under `torch.no_grad()` and the run's autocast (`train.amp`; bf16 on GPU by default): cast outputs
-  with `.float()` before accumulating statistics.
+- `evaluate` runs under `torch.no_grad()` and the run's autocast (`train.amp`; bf16 or fp16 on GPU by default): cast
+  outputs with `.float()` before accumulating statistics.
 """
 
 from dataclasses import dataclass

@@ -1,7 +1,8 @@
 """The one training loop: every task (pretraining, the transfer tasks, video) runs through `train`.
 
-The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model, steps
-SGD and the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
+The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model under the
+run's autocast (train.amp, resolved by device.resolve_amp), steps SGD (through a GradScaler in fp16) and the LR
+schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
 final.pt (the whole model), weights.pth (the network to export), final_metrics.json and summary.json (metric,
 best step, wall time, images/s; also logged as a table, see summary.py). The same code runs as
 one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a run:
@@ -22,6 +23,7 @@ uninterrupted run (tests/test_engine_resume.py).
 import logging
 import signal
 import time
+import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from rs_transfer.config import ConfigError, RunConfig, to_dict
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine import resume
-from rs_transfer.engine.device import to_channels_last, to_device
+from rs_transfer.engine.device import autocast, resolve_amp, to_channels_last, to_device
 from rs_transfer.engine.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -100,6 +102,9 @@ class Trainer:
         info = self.info = init_distributed(tc.device)
         self.micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
         self.main = info.rank == 0
+        self.precision, why = resolve_amp(tc.amp, info.device)
+        if self.main:
+            log.info("amp: %s (%s)", self.precision, why)
         seed_everything(config.seed + info.rank)
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
@@ -137,9 +142,17 @@ class Trainer:
         self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
+        # fp16 only (torch.amp docs, "Gradient Scaling"): its 5-bit exponent flushes small gradients to zero, so the
+        # loss is scaled up, and a step whose gradients overflow is skipped. bf16 has float32's range. A disabled
+        # scaler passes everything through, so bf16 and float32 runs take exactly the steps they took without it.
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.optimizer.register_step_post_hook(self._note_optimizer_step)
+        self.optimizer_stepped = False  # set by the hook: the scaler called optimizer.step (did not skip it)
+        self.amp_skipped = 0  # optimizer steps the scaler skipped since the last log event
         self.progress = resume.Progress()
         if resume_from is not None:
-            self.progress = resume.restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler)
+            self.progress = resume.restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler,
+                                           self.scaler)
             if self.main:
                 log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
                          self.progress.epoch, self.progress.step_in_epoch)
@@ -165,8 +178,10 @@ class Trainer:
         self.nonfinite = torch.zeros((), device=info.device)
         self.signalled: str | None = None  # the name of a stop signal this process received
         self.stop_requested = False  # some process received one (agreed at the last log event)
-        self.sums: dict[str, torch.Tensor] = {}  # the model's logged values, summed over micro-batches
-        self.micro_count = 0
+        # The model's logged values summed over micro-batches (grad_norm over the steps the optimizer took), and
+        # how many went into each sum: a log event's value is their mean.
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.tic, self.tic_step, self.paused = time.perf_counter(), self.progress.step, 0.0
         # This segment's clock (a resumed run adds it to the checkpoint's times, see _clock): started here, and
         # the seconds of it spent evaluating and writing checkpoints.
@@ -301,9 +316,14 @@ class Trainer:
         )
 
     def _autocast(self):
-        device = self.info.device.type
-        enabled = self.tc.amp == "bf16" or (self.tc.amp == "auto" and device == "cuda")
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.precision, self.info.device)
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _note_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.optimizer_stepped = True
 
     def _step(self, batches) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the LR it used."""
@@ -326,35 +346,68 @@ class Trainer:
                 loss = outputs["loss"]
                 if loss.ndim != 0:
                     raise ValueError(f"the model's 'loss' must be a scalar, got shape {tuple(loss.shape)}")
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()  # fp16: scaled up, so small gradients stay nonzero
             self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(loss.detach())).float())
             for key, value in outputs.items():
                 if torch.is_tensor(value) and value.ndim == 0:
-                    self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
-            self.micro_count += 1
+                    self._add(key, value)
+        norm = None
         if self.tc.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_grad_norm)
-            # Logged like the model's values, which are summed per micro-batch and divided by their count.
-            self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + norm.detach().float() * accum
-        self.optimizer.step()
+        self.optimizer_stepped = False
+        self.scaler.step(self.optimizer)  # fp16: skipped (no update) when a gradient is inf or NaN
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        skipped = not self.optimizer_stepped
+        # A skipped step's norm is inf or NaN, not a value to average. Every rank skips the same steps (DDP averages
+        # the gradients, so an overflow on one rank is one on all): all ranks log the same keys.
+        if norm is not None and not skipped:
+            self._add("grad_norm", norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        self._step_schedule(skipped)
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step + 1)
         return lr
 
+    def _step_schedule(self, skipped: bool) -> None:
+        """Advance the LR schedule by one step, also past a step the fp16 scaler skipped: the LR stays a function of
+        the step, as the schedule and exact resume assume. PyTorch warns ("Detected call of lr_scheduler.step()
+        before optimizer.step()") when a scheduler's first step comes before any optimizer step: that is a
+        skipped first fp16 step (the first loss scale, 2^16, often overflows), not the call order it warns about."""
+        if not skipped:
+            self.scheduler.step()
+            return
+        self.amp_skipped += 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                                    UserWarning)
+            self.scheduler.step()
+
+    def _amp_record(self) -> dict:
+        """fp16 runs: the steps the scaler skipped since the last log event and its loss scale now (the same on every
+        rank: DDP averages the gradients, so an overflow on one rank is an overflow on all)."""
+        if not self.scaler.is_enabled():
+            return {}
+        scale = self.scaler.get_scale()
+        if scale < 1 and self.amp_skipped and self.main:
+            log.warning("fp16: %d step(s) skipped since the last log event and the loss scale fell to %g: gradients "
+                        "overflow float16 even unscaled, and such steps make no update; train.amp=bf16 or none "
+                        "avoids this", self.amp_skipped, scale)
+        record, self.amp_skipped = {"amp_skipped": self.amp_skipped, "loss_scale": scale}, 0
+        return record
+
     def _log(self, lr: float) -> None:
         self._check_flags()
-        means = {k: v / self.micro_count for k, v in self.sums.items()}
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
         reduced = all_reduce_sum(torch.stack(list(means.values()))) / self.info.world_size if means else []
         now = time.perf_counter()
         seconds = max(now - self.tic - self.paused, 1e-9)  # evaluation and checkpoint time left out
         record = {"step": self.progress.step, "epoch": round(self.progress.step / self.steps_per_epoch, 4),
-                  "lr": lr, **{k: float(v) for k, v in zip(means, reduced)},
+                  "lr": lr, **{k: float(v) for k, v in zip(means, reduced)}, **self._amp_record(),
                   "images_per_s": round((self.progress.step - self.tic_step) * self.tc.batch_size / seconds, 2)}
         self.logger.train(record)
-        self.sums, self.micro_count = {}, 0
+        self.sums, self.counts = {}, {}
         self.tic, self.tic_step, self.paused = now, self.progress.step, 0.0
 
     def _eval_due(self, last: bool) -> bool:
@@ -436,8 +489,8 @@ class Trainer:
         self._check_flags()
         started = time.perf_counter()
         self._clock()
-        state = resume.training_state(self.model, self.ema, self.optimizer, self.scheduler, self.progress,
-                                      self.tc.batch_size, self.resolved, eval_pending)
+        state = resume.training_state(self.model, self.ema, self.optimizer, self.scheduler, self.scaler,
+                                      self.progress, self.tc.batch_size, self.resolved, eval_pending)
         path = ckpt.step_path(self.ckpt_dir, self.progress.step)
         if self.main:
             ckpt.save_step(state, path, best, self.tc.keep_last)

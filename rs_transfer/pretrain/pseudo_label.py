@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rs_transfer.engine import distributed
+from rs_transfer.engine.device import autocast, resolve_amp
 from rs_transfer.engine.loader import Loader, stop_signals_recorded
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json, make_dir
@@ -306,6 +307,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 raise UserError(f"teacher {teacher} predicts {model.num_classes} classes, the labels so far in "
                                 f"{path} {header['num_classes']}: resume with the same teacher or use a new --out")
             normalize = Normalize().to(device)  # the loader ships uint8 images
+            precision, _ = resolve_amp("auto", device)  # what a training run's train.amp=auto computes in
             dataset = _Images(items, transforms.eval_transform(image_size), range(mine.start + done, mine.stop))
             loader = Loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
             log.info("rank %d: %d of %d images already labelled in %s", rank, done, len(mine), path)
@@ -314,7 +316,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                 for step, (batch, errors) in enumerate(loader):
                     if max_batches is not None and step >= max_batches:
                         break
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    with autocast(precision, device):
                         logits = model(normalize(batch.to(device, non_blocking=True)))
                     top_p, top_i = logits.float().softmax(dim=1).topk(max(header["k"], 1), dim=1)
                     records = _records(mine.start + written, top_p.cpu().numpy(), top_i.cpu().numpy(), errors, dtype)
