@@ -107,7 +107,7 @@ def weights_file(folder: Path, checkpoint: str | None) -> Path:
 
 def output_path(folder: Path, out: str | None, settings: dict) -> Path:
     """Where the JSON goes: `out` (a file, or an existing folder to hold the default name), else RUN/eval/<UTC
-    time>-<hash of the settings>.json with -2, -3, ... added when that name is taken, so no earlier evaluation is
+    time>-<hash of `settings` (the evaluation keys, the data, the weights)>.json with -2, -3, ... added when that name is taken, so no earlier evaluation is
     overwritten. Raises UserError for an `out` that is one of the run's own files (final_metrics.json, ...)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -144,14 +144,27 @@ def run_commit(folder: Path) -> str | None:
     return commit.strip() if marker and commit.strip() else None
 
 
-def autocast_dtype(amp: str, device):
-    """The autocast dtype of train.amp on `device`, None for full precision: the engine's rule (trainer._autocast:
-    bf16, or auto = bf16 on CUDA and none on CPU)."""
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}  # train.amp value -> torch autocast dtype
+
+
+def precision(amp: str, device) -> str:
+    """What train.amp means on `device`: "bf16", "fp16" or "fp32" (no autocast). The engine's rule
+    (trainer._autocast): auto = bf16 on CUDA, none on CPU."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return amp if amp in PRECISIONS else "fp32"
+
+
+def evaluated_as_the_engine_does(evaluate, model, device, amp: str) -> dict:
+    """evaluate(model) in eval mode, under no_grad and train.amp's autocast, as trainer._in_eval_mode calls it;
+    the metrics as Python floats."""
     import torch
 
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = PRECISIONS.get(precision(amp, device))
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
+    with torch.no_grad(), autocast:
+        return {key: float(value) for key, value in evaluate(model).items()}
 
 
 def evaluation_settings(config) -> dict:
@@ -162,13 +175,40 @@ def evaluation_settings(config) -> dict:
     return {key: flat[key] for key in sorted(EVAL_KEYS | EVAL_DATA_KEYS) if key in flat}
 
 
+def task_with_weights(config, family: str, task_name: str | None, weights: Path, device):
+    """The family's Task for `config` (its build: datasets, model, evaluator) with `weights` loaded strictly into
+    the model's exported network, on `device`, as the run had it at its end. Raises the build's errors (DataError
+    for missing data), WeightsError for weights that do not fit."""
+    from rs_transfer.engine.device import to_channels_last
+    from rs_transfer.engine.distributed import seed_everything
+    from rs_transfer.engine.task import exported_network
+    from rs_transfer.models.weights import load_strict, read_state_dict
+    from rs_transfer.runs import family_build
+
+    # The network comes from the weights file: the starting weights the run was given are neither needed nor read.
+    config.model.weights = None
+    if hasattr(config.model, "inflate_from"):
+        config.model.inflate_from = None
+    if getattr(config.data, "synthetic", False):  # a demo run's data are where it wrote them; --data never gets any
+        config.data.synthetic = False
+    seed_everything(config.seed)  # as the training command, before the task is built
+    task = family_build(family, task_name)(config)
+    load_strict(exported_network(task.model), read_state_dict(weights), weights,
+                what=f"the {task_name or family} model of the run's config.yaml")
+    task.model.to(device)
+    if config.train.channels_last:  # as the run evaluated it (the trainer converts the model)
+        to_channels_last(task.model)
+    return task
+
+
 def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str | None = None,
                  out: str | None = None) -> dict:
     """Evaluate the finished run in `run_dir` (module docstring). data: a folder in the run's data layout (the same
     as data.root=DATA, applied after `overrides`); checkpoint: weights to use instead of RUN/weights.pth; out: the
     JSON file or a folder for it.
 
-    Returns {"record": what the JSON holds, "path": where rank 0 wrote it (None on other ranks)}. The record:
+    Returns {"record": what the JSON holds (other ranks: the metrics alone), "path": where rank 0 wrote it (None on
+    other ranks)}. The record:
     metrics, primary_metric, run, family, task, weights ({path, bytes, sha256, modified}), data_root, settings
     (every evaluation key with its value), overrides, world_size, device, precision, date, version, git_commit
     (now) and run_git_commit (the run's config.yaml).
@@ -176,16 +216,11 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     --resume), ConfigError / UserError for a bad or non-evaluation override, the task's own DataError for
     missing or malformed data, WeightsError for weights that do not fit, FileWriteError when the JSON cannot be
     written."""
-    import torch
-
     import rs_transfer
     from rs_transfer.config import git_commit, string_override
-    from rs_transfer.engine.device import to_channels_last
-    from rs_transfer.engine.distributed import init_distributed, seed_everything
-    from rs_transfer.engine.task import exported_network
+    from rs_transfer.engine.distributed import init_distributed
     from rs_transfer.files import atomic_write_json, make_dir
-    from rs_transfer.models.weights import load_strict, read_state_dict
-    from rs_transfer.runs import family_build, family_parts, run_kind
+    from rs_transfer.runs import family_parts, run_kind
 
     folder = Path(run_dir)
     family, task_name = run_kind(folder)
@@ -193,40 +228,25 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     overrides = [*overrides, *([string_override("data.root", data)] if data is not None else [])]
     config = load_eval_config(folder, family_parts(family, task_name)[0], overrides)
     settings = evaluation_settings(config)
-    path = output_path(folder, out, settings)  # before the (long) evaluation: a bad --out fails at once
-    # The network comes from the weights file: the starting weights the run was given are neither needed nor read.
-    config.model.weights = None
-    if hasattr(config.model, "inflate_from"):
-        config.model.inflate_from = None
-    if getattr(config.data, "synthetic", False):  # a demo run's data are where it wrote them; --data never gets any
-        config.data.synthetic = False
+    # before the (long) evaluation, so that a bad --out fails at once
+    path = output_path(folder, out, {"settings": settings, "data": config.data.root, "weights": str(weights)})
     info = init_distributed(config.train.device)
-    seed_everything(config.seed)  # as the training command, before the task is built
-    task = family_build(family, task_name)(config)
-    model = task.model
-    load_strict(exported_network(model), read_state_dict(weights), weights,
-                what=f"the {task_name or family} model of {folder / 'config.yaml'}")
-    model.to(info.device)
-    if config.train.channels_last:  # as the run evaluated it (the trainer converts the model)
-        to_channels_last(model)
-    model.eval()
+    task = task_with_weights(config, family, task_name, weights, info.device)
     # What the engine reports at the end of a run (trainer.run): Task.report under train.report_best, else evaluate.
     evaluate = task.report if config.train.report_best and task.report is not None else task.evaluate
-    dtype = autocast_dtype(config.train.amp, info.device)
-    with torch.no_grad(), torch.autocast(info.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        metrics = {key: float(value) for key, value in evaluate(model).items()}
+    metrics = evaluated_as_the_engine_does(evaluate, task.model, info.device, config.train.amp)
+    if info.rank != 0:
+        return {"record": {"metrics": metrics}, "path": None}
     record = {
         "metrics": metrics, "primary_metric": task.primary_metric,
         "run": str(folder.resolve()), "family": family, "task": task_name,
         "weights": file_facts(weights), "data_root": config.data.root,
         "settings": settings, "overrides": list(overrides),
         "world_size": info.world_size, "device": str(info.device),
-        "precision": str(dtype).removeprefix("torch.") if dtype is not None else "fp32",
+        "precision": precision(config.train.amp, info.device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": rs_transfer.__version__, "git_commit": git_commit(), "run_git_commit": run_commit(folder),
     }
-    if info.rank != 0:
-        return {"record": record, "path": None}
     log.info("evaluate: %s", json.dumps(metrics))  # logged first: an unwritable folder loses no evaluation
     make_dir(path.parent, "evaluation folder", " (the metrics are in the log line above)")
     atomic_write_json(path, record)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine_toy import CONFIGS
 from rs_transfer.cli import main
@@ -157,3 +158,11 @@ def test_a_demo_runs_data_are_never_generated_for_an_evaluation(runs, capsys, tm
     assert code == 2 and err.startswith("error: video data root not found") and not (tmp_path / "none").exists()
     code, out, err = evaluate(capsys, "--run", run, "data.synthetic=true")
     assert code == 2 and "data.synthetic is not an evaluation setting" in err
+
+
+def test_precision_is_the_engines_rule():
+    from rs_transfer.evaluate import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [precision(amp, cpu) for amp in ("auto", "none", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert [precision(amp, cuda) for amp in ("auto", "none", "bf16")] == ["bf16", "fp32", "bf16"]
