@@ -106,17 +106,16 @@ def weights_file(folder: Path, checkpoint: str | None) -> Path:
 
 
 def output_path(folder: Path, out: str | None, settings: dict) -> Path:
-    """Where the JSON goes: `out` (a file, or an existing folder to hold the default name), else RUN/eval/<UTC
-    time>-<hash of `settings` (the evaluation keys, the data, the weights)>.json with -2, -3, ... added when that name is taken, so no earlier evaluation is
-    overwritten. Raises UserError for an `out` that is one of the run's own files (final_metrics.json, ...)."""
+    """Where the JSON goes: `out` (a file, or an existing folder to hold the default name), else
+    RUN/eval/<UTC time>-<hash of `settings`>.json with -2, -3, ... added when that name is taken, so no earlier
+    evaluation is overwritten. Raises UserError for an `out` inside the run folder that is one of its files
+    (final_metrics.json, ... even before the run wrote it) or any other file there outside RUN/eval."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{stamp}-{digest}"
     if out is not None and not Path(out).is_dir():
         path = Path(out)
-        if path.name in RUN_FILES and path.resolve().parent == folder.resolve():
-            raise UserError(f"--out {out} is a file of the run itself: give another name (evaluate never replaces "
-                            "the run's own files)")
+        check_not_a_run_file(path, folder)
         return path
     parent = Path(out) if out is not None else folder / "eval"
     path, count = parent / f"{name}.json", 1
@@ -124,6 +123,17 @@ def output_path(folder: Path, out: str | None, settings: dict) -> Path:
         count += 1
         path = parent / f"{name}-{count}.json"
     return path
+
+
+def check_not_a_run_file(path: Path, folder: Path) -> None:
+    """Raises UserError when `path` would replace a file of the run in `folder`: one of RUN_FILES directly in it,
+    or an existing file anywhere in it outside RUN/eval (checkpoints, logs)."""
+    path, folder = path.resolve(), folder.resolve()
+    if not path.is_relative_to(folder) or path.is_relative_to(folder / "eval"):
+        return
+    if (path.parent == folder and path.name in RUN_FILES) or path.exists():
+        raise UserError(f"--out {path} is a file of the run itself: give another name (evaluate never replaces "
+                        "the run's own files)")
 
 
 def file_facts(path: Path) -> dict:
@@ -240,7 +250,8 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     record = {
         "metrics": metrics, "primary_metric": task.primary_metric,
         "run": str(folder.resolve()), "family": family, "task": task_name,
-        "weights": file_facts(weights), "data_root": config.data.root,
+        "weights": file_facts(weights),
+        "data_root": str(Path(config.data.root).resolve()) if config.data.root else None,
         "settings": settings, "overrides": list(overrides),
         "world_size": info.world_size, "device": str(info.device),
         "precision": precision(config.train.amp, info.device),

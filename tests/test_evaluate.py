@@ -147,8 +147,9 @@ def test_out_is_a_file_or_a_folder_and_never_one_of_the_runs_files(runs, capsys,
     assert json.loads((tmp_path / "mine.json").read_text())["task"] == "nyu_depth"
     code, out, err = evaluate(capsys, "--run", run, "--out", tmp_path)  # a folder: a new name inside it
     assert code == 0 and Path(out.rstrip().rpartition(": ")[2]).parent == tmp_path
-    code, out, err = evaluate(capsys, "--run", run, "--out", run / "final_metrics.json")
-    assert code == 2 and "is a file of the run itself" in err
+    for own in (run / "final_metrics.json", run / "checkpoints" / "best.pt"):
+        code, out, err = evaluate(capsys, "--run", run, "--out", own)
+        assert code == 2 and "is a file of the run itself" in err
     assert (run / "final_metrics.json").read_bytes() == final
 
 
