@@ -2,6 +2,7 @@
 again with its own settings gives its final_metrics.json; overrides take evaluation keys only; --data, --checkpoint,
 --out; the run's own files are never written."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,14 +19,14 @@ TRANSFER_TASKS = ("cifar100", "pascal_seg", "ade_seg", "folder_seg", "nyu_depth"
                   "folder_cls")
 
 
-def train_pretrain(folder: Path) -> Path:
+def train_pretrain(folder: Path, *overrides) -> Path:
     from rs_transfer.pretrain.run import pretrain
     from rs_transfer.pretrain.synthetic import make_folder_dataset
 
     data = make_folder_dataset(folder / "data", num_classes=6, train_per_class=2, val_per_class=2)
     pretrain(str(CONFIGS / "pretrain" / "demo.yaml"), [
         f"data.root={data}", f"output_dir={folder / 'run'}", "train.epochs=null", "train.steps=1",
-        "train.warmup_epochs=0", "data.num_workers=0", "train.batch_size=4", "train.ema_decay=0.5"])
+        "train.warmup_epochs=0", "data.num_workers=0", "train.batch_size=4", "train.ema_decay=0.5", *overrides])
     return folder / "run"
 
 
@@ -49,6 +50,9 @@ def runs(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             if name == "pretrain":
                 trained[name] = train_pretrain(folder)
+            elif name == "pretrain_report_best":  # picked on minival (half of train/), reported on val/
+                trained[name] = train_pretrain(folder, "train.report_best=true", "data.eval_split=minival",
+                                               "data.minival_fraction=0.5")
             elif name == "video":
                 trained[name] = train_video(folder)
             else:
@@ -88,7 +92,23 @@ def test_re_evaluating_a_run_with_its_own_settings_gives_its_final_metrics(name,
     assert record["data_root"] == config["data.root"]
     assert (record["world_size"], record["device"], record["precision"]) == (1, "cpu", "fp32")
     assert record["weights"]["path"] == str((run / "weights.pth").resolve())
+    assert record["weights"]["sha256"] == hashlib.sha256((run / "weights.pth").read_bytes()).hexdigest()
     assert record["run_git_commit"] and record["git_commit"]
+
+
+def test_report_best_runs_are_re_evaluated_by_their_report_evaluator(runs, capsys):
+    run = runs("pretrain_report_best")
+    code, out, err = evaluate(capsys, "--run", run)
+    assert code == 0, err
+    assert written(out)["metrics"] == pytest.approx(json.loads((run / "final_metrics.json").read_text()), rel=1e-6)
+    # without report_best, the evaluator that picked the checkpoint: minival, as the run's last evaluation event
+    code, out, err = evaluate(capsys, "--run", run, "train.report_best=false")
+    assert code == 0, err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [event for event in events if event["kind"] == "eval"][-1]
+    record = written(out)
+    assert record["metrics"] == pytest.approx({key: last[key] for key in record["metrics"]}, rel=1e-6)
+    assert record["settings"]["train.report_best"] is False and record["settings"]["data.eval_split"] == "minival"
 
 
 def test_overrides_take_evaluation_settings_only_and_each_evaluation_gets_a_new_file(runs, capsys):
