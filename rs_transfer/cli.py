@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default RUN/export/model.onnx|.ts|.pt2)")
     export.set_defaults(run=run_export)
 
+    from rs_transfer.evaluate import add_command as add_evaluate  # stdlib imports only: --help stays fast
+
+    add_evaluate(commands)
+
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
     reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "

@@ -40,6 +40,24 @@ def family_parts(family: str, task: str | None) -> tuple:
     raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
 
 
+def family_build(family: str, task: str | None):
+    """build(config) -> the family's engine Task (datasets, model, evaluator): what its training command builds,
+    so `evaluate` measures exactly what the run measured."""
+    if family == "transfer":
+        from rs_transfer.downstream import registry
+
+        return registry.get(task).build
+    if family == "pretrain":
+        from rs_transfer.pretrain.task import build_task
+
+        return build_task
+    if family == "video":
+        from rs_transfer.video.task import build_task
+
+        return build_task
+    raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+
+
 @dataclass
 class Run:
     folder: Path
@@ -67,6 +85,16 @@ def read_run_config(folder: Path) -> dict:
     return config
 
 
+def run_kind(folder: Path) -> tuple:
+    """(family, transfer task name or None) of the run in `folder`, from its config.yaml (engine/summary.run_family).
+    Raises RunError as read_run_config, and for a config of no known family."""
+    family, task = run_family(read_run_config(folder))
+    if family == "other":
+        raise RunError(f"{folder / 'config.yaml'}: the config has no task.name (transfer), augment/cotrain section "
+                       "(pretrain) nor data.clip_frames (video)")
+    return family, task
+
+
 def load_run(run_dir, device="cpu") -> Run:
     """The run in `run_dir`: its family, config and model (eval mode, on `device`) with weights.pth loaded strictly.
 
@@ -82,11 +110,7 @@ def load_run(run_dir, device="cpu") -> Run:
 
     folder = Path(run_dir)
     config_path = folder / "config.yaml"
-    saved = read_run_config(folder)
-    family, task = run_family(saved)
-    if family == "other":
-        raise RunError(f"{config_path}: the config has no task.name (transfer), augment/cotrain section (pretrain) "
-                       "nor data.clip_frames (video)")
+    family, task = run_kind(folder)
     weights = folder / "weights.pth"
     if not weights.is_file():
         raise RunError(f"{folder} has no weights.pth: the run has not finished (the engine writes it at the end; "
