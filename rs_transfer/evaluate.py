@@ -154,26 +154,15 @@ def run_commit(folder: Path) -> str | None:
     return commit.strip() if marker and commit.strip() else None
 
 
-PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}  # train.amp value -> torch autocast dtype
-
-
-def precision(amp: str, device) -> str:
-    """What train.amp means on `device`: "bf16", "fp16" or "fp32" (no autocast). The engine's rule
-    (trainer._autocast): auto = bf16 on CUDA, none on CPU."""
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return amp if amp in PRECISIONS else "fp32"
-
-
 def evaluated_as_the_engine_does(evaluate, model, device, amp: str) -> dict:
-    """evaluate(model) in eval mode, under no_grad and train.amp's autocast, as trainer._in_eval_mode calls it;
-    the metrics as Python floats."""
+    """evaluate(model) in eval mode, under no_grad and train.amp's autocast (engine.device.resolve_amp, the
+    trainer's one rule), as trainer._in_eval_mode calls it; the metrics as Python floats."""
     import torch
 
-    dtype = PRECISIONS.get(precision(amp, device))
+    from rs_transfer.engine.device import autocast, resolve_amp
+
     model.eval()
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(resolve_amp(amp, device)[0], device):
         return {key: float(value) for key, value in evaluate(model).items()}
 
 
@@ -228,6 +217,7 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     written."""
     import rs_transfer
     from rs_transfer.config import git_commit, string_override
+    from rs_transfer.engine.device import resolve_amp
     from rs_transfer.engine.distributed import init_distributed
     from rs_transfer.files import atomic_write_json, make_dir
     from rs_transfer.runs import family_parts, run_kind
@@ -254,7 +244,7 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
         "data_root": str(Path(config.data.root).resolve()) if config.data.root else None,
         "settings": settings, "overrides": list(overrides),
         "world_size": info.world_size, "device": str(info.device),
-        "precision": precision(config.train.amp, info.device),
+        "precision": resolve_amp(config.train.amp, info.device)[0],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": rs_transfer.__version__, "git_commit": git_commit(), "run_git_commit": run_commit(folder),
     }

