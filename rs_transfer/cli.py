@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image (video) files, or folders searched recursively")
     predict.add_argument("--out", required=True, help="output folder (predictions.json and the task's files)")
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    predict.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="key=value",
+                         help="evaluation keys to change from the run's config, e.g. task.eval_mode=slide task.tta=flip")
     predict.set_defaults(run=run_predict)
 
     export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
@@ -469,7 +471,7 @@ def run_sweep(args) -> int:
 def run_predict(args) -> int:
     from rs_transfer.predict import predict
 
-    summary = predict(args.run_dir, args.images, args.out, args.device)
+    summary = predict(args.run_dir, args.images, args.out, args.device, args.overrides)
     print(f"{len(summary['predictions'])} predictions ({len(summary['skipped'])} inputs skipped): "
           f"{args.out}/predictions.json")
     return 0

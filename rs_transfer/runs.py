@@ -9,7 +9,7 @@ config) and `weights.pth` (the task model's exported network, engine/task.py: EM
 from dataclasses import dataclass
 from pathlib import Path
 
-from rs_transfer.config import ConfigError, read_yaml
+from rs_transfer.config import EVAL_KEYS, ConfigError, read_yaml
 from rs_transfer.engine.summary import run_family
 from rs_transfer.errors import UserError
 
@@ -95,8 +95,19 @@ def run_kind(folder: Path) -> tuple:
     return family, task
 
 
-def load_run(run_dir, device="cpu") -> Run:
-    """The run in `run_dir`: its family, config and model (eval mode, on `device`) with weights.pth loaded strictly.
+def _eval_overrides(overrides) -> list:
+    """`overrides` when each sets a key of config.EVAL_KEYS; ConfigError naming the first that does not."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in EVAL_KEYS:
+            raise ConfigError(f"{item!r}: a run's model is predicted as trained; only evaluation keys may change "
+                              f"({', '.join(sorted(k for k in EVAL_KEYS if k.startswith('task.')))}, ...)")
+    return list(overrides)
+
+
+def load_run(run_dir, device="cpu", overrides=()) -> Run:
+    """The run in `run_dir`: its family, config (changed by `overrides`, key=value items of config.EVAL_KEYS: how to
+    evaluate, never what was trained) and model (eval mode, on `device`) with weights.pth loaded strictly.
 
     The model is built from the config alone (`build_model`), so the run's training data need not be there.
     Raises RunError for a missing folder, config.yaml or weights.pth, a config of no known family or a task without
@@ -118,7 +129,7 @@ def load_run(run_dir, device="cpu") -> Run:
     schema, build_model, _ = family_parts(family, task)
     if build_model is None:
         raise RunError(f"task {task} declares no build_model (TASK.build_model): its runs cannot be loaded alone")
-    config = load_config(schema, config_path)
+    config = load_config(schema, config_path, _eval_overrides(overrides))
     # The network comes from weights.pth: the starting weights the run was given (model.weights, a 2D checkpoint
     # to inflate) are neither needed nor read.
     config.model.weights = None

@@ -1,10 +1,13 @@
 """Metrics against hand-computed cases: VOC07 11-point AP50, whole-set mIoU with ignore pixels, depth delta."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+
+import dense_eval_toy
 
 from rs_transfer.downstream.metrics import MeanIoU, class_ap, depth_metrics, depth_sums, voc07_ap, voc07_map
 
@@ -102,53 +105,12 @@ def test_metrics_with_nothing_to_measure_raise_instead_of_nan_inf_or_zero():
         voc07_map([("img1", 0, 0.9, [0, 0, 10, 10])], only_difficult, ["cat"])
 
 
-TWO_RANKS = """
-import json, sys
-import torch
-import torch.distributed as dist
-from rs_transfer.downstream.metrics import MeanIoU
-from rs_transfer.engine.distributed import shard
-
-dist.init_process_group("gloo")
-preds, targets = torch.load(sys.argv[1])
-metric = MeanIoU(num_classes=4)
-for index in shard(range(len(preds))):  # 5 images over 2 ranks: uneven shards, as the evaluators have
-    metric.update(preds[index], targets[index])
-result = metric.compute()
-if dist.get_rank() == 0:
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_miou_on_two_gloo_ranks_equals_one_process(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from engine_toy import script_env
-
-    generator = torch.Generator().manual_seed(0)
-    preds = torch.randint(0, 4, (5, 6, 7), generator=generator)
-    targets = torch.randint(0, 4, (5, 6, 7), generator=generator)
-    targets[targets == 3] = 255  # class 3 only predicted, never labelled: IoU 0, in the mean
-    targets[0, :2] = 255
-    torch.save((preds, targets), tmp_path / "data.pt")
-    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "two_ranks.py"), str(tmp_path / "data.pt"), str(tmp_path / "out.json")],
-        env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    single = MeanIoU(num_classes=4)
-    for pred, target in zip(preds, targets):
-        single.update(pred, target)
-    expected = single.compute()
-    assert json.loads((tmp_path / "out.json").read_text()) == pytest.approx(expected)
-    assert expected["iou/3"] == 0.0 and len(expected) == 5
+def test_a_class_only_predicted_has_iou_0_in_the_mean():
+    # Two gloo ranks give these numbers too: test_every_dense_evaluator_gives_one_process_numbers_on_two.
+    metric = MeanIoU(num_classes=4)
+    metric.update(torch.tensor([0, 1, 3, 3]), torch.tensor([0, 1, 1, 255]))
+    expected = metric.compute()
+    assert expected == pytest.approx({"miou": (1 + 0.5 + 0) / 3, "iou/0": 1.0, "iou/1": 0.5, "iou/3": 0.0})
 
 
 SIZES = ((40, 52), (48, 64), (56, 40), (64, 64))  # every validation image of another size, as real sets have
@@ -199,3 +161,44 @@ def test_evaluation_batches_hold_one_image_size_each():
     samples = [{"image": torch.zeros(3, *size), "i": i} for i, size in enumerate([(8, 8), (8, 9), (8, 8), (9, 8)])]
     batches = list(eval_batches(samples, 4, lambda group: [s["i"] for s in group]))
     assert batches == [[0, 2], [1], [3]]
+
+
+@pytest.fixture(scope="module")
+def dense_data(tmp_path_factory):
+    """dense_eval_toy's tiny dataset of every dense task, written once for the tests below."""
+    root = tmp_path_factory.mktemp("dense")
+    dense_eval_toy.write_data(root)
+    return root
+
+
+def _same_result(got: dict, expected: dict) -> None:
+    # To float round-off: a batch of 5 and 5 batches of 1 run other convolution kernels (depth sums moved 1e-10).
+    assert got["metrics"] == pytest.approx(expected["metrics"], rel=1e-6, abs=1e-9)
+    assert got["digest"] == pytest.approx(expected["digest"], rel=1e-6)
+
+
+@pytest.mark.parametrize("case, task, overrides", dense_eval_toy.CASES, ids=[c[0] for c in dense_eval_toy.CASES])
+def test_every_dense_evaluator_gives_batch_1s_numbers_at_batch_8(dense_data, case, task, overrides):
+    # Every dense task (segmentation, depth, detection; windows and TTA too) through its own build and evaluator.
+    one, eight = (dense_eval_toy.evaluate(dense_data, task, overrides, batch) for batch in (1, 8))
+    _same_result(eight, one)
+    assert one["digest"] != 0 and one["metrics"]
+
+
+@pytest.mark.slow  # two torchrun processes that import torch and build eight models
+def test_every_dense_evaluator_gives_one_process_numbers_on_two(dense_data, tmp_path):
+    # One spawn evaluates every case; 5 images split 2 + 3 over the ranks, metrics reduced or gathered, digests summed.
+    import subprocess
+    import sys
+
+    from engine_toy import script_env
+
+    out = tmp_path / "two.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         dense_eval_toy.__file__, str(dense_data), str(out)],
+        env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(out.read_text())
+    for case, task, overrides in dense_eval_toy.CASES:
+        _same_result(two[case], dense_eval_toy.evaluate(dense_data, task, overrides, 8))

@@ -170,3 +170,100 @@ def test_sweep_reuses_a_finished_point_only_if_it_ran_the_same_config(tmp_path, 
     with pytest.raises(finetune.UserError, match=r"lr0.005_steps5000 holds a finished grid point of another config "
                                                  r"\(model.name: 'rs26-w0.25' there, 'rs26-w0.5' now\)"):
         finetune.sweep("pascal_seg", backbone="rs26-w0.5", overrides=[sweep_dir], point=0)
+
+
+def _seg_net():
+    torch.manual_seed(0)
+    return DensePredictor("rs26-w0.25", 3, fpn_channels=16, head_channels=8).eval()
+
+
+def test_mmseg_windows_end_at_the_border_and_a_short_side_is_one_window():
+    from rs_transfer.downstream.dense_inference import window_starts
+
+    # mmseg slide_inference: grids = max(size - crop + stride - 1, 0) // stride + 1, the last window moved back
+    assert window_starts(100, 64, 32) == [0, 32, 36]
+    assert window_starts(128, 64, 64) == [0, 64]
+    assert window_starts(40, 64, 32) == [0]  # smaller than the crop: one window of the image's own size
+
+
+def test_slide_equals_whole_when_the_crop_covers_the_image_and_averages_overlaps():
+    from rs_transfer.downstream.dense_inference import Inference, infer
+
+    net = _seg_net()
+    images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = net(images)
+        assert torch.equal(infer(net, images, Inference("slide", crop=64, stride=32), probabilities=True), whole)
+        # Windows of 32 every 16: rows start at 0, 8 (the last moved back to the border), columns at 0, 16, 24
+        slid = infer(net, images, Inference("slide", crop=32, stride=16), probabilities=True)
+        total, count = torch.zeros_like(whole), torch.zeros(40, 56)
+        for top in (0, 8):
+            for left in (0, 16, 24):
+                total[..., top:top + 32, left:left + 32] += net(images[..., top:top + 32, left:left + 32])
+                count[top:top + 32, left:left + 32] += 1
+    assert count.min() == 1 and count.max() == 6
+    assert not torch.allclose(slid, whole, atol=1e-3)  # the windows do see less context
+    torch.testing.assert_close(slid, total / count)
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_flip_and_exact_on_a_symmetric_input():
+    from rs_transfer.downstream.dense_inference import Inference, infer
+
+    net = _seg_net()
+    images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (net(images).softmax(1) + net(images.flip(-1)).flip(-1).softmax(1)) / 2
+        assert torch.equal(infer(net, images, Inference(tta="flip"), probabilities=True), expected)
+        # ms_flip at the one scale 1.0 is flip TTA
+        assert torch.equal(infer(net, images, Inference(tta="ms_flip", scales=(1.0,)), probabilities=True), expected)
+        ms = infer(net, images, Inference(tta="ms_flip", scales=(0.5, 1.5)), probabilities=True)
+    assert ms.shape == (2, 3, 32, 48) and torch.allclose(ms.sum(1), torch.ones(2, 32, 48))
+    # Depth: a mirror-symmetric image through a per-pixel network gives the same depth with and without flip TTA.
+    symmetric = torch.cat([images[..., :24], images[..., :24].flip(-1)], -1).float()
+    depth = lambda x: x.float().mean(1, keepdim=True) / 25.5 + 0.1  # noqa: E731 (metres, flip equivariant)
+    assert torch.equal(infer(depth, symmetric, Inference(tta="flip"), probabilities=False), depth(symmetric))
+
+
+def test_metric_names_say_how_the_numbers_were_computed():
+    from rs_transfer.downstream import nyu_depth, pascal_seg
+    from rs_transfer.downstream.dense_inference import rename_metrics
+
+    seg, depth = registry.get("pascal_seg"), registry.get("nyu_depth")
+    assert seg.metric_for(pascal_seg.PascalSegSection()) == "miou"  # the default: unchanged
+    assert seg.metric_for(pascal_seg.PascalSegSection(eval_mode="slide")) == "miou_slide"
+    assert seg.metric_for({"eval_mode": "slide", "tta": "ms_flip"}) == "miou_slide_ms_flip"  # a config.yaml's dict
+    assert seg.metric_for({}) == "miou"  # a run written before these keys
+    assert depth.metric_for(nyu_depth.NYUDepthSection(tta="flip")) == "delta1_flip"
+    assert registry.get("pascal_det").metric_for({"tta": "flip"}) == "ap50"  # detection names its own
+    assert rename_metrics({"miou": 1, "iou/cat": 2, "pixels": 3}, "_slide", keep=("pixels",)) == {
+        "miou_slide": 1, "iou_slide/cat": 2, "pixels": 3}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.slide_stride=600", "slide_stride=600 and task.slide_crop=512"),
+    ("task.slide_crop=0", "task.slide_crop=0 makes no sense"),
+    ("task.tta_scales=[]", "task.tta_scales is empty"),
+    ("task.tta_scales=[1.0,-0.5]", "task.tta_scales=.* must be > 0"),
+    ("task.tta=ms", "task.tta='ms' makes no sense here: it must be one of none, flip, ms_flip"),
+    ("task.eval_mode=sliding", "task.eval_mode='sliding' .* one of whole, slide"),
+])
+def test_bad_inference_keys_name_the_key(override, message):
+    from rs_transfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        finetune.make_config("nyu_depth", overrides=[override])
+
+
+def test_a_run_evaluated_in_windows_picks_its_best_checkpoint_by_its_own_metric(tmp_path):
+    from rs_transfer.config import EVAL_KEYS
+    from rs_transfer.downstream import folder_seg
+
+    folder_seg.write_synthetic(tmp_path, 2, 2)
+    config = finetune.make_config("folder_seg", overrides=[
+        f"data.root={tmp_path}", "model.name=rs26-w0.25", "task.fpn_channels=8", "task.head_channels=8",
+        "task.eval_mode=slide", "task.slide_crop=64", "task.slide_stride=48", "data.num_workers=0"])
+    built = registry.get("folder_seg").build(config)
+    metrics = built.evaluate(built.model.eval())
+    assert built.primary_metric == "miou_slide" and built.primary_metric in metrics
+    assert not any(key.startswith("iou/") for key in metrics) and any(k.startswith("iou_slide/") for k in metrics)
+    assert {"task.eval_mode", "task.slide_crop", "task.slide_stride", "task.tta", "task.tta_scales"} <= EVAL_KEYS

@@ -284,3 +284,31 @@ def test_one_predict_per_out_folder_at_a_time(runs, tmp_path):
         with pytest.raises(FolderInUseError, match=rf"--out {tmp_path / 'out'} is in use .*pid {pid}"):
             predict(run, [str(image)], tmp_path / "out")
     assert len(predict(run, [str(image)], tmp_path / "out")["predictions"]) == 1
+
+
+def test_predict_takes_the_evaluation_keys_and_refuses_others(runs, tmp_path, capsys):
+    # `--set task.eval_mode=slide task.tta=flip`: the depth written is dense_inference's, as the evaluator computes it
+    from rs_transfer.downstream import nyu_depth
+    from rs_transfer.downstream.dense_inference import Inference
+
+    run_dir = runs("nyu_depth")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(images / "a.png")
+    keys = ["task.eval_mode=slide", "task.slide_crop=32", "task.slide_stride=24", "task.tta=flip"]
+    assert main(["predict", "--run", str(run_dir), "--images", str(images), "--out", str(tmp_path / "out"),
+                 "--set", *keys]) == 0
+    run = load_run(run_dir)
+    image = read_image(images / "a.png")
+    with torch.no_grad():
+        whole = nyu_depth.predict(run.model, run.config, image).numpy()
+        windows = nyu_depth.depth_outputs(run.model, image[None], Inference("slide", 32, 24, "flip"))[0]
+    expected = windows.clamp(run.config.task.depth_min, run.config.task.depth_max).numpy()
+    with Image.open(tmp_path / "out" / "depth" / "a.png") as png:
+        metres = np.array(png) / 1000.0
+    assert np.abs(metres - expected).max() <= 1e-3 and np.abs(metres - whole).max() > 2e-3
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir), "--images", str(images), "--out", str(tmp_path / "out2"),
+                 "--set", "train.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'train.lr=0.1'" in err and len(err.strip().splitlines()) == 1

@@ -55,3 +55,23 @@ def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "t5").rglob("*")) == before
     assert len(plan) == 8 and {r["task"] for r in plan} == {"cifar100", "pascal_seg"}
     assert [r["folder"] for r in plan if r["finished"]] == [str(run / "lr0.04_steps6")]
+
+
+def test_a_sliding_window_result_is_read_by_its_own_name_and_marked(tmp_path):
+    # A pascal_seg sweep evaluated with task.eval_mode=slide records "miou_slide": Table 5 reads that name (its
+    # final_metrics.json have no "miou") and says next to the table that the number is not single-scale whole.
+    from rs_transfer.engine.summary import primary_metric
+
+    sweep = tmp_path / "sweep"
+    for point, value in (("lr0.01_steps5000", 0.5), ("lr0.02_steps5000", 0.7)):
+        (sweep / point).mkdir(parents=True)
+        (sweep / point / "final_metrics.json").write_text(json.dumps({"miou_slide": value}))
+    summary = finetune.collect_sweep(sweep, "pascal_seg", "miou_slide")
+    assert summary["metric"] == "miou_slide" and summary["best"]["miou_slide"] == 0.7
+    table5.reproduce_table5([f"mine:pascal_seg={sweep}"], tmp_path / "table")
+    table = json.loads((tmp_path / "table" / "table5.json").read_text())
+    assert table["ours"][0]["pascal_seg"] == pytest.approx(70.0)
+    assert table["other_metrics"] == ["mine pascal_seg: miou_slide"]
+    assert "Not single-scale whole-image" in (tmp_path / "table" / "table5.md").read_text()
+    # `rs-transfer runs` on a run without summary.json reads the name from its config.yaml's task section
+    assert primary_metric("transfer", "pascal_seg", {"eval_mode": "slide"}) == "miou_slide"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rs_transfer.config import (
     MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, DataConfig, RunConfig, above, at_least, at_most, checked,
-    ordered,
+    one_of, ordered,
 )
 
 
@@ -42,11 +42,26 @@ class CropSection(TaskSection):
     fpn_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))
 
 
+def _tta_scales_given(task, prefix: str) -> None:
+    if not task.tta_scales:
+        raise ConfigError(f"{prefix}tta_scales is empty: give at least one scale, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
+
+
 @dataclass
 class DenseSection(CropSection):
-    """Per-pixel tasks: the FPN's levels summed at stride 4, then a small conv head."""
+    """Per-pixel tasks: the FPN's levels summed at stride 4, then a small conv head; evaluated and predicted on the
+    whole image or in windows, with optional test-time augmentation (downstream/dense_inference.py)."""
+
+    RELATIONS = (*CropSection.RELATIONS, ordered("slide_stride", "slide_crop"), _tta_scales_given)
 
     head_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))  # width of the 3 conv layers of the dense head
+    # mmseg test_cfg mode: "whole" (the image at its size) or "slide" (windows, overlapping outputs averaged)
+    eval_mode: str = checked("whole", one_of("whole", "slide"))
+    slide_crop: int = checked(512, at_least(1), at_most(MAX_PIXELS))  # window side (mmseg crop_size (512, 512))
+    slide_stride: int = checked(341, at_least(1), at_most(MAX_PIXELS))  # window step, <= slide_crop (mmseg stride (341, 341))
+    tta: str = checked("none", one_of("none", "flip", "ms_flip"))  # test-time augmentation (mmseg SegTTAModel)
+    # ms_flip's scales, x the image size (mmseg's aug-test img_ratios)
+    tta_scales: list = checked(None, above(0), at_most(8.0), factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
 
 
 @dataclass

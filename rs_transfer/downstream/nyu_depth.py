@@ -29,6 +29,7 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_arg
 from rs_transfer.downstream.data import (
     dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
 )
+from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics, section_suffix
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import depth_metrics, depth_sums
 from rs_transfer.downstream.protocol import Protocol
@@ -211,22 +212,38 @@ def make_evaluator(val_set, task_cfg, num_workers: int = 0):
     contiguous part, sums reduced over ranks: {"delta1", "abs_rel", "rmse", "pixels"}; delta1 (share of pixels
     with max(pred / gt, gt / pred) < 1.25) a fraction, abs_rel relative, rmse in metres (predictions clamped to
     (task_cfg.depth_min, task_cfg.depth_max), pixels with ground truth inside it, optionally the Eigen crop).
-    Raises DataError when no pixel of the set has valid ground truth."""
+    Predicted as task_cfg.eval_mode / tta say (depth_outputs); the names but "pixels" then carry the suffix
+    ("delta1_slide", ...: metric_name). Raises DataError when no pixel of the set has valid ground truth."""
+    inference = Inference.of(task_cfg)
+
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
             for batch in eval_batches(val_set, task_cfg.eval_batch_size, _collate_with_sizes, num_workers, device):
                 batch = to_device(batch, device)
-                pred = model(batch).clamp(task_cfg.depth_min, task_cfg.depth_max)
+                pred = depth_outputs(model, batch["image"], inference).clamp(task_cfg.depth_min, task_cfg.depth_max)
                 valid = eval_mask(batch["depth"], task_cfg.depth_min, task_cfg.depth_max, task_cfg.eigen_crop,
                                   batch["size"])
                 sums += depth_sums(pred, batch["depth"], valid)
         crop = " and the Eigen crop" if task_cfg.eigen_crop else ""
-        return depth_metrics(sums, f"ground-truth depth inside ({task_cfg.depth_min}, {task_cfg.depth_max}) m{crop} in "
-                                   f"{len(val_set)} images")
+        metrics = depth_metrics(sums, f"ground-truth depth inside ({task_cfg.depth_min}, {task_cfg.depth_max}) m{crop} "
+                                      f"in {len(val_set)} images")
+        return rename_metrics(metrics, section_suffix(task_cfg), keep=("pixels",))
 
     return evaluate
+
+
+def metric_name(section) -> str:
+    """The primary metric of a run with this task section (dataclass or config.yaml dict): "delta1",
+    "delta1_slide", "delta1_ms_flip", ... (dense_inference.metric_suffix)."""
+    return PROTOCOL.metric + section_suffix(section)
+
+
+def depth_outputs(model: nn.Module, images: torch.Tensor, inference: Inference) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> depth in metres (N, H, W); with TTA the mean of the views' depth maps
+    (dense_inference.infer). The default (whole, none) is `model` itself."""
+    return infer(lambda x: model({"image": x})[:, None], images, inference, probabilities=False)[:, 0]
 
 
 def _collate_with_sizes(samples: list) -> dict:
@@ -245,9 +262,9 @@ def build_model(config) -> DepthModel:
 
 
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> depth in metres float32 (H, W): the whole image at its own size, clamped to
-    (task.depth_min, task.depth_max), as the evaluator does."""
-    depth = model({"image": image[None].to(model_device(model))})[0]
+    """uint8 (3, H, W) -> depth in metres float32 (H, W) at the image's own size (task.eval_mode, task.tta:
+    depth_outputs), clamped to (task.depth_min, task.depth_max), as the evaluator does."""
+    depth = depth_outputs(model, image[None].to(model_device(model)), Inference.of(config.task))[0]
     return depth.clamp(config.task.depth_min, config.task.depth_max).float().cpu()
 
 
@@ -280,7 +297,7 @@ def build(config) -> Task:
     val_set = NYUDepth(config.data.root, "val", task_cfg.nyu_format)
     model = build_model(config)
     return Task(model=model, train_set=train_set, evaluate=make_evaluator(val_set, task_cfg, config.data.num_workers),
-                primary_metric=PROTOCOL.metric, collate_fn=depth_collate,
+                primary_metric=metric_name(task_cfg), collate_fn=depth_collate,
                 visualize=visualizer(val_set, PREDICTOR, config))
 
 
@@ -333,7 +350,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
 
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, metric_name=metric_name,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,

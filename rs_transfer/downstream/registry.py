@@ -53,10 +53,21 @@ class TransferTask:
     # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
     build_model: Optional[Callable] = None
     predictor: "object" = None  # rs_transfer.predict.Predictor: `rs-transfer predict`; None: the task has none
+    # metric_name(task section or its config.yaml dict) -> the primary metric of such a run, for tasks whose metric
+    # name says how it was computed (dense tasks: "miou_slide"); None: always protocol.metric
+    metric_name: Optional[Callable] = None
 
     @property
     def metric(self) -> str:
+        """The primary metric of a run with the default config."""
         return self.protocol.metric
+
+    def metric_for(self, section) -> str:
+        """The primary metric of a run whose task section is `section` (a dataclass, or the dict of a run's
+        config.yaml; None: the default)."""
+        if section is None or self.metric_name is None:
+            return self.protocol.metric
+        return self.metric_name(section)
 
 
 def register(name: str, module: str) -> None:

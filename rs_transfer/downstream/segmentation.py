@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import IGNORE, dense_train_transform, pad_collate, read_image
+from rs_transfer.downstream.dense_inference import Inference, infer, metric_suffix, rename_metrics, section_suffix
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.downstream.scenes import voc_palette
@@ -25,7 +26,13 @@ from rs_transfer.predict import (Predictor, name_classes, output_path, overlay_c
 from rs_transfer.predict import read_image as read_image_file
 
 FILLS = {"image": 0, "mask": IGNORE}
-METRIC = "miou"
+METRIC = "miou"  # single-scale whole-image; other inference adds a suffix (metric_name)
+
+
+def metric_name(section) -> str:
+    """The primary metric of a run with this task section (dataclass or config.yaml dict): "miou", "miou_slide",
+    "miou_ms_flip", ... (dense_inference.metric_suffix)."""
+    return METRIC + section_suffix(section)
 
 
 def seg_collate(samples: list) -> dict:
@@ -76,20 +83,31 @@ class SegmentationModel(nn.Module):
         return {"loss": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE)}
 
 
-def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int = 0, class_names=None):
-    """mIoU of `model(batch)` (eval mode: logits (N, classes, H, W) at the label's size) over `val_set`, each rank a
-    contiguous part, confusion counts reduced over ranks (metrics.MeanIoU, torchmetrics' MulticlassJaccardIndex;
-    label 255 ignored): {"miou", "iou/<class>"} as fractions. Raises DataError when every pixel is ignore."""
+def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int = 0, class_names=None,
+                   inference: Inference = Inference()):
+    """mIoU of `model(batch)` (eval mode: logits (N, classes, H, W) at the label's size) over `val_set`, predicted
+    as `inference` says (dense_inference.infer: whole or slide, TTA), each rank a contiguous part, confusion counts
+    reduced over ranks (metrics.MeanIoU, torchmetrics' MulticlassJaccardIndex; label 255 ignored):
+    {"miou", "iou/<class>"} as fractions, both suffixed by the inference ("miou_slide", "iou_slide/<class>", ...;
+    dense_inference.metric_suffix). Raises DataError when every pixel is ignore."""
+    suffix = metric_suffix(inference.mode, inference.tta)
+
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         metric = MeanIoU(num_classes, device=device)
         with torch.no_grad():
             for batch in eval_batches(val_set, batch_size, seg_collate, num_workers, device):
                 batch = to_device(batch, device)
-                metric.update(model(batch).argmax(1), batch["mask"])
-        return metric.compute(class_names)
+                metric.update(seg_outputs(model, batch["image"], inference).argmax(1), batch["mask"])
+        return rename_metrics(metric.compute(class_names), suffix)
 
     return evaluate
+
+
+def seg_outputs(model: nn.Module, images: torch.Tensor, inference: Inference) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> (N, classes, H, W): logits (tta "none") or mean probabilities (flip, ms_flip), whose
+    argmax is the prediction (dense_inference.infer)."""
+    return infer(lambda x: model({"image": x}), images, inference, probabilities=True)
 
 
 def build_model(config, num_classes: int) -> SegmentationModel:
@@ -104,10 +122,10 @@ def build_model(config, num_classes: int) -> SegmentationModel:
 
 
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> class indices int64 (H, W), the model's (0..classes-1): the argmax of the logits of the
-    whole image at its own size, as the evaluator computes them (no resize, no crop)."""
-    logits = model({"image": image[None].to(model_device(model))})
-    return logits[0].argmax(0).cpu()
+    """uint8 (3, H, W) -> class indices int64 (H, W), the model's (0..classes-1): the argmax of the outputs at the
+    image's own size, computed as the evaluator does (task.eval_mode, task.tta: seg_outputs)."""
+    outputs = seg_outputs(model, image[None].to(model_device(model)), Inference.of(config.task))
+    return outputs[0].argmax(0).cpu()
 
 
 def predictor(class_names, offset=0, background=None, source: str = "", labelled: bool = False) -> Predictor:
@@ -164,7 +182,8 @@ def build_segmentation(config, train_items: list, val_items: list, num_classes: 
     train_set = SegmentationSet(train_items, num_classes, transform)
     val_set = SegmentationSet(val_items, num_classes)
     model = build_model(config, num_classes)
-    evaluate = make_evaluator(val_set, num_classes, task_cfg.eval_batch_size, config.data.num_workers, class_names)
+    evaluate = make_evaluator(val_set, num_classes, task_cfg.eval_batch_size, config.data.num_workers, class_names,
+                              Inference.of(task_cfg))
     visualize = visualizer(val_set, predictor, config) if predictor is not None else None
-    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=METRIC, collate_fn=seg_collate,
-                visualize=visualize)
+    return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric=metric_name(task_cfg),
+                collate_fn=seg_collate, visualize=visualize)

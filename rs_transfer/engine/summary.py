@@ -154,7 +154,8 @@ def read_run(folder: Path, root: Path) -> dict:
                    wall_s=_number_or_none(summary.get("wall_s")), step=summary.get("steps"))
     elif final is not None:
         row["finished"] = True
-        row["metric"] = primary_metric(row["family"], row["task"])
+        section = config.get("task") if isinstance(config, dict) else None
+        row["metric"] = primary_metric(row["family"], row["task"], section if isinstance(section, dict) else None)
         row["value"] = _number_or_none(final.get(row["metric"]))
     else:
         row["step"] = last_checkpoint_step(folder / "checkpoints")
@@ -211,15 +212,16 @@ def _number_or_none(value) -> float | int | None:
     return None
 
 
-def primary_metric(family: str | None, task: str | None) -> str | None:
-    """The key in final_metrics.json that a run of this family and task is judged by (runs without summary.json)."""
+def primary_metric(family: str | None, task: str | None, section: dict | None = None) -> str | None:
+    """The key in final_metrics.json that a run of this family and task is judged by (runs without summary.json);
+    `section`, the run's task section from config.yaml, names a transfer task's variant ("miou_slide")."""
     if family in ("pretrain", "video"):
         return "top1"
     if family == "transfer":
         from rs_transfer.downstream import registry  # imports torch: only for transfer runs without summary.json
 
         try:
-            return registry.get(task).metric
+            return registry.get(task).metric_for(section)
         except UserError:  # a task registered by a plugin that is not loaded here
             return None
     return None
