@@ -309,7 +309,22 @@ class TinyImages(torch.utils.data.Dataset):
         return {"image": batch["image"][0], "label": batch["label"][0]}
 
 
-def test_frozen_stages_come_out_of_training_bitwise_unchanged(tmp_path):
+def test_ema_leaves_frozen_tensors_alone():
+    from rs_transfer.engine.freeze import freeze_batchnorm
+
+    model = freeze_batchnorm(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
+    model[0].requires_grad_(False)
+    ema = Ema(model, decay=0.5, warmup=False)
+    weight, mean = model[0].weight.clone(), model[1].running_mean.clone()
+    with torch.no_grad():
+        for tensor in (model[0].weight, model[1].running_mean, model[2].weight):
+            tensor.add_(1.0)  # what training never does to the first two: shows that the EMA does not look
+    ema.update(model, step=1)
+    assert torch.equal(ema.module[0].weight, weight) and torch.equal(ema.module[1].running_mean, mean)
+    torch.testing.assert_close(ema.module[2].weight, model[2].weight - 0.5)
+
+
+def test_frozen_stages_come_out_of_training_bitwise_unchanged(tmp_path, caplog):
     # freeze_stages=2 (stem + C2) and freeze_bn, with EMA and weight decay: those weights and every backbone BN
     # are bitwise what went in, in final.pt (model and EMA) and weights.pth; weights.pth loads strictly into the
     # plain network; the run's checkpoint resumes.
@@ -331,7 +346,9 @@ def test_frozen_stages_come_out_of_training_bitwise_unchanged(tmp_path):
                  "model.freeze_stages=2", "model.freeze_bn=true", "train.schedule=step"]
     first = task()
     start = {k: v.clone() for k, v in first.model.net.state_dict().items()}
-    train(toy_config(tmp_path, "train.epochs=1", *overrides), first)
+    with caplog.at_level("INFO", logger="rs_transfer.engine.trainer"):
+        train(toy_config(tmp_path, "train.epochs=1", *overrides), first)
+    assert "optimizer sgd (peak lr 0.00625): 2 groups:" in caplog.text and "41 parameter tensors frozen" in caplog.text
     assert isinstance(first.model.net.layer1[0].bn1, FrozenBatchNorm)
     assert isinstance(first.model.net.layer3[0].bn1, FrozenBatchNorm)  # freeze_bn reaches past the frozen stages
     assert first.model.net.layer3[0].conv1.weight.requires_grad and not first.model.net.layer1[0].conv1.weight.requires_grad
