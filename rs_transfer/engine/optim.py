@@ -111,9 +111,10 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def describe(optimizer: torch.optim.Optimizer, name: str, frozen: int = 0) -> str:
-    """One line for the log: the optimizer and, per group, its tensor count, LR multiplier and weight decay."""
-    parts = [f"{len(group['params'])} tensors lr x{group.get('lr_mult', 1.0):g} wd {group['weight_decay']:g}"
-             for group in optimizer.param_groups]
+    """One line for the log: the optimizer and, per group, its tensor count, peak LR (and multiplier) and weight
+    decay. Call it before the scheduler scales the LRs."""
+    parts = [f"{len(group['params'])} tensors lr {group['lr']:g} (x{group.get('lr_mult', 1.0):g}) "
+             f"wd {group['weight_decay']:g}" for group in optimizer.param_groups]
     text = f"optimizer {name} (peak lr {optimizer.defaults['lr']:g}): {len(parts)} groups: {'; '.join(parts)}"
     return text + (f"; {frozen} parameter tensors frozen" if frozen else "")
 
