@@ -246,7 +246,7 @@ class TrainConfig:
     scale_lr: bool = True
     momentum: float = checked(0.9, fraction())  # sgd and lars only
     nesterov: bool = True  # official TF1 ResNet-RS code; sgd and lars only
-    weight_decay: float = checked(4e-5, at_least(0))  # coupled L2 for sgd/lars, decoupled for adamw/lamb
+    weight_decay: float = checked(4e-5, at_least(0))  # coupled L2 for sgd/lars; outside the moments for adamw/lamb
     weight_decay_norm_bias: bool = False  # False: no decay on 1-D parameters (BN/LN/GN scales and shifts, biases)
     # LR multipliers on the backbone (engine/task.py's rule finds it): its LR is lr x backbone_lr_mult (mmengine's
     # lr_mult), and with layer_decay its stage k of 5 (stem 0, c2..c5 1..4; heads 5) gets x layer_decay^(5 - k).
