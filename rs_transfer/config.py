@@ -214,6 +214,10 @@ class ModelConfig:
     zero_init_last: bool = True
     bn_momentum: float = checked(0.1, fraction(closed_high=True))  # PyTorch convention; the RS recipe uses 1.0 with an EMA of BN buffers
     init: str = checked("official", one_of("official", "timm"))
+    # Frozen backbone parts (engine/freeze.py): detectron2's FREEZE_AT, 0 nothing, 1 the stem, 2 stem + c2 (layer1),
+    # ... 5 the whole backbone; frozen weights leave the optimizer and their BN becomes FrozenBatchNorm.
+    freeze_stages: int = checked(0, at_least(0), at_most(5))
+    freeze_bn: bool = False  # every backbone BN frozen (statistics and affine), detectron2's FrozenBN for small batches
 
 
 @dataclass
@@ -223,20 +227,55 @@ class DataConfig:
     prefetch_factor: int = checked(2, at_least(1), at_most(MAX_BATCH))  # batches each worker loads ahead
 
 
+# train.optimizer: the names timm's optimizer factory (create_optimizer_v2) builds that the engine offers.
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
+MOMENTUM_OPTIMIZERS = ("sgd", "lars")  # the ones train.momentum and train.nesterov apply to
+
+
+def optimizer_settings(section, prefix: str) -> None:
+    """train.optimizer is a known name (did-you-mean otherwise); momentum and nesterov apply to sgd and lars only,
+    so setting them away from their defaults for adamw or lamb is an error rather than silently ignored; Nesterov
+    needs momentum (PyTorch's SGD refuses it with a traceback)."""
+    name = section.optimizer
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{prefix}optimizer={name!r} is not an optimizer here: it must be one of "
+                          f"{', '.join(OPTIMIZERS)}{hint}")
+    defaults = {f.name: f.default for f in dataclasses.fields(section)}
+    if name not in MOMENTUM_OPTIMIZERS:
+        for key in ("momentum", "nesterov"):
+            if getattr(section, key) != defaults[key]:
+                raise ConfigError(f"{prefix}{key}={getattr(section, key)!r} applies to {prefix}optimizer="
+                                  f"{' or '.join(MOMENTUM_OPTIMIZERS)}, not {name!r} (its moments use timm's default "
+                                  f"betas): leave {prefix}{key} at its default")
+    elif section.nesterov and section.momentum == 0:
+        raise ConfigError(f"{prefix}nesterov=True needs {prefix}momentum > 0: set {prefix}nesterov=false for plain "
+                          f"{name}")
+
+
 @dataclass
 class TrainConfig:
+    RELATIONS = (optimizer_settings,)
+
     # Length: give exactly one. A step is one optimizer update of `batch_size` images.
     epochs: Optional[int] = checked(None, at_least(1), at_most(MAX_EPOCHS))
     steps: Optional[int] = checked(None, at_least(1), at_most(MAX_STEPS))
     batch_size: int = checked(256, at_least(1), at_most(MAX_BATCH))  # global: per-process batch x processes x grad_accum_steps
     grad_accum_steps: int = checked(1, at_least(1), at_most(MAX_BATCH))
-    # Optimizer: SGD with momentum; peak LR = lr x batch_size / 256 when scale_lr, else lr.
+    # Optimizer (timm's create_optimizer_v2): Nesterov SGD by default; peak LR = lr x batch_size / 256 when
+    # scale_lr, else lr.
+    optimizer: str = "sgd"  # one of OPTIMIZERS (checked by optimizer_settings, with a did-you-mean)
     lr: float = checked(0.1, at_least(0))
     scale_lr: bool = True
-    momentum: float = checked(0.9, fraction())
-    nesterov: bool = True  # official TF1 ResNet-RS code
-    weight_decay: float = checked(4e-5, at_least(0))
+    momentum: float = checked(0.9, fraction())  # sgd and lars only
+    nesterov: bool = True  # official TF1 ResNet-RS code; sgd and lars only
+    weight_decay: float = checked(4e-5, at_least(0))  # coupled L2 for sgd/lars; outside the moments for adamw/lamb
     weight_decay_norm_bias: bool = False  # False: no decay on 1-D parameters (BN/LN/GN scales and shifts, biases)
+    # LR multipliers on the backbone (engine/task.py's rule finds it): its LR is lr x backbone_lr_mult (mmengine's
+    # lr_mult), and with layer_decay its stage k of 5 (stem 0, c2..c5 1..4; heads 5) gets x layer_decay^(5 - k).
+    backbone_lr_mult: float = checked(1.0, at_least(0))
+    layer_decay: Optional[float] = checked(None, fraction(closed_high=True, open_low=True))  # None: off
     clip_grad_norm: Optional[float] = checked(None, above(0))  # max global gradient norm; None: no clipping
     # Schedule over optimizer steps: linear warmup to the peak LR, then "cosine" to 0 or "step" decay.
     schedule: str = checked("cosine", one_of("cosine", "step"))

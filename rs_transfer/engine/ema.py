@@ -3,11 +3,15 @@
 timm's ModelEmaV3 does the averaging (parameters and floating-point buffers alike, so the BN running statistics
 are averaged too, which the RS recipe needs with BN momentum 1.0); only its decay rule is replaced: after the
 t-th optimizer step (t = 1, 2, ...) the decay is min(ema_decay, (1 + t) / (10 + t)), TF's
-ExponentialMovingAverage with num_updates = global step.
+ExponentialMovingAverage with num_updates = global step. Frozen tensors (engine/freeze.py: parameters without
+gradients, FrozenBatchNorm buffers) are left out of the update: they are the same in both copies and stay so
+bitwise, whatever the averaging's round-off would do to d x w + (1 - d) x w.
 """
 
 import torch
 from timm.utils import ModelEmaV3
+
+from rs_transfer.engine.freeze import frozen_state_keys
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -32,7 +36,10 @@ class Ema(ModelEmaV3):
         # for the model they were built from.
         if self._pairs is None or self._pairs[0] is not model:
             floats, others = ([], []), ([], [])
-            for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            frozen = frozen_state_keys(model)
+            for (key, ema_v), model_v in zip(self.module.state_dict().items(), model.state_dict().values()):
+                if key in frozen:
+                    continue
                 pair = floats if ema_v.is_floating_point() else others
                 pair[0].append(ema_v)
                 pair[1].append(model_v)

@@ -41,6 +41,13 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   read key i on demand, never hold them all. Samples keep their augmentation per key, as the engine's loader does.
 - `evaluate` runs under `torch.no_grad()` and the run's autocast (`train.amp`; bf16 or fp16 on GPU by default): cast
   outputs with `.float()` before accumulating statistics.
+- The backbone (for `model.freeze_stages`, `model.freeze_bn`, `train.backbone_lr_mult`, `train.layer_decay`) is found
+  by one rule, `find_backbone`, not declared per task: the first module, in `model.named_modules()` order, with
+  children named `layer1`..`layer4`, the names timm's ResNet gives C2..C5 and every network of the zoo keeps (the
+  classifier, `features_only` inside BackboneFPN for the dense tasks and Faster R-CNN, the 3D ResNet3d). Its stem
+  is every child registered before `layer1` (conv1, bn1, act1, maxpool); children after `layer4` (global_pool, fc)
+  and everything outside it (FPN, heads) are the heads. A classification network is therefore backbone but its
+  classifier. A model without such a module has no backbone, and those keys are refused for it (ConfigError).
 """
 
 from dataclasses import dataclass
@@ -48,6 +55,33 @@ from typing import Callable, Optional
 
 from torch import nn
 from torch.utils.data import Dataset
+
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # C2..C5
+
+
+@dataclass
+class Backbone:
+    """A model's backbone (`find_backbone`): `module` and its `path` in the model ("" for the model itself);
+    `stages` the child names of each of its 5 stages, detectron2's order: the stem, then C2..C5."""
+
+    module: nn.Module
+    path: str
+    stages: list[list[str]]
+
+    def stage_modules(self) -> list[list[tuple[str, nn.Module]]]:
+        """Each stage as (child name, child module) pairs."""
+        return [[(name, getattr(self.module, name)) for name in names] for names in self.stages]
+
+
+def find_backbone(model: nn.Module) -> Optional[Backbone]:
+    """The backbone of `model` by the rule in this module's docstring, or None when it has none."""
+    for path, module in model.named_modules():
+        children = [name for name, _ in module.named_children()]
+        if all(stage in children for stage in STAGES):
+            stem = children[:children.index(STAGES[0])]
+            return Backbone(module, path, [stem] + [[stage] for stage in STAGES])
+    return None
 
 
 def exported_network(model: nn.Module) -> nn.Module:

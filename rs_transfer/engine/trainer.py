@@ -1,8 +1,8 @@
 """The one training loop: every task (pretraining, the transfer tasks, video) runs through `train`.
 
 The loop knows nothing about the task (see task.py): it moves batches to the device, calls the model under the
-run's autocast (train.amp, resolved by device.resolve_amp), steps SGD (through a GradScaler in fp16) and the LR
-schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
+run's autocast (train.amp, resolved by device.resolve_amp), steps the optimizer (through a GradScaler in fp16) and
+the LR schedule on the global step, keeps the EMA, evaluates, checkpoints and logs; at the end it writes
 final.pt (the whole model), weights.pth (the network to export), final_metrics.json and summary.json (metric,
 best step, wall time, images/s; also logged as a table, see summary.py). The same code runs as
 one process or as many under torchrun/SLURM (DDP; see distributed.py). It also owns the checks that stop a run:
@@ -48,8 +48,9 @@ from rs_transfer.engine.distributed import (
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
+from rs_transfer.engine.freeze import freeze
 from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals_recorded
-from rs_transfer.engine.optim import build_optimizer, build_scheduler
+from rs_transfer.engine.optim import base_lr, build_optimizer, build_scheduler, describe
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
 from rs_transfer.engine.summary import format_summary, run_family, run_summary, write_summary
@@ -118,6 +119,9 @@ class Trainer:
             raise ckpt.CheckpointError(problem)
 
         model = self.model = task.model
+        # Before SyncBatchNorm, the EMA copy, the optimizer and DDP: frozen BN must not become SyncBatchNorm, and
+        # frozen parameters must be in none of them.
+        frozen = freeze(model, config.model.freeze_stages, config.model.freeze_bn)
         if tc.sync_bn and info.world_size > 1:
             if info.device.type != "cuda":
                 raise ConfigError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
@@ -141,6 +145,8 @@ class Trainer:
         self.sampler.samples_per_epoch = self.steps_per_epoch * self.micro * tc.grad_accum_steps
         self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(model, tc)
+        if self.main:
+            log.info("%s", describe(self.optimizer, tc.optimizer, frozen))
         self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
         # fp16 only (torch.amp docs, "Gradient Scaling"): its 5-bit exponent flushes small gradients to zero, so the
         # loss is scaled up, and a step whose gradients overflow is skipped. bf16 has float32's range. A disabled
@@ -364,7 +370,7 @@ class Trainer:
         # the gradients, so an overflow on one rank is one on all): all ranks log the same keys.
         if norm is not None and not skipped:
             self._add("grad_norm", norm)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = base_lr(self.optimizer)
         self._step_schedule(skipped)
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step + 1)
