@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from rs_transfer.errors import StoppedBySignal, UserError, one_line
+from rs_transfer.errors import StoppedBySignal, UserError, has_control_character, one_line
 
 CONFIG_HELP = "YAML config: a file, or a config shipped in the package by name, e.g. {example}"
 RESUME_HELP = "continue the run in output_dir from its newest checkpoint (same as train.resume=auto)"
@@ -49,6 +49,18 @@ def whole(option: str, least: int):
         if value < least:
             raise OptionError(f"{option} must be at least {least}, got {value}")
         return value
+    return parse
+
+
+def out_path(option: str):
+    """An argparse `type=` for a path the command writes (an output folder or file): one line of printable text;
+    OptionError naming the option when it holds a control character (the rule config values follow: a newline in
+    a folder name becomes a space when config.yaml is read back, another folder)."""
+    def parse(text: str) -> str:
+        if has_control_character(text):
+            raise OptionError(f"{option} {text!r} holds a control character (a newline, tab, ...): a path is one "
+                              "line of printable text")
+        return text
     return parse
 
 
@@ -114,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--teacher", required=True, help="the teacher: a pretrain (or folder_cls/cifar100) run folder, "
                         "which gives --model and --image-size, or a weights file (weights.pth, final.pt, timm's)")
     pseudo.add_argument("--images", required=True, help="a folder of images, a .tar shard or a folder of .tar shards")
-    pseudo.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    pseudo.add_argument("--out", required=True, type=out_path("--out"),
+                        help="output folder (rerun the same command to resume)")
     pseudo.add_argument("--model", help="the teacher's zoo or timm name (default: the run's; rs152 for a file alone)")
     pseudo.add_argument("--image-size", type=whole("--image-size", 1),
                         help="teacher eval resolution (default: the run's; 224 for a file alone)")
@@ -158,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth)")
     predict.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
                          help="image (video) files, or folders searched recursively")
-    predict.add_argument("--out", required=True, help="output folder (predictions.json and the task's files)")
+    predict.add_argument("--out", required=True, type=out_path("--out"),
+                         help="output folder (predictions.json and the task's files)")
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     predict.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="key=value",
                          help="evaluation keys to change from the run's config, e.g. task.eval_mode=slide task.tta=flip")
@@ -170,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
                         help="onnx needs the export extra: pip install 'rs-transfer[export]'")
     export.add_argument("--resolution", type=whole("--resolution", 1), help="input height and width (default: the run's evaluation size)")
-    export.add_argument("--out", help="output file, or an existing folder for FOLDER/model.<ext> "
+    export.add_argument("--out", type=out_path("--out"), help="output file, or an existing folder for FOLDER/model.<ext> "
                         "(default RUN/export/model.onnx|.ts|.pt2)")
     export.set_defaults(run=run_export)
 
@@ -180,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser("reproduce", help="a paper table: list, run or collect its runs; write TABLE.md/.json")
     reproduce.add_argument("table", help="table1, table2, table4 (pretraining), table5 (transfer), table6 (video)")
-    reproduce.add_argument("--out", help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
+    reproduce.add_argument("--out", type=out_path("--out"),
+                           help="ladder tables: rows are OUT/TABLE/<row> (default: the configs' own folder, "
                            "runs or runs/video); table5: the table's folder")
     reproduce.add_argument("--dry-run", action="store_true", help="list the runs (ladder tables: rows and configs; "
                            "table5: every grid point of every --checkpoint x --data), run nothing")
@@ -216,14 +231,14 @@ def add_scale_commands(commands) -> None:
                       "below each one's original (timm's efficientnet_bN, Section 7.2's RandAugment)")
     plan.add_argument("--base", default="scaling/base.yaml",
                       help="the configs' base (default scaling/base.yaml: the RS recipe; scaling/demo.yaml: tiny CPU)")
-    plan.add_argument("--out", default="runs/scaling", help="the study folder (default runs/scaling)")
+    plan.add_argument("--out", default="runs/scaling", type=out_path("--out"), help="the study folder (default runs/scaling)")
     plan.add_argument("--dry-run", action="store_true", help="write nothing; config is null")
     plan.add_argument("--json", action="store_true", help="print the points as a JSON list")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="written into every config")
     plan.set_defaults(run=run_scale_plan)
 
     run = scale_commands.add_parser("run", help="train the study's points (finished ones skipped, others resumed)")
-    run.add_argument("--study", default="runs/scaling", help="the plan's folder (default runs/scaling)")
+    run.add_argument("--study", default="runs/scaling", type=out_path("--study"), help="the plan's folder (default runs/scaling)")
     run.add_argument("--point", type=int, help="train only this point (0-based), e.g. $SLURM_ARRAY_TASK_ID")
     run.add_argument("--synthetic", action="store_true", help="train on a generated dataset in STUDY/synthetic_data")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run, e.g. data.root=DIR")
@@ -231,7 +246,7 @@ def add_scale_commands(commands) -> None:
 
     latency_help = ("run: each run's recorded throughput (default); measure: bench/latency on this machine now")
     report = scale_commands.add_parser("report", help="scaling.md/.json and top-1 vs GFLOPs / latency plots")
-    report.add_argument("--study", default="runs/scaling")
+    report.add_argument("--study", default="runs/scaling", type=out_path("--study"))
     report.add_argument("--latency", default="run", choices=("run", "measure"), help=latency_help)
     report.add_argument("--device", help="with --latency measure: cpu, cuda or cuda:N")
     report.set_defaults(run=run_scale_report)
@@ -330,7 +345,7 @@ def add_bench_commands(commands) -> None:
 
     table7 = bench_commands.add_parser("table7", parents=[timing],
                                        help="all Table 7 rows: table7.md, table7.json, pareto.png")
-    table7.add_argument("--out", default="bench/table7", help="output folder (default bench/table7)")
+    table7.add_argument("--out", default="bench/table7", type=out_path("--out"), help="output folder (default bench/table7)")
     table7.add_argument("--only", action="append", help="measure only these Table 7 rows (NAME@RES,...)")
     table7.add_argument("--from", dest="sources", nargs="+", metavar="JSON",
                         help="render from saved results (latency --json output or table7.json), measure nothing")
@@ -351,7 +366,8 @@ def add_bench_commands(commands) -> None:
     index.add_argument("--shards", type=whole("--shards", 2), default=100, help="S shards (default 100)")
     index.add_argument("--world", type=whole("--world", 1), default=8, help="ranks of the simulated run (default 8: one node)")
     index.add_argument("--topk", type=whole("--topk", 1), default=10, help="soft labels per pseudo-labelled image (default 10)")
-    index.add_argument("--work-dir", help="where the descriptor and table are generated (default: a temp folder)")
+    index.add_argument("--work-dir", type=out_path("--work-dir"),
+                       help="where the descriptor and table are generated (default: a temp folder)")
     index.add_argument("--json", action="store_true", help="JSON output (it always is; for scripts' symmetry)")
     index.set_defaults(run=run_bench_index)
 
@@ -441,8 +457,8 @@ def add_downstream_commands(commands) -> None:
                        help="the grid's training lengths (default: the task's protocol, e.g. 5000,10000,20000)")
     demo = commands.add_parser("demo", help="fine-tune a tiny backbone on a generated dataset, end to end")
     demo.add_argument("--task", default="pascal_seg", choices=TRANSFER_TASKS)
-    demo.add_argument("--data", help="folder for the generated dataset (default: a temporary folder)")
-    demo.add_argument("--output", help="run folder (default: a temporary folder)")
+    demo.add_argument("--data", type=out_path("--data"), help="folder for the generated dataset (default: a temporary folder)")
+    demo.add_argument("--output", type=out_path("--output"), help="run folder (default: a temporary folder)")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.set_defaults(run=run_demo)
 

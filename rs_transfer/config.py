@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rs_transfer.data.text import ENCODING as TEXT_ENCODING
-from rs_transfer.errors import UserError
+from rs_transfer.errors import UserError, has_control_character
 from rs_transfer.files import atomic_write_text, make_dir
 
 T = TypeVar("T")
@@ -191,7 +191,7 @@ def validate(config, prefix: str = "") -> None:
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, str) and any(ord(c) < 32 or c == "\x7f" for c in v) for v in values):
+        if any(isinstance(v, str) and has_control_character(v) for v in values):
             # a newline in output_dir would be folded into a space when config.yaml is read back: another folder
             raise ConfigError(f"{key}={value!r} holds a control character (a newline, tab, ...): paths, names and "
                               "choices are one line of printable text")
@@ -429,7 +429,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             raise ConfigError(f"bad override {shown}: expected key=value, e.g. train.batch_size=64")
         if key.count(".") >= MAX_YAML_DEPTH:
             raise ConfigError(f"bad override {shown}: its key is nested more than {MAX_YAML_DEPTH} levels deep")
-        if any(ord(c) < 32 or c == "\x7f" for c in item):
+        if has_control_character(item):
             # YAML folds a newline inside quotes into a space: 'a<newline>b' would silently become "a b"
             raise ConfigError(f"bad override {shown}: it holds a control character (a newline, tab, ...)")
         check_yaml(value, f"override {shown}")

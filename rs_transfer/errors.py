@@ -51,3 +51,10 @@ def one_line(error: BaseException | str) -> str:
         if sep and kind.split(".")[-1].isidentifier():
             text = message
     return " ".join(text.split())
+
+
+def has_control_character(text: str) -> bool:
+    """Whether `text` holds a control character (a newline, tab, escape, DEL). Paths, names and choices a user gives
+    (config values, output folders on the command line) are one line of printable text: a newline in a folder name
+    is folded into a space when YAML reads config.yaml back, and splits every log line that names the folder."""
+    return any(ord(c) < 32 or c == "\x7f" for c in text)

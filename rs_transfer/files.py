@@ -5,7 +5,8 @@ the bytes go to a hidden temp file in the same folder (`.NAME.tmp.PID`), are flu
 renamed over NAME. A full disk or a read-only folder is one `FileWriteError` naming the file, with the old file
 intact and the temp file removed; a temp file left by a killed writer is removed by `remove_stale_temp_files`
 (called only by the holder of the folder's lock, `folder_lock`, so no live writer's temp file is ever removed).
-JSON is written without NaN or Infinity, which are not JSON (other tools refuse to read them).
+JSON is written without NaN or Infinity, which are not JSON (other tools refuse to read them), and read back with
+`read_json`: whatever a file holds (cut short, hand-edited, not JSON at all), reading it is one error naming it.
 """
 
 import errno
@@ -18,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import DataError, UserError, one_line
 
 TEMP_MARK = ".tmp."
 LOCK_NAME = ".lock"
@@ -198,6 +199,19 @@ def to_json(obj, indent: int | None = None, where: str = "") -> str:
 
 def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, to_json(obj, indent=2, where=str(path)) + "\n")
+
+
+def read_json(path: str | Path, what: str):
+    """The JSON value in `path` (any type: the caller checks the shape it expects). Raises DataError naming the file
+    and `what` it should hold when it cannot be read, is not UTF-8 JSON (a write cut short, a hand edit), nests
+    deeper than Python's recursion limit (RecursionError inside json) or holds an integer of over 4300 digits (a
+    ValueError from int()): one `error:` line, never a traceback from inside json."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        reason = ("nested too deeply" if isinstance(error, RecursionError)
+                  else "a number of over 4300 digits" if str(error).startswith("Exceeds the limit") else one_line(error))
+        raise DataError(f"{path} is not readable JSON ({reason}); it should hold {what}") from None
 
 
 def _non_finite_key(obj, key: str = "value") -> str | None:

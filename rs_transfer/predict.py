@@ -116,7 +116,7 @@ def check_out(out: Path, run_folder: Path) -> list:
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         old_run, records = old["run"], list(old["predictions"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise UserError(f"--out {out}: cannot read its {path.name} ({type(error).__name__}: {error}); "
                         "give an empty or new folder") from None
     if Path(old_run).resolve() != Path(run_folder).resolve():

@@ -8,11 +8,12 @@ step is bracketed by `torch.cuda.synchronize()`; the median of the repeats is re
 
 import gc
 import logging
+import math
 import platform
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +57,30 @@ class LatencyResult:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "results") -> "LatencyResult":
+        """A result read back (table7.json, `bench latency --json` output). Raises UserError naming `source` for
+        anything but an object with these fields of these types (a hand edit would otherwise fail in formatting)."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: a latency result is a JSON object, not a {type(data).__name__}")
         try:
-            return cls(**data)
+            result = cls(**data)
         except TypeError as error:
             raise UserError(f"{source}: not a latency result ({error})") from None
+        for f in fields(cls):
+            value = getattr(result, f.name)
+            if not _of_type(value, f.type):
+                raise UserError(f"{source}: {result.model!r}: {f.name} = {value!r} is not a {f.type}")
+        return result
+
+
+def _of_type(value, kind) -> bool:
+    """Whether a JSON value fits a LatencyResult field type: numbers finite, ints not bools, floats may be ints."""
+    if kind is float | None:
+        return value is None or _of_type(value, float)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def device_name(device: torch.device) -> str:

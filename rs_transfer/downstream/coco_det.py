@@ -138,6 +138,9 @@ def read_json(path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise DataError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, "
                         f"column {error.colno})") from None
+    except (ValueError, RecursionError) as error:  # an integer of over 4300 digits; arrays nested thousands deep
+        raise DataError(f"{path} is not a COCO JSON this toolkit can read ({type(error).__name__}: "
+                        f"{'nested too deeply' if isinstance(error, RecursionError) else error})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path} holds a JSON {type(data).__name__}: expected a COCO instances object "
                         "{\"images\": [...], \"annotations\": [...], \"categories\": [...]}")

@@ -160,8 +160,10 @@ def _readable_events(path: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError; a 5000-digit number; a hand-made nesting bomb
+            record = None
+        if not isinstance(record, dict):
             log.warning("%s line %d is not a complete JSON record (a write cut short by a kill): dropped", path,
                         number)
             continue

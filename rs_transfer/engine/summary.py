@@ -6,7 +6,6 @@ only exception is a run finished before summary.json existed, with a transfer ta
 from the task registry, which imports the task's module.
 """
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 
 from rs_transfer.config import ConfigError, read_yaml
 from rs_transfer.errors import DataError, UserError, one_line
-from rs_transfer.files import atomic_write_json
+from rs_transfer.files import atomic_write_json, read_json
 
 SUMMARY_FILE = "summary.json"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -141,17 +140,23 @@ def read_run(folder: Path, root: Path) -> dict:
            "value": None, "wall_s": None, "finished": False, "step": None, "problem": None}
     config = _read(folder / "config.yaml", lambda text: read_yaml(text, str(folder / "config.yaml")), row)
     if isinstance(config, dict):
-        row["family"], row["task"] = run_family(config)
+        family, task = run_family(config)
+        row["family"], row["task"] = family, _text_or_none(task)
         model = config.get("model")
-        row["backbone"] = model.get("name") if isinstance(model, dict) else None
-    summary = _read(folder / SUMMARY_FILE, json.loads, row)
+        row["backbone"] = _text_or_none(model.get("name")) if isinstance(model, dict) else None
+    try:
+        summary = read_json_object(folder / SUMMARY_FILE, "the summary of a finished run")
+    except DataError as error:
+        summary, row["problem"] = None, one_line(error)
     try:
         final = read_final_metrics(folder)
     except DataError as error:
         final, row["problem"] = None, one_line(error)
-    if isinstance(summary, dict):
-        row.update(finished=True, metric=summary.get("metric"), value=_number_or_none(summary.get("value")),
-                   wall_s=_number_or_none(summary.get("wall_s")), step=summary.get("steps"))
+    if summary is not None:  # each field checked: a hand-edited file gives "-" cells, never a failed listing
+        steps = summary.get("steps")
+        row.update(finished=True, metric=_text_or_none(summary.get("metric")),
+                   value=_number_or_none(summary.get("value")), wall_s=_number_or_none(summary.get("wall_s")),
+                   step=steps if isinstance(steps, int) and not isinstance(steps, bool) else None)
     elif final is not None:
         row["finished"] = True
         section = config.get("task") if isinstance(config, dict) else None
@@ -182,11 +187,7 @@ def read_json_object(path: Path, what: str) -> dict | None:
     should hold when it cannot be read or holds anything else (a run killed by an old writer, a hand edit)."""
     if not path.is_file():
         return None
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise DataError(f"{path} is not readable JSON ({one_line(error)}); it should hold {what}: rerun that run "
-                        "or remove the file") from None
+    values = read_json(path, what)
     if not isinstance(values, dict):
         raise DataError(f"{path} holds a JSON {type(values).__name__}, not an object: it should hold {what}")
     return values
@@ -210,6 +211,11 @@ def _number_or_none(value) -> float | int | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
     return None
+
+
+def _text_or_none(value) -> str | None:
+    """`value` when it is a string; None for anything else (a list or number in a hand-edited file)."""
+    return value if isinstance(value, str) else None
 
 
 def primary_metric(family: str | None, task: str | None, section: dict | None = None) -> str | None:

@@ -19,7 +19,6 @@ then Noisy Student's selection.
 Reading it needs numpy only: `open_table`, `read_selection`; row i is image `data.list_images(meta["images"])[i]`.
 """
 
-import json
 import logging
 import os
 from contextlib import ExitStack
@@ -34,7 +33,7 @@ from rs_transfer.engine import distributed
 from rs_transfer.engine.device import autocast, resolve_amp
 from rs_transfer.engine.loader import Loader, stop_signals_recorded
 from rs_transfer.errors import StoppedBySignal, UserError
-from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json, make_dir
+from rs_transfer.files import FileWriteError, atomic_open, atomic_write_json, make_dir, read_json
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 from rs_transfer.models.weights import load_strict, read_state_dict
@@ -231,11 +230,21 @@ def _check_settings(threshold: float, per_class: int, topk: int, batch_size: int
             raise UserError(f"{option} must be at least {least}, got {value}")
 
 
-def _check_header(path: Path, header: dict, expected: dict) -> None:
-    """Refuse to continue a rank file written for another format, --topk or image set."""
+def _check_header(path: Path, header, expected: dict) -> None:
+    """Refuse to continue a rank file written for another format, --topk or image set, or one whose header is not
+    what this toolkit writes (a hand edit: counts that are not whole numbers, more kept classes than --topk)."""
+    if not isinstance(header, dict):
+        raise UserError(f"{path} holds a JSON {type(header).__name__}, not a pseudo-label header: use a new --out")
     if header.get("format") != FORMAT:
         raise UserError(f"{path} is of pseudo-label format {header.get('format')}, this version writes {FORMAT}: "
                         "use a new --out")
+    for key in ("topk", "samples", "k", "num_classes"):
+        if not _whole(header.get(key)):
+            raise UserError(f"{path}: {key} is {header.get(key)!r}, not a whole number >= 0: not a header this "
+                            "toolkit wrote; use a new --out")
+    if header["k"] > max(header["topk"], 0):
+        raise UserError(f"{path}: k={header['k']} classes kept per image but --topk {header['topk']}: not a header "
+                        "this toolkit wrote; use a new --out")
     if header["topk"] != expected["topk"]:
         raise UserError(f"{path}: the labels so far were written with --topk {header['topk']}, this run asks for "
                         f"--topk {expected['topk']}; rerun with --topk {header['topk']} or use a new --out")
@@ -250,7 +259,7 @@ def _start_rank_file(out_dir: Path, rank: int, world: int, expected: dict, teach
     """(header, teacher model or None) of this rank's file: checked when it exists, else written (atomically)."""
     path = header_path(out_dir, rank, world)
     if path.is_file():
-        header = json.loads(path.read_text())
+        header = read_json(path, "the header of a pseudo-label rank file (rs-transfer pseudo-label writes it)")
         _check_header(path, header, expected)
         return header, None
     model = load_teacher(teacher, model_name)
@@ -488,6 +497,11 @@ def select(table: dict, threshold: float, per_class: int) -> np.ndarray:
     return np.sort(keep[picks])
 
 
+def _whole(value) -> bool:
+    """Whether `value` (from a JSON file) is an integer >= 0, not a bool, a float or a string of digits."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_selection(folder: str | Path) -> tuple:
     """(meta, table, selected) of a finished `pseudo-label` folder: meta.json's content, `open_table` of its table,
     and selected.npy as a read-only memory map. Raises UserError for an unfinished or older-format folder, or an
@@ -497,11 +511,17 @@ def read_selection(folder: str | Path) -> tuple:
     if not meta_path.is_file():
         raise UserError(f"{folder} holds no finished pseudo-labels (meta.json): run `rs-transfer pseudo-label ... "
                         f"--out {folder}` to the end first")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{folder} holds pseudo-labels of an older format (selected.jsonl): run `rs-transfer "
+    meta = read_json(meta_path, "the description of finished pseudo-labels (rs-transfer pseudo-label writes it)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{folder} holds pseudo-labels of an older format (selected.jsonl) or a meta.json this "
+                        "toolkit did not write: run `rs-transfer pseudo-label` again with a new --out")
+    table_name = meta.get("table", TABLE)
+    if not isinstance(table_name, str) or Path(table_name).name != table_name or not _whole(meta.get("samples")):
+        # the table is a folder inside FOLDER: a path elsewhere is not one this toolkit wrote
+        raise UserError(f"{meta_path}: table {table_name!r} and samples {meta.get('samples')!r} are not a folder "
+                        "name and a whole number: not a meta.json this toolkit wrote; run `rs-transfer "
                         "pseudo-label` again with a new --out")
-    table = open_table(folder / meta.get("table", TABLE))
+    table = open_table(folder / table_name)
     try:
         selected = np.load(selected_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:

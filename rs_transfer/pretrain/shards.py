@@ -48,6 +48,9 @@ OPEN_SHARDS = 24  # per process: the shards of one shuffled block (SHARDS_PER_BL
 SHARDS_PER_BLOCK = 8  # an epoch shuffles blocks of this many shards' samples, in a shuffled block order
 NAMED_IN_WARNINGS = 5  # member names shown in a warning before "and N more"
 MAX_CLASSES = 1 << 20  # a .cls above this is not a class index (ImageNet-21k has 21841, JFT 18291)
+# Samples of one shard above this are not a count (a billion samples is a ~100 TB tar; webdataset shards hold
+# thousands): the cumulative counts are int64, and a hand-edited 1e30 would overflow them.
+MAX_SHARD_SAMPLES = 10**9
 SCAN_WARNING_SHARDS = 64  # more shards than this without an index.json: say that start-up reads every shard
 
 
@@ -288,9 +291,16 @@ def write_index(folder: str | Path, workers: int = 1) -> Path:
                              "is then scanned at start-up)") from None
 
 
+def _count(value, most: int | None) -> bool:
+    """Whether `value` (from index.json) is an integer >= 0 (not a bool), and <= `most` when given."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            and (most is None or value <= most))
+
+
 def read_index(folder: str | Path) -> dict:
     """FOLDER/index.json if it is there, else a scan of every shard. Raises DataError for an index that is not
-    a shard descriptor: no shard list, a count that is not an integer >= 0, a shard listed twice or outside FOLDER."""
+    a shard descriptor: no shard list, a count that is not an integer >= 0 (nsamples also <= MAX_SHARD_SAMPLES), a
+    shard listed twice or outside FOLDER, label counts that are not a list of counts (at most MAX_CLASSES)."""
     folder = Path(folder)
     path = folder / INDEX_NAME
     if not path.is_file():
@@ -304,11 +314,17 @@ def read_index(folder: str | Path) -> dict:
         index = json.loads(path.read_text(encoding="utf-8"))
         entries = [(e["url"], e["nsamples"], e.get("filesize"), e.get("first")) for e in index["shardlist"]]
         ours = index.get("rs_transfer") or {}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise DataError(f"{path} is not a shard index (wids descriptor with a shardlist of url/nsamples): "
                         f"{error}; {fix}") from None
     if not entries:
         raise DataError(f"{path} lists no shards; {fix}")
+    if not isinstance(ours, dict):
+        raise DataError(f"{path}: \"rs_transfer\" is a JSON {type(ours).__name__}, not an object; {fix}")
+    counts = ours.get("label_counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) <= MAX_CLASSES
+                                   and all(_count(c, None) for c in counts)):
+        raise DataError(f"{path}: label_counts is not a list of at most {MAX_CLASSES} integers >= 0; {fix}")
     seen = set()
     for url, count, size, _ in entries:
         where = f"{path}: shard {url!r}"
@@ -318,8 +334,9 @@ def read_index(folder: str | Path) -> dict:
             raise DataError(f"{where} is listed twice; {fix}")
         seen.add(url)
         for name, value in (("nsamples", count), ("filesize", size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise DataError(f"{where} has {name} {value!r}, not an integer >= 0; {fix}")
+            if value is not None and not _count(value, MAX_SHARD_SAMPLES if name == "nsamples" else None):
+                raise DataError(f"{where} has {name} {value!r}, not an integer >= 0"
+                                f"{f' and <= {MAX_SHARD_SAMPLES:.0e}' if name == 'nsamples' else ''}; {fix}")
         if count is None:
             raise DataError(f"{where} has no nsamples; {fix}")
     return {"wids_version": 1, "name": index.get("name", folder.name),

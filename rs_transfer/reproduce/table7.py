@@ -13,7 +13,6 @@ adds its measured points, ResNet-RS and EfficientNet-RS, to table7.md / table7.j
 series of their own: top-1 measured on the study's data against the study's latency, next to the paper's rows.
 """
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from rs_transfer.bench.latency import LatencyResult, device_name, format_results, measure
 from rs_transfer.bench.specs import BenchSpec
 from rs_transfer.errors import UserError
+from rs_transfer.files import read_json
 from rs_transfer.models.zoo import TABLE7
 from rs_transfer.reproduce.common import write_table
 
@@ -157,20 +157,29 @@ def load_study(study) -> dict:
     "gflops"}]}, points in the report's order. Raises UserError when the file is missing, is not a scaling report
     or holds no point."""
     path = Path(study) / "scaling.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; write it with `rs-transfer scale report --study {study}`")
+    document = read_json(path, "a scaling report (rs-transfer scale report writes it)")
     try:
-        document = json.loads(path.read_text())
         points = [{"model": p["model"], "resolution": p["resolution"], "epochs": p["epochs"],
                    "family": "EfficientNet-RS" if p["model"].startswith("efficientnet") else "ResNet-RS",
                    "top1_measured": 100 * p["top1"], "s_per_128": p["latency_s_per_128"], "gflops": p["gflops"]}
                   for p in document["points"]]
         source = document["latency_source"]
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; write it with `rs-transfer scale report --study {study}`") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{path}: not a scaling report ({type(error).__name__}: {error})") from None
+    for index, point in enumerate(points):  # a hand edit would otherwise fail in the table's number formatting
+        for key in ("resolution", "epochs", "top1_measured", "s_per_128", "gflops"):
+            value = point[key]
+            if not (value is None and key == "s_per_128" or _finite(value)):
+                raise UserError(f"{path}: point {index} ({point['model']!r}): {key} = {value!r:.40} is not a number")
     if not points:
         raise UserError(f"{path}: no finished point")
     return {"path": str(path.parent.resolve()), "latency_source": source, "points": points}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def render_study(study: dict) -> str:
@@ -250,12 +259,9 @@ def write_table7(results, out_dir: Path, plot: bool = True, study: dict | None =
 
 def load_results(path: Path) -> list:
     """Latency results from a table7.json or from `bench latency --json` output."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not JSON ({error})") from None
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    data = read_json(path, "latency results (bench latency --json) or a table7.json")
     items = data.get("results") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise UserError(f"{path}: expected a list of latency results or a table7.json")

@@ -146,7 +146,7 @@ def read_class_names(path: Path) -> list[str]:
 def _json_names(path: Path) -> list[str]:
     try:
         content = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise DataError(f"cannot read class names file {path}: {type(error).__name__}: {error}") from None
     if isinstance(content, list) and all(isinstance(name, str) for name in content):
         return [name.strip() for name in content]
