@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image (video) files, or folders searched recursively")
     predict.add_argument("--out", required=True, help="output folder (predictions.json and the task's files)")
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    predict.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="evaluation keys of the run's config, e.g. task.tta=flip (detection)")
     predict.set_defaults(run=run_predict)
 
     export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
@@ -451,9 +453,14 @@ def run_sweep(args) -> int:
 
 
 def run_predict(args) -> int:
+    from pathlib import Path
+
     from rs_transfer.predict import predict
 
-    summary = predict(args.run_dir, args.images, args.out, args.device)
+    # --images takes every word after it: overrides given after it (task.tta=flip, not a file) are moved back
+    overrides = [item for item in args.images if "=" in item and not Path(item).exists()]
+    images = [item for item in args.images if item not in overrides]
+    summary = predict(args.run_dir, images, args.out, args.device, [*args.overrides, *overrides])
     print(f"{len(summary['predictions'])} predictions ({len(summary['skipped'])} inputs skipped): "
           f"{args.out}/predictions.json")
     return 0

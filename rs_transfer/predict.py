@@ -124,9 +124,10 @@ def check_out(out: Path, run_folder: Path) -> list:
     return records
 
 
-def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
+def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> dict:
     """Predict every input of `sources` (files or folders) with the run in `run_dir`; write OUT's files and
-    OUT/predictions.json. Returns the JSON's content.
+    OUT/predictions.json. Returns the JSON's content. `overrides`: "key=value" evaluation keys (config.EVAL_KEYS,
+    e.g. "task.tta=flip") applied to the run's config (runs.load_run).
 
     Raises runs.RunError for an unusable run folder, UserError for missing inputs or a task without a Predictor,
     DataError (naming the first file) when no input could be read. A corrupt input among readable ones is skipped
@@ -136,7 +137,7 @@ def predict(run_dir, sources: list, out, device: str = "auto") -> dict:
 
     from rs_transfer.engine.device import resolve_device
 
-    run = load_run(run_dir, resolve_device(device))
+    run = load_run(run_dir, resolve_device(device), overrides)
     predictor = family_parts(run.family, run.task)[2]
     if predictor is None:
         raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")

@@ -67,16 +67,18 @@ def read_run_config(folder: Path) -> dict:
     return config
 
 
-def load_run(run_dir, device="cpu") -> Run:
+def load_run(run_dir, device="cpu", overrides=()) -> Run:
     """The run in `run_dir`: its family, config and model (eval mode, on `device`) with weights.pth loaded strictly.
+    `overrides`: "key=value" items applied to its config.yaml, evaluation keys only (config.EVAL_KEYS: how it
+    predicts, e.g. task.tta=flip; any other key would describe another network than weights.pth).
 
     The model is built from the config alone (`build_model`), so the run's training data need not be there.
     Raises RunError for a missing folder, config.yaml or weights.pth, a config of no known family or a task without
-    a build_model; UserError for a transfer task that is not registered;
+    a build_model; UserError for a transfer task that is not registered or an override of another key;
     ConfigError for a config.yaml that no longer loads; WeightsError for weights.pth that do not fit the model."""
     import torch
 
-    from rs_transfer.config import load_config
+    from rs_transfer.config import EVAL_KEYS, load_config
     from rs_transfer.engine.task import exported_network
     from rs_transfer.models.weights import load_strict, read_state_dict
 
@@ -94,7 +96,12 @@ def load_run(run_dir, device="cpu") -> Run:
     schema, build_model, _ = family_parts(family, task)
     if build_model is None:
         raise RunError(f"task {task} declares no build_model (TASK.build_model): its runs cannot be loaded alone")
-    config = load_config(schema, config_path)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in EVAL_KEYS:
+            raise UserError(f"{item!r}: a run is used with the config it was trained with; only evaluation keys may "
+                            f"change ({', '.join(sorted(EVAL_KEYS))})")
+    config = load_config(schema, config_path, overrides)
     # The network comes from weights.pth: the starting weights the run was given (model.weights, a 2D checkpoint
     # to inflate) are neither needed nor read.
     config.model.weights = None

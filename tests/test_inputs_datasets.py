@@ -244,7 +244,7 @@ class ConstantDepth(nn.Module):
 def test_nyu_evaluation_without_a_valid_pixel_is_an_error_not_zero(tmp_path):
     nyu_depth.write_nyu_h5(tmp_path, train=1, val=2, size=(48, 64))  # depths 1-8 m
     val = nyu_depth.NYUDepth(tmp_path, "val", "h5")
-    t = SimpleNamespace(eval_batch_size=2, depth_min=1e-3, depth_max=10.0, eigen_crop=True)
+    t = SimpleNamespace(eval_batch_size=2, depth_min=1e-3, depth_max=10.0, eigen_crop=True, depth_average="images")
     assert nyu_depth.make_evaluator(val, t)(ConstantDepth(2.0))["pixels"] > 0
     t.depth_max = 0.5  # every ground-truth depth lies beyond it
     with pytest.raises(DataError, match=r"no ground-truth depth inside \(0.001, 0.5\) m and the Eigen crop "

@@ -102,7 +102,7 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = build_task(config)
     metrics = train(config, task)
-    name = registry.get(config.task.name).metric
+    name = registry.get(config.task.name).metric_of(config.task)
     log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)
     return metrics
 
@@ -132,7 +132,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
             log.info("%s: finished earlier with this config, skipped", out)
             continue
         run(config, synthetic=synthetic)
-    return collect_sweep(base.output_dir, task)
+    return collect_sweep(base.output_dir, task, registry.get(task).metric_of(base.task))
 
 
 GRID_KEYS = ("train.lr", "train.steps", "train.epochs")
@@ -159,11 +159,13 @@ def _check_point(point: int, count: int) -> int:
     return point
 
 
-def collect_sweep(folder, task) -> dict:
+def collect_sweep(folder, task, metric: str | None = None) -> dict:
     """Write FOLDER/sweep.json from every finished grid point (FOLDER/lr*_steps*/final_metrics.json) and return it:
-    {"task", "metric", "best": the point with the highest metric, "points"}. Raises UserError when no point has
-    finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
-    metric = registry.get(task).metric
+    {"task", "metric", "best": the point with the highest metric, "points"}. `metric`: the points' primary metric
+    (TransferTask.metric_of the sweep's task section: `ap50_flip` with task.tta=flip); None: the protocol's. Raises
+    UserError when no point has finished, DataError naming the file when one's final_metrics.json is unreadable or
+    lacks the metric."""
+    metric = metric or registry.get(task).metric
     results = []
     for path in sorted(Path(folder).glob(f"lr*_steps*/{FINAL_METRICS_FILE}")):
         values = read_final_metrics(path.parent, metric)
@@ -186,7 +188,7 @@ def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=())
                          [f"task.name={task}", string_override("data.root", data_dir),
                           string_override("output_dir", output_dir), *overrides])
     metrics = run(config, synthetic=True)
-    name = registry.get(task).metric
+    name = registry.get(task).metric_of(config.task)
     print(f"{task}: {name} = {metrics[name]:.3f} on the synthetic validation set after {config.train.steps} steps "
           f"({time.perf_counter() - start:.0f} s); data in {data_dir}, run in {output_dir}")
     return metrics

@@ -41,6 +41,16 @@ MODULES = {
 }
 
 
+TTA_MODES = ("none", "flip", "ms_flip")  # task.tta: single-scale, + horizontal flip, multi-scale x flip
+
+
+def tta_metric(metric: str, tta: str | None) -> str:
+    """The name `metric` is reported under with test-time augmentation `tta` (task.tta; None or "none" for a task
+    or an old config without it): `ap50` single-scale, `ap50_flip`, `ap50_ms_flip`, so numbers with and without
+    augmentation cannot be confused in final_metrics.json, summaries, sweeps and Table 5."""
+    return metric if tta in (None, "none") else f"{metric}_{tta}"
+
+
 @dataclass(frozen=True)
 class TransferTask:
     name: str
@@ -56,7 +66,14 @@ class TransferTask:
 
     @property
     def metric(self) -> str:
+        """The protocol's metric, single-scale; a run's own primary metric is `metric_of(config.task)`."""
         return self.protocol.metric
+
+    def metric_of(self, task_section) -> str:
+        """The primary metric of a run whose `task` section is `task_section` (the dataclass, or the dict of its
+        config.yaml): the protocol's metric, suffixed by the run's test-time augmentation (`tta_metric`)."""
+        tta = task_section.get("tta") if isinstance(task_section, dict) else getattr(task_section, "tta", None)
+        return tta_metric(self.metric, tta)
 
 
 def register(name: str, module: str) -> None:

@@ -154,7 +154,7 @@ def read_run(folder: Path, root: Path) -> dict:
                    wall_s=_number_or_none(summary.get("wall_s")), step=summary.get("steps"))
     elif final is not None:
         row["finished"] = True
-        row["metric"] = primary_metric(row["family"], row["task"])
+        row["metric"] = primary_metric(row["family"], row["task"], config)
         row["value"] = _number_or_none(final.get(row["metric"]))
     else:
         row["step"] = last_checkpoint_step(folder / "checkpoints")
@@ -211,15 +211,17 @@ def _number_or_none(value) -> float | int | None:
     return None
 
 
-def primary_metric(family: str | None, task: str | None) -> str | None:
-    """The key in final_metrics.json that a run of this family and task is judged by (runs without summary.json)."""
+def primary_metric(family: str | None, task: str | None, config=None) -> str | None:
+    """The key in final_metrics.json that a run of this family and task is judged by (runs without summary.json);
+    `config`: the run's config.yaml as a dict, whose task section may name a test-time augmentation (`ap50_flip`)."""
     if family in ("pretrain", "video"):
         return "top1"
     if family == "transfer":
         from rs_transfer.downstream import registry  # imports torch: only for transfer runs without summary.json
 
         try:
-            return registry.get(task).metric
+            section = config.get("task") if isinstance(config, dict) else None
+            return registry.get(task).metric_of(section if isinstance(section, dict) else {})
         except UserError:  # a task registered by a plugin that is not loaded here
             return None
     return None

@@ -7,7 +7,7 @@ their columns come from the registry (rs_transfer/downstream/registry.py).
 import re
 from pathlib import Path
 
-from rs_transfer.config import string_override
+from rs_transfer.config import ConfigError, read_yaml, string_override
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.finetune import sweep
 from rs_transfer.engine.summary import metric_value, read_final_metrics, read_json_object
@@ -51,41 +51,61 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
     """Collect finished runs into table5.md / table5.json beside the paper's numbers.
 
     runs: "LABEL:TASK=RUN_DIR" items; a RUN_DIR holding sweep.json gives its best point, one holding
-    final_metrics.json gives that run.
+    final_metrics.json gives that run. A run evaluated with test-time augmentation (task.tta) is listed under its
+    own metric (`ap50_flip`), named in its cell: the paper's numbers are single-scale.
     """
-    table = {}
+    table, metrics = {}, {}
     for item in runs:
         label, sep, rest = item.partition(":")
         task, sep2, folder = rest.partition("=")
         if not (sep and sep2) or task not in registry.names():
             raise UserError(f"bad --result {item!r}: expected LABEL:TASK=RUN_DIR with TASK one of {', '.join(registry.names())}")
-        table.setdefault(label, {})[task] = _read_result(Path(folder), task)
+        table.setdefault(label, {})[task], metrics.setdefault(label, {})[task] = _read_result(Path(folder), task)
     columns = protocol.table5_tasks() + tuple(t for t in registry.names() if t not in protocol.table5_tasks()
                                                and any(t in values for values in table.values()))
-    rows = [{"label": label, **{t: values.get(t) for t in columns}} for label, values in table.items()]
+    rows = [{"label": label, **{t: values.get(t) for t in columns}, "metrics": metrics[label]}
+            for label, values in table.items()]
     paper = [{"label": f"paper {b} {m} ({e} ep)", **dict(zip(columns, v))} for (b, m, e), v in protocol.table5().items()]
     header = "| run | " + " | ".join(registry.get(t).protocol.column for t in columns) + " |"
     lines = ["# Table 5: transfer (ours vs the paper)", "", header, "|---" * (len(columns) + 1) + "|"]
     for row in rows + paper:
-        cells = ["-" if row.get(t) is None else f"{row[t]:.1f}" for t in columns]
+        cells = ["-" if row.get(t) is None else f"{row[t]:.1f}{_metric_note(row, t)}" for t in columns]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     write_table(output_dir, "table5", "\n".join(lines) + "\n", {"ours": rows, "paper": paper, "unit": "percent"})
     print("\n".join(lines))
     return {"ours": rows, "paper": paper}
 
 
-def _read_result(folder: Path, task: str) -> float:
-    """The task's metric in percent: the best point of FOLDER/sweep.json, else FOLDER/final_metrics.json. Raises
-    DataError naming the file when neither is there, or one is unreadable or lacks a numeric metric."""
-    metric = registry.get(task).metric
+def _metric_note(row: dict, task: str) -> str:
+    metric = row.get("metrics", {}).get(task)
+    return f" ({metric})" if metric and metric != registry.get(task).metric else ""
+
+
+def _read_result(folder: Path, task: str) -> tuple:
+    """(the run's primary metric in percent, its name): the best point of FOLDER/sweep.json (the metric it names),
+    else FOLDER/final_metrics.json (the metric of FOLDER/config.yaml's task section, `TransferTask.metric_of`).
+    Raises DataError naming the file when neither is there, or one is unreadable or lacks a numeric metric."""
     sweep_path = folder / "sweep.json"
     summary = read_json_object(sweep_path, "a finished sweep (rs-transfer sweep)")
     if summary is not None:
         best = summary.get("best")
         if not isinstance(best, dict):
             raise DataError(f"{sweep_path} has no 'best' grid point: is it a finished sweep?")
-        return 100 * metric_value(best, metric, sweep_path)
+        metric = summary["metric"] if isinstance(summary.get("metric"), str) else registry.get(task).metric
+        return 100 * metric_value(best, metric, sweep_path), metric
+    metric = _run_metric(folder, task)
     values = read_final_metrics(folder, metric)
     if values is None:
         raise DataError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
-    return 100 * values[metric]
+    return 100 * values[metric], metric
+
+
+def _run_metric(folder: Path, task: str) -> str:
+    """The primary metric of the run in `folder` by its config.yaml (the protocol's when it has none)."""
+    path = folder / "config.yaml"
+    try:
+        config = read_yaml(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
+        raise DataError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+    section = config.get("task") if isinstance(config, dict) else None
+    return registry.get(task).metric_of(section if isinstance(section, dict) else {})
