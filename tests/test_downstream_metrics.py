@@ -124,6 +124,16 @@ def test_nonfinite_depth_predictions_are_counted_and_evaluated_as_bts_does():
     assert all(math.isfinite(v) for v in m.values())
 
 
+def test_depth_average_defaults_to_per_image_and_is_checked():
+    from rs_transfer.config import ConfigError
+    from rs_transfer.downstream import finetune
+
+    assert finetune.make_config("nyu_depth").task.depth_average == "images"  # BTS / AdaBins, the published numbers
+    with pytest.raises(ConfigError, match="task.depth_average='mean' makes no sense here: it must be one of images, "
+                                          "pixels"):
+        finetune.make_config("nyu_depth", overrides=["task.depth_average=mean"])
+
+
 def test_metrics_with_nothing_to_measure_raise_instead_of_nan_inf_or_zero():
     from rs_transfer.errors import DataError
 
