@@ -117,8 +117,11 @@ def test_predict_takes_the_evaluation_keys_so_detection_tta_is_the_models(runs, 
     found = records(tmp_path / "flip")[0]["detections"]
     assert len(found) == len(expected["boxes"]) > 0
     torch.testing.assert_close(torch.tensor([d["box"] for d in found]), expected["boxes"], rtol=0, atol=1e-4)
-    # a key that would describe another network than weights.pth is refused, naming it
     capsys.readouterr()
+    # single-scale boxes would mix with the flip's in one predictions.json: refused
+    assert main(["predict", "--run", str(run_dir), "--images", str(image), "--out", str(tmp_path / "flip")]) == 2
+    assert "holds this run's predictions with the overrides ['task.tta=flip'], not []" in capsys.readouterr().err
+    # a key that would describe another network than weights.pth is refused, naming it
     assert main(["predict", "--run", str(run_dir), "task.fpn_channels=8", "--images", str(image), "--out",
                  str(tmp_path / "other")]) == 2
     assert "'task.fpn_channels=8': a run is used with the config it was trained with" in capsys.readouterr().err

@@ -189,7 +189,8 @@ def det_collate(samples: list) -> dict:
 
 class Detector(nn.Module):
     """batch {"images", "targets"} -> {"loss", RPN and box losses} in train mode; torchvision's detections
-    (boxes in original pixels, labels 1..20, scores) in eval mode."""
+    (boxes in original pixels, labels 1..20, scores) in eval mode, merged over the views of `tta` unless it is
+    "none" (`detect_with_tta`)."""
 
     def __init__(self, backbone: str, num_classes: int = 20, weights=None, fpn_channels=256, fc_channels=1024,
                  anchor_sizes=(32, 64, 128, 256, 512), train_size=896, eval_size=896, score_thresh=0.001,
