@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=out_path("--out"),
                          help="output folder (predictions.json and the task's files)")
     predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    predict.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="key=value",
-                         help="evaluation keys to change from the run's config, e.g. task.eval_mode=slide task.tta=flip")
+    predict.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="evaluation keys of the run's config, e.g. task.tta=flip task.eval_mode=slide")
     predict.set_defaults(run=run_predict)
 
     export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
@@ -485,9 +485,14 @@ def run_sweep(args) -> int:
 
 
 def run_predict(args) -> int:
+    from pathlib import Path
+
     from rs_transfer.predict import predict
 
-    summary = predict(args.run_dir, args.images, args.out, args.device, args.overrides)
+    # --images takes every word after it: overrides given after it (task.tta=flip, not a file) are moved back
+    overrides = [item for item in args.images if "=" in item and not Path(item).exists()]
+    images = [item for item in args.images if item not in overrides]
+    summary = predict(args.run_dir, images, args.out, args.device, [*args.overrides, *overrides])
     print(f"{len(summary['predictions'])} predictions ({len(summary['skipped'])} inputs skipped): "
           f"{args.out}/predictions.json")
     return 0

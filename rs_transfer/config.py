@@ -331,7 +331,8 @@ EVAL_KEYS = frozenset({
     "train.eval_every_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
     "data.eval_image_size", "data.eval_views", "data.eval_batch_views", "data.max_eval_videos",
     "data.eval_short_side", "data.eval_crop_size", "train.report_best",
-    "task.eval_mode", "task.slide_crop", "task.slide_stride", "task.tta", "task.tta_scales",
+    # inference of the dense and detection tasks (sliding window, test-time augmentation), depth averaging
+    "task.eval_mode", "task.slide_crop", "task.slide_stride", "task.tta", "task.tta_scales", "task.depth_average",
 })
 RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
 # None in a config means "from the data": it matches any value. A task that reads its classes from the user's data

@@ -6,10 +6,11 @@ video/task.py's `PREDICTOR`): how it reads an input, predicts, and writes the fi
 owns what they share: listing inputs, the run loop (a corrupt input is skipped with a warning and counted),
 `OUT/predictions.json`, and the drawing helpers (torchvision's drawing utilities, matplotlib colour maps).
 
-OUT/predictions.json: {"run", "family", "task", "class_names" (where the names come from), "predictions": [one
-record per input: {"input": path, ...the task's fields}], "skipped": [{"input", "reason"}], "ignored": [{"input",
-"reason"}] (files of an --images folder that are not inputs), "complete"}. Predicting the same run into the same
-OUT again merges: records of inputs not predicted this time stay. An OUT holding another run's predictions is
+OUT/predictions.json: {"run", "overrides" (the key=value evaluation keys given), "family", "task", "class_names"
+(where the names come from), "predictions": [one record per input: {"input": path, ...the task's fields}],
+"skipped": [{"input", "reason"}], "ignored": [{"input", "reason"}] (files of an --images folder that are not
+inputs), "complete"}. Predicting the same run with the same overrides into the same OUT again merges: records of
+inputs not predicted this time stay. An OUT holding another run's predictions (or other overrides') is
 refused.
 """
 
@@ -104,10 +105,11 @@ def list_inputs(sources: list, suffixes: tuple, ignored: list | None = None) -> 
     return inputs
 
 
-def check_out(out: Path, run_folder: Path) -> list:
-    """The records of OUT/predictions.json when it was written by the same run (so a new predict merges into it),
-    else []. Raises UserError naming --out for a folder that holds another run's predictions (two models' outputs
-    would mix) or a predictions.json that cannot be read."""
+def check_out(out: Path, run_folder: Path, overrides=()) -> list:
+    """The records of OUT/predictions.json when it was written by the same run with the same `overrides` (so a new
+    predict merges into it), else []. Raises UserError naming --out for a folder that holds another run's
+    predictions or the same run's with other overrides (two models' outputs would mix) or a predictions.json that
+    cannot be read."""
     import json
 
     path = Path(out) / "predictions.json"
@@ -121,13 +123,16 @@ def check_out(out: Path, run_folder: Path) -> list:
                         "give an empty or new folder") from None
     if Path(old_run).resolve() != Path(run_folder).resolve():
         raise UserError(f"--out {out} holds the predictions of another run ({old_run}): give an empty or new folder")
+    if list(old.get("overrides", [])) != list(overrides):
+        raise UserError(f"--out {out} holds this run's predictions with the overrides {old.get('overrides', [])}, "
+                        f"not {list(overrides)}: give an empty or new folder")
     return records
 
 
 def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> dict:
-    """Predict every input of `sources` (files or folders) with the run in `run_dir`, its config changed by
-    `overrides` (key=value of config.EVAL_KEYS only: task.eval_mode, task.tta, ...); write OUT's files and
-    OUT/predictions.json. Returns the JSON's content.
+    """Predict every input of `sources` (files or folders) with the run in `run_dir`; write OUT's files and
+    OUT/predictions.json. Returns the JSON's content. `overrides`: "key=value" evaluation keys (config.EVAL_KEYS,
+    e.g. "task.tta=flip", "task.eval_mode=slide") applied to the run's config (runs.load_run).
 
     Raises runs.RunError for an unusable run folder, UserError for missing inputs or a task without a Predictor,
     DataError (naming the first file) when no input could be read. A corrupt input among readable ones is skipped
@@ -148,15 +153,16 @@ def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> 
                  len(ignored), "/".join(predictor.suffixes))
     # One predict per --out at a time: two would merge their records into predictions.json at once (files.folder_lock)
     with folder_lock(out, "--out"):
-        return _write_predictions(Path(out), run, predictor, inputs, ignored)
+        return _write_predictions(Path(out), run, predictor, inputs, ignored, list(overrides))
 
 
-def _write_predictions(out: Path, run, predictor: Predictor, inputs: list, ignored: list) -> dict:
+def _write_predictions(out: Path, run, predictor: Predictor, inputs: list, ignored: list, overrides: list) -> dict:
     """Predict `inputs` into `out` (held by this process) and write out/predictions.json, merged with the same
     run's earlier records there; the contract of `predict`."""
-    earlier = check_out(out, run.folder)
+    earlier = check_out(out, run.folder, overrides)
     names, names_from = predictor.class_names(run.config)
-    summary = {"run": str(run.folder), "family": run.family, "task": run.task, "class_names": names_from,
+    summary = {"run": str(run.folder), "overrides": overrides, "family": run.family, "task": run.task,
+               "class_names": names_from,
                "predictions": [], "skipped": [], "ignored": ignored, "complete": False}
     try:
         for path, name in inputs:

@@ -111,11 +111,11 @@ def load_run(run_dir, device="cpu", overrides=()) -> Run:
 
     The model is built from the config alone (`build_model`), so the run's training data need not be there.
     Raises RunError for a missing folder, config.yaml or weights.pth, a config of no known family or a task without
-    a build_model; UserError for a transfer task that is not registered;
+    a build_model; UserError for a transfer task that is not registered or an override of another key;
     ConfigError for a config.yaml that no longer loads; WeightsError for weights.pth that do not fit the model."""
     import torch
 
-    from rs_transfer.config import load_config
+    from rs_transfer.config import EVAL_KEYS, load_config
     from rs_transfer.engine.task import exported_network
     from rs_transfer.models.weights import load_strict, read_state_dict
 

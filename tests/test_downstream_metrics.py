@@ -80,22 +80,68 @@ def test_miou_whole_set_confusion_matrix_with_ignore():
 
 
 def test_depth_metrics_by_hand():
-    gt_depth = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.0])
-    pred = torch.tensor([1.2, 3.0, 4.0, 6.0, 5.0])
+    gt_depth = torch.tensor([[1.0, 2.0, 4.0, 8.0, 0.0]])  # one image
+    pred = torch.tensor([[1.2, 3.0, 4.0, 6.0, 5.0]])
     valid = gt_depth > 0
-    m = depth_metrics(depth_sums(pred, gt_depth, valid))
+    m = depth_metrics(depth_sums(pred, gt_depth, valid, 1e-3, 10.0))
     # ratios 1.2, 1.5, 1.0, 1.333: two of four below 1.25.
     assert m["delta1"] == pytest.approx(0.5)
     assert m["abs_rel"] == pytest.approx((0.2 / 1 + 1 / 2 + 0 + 2 / 8) / 4)
     assert m["rmse"] == pytest.approx(math.sqrt((0.04 + 1 + 0 + 4) / 4))
-    assert m["pixels"] == 4
+    assert m["pixels"] == 4 and m["images"] == 1
+
+
+def depth_pair():
+    """Two images of 4 pixels (0 = no ground truth): image 0 has 1 valid pixel, image 1 has 3."""
+    gt_depth = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 4.0, 0.0]])
+    pred = torch.tensor([[4.0, 9.0, 9.0, 9.0], [1.0, 1.1, 5.0, 9.0]])
+    return pred, gt_depth, gt_depth > 0
+
+
+def test_depth_errors_per_image_then_over_images_or_pooled_over_pixels():
+    pred, gt_depth, valid = depth_pair()
+    sums = depth_sums(pred, gt_depth, valid, 1e-3, 10.0)
+    images, pixels = depth_metrics(sums, average="images"), depth_metrics(sums, average="pixels")
+    # image 0: ratio 2 (miss), abs-rel 1, RMSE 2 m; image 1: ratios 1, 1.1, 1.25 (1.25 is not < 1.25): 1/3 miss,
+    # abs-rel (0 + 0.1 + 0.25) / 3, RMSE sqrt((0 + 0.01 + 1) / 3)
+    image_rmse = (2.0 + math.sqrt(1.01 / 3)) / 2  # BTS / AdaBins: the mean of the images' RMSEs
+    assert images["delta1"] == pytest.approx((0 + 2 / 3) / 2)
+    assert images["abs_rel"] == pytest.approx((1 + 0.35 / 3) / 2)
+    assert images["rmse"] == pytest.approx(image_rmse)
+    assert pixels["delta1"] == pytest.approx(2 / 4)
+    assert pixels["abs_rel"] == pytest.approx((1 + 0.35) / 4)
+    assert pixels["rmse"] == pytest.approx(math.sqrt((4 + 1.01) / 4))
+    for m in (images, pixels):  # both averages are always there, named; the plain names follow `average`
+        assert m["rmse_images"] == pytest.approx(image_rmse) and m["rmse_pixels"] == pytest.approx(pixels["rmse"])
+        assert (m["pixels"], m["images"], m["nonfinite_pixels"], m["nonfinite_images"]) == (4, 2, 0.0, 0.0)
+
+
+def test_nonfinite_depth_predictions_are_counted_and_evaluated_as_bts_does():
+    pred, gt_depth, valid = depth_pair()
+    pred[1, 1], pred[1, 2], pred[0, 1] = float("nan"), float("inf"), float("nan")  # the last on no ground truth
+    m = depth_metrics(depth_sums(pred, gt_depth, valid, 1e-3, 10.0), average="pixels")
+    assert m["nonfinite_pixels"] == pytest.approx(2 / 4) and m["nonfinite_images"] == pytest.approx(1 / 2)
+    # NaN evaluated as depth_min (1e-3 m), inf as depth_max (10 m): finite errors, both misses
+    assert m["delta1"] == pytest.approx(1 / 4)
+    assert m["rmse"] == pytest.approx(math.sqrt((4 + 0 + (1 - 1e-3) ** 2 + 36) / 4))
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_depth_average_defaults_to_per_image_and_is_checked():
+    from rs_transfer.config import ConfigError
+    from rs_transfer.downstream import finetune
+
+    assert finetune.make_config("nyu_depth").task.depth_average == "images"  # BTS / AdaBins, the published numbers
+    with pytest.raises(ConfigError, match="task.depth_average='mean' makes no sense here: it must be one of images, "
+                                          "pixels"):
+        finetune.make_config("nyu_depth", overrides=["task.depth_average=mean"])
 
 
 def test_metrics_with_nothing_to_measure_raise_instead_of_nan_inf_or_zero():
     from rs_transfer.errors import DataError
 
     with pytest.raises(DataError, match="depth evaluation found no valid ground-truth depth"):
-        depth_metrics(depth_sums(torch.ones(3), torch.zeros(3), torch.zeros(3, dtype=torch.bool)))
+        depth_metrics(depth_sums(torch.ones(1, 3), torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool), 1e-3, 10.0))
     metric = MeanIoU(num_classes=3)
     metric.update(torch.tensor([0, 1, 2]), torch.tensor([255, 255, 255]))
     with pytest.raises(DataError, match="no labelled pixel"):

@@ -229,12 +229,12 @@ def test_metric_names_say_how_the_numbers_were_computed():
     from rs_transfer.downstream.dense_inference import rename_metrics
 
     seg, depth = registry.get("pascal_seg"), registry.get("nyu_depth")
-    assert seg.metric_for(pascal_seg.PascalSegSection()) == "miou"  # the default: unchanged
-    assert seg.metric_for(pascal_seg.PascalSegSection(eval_mode="slide")) == "miou_slide"
-    assert seg.metric_for({"eval_mode": "slide", "tta": "ms_flip"}) == "miou_slide_ms_flip"  # a config.yaml's dict
-    assert seg.metric_for({}) == "miou"  # a run written before these keys
-    assert depth.metric_for(nyu_depth.NYUDepthSection(tta="flip")) == "delta1_flip"
-    assert registry.get("pascal_det").metric_for({"tta": "flip"}) == "ap50"  # detection names its own
+    assert seg.metric_of(pascal_seg.PascalSegSection()) == "miou"  # the default: unchanged
+    assert seg.metric_of(pascal_seg.PascalSegSection(eval_mode="slide")) == "miou_slide"
+    assert seg.metric_of({"eval_mode": "slide", "tta": "ms_flip"}) == "miou_slide_ms_flip"  # a config.yaml's dict
+    assert seg.metric_of({}) == "miou"  # a run written before these keys
+    assert depth.metric_of(nyu_depth.NYUDepthSection(tta="flip")) == "delta1_flip"
+    assert registry.get("pascal_det").metric_of({"tta": "flip"}) == "ap50_flip"
     assert rename_metrics({"miou": 1, "iou/cat": 2, "pixels": 3}, "_slide", keep=("pixels",)) == {
         "miou_slide": 1, "iou_slide/cat": 2, "pixels": 3}
 
@@ -267,3 +267,152 @@ def test_a_run_evaluated_in_windows_picks_its_best_checkpoint_by_its_own_metric(
     assert built.primary_metric == "miou_slide" and built.primary_metric in metrics
     assert not any(key.startswith("iou/") for key in metrics) and any(k.startswith("iou_slide/") for k in metrics)
     assert {"task.eval_mode", "task.slide_crop", "task.slide_stride", "task.tta", "task.tta_scales"} <= EVAL_KEYS
+
+
+def found_boxes(calls: list, score_of=None):
+    """A flip-equivariant stand-in for Detector.detect: each non-zero channel c of an image is one detection of label
+    c + 1, its box the bounding box of the channel's non-zero pixels (continuous pixel edges), its score the
+    channel's peak (or score_of(call number)). Records (size, images) of every call in `calls`."""
+    def detect(images, size):
+        calls.append((size, images))
+        outputs = []
+        for image in images:
+            boxes, labels, scores = [], [], []
+            for channel in range(3):
+                rows, cols = image[channel].nonzero(as_tuple=True)
+                if len(rows):
+                    boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+                    labels.append(channel + 1)
+                    scores.append(score_of(len(calls)) if score_of else image[channel].max())
+            outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                            "labels": torch.tensor(labels, dtype=torch.int64),
+                            "scores": torch.tensor(scores, dtype=torch.float32)})
+        return outputs
+
+    return detect
+
+
+def tiny_detector(**tta):
+    from rs_transfer.downstream.pascal_det import Detector
+
+    torch.manual_seed(0)
+    return Detector("rs26-w0.25", 3, fpn_channels=16, fc_channels=32, train_size=64, eval_size=64, **tta).eval()
+
+
+def test_flipped_detections_map_back_to_the_original_box_and_merge_per_class():
+    # detectron2's GeneralizedRCNNWithTTA: run each view, undo its flip, concatenate, per-class NMS, keep the top.
+    detector = tiny_detector(tta="flip")
+    calls = []
+    detector.detect = found_boxes(calls, score_of=lambda call: 0.5 if call == 1 else 0.8)  # the mirror scores higher
+    image = torch.zeros(3, 24, 40, dtype=torch.uint8)
+    image[:2, 3:10, 5:15] = 200  # labels 1 and 2 on one box, off-centre: its mirror is at x 25..35
+    with torch.no_grad():
+        found = detector({"images": [image]})[0]
+    assert [size for size, _ in calls] == [64, 64]
+    assert torch.equal(calls[1][1][0], calls[0][1][0].flip(-1))  # the second view is the mirrored image
+    # the kept detections are the mirror's (score 0.8), mapped back exactly; NMS per class keeps both labels
+    assert found["scores"].tolist() == pytest.approx([0.8, 0.8]) and sorted(found["labels"].tolist()) == [1, 2]
+    assert found["boxes"].tolist() == [[5.0, 3.0, 15.0, 10.0]] * 2
+    detector.detector.roi_heads.detections_per_img = 1  # task.det_max_per_image: the top detection only
+    with torch.no_grad():
+        assert len(detector({"images": [image]})[0]["boxes"]) == 1
+
+
+def test_multi_scale_flip_runs_every_scale_with_and_without_the_mirror():
+    detector = tiny_detector(tta="ms_flip", tta_scales=(0.5, 1.25))
+    calls = []
+    detector.detect = found_boxes(calls)
+    image = torch.zeros(3, 24, 40, dtype=torch.uint8)
+    image[0, 3:10, 5:15] = 200
+    with torch.no_grad():
+        found = detector({"images": [image]})[0]
+    assert [size for size, _ in calls] == [32, 32, 80, 80]  # scale x task.det_eval_size (64), detectron2's order
+    assert found["boxes"].tolist() == [[5.0, 3.0, 15.0, 10.0]]
+
+
+def test_ms_flip_on_the_real_detector_keeps_detections_of_its_views():
+    # torchvision's FasterRCNN at each view's size: every merged detection is one of the views' own, mapped back
+    from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
+    from torchvision.tv_tensors import BoundingBoxFormat
+
+    detector = tiny_detector(tta="ms_flip", tta_scales=(0.75, 1.0))
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        found = detector({"images": [image]})[0]
+        views = []
+        for size in (48, 64):
+            views.append(detector.detect([image.float() / 255], size)[0])
+            mirrored = detector.detect([image.flip(-1).float() / 255], size)[0]
+            boxes = horizontal_flip_bounding_boxes(mirrored["boxes"], BoundingBoxFormat.XYXY, (48, 64))
+            views.append({**mirrored, "boxes": boxes})
+    union = torch.cat([torch.cat([v["boxes"], v["scores"][:, None], v["labels"][:, None].float()], 1) for v in views])
+    assert 0 < len(found["boxes"]) <= 100 < len(union)
+    for box, score, label in zip(found["boxes"], found["scores"], found["labels"]):
+        row = torch.cat([box, score[None], label[None].float()])
+        assert (union - row).abs().amax(1).min() < 1e-5
+    assert found["scores"][0] == union[:, 4].max()
+
+
+def symmetric_set() -> list:
+    """Two images symmetric about their vertical centre line: one true positive (aeroplane, score ~0.59), and a
+    brighter aeroplane-coloured region with no ground truth (a false positive, ~0.9) beside an undetected bird."""
+    first, second = torch.zeros(3, 24, 40, dtype=torch.uint8), torch.zeros(3, 24, 40, dtype=torch.uint8)
+    first[0, 4:13, 15:25] = 150
+    second[0, 2:8, 10:30] = 230
+    samples = []
+    for index, (image, box, label) in enumerate(((first, [15, 4, 25, 13], 0), (second, [5, 12, 35, 20], 2))):
+        samples.append({"image": image, "boxes": torch.tensor([box], dtype=torch.float32),
+                        "labels": torch.tensor([label]), "difficult": torch.tensor([False]), "id": f"im{index}"})
+    return samples
+
+
+def test_flip_tta_on_symmetric_images_gives_the_single_scale_ap_under_its_own_name():
+    from rs_transfer.downstream.pascal_det import make_evaluator
+
+    samples = symmetric_set()
+    results = {}
+    for tta in ("none", "flip"):
+        detector = tiny_detector(tta=tta)
+        detector.detect = found_boxes([])
+        results[tta] = make_evaluator(samples, 2, tta=tta)(detector)
+    # aeroplane: the false positive ranks first, precision 1/2 at recall 1 -> AP 0.5; bird: AP 0. Without the merge
+    # the mirrored duplicates would count as false positives.
+    assert results["none"]["ap50"] == pytest.approx(0.25)
+    assert results["flip"] == pytest.approx({"ap50_flip": results["none"]["ap50"], "ap50_flip/aeroplane": 0.5,
+                                             "ap50_flip/bird": 0.0})
+
+
+def test_tta_keys_are_checked_and_the_primary_metric_follows_them(tmp_path):
+    import json
+
+    from rs_transfer.config import ConfigError
+    from rs_transfer.engine.summary import primary_metric
+    from rs_transfer.reproduce.table5 import reproduce_table5
+
+    assert registry.get("coco_det").metric_of(finetune.make_config("coco_det", overrides=["task.tta=flip"]).task) \
+        == "map_flip"
+    assert registry.get("pascal_det").metric_of(finetune.make_config("pascal_det").task) == "ap50"
+    assert primary_metric("transfer", "pascal_det", {"name": "pascal_det", "tta": "ms_flip"}) == "ap50_ms_flip"
+    assert primary_metric("transfer", "nyu_depth", {"name": "nyu_depth"}) == "delta1"
+    for override, message in (("task.tta=flipped", "task.tta='flipped' makes no sense here: it must be one of none, "
+                                                   "flip, ms_flip"),
+                              ("task.tta_scales=[]", "task.tta_scales is empty"),
+                              ("task.tta_scales=[0.5,100]", "task.tta_scales holds 100: with task.det_eval_size=896")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            finetune.make_config("pascal_det", overrides=[override])
+    # Table 5 reads a run's own metric (here from its config.yaml) and names it: the paper's numbers are single-scale
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task:\n  name: pascal_det\n  tta: flip\n")
+    (run / "final_metrics.json").write_text(json.dumps({"ap50_flip": 0.6}))
+    table = reproduce_table5([f"ours:pascal_det={run}"], tmp_path / "t5")
+    assert table["ours"][0]["pascal_det"] == pytest.approx(60.0)
+    markdown = (tmp_path / "t5" / "table5.md").read_text()
+    assert "| ours | - | 60.0 |" in markdown
+    assert "Not single-scale whole-image (the paper's protocol): ours pascal_det: ap50_flip" in markdown
+
+
+def test_a_sweep_with_tta_collects_the_tta_metric(tmp_path, monkeypatch):
+    ran = record_sweep_runs(tmp_path, monkeypatch, "ap50_flip")
+    summary = finetune.sweep("pascal_det", overrides=[f"output_dir={tmp_path / 'sweep'}", "task.tta=flip"], point=0)
+    assert len(ran) == 1 and summary["metric"] == "ap50_flip" and summary["best"]["ap50_flip"] == 0.5

@@ -102,6 +102,31 @@ def test_detection_boxes_are_the_evaluators_detections(runs, tmp_path):
         assert (tmp_path / record["drawn"]).is_file()
 
 
+def test_predict_takes_the_evaluation_keys_so_detection_tta_is_the_models(runs, tmp_path, capsys):
+    from rs_transfer.downstream.pascal_det import detect_with_tta
+
+    run_dir = runs("pascal_det")
+    image = sorted((run_dir.parent / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("test*.jpg"))[-1]
+    # an override after --images is one: the words of --images that are not files but key=value move back
+    assert main(["predict", "--run", str(run_dir), "--images", str(image), "task.tta=flip", "--out",
+                 str(tmp_path / "flip")]) == 0
+    run = load_run(run_dir, overrides=["task.tta=flip"])
+    assert run.config.task.tta == "flip" and run.model.tta == "flip"
+    with torch.no_grad():
+        expected = detect_with_tta(run.model, [read_image(image).float() / 255])[0]
+    found = records(tmp_path / "flip")[0]["detections"]
+    assert len(found) == len(expected["boxes"]) > 0
+    torch.testing.assert_close(torch.tensor([d["box"] for d in found]), expected["boxes"], rtol=0, atol=1e-4)
+    capsys.readouterr()
+    # single-scale boxes would mix with the flip's in one predictions.json: refused
+    assert main(["predict", "--run", str(run_dir), "--images", str(image), "--out", str(tmp_path / "flip")]) == 2
+    assert "holds this run's predictions with the overrides ['task.tta=flip'], not []" in capsys.readouterr().err
+    # a key that would describe another network than weights.pth is refused, naming it
+    assert main(["predict", "--run", str(run_dir), "task.fpn_channels=8", "--images", str(image), "--out",
+                 str(tmp_path / "other")]) == 2
+    assert "'task.fpn_channels=8': a run is used with the config it was trained with" in capsys.readouterr().err
+
+
 def test_depth_pngs_round_trip_to_the_predicted_metres(runs, tmp_path):
     from rs_transfer.downstream import nyu_depth
 

@@ -21,7 +21,8 @@ Memory: a JSON is parsed once at build into per-image numpy arrays (boxes, label
 areas: one row per annotation, `starts` marking each image's rows), not kept as per-annotation dicts.
 
 Evaluation: detections of every rank gathered, then pycocotools' COCOeval against the val JSON's boxes (as read
-above: original image and category ids), metrics `map` (AP@[.5:.95]), `ap50`, `ap75` and `ap/<category id>:<name>`.
+above: original image and category ids), metrics `map` (AP@[.5:.95]), `ap50`, `ap75` and `ap/<category id>:<name>`;
+with test-time augmentation (task.tta, pascal_det's `detect_with_tta`) each name carries it: `map_flip`, `ap_flip/...`.
 """
 
 import json
@@ -39,7 +40,7 @@ from torchvision import tv_tensors
 
 from rs_transfer.config import ConfigError, data_root
 from rs_transfer.data.text import ENCODING
-from rs_transfer.downstream.config import CropSection, FinetuneConfig, check_num_classes
+from rs_transfer.downstream.config import FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import read_image
 from rs_transfer.downstream.metrics import coco_box_ap
 from rs_transfer.downstream.pascal_det import (Detector, DetectorSection, det_collate, detector, draw_detections,
@@ -47,7 +48,7 @@ from rs_transfer.downstream.pascal_det import (Detector, DetectorSection, det_co
 from rs_transfer.downstream.pascal_det import predict as predict_boxes
 from rs_transfer.downstream.pascal_det import write_detections as write_boxes
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTask, tta_metric
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
@@ -74,7 +75,7 @@ def _same_length(section, prefix: str) -> None:
 
 @dataclass
 class CocoDetSection(DetectorSection):
-    RELATIONS = CropSection.RELATIONS + (_same_length,)
+    RELATIONS = DetectorSection.RELATIONS + (_same_length,)
 
     name: str = "coco_det"
     train_json: str = "annotations/instances_train2017.json"  # relative to data.root, or absolute
@@ -355,12 +356,13 @@ def _eval_collate(samples: list) -> dict:
     return {"images": [s["image"].as_subclass(torch.Tensor) for s in samples], "ids": [s["id"] for s in samples]}
 
 
-def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0):
+def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0, tta: str = "none"):
     """COCO box AP of `model(batch)` (eval mode: torchvision detections, one dict per image with "boxes" (K, 4) x1 y1
     x2 y2 in input pixels, "labels" (K,) 1..K, "scores" (K,)) over `val`'s images, each rank a contiguous part,
     detections gathered to every rank, then pycocotools' COCOeval on every rank (the same numbers):
     {"map", "ap50", "ap75", "ap/<category id>:<name>"} as fractions; categories without a non-crowd box in `val`
-    are not listed. Raises DataError naming `val`'s JSON when it has no non-crowd box (here, before any training)."""
+    are not listed; each name carries the model's test-time augmentation `tta` (task.tta: "map_flip", "ap_flip/...").
+    Raises DataError naming `val`'s JSON when it has no non-crowd box (here, before any training)."""
     if not (~val.crowd).any():
         raise DataError(f"{val.json_path} has no box to evaluate on (none that is not iscrowd and has an area inside "
                         "its image): COCO AP would be undefined; give a val JSON with annotated objects")
@@ -380,10 +382,10 @@ def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0):
         detections = [{"image_id": image_id, "category_id": category_id, "score": score, "bbox": [x, y, w, h]}
                       for image_id, category_id, score, x, y, w, h in all_gather_list(found)]
         result = coco_box_ap(val.ground_truth(), detections)
-        metrics = {"map": result["map"], "ap50": result["ap50"], "ap75": result["ap75"]}
+        metrics = {tta_metric(key, tta): result[key] for key in ("map", "ap50", "ap75")}
         for category_id, name in zip(val.category_ids, val.class_names):
             if result["per_category"][category_id] is not None:
-                metrics[f"ap/{category_id}:{name}"] = result["per_category"][category_id]
+                metrics[f"{tta_metric('ap', tta)}/{category_id}:{name}"] = result["per_category"][category_id]
         return metrics
 
     return evaluate
@@ -428,8 +430,8 @@ def build(config) -> Task:
     train_set = CocoDetection(train, train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
                                                      labels_getter="default"))
     return Task(model=build_model(config), train_set=train_set,
-                evaluate=make_evaluator(val, task_cfg.eval_batch_size, config.data.num_workers),
-                primary_metric=PROTOCOL.metric, collate_fn=det_collate,
+                evaluate=make_evaluator(val, task_cfg.eval_batch_size, config.data.num_workers, task_cfg.tta),
+                primary_metric=tta_metric(PROTOCOL.metric, task_cfg.tta), collate_fn=det_collate,
                 visualize=visualizer(CocoDetection(val), PREDICTOR, config))
 
 

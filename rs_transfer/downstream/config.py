@@ -12,6 +12,7 @@ from rs_transfer.config import (
     MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, DataConfig, RunConfig, above, at_least, at_most, checked,
     one_of, ordered,
 )
+from rs_transfer.downstream.registry import EVAL_MODES, TTA_MODES
 
 
 def _jittered_crop_has_pixels(task, prefix: str) -> None:
@@ -56,10 +57,10 @@ class DenseSection(CropSection):
 
     head_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))  # width of the 3 conv layers of the dense head
     # mmseg test_cfg mode: "whole" (the image at its size) or "slide" (windows, overlapping outputs averaged)
-    eval_mode: str = checked("whole", one_of("whole", "slide"))
+    eval_mode: str = checked("whole", one_of(*EVAL_MODES))
     slide_crop: int = checked(512, at_least(1), at_most(MAX_PIXELS))  # window side (mmseg crop_size (512, 512))
     slide_stride: int = checked(341, at_least(1), at_most(MAX_PIXELS))  # window step, <= slide_crop (mmseg stride (341, 341))
-    tta: str = checked("none", one_of("none", "flip", "ms_flip"))  # test-time augmentation (mmseg SegTTAModel)
+    tta: str = checked("none", one_of(*TTA_MODES))  # test-time augmentation (mmseg SegTTAModel)
     # ms_flip's scales, x the image size (mmseg's aug-test img_ratios)
     tta_scales: list = checked(None, above(0), at_most(8.0), factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
 

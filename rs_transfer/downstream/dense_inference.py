@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-EVAL_MODES = ("whole", "slide")
-TTA_MODES = ("none", "flip", "ms_flip")
 
 
 @dataclass(frozen=True)
@@ -40,19 +38,6 @@ class Inference:
     def of(cls, section) -> "Inference":
         """From a task section (DenseSection)."""
         return cls(section.eval_mode, section.slide_crop, section.slide_stride, section.tta, tuple(section.tta_scales))
-
-
-def metric_suffix(eval_mode: str = "whole", tta: str = "none") -> str:
-    """"" for single-scale whole-image inference; else "_slide", "_flip", "_ms_flip" or "_slide_ms_flip" etc.,
-    so a TTA or sliding-window number cannot pass for a single-scale one (mmseg issues #140, #280)."""
-    return ("_slide" if eval_mode == "slide" else "") + ("" if tta == "none" else f"_{tta}")
-
-
-def section_suffix(section) -> str:
-    """metric_suffix of a task section: a dataclass, or the dict a run's config.yaml holds (a key missing, as in
-    runs written before these keys: the default)."""
-    get = section.get if isinstance(section, dict) else lambda key, default: getattr(section, key, default)
-    return metric_suffix(get("eval_mode", "whole"), get("tta", "none"))
 
 
 def rename_metrics(metrics: dict, suffix: str, keep: tuple = ()) -> dict:

@@ -134,7 +134,7 @@ def sweep(task, backbone=None, weights=None, config_path=None, overrides=(), poi
             log.info("%s: finished earlier with this config, skipped", out)
             continue
         run(config, synthetic=synthetic)
-    return collect_sweep(base.output_dir, task, registry.get(task).metric_for(base.task))
+    return collect_sweep(base.output_dir, task, registry.get(task).metric_of(base.task))
 
 
 GRID_KEYS = ("train.lr", "train.steps", "train.epochs")
@@ -164,7 +164,7 @@ def _check_point(point: int, count: int) -> int:
 def collect_sweep(folder, task, metric: str | None = None) -> dict:
     """Write FOLDER/sweep.json from every finished grid point (FOLDER/lr*_steps*/final_metrics.json) and return it:
     {"task", "metric", "best": the point with the highest metric, "points"}; `metric` None: the task's default
-    (the sweep's config names another, e.g. "miou_slide": TransferTask.metric_for). Raises UserError when no point
+    (the sweep's config names another, e.g. "miou_slide": TransferTask.metric_of). Raises UserError when no point
     has finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
     metric = metric or registry.get(task).metric
     results = []
@@ -189,7 +189,7 @@ def demo(task: str = "pascal_seg", data_dir=None, output_dir=None, overrides=())
                          [f"task.name={task}", string_override("data.root", data_dir),
                           string_override("output_dir", output_dir), *overrides])
     metrics = run(config, synthetic=True)
-    name = registry.get(task).metric_for(config.task)
+    name = registry.get(task).metric_of(config.task)
     print(f"{task}: {name} = {metrics[name]:.3f} on the synthetic validation set after {config.train.steps} steps "
           f"({time.perf_counter() - start:.0f} s); data in {data_dir}, run in {output_dir}")
     return metrics

@@ -363,5 +363,5 @@ PREDICTOR = segmentation.predictor(lambda config: (configured_names(config), "ta
 
 TASK = TransferTask(
     name="folder_seg", config=FolderSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR, metric_name=segmentation.metric_name,
+    build_model=build_model, predictor=PREDICTOR,
 )

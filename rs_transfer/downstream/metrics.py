@@ -12,7 +12,9 @@
 - COCO box AP (coco_det): pycocotools' COCOeval, the COCO API itself, so the numbers are the field's reference
   numbers: AP@[.5:.95] (`map`), AP50, AP75 with 101-point interpolated precision, 100 detections per image, `iscrowd`
   regions matched as COCO matches them (a detection on a crowd region is neither a true nor a false positive).
-- Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE.
+- Depth: delta < 1.25 (fraction of valid pixels with max(pred/gt, gt/pred) < 1.25), abs-rel, RMSE, averaged per
+  image then over images (BTS and AdaBins `compute_errors`, the published NYU numbers) or pooled over all pixels of
+  the set; non-finite predictions counted and evaluated as BTS and AdaBins do (`depth_sums`).
 
 A metric with nothing to measure (no labelled pixel, no ground-truth box, no valid depth pixel in the whole
 evaluation set) is undefined: it raises DataError instead of returning NaN, infinity or a zero that reads
@@ -58,27 +60,69 @@ class MeanIoU:
         return metrics
 
 
-def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[pixels, pixels with delta < 1.25, sum |pred - gt| / gt, sum (pred - gt)^2] over valid pixels."""
-    pred, gt = pred[valid].double(), gt[valid].double()
+DEPTH_AVERAGES = ("images", "pixels")  # task.depth_average
+# depth_sums' entries, summed over batches and ranks: the pooled sums over pixels, the sums of per-image values over
+# images (each image's mean over its valid pixels, its RMSE the root of its own mean), the non-finite counts
+DEPTH_SUMS = ("pixels", "pixels_delta1", "pixels_abs_rel", "pixels_squared", "images", "images_delta1",
+              "images_abs_rel", "images_rmse", "nonfinite_pixels", "nonfinite_images")
+
+
+def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, depth_min: float,
+               depth_max: float) -> torch.Tensor:
+    """float64 (len(DEPTH_SUMS),): this batch's sums for `depth_metrics`. pred, gt (metres), valid (bool): (N, ...)
+    of the same shape, one image per index of the first dimension; an image without a valid pixel counts nowhere.
+
+    Predictions are clamped to (depth_min, depth_max); a non-finite one on a valid pixel is counted
+    (nonfinite_pixels, and its image in nonfinite_images) and then evaluated as BTS (pytorch/bts_eval.py `eval`) and
+    AdaBins (evaluate.py) evaluate it: NaN as depth_min, +inf as depth_max (-inf as depth_min), so every error stays
+    a finite number next to the count instead of a NaN RMSE or a silent delta1 miss."""
+    images = pred.shape[0]
+    valid = valid.reshape(images, -1)
+    pred, gt = pred.reshape(images, -1).double(), gt.reshape(images, -1).double()
+    nonfinite = ~torch.isfinite(pred) & valid
+    pred = torch.nan_to_num(pred, nan=depth_min, posinf=depth_max, neginf=depth_min).clamp(depth_min, depth_max)
+    # pixels outside `valid` (gt 0 = no measurement) are set to 1 m so that nothing divides by zero, then left out
+    pred, gt = torch.where(valid, pred, 1.0), torch.where(valid, gt, 1.0)
     ratio = torch.maximum(pred / gt, gt / pred)
+    pixels = valid.sum(1).double()
+    delta1 = ((ratio < 1.25) & valid).sum(1).double()
+    abs_rel = torch.where(valid, (pred - gt).abs() / gt, 0.0).sum(1)
+    squared = torch.where(valid, (pred - gt) ** 2, 0.0).sum(1)
+    seen, count = pixels > 0, pixels.clamp(min=1)
     return torch.stack([
-        torch.tensor(float(gt.numel()), dtype=torch.float64, device=gt.device),
-        (ratio < 1.25).sum().double(),
-        ((pred - gt).abs() / gt).sum(),
-        ((pred - gt) ** 2).sum(),
+        pixels.sum(), delta1.sum(), abs_rel.sum(), squared.sum(),
+        seen.sum().double(), (delta1 / count)[seen].sum(), (abs_rel / count)[seen].sum(),
+        (squared / count).sqrt()[seen].sum(),
+        nonfinite.sum().double(), nonfinite.any(1).sum().double(),
     ])
 
 
-def depth_metrics(sums: torch.Tensor, valid: str = "valid ground-truth depth") -> dict:
-    """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics (pixel-weighted).
+def depth_metrics(sums: torch.Tensor, valid: str = "valid ground-truth depth", average: str = "images") -> dict:
+    """Reduce `depth_sums` over ranks (call on every rank) and turn them into metrics: "delta1", "abs_rel", "rmse"
+    averaged as `average` says ("images": each image's value, then the mean over images, as BTS and AdaBins
+    `compute_errors` and the published NYU numbers; "pixels": pooled over every valid pixel of the set), both
+    averages also under explicit names ("delta1_images", ..., "delta1_pixels", ...), "pixels" and "images" (the
+    counts evaluated), "nonfinite_pixels" and "nonfinite_images" (fractions of them whose prediction was NaN or
+    infinite). Summed per image and count over ranks, so the per-image mean is the one of the whole set.
 
     Raises DataError on every rank when no pixel was valid; `valid` says which pixels count, for the message."""
-    pixels, good, abs_rel, squared = all_reduce_sum(sums).tolist()
+    totals = dict(zip(DEPTH_SUMS, all_reduce_sum(sums).tolist()))
+    pixels, images = totals["pixels"], totals["images"]
     if pixels == 0:
         raise DataError(f"depth evaluation found no {valid}: delta1, abs_rel and rmse are undefined; check "
                            "task.depth_min/depth_max (metres) and the depth files (h5: metres, BTS PNGs: millimetres)")
-    return {"delta1": good / pixels, "abs_rel": abs_rel / pixels, "rmse": (squared / pixels) ** 0.5, "pixels": int(pixels)}
+    by = {
+        "images": {"delta1": totals["images_delta1"] / images, "abs_rel": totals["images_abs_rel"] / images,
+                   "rmse": totals["images_rmse"] / images},
+        "pixels": {"delta1": totals["pixels_delta1"] / pixels, "abs_rel": totals["pixels_abs_rel"] / pixels,
+                   "rmse": (totals["pixels_squared"] / pixels) ** 0.5},
+    }
+    metrics = dict(by[average])
+    for kind in DEPTH_AVERAGES:
+        metrics.update({f"{name}_{kind}": value for name, value in by[kind].items()})
+    metrics.update(pixels=int(pixels), images=int(images), nonfinite_pixels=totals["nonfinite_pixels"] / pixels,
+                   nonfinite_images=totals["nonfinite_images"] / images)
+    return metrics
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ Two layouts (task.nyu_format, "auto" picks the one present):
 
 The network predicts log-depth; the loss is the L1 distance in log space over valid pixels (ratio errors, the
 quantity delta < 1.25 measures). Evaluation: full image, ground truth inside (depth_min, depth_max) and, with
-task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes).
+task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes); errors averaged
+per image then over images (task.depth_average=images, BTS/AdaBins) or over all pixels (pixels); metrics.depth_sums.
 """
 
 import logging
@@ -29,13 +30,14 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_arg
 from rs_transfer.downstream.data import (
     dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
 )
-from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics, section_suffix
+from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
 from rs_transfer.downstream.fpn import DensePredictor
-from rs_transfer.downstream.metrics import depth_metrics, depth_sums
+from rs_transfer.downstream.metrics import DEPTH_AVERAGES, DEPTH_SUMS, depth_metrics, depth_sums
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTask, section_suffix
 from rs_transfer.downstream.scenes import depth_scene
 from rs_transfer.engine.device import model_device, to_device
+from rs_transfer.engine.distributed import is_main
 from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
@@ -62,6 +64,9 @@ class NYUDepthSection(DenseSection):
     depth_min: float = checked(1e-3, at_least(0))  # metres; ground truth outside (depth_min, depth_max) is not evaluated
     depth_max: float = checked(10.0, above(0))
     eigen_crop: bool = True  # evaluate inside the Eigen et al. crop (rows 45:471, cols 41:601 of 480x640)
+    # delta1 / abs_rel / rmse: "images" = per image, then the mean over images (BTS and AdaBins compute_errors, the
+    # published NYU numbers); "pixels" = pooled over every valid pixel of the set. Both are reported, suffixed.
+    depth_average: str = checked("images", one_of(*DEPTH_AVERAGES))
 
 
 @dataclass
@@ -209,34 +214,42 @@ def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: 
 
 def make_evaluator(val_set, task_cfg, num_workers: int = 0):
     """NYU depth metrics of `model(batch)` (eval mode: depth in metres, (N, H, W)) over `val_set`, each rank a
-    contiguous part, sums reduced over ranks: {"delta1", "abs_rel", "rmse", "pixels"}; delta1 (share of pixels
-    with max(pred / gt, gt / pred) < 1.25) a fraction, abs_rel relative, rmse in metres (predictions clamped to
-    (task_cfg.depth_min, task_cfg.depth_max), pixels with ground truth inside it, optionally the Eigen crop).
-    Predicted as task_cfg.eval_mode / tta say (depth_outputs); the names but "pixels" then carry the suffix
-    ("delta1_slide", ...: metric_name). Raises DataError when no pixel of the set has valid ground truth."""
+    contiguous part, sums reduced over ranks (metrics.depth_metrics): "delta1" (share of pixels with
+    max(pred / gt, gt / pred) < 1.25) a fraction, "abs_rel" relative, "rmse" in metres, averaged as
+    task_cfg.depth_average says, both averages suffixed ("delta1_images", "delta1_pixels", ...), the "pixels" and
+    "images" evaluated and the fractions with a non-finite prediction ("nonfinite_pixels", "nonfinite_images";
+    logged). Predictions clamped to (task_cfg.depth_min, task_cfg.depth_max), pixels with ground truth inside it,
+    optionally the Eigen crop. Predicted as task_cfg.eval_mode / tta say (depth_outputs); the names but the counts
+    "pixels" and "images" then carry the inference suffix ("delta1_slide", "nonfinite_pixels_flip", ...). Raises
+    DataError when no pixel of the set has valid ground truth."""
     inference = Inference.of(task_cfg)
 
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(DEPTH_SUMS), dtype=torch.float64, device=device)
         with torch.no_grad():
             for batch in eval_batches(val_set, task_cfg.eval_batch_size, _collate_with_sizes, num_workers, device):
                 batch = to_device(batch, device)
-                pred = depth_outputs(model, batch["image"], inference).clamp(task_cfg.depth_min, task_cfg.depth_max)
+                # depth_sums clamps the prediction, counting its non-finite values first
+                pred = depth_outputs(model, batch["image"], inference)
                 valid = eval_mask(batch["depth"], task_cfg.depth_min, task_cfg.depth_max, task_cfg.eigen_crop,
                                   batch["size"])
-                sums += depth_sums(pred, batch["depth"], valid)
+                sums += depth_sums(pred, batch["depth"], valid, task_cfg.depth_min, task_cfg.depth_max)
         crop = " and the Eigen crop" if task_cfg.eigen_crop else ""
         metrics = depth_metrics(sums, f"ground-truth depth inside ({task_cfg.depth_min}, {task_cfg.depth_max}) m{crop} "
-                                      f"in {len(val_set)} images")
-        return rename_metrics(metrics, section_suffix(task_cfg), keep=("pixels",))
+                                      f"in {len(val_set)} images", task_cfg.depth_average)
+        if metrics["nonfinite_pixels"] and is_main():
+            log.warning("depth evaluation: %.4g of the evaluated pixels (in %.4g of the images) have a NaN or infinite "
+                        "prediction, evaluated as depth_min (NaN) or depth_max (inf), as BTS and AdaBins do",
+                        metrics["nonfinite_pixels"], metrics["nonfinite_images"])
+        return rename_metrics(metrics, section_suffix(task_cfg), keep=("pixels", "images"))
 
     return evaluate
 
 
 def metric_name(section) -> str:
     """The primary metric of a run with this task section (dataclass or config.yaml dict): "delta1",
-    "delta1_slide", "delta1_ms_flip", ... (dense_inference.metric_suffix)."""
+    "delta1_slide", "delta1_ms_flip", ... (registry.metric_suffix)."""
     return PROTOCOL.metric + section_suffix(section)
 
 
@@ -350,7 +363,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
 
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR, metric_name=metric_name,
+    build_model=build_model, predictor=PREDICTOR,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,

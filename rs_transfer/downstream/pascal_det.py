@@ -9,7 +9,8 @@ by the AP (as the devkit does); images without objects are kept (empty targets t
 Model: RPN with one anchor size per level (task.anchor_sizes, 3 aspect ratios) on P3-P7, MultiScaleRoIAlign
 over P3-P7 (7x7), the "4conv1fc" box head (torchvision's FastRCNNConvFCHead: 4 x conv 3x3 + BN + ReLU, FC).
 Training images are the scale-jittered crops (no further resize); test images are resized so the longer side
-is task.det_eval_size, and boxes come back in original pixels.
+is task.det_eval_size, and boxes come back in original pixels. Test-time augmentation (task.tta: flip, multi-scale
+flip) follows detectron2's GeneralizedRCNNWithTTA (`detect_with_tta`); its metrics are named for it (`ap50_flip`).
 """
 
 import xml.etree.ElementTree as ET
@@ -25,16 +26,18 @@ from torchvision import tv_tensors
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, batched_nms
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
 
-from rs_transfer.config import MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, above, at_least, at_most, checked
+from rs_transfer.config import (MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, above, at_least, at_most, checked,
+                                one_of)
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_split, require
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TTA_MODES, TransferTask, tta_metric
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
@@ -50,11 +53,25 @@ CLASSES = (
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 PROTOCOL = Protocol("ap50", (5000, 10000, 20000), 32, 896, "VOC det AP50")
+# detectron2's TEST.AUG.MIN_SIZES (400, 500, ..., 1200) over its single-scale MIN_SIZE_TEST (800): the test sizes of
+# task.tta=ms_flip, relative to task.det_eval_size
+TTA_SCALES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5)
+
+
+def _tta_sizes_in_range(task, prefix: str) -> None:
+    if task.tta_scales is not None and not task.tta_scales:
+        raise ConfigError(f"{prefix}tta_scales is empty: give at least one scale (1.0 is task.det_eval_size)")
+    for scale in task.tta_scales or ():
+        if not 1 <= round(task.det_eval_size * scale) <= MAX_PIXELS:
+            raise ConfigError(f"{prefix}tta_scales holds {scale}: with {prefix}det_eval_size={task.det_eval_size} "
+                              f"that tests at {round(task.det_eval_size * scale)} px; it must be 1..{MAX_PIXELS}")
 
 
 @dataclass
 class DetectorSection(CropSection):
     """The Faster R-CNN's keys, which every detection task (pascal_det, coco_det) has."""
+
+    RELATIONS = CropSection.RELATIONS + (_tta_sizes_in_range,)
 
     anchor_sizes: list = checked(None, above(0), at_most(MAX_PIXELS), factory=lambda: [32, 64, 128, 256, 512])  # one per level, P3-P7
     det_eval_size: int = checked(896, at_least(1), at_most(MAX_PIXELS))  # test images: longer side resized to this
@@ -62,6 +79,10 @@ class DetectorSection(CropSection):
     det_rois_per_image: int = checked(512, at_least(1), at_most(MAX_BATCH))  # RoIs sampled per training image for the box head (torchvision's default)
     det_score_thresh: float = checked(0.001, at_least(0))
     det_max_per_image: int = checked(100, at_least(1), at_most(MAX_BATCH))
+    # test-time augmentation (detect_with_tta): "none", "flip" (the image and its mirror at det_eval_size) or
+    # "ms_flip" (each of tta_scales x det_eval_size, with and without the mirror); metrics become ap50_flip, ...
+    tta: str = checked("none", one_of(*TTA_MODES))
+    tta_scales: list = checked(None, above(0), factory=lambda: list(TTA_SCALES))  # ms_flip's sizes, x det_eval_size
 
 
 @dataclass
@@ -168,11 +189,12 @@ def det_collate(samples: list) -> dict:
 
 class Detector(nn.Module):
     """batch {"images", "targets"} -> {"loss", RPN and box losses} in train mode; torchvision's detections
-    (boxes in original pixels, labels 1..20, scores) in eval mode."""
+    (boxes in original pixels, labels 1..20, scores) in eval mode, merged over the views of `tta` unless it is
+    "none" (`detect_with_tta`)."""
 
     def __init__(self, backbone: str, num_classes: int = 20, weights=None, fpn_channels=256, fc_channels=1024,
                  anchor_sizes=(32, 64, 128, 256, 512), train_size=896, eval_size=896, score_thresh=0.001,
-                 detections_per_img=100, rois_per_image=512, **arch):
+                 detections_per_img=100, rois_per_image=512, tta="none", tta_scales=TTA_SCALES, **arch):
         super().__init__()
         if len(anchor_sizes) != len(LEVELS):
             raise DataError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
@@ -180,6 +202,7 @@ class Detector(nn.Module):
         anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
         box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d)
         self.train_size, self.eval_size = train_size, eval_size
+        self.tta, self.tta_scales = tta, tuple(tta_scales)
         self.detector = FasterRCNN(
             body, num_classes=None, rpn_anchor_generator=anchors,
             box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2),
@@ -191,19 +214,68 @@ class Detector(nn.Module):
 
     def forward(self, batch: dict):
         images = [image.float() / 255 for image in batch["images"]]
-        size = self.train_size if self.training else self.eval_size
-        self.detector.transform.min_size, self.detector.transform.max_size = (size,), size
         if not self.training:
-            return self.detector(images)
+            if self.tta == "none":
+                return self.detect(images, self.eval_size)
+            return detect_with_tta(self, images)
+        self._resize_to(self.train_size)
         losses = self.detector(images, batch["targets"])
         return {"loss": sum(losses.values()), **losses}
 
+    def _resize_to(self, size: int) -> None:
+        # min_size = max_size: torchvision's transform scales the longer side to `size`
+        self.detector.transform.min_size, self.detector.transform.max_size = (size,), size
 
-def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0):
+    def detect(self, images: list, size: int) -> list:
+        """Detections of float (3, H, W) images in [0, 1] resized to longer side `size`, boxes in their pixels."""
+        self._resize_to(size)
+        return self.detector(images)
+
+
+def tta_views(tta: str, scales) -> list:
+    """[(scale, flipped)] in detectron2's DatasetMapperTTA order: each scale alone, then mirrored. "flip" is the one
+    scale 1.0 (task.det_eval_size) with and without the mirror; "ms_flip" every scale of `scales`."""
+    return [(scale, flipped) for scale in ((1.0,) if tta == "flip" else scales) for flipped in (False, True)]
+
+
+def merge_detections(parts: list, nms_thresh: float, max_per_image: int) -> dict:
+    """One image's detections from several test augmentations ([{"boxes" (K, 4) in the image's pixels, "labels",
+    "scores"}]) merged as detectron2's GeneralizedRCNNWithTTA._merge_detections does: concatenated, per-class NMS at
+    `nms_thresh` (the detector's own test NMS), the `max_per_image` highest scores kept, highest first."""
+    boxes = torch.cat([part["boxes"] for part in parts])
+    scores = torch.cat([part["scores"] for part in parts])
+    labels = torch.cat([part["labels"] for part in parts])
+    keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)[:max_per_image]
+    return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+
+
+def detect_with_tta(model: Detector, images: list) -> list:
+    """model.tta's detections of float (3, H, W) images in [0, 1], one dict per image as torchvision's ("boxes"
+    (K, 4) x1 y1 x2 y2 in the image's pixels, "labels", "scores"), K <= the detector's detections per image.
+
+    Source: detectron2 modeling/test_time_augmentation.py (GeneralizedRCNNWithTTA with DatasetMapperTTA): the
+    detector runs on every augmented input (`tta_views`: each scale = a test size of scale x
+    task.det_eval_size, as detectron2 scales its min size; each with and without the horizontal flip), its boxes
+    are mapped back to the original image (torchvision undoes the resize; the flip is undone here), and the union is
+    merged by `merge_detections` at the detector's test NMS threshold (0.5) keeping task.det_max_per_image."""
+    found = [[] for _ in images]
+    for scale, flipped in tta_views(model.tta, model.tta_scales):
+        inputs = [image.flip(-1) for image in images] if flipped else images
+        outputs = model.detect(inputs, max(1, round(model.eval_size * scale)))
+        for parts, image, out in zip(found, images, outputs):
+            if flipped:
+                out = {**out, "boxes": horizontal_flip_bounding_boxes(
+                    out["boxes"], tv_tensors.BoundingBoxFormat.XYXY, tuple(image.shape[-2:]))}
+            parts.append(out)
+    heads = model.detector.roi_heads
+    return [merge_detections(parts, heads.nms_thresh, heads.detections_per_img) for parts in found]
+
+
+def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0, tta: str = "none"):
     """VOC07 11-point AP50 of `model(batch)` (eval mode: torchvision detections, one dict per image with "boxes"
     (K, 4) x1 y1 x2 y2 in input pixels, "labels" (K,) 1-based, "scores" (K,)) over `test_set`, each rank a contiguous
     part, detections gathered to every rank: {"ap50", "ap50/<class>"} as fractions (difficult objects ignored,
-    as in the VOC devkit)."""
+    as in the VOC devkit), named for the model's test-time augmentation `tta` (task.tta: "ap50_flip", ...)."""
     def evaluate(model: nn.Module) -> dict:
         device = model_device(model)
         detections, truth = [], {}
@@ -218,8 +290,9 @@ def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0
         detections = all_gather_list(detections)
         truth = dict(all_gather_list(list(truth.items())))
         result = voc07_map(detections, truth, list(CLASSES))
-        metrics = {"ap50": result["ap50"]}
-        metrics.update({f"ap50/{name}": ap for name, ap in result["ap50_per_class"].items() if ap is not None})
+        ap50 = tta_metric("ap50", tta)
+        metrics = {ap50: result["ap50"]}
+        metrics.update({f"{ap50}/{name}": ap for name, ap in result["ap50_per_class"].items() if ap is not None})
         return metrics
 
     return evaluate
@@ -248,13 +321,14 @@ def detector(config, num_classes: int) -> Detector:
                     fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
                     train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
                     score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
-                    rois_per_image=task_cfg.det_rois_per_image, **arch_args(config))
+                    rois_per_image=task_cfg.det_rois_per_image, tta=task_cfg.tta, tta_scales=task_cfg.tta_scales,
+                    **arch_args(config))
 
 
 def predict(model, config, image: torch.Tensor) -> dict:
     """uint8 (3, H, W) -> the evaluator's detections of the image: {"boxes" (K, 4) x1 y1 x2 y2 in the image's
     pixels, "labels" (K,) 1..20, "scores" (K,)}, on the CPU. The detector resizes (longer side
-    task.det_eval_size) and maps the boxes back itself."""
+    task.det_eval_size; with task.tta its augmentations, `detect_with_tta`) and maps the boxes back itself."""
     detections = model({"images": [image.to(model_device(model))]})[0]
     return {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in detections.items()}
 
@@ -297,8 +371,8 @@ def build(config) -> Task:
     test_set = VOCDetection(image_sets(config.data.root, [task_cfg.det_test_set]))
     model = build_model(config)
     return Task(model=model, train_set=train_set,
-                evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers),
-                primary_metric=PROTOCOL.metric, collate_fn=det_collate,
+                evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers, task_cfg.tta),
+                primary_metric=tta_metric(PROTOCOL.metric, task_cfg.tta), collate_fn=det_collate,
                 visualize=visualizer(test_set, PREDICTOR, config))
 
 

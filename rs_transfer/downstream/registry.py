@@ -41,6 +41,27 @@ MODULES = {
 }
 
 
+EVAL_MODES = ("whole", "slide")  # task.eval_mode (dense tasks): the whole image at once, or mmseg's windows
+TTA_MODES = ("none", "flip", "ms_flip")  # task.tta: single-scale, + horizontal flip, multi-scale x flip
+
+
+def metric_suffix(eval_mode: str | None = "whole", tta: str | None = "none") -> str:
+    """The suffix of a metric's name computed with `eval_mode` and `tta` (None: a task or an old config without the
+    key): "" for single-scale whole-image inference, else "_slide", "_flip", "_ms_flip", "_slide_ms_flip", ... so a
+    sliding-window or TTA number cannot pass for a single-scale one in final_metrics.json, summaries, sweeps and
+    Table 5 (mmsegmentation issues #140, #280)."""
+    return ("_slide" if eval_mode == "slide" else "") + ("" if tta in (None, "none") else f"_{tta}")
+
+
+def section_suffix(section) -> str:
+    """metric_suffix of a task section: the dataclass, or the dict a run's config.yaml holds (None, or a key
+    missing, as in runs written before these keys: the default)."""
+    if section is None:
+        return ""
+    get = section.get if isinstance(section, dict) else lambda key, default: getattr(section, key, default)
+    return metric_suffix(get("eval_mode", "whole"), get("tta", "none"))
+
+
 @dataclass(frozen=True)
 class TransferTask:
     name: str
@@ -53,21 +74,17 @@ class TransferTask:
     # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
     build_model: Optional[Callable] = None
     predictor: "object" = None  # rs_transfer.predict.Predictor: `rs-transfer predict`; None: the task has none
-    # metric_name(task section or its config.yaml dict) -> the primary metric of such a run, for tasks whose metric
-    # name says how it was computed (dense tasks: "miou_slide"); None: always protocol.metric
-    metric_name: Optional[Callable] = None
 
     @property
     def metric(self) -> str:
-        """The primary metric of a run with the default config."""
+        """The protocol's metric, single-scale whole-image; a run's own primary metric is `metric_of(config.task)`."""
         return self.protocol.metric
 
-    def metric_for(self, section) -> str:
-        """The primary metric of a run whose task section is `section` (a dataclass, or the dict of a run's
-        config.yaml; None: the default)."""
-        if section is None or self.metric_name is None:
-            return self.protocol.metric
-        return self.metric_name(section)
+    def metric_of(self, task_section) -> str:
+        """The primary metric of a run whose `task` section is `task_section` (the dataclass, or the dict of its
+        config.yaml; None: the defaults): the protocol's metric with the run's inference suffix (`section_suffix`:
+        "miou_slide", "ap50_flip")."""
+        return self.metric + section_suffix(task_section)
 
 
 def register(name: str, module: str) -> None:

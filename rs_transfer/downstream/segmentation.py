@@ -13,9 +13,10 @@ from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import IGNORE, dense_train_transform, pad_collate, read_image
-from rs_transfer.downstream.dense_inference import Inference, infer, metric_suffix, rename_metrics, section_suffix
+from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
+from rs_transfer.downstream.registry import metric_suffix, section_suffix
 from rs_transfer.downstream.scenes import voc_palette
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_batches
@@ -31,7 +32,7 @@ METRIC = "miou"  # single-scale whole-image; other inference adds a suffix (metr
 
 def metric_name(section) -> str:
     """The primary metric of a run with this task section (dataclass or config.yaml dict): "miou", "miou_slide",
-    "miou_ms_flip", ... (dense_inference.metric_suffix)."""
+    "miou_ms_flip", ... (registry.metric_suffix)."""
     return METRIC + section_suffix(section)
 
 
@@ -89,7 +90,7 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
     as `inference` says (dense_inference.infer: whole or slide, TTA), each rank a contiguous part, confusion counts
     reduced over ranks (metrics.MeanIoU, torchmetrics' MulticlassJaccardIndex; label 255 ignored):
     {"miou", "iou/<class>"} as fractions, both suffixed by the inference ("miou_slide", "iou_slide/<class>", ...;
-    dense_inference.metric_suffix). Raises DataError when every pixel is ignore."""
+    registry.metric_suffix). Raises DataError when every pixel is ignore."""
     suffix = metric_suffix(inference.mode, inference.tta)
 
     def evaluate(model: nn.Module) -> dict:

@@ -227,7 +227,7 @@ def primary_metric(family: str | None, task: str | None, section: dict | None = 
         from rs_transfer.downstream import registry  # imports torch: only for transfer runs without summary.json
 
         try:
-            return registry.get(task).metric_for(section)
+            return registry.get(task).metric_of(section)
         except UserError:  # a task registered by a plugin that is not loaded here
             return None
     return None

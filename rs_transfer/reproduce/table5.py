@@ -7,7 +7,7 @@ their columns come from the registry (rs_transfer/downstream/registry.py).
 import re
 from pathlib import Path
 
-from rs_transfer.config import string_override
+from rs_transfer.config import ConfigError, read_yaml, string_override
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.finetune import sweep
 from rs_transfer.engine.summary import SUMMARY_FILE, metric_value, read_final_metrics, read_json_object
@@ -78,7 +78,8 @@ def reproduce_table5(runs: list, output_dir, backbone_row=("R152", "RS")) -> dic
     """Collect finished runs into table5.md / table5.json beside the paper's numbers.
 
     runs: "LABEL:TASK=RUN_DIR" items; a RUN_DIR holding sweep.json gives its best point, one holding
-    final_metrics.json gives that run.
+    final_metrics.json gives that run. A run evaluated in windows or with test-time augmentation is read under its
+    own metric (`miou_slide`, `ap50_flip`) and named below the table: the paper's numbers are single-scale.
     """
     table, other_metrics = {}, []
     for item in runs:
@@ -120,11 +121,24 @@ def _read_result(folder: Path, task: str) -> tuple:
             raise DataError(f"{sweep_path} has no 'best' grid point: is it a finished sweep?")
         metric = _recorded_metric(summary, task)
         return 100 * metric_value(best, metric, sweep_path), metric
-    metric = _recorded_metric(read_json_object(folder / SUMMARY_FILE, "a finished run's summary") or {}, task)
+    recorded = read_json_object(folder / SUMMARY_FILE, "a finished run's summary")
+    metric = _recorded_metric(recorded, task) if recorded else _run_metric(folder, task)
     values = read_final_metrics(folder, metric)
     if values is None:
         raise DataError(f"{folder} holds neither sweep.json nor final_metrics.json: expected a finished run")
     return 100 * values[metric], metric
+
+
+def _run_metric(folder: Path, task: str) -> str:
+    """The primary metric of the run in `folder` by its config.yaml's task section (a run collected without its
+    summary.json; the protocol's metric when it has no config.yaml)."""
+    path = folder / "config.yaml"
+    try:
+        config = read_yaml(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ConfigError) as error:
+        raise DataError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+    section = config.get("task") if isinstance(config, dict) else None
+    return registry.get(task).metric_of(section if isinstance(section, dict) else None)
 
 
 def _recorded_metric(record: dict, task: str) -> str:
