@@ -100,7 +100,8 @@ def _eval_overrides(overrides) -> list:
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in EVAL_KEYS:
-            raise ConfigError(f"{item!r}: a run's model is predicted as trained; only evaluation keys may change "
+            raise ConfigError(f"{item!r}: {key} is not an evaluation setting: a run is used with the config it was "
+                              "trained with; only evaluation keys may change "
                               f"({', '.join(sorted(k for k in EVAL_KEYS if k.startswith('task.')))}, ...)")
     return list(overrides)
 

@@ -124,7 +124,7 @@ def test_predict_takes_the_evaluation_keys_so_detection_tta_is_the_models(runs, 
     # a key that would describe another network than weights.pth is refused, naming it
     assert main(["predict", "--run", str(run_dir), "task.fpn_channels=8", "--images", str(image), "--out",
                  str(tmp_path / "other")]) == 2
-    assert "'task.fpn_channels=8': a run is used with the config it was trained with" in capsys.readouterr().err
+    assert "'task.fpn_channels=8': task.fpn_channels is not an evaluation setting" in capsys.readouterr().err
 
 
 def test_depth_pngs_round_trip_to_the_predicted_metres(runs, tmp_path):
@@ -312,7 +312,7 @@ def test_one_predict_per_out_folder_at_a_time(runs, tmp_path):
 
 
 def test_predict_takes_the_evaluation_keys_and_refuses_others(runs, tmp_path, capsys):
-    # `--set task.eval_mode=slide task.tta=flip`: the depth written is dense_inference's, as the evaluator computes it
+    # `task.eval_mode=slide task.tta=flip`: the depth written is dense_inference's, as the evaluator computes it
     from rs_transfer.downstream import nyu_depth
     from rs_transfer.downstream.dense_inference import Inference
 
@@ -322,7 +322,7 @@ def test_predict_takes_the_evaluation_keys_and_refuses_others(runs, tmp_path, ca
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(images / "a.png")
     keys = ["task.eval_mode=slide", "task.slide_crop=32", "task.slide_stride=24", "task.tta=flip"]
     assert main(["predict", "--run", str(run_dir), "--images", str(images), "--out", str(tmp_path / "out"),
-                 "--set", *keys]) == 0
+                 *keys]) == 0
     run = load_run(run_dir)
     image = read_image(images / "a.png")
     with torch.no_grad():
@@ -334,6 +334,6 @@ def test_predict_takes_the_evaluation_keys_and_refuses_others(runs, tmp_path, ca
     assert np.abs(metres - expected).max() <= 1e-3 and np.abs(metres - whole).max() > 2e-3
     capsys.readouterr()
     assert main(["predict", "--run", str(run_dir), "--images", str(images), "--out", str(tmp_path / "out2"),
-                 "--set", "train.lr=0.1"]) == 2
+                 "train.lr=0.1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'train.lr=0.1'" in err and len(err.strip().splitlines()) == 1

@@ -48,7 +48,7 @@ from rs_transfer.downstream.pascal_det import (Detector, DetectorSection, det_co
 from rs_transfer.downstream.pascal_det import predict as predict_boxes
 from rs_transfer.downstream.pascal_det import write_detections as write_boxes
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask, tta_metric
+from rs_transfer.downstream.registry import TransferTask, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
@@ -382,10 +382,11 @@ def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0, tta: s
         detections = [{"image_id": image_id, "category_id": category_id, "score": score, "bbox": [x, y, w, h]}
                       for image_id, category_id, score, x, y, w, h in all_gather_list(found)]
         result = coco_box_ap(val.ground_truth(), detections)
-        metrics = {tta_metric(key, tta): result[key] for key in ("map", "ap50", "ap75")}
+        suffix = metric_suffix(tta=tta)
+        metrics = {key + suffix: result[key] for key in ("map", "ap50", "ap75")}
         for category_id, name in zip(val.category_ids, val.class_names):
             if result["per_category"][category_id] is not None:
-                metrics[f"{tta_metric('ap', tta)}/{category_id}:{name}"] = result["per_category"][category_id]
+                metrics[f"ap{suffix}/{category_id}:{name}"] = result["per_category"][category_id]
         return metrics
 
     return evaluate
@@ -431,7 +432,7 @@ def build(config) -> Task:
                                                      labels_getter="default"))
     return Task(model=build_model(config), train_set=train_set,
                 evaluate=make_evaluator(val, task_cfg.eval_batch_size, config.data.num_workers, task_cfg.tta),
-                primary_metric=tta_metric(PROTOCOL.metric, task_cfg.tta), collate_fn=det_collate,
+                primary_metric=PROTOCOL.metric + metric_suffix(tta=task_cfg.tta), collate_fn=det_collate,
                 visualize=visualizer(CocoDetection(val), PREDICTOR, config))
 
 

@@ -37,7 +37,7 @@ from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TTA_MODES, TransferTask, tta_metric
+from rs_transfer.downstream.registry import TTA_MODES, TransferTask, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_gather_list
@@ -290,7 +290,7 @@ def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0
         detections = all_gather_list(detections)
         truth = dict(all_gather_list(list(truth.items())))
         result = voc07_map(detections, truth, list(CLASSES))
-        ap50 = tta_metric("ap50", tta)
+        ap50 = "ap50" + metric_suffix(tta=tta)
         metrics = {ap50: result["ap50"]}
         metrics.update({f"{ap50}/{name}": ap for name, ap in result["ap50_per_class"].items() if ap is not None})
         return metrics
@@ -372,7 +372,7 @@ def build(config) -> Task:
     model = build_model(config)
     return Task(model=model, train_set=train_set,
                 evaluate=make_evaluator(test_set, task_cfg.eval_batch_size, config.data.num_workers, task_cfg.tta),
-                primary_metric=tta_metric(PROTOCOL.metric, task_cfg.tta), collate_fn=det_collate,
+                primary_metric=PROTOCOL.metric + metric_suffix(tta=task_cfg.tta), collate_fn=det_collate,
                 visualize=visualizer(test_set, PREDICTOR, config))
 
 
