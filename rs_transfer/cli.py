@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="a trained run's model on new images (or videos): masks, boxes, "
                                   "depth, top-5 classes")
-    predict.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth)")
+    predict.add_argument("--run", "--run-dir", dest="run_dir", required=True,
+                         help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth); --run-dir under torchrun, "
+                         "whose parser reads --run as its own --run-path")
     predict.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
                          help="image (video) files, or folders searched recursively")
     predict.add_argument("--out", required=True, type=out_path("--out"),
@@ -180,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
                                  "program, checked against PyTorch")
-    export.add_argument("--run", dest="run_dir", required=True, help="a finished run folder (config.yaml, weights.pth)")
+    export.add_argument("--run", "--run-dir", dest="run_dir", required=True,
+                        help="a finished run folder (config.yaml, weights.pth); also spelled --run-dir")
     export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
                         help="onnx needs the export extra: pip install 'rs-transfer[export]'")
     export.add_argument("--resolution", type=whole("--resolution", 1), help="input height and width (default: the run's evaluation size)")
