@@ -57,13 +57,14 @@ def folder_held(folder):
 
 class Points(Dataset):
     def __init__(self, n: int, seed: int, noise: float = 0.1, kill_at: int | None = None, kill_with=signal.SIGKILL,
-                 term_group_at: int | None = None, marker: str | None = None, group_signal=signal.SIGTERM):
+                 term_group_at: int | None = None, marker: str | None = None, group_signal=signal.SIGTERM,
+                 kill_times: int = 1):
         generator = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, DIM, generator=generator)
         labeller = torch.randn(DIM, CLASSES, generator=torch.Generator().manual_seed(1234))
         self.y = (self.x @ labeller).argmax(1)
         self.noise = noise
-        self.kill_at = kill_at
+        self.kill_at, self.kill_times = kill_at, kill_times
         self.kill_with = kill_with
         self.term_group_at = term_group_at  # sample index whose fetch sends SIGTERM to the process group, once
         self.marker = marker  # a file that records that it was sent (each worker holds its own copy of this set)
@@ -76,7 +77,8 @@ class Points(Dataset):
     def __getitem__(self, i):
         self.fetched += 1
         if self.kill_at is not None and self.fetched == self.kill_at + 1:
-            os.kill(os.getpid(), self.kill_with)
+            for _ in range(self.kill_times):  # a second Ctrl-C while the first is being acted on
+                os.kill(os.getpid(), self.kill_with)
         if i == self.term_group_at and not os.path.exists(self.marker):
             Path(self.marker).touch()
             os.killpg(os.getpgid(0), self.group_signal)
@@ -118,12 +120,12 @@ def make_evaluate(val_set: Dataset):
 
 def make_task(n: int = 256, bn: bool = False, dropout: float = 0.1, noise: float = 0.1, kill_at=None,
               kill_with=signal.SIGKILL, nan_at=None, seed: int = 0, term_group_at=None, marker=None,
-              group_signal=signal.SIGTERM, loss_gain: float = 1.0) -> Task:
+              group_signal=signal.SIGTERM, loss_gain: float = 1.0, kill_times: int = 1) -> Task:
     torch.manual_seed(seed)
     model = ToyNet(bn=bn, dropout=dropout, nan_at=nan_at, loss_gain=loss_gain)
     val = Points(128, seed=99, noise=0.0)
     train_set = Points(n, seed=1, noise=noise, kill_at=kill_at, kill_with=kill_with, term_group_at=term_group_at,
-                       marker=marker, group_signal=group_signal)
+                       marker=marker, group_signal=group_signal, kill_times=kill_times)
     return Task(model=model, train_set=train_set, evaluate=make_evaluate(val), primary_metric="accuracy")
 
 
@@ -140,6 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--kill-at", type=int, help="signal this process when fetching sample number N + 1")
     parser.add_argument("--signal", default="SIGKILL", help="the signal --kill-at sends")
+    parser.add_argument("--signal-times", type=int, default=1, help="how many times --kill-at sends it")
     parser.add_argument("--nan-at", type=int)
     parser.add_argument("--term-group-at-index", type=int,
                         help="signal the whole process group when sample I is fetched (once per output dir)")
@@ -155,7 +158,8 @@ def main(argv=None) -> None:
     task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
                      kill_with=signal.Signals[args.signal], nan_at=args.nan_at,
                      term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"),
-                     group_signal=signal.Signals[args.group_signal], loss_gain=args.loss_gain)
+                     group_signal=signal.Signals[args.group_signal], loss_gain=args.loss_gain,
+                     kill_times=args.signal_times)
     try:
         train(config, task)
     except StoppedBySignal as stop:  # what the CLI does: one line, the signal's exit code

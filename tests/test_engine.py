@@ -14,12 +14,21 @@ from rs_transfer.engine.trainer import NonFiniteLossError, micro_batch_size, tra
 from rs_transfer.models.weights import load_weights, read_state_dict
 
 
-def test_toy_task_learns_and_writes_its_outputs(tmp_path):
+def test_toy_task_learns_and_writes_its_outputs(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rs_transfer")
     config = toy_config(tmp_path, "train.epochs=4", "train.warmup_epochs=1", "train.ema_decay=0.99",
                         "train.keep_last=2")
     task = make_task()
     before = task.evaluate(task.model.eval())["accuracy"]
     metrics = train(config, task)
+    # Before the first step, the start block says what will happen; the first step has a line of its own (printed,
+    # not a metrics.jsonl event: the records below are what they were before it)
+    said = [r.getMessage() for r in caplog.records]
+    start = next(m for m in said if m.startswith("start:"))
+    assert "device: CPU, 1 thread(s) per process (OMP_NUM_THREADS); 1 process(es)" in start
+    assert "plan: 64 steps (4 epochs) of global batch 16 (16 per process x 1 process(es) x 1 accumulation)" in start
+    assert "evaluation every 1 epoch(s), at the end" in start and f"output: {tmp_path}" in start
+    assert said.index(start) < next(i for i, m in enumerate(said) if m.startswith("step 1/64 loss "))
 
     assert before < 0.5 and metrics["accuracy"] > 0.85  # 4 classes: chance is 0.25
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == metrics
@@ -270,3 +279,27 @@ def test_fp16_steps_the_scaler_skips_are_logged_not_a_divergence(tmp_path, caplo
     assert "fp16: 3 step(s) skipped since the last log event and the loss scale fell to 0.125" in caplog.text
     assert caplog.text.count("the loss scale fell to") == 1  # not at the last event, which skipped none
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
+
+
+def test_threads_on_a_cpu_leave_room_for_other_work(monkeypatch):
+    from rs_transfer.engine.distributed import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert cpu_threads(1) == (3, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    for cores, load, local_world, threads in ((2, 2.3, 1, 1), (2, 0.2, 1, 2), (16, 0.4, 1, 16), (16, 0.4, 2, 8),
+                                              (16, 12.0, 1, 4), (4, 9.0, 1, 1)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+        monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+        assert cpu_threads(local_world)[0] == threads, (cores, load, local_world)
+
+
+def test_a_slow_run_prints_progress_between_log_events_without_changing_its_records(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rs_transfer")
+    train(toy_config(tmp_path, "train.epochs=1", "train.log_every_seconds=1e-9"), make_task())
+    steps = [int(m.split()[1].split("/")[0]) for m in (r.getMessage() for r in caplog.records)
+             if m.startswith("step ") and "(this process)" in m]
+    assert steps == [s for s in range(1, 17) if s % 4]  # every step that is not a log event
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "train"] == [4, 8, 12, 16]

@@ -51,15 +51,31 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
 
 
 @pytest.mark.slow  # launches Python processes that import torch
-def test_sigterm_checkpoints_at_the_next_log_event_and_stops_with_a_resume_hint(tmp_path, deterministic):
-    # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 8 and stops.
+def test_sigterm_checkpoints_at_the_end_of_the_step_and_stops_with_a_resume_hint(tmp_path, deterministic):
+    # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 6 (not the next log
+    # event's step 8) and stops.
     out = tmp_path / "run"
     result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM", check=False)
     assert result.returncode != 0
-    assert "stopped by SIGTERM at step 8" in result.stderr and "train.resume=auto" in result.stderr
-    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000008.pt"]
+    assert "stopped by SIGTERM at step 6" in result.stderr and "train.resume=auto" in result.stderr
+    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000006.pt"]
     engine_toy.main([str(out), "train.resume=auto"])
     assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
+
+
+def test_a_second_ctrl_c_quits_at_once_in_one_line(tmp_path):
+    # Two SIGINTs while fetching step 6's batch: the first asks for a checkpoint at the end of the step, the second
+    # quits before it, with exit 130, one line and no traceback; the checkpoint of step 4's log event stays whole.
+    out = tmp_path / "run"
+    result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGINT", "--signal-times", 2,
+                        "train.checkpoint_every_steps=4", check=False)
+    assert result.returncode == 130, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stopped:")]
+    assert lines == [f"stopped: Ctrl-C twice: quit without a checkpoint of this step (the last one: "
+                     f"{out / 'checkpoints' / 'step_00000004.pt'})"]
+    assert "Traceback" not in result.stderr
+    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000004.pt"]
+    assert ckpt.load(out / "checkpoints" / "step_00000004.pt")["step"] == 4
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -153,12 +169,12 @@ def test_fp16_run_stopped_and_resumed_ends_bitwise_where_the_uninterrupted_one_d
     assert "amp: fp16 (train.amp=fp16)" in caplog.text
 
     killed = tmp_path / "killed"
-    # SIGTERM while fetching step 6's batch: the run checkpoints step 8 (its next log event) and stops.
+    # SIGTERM while fetching step 6's batch: the run checkpoints step 6 and stops.
     assert engine_toy.main([str(killed), *FP16, "--kill-at", str(16 * 5 + 3), "--signal", "SIGTERM"]) == 143
-    state = ckpt.load(killed / "checkpoints" / "step_00000008.pt")
-    assert state["scaler"]["scale"] == 256.0 and state["scaler"]["_growth_tracker"] == 0
+    state = ckpt.load(killed / "checkpoints" / "step_00000006.pt")
+    assert state["scaler"]["scale"] == 1024.0 and state["scaler"]["_growth_tracker"] == 0
     (tmp_path / "float32" / "checkpoints").mkdir(parents=True)
-    shutil.copy(killed / "checkpoints" / "step_00000008.pt", tmp_path / "float32" / "checkpoints")
+    shutil.copy(killed / "checkpoints" / "step_00000006.pt", tmp_path / "float32" / "checkpoints")
     engine_toy.main([str(killed), *FP16, "train.resume=auto"])
     engine_toy.same_weights(tmp_path / "reference" / "final.pt", killed / "final.pt")
     assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
@@ -169,7 +185,7 @@ def test_fp16_run_stopped_and_resumed_ends_bitwise_where_the_uninterrupted_one_d
     old = tmp_path / "old"
     (old / "checkpoints").mkdir(parents=True)
     del state["scaler"]
-    ckpt.atomic_save(state, old / "checkpoints" / "step_00000008.pt")
+    ckpt.atomic_save(state, old / "checkpoints" / "step_00000006.pt")
     engine_toy.main([str(old), *FP16, "train.resume=auto"])
     assert "fp16 starts a fresh scaler, loss scale 65536" in caplog.text
     reference = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)["model"]

@@ -240,3 +240,56 @@ def seed_everything(seed: int) -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StepFlags:
+    """Flags each rank raises on its own (a stop signal), agreed over ranks at every step
+    without waiting on the device: posted after step t as an all-reduce (max) on a CPU gloo group of their own,
+    read after step t + 1, so every rank acts on the same values at the same step, one step after they were raised.
+    In one process the flags are their own agreement, at once.
+
+    `close()` waits for the last reduction; every rank must call `agree` at the same steps (the training loop does).
+    """
+
+    def __init__(self):
+        self.pending = None
+        # A group of its own, also when the default one is gloo: its reductions never queue behind DDP's.
+        self.group = dist.new_group(backend="gloo") if is_distributed() else None
+
+    def agree(self, flags: list) -> list:
+        """Post `flags` (floats); return the flags agreed at the previous call (all 0 at the first call)."""
+        if self.group is None:
+            return list(flags)
+        agreed = [0.0] * len(flags)
+        if self.pending is not None:
+            work, posted = self.pending
+            work.wait()
+            agreed = posted.tolist()
+        posted = torch.tensor(flags, dtype=torch.float32)
+        self.pending = (dist.all_reduce(posted, op=dist.ReduceOp.MAX, group=self.group, async_op=True), posted)
+        return agreed
+
+    def close(self, timeout_s: float = 60) -> None:
+        """Wait for the last reduction (a rank that failed before posting it makes this give up after `timeout_s`:
+        the run is ending with that failure anyway)."""
+        if self.pending is not None:
+            work, self.pending = self.pending[0], None
+            try:
+                work.wait(datetime.timedelta(seconds=timeout_s))
+            except RuntimeError:
+                pass
+
+
+def cpu_threads(local_world_size: int) -> tuple:
+    """(intra-op threads, why) for a process that computes on the CPU: OMP_NUM_THREADS when set (torchrun sets 1
+    for several processes); else this process's share of the cores it may use, less the 1-minute load average
+    that other work puts on them at start, at least 1. torch's default, one thread per core, oversubscribes a busy
+    machine: the demo on a 2-core machine with other work ran at 0.3-1 img/s with 2 threads, 24 img/s with one
+    (issue 21)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    free = int(cores - load + 0.5)
+    threads = max(1, min(cores, free) // max(1, local_world_size))
+    return threads, f"{cores} cores, load average {load:.1f} at start; OMP_NUM_THREADS=N chooses"

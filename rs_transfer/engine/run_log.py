@@ -75,12 +75,20 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
                                  img_s=f"{record['images_per_s']:.0f}")
         else:
-            done = record["step"] - self.start_step
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(done, 1) * (self.total - record["step"])
             log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f img/s eta %s", record["step"], self.total,
                      record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"],
-                     f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+                     self._eta(record["step"]))
+
+    def progress(self, step: int, loss: float, lr: float) -> None:
+        """A progress line between log events (the first step, a slow run's wall-clock interval): printed only,
+        never a metrics.jsonl or TensorBoard event, so the logged records do not depend on the machine's speed.
+        `loss`: this process's mean since the last log event. A terminal's progress bar already shows it."""
+        if self.enabled and self.bar is None:
+            log.info("step %d/%d loss %.4f lr %.4g (this process) eta %s", step, self.total, loss, lr, self._eta(step))
+
+    def _eta(self, step: int) -> str:
+        eta = (time.perf_counter() - self.start) / max(step - self.start_step, 1) * (self.total - step)
+        return f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
 
     def eval(self, record: dict) -> None:
         if not self.enabled:

@@ -21,7 +21,10 @@ uninterrupted run (tests/test_engine_resume.py).
 """
 
 import logging
+import math
+import os
 import signal
+import sys
 import time
 import warnings
 from contextlib import ExitStack, nullcontext
@@ -37,12 +40,14 @@ from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine import resume
 from rs_transfer.engine.device import autocast, resolve_amp, to_channels_last, to_device
 from rs_transfer.engine.distributed import (
+    StepFlags,
     all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
     broadcast_object,
     claimed_folder,
+    cpu_threads,
     elastic_restart,
     init_distributed,
     seed_everything,
@@ -103,9 +108,10 @@ class Trainer:
         info = self.info = init_distributed(tc.device)
         self.micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
         self.main = info.rank == 0
-        self.precision, why = resolve_amp(tc.amp, info.device)
-        if self.main:
-            log.info("amp: %s (%s)", self.precision, why)
+        self.precision, self.precision_why = resolve_amp(tc.amp, info.device)
+        if info.device.type == "cpu":
+            self.threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(self.threads[0])
         seed_everything(config.seed + info.rank)
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
@@ -183,7 +189,7 @@ class Trainer:
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)
         self.signalled: str | None = None  # the name of a stop signal this process received
-        self.stop_requested = False  # some process received one (agreed at the last log event)
+        self.stop_requested = False  # some process received one (agreed over ranks after every step)
         # The model's logged values summed over micro-batches (grad_norm over the steps the optimizer took), and
         # how many went into each sum: a log event's value is their mean.
         self.sums: dict[str, torch.Tensor] = {}
@@ -193,6 +199,40 @@ class Trainer:
         # the seconds of it spent evaluating and writing checkpoints.
         self.segment_start, self.segment_paused = self.tic, 0.0
         self.clock_base = (self.progress.wall_s, self.progress.train_s)
+        self.flags = StepFlags()  # stop signals, agreed over ranks at every step
+        self.last_line = self.tic  # when rank 0 last printed a log or progress line
+        if self.main:
+            log.info("%s", self._start_block())
+
+    def _start_block(self) -> str:
+        """What the run is about to do, said before its first step: device, processes and threads, versions,
+        model, data, plan and output folder (timm and detectron2 log the like)."""
+        info, tc, model = self.info, self.tc, self.model
+        if info.device.type == "cuda":
+            device = f"{torch.cuda.get_device_name(info.device)} (CUDA {torch.version.cuda})"
+        else:
+            device = f"CPU, {self.threads[0]} thread(s) per process ({self.threads[1]})"
+        params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        classes = getattr(self.config.model, "num_classes", None)
+        evaluation = ", ".join(
+            [f"every {tc.eval_every_epochs} epoch(s)"] * (tc.eval_every_epochs > 0)
+            + [f"every {tc.eval_every_steps} steps"] * (tc.eval_every_steps > 0) + ["at the end"])
+        epochs = self.total / self.steps_per_epoch
+        lines = [
+            f"device: {device}; {info.world_size} process(es); torch {torch.__version__}; amp: {self.precision} "
+            f"({self.precision_why})",
+            f"model: {self.config.model.name}, {params / 1e6:.2f}M parameters"
+            + (f" ({(params - trainable) / 1e6:.2f}M frozen)" if trainable < params else "")
+            + (f", {classes} classes" if classes else ""),
+            f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch",
+            f"plan: {self.total} steps ({epochs:.3g} epochs) of global batch {tc.batch_size} ({self.micro} per "
+            f"process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
+            f"from step {self.progress.step}; evaluation {evaluation}; a log line every {tc.log_every_steps} steps, "
+            f"a progress line at least every {tc.log_every_seconds:g} s",
+            f"output: {self.out.resolve()}",
+        ]
+        return "start:\n  " + "\n  ".join(lines)
 
     def _resume_mode(self) -> str | None:
         """train.resume, or "auto" in a worker group torchrun restarted (`--max-restarts`): the group it replaces
@@ -205,12 +245,13 @@ class Trainer:
 
     def run(self) -> dict:
         # SLURM sends SIGTERM (or the --signal of the job script, e.g. USR1) before it stops a job; torchrun passes
-        # SIGTERM on; Ctrl-C sends SIGINT. The run then checkpoints at its next log event and stops with a message
+        # SIGTERM on; Ctrl-C sends SIGINT. The run then checkpoints at the end of the step and stops with a message
         # saying how to resume (a second Ctrl-C quits at once).
         with stop_signals_handled(self._on_signal):
             try:
                 return self._run()
             finally:
+                self.flags.close()
                 self._stop_workers()
                 self.logger.close()
 
@@ -225,8 +266,12 @@ class Trainer:
     def _on_signal(self, number, frame) -> None:
         if number == signal.SIGINT:
             if self.signalled == "SIGINT":
-                raise KeyboardInterrupt
-            log.warning("Ctrl-C: stopping after a checkpoint at the next log event; Ctrl-C again quits at once")
+                # At once and in one line: unwinding through the loader's workers took up to 85 s and printed
+                # a 30-line traceback. The checkpoints on disk are whole (atomic writes).
+                print(f"stopped: Ctrl-C twice: quit without a checkpoint of this step (the last one: "
+                      f"{self.last_saved or 'none yet'})", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGINT)
+            log.warning("Ctrl-C: stopping after a checkpoint at the end of this step; Ctrl-C again quits at once")
         self.signalled = signal.Signals(number).name
 
     def _run(self) -> dict:
@@ -238,6 +283,7 @@ class Trainer:
         self.sampler.count = (self.total - progress.step) * per_step
         batches = iter(self.loader) if progress.step < self.total else None  # no workers for a finished run
         self.batches = batches
+        first = progress.step + 1  # logged at once: a run never starts in silence
         while progress.step < self.total:
             lr = self._step(batches)
             progress.step += 1
@@ -247,8 +293,16 @@ class Trainer:
                 progress.step_in_epoch = 0
             last = progress.step == self.total
             self.logger.step()
+            # A stop signal acts at the next step boundary, not the next log event (which can be minutes away),
+            # agreed over ranks so that all of them stop at the same step.
+            self.stop_requested = self.flags.agree([float(self.signalled is not None)])[0] > 0 or self.stop_requested
             if progress.step % self.tc.log_every_steps == 0 or last:
                 self._log(lr)
+            elif self.main and (progress.step == first or
+                                time.perf_counter() - self.last_line >= self.tc.log_every_seconds):
+                self._progress(lr)  # a run never starts in silence nor goes quiet for long
+            if progress.step == first:
+                self._warn_if_long()
             if self._eval_due(last):
                 self._evaluate_and_save()
             elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
@@ -403,6 +457,23 @@ class Trainer:
         record, self.amp_skipped = {"amp_skipped": self.amp_skipped, "loss_scale": scale}, 0
         return record
 
+    def _progress(self, lr: float) -> None:
+        """Rank 0's progress line between log events (RunLogger.progress): no collective, no record."""
+        loss = self.sums.get("loss")
+        self.logger.progress(self.progress.step, float(loss / self.counts["loss"]) if loss is not None else math.nan,
+                             lr)
+        self.last_line = time.perf_counter()
+
+    def _warn_if_long(self) -> None:
+        """After the first step: a run that would take more than a day here (a GPU-sized config on a CPU, say) is
+        said so once, with the time it would take and where the small configs are."""
+        per_step = (time.perf_counter() - self.segment_start) / max(1, self.progress.step - self.tic_step + 1)
+        hours = per_step * (self.total - self.progress.step) / 3600
+        if self.main and hours > 24:
+            log.warning("at %.1f s per step on %s this run needs about %.0f hours: for a try on this machine use a "
+                        "demo config (--config downstream/<task>_demo.yaml, pretrain/demo.yaml, video/demo.yaml) or "
+                        "fewer train.steps", per_step, self.info.device.type.upper(), hours)
+
     def _log(self, lr: float) -> None:
         self._check_flags()
         means = {k: v / self.counts[k] for k, v in self.sums.items()}
@@ -415,6 +486,7 @@ class Trainer:
         self.logger.train(record)
         self.sums, self.counts = {}, {}
         self.tic, self.tic_step, self.paused = now, self.progress.step, 0.0
+        self.last_line = now
 
     def _eval_due(self, last: bool) -> bool:
         tc, progress = self.tc, self.progress
