@@ -186,8 +186,7 @@ def _write_predictions(out: Path, run, predictor: Predictor, inputs: list, ignor
             redone = {record["input"] for record in summary["predictions"]}
             kept = [record for record in earlier if record.get("input") not in redone]
             atomic_write_json(out / "predictions.json", {**summary, "predictions": kept + summary["predictions"]})
-    log.info("%d predictions (%d inputs skipped) in %s", len(summary["predictions"]), len(summary["skipped"]), out)
-    return summary
+    return summary  # the CLI prints the count line; a notebook has the summary
 
 
 def output_path(out: Path, kind: str, name: str, suffix: str) -> Path:

@@ -26,8 +26,10 @@ class RunLogger:
     at that step too: it may have been logged before the checkpoint after it failed (a full disk).
     """
 
-    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool, eval_pending: bool = False):
+    def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool, eval_pending: bool = False,
+                 samples: str = "images"):
         self.enabled = enabled
+        self.samples = samples  # what a sample is, for the throughput in log lines: images, or clips for video
         self.bar = None
         self.writer = None
         if not enabled:
@@ -73,10 +75,10 @@ class RunLogger:
         self._write("train", record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}", lr=f"{record['lr']:.3g}",
-                                 img_s=f"{record['images_per_s']:.0f}")
+                                 **{f"{self.samples}_s": f"{record['images_per_s']:.0f}"})
         else:
-            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f img/s eta %s", record["step"], self.total,
-                     record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"],
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.4g %.1f %s/s eta %s", record["step"], self.total,
+                     record["epoch"], record.get("loss", math.nan), record["lr"], record["images_per_s"], self.samples,
                      self._eta(record["step"]))
 
     def progress(self, step: int, loss: float, lr: float) -> None:

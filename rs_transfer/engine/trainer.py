@@ -58,7 +58,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import base_lr, build_optimizer, build_scheduler, describe
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
-from rs_transfer.engine.summary import format_summary, run_family, run_summary, write_summary
+from rs_transfer.engine.summary import SAMPLE_UNITS, format_summary, run_family, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json
@@ -184,7 +184,8 @@ class Trainer:
         self.forward = torch.compile(wrapped) if tc.compile else wrapped
 
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
-                                resumed=resume_from is not None, eval_pending=self.progress.eval_pending)
+                                resumed=resume_from is not None, eval_pending=self.progress.eval_pending,
+                                samples=SAMPLE_UNITS.get(run_family(self.resolved)[0], "images"))
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rs_transfer.config import ConfigError, load_config
 from rs_transfer.engine.classification import Classifier
-from rs_transfer.errors import UserError
-from rs_transfer.files import atomic_write_json, make_dir
+from rs_transfer.errors import UserError, one_line
+from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
 from rs_transfer.video.config import VideoConfig
 from rs_transfer.video.task import build_net, build_task, evaluate_videos, list_data, prepare_root, resolve_classes
 
@@ -59,8 +59,9 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     metrics = {"views": views, "checkpoint": str(checkpoint),
                **evaluate_videos(model, val_videos, config.data, config.model.num_classes)}
     if is_main():
-        # Logged before writing, so that an unwritable output_dir does not lose an evaluation that took hours.
-        log.info("eval: %s", json.dumps(metrics))
-        out = make_dir(config.output_dir, "output_dir", " (the metrics are in the log line above)")
-        atomic_write_json(out / f"eval_{views}views.json", metrics)
-    return metrics
+        try:
+            out = make_dir(config.output_dir, "output_dir")
+            atomic_write_json(out / f"eval_{views}views.json", metrics)
+        except FileWriteError as error:  # an evaluation that took hours is not lost with its file: it is in the message
+            raise FileWriteError(f"{one_line(error)}; the metrics: {json.dumps(metrics)}") from None
+    return metrics  # the command prints them once
