@@ -159,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_downstream_commands(commands)
 
-    runs = commands.add_parser("runs", help="list the runs under a folder: task, backbone, metric, wall time")
-    runs.add_argument("folder", help="searched recursively for run folders (those holding config.yaml)")
+    runs = commands.add_parser("runs", help="list the runs under a folder: task, backbone, metric, wall time; or "
+                               "--diff two runs' configs")
+    runs.add_argument("folder", nargs="?", help="searched recursively for run folders (those holding config.yaml)")
+    runs.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"),
+                      help="the config keys whose values differ between two run folders, and what each changes")
     runs.add_argument("--sort", choices=("metric", "time", "name"), default="metric",
                       help="metric (highest first, default), time (longest first) or name")
     runs.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -510,6 +513,19 @@ def run_demo(args) -> int:
 
 def run_runs(args) -> int:
     from rs_transfer.engine.summary import find_runs, format_runs, sort_runs
+
+    if (args.folder is None) == (args.diff is None):
+        raise UserError("rs-transfer runs: give a FOLDER to list, or --diff RUN_A RUN_B")
+    if args.diff:
+        from rs_transfer.runs import MISSING, config_differences, format_differences
+
+        rows = config_differences(*args.diff)
+        if args.json:
+            print(json.dumps([{"key": k, "a": None if a is MISSING else a, "b": None if b is MISSING else b,
+                               "kind": kind} for k, a, b, kind in rows], indent=2))
+        else:
+            print(format_differences(rows, *args.diff))
+        return 0
 
     rows = sort_runs(find_runs(args.folder), args.sort)
     if args.json:

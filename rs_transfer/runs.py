@@ -6,6 +6,7 @@ A run folder (OUTPUT_DIR of any training command, docs/engine.md "Outputs") hold
 config) and `weights.pth` (the task model's exported network, engine/task.py: EMA weights when the run used EMA).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,43 @@ def read_run_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise RunError(f"{path} holds no config (a YAML mapping)")
     return config
+
+
+MISSING = object()  # a key one of two configs does not have
+
+
+def config_differences(folder_a, folder_b) -> list:
+    """(key, value in A, value in B, kind) for every key whose value differs between the config.yaml of two run
+    folders, sorted by key; a key one config lacks has MISSING there. kind, on the logic that refuses a changed
+    resume (config.py): "run" (changes what is trained), "evaluation" (EVAL_KEYS), "location" (LOCATION_KEYS: where
+    and on what hardware), "from the data" (INFERRED_KEYS). Raises RunError as read_run_config."""
+    from rs_transfer.config import INFERRED_KEYS, LOCATION_KEYS, flatten
+
+    a, b = (flatten(read_run_config(Path(folder))) for folder in (folder_a, folder_b))
+    rows = []
+    for key in sorted(a.keys() | b.keys()):
+        old, new = a.get(key, MISSING), b.get(key, MISSING)
+        if old == new:
+            continue
+        kind = ("evaluation" if key in EVAL_KEYS else "location" if key in LOCATION_KEYS
+                else "from the data" if key in INFERRED_KEYS else "run")
+        rows.append((key, old, new, kind))
+    return rows
+
+
+def format_differences(rows: list, folder_a, folder_b) -> str:
+    """config_differences as aligned columns, the keys that change the run first."""
+    if not rows:
+        return f"{folder_a} and {folder_b} have the same config"
+
+    def shown(value) -> str:
+        return "(absent)" if value is MISSING else json.dumps(value)
+
+    order = {"run": 0, "from the data": 1, "evaluation": 2, "location": 3}
+    lines = [("key", str(folder_a), str(folder_b), "kind")]
+    lines += [(key, shown(old), shown(new), kind) for key, old, new, kind in sorted(rows, key=lambda r: order[r[3]])]
+    widths = [min(60, max(len(line[i]) for line in lines)) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
 def run_kind(folder: Path) -> tuple:

@@ -196,3 +196,21 @@ def test_the_summary_table_labels_throughput_by_what_a_sample_is():
     assert summary["images_per_s"] == 4.0  # the JSON key stays for every family
     assert "clips/s" in format_summary(summary, "video") and "images/s" not in format_summary(summary, "video")
     assert "images/s" in format_summary(summary, "pretrain") and "images/s" in format_summary(summary)
+
+
+def test_runs_diff_names_each_differing_key_and_what_it_changes(runs_root, capsys):
+    short, long = runs_root / "toy" / "short", runs_root / "toy" / "long"
+    assert main(["runs", "--diff", str(short), str(long), "--json"]) == 0
+    rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["train.epochs"] == {"key": "train.epochs", "a": 1, "b": 3, "kind": "run"}
+    assert rows["train.lr"]["a"] == 0.01 and rows["train.lr"]["kind"] == "run"
+    assert rows["output_dir"]["kind"] == "location" and "git_commit" not in rows  # same code, same commit
+    assert main(["runs", "--diff", str(short), str(short)]) == 0
+    assert capsys.readouterr().out.strip() == f"{short} and {short} have the same config"
+    assert main(["runs", "--diff", str(short), str(runs_root / "video" / "rs50")]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split()[0] == "key" and any(line.split()[:3] == ["data.clip_frames", "(absent)", "32"]
+                                                for line in text)
+    assert main(["runs", "--diff", str(short), str(runs_root / "notes")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
+    assert main(["runs"]) == 2 and "give a FOLDER to list, or --diff RUN_A RUN_B" in capsys.readouterr().err
