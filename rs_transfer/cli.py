@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_downstream_commands(commands)
 
+    show = commands.add_parser("config", help="the resolved config of a training command, without running it")
+    show_commands = show.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    shown = show_commands.add_parser("show", help="print the config that COMMAND would run with, as YAML, e.g. "
+                                     "`rs-transfer config show finetune --task pascal_seg --backbone rs152`")
+    shown.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                       help="finetune | sweep | pretrain | video train, with its options and key=value overrides")
+    shown.set_defaults(run=run_config_show)
+
     runs = commands.add_parser("runs", help="list the runs under a folder: task, backbone, metric, wall time; or "
                                "--diff two runs' configs")
     runs.add_argument("folder", nargs="?", help="searched recursively for run folders (those holding config.yaml)")
@@ -508,6 +516,39 @@ def run_demo(args) -> int:
     from rs_transfer.downstream.finetune import demo
 
     demo(args.task, args.data, args.output, args.overrides)
+    return 0
+
+
+def run_config_show(args) -> int:
+    """The config a training command would run with: its file, options and overrides resolved and checked (a typo
+    or bad value is the same error line as the command's). Pretraining and video need no torch for it; a transfer
+    task's schema lives in its module, which imports torch."""
+    import yaml
+
+    from rs_transfer.config import load_config, to_dict
+
+    words = args.words
+    if not words or words[0] not in ("finetune", "sweep", "pretrain", "video"):
+        raise UserError("config show: give a training command, e.g. `rs-transfer config show finetune --task "
+                        "pascal_seg`, `config show pretrain --config pretrain/demo.yaml`, `config show video train "
+                        "--config video/demo.yaml`")
+    inner, extra = build_parser().parse_known_args(words)
+    overrides = [*getattr(inner, "overrides", []), *extra]
+    if inner.command in ("finetune", "sweep"):
+        from rs_transfer.downstream.finetune import make_config
+
+        config = make_config(inner.task, inner.backbone, inner.weights, inner.config, overrides)
+    elif inner.command == "pretrain":
+        from rs_transfer.pretrain.config import PretrainConfig
+
+        config = load_config(PretrainConfig, inner.config, overrides)
+    elif getattr(inner, "video_command", None) == "train":
+        from rs_transfer.video.config import VideoConfig
+
+        config = load_config(VideoConfig, inner.config, overrides)
+    else:
+        raise UserError("config show: `video train` has a config to show; `video eval` evaluates a run's own")
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
 
 

@@ -62,6 +62,30 @@ print(main(["info", "rs27"]), [name for name in ("torch", "timm", "fvcore") if n
     assert "usage: rs-transfer models" in result.stdout and "usage: rs-transfer info" in result.stdout
 
 
+def test_config_show_prints_the_resolved_config_and_names_mistakes(capsys):
+    import yaml
+
+    # pretraining and video resolve without torch (checked in the subprocess of the test above's kind)
+    code = """
+import sys
+from rs_transfer.cli import main
+code = main(["config", "show", "pretrain", "--config", "pretrain/demo.yaml", "train.lr=0.3"])
+print(code, [name for name in ("torch", "timm") if name in sys.modules])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    shown, last = result.stdout.rsplit("\n", 2)[0], result.stdout.splitlines()[-1]
+    assert last == "0 []", result.stderr
+    assert yaml.safe_load(shown)["train"]["lr"] == 0.3
+    assert main(["config", "show", "finetune", "--task", "pascal_seg", "--backbone", "rs152", "task.crop_size=64"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["model"]["name"], config["task"]["crop_size"], config["task"]["name"]) == ("rs152", 64, "pascal_seg")
+    assert main(["config", "show", "video", "train", "--config", "video/demo.yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["clip_frames"] > 0
+    assert main(["config", "show", "finetune", "--task", "pascal_seg", "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert main(["config", "show", "predict"]) == 2 and "give a training command" in capsys.readouterr().err
+
+
 def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["train-everything"])
