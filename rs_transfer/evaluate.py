@@ -16,7 +16,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rs_transfer.errors import UserError
+from rs_transfer.errors import UserError, has_control_character, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ def output_path(folder: Path, out: str | None, settings: dict) -> Path:
     RUN/eval/<UTC time>-<hash of `settings`>.json with -2, -3, ... added when that name is taken, so no earlier
     evaluation is overwritten. Raises UserError for an `out` inside the run folder that is one of its files
     (final_metrics.json, ... even before the run wrote it) or any other file there outside RUN/eval."""
+    if out is not None and has_control_character(out):  # the rule of every path the toolkit writes (cli.out_path)
+        raise UserError(f"--out {out!r} holds a control character (a newline, tab, ...): a path is one line of "
+                        "printable text")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{stamp}-{digest}"
@@ -219,7 +222,7 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     from rs_transfer.config import git_commit, string_override
     from rs_transfer.engine.device import resolve_amp
     from rs_transfer.engine.distributed import init_distributed
-    from rs_transfer.files import atomic_write_json, make_dir
+    from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
     from rs_transfer.runs import family_parts, run_kind
 
     folder = Path(run_dir)
@@ -248,9 +251,11 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": rs_transfer.__version__, "git_commit": git_commit(), "run_git_commit": run_commit(folder),
     }
-    log.info("evaluate: %s", json.dumps(metrics))  # logged first: an unwritable folder loses no evaluation
-    make_dir(path.parent, "evaluation folder", " (the metrics are in the log line above)")
-    atomic_write_json(path, record)
+    try:
+        make_dir(path.parent, "evaluation folder")
+        atomic_write_json(path, record)
+    except FileWriteError as error:  # an unwritable folder loses no evaluation: the metrics are in the message
+        raise FileWriteError(f"{one_line(error)}; the metrics: {json.dumps(metrics)}") from None
     return {"record": record, "path": path}
 
 
