@@ -245,8 +245,9 @@ def test_a_part_that_hangs_is_killed_at_its_timeout_and_the_budget_skips_later_p
 
 
 def test_the_script_prints_one_json_object_even_when_the_helper_fails():
+    # the test's own interpreter, not whichever python3 is first on PATH (a venv that is not activated)
     done = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--no-such-option"], capture_output=True,
-                          text=True)
+                          text=True, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 1
     assert "exited with 2" in json.loads(done.stdout)["error"]
 
@@ -258,7 +259,7 @@ def test_every_part_runs_on_cpu_with_only_the_device_imports(wheels, tmp_path):
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     real, device = device_site_packages(tmp_path / "device-site-packages")
     imports = tmp_path / "imports.log"
-    env = {**os.environ, "PYTHONPATH": str(hooks), "GPU_CHECK_REAL_SITE": str(real),
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(hooks), "GPU_CHECK_REAL_SITE": str(real),
            "GPU_CHECK_DEVICE_SITE": str(device), "GPU_CHECK_IMPORT_LOG": str(imports)}
     work = tmp_path / "run"
     done = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--tiny", "--device", "cpu", "--wheels",
