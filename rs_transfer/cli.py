@@ -346,6 +346,9 @@ def add_bench_commands(commands) -> None:
     timing.add_argument("--dtype", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="fp32 (TF32 off, like the paper's V100), tf32, or bf16 autocast")
     timing.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    timing.add_argument("--compile", nargs="?", const="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="torch.compile the model (backend: inductor unless named); steps timed after compiling, "
+                        "the first (compiling) step's time reported apart")
     timing.add_argument("--batch", type=whole("--batch", 1), help="start batch, halved until it fits (default 128 on GPU, 8 on CPU)")
     timing.add_argument("--warmup", type=whole("--warmup", 0), help="untimed steps first (default 5 on GPU, 1 on CPU)")
     timing.add_argument("--repeats", type=whole("--repeats", 1), help="timed steps, median reported (default 20 on GPU, 3 on CPU)")
@@ -396,7 +399,8 @@ def add_bench_commands(commands) -> None:
 def _timing_kwargs(args) -> dict:
     from rs_transfer.bench.latency import timing_options
 
-    return timing_options(args.device, args.dtype, args.channels_last, args.batch, args.warmup, args.repeats)
+    return timing_options(args.device, args.dtype, args.channels_last, args.batch, args.warmup, args.repeats,
+                          args.compile)
 
 
 def run_bench_latency(args) -> int:

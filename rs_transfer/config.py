@@ -254,6 +254,9 @@ def optimizer_settings(section, prefix: str) -> None:
                           f"{name}")
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.compile(backend=...)
+
+
 @dataclass
 class TrainConfig:
     RELATIONS = (optimizer_settings,)
@@ -292,6 +295,9 @@ class TrainConfig:
     amp: str = checked("auto", one_of("auto", "bf16", "fp16", "none"))  # "auto": bf16 on GPUs that have it, fp16 (with a GradScaler) on older ones, none on CPU (CPU bf16 is often several times slower); engine/device.resolve_amp
     channels_last: bool = True
     compile: bool = False
+    # torch.compile's backend: inductor (code generation, the fast one), or aot_eager / eager to check that a model
+    # compiles without generating code (minutes on a CPU for inductor, seconds for these: what the CPU tests use)
+    compile_backend: str = checked("inductor", one_of(*COMPILE_BACKENDS))
     sync_bn: bool = False  # SyncBatchNorm across processes (dense tasks with small per-GPU batches)
     find_unused_parameters: bool = False  # DDP option for models that skip parameters in some steps
     device: str = checked("auto", one_of("auto", "cpu", "cuda"))  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
@@ -325,7 +331,7 @@ class RunConfig:
 LOCATION_KEYS = frozenset({
     "output_dir", "data.root", "data.num_workers", "data.prefetch_factor", "data.synthetic", "data.synthetic_layout",
     "train.resume", "train.device",
-    "train.compile", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
+    "train.compile", "train.compile_backend", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
     "train.log_every_seconds",
     "train.checkpoint_every_steps", "train.keep_last",
 })

@@ -136,3 +136,23 @@ def test_cpu_defaults_are_small_and_labelled():
     assert timing_options("cpu", batch=128, warmup=0, repeats=20)["start_batch"] == 128
     with pytest.raises(UserError, match="at least 1"):
         timing_options("cpu", batch=0)
+
+
+def test_compile_times_compiled_steps_and_reports_the_compiling_step_apart():
+    from torch._dynamo.utils import counters
+
+    def build(name, num_classes):
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, num_classes))
+
+    torch._dynamo.reset()
+    counters.clear()
+    result = measure(BenchSpec("tiny", 16), torch.device("cpu"), compile="eager", start_batch=2, warmup=1, repeats=2,
+                     num_classes=3, build=build)
+    assert counters["stats"]["unique_graphs"] >= 2  # the training and the inference graphs were captured
+    assert result.compiled and result.compile_backend == "eager" and result.compile_s > 0
+    assert "compiled (eager; first step" in format_results([result]).splitlines()[-1]
+    eager = measure(BenchSpec("tiny", 16), torch.device("cpu"), start_batch=2, warmup=1, repeats=2, num_classes=3,
+                    build=build)
+    assert not eager.compiled and eager.compile_s is None and eager.compile_backend is None
+    torch._dynamo.reset()

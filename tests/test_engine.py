@@ -303,3 +303,20 @@ def test_a_slow_run_prints_progress_between_log_events_without_changing_its_reco
     assert steps == [s for s in range(1, 17) if s % 4]  # every step that is not a log event
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "train"] == [4, 8, 12, 16]
+
+
+def test_a_compiled_run_follows_the_eager_runs_losses(tmp_path):
+    # train.compile through a backend that compiles without generating code (inductor takes minutes on a CPU):
+    # the model's graph is captured and differentiated by torch.compile, and the run is the eager one's to round-off
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"])):
+        train(toy_config(tmp_path / name, "train.epochs=1", *extra), make_task())
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [e["loss"] for e in events if e["kind"] == "train"]
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+    torch._dynamo.reset()

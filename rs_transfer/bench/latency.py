@@ -47,6 +47,9 @@ class LatencyResult:
     repeats: int
     train_step_times_s: list = field(default_factory=list)
     torch_version: str = torch.__version__
+    compiled: bool = False  # torch.compile'd model (`--compile`); the steps timed after compiling
+    compile_backend: str | None = None  # its backend: inductor (the default), aot_eager, ...
+    compile_s: float | None = None  # seconds of the first training step, which compiles (None: eager)
 
     @property
     def spec(self) -> str:
@@ -76,6 +79,8 @@ def _of_type(value, kind) -> bool:
     """Whether a JSON value fits a LatencyResult field type: numbers finite, ints not bools, floats may be ints."""
     if kind is float | None:
         return value is None or _of_type(value, float)
+    if kind is str | None:
+        return value is None or isinstance(value, str)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
@@ -95,7 +100,8 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
 
 
-def timing_options(device=None, dtype="fp32", channels_last=False, batch=None, warmup=None, repeats=None) -> dict:
+def timing_options(device=None, dtype="fp32", channels_last=False, batch=None, warmup=None, repeats=None,
+                   compile=None) -> dict:
     """`measure` keyword arguments from CLI values; unset ones get the device's defaults (the paper's on GPU)."""
     device = resolve_device(device)
     gpu = device.type == "cuda"
@@ -103,6 +109,7 @@ def timing_options(device=None, dtype="fp32", channels_last=False, batch=None, w
         "device": device,
         "dtype": dtype,
         "channels_last": channels_last,
+        "compile": compile,
         "start_batch": batch if batch is not None else (PAPER_BATCH if gpu else 8),  # CPU: minutes, not hours
         "warmup": warmup if warmup is not None else (5 if gpu else 1),
         "repeats": repeats if repeats is not None else (20 if gpu else 3),
@@ -210,6 +217,7 @@ def measure(
     device: torch.device,
     dtype: str = "fp32",
     channels_last: bool = False,
+    compile: str | None = None,
     start_batch: int = PAPER_BATCH,
     warmup: int = 5,
     repeats: int = 20,
@@ -218,14 +226,20 @@ def measure(
     timer=time.perf_counter,
 ) -> LatencyResult:
     with precision(dtype):
-        return _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer)
+        return _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer,
+                        compile)
 
 
-def _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer):
+def _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, num_classes, build, timer,
+             compile=None):
     with torch.device(device):
         model = build(spec.name, num_classes=num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Compiled: the first step of each batch size compiles (its time reported apart as compile_s); the warm-up and
+    # timed steps run the compiled graph, as a long training run does after its first steps.
+    network = torch.compile(model, backend=compile) if compile else model
+    first_step_s = []
 
     def sync():
         synchronize(device)
@@ -236,22 +250,30 @@ def _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, n
 
     def train_at(batch):
         images, labels = random_batch(batch, spec.resolution, num_classes, device, channels_last)
-        step = train_step_fn(model.train(), images, labels, device, dtype)
-        step()  # the first step allocates gradients and momentum: out-of-memory shows up here, untimed
+        model.train()
+        step = train_step_fn(network, images, labels, device, dtype)
+        started = timer()
+        step()  # the first step allocates gradients and momentum (and compiles): out-of-memory shows up here, untimed
+        sync()
+        first_step_s.append(timer() - started)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_steps(step, warmup, repeats, sync, timer)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return times, peak
 
-    log.info("%s: training step from batch %d on %s, %s%s", spec, start_batch, device_name(device), dtype,
-             ", channels-last" if channels_last else "")
+    log.info("%s: training step from batch %d on %s, %s%s%s", spec, start_batch, device_name(device), dtype,
+             ", channels-last" if channels_last else "", ", compiled" if compile else "")
     batch, (times, peak) = run_halving(train_at, start_batch, free, what=f"{spec} training step")
     free()
 
     def infer_at(infer_batch):
         images, _ = random_batch(infer_batch, spec.resolution, num_classes, device, channels_last)
-        return time_steps(infer_step_fn(model.eval(), images, device, dtype), warmup, repeats, sync, timer)
+        model.eval()
+        step = infer_step_fn(network, images, device, dtype)
+        if compile:
+            step()  # untimed: a compiled model compiles its inference graph here
+        return time_steps(step, warmup, repeats, sync, timer)
 
     infer_batch, infer_times = run_halving(infer_at, batch, free, what=f"{spec} inference")
     step_s = statistics.median(times)
@@ -272,8 +294,11 @@ def _measure(spec, device, dtype, channels_last, start_batch, warmup, repeats, n
         warmup=warmup,
         repeats=repeats,
         train_step_times_s=times,
+        compiled=bool(compile),
+        compile_backend=compile,
+        compile_s=first_step_s[-1] if compile else None,
     )
-    del model
+    del model, network
     free_memory(device)
     return result
 
@@ -288,6 +313,7 @@ def format_results(results) -> str:
                      f"{r.infer_img_s:>13.1f}{mem:>13}")
     if results:
         r = results[0]
-        lines.append(f"device: {r.device}; {r.dtype}{', channels-last' if r.channels_last else ''}; "
+        compiled = f", compiled ({r.compile_backend}; first step {r.compile_s:.1f} s)" if r.compiled else ""
+        lines.append(f"device: {r.device}; {r.dtype}{', channels-last' if r.channels_last else ''}{compiled}; "
                      f"median of {r.repeats} steps after {r.warmup} warm-up; start batch {r.start_batch}")
     return "\n".join(lines)

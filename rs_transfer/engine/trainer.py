@@ -181,7 +181,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=tc.find_unused_parameters)
         wrapped = self.ddp or model
-        self.forward = torch.compile(wrapped) if tc.compile else wrapped
+        self.forward = torch.compile(wrapped, backend=tc.compile_backend) if tc.compile else wrapped
 
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
                                 resumed=resume_from is not None, eval_pending=self.progress.eval_pending,
