@@ -13,8 +13,6 @@ from rs_transfer.engine import trackers
 from rs_transfer.engine.trainer import train
 from rs_transfer.errors import UserError
 
-pytest.importorskip("wandb")  # the extras; .[dev] installs both
-pytest.importorskip("mlflow")
 
 
 @pytest.fixture
