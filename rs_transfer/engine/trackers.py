@@ -50,7 +50,7 @@ def start_trackers(out: Path, loggers: list[str], config: dict, resumed: bool) -
     path = out / STATE_FILE
     state = read_json(path, "the trackers' run ids") if resumed and path.exists() else {}
     trackers = []
-    for name in loggers:
+    for name in dict.fromkeys(loggers):  # a name given twice is one tracker
         if name not in PACKAGES:
             continue
         starter = {"wandb": WandbTracker, "mlflow": MlflowTracker}[name]

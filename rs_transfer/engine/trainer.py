@@ -103,7 +103,7 @@ class Trainer:
         self.config, self.task = config, task
         if (tc.epochs is None) == (tc.steps is None):
             raise ConfigError("give exactly one of train.epochs and train.steps")
-        check_installed(tc.loggers)  # a missing tracker package: one error line before any heavy work
+        check_installed(tc.loggers)  # a missing tracker package: one error line before devices, resume and the first step
         if isinstance(task.train_set, IterableDataset):
             raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles "
                             "and resumes it by index")
