@@ -14,7 +14,6 @@ from rs_transfer.engine.trainer import train
 from rs_transfer.errors import UserError
 
 
-
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """W&B offline and quiet, its settings and caches in tmp; MLflow's file store in tmp (MLflow 3 refuses a file
@@ -23,16 +22,17 @@ def offline(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(f"file:{tmp_path / 'mlruns'}")
 
 
-TOY = ("train.epochs=null", "train.steps=8", "train.checkpoint_every_steps=4", "train.keep_last=0", "train.loggers=[tensorboard,wandb,mlflow]")
+TOY = ("train.epochs=null", "train.steps=8", "train.checkpoint_every_steps=4", "train.keep_last=0",
+       "train.loggers=[tensorboard,wandb,mlflow]")
 
 
 def test_each_tracker_gets_the_config_every_scalar_and_the_final_metrics(tmp_path, offline):
