@@ -313,6 +313,8 @@ class TrainConfig:
     log_every_steps: int = checked(50, at_least(1), at_most(MAX_STEPS))  # also when non-finite values are checked
     log_every_seconds: float = checked(60.0, above(0))  # rank 0 prints a progress line at least this often (and after the first step)
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
+    # Where scalars go besides metrics.jsonl (always written): wandb and mlflow are extras (engine/trackers.py)
+    loggers: list[str] = checked(None, one_of("tensorboard", "wandb", "mlflow"), factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -331,8 +333,8 @@ class RunConfig:
 LOCATION_KEYS = frozenset({
     "output_dir", "data.root", "data.num_workers", "data.prefetch_factor", "data.synthetic", "data.synthetic_layout",
     "train.resume", "train.device",
-    "train.compile", "train.compile_backend", "train.amp", "train.channels_last", "train.find_unused_parameters", "train.log_every_steps",
-    "train.log_every_seconds",
+    "train.compile", "train.compile_backend", "train.amp", "train.channels_last", "train.find_unused_parameters",
+    "train.log_every_steps", "train.log_every_seconds", "train.loggers",
     "train.checkpoint_every_steps", "train.keep_last",
 })
 EVAL_KEYS = frozenset({

@@ -12,45 +12,59 @@ import threading
 import time
 from pathlib import Path
 
+from rs_transfer.engine.trackers import start_trackers
 from rs_transfer.files import FileWriteError, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, and progress.
+    """Rank 0's outputs: OUTPUT_DIR/metrics.jsonl (one JSON object per event), TensorBoard, the optional trackers of
+    `loggers` (engine/trackers.py: W&B, MLflow), and progress.
 
     The progress bar shows on a terminal only; elsewhere (SLURM logs, tests) each train event is one log line.
     On resume, events after the checkpoint's step (written by the killed run) are dropped from metrics.jsonl, and
     with `eval_pending` (the checkpoint was written before an evaluation the run will now do again) the evaluation
-    at that step too: it may have been logged before the checkpoint after it failed (a full disk).
+    at that step too: it may have been logged before the checkpoint after it failed (a full disk). The trackers
+    cannot drop what they were sent, so they are not sent those events again (see `sent`).
     """
 
     def __init__(self, out: Path, enabled: bool, total: int, start_step: int, resumed: bool, eval_pending: bool = False,
-                 samples: str = "images"):
+                 samples: str = "images", loggers: tuple = ("tensorboard",), config: dict | None = None):
         self.enabled = enabled
         self.samples = samples  # what a sample is, for the throughput in log lines: images, or clips for video
         self.bar = None
         self.writer = None
+        self.trackers = []
+        self.finished = False
         if not enabled:
             return
         self.path = out / "metrics.jsonl"
+        # The last step of each kind of event the trackers were sent, by this run or the one it resumes (whose
+        # events past the checkpoint are still in metrics.jsonl here): W&B refuses a step lower than one it has, and
+        # MLflow would hold the step twice. An exact resume computes those events again with the same values.
+        self.sent: dict[str, int] = {}
         if resumed and self.path.exists():
             def kept_event(event: dict) -> bool:
                 step = event.get("step", 0)
                 return step < start_step or step == start_step and not (eval_pending and event.get("kind") == "eval")
 
-            kept = [line for line in _readable_events(self.path) if kept_event(json.loads(line))]
-            _write_lines(self.path, kept)
+            lines = _readable_events(self.path)
+            for event in map(json.loads, lines):
+                kind = event.get("kind", "")
+                self.sent[kind] = max(self.sent.get(kind, -1), event.get("step", 0))
+            _write_lines(self.path, [line for line in lines if kept_event(json.loads(line))])
         elif not resumed:
             self.path.write_text("")
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        _quiet_tensorboard_threads()
-        self.tensorboard_dir = out / "tensorboard"
-        self.tensorboard_failed = False
-        self.writer = self._tensorboard(SummaryWriter, str(self.tensorboard_dir),
-                                        purge_step=start_step if resumed else None)
+            _quiet_tensorboard_threads()
+            self.tensorboard_dir = out / "tensorboard"
+            self.tensorboard_failed = False
+            self.writer = self._tensorboard(SummaryWriter, str(self.tensorboard_dir),
+                                            purge_step=start_step if resumed else None)
+        self.trackers = start_trackers(out, list(loggers), config or {}, resumed)
         self.start = time.perf_counter()
         self.start_step = start_step
         self.total = total
@@ -65,9 +79,35 @@ class RunLogger:
 
     def _write(self, kind: str, record: dict) -> None:
         self._append({"kind": kind, **record})
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                self._tensorboard(self.writer.add_scalar, f"{kind}/{key}", value, record["step"])
+        scalars = {f"{kind}/{key}": value for key, value in record.items() if key not in ("step", "epoch")}
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self._tensorboard(self.writer.add_scalar, name, value, record["step"])
+        if record["step"] > self.sent.get(kind, -1):
+            self._to_trackers("log", scalars, record["step"])
+
+    def final(self, metrics: dict, summary: dict, step: int) -> None:
+        """The trackers' end of a finished run: the final metrics as final/<name> and the summary's numbers as
+        summary/<name> (W&B: the run summary; MLflow: metrics at the last step). metrics.jsonl and TensorBoard
+        have these already (the last evaluation; summary.json)."""
+        if not self.enabled:
+            return
+        values = {f"final/{key}": value for key, value in metrics.items() if _is_number(value)}
+        values.update({f"summary/{key}": value for key, value in summary.items() if _is_number(value)})
+        self._to_trackers("final", values, step)
+        self.finished = True
+
+    def _to_trackers(self, method: str, values: dict, step: int) -> None:
+        """`tracker.method(values, step)` on each tracker. One that fails (a full disk, a lost server) is turned off
+        with one warning: the run goes on, and metrics.jsonl and TensorBoard still hold every record."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(values, step)
+            except Exception as error:  # each library raises its own types
+                log.warning("%s failed (%s): it is off for the rest of this run; metrics.jsonl and TensorBoard go on",
+                            tracker.name, " ".join(str(error).split())[:300] or type(error).__name__)
+                self.trackers.remove(tracker)
+                self._close_tracker(tracker)
 
     def train(self, record: dict) -> None:
         if not self.enabled:
@@ -101,7 +141,7 @@ class RunLogger:
 
     def images(self, step: int, pictures: dict) -> None:
         """TensorBoard images predictions/<name> at `step`: each uint8 (3, H, W) (Task.visualize)."""
-        if not self.enabled:
+        if self.writer is None:
             return
         for name, picture in pictures.items():
             self._tensorboard(self.writer.add_image, f"predictions/{name}", picture, step, dataformats="CHW")
@@ -119,6 +159,17 @@ class RunLogger:
                     pass
             else:
                 self._tensorboard(writer.close)
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            self._close_tracker(tracker)
+
+    def _close_tracker(self, tracker) -> None:
+        """Close one tracker's run, marked finished or stopped; a failure is a warning (the run's own files are
+        written)."""
+        try:
+            tracker.close(self.finished)
+        except Exception as error:
+            log.warning("%s could not close its run: %s", tracker.name, " ".join(str(error).split())[:300])
 
     def _tensorboard(self, call, *args, **kwargs):
         """`call(*args, **kwargs)`, a TensorBoard call. Its writer thread keeps a write's error (a full or read-only
@@ -138,6 +189,10 @@ class RunLogger:
                 f.write(line)
         except OSError as error:
             raise FileWriteError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _quiet_tensorboard_threads() -> None:

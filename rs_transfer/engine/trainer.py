@@ -60,6 +60,7 @@ from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
 from rs_transfer.engine.summary import SAMPLE_UNITS, format_summary, run_family, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
+from rs_transfer.engine.trackers import check_installed
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
 from rs_transfer.files import atomic_write_json
 
@@ -102,6 +103,7 @@ class Trainer:
         self.config, self.task = config, task
         if (tc.epochs is None) == (tc.steps is None):
             raise ConfigError("give exactly one of train.epochs and train.steps")
+        check_installed(tc.loggers)  # a missing tracker package: one error line before devices, resume and the first step
         if isinstance(task.train_set, IterableDataset):
             raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles "
                             "and resumes it by index")
@@ -185,7 +187,8 @@ class Trainer:
 
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
                                 resumed=resume_from is not None, eval_pending=self.progress.eval_pending,
-                                samples=SAMPLE_UNITS.get(run_family(self.resolved)[0], "images"))
+                                samples=SAMPLE_UNITS.get(run_family(self.resolved)[0], "images"),
+                                loggers=tuple(tc.loggers), config=self.resolved)
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
         self.nonfinite = torch.zeros((), device=info.device)
@@ -338,6 +341,7 @@ class Trainer:
         summary = run_summary(self.out, self.task.primary_metric, progress.metrics, progress.best,
                               progress.best_step, progress.step, self.tc.batch_size, progress.wall_s, progress.train_s)
         write_summary(self.out, summary)
+        self.logger.final(progress.metrics, summary, progress.step)
         log.info("run summary:\n%s", format_summary(summary, run_family(self.resolved)[0]))
 
     def _clock(self) -> None:
