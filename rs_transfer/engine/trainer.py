@@ -180,8 +180,13 @@ class Trainer:
         self.ddp = None
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
+            # gradient_as_bucket_view: gradients live in DDP's buckets, not a copy of them (less memory, no copy per
+            # step). broadcast_buffers=False: training-mode BN uses batch statistics, so rank 0's running statistics
+            # need not be sent before every forward; the evaluated model's buffers are broadcast before each
+            # evaluation (`_evaluate`) and checkpoints hold rank 0's.
             self.ddp = DistributedDataParallel(model, device_ids=device_ids,
-                                               find_unused_parameters=tc.find_unused_parameters)
+                                               find_unused_parameters=tc.find_unused_parameters,
+                                               gradient_as_bucket_view=True, broadcast_buffers=False)
         wrapped = self.ddp or model
         self.forward = torch.compile(wrapped, backend=tc.compile_backend) if tc.compile else wrapped
 
@@ -607,4 +612,7 @@ class Trainer:
         tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
         if not tensors:
             return torch.zeros((), device=self.info.device)
-        return (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().to(self.info.device)
+        # One fused kernel per dtype and device (foreach), not two small kernels per tensor (~1.3k for a ResNet):
+        # a tensor's max-abs is finite exactly when all of it is (NaN propagates, and max never overflows).
+        largest = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+        return (~torch.isfinite(torch.stack([x.float().to(self.info.device) for x in largest])).all()).float()
