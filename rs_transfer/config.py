@@ -19,7 +19,7 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -133,6 +133,12 @@ def fraction(closed_high: bool = False, open_low: bool = False) -> Check:
     return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1))
 
 
+def worker_count() -> Check:
+    """data.num_workers: "auto" or a whole number of processes in [0, MAX_WORKERS]."""
+    return Check(f"'auto' or a whole number >= 0 and <= {MAX_WORKERS}",
+                 lambda v: v == "auto" or (type(v) is int and 0 <= v <= MAX_WORKERS))
+
+
 def one_of(*choices) -> Check:
     return Check("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
 
@@ -223,7 +229,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None
-    num_workers: int = checked(4, at_least(0), at_most(MAX_WORKERS))  # loader processes per training process; they persist across epochs
+    # Loader processes per training process (they persist across epochs): a count, or "auto", this process's share
+    # of the node's cores less one for the trainer (engine/distributed.loader_workers).
+    num_workers: Union[int, str] = checked(4, worker_count())
     prefetch_factor: int = checked(2, at_least(1), at_most(MAX_BATCH))  # batches each worker loads ahead
 
 

@@ -67,7 +67,8 @@ def _dali_loader(config: PretrainConfig, train_items):
             if device.type == "cuda" else None
         return DaliBatches(read, keys, batch_size, config.data.image_size, config.data.crop_min_area, layers,
                            config.augment.magnitude, device_id=device_id,
-                           num_threads=max(1, config.data.num_workers), seed=config.seed)
+                           num_threads=max(1, distributed.loader_workers(config.data.num_workers)[0]),
+                           seed=config.seed)
 
     return make_loader
 
