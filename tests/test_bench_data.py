@@ -18,7 +18,9 @@ def test_bench_data_reports_every_pipeline(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["source"] == f"3 images from {tmp_path / 'train'}"
     rates = result["images_per_cpu_s_per_worker"]
-    assert set(rates) == {"rs-tf", "rs-timm", "timm", "decode"} and all(rate > 0 for rate in rates.values())
+    assert set(rates) == {"rs-tf", "rs-tf-fast", "rs-timm", "timm", "decode", "crop", "crop-fast"}
+    assert all(rate > 0 for rate in rates.values())
+    assert 0 <= result["fast_decode"]["reduced_share"] <= 1
 
 
 def test_bench_data_measures_the_dali_cpu_pipeline(capsys):

@@ -130,7 +130,7 @@ def build_task(config: PretrainConfig) -> Task:
     augment = config.augment
     train_set = data.ImageDataset(train_items, transforms.train_transform(
         size, augment.randaugment, augment.num_layers, augment.magnitude, augment.timm_config,
-        scale=(config.data.crop_min_area, 1.0)))
+        scale=(config.data.crop_min_area, 1.0), fast_decode=config.data.fast_decode))
     eval_set = data.ImageDataset(eval_items, transforms.eval_transform(config.data.eval_image_size or size))
     collate_fn = data.collate
     if config.cotrain.enabled:
