@@ -32,3 +32,14 @@ def test_bench_data_measures_the_dali_cpu_pipeline(capsys):
               "dali": {"version": "2.4.0", "threads": 1, "images_per_cpu_s": 12.5, "images_per_wall_s": 10.0}}
     bench_data.print_report(result, as_json=False)
     assert capsys.readouterr().out.splitlines()[-1].split()[:5] == ["dali-cpu", "12.5", "10.0", "DALI", "2.4.0,"]
+
+
+def test_bench_data_dali_backend_reports_the_main_threads_cost_per_batch(capsys):
+    from rs_transfer.cli import main
+
+    assert main(["bench", "data", "--backend", "dali", "--count", "3", "--resolution", "32", "--seconds", "0.05",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    per_batch = result["main_thread_cpu_ms_per_batch"]
+    assert set(per_batch) == {"main-thread feeder", "2 feeder processes"} and all(v > 0 for v in per_batch.values())
+    assert result["feeder_cpu_us_per_sample"] > 0

@@ -17,6 +17,9 @@ Pipelines, side by side on the same images in the same run:
 - crop, crop-fast: decode + RandomResizedCrop alone, full decode (rs-tf's first step) and reduced (rs-tf-fast's):
   the share of the cost the reduced decode acts on. `fast_decode` in JSON gives the share of crops decoded
   reduced and the PSNR of those crops against the full decode's, same boxes (how much the pixels differ)
+`--backend dali` (bench_dali_feeder) measures instead what the DALI loader costs the training thread: its CPU time
+per batch with the Python feeder on that thread and in feeder processes (DALI's parallel external source), and
+the feeder's CPU time per sample.
 Pipelines are measured interleaved, one pass through the images each in turn until each has `min_seconds` of CPU,
 so a change of load on a shared machine falls on all of them alike.
 - dali-cpu (when NVIDIA DALI is installed, `pip install -e ".[dali]"`): rs_transfer.pretrain.dali's pipeline, the
@@ -167,6 +170,98 @@ def measure_dali(jpegs: list, resolution: int, magnitude: float, min_seconds: fl
         batches.close()
 
 
+def measure_dali_feeder(jpegs: list, resolution: int, magnitude: float, min_seconds: float, seed: int,
+                        batch_size: int = 64, workers: int = 2) -> dict:
+    """The DALI loader's cost to the thread that runs it (the training thread), with its Python feeder (file reads,
+    headers, random parameters) on that thread (py_workers=0, as before issue 22) and in `workers` forked
+    processes (DALI's parallel external source, what the trainer runs): name -> main-thread CPU ms per batch,
+    interleaved batch by batch until each has `min_seconds` of wall time. DALI's own threads (decode,
+    augmentation; 1 here) are not the main thread's. (No wall figure: each pipeline decodes ahead while the other
+    runs, so interleaved wall times say nothing.)"""
+    from rs_transfer.pretrain.dali import DaliBatches
+
+    def loader(py_workers: int):
+        return iter(DaliBatches(lambda index: (jpegs[index], 0), CycledKeys(len(jpegs), 2**62), batch_size,
+                                resolution, num_layers=2, magnitude=magnitude, num_threads=1, seed=seed,
+                                py_workers=py_workers, py_start_method="fork"))
+
+    loaders = {"main-thread feeder": loader(0), f"{workers} feeder processes": loader(workers)}
+    try:
+        for batches in loaders.values():
+            next(batches)  # warm-up: building the pipeline, starting the workers, the first batch
+        spent = {name: [0, 0.0, 0.0] for name in loaders}  # batches, main-thread CPU s, wall s
+        while min(wall for *_, wall in spent.values()) < min_seconds:
+            for name, batches in loaders.items():
+                cpu, wall = time.thread_time(), time.perf_counter()
+                next(batches)
+                total = spent[name]
+                total[0] += 1
+                total[1] += time.thread_time() - cpu
+                total[2] += time.perf_counter() - wall
+    finally:
+        for batches in loaders.values():
+            batches.close()
+    return {name: 1000 * cpu / count for name, (count, cpu, _) in spent.items()}
+
+
+def feeder_cost(jpegs: list, resolution: int, magnitude: float, seed: int, batch_size: int = 64,
+                min_seconds: float = 1.0) -> float:
+    """CPU microseconds per sample of the DALI feeder's Python work (pretrain.dali.KeySource: bytes, header,
+    random parameters), in this process: what the feeder processes take off the training thread."""
+    from types import SimpleNamespace
+
+    from rs_transfer.pretrain.dali import KeySource
+
+    source = KeySource(lambda index: (jpegs[index], 0), CycledKeys(len(jpegs), 2**62), batch_size, resolution,
+                       (0.08, 1.0), 2, magnitude, seed)
+    count, cpu = 0, time.process_time()
+    while time.process_time() - cpu < min_seconds:
+        source(SimpleNamespace(iteration=count))
+        count += 1
+    return 1e6 * (time.process_time() - cpu) / (count * batch_size)
+
+
+def bench_dali_feeder(images: str | None = None, count: int = 64, resolution: int = 160, magnitude: float = 10.0,
+                      min_seconds: float = 5.0, seed: int = 0, batch_size: int = 64) -> dict:
+    """`bench data --backend dali`: the DALI loader's main-thread CPU time per batch, feeder on the main thread
+    against feeder processes (interleaved, one run), and the feeder's cost per sample; CPU-only DALI pipeline."""
+    version = dali_version()
+    if version is None:
+        raise UserError("bench data --backend dali needs NVIDIA DALI, which is not installed: pip install -e '.[dali]'")
+    jpegs, source = _jpegs(images, count, seed)
+    times = measure_dali_feeder(jpegs, resolution, magnitude, min_seconds, seed, batch_size)
+    return {"source": source, "resolution": resolution, "batch_size": batch_size, "dali_version": version,
+            "load_average": round(os.getloadavg()[0], 1), "cpu_count": os.cpu_count(),
+            "main_thread_cpu_ms_per_batch": {k: round(v, 2) for k, v in times.items()},
+            "feeder_cpu_us_per_sample": round(feeder_cost(jpegs, resolution, magnitude, seed, batch_size), 1)}
+
+
+def print_dali_report(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"DALI {result['dali_version']} CPU pipeline, 1 DALI thread, batch {result['batch_size']} at "
+          f"{result['resolution']} px: {result['source']}")
+    print(f"machine: {result['cpu_count']} CPUs, load average {result['load_average']}")
+    print(f"  {'feeder':<22}{'main-thread CPU ms/batch':>26}")
+    for name, cpu in result["main_thread_cpu_ms_per_batch"].items():
+        print(f"  {name:<22}{cpu:>26.2f}")
+    print(f"  feeder's Python work: {result['feeder_cpu_us_per_sample']} CPU-us per sample")
+
+
+def _jpegs(images: str | None, count: int, seed: int) -> tuple:
+    """(JPEG bytes, where they come from) for the benchmarks: `count` files of folder `images`, else synthetic."""
+    if images is not None:
+        jpegs = read_jpegs(Path(images), count)
+        source = f"{len(jpegs)} images from {images}"
+    else:
+        jpegs = synthetic_jpegs(count, seed=seed)
+        source = f"{count} synthetic 500x375 JPEGs (quality 90)"
+    if not jpegs:
+        raise UserError(f"no images to benchmark in {images}")
+    return jpegs, source
+
+
 def dali_version():
     """DALI's version when it is installed, else None."""
     try:
@@ -178,14 +273,7 @@ def dali_version():
 
 def bench_data(images: str | None = None, count: int = 64, resolution: int = 160, magnitude: float = 10.0,
                min_seconds: float = 5.0, seed: int = 0) -> dict:
-    if images is not None:
-        jpegs = read_jpegs(Path(images), count)
-        source = f"{len(jpegs)} images from {images}"
-    else:
-        jpegs = synthetic_jpegs(count, seed=seed)
-        source = f"{count} synthetic 500x375 JPEGs (quality 90)"
-    if not jpegs:
-        raise UserError(f"no images to benchmark in {images}")
+    jpegs, source = _jpegs(images, count, seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one DataLoader worker
     try:
