@@ -4,9 +4,10 @@ pipeline, what the tests run), then the RS train transform: random resized crop,
 
 The engine decides the order of samples as keys (epoch, index), so DALI's readers and their shuffling are not
 used: an external source reads the encoded bytes of the given keys, in order, through `read(index)`. Every random
-choice of a sample (crop window, flip, RandAugment ops, signs, cutout centre) is drawn in Python from a generator
-seeded by (seed, epoch, index) and handed to DALI as data, so a batch depends only on its keys and the seed, not on
-batch boundaries, threads or workers: resuming with the remaining keys gives what an uninterrupted run would have.
+choice of a sample (crop window, flip, RandAugment ops, signs, cutout centre) is a draw of a counter-based
+generator keyed by (seed, epoch, index) (`uniforms`) and handed to DALI as data, so a batch depends only on its
+keys and the seed, not on batch boundaries, threads or workers: resuming with the remaining keys gives what an
+uninterrupted run would have.
 
 RandAugment is the TF one of transforms.py (16 ops, each layer's op always applied, magnitude on TF's 0-10 scale,
 grey 128 fill, absolute-pixel translate and cutout), written with DALI operators and chosen per sample with DALI's

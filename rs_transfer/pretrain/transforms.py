@@ -3,7 +3,9 @@
 Train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment -> uint8
 tensor (3, S, S). Eval: centre crop of S/(S + round(S/7)) of the short side, resized to S -> uint8 tensor. The
 model normalises on the device (rs_transfer.models.normalize.Normalize): a quarter of float32's bytes through
-the loader queues and the copy to the GPU, and no normalisation work in the loader workers.
+the loader queues and the copy to the GPU, and no normalisation work in the loader workers. With
+`data.fast_decode` the train transform takes the encoded bytes instead (`ReducedDecodeCrop`): the same crop box,
+drawn from the JPEG header, then a reduced-scale decode where the box allows it.
 
 RandAugment comes in two flavours, chosen by `augment.randaugment`:
 - "tf" (default): the official TF code (tensorflow/tpu `autoaugment.distort_image_with_randaugment`), written
