@@ -133,10 +133,14 @@ def fraction(closed_high: bool = False, open_low: bool = False) -> Check:
     return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1))
 
 
-def worker_count() -> Check:
-    """data.num_workers: "auto" or a whole number of processes in [0, MAX_WORKERS]."""
-    return Check(f"'auto' or a whole number >= 0 and <= {MAX_WORKERS}",
-                 lambda v: v == "auto" or (type(v) is int and 0 <= v <= MAX_WORKERS))
+def auto_or_int() -> Check:
+    """A count that may also be "auto" (data.num_workers); list it before `or_auto` ranges, so a typo reads as one."""
+    return Check("'auto' or a whole number", lambda v: v == "auto" or type(v) is int)
+
+
+def or_auto(check: Check) -> Check:
+    """`check` on numbers; "auto" passes (its value is decided where it is used)."""
+    return Check(check.rule, lambda v: v == "auto" or check.ok(v))
 
 
 def one_of(*choices) -> Check:
@@ -231,7 +235,7 @@ class DataConfig:
     root: Optional[str] = None
     # Loader processes per training process (they persist across epochs): a count, or "auto", this process's share
     # of the node's cores less one for the trainer (engine/distributed.loader_workers).
-    num_workers: Union[int, str] = checked(4, worker_count())
+    num_workers: Union[int, str] = checked(4, auto_or_int(), or_auto(at_least(0)), or_auto(at_most(MAX_WORKERS)))
     prefetch_factor: int = checked(2, at_least(1), at_most(MAX_BATCH))  # batches each worker loads ahead
 
 
