@@ -445,6 +445,8 @@ def add_bench_data(bench_commands) -> None:
     bench_data.add_argument("--resolution", type=whole("--resolution", 1), default=160)
     bench_data.add_argument("--magnitude", type=real("--magnitude", 0), default=10.0)
     bench_data.add_argument("--seconds", type=real("--seconds", 0, open_low=True), default=5.0, help="minimum CPU time per pipeline")
+    bench_data.add_argument("--backend", choices=("torch", "dali"), default="torch",
+                            help="dali: the DALI loader's main-thread CPU time per batch, feeder on it vs in processes")
     bench_data.add_argument("--json", action="store_true")
     bench_data.set_defaults(run=run_bench_data)
 
@@ -698,8 +700,12 @@ def run_reproduce(args) -> int:
 
 
 def run_bench_data(args) -> int:
-    from rs_transfer.bench.data import bench_data, print_report
+    from rs_transfer.bench.data import bench_dali_feeder, bench_data, print_dali_report, print_report
 
+    if args.backend == "dali":
+        print_dali_report(bench_dali_feeder(args.images, args.count, args.resolution, args.magnitude, args.seconds),
+                          args.json)
+        return 0
     print_report(bench_data(args.images, args.count, args.resolution, args.magnitude, args.seconds), args.json)
     return 0
 

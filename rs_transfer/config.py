@@ -19,7 +19,7 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -133,6 +133,16 @@ def fraction(closed_high: bool = False, open_low: bool = False) -> Check:
     return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1))
 
 
+def auto_or_int() -> Check:
+    """A count that may also be "auto" (data.num_workers); list it before `or_auto` ranges, so a typo reads as one."""
+    return Check("'auto' or a whole number", lambda v: v == "auto" or type(v) is int)
+
+
+def or_auto(check: Check) -> Check:
+    """`check` on numbers; "auto" passes (its value is decided where it is used)."""
+    return Check(check.rule, lambda v: v == "auto" or check.ok(v))
+
+
 def one_of(*choices) -> Check:
     return Check("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
 
@@ -223,7 +233,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None
-    num_workers: int = checked(4, at_least(0), at_most(MAX_WORKERS))  # loader processes per training process; they persist across epochs
+    # Loader processes per training process (they persist across epochs): a count, or "auto", this process's share
+    # of the node's cores less one for the trainer (engine/distributed.loader_workers).
+    num_workers: Union[int, str] = checked(4, auto_or_int(), or_auto(at_least(0)), or_auto(at_most(MAX_WORKERS)))
     prefetch_factor: int = checked(2, at_least(1), at_most(MAX_BATCH))  # batches each worker loads ahead
 
 

@@ -28,6 +28,7 @@ def test_toy_task_learns_and_writes_its_outputs(tmp_path, caplog):
     assert "device: CPU, 1 thread(s) per process (OMP_NUM_THREADS); 1 process(es)" in start
     assert "plan: 64 steps (4 epochs) of global batch 16 (16 per process x 1 process(es) x 1 accumulation)" in start
     assert "evaluation every 1 epoch(s), at the end" in start and f"output: {tmp_path}" in start
+    assert "steps per epoch, 0 loader worker(s) per process (data.num_workers)" in start
     assert said.index(start) < next(i for i, m in enumerate(said) if m.startswith("step 1/64 loss "))
 
     assert before < 0.5 and metrics["accuracy"] > 0.85  # 4 classes: chance is 0.25

@@ -42,6 +42,8 @@ def test_batches_are_uint8_chw_with_the_labels_of_the_keys_in_order_and_a_short_
     for batch in result:
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, SIZE, SIZE)
         assert batch["label"].dtype == torch.int64 and batch["image"].device == batch["label"].device
+        # NHWC in memory, as DALI makes it: the engine's channels-last input without a transpose or a copy
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert torch.cat([batch["label"] for batch in result]).tolist() == [LABELS[index] for _, index in KEYS]
     pixels = images(result)
     assert pixels.float().std() > 10  # images, not a constant fill
@@ -93,13 +95,16 @@ def test_crop_flip_and_resize_match_the_pil_transform_with_the_same_parameters()
 
 
 def test_crop_window_follows_random_resized_crop():
-    rng = np.random.default_rng(0)
-    windows = np.array([dali.crop_window(rng, 400, 300, (0.25, 1.0)) for _ in range(500)])
-    x, y, w, h = windows.T
+    draws = dali.uniforms(0, np.zeros(500), np.arange(500), 2 * dali.CROP_TRIES + 2)
+    x, y, w, h = dali.crop_windows(draws, np.full(500, 400), np.full(500, 300), (0.25, 1.0)).T
     assert (x >= 0).all() and (y >= 0).all() and (x + w <= 400).all() and (y + h <= 300).all()
     assert (w * h >= 0.24 * 400 * 300).all() and (w / h > 0.74).all() and (w / h < 1.34).all()
+    assert len(set(zip(x, y, w, h))) > 490  # the samples' draws are independent
     # A strip no crop of ratio 3/4-4/3 and area >= 25% fits: torchvision's fallback, the centred largest one.
-    assert dali.crop_window(rng, 1000, 10, (0.25, 1.0)) == (493, 0, 13, 10)
+    assert dali.crop_windows(draws[:1], [1000], [10], (0.25, 1.0)).tolist() == [[493, 0, 13, 10]]
+    # Each sample's draws depend on (seed, epoch, index) only: not on the batch it is computed in.
+    assert np.array_equal(dali.uniforms(0, np.zeros(3), np.arange(7, 10), 4)[1], dali.uniforms(0, [0], [8], 4)[0])
+    assert not np.array_equal(draws[:2], dali.uniforms(1, np.zeros(2), np.arange(2), 2 * dali.CROP_TRIES + 2))
 
 
 class ForcedChoice:
@@ -128,9 +133,8 @@ def test_tf_randaugment_ops_match_transforms_py(magnitude):
 
     image = np.asarray(make_image(3, 10, (SIZE, SIZE), np.random.default_rng(0)).convert("RGB"))
     count = len(dali.OPS)
-    matrices = [dali.affine_matrix(name, magnitude, 1.0, SIZE) if name in dali.AFFINE_OPS else dali.IDENTITY
-                for name in dali.OPS]
-    box = dali.cutout_box(ForcedChoice(), magnitude, SIZE)
+    matrices = list(dali.affine_matrices(np.arange(count), np.ones(count), magnitude, SIZE))
+    box = dali.cutout_boxes(np.full(2, 10.5 / SIZE), magnitude, SIZE)  # centred at (10, 10), as ForcedChoice
 
     @pipeline_def(batch_size=count, num_threads=1, device_id=None, enable_conditionals=True)
     def each_op_once():
@@ -203,7 +207,8 @@ def test_data_backend_dali_trains_through_the_engine_and_resumes_bitwise(tmp_pat
 
     root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2)
     demo = CONFIGS / "pretrain" / "demo.yaml"
-    common = ["pretrain", "--config", str(demo), f"data.root={root}", "data.backend=dali", "data.num_workers=0",
+    # data.num_workers=1: one feeder process (DALI's parallel external source, forked on the CPU) reads ahead
+    common = ["pretrain", "--config", str(demo), f"data.root={root}", "data.backend=dali", "data.num_workers=1",
               "model.name=rs26-w0.25", "data.image_size=32", "train.batch_size=4", "train.epochs=null",
               "train.log_every_steps=1", "train.checkpoint_every_steps=1", "train.eval_every_epochs=0"]
     assert main([*common, "train.steps=4", f"output_dir={tmp_path / 'whole'}"]) == 0

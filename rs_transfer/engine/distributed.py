@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import random
+import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,3 +294,44 @@ def cpu_threads(local_world_size: int) -> tuple:
     free = int(cores - load + 0.5)
     threads = max(1, min(cores, free) // max(1, local_world_size))
     return threads, f"{cores} cores, load average {load:.1f} at start; OMP_NUM_THREADS=N chooses"
+
+
+# Cores each training process keeps for itself when `data.num_workers: auto` sizes its loader: the main process
+# launches the GPU kernels, runs the collate/pin-memory thread and the Python of the step (PyTorch's DataLoader
+# docs and timm's train.py leave the same one core per process).
+TRAINER_CORES = 1
+# More workers than this per process only hold memory (each keeps prefetch_factor batches and a copy of the
+# dataset's index): 3.9k img/s per GPU at ~400 img/s per worker-core (issue 22) needs ~10.
+MAX_AUTO_WORKERS = 32
+
+
+def local_processes() -> int:
+    """Training processes on this node: torchrun's LOCAL_WORLD_SIZE, else srun's SLURM_STEP_TASKS_PER_NODE (its
+    first count, "8(x2)" -> 8), else SLURM_NTASKS_PER_NODE, else 1."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        found = re.match(r"\s*(\d+)", os.environ.get(key, ""))
+        if found and int(found.group(1)) > 0:
+            return int(found.group(1))
+    return 1
+
+
+def loader_workers(setting: int | str) -> tuple:
+    """(DataLoader worker processes, why) for `data.num_workers`: an int is taken as it is; "auto" is this
+    process's share of the cores it may use (os.sched_getaffinity, so taskset, cgroups' cpusets and SLURM's
+    --cpus-per-task count) over the training processes of this node (`local_processes`), less TRAINER_CORES for
+    the process itself, capped at MAX_AUTO_WORKERS and at least 1 wherever there are 2 cores or more (0, loading in
+    the training process, only on a single core, and the reason says so). Raises ValueError for any other string
+    (config validation refuses it first)."""
+    if not isinstance(setting, str):
+        return setting, "data.num_workers"
+    if setting != "auto":
+        raise ValueError(f"data.num_workers must be an integer or 'auto', not {setting!r}")
+    cores, processes = len(os.sched_getaffinity(0)), local_processes()
+    share = cores // processes
+    workers = min(MAX_AUTO_WORKERS, max(share - TRAINER_CORES, 1 if cores > 1 else 0))
+    why = f"auto: {cores} cores / {processes} process(es) on this node - {TRAINER_CORES} for the trainer"
+    if workers == 0:
+        why += "; one core: loading in the training process"
+    elif share - TRAINER_CORES > MAX_AUTO_WORKERS:
+        why += f", at most {MAX_AUTO_WORKERS}"
+    return workers, why

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rs_transfer.engine.distributed import shard
+from rs_transfer.engine.distributed import loader_workers, shard
 
 # SLURM's and torchrun's stop signal, a common `#SBATCH --signal` choice, and Ctrl-C (sent to the whole foreground
 # process group, workers included)
@@ -102,17 +102,18 @@ class Loader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers: int = 0,
+def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers: int | str = 0,
                 device: torch.device | None = None) -> Loader:
     """This rank's shard of an evaluation set (every sample exactly once over all ranks, no padding duplicates,
-    which would bias the metric), in order, with stop-signal-proof workers and pinned memory for a CUDA device."""
+    which would bias the metric), in order, with stop-signal-proof workers and pinned memory for a CUDA device.
+    `num_workers`: data.num_workers, a count or "auto" (distributed.loader_workers)."""
     part = shard(dataset)
     return Loader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                  num_workers=min(num_workers, len(part)),
+                  num_workers=min(loader_workers(num_workers)[0], len(part)),
                   pin_memory=device is not None and torch.device(device).type == "cuda")
 
 
-def eval_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int = 0,
+def eval_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int | str = 0,
                  device: torch.device | None = None):
     """`eval_loader`'s batches of dict samples, each split by the size of the samples' "image" and collated per
     size with `collate_fn`: yields batches whose images share one size, so no network sees another image's padding.

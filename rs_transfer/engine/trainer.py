@@ -50,6 +50,7 @@ from rs_transfer.engine.distributed import (
     cpu_threads,
     elastic_restart,
     init_distributed,
+    loader_workers,
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
@@ -114,6 +115,7 @@ class Trainer:
         if info.device.type == "cpu":
             self.threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             torch.set_num_threads(self.threads[0])
+        self.workers = loader_workers(config.data.num_workers)
         seed_everything(config.seed + info.rank)
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
@@ -234,7 +236,8 @@ class Trainer:
             f"model: {self.config.model.name}, {params / 1e6:.2f}M parameters"
             + (f" ({(params - trainable) / 1e6:.2f}M frozen)" if trainable < params else "")
             + (f", {classes} classes" if classes else ""),
-            f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch",
+            f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch, "
+            f"{self.workers[0]} loader worker(s) per process ({self.workers[1]})",
             f"plan: {self.total} steps ({epochs:.3g} epochs) of global batch {tc.batch_size} ({self.micro} per "
             f"process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
             f"from step {self.progress.step}; evaluation {evaluation}; a log line every {tc.log_every_steps} steps, "
@@ -374,7 +377,7 @@ class Trainer:
         prefetch queue at an epoch start. (Not `persistent_workers`: the loader would then keep its workers alive
         after the run, for as long as anything holds the trainer.)"""
         config = self.config
-        workers = config.data.num_workers
+        workers = self.workers[0]
         return Loader(
             SeededSamples(self.task.train_set, config.seed),
             batch_size=self.micro, sampler=self.sampler, num_workers=workers, collate_fn=self.task.collate_fn,

@@ -4,9 +4,10 @@ pipeline, what the tests run), then the RS train transform: random resized crop,
 
 The engine decides the order of samples as keys (epoch, index), so DALI's readers and their shuffling are not
 used: an external source reads the encoded bytes of the given keys, in order, through `read(index)`. Every random
-choice of a sample (crop window, flip, RandAugment ops, signs, cutout centre) is drawn in Python from a generator
-seeded by (seed, epoch, index) and handed to DALI as data, so a batch depends only on its keys and the seed, not on
-batch boundaries, threads or workers: resuming with the remaining keys gives what an uninterrupted run would have.
+choice of a sample (crop window, flip, RandAugment ops, signs, cutout centre) is a draw of a counter-based
+generator keyed by (seed, epoch, index) (`uniforms`) and handed to DALI as data, so a batch depends only on its
+keys and the seed, not on batch boundaries, threads or workers: resuming with the remaining keys gives what an
+uninterrupted run would have.
 
 RandAugment is the TF one of transforms.py (16 ops, each layer's op always applied, magnitude on TF's 0-10 scale,
 grey 128 fill, absolute-pixel translate and cutout), written with DALI operators and chosen per sample with DALI's
@@ -15,7 +16,12 @@ bins, randomly negated enhance factors, an inverted Solarize scale) and its op c
 What still differs from the PyTorch path is listed in docs/pretrain.md ("DALI backend (optional)").
 
 Batches are what the PyTorch loader ships: {"image": uint8 (N, 3, S, S), "label": int64 (N,)}, both on the
-pipeline's device (cuda:`device_id`, or the CPU); the model normalises. The last batch holds the keys left over
+pipeline's device (cuda:`device_id`, or the CPU); the model normalises. The images are channels-last in memory
+(DALI's HWC, viewed as NCHW), the engine's input format with `train.channels_last`.
+
+The per-sample work in Python (reading the bytes, the header's size, the random parameters) runs in DALI's parallel
+external source (`py_workers` processes, each preparing a whole batch ahead), not on the thread that runs the
+pipeline and the training step; the parameters are computed for a batch at once with numpy (`batch_params`). The last batch holds the keys left over
 (fewer than `batch_size`).
 """
 
@@ -38,6 +44,9 @@ OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", 
        "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
 AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+# Feeder processes of the training loader (pretrain/task.py): each prepares a whole batch, ~0.1 ms a sample (issue
+# 22: 33 ms of a 256-image batch against a 66 ms step budget), so one keeps pace and a second gives headroom.
+FEEDER_WORKERS = 2
 
 
 def import_dali():
@@ -50,76 +59,121 @@ def import_dali():
     return nvidia.dali
 
 
-def crop_window(rng: np.random.Generator, width: int, height: int, scale: tuple) -> tuple:
-    """(x, y, w, h) of torchvision's RandomResizedCrop.get_params (ratio 3/4-4/3), drawn from `rng`."""
-    area = width * height
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < RATIO[0]:
-        w, h = width, int(round(width / RATIO[0]))
-    elif in_ratio > RATIO[1]:
-        w, h = int(round(height * RATIO[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+# Draws of one sample, as columns of `uniforms`: 10 tries of (area, aspect) for the crop, its position, the flip,
+# then per RandAugment layer its op, sign and cutout centre.
+CROP_TRIES = 10
+MASK64 = (1 << 64) - 1
 
 
-def affine_matrix(name: str, magnitude: float, sign: float, size: int) -> np.ndarray:
-    """PIL's inverse affine (output pixel -> input pixel) of a TF op at `magnitude`, as transforms.py applies it."""
-    level = magnitude / 10.0 * sign
-    if name == "ShearX":
-        return np.array([[1, level * 0.3, 0], [0, 1, 0]], dtype=np.float32)
-    if name == "ShearY":
-        return np.array([[1, 0, 0], [level * 0.3, 1, 0]], dtype=np.float32)
-    if name == "TranslateX":
-        return np.array([[1, 0, level * 100], [0, 1, 0]], dtype=np.float32)
-    if name == "TranslateY":
-        return np.array([[1, 0, 0], [0, 1, level * 100]], dtype=np.float32)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection that scatters nearby inputs."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, epochs: np.ndarray, indices: np.ndarray, count: int) -> np.ndarray:
+    """(N, count) float64 in [0, 1): draw j of sample (epochs[i], indices[i]), a pure function of (seed, epoch,
+    index, j) (counter-based, SplitMix64 hashing), computed for a whole batch at once: no generator per sample
+    (constructing numpy's took 14 us a sample, the scalar draws after it 36 us more, on the feeder's thread)."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    key = _mix(np.full(len(epochs), seed & MASK64, dtype=np.uint64) + golden)
+    key = _mix(key ^ (np.asarray(epochs, dtype=np.int64).astype(np.uint64) + golden))
+    key = _mix(key ^ (np.asarray(indices, dtype=np.int64).astype(np.uint64) + golden))
+    counters = np.arange(1, count + 1, dtype=np.uint64) * golden
+    return (_mix(key[:, None] + counters[None, :]) >> np.uint64(11)) * (1.0 / (1 << 53))
+
+
+def crop_windows(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray, scale: tuple) -> np.ndarray:
+    """(N, 4) int32 (x, y, w, h) of torchvision's RandomResizedCrop.get_params (ratio 3/4-4/3) for images of
+    `widths` x `heights`, from `draws` (N, 2 x CROP_TRIES + 2): its 10 tries of (area, aspect), the first that fits
+    taken, then its position; torchvision's centred fallback where none fits."""
+    widths, heights = np.asarray(widths, dtype=np.int64), np.asarray(heights, dtype=np.int64)
+    area = (widths * heights).astype(np.float64)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * draws[:, :CROP_TRIES])
+    log_low, log_high = math.log(RATIO[0]), math.log(RATIO[1])
+    aspect = np.exp(log_low + (log_high - log_low) * draws[:, CROP_TRIES:2 * CROP_TRIES])
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint: half to even, as Python's round
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(widths))
+    w, h, found = w[rows, first], h[rows, first], fits.any(axis=1)
+    x = np.floor(draws[:, 2 * CROP_TRIES] * (widths - w + 1)).astype(np.int64)
+    y = np.floor(draws[:, 2 * CROP_TRIES + 1] * (heights - h + 1)).astype(np.int64)
+    # Fallback: the centred crop of the ratio bound the image's own ratio lies beyond, or the whole image.
+    ratio = widths / heights
+    fallback_w = np.where(ratio < RATIO[0], widths, np.where(ratio > RATIO[1], np.rint(heights * RATIO[1]), widths))
+    fallback_h = np.where(ratio < RATIO[0], np.rint(widths / RATIO[0]), heights)
+    fallback_w, fallback_h = fallback_w.astype(np.int64), fallback_h.astype(np.int64)
+    x = np.where(found, x, (widths - fallback_w) // 2)
+    y = np.where(found, y, (heights - fallback_h) // 2)
+    w, h = np.where(found, w, fallback_w), np.where(found, h, fallback_h)
+    return np.stack([x, y, w, h], axis=1).astype(np.int32)
+
+
+def affine_matrices(ops: np.ndarray, signs: np.ndarray, magnitude: float, size: int) -> np.ndarray:
+    """(..., 2, 3) float32: PIL's inverse affine (output pixel -> input pixel) of each layer's op where it is an
+    affine one (transforms.py's Rotate, ShearX/Y, TranslateX/Y), the identity elsewhere; `ops`, `signs` (+-1): (...)."""
+    level = magnitude / 10.0 * signs
+    names = np.asarray(OPS)[ops]
+    matrices = np.broadcast_to(IDENTITY, (*ops.shape, 2, 3)).copy()
+    matrices[..., 0, 1] = np.where(names == "ShearX", level * 0.3, 0)
+    matrices[..., 1, 0] = np.where(names == "ShearY", level * 0.3, 0)
+    matrices[..., 0, 2] = np.where(names == "TranslateX", level * 100, 0)
+    matrices[..., 1, 2] = np.where(names == "TranslateY", level * 100, 0)
     # Rotate: Image.rotate(level * 30 degrees) about the centre, built the way PIL builds it.
-    angle = -math.radians(level * 30.0)
-    a, b, d, e = math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)
+    rotate = names == "Rotate"
+    angle = -np.radians(level * 30.0)
+    a, b = np.cos(angle), np.sin(angle)
     centre = size / 2.0
-    return np.array([[a, b, centre - a * centre - b * centre], [d, e, centre - d * centre - e * centre]],
-                    dtype=np.float32)
+    rotation = np.stack([np.stack([a, b, centre - a * centre - b * centre], -1),
+                         np.stack([-b, a, centre + b * centre - a * centre], -1)], -2)
+    matrices[rotate] = rotation[rotate]
+    return matrices.astype(np.float32)
 
 
-def cutout_box(rng: np.random.Generator, magnitude: float, size: int) -> np.ndarray:
-    """(y, x, h, w) of TF's cutout square: side 2 x int(M/10 x 40) at a uniform centre, clipped to the image."""
+def cutout_boxes(draws: np.ndarray, magnitude: float, size: int) -> np.ndarray:
+    """(..., 4) int32 (y, x, h, w) of TF's cutout square: side 2 x int(M/10 x 40) at the centre `draws` (..., 2)
+    picks uniformly in the image, clipped to it."""
     pad = int(magnitude / 10.0 * 40)
-    cx, cy = int(rng.integers(size)), int(rng.integers(size))
-    x0, y0, x1, y1 = max(0, cx - pad), max(0, cy - pad), min(size, cx + pad), min(size, cy + pad)
-    return np.array([y0, x0, y1 - y0, x1 - x0], dtype=np.int32)
+    cx, cy = (np.floor(draws[..., k] * size).astype(np.int64) for k in (0, 1))
+    x0, y0 = np.maximum(0, cx - pad), np.maximum(0, cy - pad)
+    x1, y1 = np.minimum(size, cx + pad), np.minimum(size, cy + pad)
+    return np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1).astype(np.int32)
+
+
+def batch_params(seed: int, epochs, indices, widths, heights, size: int, scale: tuple, num_layers: int,
+                 magnitude: float) -> dict:
+    """Every random choice of samples (epochs[i], indices[i]) of images widths[i] x heights[i], one array per
+    column over the batch (N first): each row a pure function of (seed, epoch, index, its size), so batch
+    boundaries, workers and resumes do not change it."""
+    layers = num_layers
+    draws = uniforms(seed, epochs, indices, 2 * CROP_TRIES + 3 + 4 * layers)
+    window = crop_windows(draws[:, :2 * CROP_TRIES + 2], widths, heights, scale)
+    rest = draws[:, 2 * CROP_TRIES + 2:]
+    ops = np.minimum(np.floor(rest[:, 1:1 + layers] * len(OPS)), len(OPS) - 1).astype(np.int32)
+    signs = np.where(rest[:, 1 + layers:1 + 2 * layers] < 0.5, -1.0, 1.0)
+    centres = rest[:, 1 + 2 * layers:].reshape(len(window), layers, 2)
+    boxes = cutout_boxes(centres, magnitude, size) * (np.asarray(OPS)[ops] == "Cutout")[..., None]
+    return {"crop_anchor": window[:, :2].copy(), "crop_shape": window[:, 2:].copy(),
+            "flip": (rest[:, 0] < 0.5).astype(np.int32), "ops": ops,
+            "matrices": affine_matrices(ops, signs, magnitude, size), "boxes": boxes.astype(np.int32)}
 
 
 def sample_params(seed: int, epoch: int, index: int, width: int, height: int, size: int, scale: tuple,
                   num_layers: int, magnitude: float) -> dict:
-    """Every random choice of sample (epoch, index): a pure function of its arguments."""
-    rng = np.random.default_rng((seed, epoch, index))
-    x, y, w, h = crop_window(rng, width, height, scale)
-    ops = rng.integers(len(OPS), size=num_layers).astype(np.int32)
-    matrices = np.tile(IDENTITY, (num_layers, 1, 1))
-    boxes = np.zeros((num_layers, 4), dtype=np.int32)
-    for layer, op in enumerate(ops):
-        name = OPS[op]
-        if name in AFFINE_OPS:
-            matrices[layer] = affine_matrix(name, magnitude, -1.0 if rng.random() < 0.5 else 1.0, size)
-        elif name == "Cutout":
-            boxes[layer] = cutout_box(rng, magnitude, size)
-    return {"crop_anchor": np.array([x, y], dtype=np.int32), "crop_shape": np.array([w, h], dtype=np.int32),
-            "flip": np.array(rng.random() < 0.5, dtype=np.int32), "ops": ops, "matrices": matrices, "boxes": boxes}
+    """`batch_params` of one sample: its row of each column."""
+    batch = batch_params(seed, [epoch], [index], [width], [height], size, scale, num_layers, magnitude)
+    return {name: column[0] for name, column in batch.items()}
 
 
 class KeySource:
     """DALI's batch callback: batch `info.iteration` of `keys` as encoded bytes, labels and random parameters.
 
     Stateless apart from its arguments, as DALI's parallel workers require; picklable when `read` and `keys` are.
+    Per sample it reads the bytes and the header's size; the random parameters are computed for the whole batch
+    at once (`batch_params`), each column one array.
     """
 
     OUTPUTS = ("encoded", "label", "crop_anchor", "crop_shape", "flip", "ops", "matrices", "boxes")
@@ -137,17 +191,18 @@ class KeySource:
         start = info.iteration * self.batch_size
         if start >= len(self.keys):
             raise StopIteration
-        columns = {name: [] for name in self.outputs}
-        for position in range(start, min(start + self.batch_size, len(self.keys))):
-            epoch, index = (int(k) for k in self.keys[position])
-            encoded, label = self.read(index)
-            width, height = image_size(encoded, describe_key(self.read, epoch, index))
-            params = sample_params(self.seed, epoch, index, width, height, self.image_size, self.scale,
-                                   self.num_layers, self.magnitude)
-            columns["encoded"].append(np.frombuffer(encoded, dtype=np.uint8))
-            columns["label"].append(np.array(label, dtype=np.int64))
-            for name in self.outputs[2:]:
-                columns[name].append(params[name])
+        keys = [self.keys[position] for position in range(start, min(start + self.batch_size, len(self.keys)))]
+        epochs, indices = (np.array([int(key[k]) for key in keys], dtype=np.int64) for k in (0, 1))
+        encoded, labels, sizes = [], [], []
+        for epoch, index in zip(epochs.tolist(), indices.tolist()):
+            data, label = self.read(index)
+            sizes.append(image_size(data, describe_key(self.read, epoch, index)))
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            labels.append(label)
+        widths, heights = np.array(sizes, dtype=np.int64).T
+        params = batch_params(self.seed, epochs, indices, widths, heights, self.image_size, self.scale,
+                              self.num_layers, self.magnitude)
+        columns = {"encoded": encoded, "label": np.array(labels, dtype=np.int64), **params}
         return tuple(columns[name] for name in self.outputs)
 
 
@@ -256,7 +311,7 @@ def tf_randaugment_ops(magnitude: float, size: int, device: str = "cpu") -> list
 def build_pipeline(source: KeySource, batch_size: int, image_size: int, num_layers: int, magnitude: float,
                    device_id: Optional[int], num_threads: int, seed: int, py_workers: int = 0,
                    py_start_method: str = "spawn", prefetch: int = 2):
-    """The DALI pipeline (built) whose outputs are (images CHW uint8, labels int64) for `source`'s batches."""
+    """The DALI pipeline (built) whose outputs are (images HWC uint8, labels int64) for `source`'s batches."""
     dali = import_dali()
     from nvidia.dali import fn, types
     from nvidia.dali.auto_aug.core import select
@@ -283,7 +338,8 @@ def build_pipeline(source: KeySource, batch_size: int, image_size: int, num_laye
             ops = tf_randaugment_ops(magnitude, image_size, image.device)  # inside the trace: they make graph constants
             for layer in range(num_layers):
                 image = select(ops, op[layer], image, matrix=matrices[layer], box=boxes[layer])
-        image = fn.transpose(image, perm=[2, 0, 1])
+        # HWC out, no transpose: the loader hands the engine an NHWC tensor viewed as NCHW, which is channels-last
+        # already (engine/device.to_device then copies nothing); a CHW transpose here was undone there
         return image, label.gpu() if gpu else label
 
     pipeline = train_pipeline()
@@ -333,10 +389,11 @@ class DaliBatches:
                 images, labels = (output.as_tensor() for output in pipeline.run())
             except RuntimeError as error:
                 raise self._decode_error(batch, error) from None
-            # Copies: DALI reuses its output buffers for later batches.
+            # Copies: DALI reuses its output buffers for later batches. (N, S, S, 3) in memory, (N, 3, S, S) shown.
             image = torch.empty(images.shape(), dtype=torch.uint8, device=device)
             label = torch.empty(labels.shape(), dtype=torch.int64, device=device)
-            yield {"image": feed_ndarray(images, image, stream), "label": feed_ndarray(labels, label, stream)}
+            yield {"image": feed_ndarray(images, image, stream).permute(0, 3, 1, 2),
+                   "label": feed_ndarray(labels, label, stream)}
 
     def _decode_error(self, batch: int, error: RuntimeError) -> Exception:
         """A UserError naming the key DALI could not decode; other pipeline failures are returned as they are."""

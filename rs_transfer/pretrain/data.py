@@ -257,19 +257,23 @@ class ImageDataset(Dataset):
         return getattr(self.items, "locality", 0)
 
     def __getitem__(self, index: int):
-        image, index = self.load(index)
+        # A transform that decodes by itself (transforms.DecodingTransform, data.fast_decode) gets the bytes: it
+        # draws the crop from the header, then decodes only as much of the JPEG as the crop needs.
+        decoding = getattr(self.transform, "decode", None)
+        image, index = self.load(index, decoding or decode)
         if self.transform is not None:
-            image = self.transform(image)
+            image = (self.transform.augment if decoding else self.transform)(image)
         target = self.targets[index] if self.targets is not None else self.items[index].label
         return image, target
 
-    def load(self, index: int) -> tuple:
-        """The decoded image at `index`, or at the next readable index; returns (image, index used)."""
+    def load(self, index: int, decoder: Callable = decode) -> tuple:
+        """`decoder(bytes)` (the decoded image) at `index`, or at the next readable index; returns (image, index
+        used)."""
         for attempt in range(MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self.items)
             item = self.items[i]
             try:
-                return decode(read_bytes(item.where)), i
+                return decoder(read_bytes(item.where)), i
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 log.warning("skipping unreadable image %s (%s) [pid %d]", item.ref, describe_error(error), os.getpid())
                 with self._skipped.get_lock():

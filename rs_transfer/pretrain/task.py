@@ -57,7 +57,7 @@ def _check_dali(config: PretrainConfig) -> None:
 
 def _dali_loader(config: PretrainConfig, train_items):
     """The engine's `make_loader` for data.backend=dali: DALI batches of the engine's keys (see pretrain/dali.py)."""
-    from rs_transfer.pretrain.dali import DaliBatches
+    from rs_transfer.pretrain.dali import FEEDER_WORKERS, DaliBatches
 
     layers = 0 if config.augment.randaugment == "none" else config.augment.num_layers
     read = data.EncodedImages(train_items)
@@ -65,9 +65,13 @@ def _dali_loader(config: PretrainConfig, train_items):
     def make_loader(keys, batch_size: int, device: torch.device) -> DaliBatches:
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else None
+        workers = distributed.loader_workers(config.data.num_workers)[0]
+        # The Python feeder (file reads, headers, random parameters) in DALI's parallel external source, off the
+        # training thread; data.num_workers=0 keeps it there. "spawn" once CUDA is up (a fork would copy its state).
         return DaliBatches(read, keys, batch_size, config.data.image_size, config.data.crop_min_area, layers,
-                           config.augment.magnitude, device_id=device_id,
-                           num_threads=max(1, config.data.num_workers), seed=config.seed)
+                           config.augment.magnitude, device_id=device_id, num_threads=max(1, workers),
+                           seed=config.seed, py_workers=min(workers, FEEDER_WORKERS),
+                           py_start_method="spawn" if device.type == "cuda" else "fork")
 
     return make_loader
 
@@ -129,7 +133,7 @@ def build_task(config: PretrainConfig) -> Task:
     augment = config.augment
     train_set = data.ImageDataset(train_items, transforms.train_transform(
         size, augment.randaugment, augment.num_layers, augment.magnitude, augment.timm_config,
-        scale=(config.data.crop_min_area, 1.0)))
+        scale=(config.data.crop_min_area, 1.0), fast_decode=config.data.fast_decode))
     eval_set = data.ImageDataset(eval_items, transforms.eval_transform(config.data.eval_image_size or size))
     collate_fn = data.collate
     if config.cotrain.enabled:

@@ -3,7 +3,9 @@
 Train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) -> horizontal flip -> RandAugment -> uint8
 tensor (3, S, S). Eval: centre crop of S/(S + round(S/7)) of the short side, resized to S -> uint8 tensor. The
 model normalises on the device (rs_transfer.models.normalize.Normalize): a quarter of float32's bytes through
-the loader queues and the copy to the GPU, and no normalisation work in the loader workers.
+the loader queues and the copy to the GPU, and no normalisation work in the loader workers. With
+`data.fast_decode` the train transform takes the encoded bytes instead (`ReducedDecodeCrop`): the same crop box,
+drawn from the JPEG header, then a reduced-scale decode where the box allows it.
 
 RandAugment comes in two flavours, chosen by `augment.randaugment`:
 - "tf" (default): the official TF code (tensorflow/tpu `autoaugment.distort_image_with_randaugment`), written
@@ -16,12 +18,14 @@ RandAugment comes in two flavours, chosen by `augment.randaugment`:
   config string.
 """
 
+import io
 import random
 
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import InterpolationMode, v2
 
 from rs_transfer.config import ConfigError
+from rs_transfer.data.images import to_rgb8
 from rs_transfer.models.normalize import IMAGENET_MEAN
 from rs_transfer.errors import UserError
 
@@ -153,20 +157,88 @@ def randaugment(kind: str, num_layers: int, magnitude: float, image_size: int, t
     raise UserError(f"unknown augment.randaugment {kind!r}: expected 'tf', 'timm' or 'none'")
 
 
+# libjpeg decodes a JPEG at 1/8, 2/8, ... of its size straight from the DCT coefficients (PIL `Image.draft`); the
+# power-of-two ones are the ones PIL asks for.
+JPEG_REDUCTIONS = (8, 4, 2)
+RATIO = (3 / 4, 4 / 3)
+
+
+def jpeg_reduction(image: Image.Image, crop_side: int, image_size: int) -> int:
+    """The largest reduction r in JPEG_REDUCTIONS (1 when none) at which a crop box whose shorter side is `crop_side`
+    original pixels still spans >= `image_size` decoded pixels (crop_side / r >= image_size), so the resize to
+    `image_size` still only shrinks; 1 for anything but a JPEG (PIL's draft is JPEG-only)."""
+    if image.format != "JPEG":
+        return 1
+    return next((r for r in JPEG_REDUCTIONS if crop_side >= r * image_size), 1)
+
+
+class ReducedDecodeCrop:
+    """Encoded image bytes -> RandomResizedCrop(image_size, bicubic) of it as 8-bit RGB, decoding a JPEG at reduced
+    scale where the crop allows it (`data.fast_decode`).
+
+    The crop box is drawn first, by torchvision's own `v2.RandomResizedCrop.make_params` on the size in the header
+    (nothing decoded yet): the same torch draws as the full-decode path, so the same box in original-image
+    coordinates. Then libjpeg decodes at the largest reduction r of `jpeg_reduction` (1/2, 1/4, 1/8 by `draft`),
+    and the box, divided by r, is resampled (bicubic, fractional box) to image_size. With r = 1 (small crops,
+    non-JPEG files) the pixels are the full path's bit for bit; with r > 1 they differ slightly, as a DCT-domain
+    downscale differs from a bicubic one (measured in docs/benchmarks.md: PSNR against the full decode). Raises
+    what PIL raises for unreadable data, as `rs_transfer.data.images.to_rgb8`."""
+
+    def __init__(self, image_size: int, scale: tuple = (0.08, 1.0)):
+        self.image_size = image_size
+        self.crop = v2.RandomResizedCrop(image_size, scale=scale, ratio=RATIO,
+                                         interpolation=InterpolationMode.BICUBIC)
+
+    def __call__(self, data: bytes) -> Image.Image:
+        size = (self.image_size, self.image_size)
+        with Image.open(io.BytesIO(data)) as image:
+            box = self.crop.make_params([image])  # reads image.size only
+            left, top, width, height = box["left"], box["top"], box["width"], box["height"]
+            reduction = jpeg_reduction(image, min(width, height), self.image_size)
+            full_width = image.width
+            # draft takes the largest reduction <= min(W // w, H // h) for a requested (w, h), r here, and returns
+            # (mode, (0, 0, W / r, H / r)); None (a full decode) for a JPEG it cannot reduce (several tiles)
+            drafted = image.draft("RGB", (image.width // reduction, image.height // reduction)) \
+                if reduction > 1 else None
+            if drafted is not None:
+                reduction = full_width / drafted[1][2]
+                scaled = tuple(v / reduction for v in (left, top, left + width, top + height))
+                return to_rgb8(image).resize(size, Image.BICUBIC, box=scaled)
+            rgb = to_rgb8(image)
+        # v2.RandomResizedCrop on a PIL image: crop, then resize (bicubic); the same calls, the same pixels
+        return rgb.crop((left, top, left + width, top + height)).resize(size, Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"ReducedDecodeCrop(size={self.image_size}, scale={self.crop.scale})"
+
+
+class DecodingTransform:
+    """A train transform that decodes by itself: `decode(bytes)` -> the cropped PIL image (ReducedDecodeCrop, where
+    unreadable data raises and the dataset skips the image), then `augment(image)` -> uint8 tensor (the rest of the
+    train transform). `ImageDataset` gives it the encoded bytes instead of a decoded image."""
+
+    def __init__(self, decode, augment):
+        self.decode, self.augment = decode, augment
+
+    def __repr__(self) -> str:
+        return f"DecodingTransform({self.decode!r}, {self.augment!r})"
+
+
 def train_transform(image_size: int, randaugment_kind: str = "tf", num_layers: int = 2, magnitude: float = 10.0,
-                    timm_config: str = "", scale: tuple = (0.08, 1.0)):
-    """PIL image -> uint8 tensor (3, image_size, image_size).
+                    timm_config: str = "", scale: tuple = (0.08, 1.0), fast_decode: bool = False):
+    """PIL image -> uint8 tensor (3, image_size, image_size); with `fast_decode`, a DecodingTransform taking the
+    encoded bytes (the crop box drawn before decoding, JPEGs decoded at reduced scale where it allows).
 
     The crop and flip draw from torch's generator, RandAugment from Python's `random`: the engine seeds both per
     sample from (seed, epoch, index), so a resumed run augments each sample as the uninterrupted one did."""
-    steps = [
-        v2.RandomResizedCrop(image_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(),
-    ]
+    steps = [v2.RandomHorizontalFlip()]
     if randaugment_kind != "none" and num_layers > 0:
         steps.append(randaugment(randaugment_kind, num_layers, magnitude, image_size, timm_config))
     steps.append(v2.PILToTensor())
-    return v2.Compose(steps)
+    if fast_decode:
+        return DecodingTransform(ReducedDecodeCrop(image_size, scale), v2.Compose(steps))
+    crop = v2.RandomResizedCrop(image_size, scale=scale, ratio=RATIO, interpolation=InterpolationMode.BICUBIC)
+    return v2.Compose([crop, *steps])
 
 
 class CenterCropFraction:
