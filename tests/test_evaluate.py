@@ -171,6 +171,8 @@ def test_out_is_a_file_or_a_folder_and_never_one_of_the_runs_files(runs, capsys,
         code, out, err = evaluate(capsys, "--run", run, "--out", own)
         assert code == 2 and "is a file of the run itself" in err
     assert (run / "final_metrics.json").read_bytes() == final
+    code, out, err = evaluate(capsys, "--run", run, "--out", tmp_path / "a\nb.json")  # was written; the other --out refuse it
+    assert code == 2 and "--out" in err and "control character" in err and not (tmp_path / "a\nb.json").exists()
 
 
 def test_a_demo_runs_data_are_never_generated_for_an_evaluation(runs, capsys, tmp_path):
