@@ -69,7 +69,21 @@ def check_yaml(text: str, where: str) -> None:
         if isinstance(node, yaml.SequenceNode):
             pending += [(child, depth + 1) for child in node.value]
         elif isinstance(node, yaml.MappingNode):
+            _check_unique_keys(node, where)
             pending += [(part, depth + 1) for pair in node.value for part in pair]
+
+
+def _check_unique_keys(node: yaml.MappingNode, where: str) -> None:
+    """Raise ConfigError when a mapping names a key twice: YAML loaders keep the last and drop the first silently
+    (a second `train:` section would discard every setting of the first)."""
+    seen = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(f"{where} has key {key.value!r} twice (lines {seen[key.value]} and {line}): YAML "
+                                  "would keep the second alone; merge them into one")
+            seen[key.value] = line
 
 
 def read_yaml(text: str, where: str):

@@ -1,6 +1,6 @@
 """A toy task for the engine tests: a small MLP classifying points that a fixed linear map labels.
 
-Run as a script (`python tests/engine_toy.py OUTPUT_DIR [key=value ...] [--kill-at N] [--nan-at N]
+Run as a script (`python tests/engine_toy.py OUTPUT_DIR [key=value ...] [--kill-at N [--kill-rank R]] [--nan-at N]
 [--term-group-at-index I]`) it trains through `rs_transfer.engine.trainer.train`, which lets tests launch it under
 torchrun, kill it with SIGKILL, or signal its whole process group from a DataLoader worker as SLURM does.
 The dataset adds random noise to every sample and the model has dropout, so a resumed run only matches an
@@ -143,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kill-at", type=int, help="signal this process when fetching sample number N + 1")
     parser.add_argument("--signal", default="SIGKILL", help="the signal --kill-at sends")
     parser.add_argument("--signal-times", type=int, default=1, help="how many times --kill-at sends it")
+    parser.add_argument("--kill-rank", type=int, help="--kill-at kills this rank alone, and only in torchrun's first "
+                        "worker group (a group that torchrun --max-restarts restarted runs on)")
     parser.add_argument("--nan-at", type=int)
     parser.add_argument("--term-group-at-index", type=int,
                         help="signal the whole process group when sample I is fetched (once per output dir)")
@@ -155,7 +157,9 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     config = toy_config(args.output_dir, *args.overrides)
-    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at,
+    first_group = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    killed = args.kill_rank is None or (first_group and int(os.environ.get("RANK", 0)) == args.kill_rank)
+    task = make_task(bn=args.bn, dropout=args.dropout, noise=args.noise, kill_at=args.kill_at if killed else None,
                      kill_with=signal.Signals[args.signal], nan_at=args.nan_at,
                      term_group_at=args.term_group_at_index, marker=str(Path(args.output_dir) / "signal_sent"),
                      group_signal=signal.Signals[args.group_signal], loss_gain=args.loss_gain,

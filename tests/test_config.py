@@ -115,6 +115,8 @@ FLOW_BOMB = "[" + ", ".join(["[" + ", ".join(["[" + ", ".join(["x"] * 50) + "]"]
     ("model:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 40)), "nested more than 32 levels deep"),
     ("seed: " + "1" * (1 << 20) + "\n", "larger than 1 MiB"),
     ("seed: " + "1" * 5000 + "\n", "is not valid YAML: .*Exceeds the limit"),
+    # a second section of the same name silently replaced the first (YAML keeps the last)
+    ("train:\n  lr: 0.1\nseed: 1\ntrain:\n  epochs: 2\n", "has key 'train' twice \\(lines 1 and 4\\)"),
 ])
 def test_yaml_bombs_and_abysses_are_one_error_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -86,6 +86,21 @@ def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly
     assert_same_weights(final_weights(reference), final_weights(stopped))
 
 
+@pytest.mark.slow  # a two-process torchrun launch, restarted once
+def test_a_torchrun_group_restarted_after_a_rank_was_killed_mid_collective_finishes(tmp_path):
+    # torchrun --max-restarts keeps one rendezvous store for all its restarts: the restarted ranks must not read the
+    # dead group's addresses from it (they then waited in gloo's connectFullMesh until the 30-minute timeout).
+    # That the restarted group resumes exactly is the SIGUSR1 test's resume above (the same two processes).
+    torchrun = [*TORCHRUN[:-1], "--max-restarts", "1", TOY]
+    out = tmp_path / "run"
+    # rank 1 dies at its 13th step (8 samples a step), while rank 0 waits for it in the step's all-reduce
+    result = run_group([*torchrun, out, "train.checkpoint_every_steps=8", "--kill-at", str(8 * 12 + 3),
+                        "--kill-rank", "1"], timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exitcode: -9" in result.stderr and (out / "final.pt").is_file()
+    assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["step"] == 32
+
+
 def test_an_infinite_update_after_a_finite_loss_is_never_checkpointed(tmp_path, deterministic):
     # lr 3e38 on inputs of scale 100: the first step's loss is finite, its update overflows the weights.
     out = tmp_path / "run"

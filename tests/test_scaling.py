@@ -262,12 +262,16 @@ def test_planning_into_a_study_keeps_its_finished_points(tmp_path, capsys):
 def test_base_and_overrides_are_checked_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "study"
     grid = ["scale", "plan", "--depths", "26", "--widths", "0.25", "--resolutions", "32", "--epochs", "1"]
-    for extra in (["--base", "nope.yaml"], ["train.batchsize=3"]):
+    # an abyss and a Python tag in an override were read unbounded before they were checked (a RecursionError and
+    # a ConstructorError traceback)
+    deep, tag = "train.lr=" + "[" * 3000 + "]" * 3000, "train.lr=!!python/object/apply:os.system ['touch owned']"
+    for extra in (["--base", "nope.yaml"], ["train.batchsize=3"], [deep], [tag]):
         for mode in (["--dry-run"], ["--out", str(out)]):
             assert cli.main(grid + extra + mode) == 2
             err = capsys.readouterr().err
-            assert err.count("error:") == 1 and ("--base nope.yaml" in err or "'train.batchsize=3'" in err), err
-            assert not out.exists()
+            assert err.count("error:") == 1 and "Traceback" not in err, err
+            assert "--base nope.yaml" in err or extra[0][:20] in err, err  # the override as typed
+            assert not out.exists() and not Path("owned").exists()
 
 
 @pytest.mark.parametrize("option, value", [("--budget-flops", "-1"), ("--budget-flops", "nan"),

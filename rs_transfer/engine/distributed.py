@@ -76,6 +76,22 @@ def elastic_restart() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
+def restarted_group_store(world_size: int, timeout: datetime.timedelta):
+    """The rendezvous store of a worker group that torchrun restarted (`--max-restarts`), or None on a first start
+    (env://, as torchrun sets it up).
+
+    torchrun's agent keeps one store for all its restarts, and the failed group's keys are still in it: a restarted
+    rank reads the address its dead peer published and waits in gloo's connectFullMesh until the timeout (torch
+    2.14, a rank SIGKILLed during a collective; NCCL's unique id is kept under a key of the same kind). Each restart
+    therefore uses its own key prefix in the agent's store."""
+    restart = elastic_restart()
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # without the agent's store, rank 0 hosts a new store for every start
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"rs_transfer/restart_{restart}", store)
+
+
 def cuda_index(local_rank: int, visible: int) -> int:
     """The CUDA device of the process with `local_rank` on its node, among the `visible` ones it sees.
 
@@ -115,9 +131,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30),
-            device_id=torch_device if backend == "nccl" else None,
+            backend, rank=rank, world_size=world_size, timeout=timeout,
+            device_id=torch_device if backend == "nccl" else None, store=restarted_group_store(world_size, timeout),
         )
         # Destroy the group before the interpreter exits: gloo's threads torn down during interpreter shutdown
         # abort the process ("terminate called without an active exception"), seen on 2-process CPU runs.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs, string_override
+from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs, read_yaml, string_override
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text, make_dir
 from rs_transfer.models.zoo import LAYOUTS
@@ -196,7 +196,7 @@ def _with_overrides(mapping: dict, overrides: list) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = read_yaml(value, f"override {item!r}")  # bounded like load_config's: no bomb, no tag
     return mapping
 
 
@@ -252,8 +252,8 @@ def _check_base_and_overrides(base: str, overrides: list) -> str:
         load_config(PretrainConfig, base)
     except ConfigError as error:
         raise ConfigError(f"--base {base}: {error}") from None
-    _with_overrides({}, overrides)  # the key=value syntax the configs are written with
     load_config(PretrainConfig, base, overrides)  # its ConfigError names the override 'key=value' as typed
+    _with_overrides({}, overrides)  # the key=value syntax the configs are written with
     return base_ref
 
 
