@@ -13,6 +13,7 @@ through device.py.
 
 import atexit
 import datetime
+import functools
 import logging
 import os
 import random
@@ -64,10 +65,16 @@ def launcher_env() -> tuple[int, int, int]:
             "run it under torchrun, or ask SLURM for one task")
     started = int(os.environ["SLURM_STEP_NUM_TASKS"])
     if started == 1:
-        log.warning("SLURM allocated %d tasks but srun started this one process alone (SLURM_STEP_NUM_TASKS=1): "
-                    "training on one process", allocated)
+        _warn_once(f"SLURM allocated {allocated} tasks but srun started this one process alone "
+                   "(SLURM_STEP_NUM_TASKS=1): training on one process")
         return 0, 1, 0
     return int(os.environ["SLURM_PROCID"]), started, int(os.environ.get("SLURM_LOCALID", 0))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A launcher warning said once per process, however often the environment is read."""
+    log.warning("%s", message)
 
 
 def elastic_restart() -> int:
