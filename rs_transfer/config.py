@@ -308,8 +308,25 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto" (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a file
 
 
+def backbone_lr_settings(config, prefix: str) -> None:
+    """train.backbone_lr_mult and train.layer_decay scale the backbone's LRs; model.freeze_stages=5 takes the whole
+    backbone out of the optimizer, so either of them set away from its default would be silently ignored: an error
+    (as momentum with adamw, optimizer_settings). Fewer frozen stages leave them a trainable part to act on."""
+    if config.model.freeze_stages < 5:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config.train)}
+    for key in ("backbone_lr_mult", "layer_decay"):
+        value = getattr(config.train, key)
+        if value != defaults[key]:
+            raise ConfigError(f"{prefix}train.{key}={value!r} has no effect with {prefix}model.freeze_stages=5 (the "
+                              f"whole backbone is frozen, out of the optimizer): leave {prefix}train.{key} out, or "
+                              "freeze fewer stages")
+
+
 @dataclass
 class RunConfig:
+    RELATIONS = (backbone_lr_settings,)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
