@@ -110,14 +110,17 @@ def _literal(tree):
 
 @dataclass(frozen=True)
 class Check:
-    """An allowed range: `ok(value)` is True when the value is allowed; `rule` says what is, for the error."""
+    """An allowed range: `ok(value)` is True when the value is allowed; `rule` says what is, for the error.
+    `number`: the rule compares numbers, so the value must be one (validate checks it first: a field typed plain
+    `list`, whose items the config system does not convert, may hold a string, None or a nested list)."""
 
     rule: str
     ok: Callable[[Any], bool]
+    number: bool = False
 
 
 def at_least(low) -> Check:
-    return Check(f">= {low}", lambda v: v >= low)
+    return Check(f">= {low}", lambda v: v >= low, number=True)
 
 
 # Upper bounds of sizes and counts: far beyond any real run, low enough that a typo (an extra zero, 1e9) is an
@@ -134,17 +137,18 @@ MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit
 
 
 def at_most(high) -> Check:
-    return Check(f"<= {high}", lambda v: v <= high)
+    return Check(f"<= {high}", lambda v: v <= high, number=True)
 
 
 def above(low) -> Check:
-    return Check(f"> {low}", lambda v: v > low)
+    return Check(f"> {low}", lambda v: v > low, number=True)
 
 
 def fraction(closed_high: bool = False, open_low: bool = False) -> Check:
     """In [0, 1) by default; `closed_high` allows 1, `open_low` excludes 0."""
     low, high = ("(" if open_low else "["), ("]" if closed_high else ")")
-    return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1))
+    return Check(f"in {low}0, 1{high}", lambda v: (v > 0 if open_low else v >= 0) and (v <= 1 if closed_high else v < 1),
+                 number=True)
 
 
 def auto_or_int() -> Check:
@@ -221,6 +225,8 @@ def validate(config, prefix: str = "") -> None:
                               "choices are one line of printable text")
         for check in f.metadata.get("checks", ()):
             for v in values:
+                if check.number and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise ConfigError(f"{key}={value!r} makes no sense here: it must be a number {check.rule}")
                 if isinstance(v, float) and not math.isfinite(v) or not check.ok(v):
                     raise ConfigError(f"{key}={value!r} makes no sense here: it must be {check.rule}")
     for relation in getattr(type(config), "RELATIONS", ()):
@@ -343,8 +349,25 @@ class TrainConfig:
     loggers: list[str] = checked(None, one_of("tensorboard", "wandb", "mlflow"), factory=lambda: ["tensorboard"])
 
 
+def backbone_lr_settings(config, prefix: str) -> None:
+    """train.backbone_lr_mult and train.layer_decay scale the backbone's LRs; model.freeze_stages=5 takes the whole
+    backbone out of the optimizer, so either of them set away from its default would be silently ignored: an error
+    (as momentum with adamw, optimizer_settings). Fewer frozen stages leave them a trainable part to act on."""
+    if config.model.freeze_stages < 5:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config.train)}
+    for key in ("backbone_lr_mult", "layer_decay"):
+        value = getattr(config.train, key)
+        if value != defaults[key]:
+            raise ConfigError(f"{prefix}train.{key}={value!r} has no effect with {prefix}model.freeze_stages=5 (the "
+                              f"whole backbone is frozen, out of the optimizer): leave {prefix}train.{key} out, or "
+                              "freeze fewer stages")
+
+
 @dataclass
 class RunConfig:
+    RELATIONS = (backbone_lr_settings,)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -140,6 +140,17 @@ def check_not_a_run_file(path: Path, folder: Path) -> None:
                         "the run's own files)")
 
 
+def check_folder_can_be_made(folder: Path) -> None:
+    """Raises FileWriteError, as files.make_dir would after the evaluation, when a file stands where `folder` or
+    one of its parents must be (say --out RUN/weights.pth/x.json): checked before the evaluation, which can take
+    hours, so that such an --out fails at once. Creates nothing."""
+    from rs_transfer.files import FileWriteError
+
+    in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise FileWriteError(f"cannot create evaluation folder {folder}: {in_the_way} is a file, not a folder")
+
+
 def file_facts(path: Path) -> dict:
     """{"path", "bytes", "sha256", "modified"} of a weights file: which weights were evaluated."""
     digest = hashlib.sha256()
@@ -234,6 +245,7 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     settings = evaluation_settings(config)
     # before the (long) evaluation, so that a bad --out fails at once
     path = output_path(folder, out, {"settings": settings, "data": config.data.root, "weights": str(weights)})
+    check_folder_can_be_made(path.parent)
     info = init_distributed(config.train.device)
     task = task_with_weights(config, family, task_name, weights, info.device)
     # What the engine reports at the end of a run (trainer.run): Task.report under train.report_best, else evaluate.

@@ -190,3 +190,18 @@ def test_odd_keys_and_absurd_numbers_are_one_error_not_a_traceback(tmp_path, tex
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(RunConfig, path) if where == "file" else load_config(RunConfig, None, [text])
+
+
+@pytest.mark.parametrize("task, override", [
+    ("nyu_depth", "task.tta_scales=[abc]"), ("pascal_seg", "task.tta_scales=[nan]"),
+    ("pascal_det", "task.tta_scales=[null]"), ("coco_det", "task.anchor_sizes=[[32],64]"),
+    ("nyu_depth", "task.tta_scales=[true]"),
+])
+def test_items_of_an_untyped_list_must_be_numbers_where_a_range_is_checked(task, override):
+    # Fields typed plain `list` get their items unconverted: a string, None, a list or a bool reached the range
+    # check (TypeError: '>' not supported between 'str' and 'int', a traceback), or passed it as 1.
+    from rs_transfer.downstream import finetune
+
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}=.* makes no sense here: it must be a number > 0$"):
+        finetune.make_config(task, overrides=[override])

@@ -260,6 +260,20 @@ def test_momentum_keys_are_refused_where_they_mean_nothing():
     assert load_config(RunConfig, None, ["train.optimizer=adamw", "train.momentum=0.9"]).train.optimizer == "adamw"
 
 
+def test_backbone_lr_keys_are_refused_when_the_whole_backbone_is_frozen():
+    # freeze_stages=5 takes every backbone parameter out of the optimizer: a multiplier on them would be ignored.
+    from rs_transfer.config import RunConfig, load_config
+    from rs_transfer.video.config import VideoConfig
+
+    for override in ("train.backbone_lr_mult=0.1", "train.layer_decay=0.5"):
+        key = override.partition("=")[0]
+        for schema in (RunConfig, VideoConfig):  # every family's config is a RunConfig
+            with pytest.raises(ConfigError, match=f"{key}=0.[15] has no effect with model.freeze_stages=5"):
+                load_config(schema, None, ["model.freeze_stages=5", override])
+        assert load_config(RunConfig, None, ["model.freeze_stages=4", override]).model.freeze_stages == 4
+    assert load_config(RunConfig, None, ["model.freeze_stages=5", "train.backbone_lr_mult=1"]).train.layer_decay is None
+
+
 def test_backbone_keys_are_refused_for_a_model_without_one():
     from rs_transfer.engine.freeze import freeze
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rs_transfer.evaluate
 from engine_toy import CONFIGS
 from rs_transfer.cli import main
 from rs_transfer.config import EVAL_KEYS, flatten, read_yaml
@@ -159,7 +160,7 @@ def test_an_unfinished_run_is_refused_and_its_checkpoint_can_be_evaluated(runs, 
     assert record["metrics"] == pytest.approx(json.loads((run / "final_metrics.json").read_text()), rel=1e-6)
 
 
-def test_out_is_a_file_or_a_folder_and_never_one_of_the_runs_files(runs, capsys, tmp_path):
+def test_out_is_a_file_or_a_folder_and_never_one_of_the_runs_files(runs, capsys, tmp_path, monkeypatch):
     run = runs("nyu_depth")
     final = (run / "final_metrics.json").read_bytes()
     code, out, err = evaluate(capsys, "--run", run, "--out", tmp_path / "mine.json")
@@ -173,6 +174,16 @@ def test_out_is_a_file_or_a_folder_and_never_one_of_the_runs_files(runs, capsys,
     assert (run / "final_metrics.json").read_bytes() == final
     code, out, err = evaluate(capsys, "--run", run, "--out", tmp_path / "a\nb.json")
     assert code == 2 and "holds a control character" in err and not list(tmp_path.glob("a*"))
+    # A file where the JSON's folder must be fails before the evaluation (which can take hours), not after it.
+    def not_now(*args):
+        raise AssertionError("evaluated although --out cannot be written")
+
+    monkeypatch.setattr(rs_transfer.evaluate, "evaluated_as_the_engine_does", not_now)
+    for out in (run / "weights.pth" / "x.json", run / "weights.pth" / "sub" / "x.json"):
+        code, _, err = evaluate(capsys, "--run", run, "--out", out)
+        assert (code, err) == (2, f"error: cannot create evaluation folder {out.parent}: {run / 'weights.pth'} is a "
+                                  "file, not a folder\n")
+    assert not (run / "weights.pth").is_dir()
 
 
 def test_a_demo_runs_data_are_never_generated_for_an_evaluation(runs, capsys, tmp_path):

@@ -166,6 +166,19 @@ def test_video_eval_into_an_unwritable_output_dir_is_one_error_line_and_keeps_th
     assert out == ""
 
 
+@pytest.mark.parametrize("config", [{"task": {"name": "pascal_det"}, "model": {"name": "rs26-w0.25"}},
+                                    {"augment": {}, "model": {"name": "rs26-w0.25"}}])
+def test_video_eval_of_another_familys_run_names_the_family(tmp_path, capsys, config):
+    # A transfer or pretraining run's checkpoint: its config.yaml is found beside it and must not be read as a
+    # video config (that said "unknown key 'task.name'" or another key, as if the user had made a typo).
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "final.pt").write_bytes(b"")
+    assert main(["video", "eval", "--checkpoint", str(tmp_path / "final.pt")]) == 2
+    family = "transfer config (pascal_det)" if "task" in config else "pretrain config"
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'config.yaml'} is a {family}, not a video one: "
+                                               f"evaluate the run with rs-transfer evaluate --run {tmp_path}")
+
+
 def test_the_model_normalises_uint8_clips_as_the_loader_used_to():
     from torchvision.transforms.v2 import functional as TF
 

@@ -32,6 +32,23 @@ def find_run_config(checkpoint: Path) -> Path:
     raise ConfigError(f"no config.yaml beside {checkpoint} or in its parent folder: give --config FILE")
 
 
+def check_video_config(path: Path) -> None:
+    """Raises UserError when the config at `path` is another family's run (a transfer or pretraining run's
+    config.yaml, found beside its checkpoint): load_config would only say that one of its keys is unknown, which
+    points at a typo rather than at the wrong command. Configs of no known family (partial files) pass."""
+    from rs_transfer.config import read_yaml
+    from rs_transfer.engine.summary import run_family
+
+    try:
+        config = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return  # load_config reports it, naming the file
+    family, task = run_family(config) if isinstance(config, dict) else ("other", None)
+    if family not in ("video", "other"):
+        hint = f": evaluate the run with rs-transfer evaluate --run {path.parent}" if path.name == "config.yaml" else ""
+        raise UserError(f"{path} is a {family} config{f' ({task})' if task else ''}, not a video one{hint}")
+
+
 def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: list) -> dict:
     """Evaluate a `video train` checkpoint (weights.pth, final.pt or checkpoints/*.pt) on the validation split; the
     model comes from the run's config.
@@ -44,8 +61,9 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")
-    config = load_config(VideoConfig, config_path or find_run_config(checkpoint),
-                         [f"data.eval_views={views}", *overrides])
+    config_path = Path(config_path) if config_path else find_run_config(checkpoint)
+    check_video_config(config_path)
+    config = load_config(VideoConfig, config_path, [f"data.eval_views={views}", *overrides])
     config.model.inflate_from = None
     config.model.weights = str(checkpoint)
     info = init_distributed(config.train.device)
