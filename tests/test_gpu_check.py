@@ -192,7 +192,9 @@ def test_every_third_party_import_of_the_check_is_on_the_device():
                 third_party.setdefault(top, set()).add(module)
     assert {"torch", "omegaconf", "av", "matplotlib"} <= set(third_party)
     on_device = gpu_check.top_level_modules(device_distributions())
-    missing = {top: sorted(where) for top, where in third_party.items() if top not in on_device}
+    # experiment trackers: extras imported only when a run's train.loggers names them, which the check's runs do not
+    optional = {"wandb", "mlflow"}
+    missing = {top: sorted(where) for top, where in third_party.items() if top not in on_device | optional}
     assert not missing, f"imported by the check, neither on the device nor in DEVICE_WHEELS: {missing}"
 
 

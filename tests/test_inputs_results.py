@@ -99,8 +99,8 @@ def _readers() -> dict:
     latency = dict(model="rs50", resolution="160", device="cpu", dtype="fp32", channels_last=False, start_batch=8,
                    batch=8, train_step_s=1.0, train_s_per_128=16.0, train_img_s=8.0, infer_batch=8, infer_img_s=20.0,
                    peak_mem_gb=None, warmup=1, repeats=3)
-    assert [f for f in LatencyResult.__dataclass_fields__ if f not in latency] == ["train_step_times_s",
-                                                                                   "torch_version"]
+    assert [f for f in LatencyResult.__dataclass_fields__ if f not in latency] == [
+        "train_step_times_s", "torch_version", "compiled", "compile_backend", "compile_s"]
     header = {"format": pseudo_label.FORMAT, "topk": 2, "images": "x", "samples": "7", "k": 2, "num_classes": 3}
     expected = {"topk": 2, "images": "x", "samples": 7, "images_digest": None}
     return {

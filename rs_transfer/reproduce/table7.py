@@ -270,7 +270,7 @@ def load_results(path: Path) -> list:
 
 def run_table7(out_dir: Path, device=None, dtype: str = "fp32", channels_last: bool = False, start_batch: int = 128,
                warmup: int = 5, repeats: int = 20, only=None, sources=(), fresh: bool = False, study=None,
-               measure_fn=measure) -> list:
+               measure_fn=measure, compile: str | None = None) -> list:
     """Measure the Table 7 rows (or render `sources` without measuring) and write the table after every row.
 
     Rows already in out_dir/table7.json with the same device, dtype and memory format are reused (so a run cut
@@ -288,20 +288,20 @@ def run_table7(out_dir: Path, device=None, dtype: str = "fp32", channels_last: b
     existing = out_dir / "table7.json"
     if existing.exists() and not fresh:
         previous = load_results(existing)
-        here = (device_name(device), dtype, channels_last)
+        here = (device_name(device), dtype, channels_last, compile)
         for r in previous:
-            if (r.device, r.dtype, r.channels_last) != here:
+            if (r.device, r.dtype, r.channels_last, r.compile_backend) != here:
                 raise UserError(
-                    f"{existing} holds results from {r.device}, {r.dtype}, channels_last={r.channels_last}; this "
-                    f"run is {here[0]}, {dtype}, channels_last={channels_last}: one table holds one setup, so "
-                    f"choose another --out (or --fresh to replace it)"
+                    f"{existing} holds results from {r.device}, {r.dtype}, channels_last={r.channels_last}, "
+                    f"compile={r.compile_backend}; this run is {here[0]}, {dtype}, channels_last={channels_last}, "
+                    f"compile={compile}: one table holds one setup, so choose another --out (or --fresh to replace it)"
                 )
         done = {r.spec: r for r in previous}
         log.info("resuming %s: %d rows already measured", existing, len(done))
     for spec in specs:
         if str(spec) in done:
             continue
-        done[str(spec)] = measure_fn(spec, device, dtype=dtype, channels_last=channels_last,
+        done[str(spec)] = measure_fn(spec, device, dtype=dtype, channels_last=channels_last, compile=compile,
                                      start_batch=start_batch, warmup=warmup, repeats=repeats)
         log.info("%s", format_results([done[str(spec)]]).splitlines()[2])
         write_table7(done.values(), out_dir, plot=False, study=study)  # a run cut short keeps every finished row
