@@ -27,12 +27,15 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     engine_toy.main([str(tmp_path / "reference"), *common])
 
     killed = tmp_path / "killed"
-    # Killed while fetching the second half of step 23's batch (in epoch 2): the newest checkpoint is step 20.
+    # Killed while fetching the second half of step 23's batch (in epoch 2): the newest checkpoint is step 20, or
+    # step 16 when step 20's background write (checkpoint.BackgroundWriter) was still in flight.
     result = run_script(TOY, killed, *common, "--kill-at", 16 * 22 + 12, check=False)
     assert result.returncode == -9, result.stderr
     files = ckpt.step_checkpoints(killed / "checkpoints")
-    assert [f.name for f in files] == ["step_00000016.pt", "step_00000020.pt"]
-    assert ckpt.load(files[-1])["epoch"] == 1 and ckpt.load(files[-1])["step_in_epoch"] == 4
+    assert [f.name for f in files] in (["step_00000016.pt", "step_00000020.pt"], ["step_00000015.pt",
+                                                                                  "step_00000016.pt"])
+    newest = ckpt.load(files[-1])
+    assert (newest["epoch"], newest["step_in_epoch"]) == ((1, 4) if newest["step"] == 20 else (1, 0))
     assert not (killed / "final.pt").exists()
 
     engine_toy.main([str(killed), *common, "train.resume=auto"])
