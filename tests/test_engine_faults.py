@@ -252,6 +252,7 @@ def test_a_per_process_batch_of_one_at_a_1x1_feature_map_is_a_config_error(tmp_p
     ("train.warmup_epochs=-1", ">= 0"), ("data.num_workers=-1", ">= 0"), ("train.momentum=-0.9", "in [0, 1)"),
     ("train.lr=-0.1", ">= 0"), ("train.lr=nan", ">= 0"), ("model.drop_rate=1.0", "in [0, 1)"),
     ("train.label_smoothing=1.5", "in [0, 1)"), ("train.amp=fp8", "one of auto, bf16, fp16, none"),
+    ("train.eval_last_epochs=-1", ">= 0"),
 ])
 def test_nonsense_values_are_refused_where_they_are_declared(override, rule):
     with pytest.raises(ConfigError) as error:

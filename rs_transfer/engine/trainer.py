@@ -222,6 +222,7 @@ class Trainer:
         classes = getattr(self.config.model, "num_classes", None)
         evaluation = ", ".join(
             [f"every {tc.eval_every_epochs} epoch(s)"] * (tc.eval_every_epochs > 0)
+            + [f"every epoch of the last {tc.eval_last_epochs}"] * (tc.eval_last_epochs > 0)
             + [f"every {tc.eval_every_steps} steps"] * (tc.eval_every_steps > 0) + ["at the end"])
         epochs = self.total / self.steps_per_epoch
         lines = [
@@ -501,8 +502,11 @@ class Trainer:
     def _eval_due(self, last: bool) -> bool:
         tc, progress = self.tc, self.progress
         at_epoch_end = progress.step_in_epoch == 0
+        # train.eval_last_epochs: the epoch ends within the last N epochs' worth of steps of the run
+        in_last_epochs = self.total - progress.step < tc.eval_last_epochs * self.steps_per_epoch
         return (last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0)
-                or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0))
+                or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0)
+                or (at_epoch_end and in_last_epochs))
 
     @property
     def evaluated(self) -> nn.Module:
