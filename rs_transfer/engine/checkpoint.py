@@ -6,11 +6,14 @@ A checkpoint is a dict of tensors and plain Python values:
     optimizer, scheduler: their state dicts
     step (optimizer steps done), epoch, step_in_epoch (the sampler position: steps done in `epoch`)
     batch_size (global), best (the best primary metric so far, or None), best_step (its step), metrics (the last
-        evaluation), wall_s and train_s (seconds of the run so far, summed over resumes; train_s without
+        evaluation), metrics_step, eval_pending (written just before an evaluation of this step: best/metrics are
+        those from before it, and its result is in the record beside the file, see record_evaluation and load),
+        write_id (a random name of this write, which the record carries), wall_s and train_s (seconds of the run so far, summed over resumes; train_s without
         evaluations and checkpoint writes)
     rng: one entry per rank: torch, cuda (list), numpy and python generator states as tensors/lists/ints
     config: the resolved run config as a plain dict
-Files: OUTPUT_DIR/checkpoints/step_00001234.pt (the newest `keep_last`) and best.pt.
+Files: OUTPUT_DIR/checkpoints/step_00001234.pt (the newest `keep_last`) and best.pt (a hard link to one of them, or a
+copy), each with its evaluation record step_00001234.eval.json / best.eval.json when it was evaluated.
 """
 
 import logging
