@@ -262,6 +262,7 @@ class Trainer:
             finally:
                 self.flags.close()
                 self._stop_workers()
+                self._close_evaluators()
                 self.logger.close()
 
     def _stop_workers(self) -> None:
@@ -271,6 +272,14 @@ class Trainer:
         if shutdown is not None:
             shutdown()
         self.batches = None
+
+    def _close_evaluators(self) -> None:
+        """Shut down what evaluators keep between evaluations (an evaluator with a `close()`: TopKEvaluator's
+        persistent loader workers), also when the run fails."""
+        for evaluate in {id(f): f for f in (self.task.evaluate, self.task.report) if f is not None}.values():
+            close = getattr(evaluate, "close", None)
+            if callable(close):
+                close()
 
     def _on_signal(self, number, frame) -> None:
         if number == signal.SIGINT:
