@@ -69,17 +69,19 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_stops_with_a_resume_hint
 
 def test_a_second_ctrl_c_quits_at_once_in_one_line(tmp_path):
     # Two SIGINTs while fetching step 6's batch: the first asks for a checkpoint at the end of the step, the second
-    # quits before it, with exit 130, one line and no traceback; the checkpoint of step 4's log event stays whole.
+    # quits before it, with exit 130, one line and no traceback; the checkpoint of step 4 stays whole, or, when its
+    # background write was still in flight (abandoned, not waited for), the line names none and none is there.
     out = tmp_path / "run"
     result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGINT", "--signal-times", 2,
                         "train.checkpoint_every_steps=4", check=False)
     assert result.returncode == 130, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("stopped:")]
+    files = ckpt.step_checkpoints(out / "checkpoints")
+    assert [f.name for f in files] in ([], ["step_00000004.pt"])
     assert lines == [f"stopped: Ctrl-C twice: quit without a checkpoint of this step (the last one: "
-                     f"{out / 'checkpoints' / 'step_00000004.pt'})"]
+                     f"{files[0] if files else 'none yet'})"]
     assert "Traceback" not in result.stderr
-    assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000004.pt"]
-    assert ckpt.load(out / "checkpoints" / "step_00000004.pt")["step"] == 4
+    assert not files or ckpt.load(files[0])["step"] == 4
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):

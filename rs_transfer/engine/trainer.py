@@ -173,6 +173,7 @@ class Trainer:
             raise ConfigError(f"the run is {self.total} steps long (train.steps / train.epochs), but checkpoint "
                               f"{resume_from} is at step {self.progress.step}: it cannot continue from there")
         self.last_saved = resume_from
+        self.last_written = resume_from  # rank 0: the newest checkpoint whose background write has completed
         # Rank 0 writes checkpoints in a background thread (one in flight at a time); the other ranks write none
         # and never wait for it: they go on training (see _save).
         self.writer = ckpt.BackgroundWriter() if self.main else None
@@ -286,8 +287,10 @@ class Trainer:
             if self.signalled == "SIGINT":
                 # At once and in one line: unwinding through the loader's workers took up to 85 s and printed
                 # a 30-line traceback. The checkpoints on disk are whole (atomic writes).
+                # Not waiting for a background write in flight (that could take seconds): the last checkpoint
+                # named is the last one whose write completed; an abandoned temp file is removed at the next start.
                 print(f"stopped: Ctrl-C twice: quit without a checkpoint of this step (the last one: "
-                      f"{self.last_saved or 'none yet'})", file=sys.stderr, flush=True)
+                      f"{self.last_written or 'none yet'})", file=sys.stderr, flush=True)
                 os._exit(128 + signal.SIGINT)
             log.warning("Ctrl-C: stopping after a checkpoint at the end of this step; Ctrl-C again quits at once")
         self.signalled = signal.Signals(number).name
@@ -620,10 +623,15 @@ class Trainer:
         if self.main:
             self.writer.wait()
             state = ckpt.snapshot(state)
-            self.writer.submit(lambda: ckpt.save_step(state, path, self.tc.keep_last))
+            self.writer.submit(lambda: self._write_step(state, path))
         self.last_saved = path
         self._pause(started)
         return write_id
+
+    def _write_step(self, state: dict, path: Path) -> None:
+        """The background writer's job for a step checkpoint (rank 0)."""
+        ckpt.save_step(state, path, self.tc.keep_last)
+        self.last_written = path
 
     def _wait_writes(self, quiet: bool = False) -> None:
         """Rank 0: block until the background checkpoint writes are done, raising a write's error; `quiet` (the
