@@ -108,7 +108,8 @@ def test_a_diverging_run_names_a_last_good_checkpoint_whose_weights_are_finite(t
 
 def test_a_kill_between_the_step_checkpoint_and_best_pt_does_not_lose_best(tmp_path, deterministic, monkeypatch):
     # lr 0: every evaluation gives the same accuracy, so only the first one (step 16) is a new best. The run dies
-    # on the second file of that save; whichever file that is, the resumed run must end with best.pt.
+    # on the second .pt file of that evaluation (best.pt's link renamed into place, after the step file, in the
+    # background writer); the resumed run evaluates step 16 again and must end with best.pt and its result.
     out = tmp_path / "run"
     written = []
     real_replace = os.replace
