@@ -335,6 +335,7 @@ class TrainConfig:
     device: str = checked("auto", one_of("auto", "cpu", "cuda"))  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"
     # Evaluation, checkpoints and logging. Evaluation always runs at the end as well.
     eval_every_epochs: int = checked(1, at_least(0), at_most(MAX_EPOCHS))  # 0: off
+    eval_last_epochs: int = checked(0, at_least(0), at_most(MAX_EPOCHS))  # also at the end of each of the last N epochs (the long recipes: 10, with eval_every_epochs 10); 0: off
     eval_every_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))  # 0: off
     checkpoint_every_steps: int = checked(0, at_least(0), at_most(MAX_STEPS))  # also after every evaluation and at the end; 0: only those
     keep_last: int = checked(2, at_least(0))  # step checkpoints kept, besides best.pt; 0: all
@@ -387,7 +388,7 @@ LOCATION_KEYS = frozenset({
     "train.checkpoint_every_steps", "train.keep_last",
 })
 EVAL_KEYS = frozenset({
-    "train.eval_every_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
+    "train.eval_every_epochs", "train.eval_last_epochs", "train.eval_every_steps", "task.eval_batch_size", "task.det_eval_size",
     "data.eval_image_size", "data.eval_views", "data.eval_batch_views", "data.max_eval_videos",
     "data.eval_short_side", "data.eval_crop_size", "train.report_best",
     # inference of the dense and detection tasks (sliding window, test-time augmentation), depth averaging

@@ -49,7 +49,7 @@ def test_toy_task_learns_and_writes_its_outputs(tmp_path, caplog):
     state = torch.load(files[-1], weights_only=True)
     assert state["step"] == 64 and state["epoch"] == 4 and state["step_in_epoch"] == 0
     assert state["config"]["train"]["ema_decay"] == 0.99
-    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    best = ckpt.load(tmp_path / "checkpoints" / "best.pt")  # with its evaluation's result, from best.eval.json
     assert best["metrics"]["accuracy"] == max(e["accuracy"] for e in eval_events) == best["best"]
     # The model zoo's loader reads the EMA weights of a training checkpoint, without `module.` prefixes and without
     # the task wrapper's `net.` (every key of the toy model has it).
@@ -189,6 +189,42 @@ def test_step_based_run_evaluates_every_n_steps_and_at_the_end(tmp_path):
     assert (state["epoch"], state["step_in_epoch"]) == (2, 2)
 
 
+def test_sparse_evaluation_writes_one_checkpoint_per_evaluation_and_best_pt_outlives_its_pruned_step(tmp_path,
+                                                                                                       monkeypatch):
+    # 5 epochs of 4 steps: every 2nd epoch and each of the last 2 (train.eval_last_epochs) -> epochs 2, 4, 5. lr 0:
+    # every evaluation gives the same accuracy, so best.pt stays step 8, whose step file keep_last=1 deletes.
+    written = []
+    real_save = ckpt.atomic_save
+    monkeypatch.setattr(ckpt, "atomic_save", lambda obj, path: (written.append(path.name), real_save(obj, path)))
+    config = toy_config(tmp_path, "train.epochs=5", "train.batch_size=64", "train.eval_every_epochs=2",
+                        "train.eval_last_epochs=2", "train.keep_last=1", "train.lr=0")
+    train(config, make_task())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [8, 16, 20]
+    assert written == ["step_00000008.pt", "step_00000016.pt", "step_00000020.pt", "final.pt", "weights.pth"]
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.eval.json", "best.pt", "step_00000020.eval.json",
+                                                         "step_00000020.pt"]
+    best = ckpt.load(folder / "best.pt")
+    assert (best["step"], best["best_step"], best["eval_pending"]) == (8, 8, False)
+    assert best["best"] == best["metrics"]["accuracy"] == events[-1]["accuracy"]
+    assert not ckpt.load(folder / "step_00000020.pt")["eval_pending"]  # its record: evaluated
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_best_pt_is_a_hard_link_or_where_there_are_none_a_copy(tmp_path, monkeypatch, links):
+    step = ckpt.step_path(tmp_path, 8)
+    ckpt.atomic_save({"w": torch.arange(4)}, step)
+    ckpt.atomic_save({"old": torch.zeros(1)}, tmp_path / "best.pt")
+    if not links:  # a file system without hard links (EPERM, as on FAT or some network mounts)
+        monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(PermissionError(1, "no links")))
+    ckpt.atomic_link(step, tmp_path / "best.pt")
+    assert os.path.samefile(step, tmp_path / "best.pt") == links
+    step.unlink()  # pruned: best.pt keeps the content
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["w"], torch.arange(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
 def test_report_best_ends_the_run_as_its_best_checkpoint_evaluated_by_report(tmp_path):
     # Early stopping as the paper does for RS-350/420 @ 320: pick on one split (minival), report on another (val).
     config = toy_config(tmp_path, "train.epochs=3", "train.eval_every_steps=4", "train.ema_decay=0.9",
@@ -222,7 +258,7 @@ def test_report_best_without_a_report_evaluator_reports_the_best_evaluation(tmp_
     config = toy_config(tmp_path, "train.epochs=3", "train.eval_every_steps=4", "train.ema_decay=0.9",
                         "train.report_best=true")
     metrics = train(config, make_task())
-    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    best = ckpt.load(tmp_path / "checkpoints" / "best.pt")  # with its evaluation's result, from best.eval.json
     assert metrics == best["metrics"] == json.loads((tmp_path / "final_metrics.json").read_text())
     assert metrics["accuracy"] == best["best"]
 

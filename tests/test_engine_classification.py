@@ -104,3 +104,15 @@ def test_two_gloo_ranks_give_every_rank_the_one_process_result(tmp_path):
     for n in (1, 2, 7):
         expected = by_hand(model, toy_samples(n))
         assert [results[str(n)] for results in ranks] == [expected, expected], n
+
+
+def test_topk_evaluator_keeps_its_workers_between_evaluations_until_closed():
+    model = toy_classifier().eval()
+    samples = toy_samples(23)
+    evaluator = TopKEvaluator(samples, CLASSES, batch_size=4, num_workers=1)
+    first = evaluator(model)
+    workers = list(evaluator.loader._iterator._workers)
+    assert evaluator(model) == first == by_hand(model, samples)
+    assert evaluator.loader._iterator._workers == workers and all(w.is_alive() for w in workers)  # the same ones
+    evaluator.close()
+    assert evaluator.loader is None and not any(w.is_alive() for w in workers)

@@ -123,7 +123,8 @@ def test_a_diverging_run_names_a_last_good_checkpoint_whose_weights_are_finite(t
 
 def test_a_kill_between_the_step_checkpoint_and_best_pt_does_not_lose_best(tmp_path, deterministic, monkeypatch):
     # lr 0: every evaluation gives the same accuracy, so only the first one (step 16) is a new best. The run dies
-    # on the second file of that save; whichever file that is, the resumed run must end with best.pt.
+    # on the second .pt file of that evaluation (best.pt's link renamed into place, after the step file, in the
+    # background writer); the resumed run evaluates step 16 again and must end with best.pt and its result.
     out = tmp_path / "run"
     written = []
     real_replace = os.replace
@@ -267,6 +268,7 @@ def test_a_per_process_batch_of_one_at_a_1x1_feature_map_is_a_config_error(tmp_p
     ("train.warmup_epochs=-1", ">= 0"), ("data.num_workers=-1", ">= 0"), ("train.momentum=-0.9", "in [0, 1)"),
     ("train.lr=-0.1", ">= 0"), ("train.lr=nan", ">= 0"), ("model.drop_rate=1.0", "in [0, 1)"),
     ("train.label_smoothing=1.5", "in [0, 1)"), ("train.amp=fp8", "one of auto, bf16, fp16, none"),
+    ("train.eval_last_epochs=-1", ">= 0"),
 ])
 def test_nonsense_values_are_refused_where_they_are_declared(override, rule):
     with pytest.raises(ConfigError) as error:
@@ -550,29 +552,32 @@ def test_a_worker_group_that_torchrun_restarted_resumes_by_itself(tmp_path, dete
     assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2
 
 
-def test_an_evaluation_whose_save_failed_is_logged_once_after_resume(tmp_path, deterministic, monkeypatch):
-    # The disk fills between an evaluation (logged) and the checkpoint after it: the resume evaluates the step again
+def test_an_evaluation_whose_record_failed_is_logged_once_after_resume(tmp_path, deterministic, monkeypatch):
+    # The disk fills between an evaluation (logged) and its record beside the checkpoint (written before it): the
+    # error is raised at the next save, and the resume evaluates the step again without logging it twice.
     from rs_transfer.engine import trainer
 
     reference, run = tmp_path / "reference", tmp_path / "run"
     engine_toy.main([str(reference)])
-    real_save = ckpt.save_step
-    saves = []
+    real_record = ckpt.record_evaluation
+    records = []
 
-    def full_disk_after_the_first_evaluation(state, path, best, keep_last):
-        saves.append(state["eval_pending"])
-        if saves == [True, False]:
-            raise FileWriteError(f"cannot write {path}: No space left on device")
-        real_save(state, path, best, keep_last)
+    def full_disk_at_the_first_record(path, record, best):
+        records.append(record["metrics_step"])
+        if records == [16]:
+            raise FileWriteError(f"cannot write {ckpt.record_path(path)}: No space left on device")
+        real_record(path, record, best)
 
-    monkeypatch.setattr(trainer.ckpt, "save_step", full_disk_after_the_first_evaluation)
+    monkeypatch.setattr(trainer.ckpt, "record_evaluation", full_disk_at_the_first_record)
     with pytest.raises(FileWriteError, match="No space left"):
         engine_toy.main([str(run)])
-    monkeypatch.setattr(trainer.ckpt, "save_step", real_save)
+    monkeypatch.setattr(trainer.ckpt, "record_evaluation", real_record)
+    assert ckpt.load(run / "checkpoints" / "step_00000016.pt")["eval_pending"]
     engine_toy.main([str(run), "train.resume=auto"])
     events = [(e["kind"], e["step"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     expected = [(e["kind"], e["step"]) for e in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())]
     assert events == expected and events.count(("eval", 16)) == 1
+    assert_same_weights(final_weights(reference), final_weights(run))
 
 
 def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder(tmp_path, deterministic, monkeypatch, capfd):

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.distributed import all_reduce_sum
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import close_loader, eval_loader
 from rs_transfer.models.normalize import Normalize
 
 TOP_K = (1, 5)
@@ -127,12 +127,23 @@ class TopKEvaluator:
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.class_names = class_names
+        # Built at the first call and kept: its workers persist between evaluations (no worker start-up per
+        # evaluation, issue 22), until `close` (the trainer calls it at the end of the run).
+        self.loader = None
 
     def __call__(self, model: nn.Module) -> dict:
         device = model_device(model)
         topk = TopK(self.num_classes, device, per_class=self.class_names is not None)
         with torch.no_grad():  # the engine calls this inside its autocast (train.amp)
-            for batch in eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers, device):
+            if self.loader is None:
+                self.loader = eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers, device,
+                                          persistent=True)
+            for batch in self.loader:
                 batch = to_device(batch, device)
                 topk.update(model(batch), batch["label"])
         return fractions(all_reduce_sum(topk.counts()), self.class_names)
+
+    def close(self) -> None:
+        """Shut the kept loader's workers down (the next call starts new ones)."""
+        close_loader(self.loader)
+        self.loader = None

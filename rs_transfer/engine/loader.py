@@ -103,14 +103,27 @@ class Loader(DataLoader):
 
 
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn=None, num_workers: int | str = 0,
-                device: torch.device | None = None) -> Loader:
+                device: torch.device | None = None, persistent: bool = False) -> Loader:
     """This rank's shard of an evaluation set (every sample exactly once over all ranks, no padding duplicates,
     which would bias the metric), in order, with stop-signal-proof workers and pinned memory for a CUDA device.
-    `num_workers`: data.num_workers, a count or "auto" (distributed.loader_workers)."""
+    `num_workers`: data.num_workers, a count or "auto" (distributed.loader_workers).
+
+    `persistent`: the workers stay between passes (DataLoader's persistent_workers), for an evaluator that runs
+    many times in a run; idle, they hold no batch (the next pass starts loading when it is iterated), and whoever
+    keeps the loader shuts them down (`close_loader`)."""
     part = shard(dataset)
-    return Loader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                  num_workers=min(loader_workers(num_workers)[0], len(part)),
-                  pin_memory=device is not None and torch.device(device).type == "cuda")
+    workers = min(loader_workers(num_workers)[0], len(part))
+    return Loader(part, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=workers,
+                  pin_memory=device is not None and torch.device(device).type == "cuda",
+                  persistent_workers=persistent and workers > 0)
+
+
+def close_loader(loader: DataLoader | None) -> None:
+    """Shut down the workers a persistent loader keeps (no-op for None or a loader without live workers)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def eval_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int | str = 0,

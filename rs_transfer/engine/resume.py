@@ -38,7 +38,7 @@ class Progress:
 
 
 def training_state(model, ema, optimizer, scheduler, scaler, progress: Progress, batch_size: int, config: dict,
-                   eval_pending: bool = False) -> dict:
+                   eval_pending: bool = False, write_id: str | None = None) -> dict:
     """The checkpoint of a run at `progress` (called on every rank: each rank's RNG states are gathered).
 
     `scaler` is the run's torch.amp.GradScaler; its state (loss scale, growth tracker) is saved when it is enabled
@@ -57,6 +57,7 @@ def training_state(model, ema, optimizer, scheduler, scaler, progress: Progress,
         "metrics": progress.metrics,
         "metrics_step": progress.metrics_step,
         "eval_pending": eval_pending,
+        "write_id": write_id,  # names this write: its evaluation record (checkpoint.record_evaluation) carries it
         "wall_s": progress.wall_s,
         "train_s": progress.train_s,
         "rng": all_gather_object(ckpt.rng_state()),

@@ -26,6 +26,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
 - `primary_metric` names the metric that picks the best checkpoint (higher is better).
 - `report(model)`, when set, is the evaluator `train.report_best` reports the best checkpoint with (pretraining
   that picks it on minival reports it on val); same contract as `evaluate`, same metric names.
+- an `evaluate` or `report` with a `close()` method (TopKEvaluator, which keeps its loader workers between
+  evaluations) is closed by the trainer when the run ends or fails.
 - `visualize(model)`, when set, is called on the main rank after every evaluation with the same model (eval mode,
   no grad, the run's autocast) and returns {name: uint8 (3, H, W)}, pictures of a few fixed validation images
   (rs_transfer/predict.py `visualizer`: the overlays, boxes or coloured depth `predict` draws), logged to

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -176,6 +177,10 @@ class Trainer:
             raise ConfigError(f"the run is {self.total} steps long (train.steps / train.epochs), but checkpoint "
                               f"{resume_from} is at step {self.progress.step}: it cannot continue from there")
         self.last_saved = resume_from
+        self.last_written = resume_from  # rank 0: the newest checkpoint whose background write has completed
+        # Rank 0 writes checkpoints in a background thread (one in flight at a time); the other ranks write none
+        # and never wait for it: they go on training (see _save).
+        self.writer = ckpt.BackgroundWriter() if self.main else None
         if self.main:  # only once the resume is accepted: a refused one leaves the run's config.yaml as it was
             resume.prepare_output(config, self.out, self.ckpt_dir)
 
@@ -228,6 +233,7 @@ class Trainer:
         classes = getattr(self.config.model, "num_classes", None)
         evaluation = ", ".join(
             [f"every {tc.eval_every_epochs} epoch(s)"] * (tc.eval_every_epochs > 0)
+            + [f"every epoch of the last {tc.eval_last_epochs}"] * (tc.eval_last_epochs > 0)
             + [f"every {tc.eval_every_steps} steps"] * (tc.eval_every_steps > 0) + ["at the end"])
         epochs = self.total / self.steps_per_epoch
         lines = [
@@ -262,9 +268,13 @@ class Trainer:
         with stop_signals_handled(self._on_signal):
             try:
                 return self._run()
+            except BaseException:
+                self._wait_writes(quiet=True)  # the checkpoints on disk are whole before the error goes up
+                raise
             finally:
                 self.flags.close()
                 self._stop_workers()
+                self._close_evaluators()
                 self.logger.close()
 
     def _stop_workers(self) -> None:
@@ -275,13 +285,23 @@ class Trainer:
             shutdown()
         self.batches = None
 
+    def _close_evaluators(self) -> None:
+        """Shut down what evaluators keep between evaluations (an evaluator with a `close()`: TopKEvaluator's
+        persistent loader workers), also when the run fails."""
+        for evaluate in {id(f): f for f in (self.task.evaluate, self.task.report) if f is not None}.values():
+            close = getattr(evaluate, "close", None)
+            if callable(close):
+                close()
+
     def _on_signal(self, number, frame) -> None:
         if number == signal.SIGINT:
             if self.signalled == "SIGINT":
                 # At once and in one line: unwinding through the loader's workers took up to 85 s and printed
                 # a 30-line traceback. The checkpoints on disk are whole (atomic writes).
+                # Not waiting for a background write in flight (that could take seconds): the last checkpoint
+                # named is the last one whose write completed; an abandoned temp file is removed at the next start.
                 print(f"stopped: Ctrl-C twice: quit without a checkpoint of this step (the last one: "
-                      f"{self.last_saved or 'none yet'})", file=sys.stderr, flush=True)
+                      f"{self.last_written or 'none yet'})", file=sys.stderr, flush=True)
                 os._exit(128 + signal.SIGINT)
             log.warning("Ctrl-C: stopping after a checkpoint at the end of this step; Ctrl-C again quits at once")
         self.signalled = signal.Signals(number).name
@@ -319,8 +339,9 @@ class Trainer:
                 self._evaluate_and_save()
             elif (self.tc.checkpoint_every_steps > 0 and progress.step % self.tc.checkpoint_every_steps == 0) or (
                     self.stop_requested and not last):
-                self._save(best=False)
+                self._save()
             if self.stop_requested and not last:
+                self._wait_writes()  # the checkpoint the message names is on disk (or its write error is raised)
                 raise StoppedBySignal(
                     f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
                     f"checkpoint {self.last_saved} written: rerun with --resume (train.resume=auto) to continue",
@@ -330,6 +351,7 @@ class Trainer:
         self.batches = None
         if progress.metrics_step != progress.step:  # resumed from an old checkpoint of a finished run
             self._evaluate_and_save()
+        self._wait_writes()  # the last checkpoint, best.pt and their records are on disk before the final files
         if self.tc.report_best:  # early stopping: the run ends as its best checkpoint
             progress.metrics = self._report_best()
         self._clock()  # the run's time ends with its last evaluation, before the final files are written
@@ -504,8 +526,11 @@ class Trainer:
     def _eval_due(self, last: bool) -> bool:
         tc, progress = self.tc, self.progress
         at_epoch_end = progress.step_in_epoch == 0
+        # train.eval_last_epochs: the epoch ends within the last N epochs' worth of steps of the run
+        in_last_epochs = self.total - progress.step < tc.eval_last_epochs * self.steps_per_epoch
         return (last or (tc.eval_every_steps > 0 and progress.step % tc.eval_every_steps == 0)
-                or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0))
+                or (at_epoch_end and tc.eval_every_epochs > 0 and progress.epoch % tc.eval_every_epochs == 0)
+                or (at_epoch_end and in_last_epochs))
 
     @property
     def evaluated(self) -> nn.Module:
@@ -513,10 +538,19 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _in_eval_mode(self, call):
-        """call(self.evaluated) in eval mode, under no_grad and the run's autocast; back to training mode after."""
+        """call(self.evaluated) in eval mode, under no_grad and the run's autocast; back to training mode after.
+
+        The random generators (torch, CUDA, NumPy, Python) are put back as they were before the call: an evaluator
+        may draw from them (a DataLoader draws its workers' base seed), and the checkpoint of an evaluated step is
+        written before its evaluation, so training must go on from the same states whether or not the evaluation
+        ran in this process (a resumed run skips an evaluation its record says is done)."""
+        rngs = ckpt.rng_state()
         self.evaluated.eval()
-        with torch.no_grad(), self._autocast():
-            result = call(self.evaluated)
+        try:
+            with torch.no_grad(), self._autocast():
+                result = call(self.evaluated)
+        finally:
+            ckpt.set_rng_state(rngs)
         self.model.train()
         return result
 
@@ -535,17 +569,23 @@ class Trainer:
         self.logger.images(self.progress.step, self._in_eval_mode(self.task.visualize))
 
     def _evaluate_and_save(self) -> None:
-        """Checkpoint, evaluate, then checkpoint again with the result (and best.pt when it is the best).
+        """Checkpoint, evaluate, then record the result beside the checkpoint (and make best.pt that file when it
+        is the best): one checkpoint write per evaluation, in the background while the evaluation runs.
 
-        The first checkpoint keeps the training if the evaluation fails (e.g. a validation file that cannot be
-        read at the end of a long run): fix the cause and --resume evaluates this step again.
+        The checkpoint is written with eval_pending=True before the evaluation, so a failed or killed evaluation
+        (e.g. a validation file that cannot be read at the end of a long run) keeps the training: fix the cause and
+        --resume evaluates this step again. The result is a small record written after the evaluation was logged
+        (checkpoint.record_evaluation); checkpoint.load puts it into the state, so a checkpoint whose record exists
+        resumes as evaluated and the evaluation is neither repeated nor logged twice.
         """
         progress, name = self.progress, self.task.primary_metric
-        self._save(best=False, eval_pending=True)
+        write_id = self._save(eval_pending=True)
+        path = self.last_saved
         started = time.perf_counter()
         try:
             progress.metrics = self._evaluate()
         except UserError as error:
+            self._wait_writes()  # the file the message names is written (or its own error is raised instead)
             error.args = (f"{one_line(error)} (evaluating step {progress.step}; the training is saved in "
                           f"{self.last_saved}: fix this and rerun with --resume to evaluate it)",)
             raise
@@ -556,13 +596,17 @@ class Trainer:
         self.logger.eval({"step": progress.step, "epoch": round(progress.step / self.steps_per_epoch, 4),
                           **progress.metrics, f"best_{name}": progress.best})
         self._visualize()
+        if self.main:
+            record = {"write_id": write_id, "best": progress.best, "best_step": progress.best_step,
+                      "metrics": progress.metrics, "metrics_step": progress.metrics_step}
+            self.writer.submit(lambda: ckpt.record_evaluation(path, record, is_best))
         self._pause(started)
-        self._save(best=is_best)
 
     def _report_best(self) -> dict:
         """train.report_best: put best.pt's weights (and EMA) back into the model, so that final.pt and weights.pth
         are the best checkpoint's, and return their evaluation by `task.report` (`task.evaluate` without one).
         Raises CheckpointError (naming the file) when best.pt is missing or unreadable."""
+        self._wait_writes()
         barrier()  # rank 0 may still be writing best.pt; every rank then reads it, as on resume
         path = self.ckpt_dir / "best.pt"
         state = ckpt.load(path)
@@ -576,17 +620,45 @@ class Trainer:
                      state["best"], " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def _save(self, best: bool, eval_pending: bool = False) -> None:
+    def _save(self, eval_pending: bool = False) -> str:
+        """Checkpoint this step: every rank gathers the state (the RNG states are a collective); rank 0 waits for
+        its previous write (one in flight at most, so at most one extra copy of the state in host memory), copies
+        the state to host memory and writes it in the background (checkpoint.BackgroundWriter). Returns the
+        checkpoint's write_id, which its evaluation record names."""
         self._check_flags()
         started = time.perf_counter()
         self._clock()
+        write_id = uuid.uuid4().hex  # os.urandom: no run RNG is drawn from
         state = resume.training_state(self.model, self.ema, self.optimizer, self.scheduler, self.scaler,
-                                      self.progress, self.tc.batch_size, self.resolved, eval_pending)
+                                      self.progress, self.tc.batch_size, self.resolved, eval_pending, write_id)
         path = ckpt.step_path(self.ckpt_dir, self.progress.step)
         if self.main:
-            ckpt.save_step(state, path, best, self.tc.keep_last)
+            self.writer.wait()
+            state = ckpt.snapshot(state)
+            self.writer.submit(lambda: self._write_step(state, path))
         self.last_saved = path
         self._pause(started)
+        return write_id
+
+    def _write_step(self, state: dict, path: Path) -> None:
+        """The background writer's job for a step checkpoint (rank 0)."""
+        ckpt.save_step(state, path, self.tc.keep_last)
+        self.last_written = path
+
+    def _wait_writes(self, quiet: bool = False) -> None:
+        """Rank 0: block until the background checkpoint writes are done, raising a write's error; `quiet` (the
+        run already fails with another error) logs it as one line instead."""
+        if self.writer is None:
+            return
+        started = time.perf_counter()
+        try:
+            self.writer.wait()
+        except Exception as error:  # noqa: BLE001 - a second error while the run fails with another: said in a line
+            if not quiet:
+                raise
+            log.error("the checkpoint write in the background failed too: %s", one_line(error))
+        finally:
+            self._pause(started)
 
     def _check_flags(self) -> None:
         """Agree over ranks on non-finite values (stop with an error) and on a stop signal (sets stop_requested).
