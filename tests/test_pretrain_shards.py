@@ -202,7 +202,8 @@ def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_
 
 
 @pytest.mark.slow  # three two-process torchrun launches
-@pytest.mark.parametrize("cotrain", [False, True], ids=["supervised", "cotrain"])
+@pytest.mark.parametrize("cotrain", [True], ids=["cotrain"])  # its batches mix the labelled shards with the pseudo
+# ones, so the supervised reading is in it too; the one-process test above runs both (the suite's time budget)
 def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_would_have(shard_root, tmp_path, cotrain,
                                                                                       pseudo_labels):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
