@@ -502,7 +502,7 @@ class Trainer:
     def _warn_if_long(self) -> None:
         """After the first step: a run that would take more than a day here (a GPU-sized config on a CPU, say) is
         said so once, with the time it would take and where the small configs are."""
-        per_step = (time.perf_counter() - self.segment_start) / max(1, self.progress.step - self.tic_step + 1)
+        per_step = time.perf_counter() - self.segment_start  # this segment's first step, the loader's start included
         hours = per_step * (self.total - self.progress.step) / 3600
         if self.main and hours > 24:
             log.warning("at %.1f s per step on %s this run needs about %.0f hours: for a try on this machine use a "
