@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from rs_transfer.config import ConfigError
+from rs_transfer.config import ConfigError, flatten
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, read_json
 
@@ -123,7 +123,7 @@ class MlflowTracker:
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self.client.create_experiment(experiment_name))
             self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
-            params = [Param(key, str(value)[:6000]) for key, value in _flat(config).items()]  # MLflow's length limit
+            params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]  # MLflow's length limit
             for first in range(0, len(params), MLFLOW_PARAMS_PER_CALL):
                 self.client.log_batch(self.run_id, params=params[first:first + MLFLOW_PARAMS_PER_CALL])
         self.client.log_dict(self.run_id, config, "config.yaml")
@@ -142,14 +142,3 @@ class MlflowTracker:
     def close(self, finished: bool) -> None:
         # KILLED, not FAILED: a stopped run is continued by a resume, which sets it RUNNING again
         self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}: the keys as `key=value` overrides spell them."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
