@@ -173,7 +173,7 @@ def measure_dali(jpegs: list, resolution: int, magnitude: float, min_seconds: fl
 def measure_dali_feeder(jpegs: list, resolution: int, magnitude: float, min_seconds: float, seed: int,
                         batch_size: int = 64, workers: int = 2) -> dict:
     """The DALI loader's cost to the thread that runs it (the training thread), with its Python feeder (file reads,
-    headers, random parameters) on that thread (py_workers=0, as before issue 22) and in `workers` forked
+    headers, random parameters) on that thread (py_workers=0, the way it ran before) and in `workers` forked
     processes (DALI's parallel external source, what the trainer runs): name -> main-thread CPU ms per batch,
     interleaved batch by batch until each has `min_seconds` of wall time. DALI's own threads (decode,
     augmentation; 1 here) are not the main thread's. (No wall figure: each pipeline decodes ahead while the other

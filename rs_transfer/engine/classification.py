@@ -128,7 +128,7 @@ class TopKEvaluator:
         self.collate_fn = collate_fn
         self.class_names = class_names
         # Built at the first call and kept: its workers persist between evaluations (no worker start-up per
-        # evaluation, issue 22), until `close` (the trainer calls it at the end of the run).
+        # evaluation), until `close` (the trainer calls it at the end of the run).
         self.loader = None
 
     def __call__(self, model: nn.Module) -> dict:

@@ -309,8 +309,7 @@ def cpu_threads(local_world_size: int) -> tuple:
     """(intra-op threads, why) for a process that computes on the CPU: OMP_NUM_THREADS when set (torchrun sets 1
     for several processes); else this process's share of the cores it may use, less the 1-minute load average
     that other work puts on them at start, at least 1. torch's default, one thread per core, oversubscribes a busy
-    machine: the demo on a 2-core machine with other work ran at 0.3-1 img/s with 2 threads, 24 img/s with one
-    (issue 21)."""
+    machine: the demo on a 2-core machine with other work ran at 0.3-1 img/s with 2 threads, 24 img/s with one."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0))
@@ -325,7 +324,7 @@ def cpu_threads(local_world_size: int) -> tuple:
 # docs and timm's train.py leave the same one core per process).
 TRAINER_CORES = 1
 # More workers than this per process only hold memory (each keeps prefetch_factor batches and a copy of the
-# dataset's index): 3.9k img/s per GPU at ~400 img/s per worker-core (issue 22) needs ~10.
+# dataset's index): 3.9k img/s per GPU at ~400 img/s per worker-core (docs/benchmarks.md) needs ~10.
 MAX_AUTO_WORKERS = 32
 
 

@@ -52,6 +52,7 @@ from rs_transfer.engine.distributed import (
     elastic_restart,
     init_distributed,
     loader_workers,
+    local_processes,
     seed_everything,
 )
 from rs_transfer.engine.ema import Ema
@@ -114,7 +115,7 @@ class Trainer:
         self.main = info.rank == 0
         self.precision, self.precision_why = resolve_amp(tc.amp, info.device)
         if info.device.type == "cpu":
-            self.threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            self.threads = cpu_threads(local_processes())  # the node's processes, as loader_workers counts them
             torch.set_num_threads(self.threads[0])
         self.workers = loader_workers(config.data.num_workers)
         seed_everything(config.seed + info.rank)
@@ -315,7 +316,7 @@ class Trainer:
         self.sampler.count = (self.total - progress.step) * per_step
         batches = iter(self.loader) if progress.step < self.total else None  # no workers for a finished run
         self.batches = batches
-        first = progress.step + 1  # logged at once: a run never starts in silence
+        first = progress.step + 1  # a progress line at once: a run never starts in silence
         while progress.step < self.total:
             lr = self._step(batches)
             progress.step += 1
