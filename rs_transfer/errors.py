@@ -24,6 +24,11 @@ class DataError(UserError):
     """
 
 
+class WeightsError(UserError):
+    """A weights file or name that cannot be used: missing, unreadable, corrupted, not a checkpoint, or not fitting
+    the model (models/weights.py)."""
+
+
 class StoppedBySignal(UserError):
     """A run saved a checkpoint and stopped because of a stop signal (SLURM preemption, torchrun shutdown).
 

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rs_transfer.errors import DataError, UserError, one_line
+from rs_transfer.errors import DataError, UserError, WeightsError, one_line
 
 TEMP_MARK = ".tmp."
 LOCK_NAME = ".lock"
@@ -228,3 +228,21 @@ def _non_finite_key(obj, key: str = "value") -> str | None:
         if found:
             return found
     return None
+
+
+def check_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> str:
+    """The format of weights file `path` ("zip" or "pickle": torch.save; "safetensors"), from its first bytes.
+
+    Raises `error` (one line naming the file) when it is missing, unreadable, or neither format (a text file would
+    otherwise fail inside torch.load as "KeyError: 101")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        kind = checkpoint_format(path)
+    except OSError as problem:
+        raise error(f"cannot read {what} {path}: {problem.strerror or problem}") from None
+    if kind is None:
+        raise error(f"cannot read {what} {path}: not a PyTorch checkpoint (torch.save: .pt, .pth, .bin) nor a "
+                    "safetensors file")
+    return kind

@@ -22,7 +22,7 @@ class RunError(UserError):
 
 
 def family_parts(family: str, task: str | None) -> tuple:
-    """(config schema, build_model(config) -> the task's model, its rs_transfer.predict.Predictor or None)."""
+    """(config schema, build_model(config) -> the task's model, its rs_transfer.predictor.Predictor or None)."""
     if family == "transfer":
         from rs_transfer.downstream import registry
 

@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from rs_transfer.downstream import ade_seg, cifar100, nyu_depth, pascal_det, pascal_seg, segmentation
-from rs_transfer.downstream.data import IGNORE, dense_train_transform
+from rs_transfer.downstream.data import IGNORE
+from rs_transfer.downstream.transforms import dense_train_transform
 from rs_transfer.errors import DataError
 
 

@@ -59,7 +59,8 @@ def test_demo_learns_the_folders_and_the_run_carries_the_class_names(run):
 
 
 def test_predict_gives_the_top5_names_of_the_runs_classes(run, tmp_path):
-    from rs_transfer.predict import predict, read_image
+    from rs_transfer.predict import predict
+    from rs_transfer.predictor import read_image
     from rs_transfer.runs import load_run
 
     folder, metrics = run

@@ -261,7 +261,8 @@ def test_demo_run_reports_coco_ap_under_the_jsons_category_ids(demo_run):
 
 
 def test_predict_writes_the_runs_detections_with_names_and_category_ids(demo_run, tmp_path):
-    from rs_transfer.predict import predict, read_image
+    from rs_transfer.predict import predict
+    from rs_transfer.predictor import read_image
     from rs_transfer.runs import load_run
 
     run_dir, _ = demo_run

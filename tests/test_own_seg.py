@@ -51,7 +51,8 @@ def test_demo_learns_and_its_config_carries_the_classes(demo_run):
 
 def test_predict_writes_the_masks_indices_and_named_overlays_without_the_data(demo_run, tmp_path):
     from rs_transfer.downstream.scenes import voc_palette
-    from rs_transfer.predict import overlay_classes, predict, read_image
+    from rs_transfer.predict import predict
+    from rs_transfer.predictor import overlay_classes, read_image
     from rs_transfer.runs import load_run
 
     folder, _, _ = demo_run

@@ -17,7 +17,8 @@ from engine_toy import CONFIGS
 from rs_transfer.cli import main
 from rs_transfer.downstream import finetune
 from rs_transfer.downstream.cifar100 import CLASSES as CIFAR_CLASSES
-from rs_transfer.predict import predict, read_image
+from rs_transfer.predict import predict
+from rs_transfer.predictor import read_image
 from rs_transfer.engine.summary import run_family
 from rs_transfer.runs import RunError, load_run
 

@@ -36,7 +36,7 @@ from rs_transfer.engine.device import model_device
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
-from rs_transfer.predict import Predictor, read_image, write_top5
+from rs_transfer.predictor import Predictor, read_image, write_top5
 
 NUM_CLASSES = 100
 # The fine label names of cifar-100-python/meta (b"fine_label_names"), in label order.
@@ -272,7 +272,7 @@ def write_synthetic(root, train: int, val: int):
     return write_cifar100(root, train=train, test=val)
 
 
-# predict: top-5 classes with their probabilities per image (rs_transfer/predict.py)
+# predict: top-5 classes with their probabilities per image (rs_transfer/predictor.py)
 PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
                       class_names=lambda config: (CLASSES, "the CIFAR-100 fine label names"))
 

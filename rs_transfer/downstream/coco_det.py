@@ -55,8 +55,8 @@ from rs_transfer.engine.distributed import all_gather_list
 from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import Predictor, visualizer
-from rs_transfer.predict import read_image as read_image_file
+from rs_transfer.predictor import Predictor, visualizer
+from rs_transfer.predictor import read_image as read_image_file
 
 log = logging.getLogger(__name__)
 

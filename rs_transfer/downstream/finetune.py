@@ -83,7 +83,7 @@ def check_model(config: FinetuneConfig) -> None:
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
     from rs_transfer.models import hub, zoo
-    from rs_transfer.models.weights import check_file
+    from rs_transfer.files import check_file
 
     zoo.parse_name(config.model.name)
     if config.model.weights:

@@ -40,7 +40,7 @@ from rs_transfer.engine.device import model_device
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models import create_model
-from rs_transfer.predict import Predictor, read_image, write_top5
+from rs_transfer.predictor import Predictor, read_image, write_top5
 from rs_transfer.pretrain.data import ImageDataset, Item, collate, find_classes
 from rs_transfer.pretrain.shards import first_names
 from rs_transfer.pretrain.transforms import eval_transform, train_transform
@@ -248,7 +248,7 @@ def write_synthetic(root, train: int, val: int):
     return write_folders(root, train=train, val=val)
 
 
-# predict: top-5 classes with their probabilities per image (rs_transfer/predict.py), named from the run's config
+# predict: top-5 classes with their probabilities per image (rs_transfer/predictor.py), named from the run's config
 PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
                       class_names=lambda config: (tuple(config.task.class_names),
                                                   "task.class_names of the run (its train/ class folders)"),

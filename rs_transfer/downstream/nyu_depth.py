@@ -27,9 +27,8 @@ from torchvision import tv_tensors
 
 from rs_transfer.config import above, at_least, checked, data_root, one_of, ordered
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
-from rs_transfer.downstream.data import (
-    dense_train_transform, find_dir, pad_collate, read_image, read_text_lines, require,
-)
+from rs_transfer.downstream.data import find_dir, read_image, read_text_lines, require
+from rs_transfer.downstream.transforms import dense_train_transform, pad_collate
 from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import DEPTH_AVERAGES, DEPTH_SUMS, depth_metrics, depth_sums
@@ -41,8 +40,8 @@ from rs_transfer.engine.distributed import is_main
 from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
-from rs_transfer.predict import read_image as read_image_file
+from rs_transfer.predictor import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
+from rs_transfer.predictor import read_image as read_image_file
 
 log = logging.getLogger(__name__)
 

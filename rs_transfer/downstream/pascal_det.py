@@ -33,7 +33,8 @@ from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
 from rs_transfer.config import (MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, above, at_least, at_most, checked,
                                 one_of)
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
-from rs_transfer.downstream.data import ScaleJitter, find_dir, read_image, read_split, require
+from rs_transfer.downstream.data import find_dir, read_image, read_split, require
+from rs_transfer.downstream.transforms import ScaleJitter
 from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
 from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
@@ -45,8 +46,8 @@ from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
-from rs_transfer.predict import Predictor, output_path, save_rgb, visualizer
-from rs_transfer.predict import read_image as read_image_file
+from rs_transfer.predictor import Predictor, output_path, save_rgb, visualizer
+from rs_transfer.predictor import read_image as read_image_file
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",

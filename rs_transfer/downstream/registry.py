@@ -4,7 +4,7 @@ Table 5 read.
 A task is one module that declares `TASK = TransferTask(...)`: its run config (a dataclass whose `task` section is
 the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
 protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and
-for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predict.py).
+for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predictor.py).
 
 Where names come from, first found wins: `MODULES` (the package's tasks, one line each), `register(name, module)`
 (one Python process: a test, a notebook), then installed packages that declare an entry point in the group
@@ -73,7 +73,7 @@ class TransferTask:
     config_dir: Optional[Path] = None  # holds <name>.yaml and <name>_demo.yaml; None: the packaged downstream/
     # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
     build_model: Optional[Callable] = None
-    predictor: "object" = None  # rs_transfer.predict.Predictor: `rs-transfer predict`; None: the task has none
+    predictor: "object" = None  # rs_transfer.predictor.Predictor: `rs-transfer predict`; None: the task has none
 
     @property
     def metric(self) -> str:

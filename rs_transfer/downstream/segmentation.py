@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
-from rs_transfer.downstream.data import IGNORE, dense_train_transform, pad_collate, read_image
+from rs_transfer.downstream.data import IGNORE, read_image
+from rs_transfer.downstream.transforms import dense_train_transform, pad_collate
 from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
 from rs_transfer.downstream.fpn import DensePredictor
 from rs_transfer.downstream.metrics import MeanIoU
@@ -22,9 +23,9 @@ from rs_transfer.engine.device import model_device, to_device
 from rs_transfer.engine.loader import eval_batches
 from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.predict import (Predictor, name_classes, output_path, overlay_classes, palette_png, save_png,
+from rs_transfer.predictor import (Predictor, name_classes, output_path, overlay_classes, palette_png, save_png,
                                  save_rgb, visualizer)
-from rs_transfer.predict import read_image as read_image_file
+from rs_transfer.predictor import read_image as read_image_file
 
 FILLS = {"image": 0, "mask": IGNORE}
 METRIC = "miou"  # single-scale whole-image; other inference adds a suffix (metric_name)

@@ -30,7 +30,7 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   evaluations) is closed by the trainer when the run ends or fails.
 - `visualize(model)`, when set, is called on the main rank after every evaluation with the same model (eval mode,
   no grad, the run's autocast) and returns {name: uint8 (3, H, W)}, pictures of a few fixed validation images
-  (rs_transfer/predict.py `visualizer`: the overlays, boxes or coloured depth `predict` draws), logged to
+  (rs_transfer/predictor.py `visualizer`: the overlays, boxes or coloured depth `predict` draws), logged to
   TensorBoard as predictions/<name> at the evaluation's step.
 - `train_set` is a map-style Dataset (indexable, with a length): the engine shards it over ranks, shuffles it per
   epoch and resumes mid-epoch by index. Random augmentations may use torch, numpy or `random`: the engine makes

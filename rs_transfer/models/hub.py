@@ -8,7 +8,7 @@ with `huggingface_hub.try_to_load_from_cache`, which never touches the network.
 
 from pathlib import Path
 
-from rs_transfer.models.weights import WeightsError
+from rs_transfer.errors import WeightsError
 
 PREFIX = "timm:"
 # What timm's hub loader tries for a timm/* repo (timm/models/_hub.py: the safetensors file first, then the pickle).

@@ -25,7 +25,7 @@ from timm.layers import DropPath
 
 from rs_transfer.errors import UserError
 from rs_transfer.models.resnet_rs import init_conv_official, stochastic_depth_rates
-from rs_transfer.models.weights import WeightsError
+from rs_transfer.errors import WeightsError
 from rs_transfer.models.zoo import STAGE_WIDTHS, ModelSpec, parse_name
 
 log = logging.getLogger(__name__)

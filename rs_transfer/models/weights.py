@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rs_transfer.errors import UserError, one_line
-from rs_transfer.files import checkpoint_format, zip_damage
+from rs_transfer.errors import UserError, WeightsError, one_line  # WeightsError: imported from here by older code
+from rs_transfer.files import check_file, zip_damage
+from rs_transfer.models import hub
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,6 @@ TASK_WRAPPER_PREFIX = "net."
 # timm's train.py stores its parsed command line (`args`, an argparse.Namespace) in every checkpoint; timm's own
 # loader allows this one plain data class under weights_only=True, and so do we. Nothing else is allowed.
 SAFE_GLOBALS = [argparse.Namespace]
-
-
-class WeightsError(UserError):
-    pass
-
-
-def check_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> str:
-    """The format of weights file `path` ("zip" or "pickle": torch.save; "safetensors"), from its first bytes.
-
-    Raises `error` (one line naming the file) when it is missing, unreadable, or neither format (a text file would
-    otherwise fail inside torch.load as "KeyError: 101")."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    try:
-        kind = checkpoint_format(path)
-    except OSError as problem:
-        raise error(f"cannot read {what} {path}: {problem.strerror or problem}") from None
-    if kind is None:
-        raise error(f"cannot read {what} {path}: not a PyTorch checkpoint (torch.save: .pt, .pth, .bin) nor a "
-                    "safetensors file")
-    return kind
 
 
 def read_file(path: str | Path, what: str = "weights file", error: type[UserError] = WeightsError) -> dict:
@@ -106,8 +85,6 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict:
     Raises WeightsError (one line naming the file or the name) when the file is missing, unreadable, would need
     code to run, or holds something other than tensors (see `read_file`), or a name is not in the cache.
     """
-    from rs_transfer.models import hub  # hub imports this module (WeightsError)
-
     path = hub.resolve(path)
     checkpoint = read_file(path)
     order = EMA_KEYS + PLAIN_KEYS if prefer_ema else PLAIN_KEYS + EMA_KEYS

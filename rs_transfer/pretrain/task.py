@@ -16,7 +16,7 @@ from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.config import PretrainConfig
-from rs_transfer.predict import Predictor, read_image, write_top5
+from rs_transfer.predictor import Predictor, read_image, write_top5
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def class_names(config: PretrainConfig) -> tuple:
     return tuple(names), f"the class folders of {train}"
 
 
-# predict: top-5 classes with their probabilities per image (rs_transfer/predict.py)
+# predict: top-5 classes with their probabilities per image (rs_transfer/predictor.py)
 PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5, class_names=class_names)
 
 

@@ -21,7 +21,7 @@ from rs_transfer.engine.write_once import write_once
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.models.resnet3d_rs import ResNet3d, create_model_3d
 from rs_transfer.models.weights import load_weights
-from rs_transfer.predict import Predictor, write_top5
+from rs_transfer.predictor import Predictor, write_top5
 from rs_transfer.video import data, sampling, synthetic
 from rs_transfer.video.config import VideoConfig, VideoDataConfig
 
@@ -256,7 +256,7 @@ def class_names(config: VideoConfig) -> tuple:
     return tuple(str(name) for name in names), where
 
 
-# predict: videos in, top-5 classes with their view-averaged probabilities out (rs_transfer/predict.py)
+# predict: videos in, top-5 classes with their view-averaged probabilities out (rs_transfer/predictor.py)
 PREDICTOR = Predictor(read=read_video, predict=predict, write=write_top5, class_names=class_names,
                       suffixes=data.VIDEO_SUFFIXES)
 
