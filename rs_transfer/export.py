@@ -181,12 +181,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, res
     What is exported: classification (pretrain, cifar100, folder_cls, video) and dense tasks (pascal_seg, ade_seg, nyu_depth):
     the whole task model at evaluation, uint8 images (N, 3, R, R) (video: clips (N, 3, T, R, R)) -> logits (N,
     classes), segmentation logits (N, classes, R, R) or depth in metres (N, R, R), normalisation included;
-    detection (pascal_det, coco_det: pascal_det's Detector): backbone + FPN only (DetectorFeatures). R: `resolution`,
+    detection (pascal_det, coco_det: detection.py's Detector): backbone + FPN only (DetectorFeatures). R: `resolution`,
     else the run's evaluation size. The batch dimension is dynamic (onnx, pt2). out: a file, or an existing folder
     (OUT/model.<ext>); default RUN_DIR/export/model.{onnx,ts,pt2}; checked before exporting.
     Raises RunError for an unusable run folder, ExportError as export_module does.
     """
-    from rs_transfer.downstream.pascal_det import Detector
+    from rs_transfer.downstream.detection import Detector
     from rs_transfer.runs import load_run
 
     if fmt not in FORMATS:

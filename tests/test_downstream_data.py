@@ -144,10 +144,12 @@ def test_voc_detection_xml_difficult_and_empty_images(tmp_path):
 
 def test_detection_transform_moves_boxes_with_the_image():
     # A white rectangle on black: after jitter, crop and flip, each box must still frame the white pixels.
+    from rs_transfer.downstream.detection import train_transform
+
     torch.manual_seed(0)
     image = torch.zeros(3, 60, 80, dtype=torch.uint8)
     image[:, 10:30, 20:60] = 255
-    transform = pascal_det.train_transform(48, (0.5, 2.0))
+    transform = train_transform(48, (0.5, 2.0))
     for _ in range(10):
         sample = {"image": tv_tensors.Image(image), "labels": torch.tensor([3]), "difficult": torch.tensor([False]),
                   "boxes": tv_tensors.BoundingBoxes([[20, 10, 60, 30]], format="XYXY", canvas_size=(60, 80))}

@@ -293,7 +293,7 @@ def found_boxes(calls: list, score_of=None):
 
 
 def tiny_detector(**tta):
-    from rs_transfer.downstream.pascal_det import Detector
+    from rs_transfer.downstream.detection import Detector
 
     torch.manual_seed(0)
     return Detector("rs26-w0.25", 3, fpn_channels=16, fc_channels=32, train_size=64, eval_size=64, **tta).eval()

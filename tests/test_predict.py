@@ -104,7 +104,7 @@ def test_detection_boxes_are_the_evaluators_detections(runs, tmp_path):
 
 
 def test_predict_takes_the_evaluation_keys_so_detection_tta_is_the_models(runs, tmp_path, capsys):
-    from rs_transfer.downstream.pascal_det import detect_with_tta
+    from rs_transfer.downstream.detection import detect_with_tta
 
     run_dir = runs("pascal_det")
     image = sorted((run_dir.parent / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("test*.jpg"))[-1]

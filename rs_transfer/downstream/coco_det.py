@@ -22,41 +22,42 @@ areas: one row per annotation, `starts` marking each image's rows), not kept as 
 
 Evaluation: detections of every rank gathered, then pycocotools' COCOeval against the val JSON's boxes (as read
 above: original image and category ids), metrics `map` (AP@[.5:.95]), `ap50`, `ap75` and `ap/<category id>:<name>`;
-with test-time augmentation (task.tta, pascal_det's `detect_with_tta`) each name carries it: `map_flip`, `ap_flip/...`.
+with test-time augmentation (task.tta, detection.py's `detect_with_tta`) each name carries it: `map_flip`,
+`ap_flip/...`. The model is detection.py's `Detector`, imported by the builders: importing this module imports no
+torch, and `check_data` checks that the two JSON files and image folders exist before it is loaded.
 """
+
+from __future__ import annotations
 
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from rs_transfer.config import ConfigError, data_root
 from rs_transfer.data.text import ENCODING
 from rs_transfer.downstream.config import FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import read_image
-from rs_transfer.downstream.metrics import coco_box_ap
-from rs_transfer.downstream.pascal_det import (Detector, DetectorSection, det_collate, detector, draw_detections,
-                                               train_transform)
+from rs_transfer.downstream.pascal_det import DetectorSection, draw_detections
 from rs_transfer.downstream.pascal_det import predict as predict_boxes
 from rs_transfer.downstream.pascal_det import write_detections as write_boxes
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
-from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.distributed import all_gather_list
-from rs_transfer.engine.loader import eval_batches
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, visualizer
 from rs_transfer.predictor import read_image as read_image_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from rs_transfer.downstream.detection import Detector
+    from rs_transfer.engine.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,22 @@ class CocoSplit:
         return {"images": images, "categories": categories, "annotations": annotations}
 
 
+def require_json(path: Path) -> None:
+    """Raises DataError naming `path` when it is not a file (the JSON is not read)."""
+    if not path.is_file():
+        raise DataError(f"missing {path}: expected a COCO instances JSON (images, annotations, categories)")
+
+
+def require_image_dir(image_dir: Path, path: Path) -> None:
+    """Raises DataError naming `image_dir` when it is not a folder (the images that the JSON at `path` lists)."""
+    if not image_dir.is_dir():
+        raise DataError(f"missing image folder {image_dir}: expected the images that {path} lists")
+
+
 def read_json(path: Path) -> dict:
     """The COCO instances file at `path` (json.load: data only). Raises DataError naming it when it is missing, not
     JSON, or lacks the "images", "annotations" or "categories" list."""
-    if not path.is_file():
-        raise DataError(f"missing {path}: expected a COCO instances JSON (images, annotations, categories)")
+    require_json(path)
     try:
         with open(path, encoding=ENCODING) as file:
             data = json.load(file)
@@ -271,8 +283,7 @@ def _check_image_files(image_dir: Path, files: np.ndarray, image_ids: np.ndarray
     """Every listed image is there and its size (read from its header, no decoding) is the JSON's: a size that
     differs would misplace its boxes, and found at build it costs seconds, not a run stopped hours in. Raises
     DataError naming the first file (and, for a picture that its EXIF orientation turns, saying so)."""
-    if not image_dir.is_dir():
-        raise DataError(f"missing image folder {image_dir}: expected the images that {path} lists")
+    require_image_dir(image_dir, path)
     missing = [i for i, name in enumerate(files) if not (image_dir / name).is_file()]
     if missing:
         first = missing[0]
@@ -321,7 +332,9 @@ def load_split(json_path: Path, image_dir: Path, expected: tuple | None = None) 
                      crowd=crowd, annotation_ids=ids, areas=areas)
 
 
-class CocoDetection(Dataset):
+# No torch Dataset base, so that importing this module imports no torch: a map-style dataset is any object with
+# __getitem__ and __len__ (torch.utils.data's docs), which DataLoader, Subset and the engine accept.
+class CocoDetection:
     """{"image": uint8 3xHxW, "boxes": BoundingBoxes XYXY (non-crowd), "labels" (0..K-1), "id": the image id} after
     `transform`."""
 
@@ -333,6 +346,9 @@ class CocoDetection(Dataset):
         return len(self.split.image_ids)
 
     def __getitem__(self, index):
+        import torch
+        from torchvision import tv_tensors
+
         split = self.split
         path = split.image_dir / split.files[index]
         image = read_image(path)
@@ -353,6 +369,8 @@ class CocoDetection(Dataset):
 
 
 def _eval_collate(samples: list) -> dict:
+    import torch
+
     return {"images": [s["image"].as_subclass(torch.Tensor) for s in samples], "ids": [s["id"] for s in samples]}
 
 
@@ -363,6 +381,13 @@ def make_evaluator(val: CocoSplit, batch_size: int, num_workers: int = 0, tta: s
     {"map", "ap50", "ap75", "ap/<category id>:<name>"} as fractions; categories without a non-crowd box in `val`
     are not listed; each name carries the model's test-time augmentation `tta` (task.tta: "map_flip", "ap_flip/...").
     Raises DataError naming `val`'s JSON when it has no non-crowd box (here, before any training)."""
+    import torch
+
+    from rs_transfer.downstream.metrics import coco_box_ap
+    from rs_transfer.engine.device import model_device, to_device
+    from rs_transfer.engine.distributed import all_gather_list
+    from rs_transfer.engine.loader import eval_batches
+
     if not (~val.crowd).any():
         raise DataError(f"{val.json_path} has no box to evaluate on (none that is not iscrowd and has an area inside "
                         "its image): COCO AP would be undefined; give a val JSON with annotated objects")
@@ -409,6 +434,8 @@ def build_model(config) -> Detector:
     """pascal_det's Faster R-CNN with one class per task.category_ids (eval mode: detections per image, labels 1..K,
     see make_evaluator), no data read. Raises ConfigError when task.category_ids is unset (build fills it in from
     the data) or model.num_classes disagrees, WeightsError for model.weights that do not fit."""
+    from rs_transfer.downstream.detection import detector
+
     category_ids = config.task.category_ids
     if category_ids is None:
         raise ConfigError("task.category_ids is not set: coco_det takes its categories from the train JSON when it "
@@ -423,6 +450,9 @@ def build(config) -> Task:
     box AP (`map`). Fills task.category_ids, task.class_names and model.num_classes from the train JSON.
     Raises ConfigError for an unset data.root or classes set in the config that the data contradicts, DataError
     for a malformed JSON or a missing file (naming it)."""
+    from rs_transfer.downstream.detection import det_collate, train_transform
+    from rs_transfer.engine.task import Task
+
     task_cfg = config.task
     root = data_root(config.data.root, LAYOUT)
     train = load_split(root / task_cfg.train_json, root / task_cfg.train_images)
@@ -436,9 +466,24 @@ def build(config) -> Task:
                 visualize=visualizer(CocoDetection(val), PREDICTOR, config))
 
 
+def check_data(config) -> None:
+    """The files `build` reads, without torch and without reading a JSON: task.train_json, task.train_images,
+    task.val_json and task.val_images under data.root (parsing the JSON and checking every image it lists is
+    `build`'s: seconds for COCO train). Raises ConfigError for an unset data.root, DataError naming the first
+    missing file or folder (as `build` does)."""
+    task_cfg = config.task
+    root = data_root(config.data.root, LAYOUT)
+    for json_path, image_dir in ((task_cfg.train_json, task_cfg.train_images),
+                                 (task_cfg.val_json, task_cfg.val_images)):
+        require_json(root / json_path)
+        require_image_dir(root / image_dir, root / json_path)
+
+
 def predict(model, config, image: torch.Tensor) -> dict:
     """uint8 (3, H, W) -> pascal_det's detections of the image ("boxes" (K, 4) x1 y1 x2 y2 in the image's pixels,
     "labels" (K,) 1..K, "scores" (K,)) plus "category_ids" (K,), the JSON's ids of the labels, on the CPU."""
+    import torch
+
     detections = predict_boxes(model, config, image)
     detections["category_ids"] = torch.tensor(config.task.category_ids, dtype=torch.int64)[detections["labels"] - 1]
     return detections
@@ -517,5 +562,5 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detecti
 
 TASK = TransferTask(
     name="coco_det", config=CocoDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR, paper={},
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data, paper={},
 )

@@ -6,48 +6,41 @@ test on task.det_test_set (2007 test). XML boxes are 1-based inclusive pixels; t
 (xmin - 1, ymin - 1, xmax, ymax). `difficult` boxes are left out of training (as mmdetection does) and ignored
 by the AP (as the devkit does); images without objects are kept (empty targets train the RPN's background).
 
-Model: RPN with one anchor size per level (task.anchor_sizes, 3 aspect ratios) on P3-P7, MultiScaleRoIAlign
-over P3-P7 (7x7), the "4conv1fc" box head (torchvision's FastRCNNConvFCHead: 4 x conv 3x3 + BN + ReLU, FC).
+Model (detection.py's `Detector`, shared with coco_det; the builders import it, so importing this module imports no
+torch): RPN with one anchor size per level (task.anchor_sizes, 3 aspect ratios) on P3-P7, MultiScaleRoIAlign over
+P3-P7 (7x7), the "4conv1fc" box head (torchvision's FastRCNNConvFCHead: 4 x conv 3x3 + BN + ReLU, FC).
 Training images are the scale-jittered crops (no further resize); test images are resized so the longer side
 is task.det_eval_size, and boxes come back in original pixels. Test-time augmentation (task.tta: flip, multi-scale
-flip) follows detectron2's GeneralizedRCNNWithTTA (`detect_with_tta`); its metrics are named for it (`ap50_flip`).
+flip) follows detectron2's GeneralizedRCNNWithTTA (`detection.detect_with_tta`); its metrics are named for it
+(`ap50_flip`). `check_data` checks the layout's folders and split files without torch.
 """
+
+from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign, batched_nms
-from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import horizontal_flip_bounding_boxes
 
 from rs_transfer.config import (MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, above, at_least, at_most, checked,
                                 one_of)
-from rs_transfer.downstream.config import CropSection, FinetuneConfig, arch_args, check_num_classes
+from rs_transfer.downstream.config import CropSection, FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import find_dir, read_image, read_split, require
-from rs_transfer.downstream.transforms import ScaleJitter
-from rs_transfer.downstream.fpn import LEVELS, BackboneFPN
-from rs_transfer.downstream.metrics import voc07_map
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TTA_MODES, TransferTask, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
-from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.distributed import all_gather_list
-from rs_transfer.engine.loader import eval_batches
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from rs_transfer.predictor import Predictor, output_path, save_rgb, visualizer
 from rs_transfer.predictor import read_image as read_image_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from rs_transfer.downstream.detection import Detector
+    from rs_transfer.engine.task import Task
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -125,24 +118,41 @@ def voc_year_dir(root, year: str) -> Path:
     return find_dir(root, (f"VOCdevkit/VOC{year}", f"VOC{year}"), f"Pascal VOC {year} (a VOC{year} folder)")
 
 
+def image_set(root, item) -> tuple:
+    """(year, its VOC<year> folder, the ids of its ImageSets/Main/<split>.txt) of one "year:split" item. Raises
+    ConfigError for an unset data.root, DataError for a malformed item or a missing folder or split file."""
+    year, sep, split = str(item).partition(":")
+    if not sep:
+        raise DataError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
+    voc = voc_year_dir(root, year)
+    ids = read_split(voc / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year}/ImageSets/Main/{split}.txt (one id per line)")
+    return year, voc, ids
+
+
 def image_sets(root, sets) -> list:
     """[(image path, annotation path, id)] for "year:split" items."""
     items = []
     for item in sets:
-        year, sep, split = str(item).partition(":")
-        if not sep:
-            raise DataError(f"bad image set {item!r}: expected YEAR:SPLIT, e.g. 2007:trainval")
-        voc = voc_year_dir(root, year)
-        ids = read_split(voc / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year}/ImageSets/Main/{split}.txt (one id per line)")
+        year, voc, ids = image_set(root, item)
         items += [(voc / "JPEGImages" / f"{i}.jpg", voc / "Annotations" / f"{i}.xml", f"{year}/{i}") for i in ids]
     return items
 
 
-def _labels_and_difficult(sample):
-    return sample["labels"], sample["difficult"]
+def check_data(config) -> None:
+    """The VOC layout `build` reads, without torch and without opening an image or an annotation: for each set of
+    task.det_train_sets and task.det_test_set, its VOC<year> folder, its ImageSets/Main/<split>.txt (the ids read)
+    and the Annotations/ and JPEGImages/ folders beside them. Raises ConfigError for an unset data.root, DataError
+    naming the first missing folder or file (as `build` does)."""
+    task_cfg = config.task
+    for item in [*task_cfg.det_train_sets, task_cfg.det_test_set]:
+        year, voc, _ = image_set(config.data.root, item)
+        require(voc / "Annotations", f"VOC{year}/Annotations/ (<id>.xml for every id of the image sets)")
+        require(voc / "JPEGImages", f"VOC{year}/JPEGImages/ (<id>.jpg for every id of the image sets)")
 
 
-class VOCDetection(Dataset):
+# No torch Dataset base, so that importing this module imports no torch: a map-style dataset is any object with
+# __getitem__ and __len__ (torch.utils.data's docs), which DataLoader, Subset and the engine accept.
+class VOCDetection:
     """{"image": uint8 3xHxW, "boxes": BoundingBoxes, "labels", "difficult", "id"} after `transform`."""
 
     def __init__(self, items: list, transform=None, keep_difficult: bool = True):
@@ -154,6 +164,9 @@ class VOCDetection(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
+        import torch
+        from torchvision import tv_tensors
+
         image_path, xml_path, image_id = self.items[index]
         image = read_image(image_path)
         boxes, labels, difficult = parse_annotation(xml_path)
@@ -169,115 +182,19 @@ class VOCDetection(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-def train_transform(crop_size: int, scale_range, labels_getter=_labels_and_difficult) -> v2.Compose:
-    """Scale jitter, random crop, flip; then the boxes cropped away or to < 1 px are dropped with the entries
-    `labels_getter` names (VOC: labels and difficult; "default": the sample's "labels")."""
-    return v2.Compose([
-        ScaleJitter((crop_size, crop_size), scale_range=tuple(scale_range)),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill=0),
-        v2.RandomHorizontalFlip(),
-        v2.SanitizeBoundingBoxes(labels_getter=labels_getter),
-    ])
-
-
-def det_collate(samples: list) -> dict:
-    return {
-        "images": [s["image"].as_subclass(torch.Tensor) for s in samples],
-        "targets": [{"boxes": s["boxes"].as_subclass(torch.Tensor), "labels": s["labels"] + 1} for s in samples],
-        "ids": [s["id"] for s in samples],
-    }
-
-
-class Detector(nn.Module):
-    """batch {"images", "targets"} -> {"loss", RPN and box losses} in train mode; torchvision's detections
-    (boxes in original pixels, labels 1..20, scores) in eval mode, merged over the views of `tta` unless it is
-    "none" (`detect_with_tta`)."""
-
-    def __init__(self, backbone: str, num_classes: int = 20, weights=None, fpn_channels=256, fc_channels=1024,
-                 anchor_sizes=(32, 64, 128, 256, 512), train_size=896, eval_size=896, score_thresh=0.001,
-                 detections_per_img=100, rois_per_image=512, tta="none", tta_scales=TTA_SCALES, **arch):
-        super().__init__()
-        if len(anchor_sizes) != len(LEVELS):
-            raise DataError(f"task.anchor_sizes needs one size per level {LEVELS}, got {list(anchor_sizes)}")
-        body = BackboneFPN(backbone, weights=weights, channels=fpn_channels, **arch)
-        anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
-        box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d)
-        self.train_size, self.eval_size = train_size, eval_size
-        self.tta, self.tta_scales = tta, tuple(tta_scales)
-        self.detector = FasterRCNN(
-            body, num_classes=None, rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2),
-            box_head=box_head, box_predictor=FastRCNNPredictor(fc_channels, num_classes + 1),
-            min_size=train_size, max_size=train_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-            box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
-            box_batch_size_per_image=rois_per_image,
-        )
-
-    def forward(self, batch: dict):
-        images = [image.float() / 255 for image in batch["images"]]
-        if not self.training:
-            if self.tta == "none":
-                return self.detect(images, self.eval_size)
-            return detect_with_tta(self, images)
-        self._resize_to(self.train_size)
-        losses = self.detector(images, batch["targets"])
-        return {"loss": sum(losses.values()), **losses}
-
-    def _resize_to(self, size: int) -> None:
-        # min_size = max_size: torchvision's transform scales the longer side to `size`
-        self.detector.transform.min_size, self.detector.transform.max_size = (size,), size
-
-    def detect(self, images: list, size: int) -> list:
-        """Detections of float (3, H, W) images in [0, 1] resized to longer side `size`, boxes in their pixels."""
-        self._resize_to(size)
-        return self.detector(images)
-
-
-def tta_views(tta: str, scales) -> list:
-    """[(scale, flipped)] in detectron2's DatasetMapperTTA order: each scale alone, then mirrored. "flip" is the one
-    scale 1.0 (task.det_eval_size) with and without the mirror; "ms_flip" every scale of `scales`."""
-    return [(scale, flipped) for scale in ((1.0,) if tta == "flip" else scales) for flipped in (False, True)]
-
-
-def merge_detections(parts: list, nms_thresh: float, max_per_image: int) -> dict:
-    """One image's detections from several test augmentations ([{"boxes" (K, 4) in the image's pixels, "labels",
-    "scores"}]) merged as detectron2's GeneralizedRCNNWithTTA._merge_detections does: concatenated, per-class NMS at
-    `nms_thresh` (the detector's own test NMS), the `max_per_image` highest scores kept, highest first."""
-    boxes = torch.cat([part["boxes"] for part in parts])
-    scores = torch.cat([part["scores"] for part in parts])
-    labels = torch.cat([part["labels"] for part in parts])
-    keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)[:max_per_image]
-    return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
-
-
-def detect_with_tta(model: Detector, images: list) -> list:
-    """model.tta's detections of float (3, H, W) images in [0, 1], one dict per image as torchvision's ("boxes"
-    (K, 4) x1 y1 x2 y2 in the image's pixels, "labels", "scores"), K <= the detector's detections per image.
-
-    Source: detectron2 modeling/test_time_augmentation.py (GeneralizedRCNNWithTTA with DatasetMapperTTA): the
-    detector runs on every augmented input (`tta_views`: each scale = a test size of scale x
-    task.det_eval_size, as detectron2 scales its min size; each with and without the horizontal flip), its boxes
-    are mapped back to the original image (torchvision undoes the resize; the flip is undone here), and the union is
-    merged by `merge_detections` at the detector's test NMS threshold (0.5) keeping task.det_max_per_image."""
-    found = [[] for _ in images]
-    for scale, flipped in tta_views(model.tta, model.tta_scales):
-        inputs = [image.flip(-1) for image in images] if flipped else images
-        outputs = model.detect(inputs, max(1, round(model.eval_size * scale)))
-        for parts, image, out in zip(found, images, outputs):
-            if flipped:
-                out = {**out, "boxes": horizontal_flip_bounding_boxes(
-                    out["boxes"], tv_tensors.BoundingBoxFormat.XYXY, tuple(image.shape[-2:]))}
-            parts.append(out)
-    heads = model.detector.roi_heads
-    return [merge_detections(parts, heads.nms_thresh, heads.detections_per_img) for parts in found]
-
-
 def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0, tta: str = "none"):
     """VOC07 11-point AP50 of `model(batch)` (eval mode: torchvision detections, one dict per image with "boxes"
     (K, 4) x1 y1 x2 y2 in input pixels, "labels" (K,) 1-based, "scores" (K,)) over `test_set`, each rank a contiguous
     part, detections gathered to every rank: {"ap50", "ap50/<class>"} as fractions (difficult objects ignored,
     as in the VOC devkit), named for the model's test-time augmentation `tta` (task.tta: "ap50_flip", ...)."""
-    def evaluate(model: nn.Module) -> dict:
+    import torch
+
+    from rs_transfer.downstream.metrics import voc07_map
+    from rs_transfer.engine.device import model_device, to_device
+    from rs_transfer.engine.distributed import all_gather_list
+    from rs_transfer.engine.loader import eval_batches
+
+    def evaluate(model) -> dict:
         device = model_device(model)
         detections, truth = [], {}
         with torch.no_grad():
@@ -300,6 +217,8 @@ def make_evaluator(test_set: VOCDetection, batch_size: int, num_workers: int = 0
 
 
 def _eval_collate(samples: list) -> dict:
+    import torch
+
     return {
         "images": [s["image"].as_subclass(torch.Tensor) for s in samples],
         "ids": [s["id"] for s in samples],
@@ -310,26 +229,19 @@ def _eval_collate(samples: list) -> dict:
 def build_model(config) -> Detector:
     """The Faster R-CNN of task.* and model.* (eval mode: detections per image, see make_evaluator), no data read.
     Raises ConfigError for model.num_classes other than 20, WeightsError for model.weights that do not fit."""
+    from rs_transfer.downstream.detection import detector
+
     check_num_classes(config, len(CLASSES))
     return detector(config, len(CLASSES))
-
-
-def detector(config, num_classes: int) -> Detector:
-    """The Faster R-CNN of task.* (a DetectorSection) and model.* with `num_classes` classes (labels 1..num_classes,
-    0 = background), no data read. Raises WeightsError for model.weights that do not fit."""
-    task_cfg = config.task
-    return Detector(config.model.name, num_classes, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
-                    fc_channels=task_cfg.det_fc_channels, anchor_sizes=tuple(task_cfg.anchor_sizes),
-                    train_size=task_cfg.crop_size, eval_size=task_cfg.det_eval_size,
-                    score_thresh=task_cfg.det_score_thresh, detections_per_img=task_cfg.det_max_per_image,
-                    rois_per_image=task_cfg.det_rois_per_image, tta=task_cfg.tta, tta_scales=task_cfg.tta_scales,
-                    **arch_args(config))
 
 
 def predict(model, config, image: torch.Tensor) -> dict:
     """uint8 (3, H, W) -> the evaluator's detections of the image: {"boxes" (K, 4) x1 y1 x2 y2 in the image's
     pixels, "labels" (K,) 1..20, "scores" (K,)}, on the CPU. The detector resizes (longer side
-    task.det_eval_size; with task.tta its augmentations, `detect_with_tta`) and maps the boxes back itself."""
+    task.det_eval_size; with task.tta its augmentations, `detection.detect_with_tta`) and maps the boxes back
+    itself."""
+    from rs_transfer.engine.device import model_device
+
     detections = model({"images": [image.to(model_device(model))]})[0]
     return {key: value.float().cpu() if value.is_floating_point() else value.cpu() for key, value in detections.items()}
 
@@ -364,6 +276,9 @@ def build(config) -> Task:
     R-CNN on our FPN P3-P7 (eval mode: detections per image, see make_evaluator), VOC07 11-point AP50.
     Raises DataError for a missing or malformed VOC layout or annotation (naming the file), ConfigError for
     model.num_classes other than 20."""
+    from rs_transfer.downstream.detection import det_collate, train_transform
+    from rs_transfer.engine.task import Task
+
     task_cfg = config.task
     check_num_classes(config, len(CLASSES))
     train_set = VOCDetection(image_sets(config.data.root, task_cfg.det_train_sets),
@@ -422,7 +337,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detecti
 
 TASK = TransferTask(
     name="pascal_det", config=PascalDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 80.0, ("R152", "SimCLR", 800): 83.3, ("R152", "SimCLRv2", 800): 79.1,
            ("R152", "RS", 400): 82.2, ("R152 2x", "supervised", 90): 81.1, ("R152 2x", "SimCLR", 800): 85.3,
