@@ -216,6 +216,38 @@ def test_classes_come_from_the_train_json_and_a_config_that_disagrees_is_a_confi
         coco_det.build_model(finetune.make_config("coco_det"))
 
 
+# (what is removed or set, the error's type, what the error names)
+MISSING = [
+    ("data.root", ConfigError, r"data.root is not set"),
+    ("annotations/instances_train2017.json", DataError, r"missing .*instances_train2017.json: expected a COCO"),
+    ("train2017", DataError, r"missing image folder .*train2017: expected the images that .*instances_train2017.json"),
+    ("annotations/instances_val2017.json", DataError, r"missing .*instances_val2017.json: expected a COCO"),
+    ("val2017", DataError, r"missing image folder .*val2017: expected the images that .*instances_val2017.json"),
+    ("task.val_json=labels/val.json", DataError, r"missing .*labels/val.json: expected a COCO instances JSON"),
+]
+
+
+@pytest.mark.parametrize("piece, error, message", MISSING, ids=[piece for piece, _, _ in MISSING])
+def test_check_data_names_each_missing_file_or_folder_without_reading_the_json(tmp_path, piece, error, message):
+    for folder in ("annotations", "train2017", "val2017"):
+        (tmp_path / folder).mkdir()
+    for split in ("train2017", "val2017"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text("not JSON: reading it is build's job")
+    config = coco_det.TASK.config()
+    config.data.root = str(tmp_path)
+    coco_det.TASK.check_data(config)  # the whole layout passes, its JSON unread
+    if piece == "data.root":
+        config.data.root = None
+    elif piece.startswith("task."):
+        config.task.val_json = piece.partition("=")[2]
+    elif piece.endswith(".json"):
+        (tmp_path / piece).unlink()
+    else:
+        (tmp_path / piece).rmdir()
+    with pytest.raises(error, match=message):
+        coco_det.TASK.check_data(config)
+
+
 def test_cli_names_the_json_in_one_error_line_with_exit_code_2(tmp_path, capsys):
     path = write_coco(tmp_path, annotations=[box(17, image_id=99)])
     assert main(["finetune", "--task", "coco_det", f"data.root={tmp_path}"]) == 2
