@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
 BTS_DIRS = {"train": "sync", "val": "official_splits/test"}
+BTS_LIST = "the BTS file list (lines 'RGB DEPTH FOCAL')"
+NYU_LAYOUT = "nyudepthv2/ (or the BTS lists)"  # what data.root holds, for its error
 FILLS = {"image": 0, "depth": 0.0}
 # The paper's depth grid is 10k-40k steps; the crop is 640 (scale jitter [0.5, 2.0]).
 PROTOCOL = Protocol("delta1", (10000, 20000, 40000), 64, 640, "NYU depth <1.25 %")
@@ -119,9 +121,14 @@ def detect_format(root) -> str:
     return "h5"
 
 
-def h5_files(root, split: str) -> list:
+def h5_dir(root, split: str) -> Path:
+    """nyudepthv2/<split> (the sparse-to-dense release); DataError naming what is missing, files not listed."""
     base = find_dir(root, ("nyudepthv2", "."), "NYU Depth v2 (a nyudepthv2 folder with train/ and val/)")
-    folder = require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
+    return require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
+
+
+def h5_files(root, split: str) -> list:
+    folder = h5_dir(root, split)
     files = sorted(folder.rglob("*.h5"))
     if not files:
         raise DataError(f"no .h5 files under {folder}: expected {split}/<scene>/<n>.h5")
@@ -133,7 +140,7 @@ def bts_items(root, split: str) -> list:
     listing = root / BTS_LISTS[split]
     base = root / BTS_DIRS[split]
     items = []
-    for number, line in enumerate(read_text_lines(listing, "the BTS file list (lines 'RGB DEPTH FOCAL')"), 1):
+    for number, line in enumerate(read_text_lines(listing, BTS_LIST), 1):
         parts = line.split()
         if not parts:
             continue
@@ -173,7 +180,7 @@ class NYUDepth:
     which DataLoader, Subset and the engine accept, and the base would import torch with this module."""
 
     def __init__(self, root, split: str, fmt: str = "auto", transform=None):
-        data_root(root, "nyudepthv2/ (or the BTS lists)")
+        data_root(root, NYU_LAYOUT)
         self.format = detect_format(root) if fmt == "auto" else fmt
         if self.format not in ("h5", "bts"):
             raise DataError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")
@@ -195,6 +202,22 @@ class NYUDepth:
                 raise DataError(f"depth {depth_path} is {tuple(depth.shape)}, image {tuple(image.shape[-2:])}")
         sample = {"image": image, "depth": tv_tensors.Mask(depth)}
         return self.transform(sample) if self.transform else sample
+
+
+def check_data(config) -> None:
+    """The layout `build` reads (task.nyu_format; auto: `detect_format`), checked without torch and without listing
+    or opening a file: h5: nyudepthv2/train/ and val/ (`h5_dir`); bts: both file lists and the folders they are
+    relative to (sync/, official_splits/test/). Raises ConfigError when data.root is unset, DataError naming the
+    first missing folder or list (`build` names the same, but for a missing BTS folder, which it reports as the
+    first listed file missing)."""
+    root = data_root(config.data.root, NYU_LAYOUT)
+    fmt = detect_format(root) if config.task.nyu_format == "auto" else config.task.nyu_format
+    for split in ("train", "val"):
+        if fmt == "h5":
+            h5_dir(root, split)
+        else:
+            require(root / BTS_LISTS[split], BTS_LIST)
+            require(root / BTS_DIRS[split], f"the folder the paths of {BTS_LISTS[split]} are relative to")
 
 
 def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: bool, sizes: list) -> torch.Tensor:
@@ -383,7 +406,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
 
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,

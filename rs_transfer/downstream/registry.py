@@ -74,6 +74,7 @@ class TransferTask:
     # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
     build_model: Optional[Callable] = None
     predictor: "object" = None  # rs_transfer.predictor.Predictor: `rs-transfer predict`; None: the task has none
+    check_data: Optional[Callable] = None  # check_data(config) -> None, torch-free
 
     @property
     def metric(self) -> str:
