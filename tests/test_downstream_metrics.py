@@ -186,13 +186,14 @@ def test_dense_metrics_do_not_depend_on_the_evaluation_batch(task):
     # A padded batch let the network see other images' padding: mIoU moved with task.eval_batch_size (and with the
     # number of processes). Each size is now its own batch: batch 4 gives batch 1's numbers exactly.
     from rs_transfer.downstream import nyu_depth, segmentation
+    from rs_transfer.downstream.fpn import DepthModel, SegmentationModel
 
     torch.manual_seed(0)
     if task == "segmentation":
-        model = segmentation.SegmentationModel("rs26-w0.25", 3, fpn_channels=16, head_channels=16).eval()
+        model = SegmentationModel("rs26-w0.25", 3, fpn_channels=16, head_channels=16).eval()
         results = [segmentation.make_evaluator(MixedSizes("mask"), 3, batch)(model) for batch in (1, 4)]
     else:
-        model = nyu_depth.DepthModel("rs26-w0.25", fpn_channels=16, head_channels=16).eval()
+        model = DepthModel("rs26-w0.25", fpn_channels=16, head_channels=16).eval()
         section = nyu_depth.NYUDepthSection(eigen_crop=False)
         results = []
         for batch in (1, 4):

@@ -57,12 +57,19 @@ class AdeSegConfig(FinetuneConfig):
     task: AdeSegSection = field(default_factory=AdeSegSection)
 
 
-def ade_items(root, split: str) -> list:
-    """[(image path, (label path, loader))] for an ADE split: "train", "val" or a folder name under images/."""
+def split_dirs(root, split: str) -> tuple:
+    """(images folder, annotations folder) of an ADE split: "train", "val" or a folder name under images/.
+    Raises ConfigError when data.root is unset, DataError naming the missing folder; lists no file."""
     ade = find_dir(root, ("ADEChallengeData2016", "."), "ADE20K (an ADEChallengeData2016 folder)")
     folder = {"train": "training", "val": "validation"}.get(split, split)
     images = require(ade / "images" / folder, f"ADEChallengeData2016/images/{folder}/*.jpg")
     annotations = require(ade / "annotations" / folder, f"ADEChallengeData2016/annotations/{folder}/*.png")
+    return images, annotations
+
+
+def ade_items(root, split: str) -> list:
+    """[(image path, (label path, loader))] for an ADE split: "train", "val" or a folder name under images/."""
+    images, annotations = split_dirs(root, split)
     paths = sorted(images.glob("*.jpg"))
     if not paths:
         raise DataError(f"no .jpg images in {images}")
@@ -71,6 +78,14 @@ def ade_items(root, split: str) -> list:
 
 # 0 ("other") -> 255 ignore, 1..150 -> 0..149 (ADE has no 255; one would stay ignored, as in mmsegmentation)
 read_ade_label = read_label_png_reduced
+
+
+def check_data(config) -> None:
+    """The ADE20K layout `build` reads, checked without torch and without listing the images: the images/ and
+    annotations/ folders of task.train_split and task.val_split (`split_dirs`). Raises ConfigError when data.root is
+    unset, DataError naming the first missing folder (the messages `build` gives)."""
+    for split in (config.task.train_split, config.task.val_split):
+        split_dirs(config.data.root, split)
 
 
 def build_model(config):
@@ -119,7 +134,7 @@ PREDICTOR = segmentation.predictor(ADE_CLASSES, offset=1, source="the 150 ADE20K
 
 TASK = TransferTask(
     name="ade_seg", config=AdeSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 40.2, ("R152", "SimCLR", 800): 41.0, ("R152", "SimCLRv2", 800): 41.1,
            ("R152", "RS", 400): 42.2, ("R152 2x", "supervised", 90): 41.4, ("R152 2x", "SimCLR", 800): 45.2,

@@ -40,6 +40,7 @@ CLASSES_FILE = "classes.txt"
 MASK_SUFFIX = ".png"
 MASK_MODES = ("L", "P")
 SHOWN = 5  # file stems and class names an error or log line lists before "..."
+LAYOUT = "images/<split>/ and masks/<split>/ (folder_seg)"  # what data.root holds, for its errors
 
 # The VOC segmentation protocol (the paper's Table 5 column for segmentation); not a paper task, so no paper numbers.
 PROTOCOL = Protocol(METRIC, (5000, 10000, 20000), 64, 512, "own seg mIoU")
@@ -108,12 +109,16 @@ def mask_files(folder: Path) -> dict:
     return _by_stem(folder, [p for p in images if p.suffix.lower() == MASK_SUFFIX], "masks")
 
 
+def split_dirs(root: Path, split: str) -> tuple:
+    """(images/<split>, masks/<split>) of data.root `root`; DataError naming the first missing (`split_dir`)."""
+    return (split_dir(root, "images", split, "the split's images, NAME.<ext>"),
+            split_dir(root, "masks", split, "the split's masks, NAME.png"))
+
+
 def pair_split(root, split: str) -> list:
     """[(image path, mask path)] of a split, sorted by NAME. Raises DataError naming the folders for a missing
     folder, a split without images, or images without masks and masks without images (counts, first NAMEs)."""
-    root = data_root(root, "images/<split>/ and masks/<split>/ (folder_seg)")
-    images_dir = split_dir(root, "images", split, "the split's images, NAME.<ext>")
-    masks_dir = split_dir(root, "masks", split, "the split's masks, NAME.png")
+    images_dir, masks_dir = split_dirs(data_root(root, LAYOUT), split)
     images, masks = image_files(images_dir), mask_files(masks_dir)
     if not images:
         raise DataError(f"no images in {images_dir}: expected NAME.<ext> files Pillow reads (.jpg, .png, ...)")
@@ -299,6 +304,23 @@ def build_model(config):
     return segmentation.build_model(config, num_classes)
 
 
+def check_data(config) -> None:
+    """The folder_seg layout `build` reads, checked without torch and without listing or opening an image or a
+    mask: images/<split>/ and masks/<split>/ of task.train_split and task.val_split (`split_dirs`), classes.txt when
+    present, and the class settings that need no mask (`declared_classes`; when they give the number of classes,
+    the 8-bit range and model.num_classes). Raises ConfigError when data.root is unset or for class settings that
+    contradict each other, DataError naming the first missing folder or what is wrong with classes.txt (the
+    messages `build` gives)."""
+    root = data_root(config.data.root, LAYOUT)
+    for split in (config.task.train_split, config.task.val_split):
+        split_dirs(root, split)
+    _, declared, _ = declared_classes(config, root)
+    if declared is not None:
+        check_label_range(declared, mask_offset(config))
+        if config.model.num_classes is not None:  # compared only: check_data leaves the config as it is
+            check_num_classes(config, declared)
+
+
 def build(config):
     """The folder_seg Task: the pairs of images/<split>/ and masks/<split>/, classes from task.class_names,
     classes.txt, model.num_classes or the masks (written into config.task.class_names and config.model.num_classes),
@@ -306,7 +328,7 @@ def build(config):
     Raises DataError naming the file or folder for a layout or mask problem (module docstring), ConfigError for
     class settings that contradict each other or the data."""
     task_cfg = config.task
-    root = data_root(config.data.root, "images/<split>/ and masks/<split>/ (folder_seg)")
+    root = data_root(config.data.root, LAYOUT)
     train_pairs, val_pairs = pair_split(root, task_cfg.train_split), pair_split(root, task_cfg.val_split)
     shift = mask_offset(config)
     names, declared, source = declared_classes(config, root)
@@ -363,5 +385,5 @@ PREDICTOR = segmentation.predictor(lambda config: (configured_names(config), "ta
 
 TASK = TransferTask(
     name="folder_seg", config=FolderSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
 )

@@ -7,6 +7,10 @@
 `DenseHead`: the segmentation / depth head. The paper's "combined and upsampled to P2": we do not build a P2
 level (no C2 lateral); each of P3..P7 is bilinearly resized to stride 4 (the P2 grid) and the five are summed,
 then 3 x (conv 3x3 + BN + ReLU), a 1x1 conv to the outputs, and a bilinear upsample to the input size.
+
+`SegmentationModel` (pascal_seg, ade_seg, folder_seg) and `DepthModel` (nyu_depth): `DensePredictor` with the
+task's loss, the models the engine trains. They live here, not in their task modules, so that importing a task
+module imports no torch (its builders import this module when they run).
 """
 
 from collections import OrderedDict
@@ -17,6 +21,7 @@ from torch.nn import functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from rs_transfer.downstream.data import IGNORE
 from rs_transfer.models import create_model
 from rs_transfer.models.normalize import Normalize
 
@@ -72,3 +77,37 @@ class DensePredictor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(self.normalize(images)), tuple(images.shape[-2:]))
+
+
+class SegmentationModel(nn.Module):
+    """batch {"image", "mask"} -> {"loss"} in train mode; logits (N, classes, H, W) in eval mode."""
+
+    def __init__(self, backbone: str, num_classes: int, weights=None, fpn_channels=256, head_channels=256, **arch):
+        super().__init__()
+        self.net = DensePredictor(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
+                                  head_channels=head_channels, **arch)
+
+    def forward(self, batch: dict):
+        logits = self.net(batch["image"])
+        if not self.training:
+            return logits
+        return {"loss": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE)}
+
+
+class DepthModel(nn.Module):
+    """batch {"image", "depth"} -> {"loss"} in train mode; depth in metres (N, H, W) in eval mode."""
+
+    def __init__(self, backbone: str, weights=None, fpn_channels=256, head_channels=256, **arch):
+        super().__init__()
+        self.net = DensePredictor(backbone, 1, weights=weights, fpn_channels=fpn_channels, head_channels=head_channels, **arch)
+
+    def forward(self, batch: dict):
+        log_depth = self.net(batch["image"])[:, 0].float()
+        if not self.training:
+            return log_depth.exp()
+        # The mean absolute log error over the pixels with ground truth, without a host sync (a boolean index or
+        # `valid.any()` would wait for the GPU twice a step); no valid pixel gives 0 with every parameter still in
+        # the graph, as DDP needs.
+        valid = batch["depth"] > 0
+        errors = torch.where(valid, (log_depth - batch["depth"].clamp_min(1e-6).log()).abs(), 0.0)
+        return {"loss": errors.sum() / valid.sum().clamp_min(1)}

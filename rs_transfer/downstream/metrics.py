@@ -19,15 +19,22 @@
 A metric with nothing to measure (no labelled pixel, no ground-truth box, no valid depth pixel in the whole
 evaluation set) is undefined: it raises DataError instead of returning NaN, infinity or a zero that reads
 like a result.
+
+Importing this module imports no torch (nyu_depth's config section names DEPTH_AVERAGES before torch is loaded):
+the functions that need torch or torchmetrics import them.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torchmetrics.classification import MulticlassJaccardIndex
 
 from rs_transfer.downstream.data import IGNORE
-from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MeanIoU:
@@ -35,6 +42,8 @@ class MeanIoU:
     rank must call it)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE, device="cpu"):
+        from torchmetrics.classification import MulticlassJaccardIndex
+
         self.ignore_index = ignore_index
         # Per-class IoU, NaN for a class absent from both prediction and ground truth: the mean over the others is
         # torchmetrics' average="macro", from the same matrix.
@@ -76,6 +85,8 @@ def depth_sums(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, depth_
     (nonfinite_pixels, and its image in nonfinite_images) and then evaluated as BTS (pytorch/bts_eval.py `eval`) and
     AdaBins (evaluate.py) evaluate it: NaN as depth_min, +inf as depth_max (-inf as depth_min), so every error stays
     a finite number next to the count instead of a NaN RMSE or a silent delta1 miss."""
+    import torch
+
     images = pred.shape[0]
     valid = valid.reshape(images, -1)
     pred, gt = pred.reshape(images, -1).double(), gt.reshape(images, -1).double()
@@ -106,6 +117,8 @@ def depth_metrics(sums: torch.Tensor, valid: str = "valid ground-truth depth", a
     infinite). Summed per image and count over ranks, so the per-image mean is the one of the whole set.
 
     Raises DataError on every rank when no pixel was valid; `valid` says which pixels count, for the message."""
+    from rs_transfer.engine.distributed import all_reduce_sum
+
     totals = dict(zip(DEPTH_SUMS, all_reduce_sum(sums).tolist()))
     pixels, images = totals["pixels"], totals["images"]
     if pixels == 0:

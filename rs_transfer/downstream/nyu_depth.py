@@ -12,42 +12,47 @@ The network predicts log-depth; the loss is the L1 distance in log space over va
 quantity delta < 1.25 measures). Evaluation: full image, ground truth inside (depth_min, depth_max) and, with
 task.eigen_crop, inside the Eigen crop (rows 45:471, cols 41:601 of 480x640, scaled for other sizes); errors averaged
 per image then over images (task.depth_average=images, BTS/AdaBins) or over all pixels (pixels); metrics.depth_sums.
+
+Importing this module imports no torch (the layout and the config are checked before torch is loaded): each
+function imports what it needs; the model is fpn.DepthModel.
 """
+
+from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from rs_transfer.config import above, at_least, checked, data_root, one_of, ordered
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_args, check_num_classes
 from rs_transfer.downstream.data import find_dir, read_image, read_text_lines, require
-from rs_transfer.downstream.transforms import dense_train_transform, pad_collate
-from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
-from rs_transfer.downstream.fpn import DensePredictor
-from rs_transfer.downstream.metrics import DEPTH_AVERAGES, DEPTH_SUMS, depth_metrics, depth_sums
+from rs_transfer.downstream.metrics import DEPTH_AVERAGES
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask, section_suffix
 from rs_transfer.downstream.scenes import depth_scene
-from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.distributed import is_main
-from rs_transfer.engine.loader import eval_batches
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
 from rs_transfer.predictor import read_image as read_image_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rs_transfer.downstream.dense_inference import Inference
+    from rs_transfer.downstream.fpn import DepthModel
+    from rs_transfer.engine.task import Task
 
 log = logging.getLogger(__name__)
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of a 480 x 640 image
 BTS_LISTS = {"train": "nyudepthv2_train_files_with_gt.txt", "val": "nyudepthv2_test_files_with_gt.txt"}
 BTS_DIRS = {"train": "sync", "val": "official_splits/test"}
+BTS_LIST = "the BTS file list (lines 'RGB DEPTH FOCAL')"
+NYU_LAYOUT = "nyudepthv2/ (or the BTS lists)"  # what data.root holds, for its error
 FILLS = {"image": 0, "depth": 0.0}
 # The paper's depth grid is 10k-40k steps; the crop is 640 (scale jitter [0.5, 2.0]).
 PROTOCOL = Protocol("delta1", (10000, 20000, 40000), 64, 640, "NYU depth <1.25 %")
@@ -74,11 +79,15 @@ class NYUDepthConfig(FinetuneConfig):
 
 
 def depth_collate(samples: list) -> dict:
+    from rs_transfer.downstream.transforms import pad_collate
+
     return pad_collate(samples, FILLS)
 
 
 def read_h5(path: Path) -> tuple:
     import h5py
+    import torch
+    from torchvision import tv_tensors
 
     try:
         with h5py.File(path, "r") as f:
@@ -93,6 +102,8 @@ def read_h5(path: Path) -> tuple:
 
 
 def read_depth_png(path: Path) -> torch.Tensor:
+    import torch
+
     try:
         with Image.open(require(path, "a 16-bit depth PNG (millimetres)")) as image:
             array = np.array(image)
@@ -110,9 +121,14 @@ def detect_format(root) -> str:
     return "h5"
 
 
-def h5_files(root, split: str) -> list:
+def h5_dir(root, split: str) -> Path:
+    """nyudepthv2/<split> (the sparse-to-dense release); DataError naming what is missing, files not listed."""
     base = find_dir(root, ("nyudepthv2", "."), "NYU Depth v2 (a nyudepthv2 folder with train/ and val/)")
-    folder = require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
+    return require(base / split, f"nyudepthv2/{split}/<scene>/*.h5 (the sparse-to-dense release)")
+
+
+def h5_files(root, split: str) -> list:
+    folder = h5_dir(root, split)
     files = sorted(folder.rglob("*.h5"))
     if not files:
         raise DataError(f"no .h5 files under {folder}: expected {split}/<scene>/<n>.h5")
@@ -124,7 +140,7 @@ def bts_items(root, split: str) -> list:
     listing = root / BTS_LISTS[split]
     base = root / BTS_DIRS[split]
     items = []
-    for number, line in enumerate(read_text_lines(listing, "the BTS file list (lines 'RGB DEPTH FOCAL')"), 1):
+    for number, line in enumerate(read_text_lines(listing, BTS_LIST), 1):
         parts = line.split()
         if not parts:
             continue
@@ -157,11 +173,14 @@ def _present_pairs(items: list, listing: Path, split: str) -> list:
     return present
 
 
-class NYUDepth(Dataset):
-    """{"image": uint8 3xHxW, "depth": float32 HxW metres, 0 = no measurement} after `transform`."""
+class NYUDepth:
+    """{"image": uint8 3xHxW, "depth": float32 HxW metres, 0 = no measurement} after `transform`.
+
+    No torch `Dataset` base: a map-style dataset is any object with `__getitem__` and `__len__` (torch.utils.data),
+    which DataLoader, Subset and the engine accept, and the base would import torch with this module."""
 
     def __init__(self, root, split: str, fmt: str = "auto", transform=None):
-        data_root(root, "nyudepthv2/ (or the BTS lists)")
+        data_root(root, NYU_LAYOUT)
         self.format = detect_format(root) if fmt == "auto" else fmt
         if self.format not in ("h5", "bts"):
             raise DataError(f"task.nyu_format={fmt!r}: expected 'h5', 'bts' or 'auto'")
@@ -172,6 +191,8 @@ class NYUDepth(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
+        from torchvision import tv_tensors
+
         if self.format == "h5":
             image, depth = read_h5(self.items[index])
         else:
@@ -183,26 +204,25 @@ class NYUDepth(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-class DepthModel(nn.Module):
-    """batch {"image", "depth"} -> {"loss"} in train mode; depth in metres (N, H, W) in eval mode."""
-
-    def __init__(self, backbone: str, weights=None, fpn_channels=256, head_channels=256, **arch):
-        super().__init__()
-        self.net = DensePredictor(backbone, 1, weights=weights, fpn_channels=fpn_channels, head_channels=head_channels, **arch)
-
-    def forward(self, batch: dict):
-        log_depth = self.net(batch["image"])[:, 0].float()
-        if not self.training:
-            return log_depth.exp()
-        # The mean absolute log error over the pixels with ground truth, without a host sync (a boolean index or
-        # `valid.any()` would wait for the GPU twice a step); no valid pixel gives 0 with every parameter still in
-        # the graph, as DDP needs.
-        valid = batch["depth"] > 0
-        errors = torch.where(valid, (log_depth - batch["depth"].clamp_min(1e-6).log()).abs(), 0.0)
-        return {"loss": errors.sum() / valid.sum().clamp_min(1)}
+def check_data(config) -> None:
+    """The layout `build` reads (task.nyu_format; auto: `detect_format`), checked without torch and without listing
+    or opening a file: h5: nyudepthv2/train/ and val/ (`h5_dir`); bts: both file lists and the folders they are
+    relative to (sync/, official_splits/test/). Raises ConfigError when data.root is unset, DataError naming the
+    first missing folder or list (`build` names the same, but for a missing BTS folder, which it reports as the
+    first listed file missing)."""
+    root = data_root(config.data.root, NYU_LAYOUT)
+    fmt = detect_format(root) if config.task.nyu_format == "auto" else config.task.nyu_format
+    for split in ("train", "val"):
+        if fmt == "h5":
+            h5_dir(root, split)
+        else:
+            require(root / BTS_LISTS[split], BTS_LIST)
+            require(root / BTS_DIRS[split], f"the folder the paths of {BTS_LISTS[split]} are relative to")
 
 
 def eval_mask(gt: torch.Tensor, depth_min: float, depth_max: float, eigen_crop: bool, sizes: list) -> torch.Tensor:
+    import torch
+
     valid = (gt > depth_min) & (gt < depth_max)
     if eigen_crop:
         crop = torch.zeros_like(valid)
@@ -223,6 +243,14 @@ def make_evaluator(val_set, task_cfg, num_workers: int = 0):
     optionally the Eigen crop. Predicted as task_cfg.eval_mode / tta say (depth_outputs); the names but the counts
     "pixels" and "images" then carry the inference suffix ("delta1_slide", "nonfinite_pixels_flip", ...). Raises
     DataError when no pixel of the set has valid ground truth."""
+    import torch
+
+    from rs_transfer.downstream.dense_inference import Inference, rename_metrics
+    from rs_transfer.downstream.metrics import DEPTH_SUMS, depth_metrics, depth_sums
+    from rs_transfer.engine.device import model_device, to_device
+    from rs_transfer.engine.distributed import is_main
+    from rs_transfer.engine.loader import eval_batches
+
     inference = Inference.of(task_cfg)
 
     def evaluate(model: nn.Module) -> dict:
@@ -257,6 +285,8 @@ def metric_name(section) -> str:
 def depth_outputs(model: nn.Module, images: torch.Tensor, inference: Inference) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> depth in metres (N, H, W); with TTA the mean of the views' depth maps
     (dense_inference.infer). The default (whole, none) is `model` itself."""
+    from rs_transfer.downstream.dense_inference import infer
+
     return infer(lambda x: model({"image": x})[:, None], images, inference, probabilities=False)[:, 0]
 
 
@@ -269,6 +299,8 @@ def _collate_with_sizes(samples: list) -> dict:
 def build_model(config) -> DepthModel:
     """The FPN depth model (one output channel; eval mode: depth in metres (N, H, W)) from the config alone.
     Raises ConfigError for model.num_classes other than 1, WeightsError for model.weights that do not fit."""
+    from rs_transfer.downstream.fpn import DepthModel
+
     task_cfg = config.task
     check_num_classes(config, 1)
     return DepthModel(config.model.name, weights=config.model.weights, fpn_channels=task_cfg.fpn_channels,
@@ -278,6 +310,9 @@ def build_model(config) -> DepthModel:
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) -> depth in metres float32 (H, W) at the image's own size (task.eval_mode, task.tta:
     depth_outputs), clamped to (task.depth_min, task.depth_max), as the evaluator does."""
+    from rs_transfer.downstream.dense_inference import Inference
+    from rs_transfer.engine.device import model_device
+
     depth = depth_outputs(model, image[None].to(model_device(model)), Inference.of(config.task))[0]
     return depth.clamp(config.task.depth_min, config.task.depth_max).float().cpu()
 
@@ -285,6 +320,8 @@ def predict(model, config, image: torch.Tensor) -> torch.Tensor:
 def draw_depth(image: torch.Tensor, depth: torch.Tensor, class_names=None) -> torch.Tensor:
     """uint8 (3, H, W): the depth (H, W) in metres through matplotlib's magma, nearest = dark, from the image's own
     range; `image` is not drawn on (depth has no overlay)."""
+    import torch
+
     view = colour_map(depth.numpy(), float(depth.min()), float(depth.max()))
     return torch.from_numpy(view).permute(2, 0, 1).contiguous()
 
@@ -303,6 +340,11 @@ def build(config) -> Task:
     """The nyu_depth Task: NYU Depth v2 (task.nyu_format: the labelled .mat (HDF5) or the BTS folders), the FPN
     model with one output channel (eval mode: depth in metres (N, H, W)), delta1 / abs_rel / rmse (make_evaluator).
     Raises DataError for a missing or malformed dataset, ConfigError for model.num_classes other than 1."""
+    from torchvision import tv_tensors
+
+    from rs_transfer.downstream.transforms import dense_train_transform
+    from rs_transfer.engine.task import Task
+
     task_cfg = config.task
     check_num_classes(config, 1)
     transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
@@ -364,7 +406,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
 
 TASK = TransferTask(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 81.2, ("R152", "SimCLR", 800): 83.5, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 83.4, ("R152 2x", "supervised", 90): 82.5, ("R152 2x", "SimCLR", 800): 86.8,

@@ -71,23 +71,36 @@ def read_sbd_mat(path) -> np.ndarray:
     return label.astype(np.uint8)
 
 
-def voc_items(root, split: str, sbd_root=None) -> list:
-    """[(image path, (label path, loader))] for a VOC split; "trainaug" merges SBD."""
+VOC_LIST = "one image id per line (VOC2012 ImageSets/Segmentation)"
+
+
+def split_lists(root, split: str, sbd_root=None) -> tuple:
+    """(the VOC2012 folder, [(id list, what it holds)]) of a split, the lists in the order `voc_items` reads them:
+    ImageSets/Segmentation/<split>.txt, or for "trainaug" SBD's train.txt and val.txt then VOC's train.txt and
+    val.txt. Checks the folders only (data.root unset: ConfigError; a missing JPEGImages/, SegmentationClass/ or
+    SBD folder, or trainaug without task.sbd_root: DataError naming it); the lists are not opened."""
     voc = voc_dir(root)
-    sets = voc / "ImageSets" / "Segmentation"
-    expected = "one image id per line (VOC2012 ImageSets/Segmentation)"
-    jpeg = voc / "JPEGImages"
-    require(jpeg, "VOC2012/JPEGImages/<id>.jpg")
+    require(voc / "JPEGImages", "VOC2012/JPEGImages/<id>.jpg")
     require(voc / "SegmentationClass", "VOC2012/SegmentationClass/<id>.png (palette PNGs)")
+    sets = voc / "ImageSets" / "Segmentation"
     if split != "trainaug":
-        ids = read_split(sets / f"{split}.txt", expected)
-        return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids]
+        return voc, [(sets / f"{split}.txt", VOC_LIST)]
     if sbd_root is None:
         raise DataError("task.train_split=trainaug needs task.sbd_root=DIR (SBD's benchmark_RELEASE folder)")
     sbd = find_dir(sbd_root, ("dataset", "benchmark_RELEASE/dataset"), "SBD (a dataset folder with cls/ and train.txt)")
-    sbd_ids = read_split(sbd / "train.txt", "SBD train ids") + read_split(sbd / "val.txt", "SBD val ids")
-    voc_train = read_split(sets / "train.txt", expected)
-    val = set(read_split(sets / "val.txt", expected))
+    return voc, [(sbd / "train.txt", "SBD train ids"), (sbd / "val.txt", "SBD val ids"),
+                 (sets / "train.txt", VOC_LIST), (sets / "val.txt", VOC_LIST)]
+
+
+def voc_items(root, split: str, sbd_root=None) -> list:
+    """[(image path, (label path, loader))] for a VOC split; "trainaug" merges SBD."""
+    voc, lists = split_lists(root, split, sbd_root)
+    ids = [read_split(path, expected) for path, expected in lists]
+    jpeg = voc / "JPEGImages"
+    if split != "trainaug":
+        return [(jpeg / f"{i}.jpg", (voc / "SegmentationClass" / f"{i}.png", read_label_png)) for i in ids[0]]
+    sbd = lists[0][0].parent
+    sbd_ids, voc_train, val = ids[0] + ids[1], ids[2], set(ids[3])
     items, seen = [], set()
     for i in voc_train + sbd_ids:
         if i in val or i in seen:
@@ -98,6 +111,16 @@ def voc_items(root, split: str, sbd_root=None) -> list:
         image = jpeg / f"{i}.jpg"
         items.append((image if image.exists() else sbd / "img" / f"{i}.jpg", label))
     return items
+
+
+def check_data(config) -> None:
+    """The VOC (+ SBD) layout `build` reads, checked without torch and without opening an image or a list: the
+    folders and the id lists of task.train_split and task.val_split exist (`split_lists`). Raises ConfigError when
+    data.root is unset, DataError naming the first missing folder or list (the messages `build` gives)."""
+    task_cfg = config.task
+    for split, sbd_root in ((task_cfg.train_split, task_cfg.sbd_root), (task_cfg.val_split, None)):
+        for path, expected in split_lists(config.data.root, split, sbd_root)[1]:
+            require(path, expected)
 
 
 def build_model(config):
@@ -171,7 +194,7 @@ PREDICTOR = segmentation.predictor(VOC_CLASSES, offset=0, background=0, source="
 
 TASK = TransferTask(
     name="pascal_seg", config=PascalSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 70.0, ("R152", "SimCLR", 800): 72.2, ("R152", "SimCLRv2", 800): 73.1,
            ("R152", "RS", 400): 78.2, ("R152 2x", "supervised", 90): 72.2, ("R152 2x", "SimCLR", 800): 78.8,

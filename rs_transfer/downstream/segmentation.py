@@ -2,30 +2,33 @@
 rs_transfer/downstream/pascal_seg.py), ade_seg (ADE20K, 150 classes; ade_seg.py) and folder_seg (the user's own
 image/mask folders; folder_seg.py) share: the dataset over (image, label) items, the FPN model, the mIoU evaluator
 and the predictor. Each task's readers (its layout, its label format, its class names) live in its own module.
+
+Importing this module imports no torch (pascal_seg, ade_seg and folder_seg declare their TASK with its names before
+torch is loaded): each function imports what it needs; the model is fpn.SegmentationModel.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from rs_transfer.downstream.config import arch_args, check_num_classes
 from rs_transfer.downstream.data import IGNORE, read_image
-from rs_transfer.downstream.transforms import dense_train_transform, pad_collate
-from rs_transfer.downstream.dense_inference import Inference, infer, rename_metrics
-from rs_transfer.downstream.fpn import DensePredictor
-from rs_transfer.downstream.metrics import MeanIoU
 from rs_transfer.downstream.registry import metric_suffix, section_suffix
 from rs_transfer.downstream.scenes import voc_palette
-from rs_transfer.engine.device import model_device, to_device
-from rs_transfer.engine.loader import eval_batches
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import (Predictor, name_classes, output_path, overlay_classes, palette_png, save_png,
                                  save_rgb, visualizer)
 from rs_transfer.predictor import read_image as read_image_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rs_transfer.downstream.dense_inference import Inference
+    from rs_transfer.downstream.fpn import SegmentationModel
+    from rs_transfer.engine.task import Task
 
 FILLS = {"image": 0, "mask": IGNORE}
 METRIC = "miou"  # single-scale whole-image; other inference adds a suffix (metric_name)
@@ -38,14 +41,19 @@ def metric_name(section) -> str:
 
 
 def seg_collate(samples: list) -> dict:
+    from rs_transfer.downstream.transforms import pad_collate
+
     batch = pad_collate(samples, FILLS)
     batch["mask"] = batch["mask"].long()
     return batch
 
 
-class SegmentationSet(Dataset):
+class SegmentationSet:
     """items: [(image path, (label path, label reader))]; returns {"image": uint8 3xHxW, "mask": uint8 HxW}
-    after `transform`. Readers are module-level functions so the set pickles into loader workers."""
+    after `transform`. Readers are module-level functions so the set pickles into loader workers.
+
+    No torch `Dataset` base: a map-style dataset is any object with `__getitem__` and `__len__` (torch.utils.data),
+    which DataLoader, Subset and the engine accept, and the base would import torch with this module."""
 
     def __init__(self, items: list, num_classes: int, transform=None):
         self.items = items
@@ -56,6 +64,9 @@ class SegmentationSet(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
+        import torch
+        from torchvision import tv_tensors
+
         image_path, (label_path, read_label) = self.items[index]
         image = read_image(image_path)
         label = read_label(label_path)
@@ -70,28 +81,21 @@ class SegmentationSet(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-class SegmentationModel(nn.Module):
-    """batch {"image", "mask"} -> {"loss"} in train mode; logits (N, classes, H, W) in eval mode."""
-
-    def __init__(self, backbone: str, num_classes: int, weights=None, fpn_channels=256, head_channels=256, **arch):
-        super().__init__()
-        self.net = DensePredictor(backbone, num_classes, weights=weights, fpn_channels=fpn_channels,
-                                  head_channels=head_channels, **arch)
-
-    def forward(self, batch: dict):
-        logits = self.net(batch["image"])
-        if not self.training:
-            return logits
-        return {"loss": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE)}
-
-
 def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int = 0, class_names=None,
-                   inference: Inference = Inference()):
+                   inference: Inference | None = None):
     """mIoU of `model(batch)` (eval mode: logits (N, classes, H, W) at the label's size) over `val_set`, predicted
     as `inference` says (dense_inference.infer: whole or slide, TTA), each rank a contiguous part, confusion counts
     reduced over ranks (metrics.MeanIoU, torchmetrics' MulticlassJaccardIndex; label 255 ignored):
     {"miou", "iou/<class>"} as fractions, both suffixed by the inference ("miou_slide", "iou_slide/<class>", ...;
-    registry.metric_suffix). Raises DataError when every pixel is ignore."""
+    registry.metric_suffix; None: whole-image, no TTA). Raises DataError when every pixel is ignore."""
+    import torch
+
+    from rs_transfer.downstream.dense_inference import Inference, rename_metrics
+    from rs_transfer.downstream.metrics import MeanIoU
+    from rs_transfer.engine.device import model_device, to_device
+    from rs_transfer.engine.loader import eval_batches
+
+    inference = inference or Inference()
     suffix = metric_suffix(inference.mode, inference.tta)
 
     def evaluate(model: nn.Module) -> dict:
@@ -109,6 +113,8 @@ def make_evaluator(val_set, num_classes: int, batch_size: int, num_workers: int 
 def seg_outputs(model: nn.Module, images: torch.Tensor, inference: Inference) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> (N, classes, H, W): logits (tta "none") or mean probabilities (flip, ms_flip), whose
     argmax is the prediction (dense_inference.infer)."""
+    from rs_transfer.downstream.dense_inference import infer
+
     return infer(lambda x: model({"image": x}), images, inference, probabilities=True)
 
 
@@ -116,6 +122,8 @@ def build_model(config, num_classes: int) -> SegmentationModel:
     """The FPN segmentation model with `num_classes` outputs from model.* and task.* alone (no data read).
     Raises ConfigError for a model.num_classes other than `num_classes`, WeightsError for model.weights that do
     not fit."""
+    from rs_transfer.downstream.fpn import SegmentationModel
+
     task_cfg = config.task
     check_num_classes(config, num_classes)
     return SegmentationModel(config.model.name, num_classes, weights=config.model.weights,
@@ -126,6 +134,9 @@ def build_model(config, num_classes: int) -> SegmentationModel:
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) -> class indices int64 (H, W), the model's (0..classes-1): the argmax of the outputs at the
     image's own size, computed as the evaluator does (task.eval_mode, task.tta: seg_outputs)."""
+    from rs_transfer.downstream.dense_inference import Inference
+    from rs_transfer.engine.device import model_device
+
     outputs = seg_outputs(model, image[None].to(model_device(model)), Inference.of(config.task))
     return outputs[0].argmax(0).cpu()
 
@@ -177,6 +188,12 @@ def build_segmentation(config, train_items: list, val_items: list, num_classes: 
     """The shared part of pascal_seg, ade_seg and folder_seg (which differ only in their data): datasets from
     (image, label) items, the FPN segmentation model, the mIoU evaluator, and (with the task's `predictor`) the
     overlays of a few validation images sent to TensorBoard at every evaluation."""
+    from torchvision import tv_tensors
+
+    from rs_transfer.downstream.dense_inference import Inference
+    from rs_transfer.downstream.transforms import dense_train_transform
+    from rs_transfer.engine.task import Task
+
     task_cfg = config.task
     check_num_classes(config, num_classes)
     transform = dense_train_transform(task_cfg.crop_size, (task_cfg.scale_min, task_cfg.scale_max),
