@@ -37,21 +37,21 @@ def parse_specs(texts) -> list:
 
 
 def build_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """A freshly initialised network for a zoo name or a timm architecture name."""
+    """A freshly initialised network for a name a model family owns (models/families.py) or a timm architecture
+    name."""
     import timm
 
-    from rs_transfer.models.resnet_rs import EFFICIENTNET_NAMES, build_efficientnet, build_resnet
-    from rs_transfer.models.zoo import parse_name
+    from rs_transfer.models import family_of
 
     try:
-        spec = parse_name(name)
+        family = family_of(name)
     except UserError:
-        spec = None
-    if spec is not None:
-        # timm's init: the official truncated-normal init takes ~17 s for RS-50 on CPU and changes no timing.
-        return build_resnet(spec, num_classes=num_classes, init="timm")
-    if name in EFFICIENTNET_NAMES:  # the very network pretraining builds for an EfficientNet-RS point
-        return build_efficientnet(name, num_classes=num_classes)
+        family = None
+    if family is not None:
+        # timm's init for the zoo: the official truncated-normal init takes ~17 s for RS-50 on CPU and changes no
+        # timing. An EfficientNet is the very network pretraining builds for an EfficientNet-RS point.
+        arch = {"init": "timm"} if family.name == "resnet_rs" else {}
+        return family.load().build(name, num_classes=num_classes, **arch)
     if timm.is_model(name):
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     raise UserError(

@@ -79,13 +79,13 @@ def write_synthetic(task: str, root, images: int, shown_as=None) -> Path:
 
 def check_model(config: FinetuneConfig) -> None:
     """Check model.name and model.weights before anything is written or trained, so that a typo fails in a second,
-    not after the synthetic dataset is written. Raises UserError for a name outside the zoo grammar, WeightsError
+    not after the synthetic dataset is written. Raises UserError for a name no model family owns (models/families.py), WeightsError
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
-    from rs_transfer.models import hub, zoo
     from rs_transfer.files import check_file
+    from rs_transfer.models import family_of, hub
 
-    zoo.parse_name(config.model.name)
+    family_of(config.model.name)
     if config.model.weights:
         check_file(hub.resolve(config.model.weights))
 

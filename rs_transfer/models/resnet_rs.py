@@ -8,7 +8,6 @@ The name grammar (rs50, rs101-w1.5, resnet152-w2, resnet200-se, ...) and the lay
 needs no torch; they are imported here so `resnet_rs.parse_name`, `resnet_rs.LAYOUTS`, ... keep working.
 """
 
-import inspect
 import math
 from contextlib import contextmanager
 from functools import lru_cache, partial
@@ -16,7 +15,6 @@ from functools import lru_cache, partial
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-import timm
 from timm.layers import DropPath
 from timm.layers.squeeze_excite import SEModule
 from timm.models import FeatureListNet
@@ -140,89 +138,19 @@ def build_resnet(
     return model
 
 
-# Section 7.2's EfficientNet-RS points train timm's EfficientNets: the one family besides the zoo's ResNets that
-# create_model builds (pretraining and `bench` both get them here).
-EFFICIENTNET_NAMES = tuple(f"efficientnet_b{i}" for i in range(8))
+def build(name: str, num_classes: int = 1000, **arch) -> ResNet:
+    """The family's builder (models/families.py): the zoo network named `name` (models/zoo.py's grammar) with
+    `build_resnet`'s switches as `arch`. Raises UserError for a bad name or switch value."""
+    return build_resnet(parse_name(name), num_classes=num_classes, **arch)
 
 
-def build_efficientnet(name: str, num_classes: int = 1000, drop_rate: float = 0.0,
-                       drop_path_rate: float = 0.0) -> nn.Module:
-    """timm's `name` (one of EFFICIENTNET_NAMES) with timm's own init and no pretrained weights (nothing is
-    downloaded). drop_rate: dropout before the classifier; drop_path_rate: timm's drop-connect (stochastic depth,
-    growing linearly over the blocks). Returns a module taking normalised (N, 3, H, W) images and returning logits
-    (N, num_classes); its classifier is `classifier`, not `fc`. Raises UserError for another name.
-    Source: timm/models/efficientnet.py (Tan and Le, 2019)."""
-    if name not in EFFICIENTNET_NAMES:
-        raise UserError(f"unknown EfficientNet {name!r}: expected one of {', '.join(EFFICIENTNET_NAMES)}")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate,
-                             drop_path_rate=drop_path_rate)
-
-
-def _check_no_resnet_switches(name: str, arch_overrides: dict) -> None:
-    # init, zero_init_last, bn_momentum, drop_path_schedule, ... shape a zoo ResNet only: an EfficientNet would
-    # silently ignore them, so a value other than build_resnet's default is an error rather than a no-op.
-    defaults = inspect.signature(build_resnet).parameters
-    for key, value in arch_overrides.items():
-        if key in ("drop_rate", "drop_path_rate"):
-            continue
-        if key not in defaults:
-            raise UserError(f"{name}: unknown model argument {key!r}")
-        if value != defaults[key].default:
-            raise UserError(f"{name} is timm's EfficientNet: {key}={value!r} is a ResNet-only switch "
-                            f"(model.{key} in a config); leave it at its default {defaults[key].default!r}")
-
-
-def create_model(
-    name: str,
-    num_classes: int = 1000,
-    weights: str | None = None,
-    features_only: bool = False,
-    out_indices: tuple = (1, 2, 3, 4),
-    **arch_overrides,
-) -> nn.Module:
-    """Build a zoo model by name, optionally load weights, optionally return the feature extractor.
-
-    Args:
-        name: the zoo grammar (models/zoo.py): `rs152` (SE + ResNet-D), `resnet200`, `resnet50-se-d`,
-            `rs26-w0.25` (width multiplier); `rs-transfer models` lists the paper's. Also timm's `efficientnet_b0`
-            ... `efficientnet_b7` (`EFFICIENTNET_NAMES`, Section 7.2's EfficientNet-RS), built by
-            `build_efficientnet`: classifier only (no features_only), and of the overrides only drop_rate and
-            drop_path_rate apply; the ResNet switches must stay at `build_resnet`'s defaults.
-        num_classes: classifier outputs; 0 builds no classifier (the forward gives pooled features).
-        weights: a weights file or a timm name `timm:NAME.TAG`, loaded strictly (models/weights.py); a classifier
-            of another size is dropped and the model keeps its new head.
-        features_only: return timm's `FeatureListNet`, whose forward gives [C2, C3, C4, C5] (strides 4, 8, 16, 32
-            with the default out_indices) and whose `feature_info.channels()` / `.reduction()` describe them;
-            state-dict names are the classifier's minus `fc`, so the same checkpoint loads into both.
-        **arch_overrides: `build_resnet`'s switches (drop_rate, drop_path_rate, drop_path_schedule, bn_momentum,
-            zero_init_last, init).
-    Returns: an nn.Module taking float images (N, 3, H, W) normalised with the ImageNet mean/std
-        (models/normalize.py) and returning logits (N, num_classes); any H, W (global pooling). With
-        features_only, a list of (N, C_i, H / s_i, W / s_i) for s_i = 4, 8, 16, 32.
-    Raises: UserError for a name outside the grammar or a bad override value (for an EfficientNet: a ResNet switch
-        set, or features_only); WeightsError for weights that are
-        missing, unreadable, not cached (timm names) or do not fit.
-    Source: timm's `resnetrs*` (timm/models/resnet.py) and the official TF ResNet-RS (PAPER.md sections 2 and 7).
-    """
-    from rs_transfer.models.weights import load_weights
-
-    if name in EFFICIENTNET_NAMES:
-        if features_only:
-            raise UserError(f"{name}: features_only builds zoo ResNets only (the downstream backbones)")
-        _check_no_resnet_switches(name, arch_overrides)
-        model = build_efficientnet(name, num_classes, arch_overrides.get("drop_rate", 0.0),
-                                   arch_overrides.get("drop_path_rate", 0.0))
-        if weights is not None:
-            load_weights(model, weights)
-        return model
-    spec = parse_name(name)
-    model = build_resnet(spec, num_classes=num_classes, **arch_overrides)
-    if weights is not None:
-        load_weights(model, weights)
-    if features_only:
-        spec = model.spec
-        model = FeatureListNet(model, out_indices=out_indices)
-        model.spec = spec
+def features(model: ResNet, out_indices: tuple = (1, 2, 3, 4)) -> FeatureListNet:
+    """The feature extractor of a built classifier: timm's `FeatureListNet`, whose forward gives [C2, C3, C4, C5]
+    (strides 4, 8, 16, 32 with the default out_indices) and whose `feature_info.channels()` / `.reduction()`
+    describe them; state-dict names are the classifier's minus `fc`, so the same checkpoint loads into both."""
+    spec = model.spec
+    model = FeatureListNet(model, out_indices=out_indices)
+    model.spec = spec
     return model
 
 

@@ -24,6 +24,7 @@ import yaml
 from rs_transfer.config import ConfigError, find_config, load_config, packaged_configs, read_yaml, string_override
 from rs_transfer.errors import UserError
 from rs_transfer.files import atomic_write_json, atomic_write_text, make_dir
+from rs_transfer.models import family_of
 from rs_transfer.models.zoo import LAYOUTS
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,14 @@ class Point:
 
     @property
     def family(self) -> str:
-        return "EfficientNet-RS" if self.model.startswith("efficientnet") else "ResNet-RS"
+        return rs_family(self.model)
+
+
+def rs_family(model: str) -> str:
+    """The family of a model trained with the RS recipe, as the scaling study names it: "ResNet-RS",
+    "EfficientNet-RS" (Section 7.2), from its family's label (models/families.py)."""
+    label = family_of(model).label
+    return label if label.endswith("-RS") else f"{label}-RS"
 
 
 def randaugment_magnitude(width: float, resolution: int) -> int:

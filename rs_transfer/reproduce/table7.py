@@ -23,6 +23,7 @@ from rs_transfer.errors import UserError
 from rs_transfer.files import read_json
 from rs_transfer.models.zoo import TABLE7
 from rs_transfer.reproduce.common import write_table
+from rs_transfer.reproduce.scaling import rs_family
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ RATIO_METHOD = ("EfficientNet latency interpolated in log-latency at the RS row'
 
 
 def family(model: str) -> str:
-    return "EfficientNet" if model.startswith("efficientnet") else "ResNet-RS"
+    """The label of `model`'s family (models/families.py): "ResNet-RS", "EfficientNet"."""
+    from rs_transfer.models import family_of
+
+    return family_of(model).label
 
 
 def table7_specs() -> list:
@@ -162,7 +166,7 @@ def load_study(study) -> dict:
     document = read_json(path, "a scaling report (rs-transfer scale report writes it)")
     try:
         points = [{"model": p["model"], "resolution": p["resolution"], "epochs": p["epochs"],
-                   "family": "EfficientNet-RS" if p["model"].startswith("efficientnet") else "ResNet-RS",
+                   "family": rs_family(p["model"]),
                    "top1_measured": 100 * p["top1"], "s_per_128": p["latency_s_per_128"], "gflops": p["gflops"]}
                   for p in document["points"]]
         source = document["latency_source"]
