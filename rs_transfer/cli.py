@@ -559,13 +559,11 @@ def run_config_show(args) -> int:
 
 
 def run_runs(args) -> int:
-    from rs_transfer.engine.summary import find_runs, format_runs, sort_runs
+    from rs_transfer.runs import MISSING, config_differences, find_runs, format_differences, format_runs, sort_runs
 
     if (args.folder is None) == (args.diff is None):
         raise UserError("rs-transfer runs: give a FOLDER to list, or --diff RUN_A RUN_B")
     if args.diff:
-        from rs_transfer.runs import MISSING, config_differences, format_differences
-
         rows = config_differences(*args.diff)
         if args.json:
             print(json.dumps([{"key": k, "a": None if a is MISSING else a, "b": None if b is MISSING else b,

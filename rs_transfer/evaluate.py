@@ -197,7 +197,7 @@ def task_with_weights(config, family: str, task_name: str | None, weights: Path,
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.task import exported_network
     from rs_transfer.models.weights import load_strict, read_state_dict
-    from rs_transfer.runs import family_build
+    from rs_transfer.families import declaration
 
     # The network comes from the weights file: the starting weights the run was given are neither needed nor read.
     config.model.weights = None
@@ -206,7 +206,7 @@ def task_with_weights(config, family: str, task_name: str | None, weights: Path,
     if getattr(config.data, "synthetic", False):  # a demo run's data are where it wrote them; --data never gets any
         config.data.synthetic = False
     seed_everything(config.seed)  # as the training command, before the task is built
-    task = family_build(family, task_name)(config)
+    task = declaration(family, task_name).build(config)
     load_strict(exported_network(task.model), read_state_dict(weights), weights,
                 what=f"the {task_name or family} model of the run's config.yaml")
     task.model.to(device)
@@ -235,13 +235,14 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     from rs_transfer.engine.device import resolve_amp
     from rs_transfer.engine.distributed import init_distributed
     from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
-    from rs_transfer.runs import family_parts, run_kind
+    from rs_transfer.families import declaration
+    from rs_transfer.runs import run_kind
 
     folder = Path(run_dir)
     family, task_name = run_kind(folder)
     weights = weights_file(folder, checkpoint)
     overrides = [*overrides, *([string_override("data.root", data)] if data is not None else [])]
-    config = load_eval_config(folder, family_parts(family, task_name)[0], overrides)
+    config = load_eval_config(folder, declaration(family, task_name).config, overrides)
     settings = evaluation_settings(config)
     # before the (long) evaluation, so that a bad --out fails at once
     path = output_path(folder, out, {"settings": settings, "data": config.data.root, "weights": str(weights)})

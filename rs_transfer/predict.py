@@ -99,12 +99,13 @@ def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> 
     DataError (naming the first file) when no input could be read. A corrupt input among readable ones is skipped
     with a warning, counted and listed under "skipped". Outputs written before an unexpected failure stay, and
     predictions.json then holds the predictions so far ("complete": false)."""
-    from rs_transfer.runs import family_parts, load_run
+    from rs_transfer.families import declaration
+    from rs_transfer.runs import load_run
 
     from rs_transfer.engine.device import resolve_device
 
     run = load_run(run_dir, resolve_device(device), overrides)
-    predictor = family_parts(run.family, run.task)[2]
+    predictor = declaration(run.family, run.task).predictor
     if predictor is None:
         raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")
     ignored = []

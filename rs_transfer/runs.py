@@ -1,68 +1,39 @@
-"""A finished run folder as a model to use: which task family wrote it, its config, and its network with the
-weights it ended with. `rs-transfer predict` (rs_transfer/predict.py) uses it; so can anything else that needs a
-trained model without its training data (exporting, serving).
+"""Run folders: `rs-transfer runs DIR` (one row per run folder under DIR, `find_runs`; `--diff` of two configs) and
+a finished run folder as a model to use (`load_run`: which family wrote it, its config, and its network with the
+weights it ended with). `rs-transfer predict`, `evaluate` and `export` use it; so can anything else that needs a
+trained model without its training data (serving). Listing imports no torch, except for a run finished before
+summary.json existed: its primary metric's name comes from its family's declaration (rs_transfer/families.py).
 
 A run folder (OUTPUT_DIR of any training command, docs/engine.md "Outputs") holds `config.yaml` (the resolved
 config) and `weights.pth` (the task model's exported network, engine/task.py: EMA weights when the run used EMA).
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rs_transfer.config import EVAL_KEYS, ConfigError, read_yaml
-from rs_transfer.engine.summary import run_family
-from rs_transfer.errors import UserError
+import yaml
 
-FAMILIES = ("transfer", "pretrain", "video")
+from rs_transfer import families
+from rs_transfer.config import EVAL_KEYS, ConfigError, read_yaml
+from rs_transfer.engine.summary import (SUMMARY_FILE, format_seconds, number_or_none, read_final_metrics,
+                                        read_json_object, text_or_none)
+from rs_transfer.errors import DataError, UserError, one_line
+from rs_transfer.families import family_of_config, primary_metric
+
+SORTS = ("metric", "time", "name")
+STEP_FILE_PREFIX, STEP_FILE_SUFFIX = "step_", ".pt"  # checkpoint.py's step_00001234.pt, matched without torch
 
 
 class RunError(UserError):
     """A run folder that cannot be used: missing, without config.yaml or weights.pth, or of an unknown kind."""
 
 
-def family_parts(family: str, task: str | None) -> tuple:
-    """(config schema, build_model(config) -> the task's model, its rs_transfer.predictor.Predictor or None)."""
-    if family == "transfer":
-        from rs_transfer.downstream import registry
-
-        spec = registry.get(task)
-        return spec.config, spec.build_model, spec.predictor
-    if family == "pretrain":
-        from rs_transfer.pretrain import task as pretrain_task
-        from rs_transfer.pretrain.config import PretrainConfig
-
-        return PretrainConfig, pretrain_task.build_model, pretrain_task.PREDICTOR
-    if family == "video":
-        from rs_transfer.video import task as video_task
-        from rs_transfer.video.config import VideoConfig
-
-        return VideoConfig, video_task.build_model, video_task.PREDICTOR
-    raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
-
-
-def family_build(family: str, task: str | None):
-    """build(config) -> the family's engine Task (datasets, model, evaluator): what its training command builds,
-    so `evaluate` measures exactly what the run measured."""
-    if family == "transfer":
-        from rs_transfer.downstream import registry
-
-        return registry.get(task).build
-    if family == "pretrain":
-        from rs_transfer.pretrain.task import build_task
-
-        return build_task
-    if family == "video":
-        from rs_transfer.video.task import build_task
-
-        return build_task
-    raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
-
-
 @dataclass
 class Run:
     folder: Path
-    family: str  # one of FAMILIES
+    family: str  # a family of rs_transfer/families.py
     task: str | None  # the transfer task's name; None for pretrain and video
     config: object  # the run's config (the family's schema), model.weights cleared
     model: object  # the task's model (engine/task.py contract) in eval mode, weights.pth loaded strictly
@@ -124,9 +95,9 @@ def format_differences(rows: list, folder_a, folder_b) -> str:
 
 
 def run_kind(folder: Path) -> tuple:
-    """(family, transfer task name or None) of the run in `folder`, from its config.yaml (engine/summary.run_family).
+    """(family, transfer task name or None) of the run in `folder`, from its config.yaml (families.family_of_config).
     Raises RunError as read_run_config, and for a config of no known family."""
-    family, task = run_family(read_run_config(folder))
+    family, task = family_of_config(read_run_config(folder))
     if family == "other":
         raise RunError(f"{folder / 'config.yaml'}: the config has no task.name (transfer), augment/cotrain section "
                        "(pretrain) nor data.clip_frames (video)")
@@ -165,16 +136,125 @@ def load_run(run_dir, device="cpu", overrides=()) -> Run:
     if not weights.is_file():
         raise RunError(f"{folder} has no weights.pth: the run has not finished (the engine writes it at the end; "
                        "resume the run with --resume to finish it)")
-    schema, build_model, _ = family_parts(family, task)
-    if build_model is None:
+    declared = families.declaration(family, task)
+    if declared.build_model is None:
         raise RunError(f"task {task} declares no build_model (TASK.build_model): its runs cannot be loaded alone")
-    config = load_config(schema, config_path, _eval_overrides(overrides))
+    config = load_config(declared.config, config_path, _eval_overrides(overrides))
     # The network comes from weights.pth: the starting weights the run was given (model.weights, a 2D checkpoint
     # to inflate) are neither needed nor read.
     config.model.weights = None
     if hasattr(config.model, "inflate_from"):
         config.model.inflate_from = None
-    model = build_model(config)
+    model = declared.build_model(config)
     load_strict(exported_network(model), read_state_dict(weights), weights, what=f"the {task or family} model of "
                 f"{config_path}")
     return Run(folder=folder, family=family, task=task, config=config, model=model.to(torch.device(device)).eval())
+
+
+def find_runs(root: str | Path) -> list[dict]:
+    """One row per run folder under `root` (recursive; a run folder holds config.yaml; its subfolders are not
+    searched). Row keys: folder (relative to root, "." for root itself), family, task, backbone, metric, value,
+    wall_s, finished, step (the newest checkpoint's step of an unfinished run), problem (why the row is
+    incomplete, or None).
+
+    Raises UserError when `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: give the folder that holds the runs (their output_dir)")
+    rows = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "config.yaml" in files:
+            dirs[:] = []  # runs do not nest; this skips checkpoints/, tensorboard/ and generated data
+            rows.append(read_run(Path(folder), root))
+    return rows
+
+
+def read_run(folder: Path, root: Path) -> dict:
+    """The row of one run folder (see find_runs); a file that cannot be read leaves its fields None."""
+    row = {"folder": str(folder.relative_to(root)), "family": None, "task": None, "backbone": None, "metric": None,
+           "value": None, "wall_s": None, "finished": False, "step": None, "problem": None}
+    config = _read(folder / "config.yaml", lambda text: read_yaml(text, str(folder / "config.yaml")), row)
+    if isinstance(config, dict):
+        family, task = family_of_config(config)
+        row["family"], row["task"] = family, text_or_none(task)
+        model = config.get("model")
+        row["backbone"] = text_or_none(model.get("name")) if isinstance(model, dict) else None
+    try:
+        summary = read_json_object(folder / SUMMARY_FILE, "the summary of a finished run")
+    except DataError as error:
+        summary, row["problem"] = None, one_line(error)
+    try:
+        final = read_final_metrics(folder)
+    except DataError as error:
+        final, row["problem"] = None, one_line(error)
+    if summary is not None:  # each field checked: a hand-edited file gives "-" cells, never a failed listing
+        steps = summary.get("steps")
+        row.update(finished=True, metric=text_or_none(summary.get("metric")),
+                   value=number_or_none(summary.get("value")), wall_s=number_or_none(summary.get("wall_s")),
+                   step=steps if isinstance(steps, int) and not isinstance(steps, bool) else None)
+    elif final is not None:
+        row["finished"] = True
+        section = config.get("task") if isinstance(config, dict) else None
+        row["metric"] = primary_metric(row["family"], row["task"], section if isinstance(section, dict) else None)
+        row["value"] = number_or_none(final.get(row["metric"]))
+    else:
+        row["step"] = last_checkpoint_step(folder / "checkpoints")
+    return row
+
+
+def last_checkpoint_step(folder: Path) -> int | None:
+    """The step of the newest step_XXXXXXXX.pt in `folder`, or None when there is none."""
+    steps = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            digits = path.name.removeprefix(STEP_FILE_PREFIX).removesuffix(STEP_FILE_SUFFIX)
+            if path.name.startswith(STEP_FILE_PREFIX) and path.name.endswith(STEP_FILE_SUFFIX) and digits.isdigit():
+                steps.append(int(digits))
+    return max(steps, default=None)
+
+
+def sort_runs(rows: list[dict], by: str = "metric") -> list[dict]:
+    """Rows sorted by metric value, wall time (longest first; runs without one last) or folder name.
+
+    By metric: runs of one family/task and metric together (an mIoU is not ranked against a top-1, nor ImageNet's
+    top-1 against Kinetics'), the groups by name, each highest first with its runs without a value last.
+    Raises UserError for another `by`."""
+    if by == "name":
+        return sorted(rows, key=lambda row: row["folder"])
+    if by not in SORTS:
+        raise UserError(f"--sort {by}: expected one of {', '.join(SORTS)}")
+    by_name = sorted(rows, key=lambda row: row["folder"])
+    if by == "time":
+        return sorted(by_name, key=lambda row: (row["wall_s"] is None, -(row["wall_s"] or 0.0)))
+    return sorted(by_name, key=lambda row: (row["metric"] is None, row["family"] or "", row["task"] or "",
+                                            row["metric"] or "", row["value"] is None, -(row["value"] or 0.0)))
+
+
+def format_runs(rows: list[dict]) -> str:
+    """Aligned plain-text columns, one line per run; "-" where a value is unknown."""
+    header = ("folder", "family/task", "backbone", "metric", "value", "wall time", "status")
+    lines = [header]
+    for row in rows:
+        family = f"{row['family']}/{row['task']}" if row["task"] else (row["family"] or "-")
+        value = f"{row['value']:.4f}" if isinstance(row["value"], (int, float)) else "-"
+        status = "finished" if row["finished"] else (
+            f"unfinished (step {row['step']})" if row["step"] is not None else "unfinished (no checkpoint)")
+        if row["problem"]:
+            status += f"; {row['problem']}"
+        lines.append((row["folder"], family, row["backbone"] or "-", row["metric"] or "-", value,
+                      format_seconds(row["wall_s"]), status))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _read(path: Path, parse, row: dict):
+    """`parse(path's text)`, or None when the file is absent; an unreadable one is noted in row["problem"]."""
+    if not path.is_file():
+        return None
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError, ConfigError) as error:
+        row["problem"] = f"{path.name} unreadable ({type(error).__name__})"
+        return None

@@ -386,7 +386,7 @@ def test_tta_keys_are_checked_and_the_primary_metric_follows_them(tmp_path):
     import json
 
     from rs_transfer.config import ConfigError
-    from rs_transfer.engine.summary import primary_metric
+    from rs_transfer.families import primary_metric
     from rs_transfer.reproduce.table5 import reproduce_table5
 
     assert registry.get("coco_det").metric_of(finetune.make_config("coco_det", overrides=["task.tta=flip"]).task) \

@@ -71,9 +71,10 @@ def run_folder(folder, family: str, task: str | None, overrides: list):
     from rs_transfer.config import load_config, packaged_configs, save_config
     from rs_transfer.downstream import finetune
     from rs_transfer.engine.task import exported_network
-    from rs_transfer.runs import family_parts
+    from rs_transfer.families import declaration
 
-    schema, build_model, _ = family_parts(family, task)
+    declared = declaration(family, task)
+    schema, build_model = declared.config, declared.build_model
     if family == "transfer":
         config = finetune.make_config(task, config_path=packaged_configs() / "downstream" / f"{task}_demo.yaml",
                                       overrides=overrides)

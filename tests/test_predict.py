@@ -19,7 +19,7 @@ from rs_transfer.downstream import finetune
 from rs_transfer.downstream.cifar100 import CLASSES as CIFAR_CLASSES
 from rs_transfer.predict import predict
 from rs_transfer.predictor import read_image
-from rs_transfer.engine.summary import run_family
+from rs_transfer.families import family_of_config as run_family
 from rs_transfer.runs import RunError, load_run
 
 TINY = ["train.steps=2", "train.warmup_steps=0", "data.synthetic_images=4", "train.batch_size=2",

@@ -60,7 +60,7 @@ def test_table5_runner_sweeps_each_checkpoint_then_writes_the_table(tmp_path):
 def test_a_sliding_window_result_is_read_by_its_own_name_and_marked(tmp_path):
     # A pascal_seg sweep evaluated with task.eval_mode=slide records "miou_slide": Table 5 reads that name (its
     # final_metrics.json have no "miou") and says next to the table that the number is not single-scale whole.
-    from rs_transfer.engine.summary import primary_metric
+    from rs_transfer.families import primary_metric
 
     sweep = tmp_path / "sweep"
     for point, value in (("lr0.01_steps5000", 0.5), ("lr0.02_steps5000", 0.7)):

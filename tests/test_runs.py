@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 from engine_toy import make_task, script_env, toy_config
 from rs_transfer.cli import main
 from rs_transfer.engine import checkpoint as ckpt
-from rs_transfer.engine.summary import SUMMARY_FILE, find_runs, run_family, sort_runs
+from rs_transfer.engine.summary import SUMMARY_FILE
+from rs_transfer.families import family_of_config as run_family
+from rs_transfer.runs import find_runs, sort_runs
 from rs_transfer.engine.trainer import train
 
 
@@ -191,11 +193,14 @@ def test_listing_runs_with_summaries_imports_no_torch(runs_root):
 
 def test_the_summary_table_labels_throughput_by_what_a_sample_is():
     from rs_transfer.engine.summary import format_summary, run_summary
+    from rs_transfer.families import declaration
 
-    summary = run_summary(Path("."), "top1", {"top1": 0.5}, 0.5, 2, 4, 8, 10.0, 8.0)
+    summary = run_summary(Path("."), "top1", {"top1": 0.5}, 0.5, 2, 4, 8, 10.0, 8.0, family="video", task="video")
     assert summary["images_per_s"] == 4.0  # the JSON key stays for every family
-    assert "clips/s" in format_summary(summary, "video") and "images/s" not in format_summary(summary, "video")
-    assert "images/s" in format_summary(summary, "pretrain") and "images/s" in format_summary(summary)
+    assert (summary["family"], summary["task"]) == ("video", "video")
+    video, pretrain = declaration("video").sample_unit, declaration("pretrain").sample_unit
+    assert "clips/s" in format_summary(summary, video) and "images/s" not in format_summary(summary, video)
+    assert "images/s" in format_summary(summary, pretrain) and "images/s" in format_summary(summary)
 
 
 def test_runs_diff_names_each_differing_key_and_what_it_changes(runs_root, capsys):

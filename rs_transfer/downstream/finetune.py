@@ -16,6 +16,7 @@ from pathlib import Path
 from rs_transfer.config import (
     ConfigError, load_config, packaged_configs, read_yaml, run_differences, string_override, to_dict,
 )
+from rs_transfer import families
 from rs_transfer.downstream import protocol, registry
 from rs_transfer.downstream.config import FinetuneConfig
 from rs_transfer.engine.summary import FINAL_METRICS_FILE, read_final_metrics
@@ -102,7 +103,7 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
         write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images, root))
         config.data.root = str(root)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
-    task = build_task(config)
+    task = families.build(registry.get(config.task.name), config)
     metrics = train(config, task)
     name = task.primary_metric
     log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)

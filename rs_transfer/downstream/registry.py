@@ -76,6 +76,10 @@ class TransferTask:
     predictor: "object" = None  # rs_transfer.predictor.Predictor: `rs-transfer predict`; None: the task has none
     check_data: Optional[Callable] = None  # check_data(config) -> None, torch-free
 
+    # What rs_transfer/families.py's TaskDeclaration also says (class constants, the same for every transfer task).
+    family = "transfer"
+    sample_unit = "images"
+
     @property
     def metric(self) -> str:
         """The protocol's metric, single-scale whole-image; a run's own primary metric is `metric_of(config.task)`."""

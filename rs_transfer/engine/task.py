@@ -24,6 +24,8 @@ A task is a dataset, a model whose forward turns a batch into losses, and an eva
   from DDP, in eval mode) and returns a dict of metrics as Python floats, identical on every rank (the evaluator
   reduces across ranks itself; `rs_transfer.engine.distributed` has the helpers). Fractions in [0, 1].
 - `primary_metric` names the metric that picks the best checkpoint (higher is better).
+- `family`, `name` and `sample_unit` label the run (its family and task, what a training sample is); the family sets
+  them (rs_transfer/families.py `build`), the engine writes them to summary.json and its logs.
 - `report(model)`, when set, is the evaluator `train.report_best` reports the best checkpoint with (pretraining
   that picks it on minival reports it on val); same contract as `evaluate`, same metric names.
 - an `evaluate` or `report` with a `close()` method (TopKEvaluator, which keeps its loader workers between
@@ -101,3 +103,8 @@ class Task:
     make_loader: Optional[Callable] = None  # (keys, batch_size, device) -> iterable of batches; None: DataLoader
     report: Optional[Callable[[nn.Module], dict]] = None  # evaluates best.pt under train.report_best; None: evaluate
     visualize: Optional[Callable[[nn.Module], dict]] = None  # model -> {name: uint8 (3, H, W)} for TensorBoard
+    # Labels the family gives its run (rs_transfer/families.py `build`): written to summary.json, and what one
+    # training sample is for the throughput figures ("images", "clips"). The engine only reports them.
+    family: Optional[str] = None
+    name: Optional[str] = None
+    sample_unit: str = "images"

@@ -61,7 +61,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import base_lr, build_optimizer, build_scheduler, describe
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
-from rs_transfer.engine.summary import SAMPLE_UNITS, format_summary, run_family, run_summary, write_summary
+from rs_transfer.engine.summary import format_summary, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.engine.trackers import check_installed
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -200,7 +200,7 @@ class Trainer:
 
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
                                 resumed=resume_from is not None, eval_pending=self.progress.eval_pending,
-                                samples=SAMPLE_UNITS.get(run_family(self.resolved)[0], "images"),
+                                samples=self.task.sample_unit,
                                 loggers=tuple(tc.loggers), config=self.resolved)
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
@@ -370,10 +370,11 @@ class Trainer:
         """Rank 0: OUTPUT_DIR/summary.json and the same numbers as a table in the log."""
         progress = self.progress
         summary = run_summary(self.out, self.task.primary_metric, progress.metrics, progress.best,
-                              progress.best_step, progress.step, self.tc.batch_size, progress.wall_s, progress.train_s)
+                              progress.best_step, progress.step, self.tc.batch_size, progress.wall_s, progress.train_s,
+                              family=self.task.family, task=self.task.name)
         write_summary(self.out, summary)
         self.logger.final(progress.metrics, summary, progress.step)
-        log.info("run summary:\n%s", format_summary(summary, run_family(self.resolved)[0]))
+        log.info("run summary:\n%s", format_summary(summary, self.task.sample_unit))
 
     def _clock(self) -> None:
         """Bring progress.wall_s and progress.train_s up to now: the checkpoint's times plus this segment's."""

@@ -87,15 +87,15 @@ def teacher_from_run(teacher: str, model_name: str | None, image_size: int | Non
     `--model` must agree with the run. Without a run: `--model`/`--image-size`, defaulting to rs152 at 224.
     Raises UserError for a run folder without weights.pth, a run that is not a classifier, or a `--model` other
     than the run's."""
+    from rs_transfer.families import family_of_config
     from rs_transfer.runs import read_run_config
-    from rs_transfer.engine.summary import run_family
 
     path = Path(teacher)
     run_dir = path if path.is_dir() else path.parent
     if not (run_dir / "config.yaml").is_file() or not (path.is_dir() or path.name == "weights.pth"):
         return teacher, model_name or DEFAULT_TEACHER[0], image_size or DEFAULT_TEACHER[1]
     config = read_run_config(run_dir)
-    family, task = run_family(config)
+    family, task = family_of_config(config)
     data_cfg, task_cfg = config.get("data") or {}, config.get("task") or {}
     if family == "pretrain":
         run_size = data_cfg.get("eval_image_size") or data_cfg.get("image_size")

@@ -13,15 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict:
+    from rs_transfer import families
     from rs_transfer.engine.trainer import train
-    from rs_transfer.pretrain.task import build_task
+    from rs_transfer.pretrain.task import TASK
 
     config = load_config(PretrainConfig, config_path, overrides)
     init_distributed(config.train.device)  # before building data, so ranks can agree on it
     if synthetic:
         config.data.root = str(make_synthetic(config))
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
-    task = build_task(config)
+    task = families.build(TASK, config)
     metrics = train(config, task)
     train_sets = [task.collate_fn.labelled, task.collate_fn.pseudo] if config.cotrain.enabled else [task.train_set]
     skipped = sum(train_set.skipped for train_set in train_sets)

@@ -12,6 +12,7 @@ from rs_transfer.engine import distributed
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.engine.device import model_device
 from rs_transfer.engine.task import Task
+from rs_transfer.families import TaskDeclaration
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.pretrain import data, transforms
@@ -158,3 +159,8 @@ def build_task(config: PretrainConfig) -> Task:
              config.data.eval_split, model_cfg.num_classes)
     return Task(model=model, train_set=train_set, evaluate=evaluate, primary_metric="top1", collate_fn=collate_fn,
                 make_loader=make_loader, report=report)
+
+
+# The family's declaration (rs_transfer/families.py): what `runs`, `predict`, `evaluate` and `export` read.
+TASK = TaskDeclaration(name="pretrain", family="pretrain", config=PretrainConfig, build=build_task, build_model=build_model,
+                       predictor=PREDICTOR, metric="top1")

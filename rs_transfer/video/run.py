@@ -9,7 +9,8 @@ from rs_transfer.engine.classification import Classifier
 from rs_transfer.errors import UserError, one_line
 from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
 from rs_transfer.video.config import VideoConfig
-from rs_transfer.video.task import build_net, build_task, evaluate_videos, list_data, prepare_root, resolve_classes
+from rs_transfer import families
+from rs_transfer.video.task import TASK, build_net, evaluate_videos, list_data, prepare_root, resolve_classes
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def run_train(config_path: str, overrides: list) -> dict:
     prepare_root(config)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
-    return train(config, build_task(config))  # the engine logs the summary; the command prints the JSON once
+    return train(config, families.build(TASK, config))  # the engine logs the summary; the command prints the JSON once
 
 
 def find_run_config(checkpoint: Path) -> Path:
@@ -37,13 +38,13 @@ def check_video_config(path: Path) -> None:
     config.yaml, found beside its checkpoint): load_config would only say that one of its keys is unknown, which
     points at a typo rather than at the wrong command. Configs of no known family (partial files) pass."""
     from rs_transfer.config import read_yaml
-    from rs_transfer.engine.summary import run_family
+    from rs_transfer.families import family_of_config
 
     try:
         config = read_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, ConfigError):
         return  # load_config reports it, naming the file
-    family, task = run_family(config) if isinstance(config, dict) else ("other", None)
+    family, task = family_of_config(config) if isinstance(config, dict) else ("other", None)
     if family not in ("video", "other"):
         hint = f": evaluate the run with rs-transfer evaluate --run {path.parent}" if path.name == "config.yaml" else ""
         raise UserError(f"{path} is a {family} config{f' ({task})' if task else ''}, not a video one{hint}")

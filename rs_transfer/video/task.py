@@ -18,6 +18,7 @@ from rs_transfer.engine.device import model_device
 from rs_transfer.engine.loader import eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
+from rs_transfer.families import TaskDeclaration
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.models.resnet3d_rs import ResNet3d, create_model_3d
 from rs_transfer.models.weights import load_weights
@@ -270,3 +271,8 @@ def _batched(items, size: int):
             batch = []
     if batch:
         yield batch
+
+
+# The family's declaration (rs_transfer/families.py): what `runs`, `predict`, `evaluate` and `export` read.
+TASK = TaskDeclaration(name="video", family="video", config=VideoConfig, build=build_task, build_model=build_model,
+                       predictor=PREDICTOR, metric="top1", sample_unit="clips")
