@@ -1,4 +1,4 @@
-"""Model families (models/families.py): a new family is one module plus one registration line, and every command
+"""Model families (models/registry.py): a new family is one module plus one registration line, and every command
 that builds a network by name (finetune, predict, evaluate, runs) then knows it; names are checked without torch."""
 
 import json
@@ -30,7 +30,7 @@ def build(name, num_classes=1000, **arch):
 def toy_family(tmp_path, monkeypatch):
     (tmp_path / "toy_family_module.py").write_text(textwrap.dedent(TOY_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr("rs_transfer.models.families.FAMILIES", list(FAMILIES))
+    monkeypatch.setattr("rs_transfer.models.registry.FAMILIES", list(FAMILIES))
     register(ModelFamily("toy", "ToyNet", "toy_family_module", r"toynet\d+", "toynet<width>"))  # the one line
     return "toynet8"
 

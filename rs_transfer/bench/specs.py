@@ -37,7 +37,7 @@ def parse_specs(texts) -> list:
 
 
 def build_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """A freshly initialised network for a name a model family owns (models/families.py) or a timm architecture
+    """A freshly initialised network for a name a model family owns (models/registry.py) or a timm architecture
     name."""
     import timm
 

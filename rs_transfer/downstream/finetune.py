@@ -80,7 +80,7 @@ def write_synthetic(task: str, root, images: int, shown_as=None) -> Path:
 
 def check_model(config: FinetuneConfig) -> None:
     """Check model.name and model.weights before anything is written or trained, so that a typo fails in a second,
-    not after the synthetic dataset is written. Raises UserError for a name no model family owns (models/families.py), WeightsError
+    not after the synthetic dataset is written. Raises UserError for a name no model family owns (models/registry.py), WeightsError
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
     from rs_transfer.files import check_file

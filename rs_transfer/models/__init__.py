@@ -6,7 +6,7 @@ and the families from families.py, so a bad name is answered at once; `create_mo
 """
 
 from rs_transfer.errors import UserError
-from rs_transfer.models.families import FAMILIES, ModelFamily, family_of, register
+from rs_transfer.models.registry import FAMILIES, ModelFamily, family_of, register
 from rs_transfer.models.zoo import LAYOUTS, ModelSpec, parse_name
 
 __all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "create_model", "family_of", "parse_name", "register"]
@@ -14,7 +14,7 @@ __all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "create_model", "f
 
 def create_model(name: str, num_classes: int = 1000, weights: str | None = None, features_only: bool = False,
                  out_indices: tuple = (1, 2, 3, 4), **arch_overrides):
-    """Build a network by name (its family from models/families.py), optionally load weights, optionally return
+    """Build a network by name (its family from models/registry.py), optionally load weights, optionally return
     the feature extractor.
 
     Args:

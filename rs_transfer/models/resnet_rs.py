@@ -139,7 +139,7 @@ def build_resnet(
 
 
 def build(name: str, num_classes: int = 1000, **arch) -> ResNet:
-    """The family's builder (models/families.py): the zoo network named `name` (models/zoo.py's grammar) with
+    """The family's builder (models/registry.py): the zoo network named `name` (models/zoo.py's grammar) with
     `build_resnet`'s switches as `arch`. Raises UserError for a bad name or switch value."""
     return build_resnet(parse_name(name), num_classes=num_classes, **arch)
 

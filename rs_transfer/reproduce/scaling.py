@@ -77,7 +77,7 @@ class Point:
 
 def rs_family(model: str) -> str:
     """The family of a model trained with the RS recipe, as the scaling study names it: "ResNet-RS",
-    "EfficientNet-RS" (Section 7.2), from its family's label (models/families.py)."""
+    "EfficientNet-RS" (Section 7.2), from its family's label (models/registry.py)."""
     label = family_of(model).label
     return label if label.endswith("-RS") else f"{label}-RS"
 

@@ -32,7 +32,7 @@ RATIO_METHOD = ("EfficientNet latency interpolated in log-latency at the RS row'
 
 
 def family(model: str) -> str:
-    """The label of `model`'s family (models/families.py): "ResNet-RS", "EfficientNet"."""
+    """The label of `model`'s family (models/registry.py): "ResNet-RS", "EfficientNet"."""
     from rs_transfer.models import family_of
 
     return family_of(model).label
