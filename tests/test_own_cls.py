@@ -61,6 +61,7 @@ def test_demo_learns_the_folders_and_the_run_carries_the_class_names(run):
 def test_predict_gives_the_top5_names_of_the_runs_classes(run, tmp_path):
     from rs_transfer.predict import predict
     from rs_transfer.predictor import read_image
+    from rs_transfer.pretrain.transforms import eval_transform
     from rs_transfer.runs import load_run
 
     folder, metrics = run
@@ -76,7 +77,7 @@ def test_predict_gives_the_top5_names_of_the_runs_classes(run, tmp_path):
     for record in summary["predictions"]:
         pil = Image.fromarray(read_image(record["input"]).permute(1, 2, 0).numpy())
         with torch.no_grad():
-            logits = model({"image": folder_cls.eval_transform(48)(pil)[None]})[0]
+            logits = model({"image": eval_transform(48)(pil)[None]})[0]
         top5 = logits.softmax(0).topk(5).indices.tolist()
         assert [c["index"] for c in record["top5"]] == top5
         assert [c["class"] for c in record["top5"]] == [NAMES[i] for i in top5]

@@ -234,6 +234,9 @@ def build_model(config) -> Classifier:
     """The zoo classifier with 100 outputs (101 with task.background_class) in engine.classification.Classifier
     (eval mode: logits (N, outputs)), from model.* alone. Raises ConfigError for a model.num_classes other than the
     head's outputs, WeightsError for model.weights that do not fit."""
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.models import create_model
+
     outputs = head_outputs(config)
     check_num_classes(config, outputs)
     net = create_model(config.model.name, num_classes=outputs, weights=config.model.weights,
