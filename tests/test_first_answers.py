@@ -1,6 +1,7 @@
 """The first answers of `rs-transfer finetune`: a mistake in a config key or value, the weights file or the data.root
 layout is one `error:` line and exit 2, given before torch (nor torchvision, timm, torchmetrics, scipy) is imported,
-which takes seconds, half a minute on a loaded machine. `config show finetune` imports none either.
+which takes seconds, half a minute on a loaded machine. `sweep`, `demo` and `config show finetune` import none
+either.
 
 Every case runs in one fresh Python process (the CLI's `main` called once per case), which then reports what it
 imported: the import cost is paid once, and any case that imports torch shows."""
@@ -46,6 +47,9 @@ def call(argv):
 results = [call(["finetune", "--task", task, "--backbone", "rs50", mistake]) for task in tasks for mistake in mistakes]
 results += [call(["config", "show", "finetune", "--task", task, "--backbone", "rs50", "train.lr=0.5"])
             for task in tasks]
+results += [call(["sweep", "--task", task, "--backbone", "rs50", "--steps", "2", "data.root=/nonexistent"])
+            for task in tasks]
+results += [call(["demo", "--task", task, "--data", "data", "--output", "run", "train.lrr=3"]) for task in tasks]
 print(json.dumps({"results": results, "imported": [name for name in heavy if name in sys.modules]}))
 """
 
@@ -71,6 +75,6 @@ def test_mistakes_are_one_error_line_before_torch_is_imported(tmp_path):
                            json.dumps(HEAVY)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.splitlines()[-1])
-    assert len(found["results"]) == len(TORCH_FREE_TASKS) * (len(MISTAKES) + 1) >= 12
+    assert len(found["results"]) == len(TORCH_FREE_TASKS) * (len(MISTAKES) + 3) >= 16
     assert wrong_answers(found) == []
     assert found["imported"] == []
