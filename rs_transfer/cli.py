@@ -527,8 +527,8 @@ def run_demo(args) -> int:
 
 def run_config_show(args) -> int:
     """The config a training command would run with: its file, options and overrides resolved and checked (a typo
-    or bad value is the same error line as the command's). Pretraining and video need no torch for it; a transfer
-    task's schema lives in its module, which imports torch."""
+    or bad value is the same error line as the command's). No torch is imported: pretraining's and video's schemas
+    and the transfer task modules import none."""
     import yaml
 
     from rs_transfer.config import load_config, to_dict

@@ -61,6 +61,7 @@ def test_demo_learns_the_folders_and_the_run_carries_the_class_names(run):
 def test_predict_gives_the_top5_names_of_the_runs_classes(run, tmp_path):
     from rs_transfer.predict import predict
     from rs_transfer.predictor import read_image
+    from rs_transfer.pretrain.transforms import eval_transform
     from rs_transfer.runs import load_run
 
     folder, metrics = run
@@ -76,7 +77,7 @@ def test_predict_gives_the_top5_names_of_the_runs_classes(run, tmp_path):
     for record in summary["predictions"]:
         pil = Image.fromarray(read_image(record["input"]).permute(1, 2, 0).numpy())
         with torch.no_grad():
-            logits = model({"image": folder_cls.eval_transform(48)(pil)[None]})[0]
+            logits = model({"image": eval_transform(48)(pil)[None]})[0]
         top5 = logits.softmax(0).topk(5).indices.tolist()
         assert [c["index"] for c in record["top5"]] == top5
         assert [c["class"] for c in record["top5"]] == [NAMES[i] for i in top5]
@@ -161,6 +162,42 @@ def test_a_split_without_class_folders_is_an_error_naming_it(tmp_path, split):
     with pytest.raises(DataError, match=re.escape(f"{root / split} holds ") + r"\d+ images directly in it, and no "
                                         r"class folder .*move them into their class folders"):
         folder_cls.build_datasets(config_for(root))
+
+
+def _remove(root, piece):
+    import shutil
+
+    if piece == "one class":
+        for name in ("dog", "empty class"):
+            shutil.rmtree(root / "train" / name)
+    elif piece.endswith("/loose"):  # the split's images lie loose in it, no class folder
+        split = root / piece.split("/")[0]
+        for folder in list(split.iterdir()):
+            for image in folder.iterdir():
+                image.rename(split / image.name)
+            folder.rmdir()
+    elif piece != "data.root":
+        shutil.rmtree(root / piece)
+
+
+@pytest.mark.parametrize("piece, error, message", [
+    ("data.root", ConfigError, "data.root is not set: give data.root=DIR, the folder that holds train/<class>/"),
+    ("train", DataError, "missing {root}/train: expected {root}/train/<class>/<images>"),
+    ("val", DataError, "missing {root}/val: expected {root}/val/<class>/<images>"),
+    ("train/loose", DataError, "{root}/train holds 2 images directly in it, and no class folder"),
+    ("val/loose", DataError, "{root}/val holds 2 images directly in it, and no class folder"),
+    ("one class", DataError, "{root}/train has one class folder ('cat'): classification needs at least two"),
+])
+def test_check_data_names_the_missing_piece_of_the_layout(tmp_path, piece, error, message):
+    root = tiny_folders(tmp_path / "data")
+    (root / "train" / "empty class").mkdir()  # passes: check_data lists no image (build does, and warns)
+    folder_cls.check_data(config_for(root))
+    config = config_for(root)
+    _remove(root, piece)
+    if piece == "data.root":
+        config.data.root = None
+    with pytest.raises(error, match=re.escape(message.format(root=root))):
+        folder_cls.TASK.check_data(config)
 
 
 def test_a_class_of_val_that_train_lacks_is_named(tmp_path):

@@ -8,17 +8,19 @@ images) and b"fine_labels" (N ints in 0..99).
 
 Unpickling can run any function a file names, so the pickles are read by `CifarUnpickler`, which builds only
 dicts, lists, strings, bytes, numbers and numpy arrays; a file naming anything else is refused before it runs.
+
+Importing this module imports no torch (the registry imports it to answer config and layout mistakes first): the
+builders import torch, torchvision and the engine where they run.
 """
+
+from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 try:
     from numpy._core import multiarray, numeric  # numpy >= 2
@@ -31,12 +33,15 @@ from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
-from rs_transfer.engine.classification import Classifier, TopKEvaluator
-from rs_transfer.engine.device import model_device
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.models import create_model
 from rs_transfer.predictor import Predictor, read_image, write_top5
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
+
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.engine.task import Task
 
 NUM_CLASSES = 100
 # The fine label names of cifar-100-python/meta (b"fine_label_names"), in label order.
@@ -147,13 +152,29 @@ def _field(data, name: str):
     raise KeyError(name)
 
 
+SPLITS = ("train", "test")  # the pickles a run reads: train, and test for evaluation
+
+
+def pickle_path(root, split: str) -> Path:
+    """data.root's cifar-100-python/`split` (data.root may be the cifar-100-python folder itself). Raises
+    ConfigError when data.root is unset, DataError naming the folder or the pickle that is missing."""
+    folder = find_dir(root, ("cifar-100-python", "."), "CIFAR-100 (a cifar-100-python folder)")
+    return require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
+
+
+def check_data(config) -> None:
+    """TransferTask.check_data: both pickles are where `build` reads them (their contents are checked when read).
+    Raises ConfigError for an unset data.root, DataError naming what is missing."""
+    for split in SPLITS:
+        pickle_path(config.data.root, split)
+
+
 def read_cifar(root, split: str) -> tuple:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,) in 0..99) of cifar-100-python/`split`.
 
     Raises DataError naming the file when it is missing, not a CIFAR-100 pickle, or names any function or
     class beyond `CifarUnpickler.ALLOWED` (nothing it names is called)."""
-    folder = find_dir(root, ("cifar-100-python", "."), "CIFAR-100 (a cifar-100-python folder)")
-    path = require(folder / split, f"the CIFAR-100 python pickle '{split}' (from cifar-100-python.tar.gz)")
+    path = pickle_path(root, split)
     try:
         with open(path, "rb") as f:
             check_declared_sizes(f, path.stat().st_size)
@@ -178,7 +199,10 @@ def read_cifar(root, split: str) -> tuple:
     return pixels.reshape(-1, 3, 32, 32), labels
 
 
-class Cifar100(Dataset):
+class Cifar100:
+    """A map-style dataset (torch.utils.data's protocol: `__getitem__` and `__len__`, which DataLoader and the engine
+    need; no torch base class, so this module imports without torch): {"image": uint8 (3, S, S), "label": int64}."""
+
     def __init__(self, root, split: str, transform):
         self.images, self.labels = read_cifar(root, split)
         self.transform = transform
@@ -187,11 +211,16 @@ class Cifar100(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
+        import torch
+        from torchvision import tv_tensors
+
         image = self.transform(tv_tensors.Image(torch.from_numpy(self.images[index])))
         return {"image": image.as_subclass(torch.Tensor), "label": torch.tensor(self.labels[index])}
 
 
 def transforms(image_size: int, train: bool) -> v2.Compose:
+    from torchvision.transforms import v2
+
     steps = [v2.Resize((image_size, image_size), antialias=True)]  # a no-op at 32
     return v2.Compose(steps + [v2.RandomHorizontalFlip()] if train else steps)
 
@@ -205,6 +234,9 @@ def build_model(config) -> Classifier:
     """The zoo classifier with 100 outputs (101 with task.background_class) in engine.classification.Classifier
     (eval mode: logits (N, outputs)), from model.* alone. Raises ConfigError for a model.num_classes other than the
     head's outputs, WeightsError for model.weights that do not fit."""
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.models import create_model
+
     outputs = head_outputs(config)
     check_num_classes(config, outputs)
     net = create_model(config.model.name, num_classes=outputs, weights=config.model.weights,
@@ -215,6 +247,11 @@ def build_model(config) -> Classifier:
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) -> class probabilities (100,): resized to task.image_size as the evaluator does. With
     task.background_class the softmax is over all 101 outputs and the background's share is left out."""
+    import torch
+    from torchvision import tv_tensors
+
+    from rs_transfer.engine.device import model_device
+
     batch = transforms(config.task.image_size, train=False)(tv_tensors.Image(image))[None]
     logits = model({"image": batch.as_subclass(torch.Tensor).to(model_device(model))})
     return logits[0].float().softmax(0)[:NUM_CLASSES].cpu()
@@ -226,6 +263,9 @@ def build(config) -> Task:
     task.background_class (engine.classification.Classifier; eval mode: logits (N, 100 or 101)), top-1/top-5 on the
     test set over every output (fractions). Raises DataError for missing or malformed pickles, ConfigError for a
     model.num_classes other than the head's outputs, WeightsError for model.weights that do not fit."""
+    from rs_transfer.engine.classification import TopKEvaluator
+    from rs_transfer.engine.task import Task
+
     task_cfg = config.task
     outputs = head_outputs(config)
     train_set = Cifar100(config.data.root, "train", transforms(task_cfg.image_size, train=True))
@@ -278,7 +318,7 @@ PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
 
 TASK = TransferTask(
     name="cifar100", config=Cifar100Config, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value
     paper={("R152", "supervised", 90): 85.5, ("R152", "SimCLR", 800): 87.1, ("R152", "SimCLRv2", 800): 84.7,
            ("R152", "RS", 400): 88.1, ("R152 2x", "supervised", 90): 86.6, ("R152 2x", "SimCLR", 800): 89.0,

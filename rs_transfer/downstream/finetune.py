@@ -4,6 +4,10 @@ sweeps every checkpoint on every task, is rs_transfer/reproduce/table5.py).
 A run is: look the task up in the registry (rs_transfer/downstream/registry.py), load its `<task>.yaml` (or
 `--config`) into the task's own config schema, apply `key=value`, build the task (dataset, model, evaluator) and
 hand it to the shared engine, which writes OUTPUT_DIR/final_metrics.json. Nothing here names a task.
+
+Mistakes are answered cheapest first, before torch is imported (seconds, half a minute on a loaded machine): the
+config (keys and values), the model name and weights file (`check_model`), the data.root layout (the task's
+`check_data`); only then the trainer. This module, the registry and the task modules import no torch for that.
 """
 
 import dataclasses
@@ -91,17 +95,30 @@ def check_model(config: FinetuneConfig) -> None:
         check_file(hub.resolve(config.model.weights))
 
 
-def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
-    from rs_transfer.engine.distributed import seed_everything
-    from rs_transfer.engine.trainer import train
-    from rs_transfer.engine.write_once import write_once
+def check_data(config: FinetuneConfig) -> None:
+    """The task's data.root layout check (TransferTask.check_data), when the task has one: torch-free and cheap.
+    Raises ConfigError for an unset data.root, DataError naming a missing folder or file."""
+    check = registry.get(config.task.name).check_data
+    if check is not None:
+        check(config)
 
+
+def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
+    """Train `config` (checked by make_config) and return its final metrics. The model and weights, then the data
+    layout, are checked before the trainer (and torch) is imported. Under torchrun every rank checks: each fails
+    the same way, and no rank waits for one that stopped."""
     check_model(config)
     if synthetic:
+        from rs_transfer.engine.write_once import write_once  # imports torch (its rank helpers): data is written
+
         root = Path(config.data.root or Path(config.output_dir) / "synthetic_data")
         # A folder the user filled keeps its data (the loader checks its layout).
         write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images, root))
         config.data.root = str(root)
+    check_data(config)
+    from rs_transfer.engine.distributed import seed_everything
+    from rs_transfer.engine.trainer import train
+
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = families.build(registry.get(config.task.name), config)
     metrics = train(config, task)

@@ -17,16 +17,21 @@ cannot be decoded is skipped with a warning naming it and the next one stands in
 unreadable in a row is an error. Training: RandomResizedCrop (area task.crop_min_area..1, aspect 3/4..4/3,
 bicubic) and a horizontal flip; evaluation and predict: the centred square of 87.5% of the short side (224 of 256,
 TF's crop) resized to task.image_size. Metrics: top1, top5 (with at least 5 classes), acc/<class> per class.
+
+Importing this module imports no torch (the registry imports it to answer config and layout mistakes first):
+pretrain/data.py, pretrain/shards.py (through wids), pretrain/transforms.py and the engine import torch at their
+top, so the functions that use them import them where they run.
 """
+
+from __future__ import annotations
 
 import logging
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 from PIL import Image
 
 from rs_transfer.config import ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction
@@ -35,15 +40,14 @@ from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTask
 from rs_transfer.downstream.scenes import COLOURS, background
-from rs_transfer.engine.classification import Classifier, TopKEvaluator
-from rs_transfer.engine.device import model_device
-from rs_transfer.engine.task import Task
 from rs_transfer.errors import DataError
-from rs_transfer.models import create_model
 from rs_transfer.predictor import Predictor, read_image, write_top5
-from rs_transfer.pretrain.data import ImageDataset, Item, collate, find_classes
-from rs_transfer.pretrain.shards import first_names
-from rs_transfer.pretrain.transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    import torch
+
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.engine.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,44 @@ def split_dir(root, split: str) -> Path:
     return path
 
 
+def find_classes(split: Path) -> list:
+    """The sorted class folders of `split`. Raises DataError for a split without any, naming the images lying loose
+    in it when it holds them (data.folders.check_sorted). pretrain.data.find_classes' rule and message, without its
+    torch import, and with this task's image extensions (every format Pillow decodes)."""
+    classes = class_folders(split)
+    if not classes:
+        check_sorted(split, image_extensions(), 0)
+        raise DataError(f"{split} has no class sub-folders: expected {split}/<class>/<image files>")
+    return classes
+
+
+def find_layout(root) -> tuple:
+    """(train folder, val folder, classes: the sorted class folders of train/) of data.root, from folder names
+    alone (no image is listed). Raises ConfigError when data.root is unset, DataError naming a missing split, a split
+    without class folders, or a train/ with fewer than two."""
+    train, val = split_dir(root, "train"), split_dir(root, "val")
+    classes = find_classes(train)
+    find_classes(val)  # a val/ with loose images and no class folder: named as such, not as "no image"
+    if len(classes) < 2:
+        raise DataError(f"{train} has one class folder ({classes[0]!r}): classification needs at least two")
+    return train, val, classes
+
+
+def check_data(config) -> None:
+    """TransferTask.check_data: data.root has train/ and val/ with class folders (`find_layout`; the images are
+    listed by `build`). Raises ConfigError for an unset data.root, DataError naming what is missing."""
+    find_layout(config.data.root)
+
+
 def list_split(folder: Path, classes: list) -> list:
     """Every image below folder/<class>/, labelled by the class's index in `classes`, in sorted order, as pretrain's
     Items (ref = the path, for warnings). Files that are not images are counted in one log line.
 
     Raises DataError naming a class folder whose class `classes` lacks (a class of val/ that train/ does not have),
     and a split without any image."""
+    from rs_transfer.pretrain.data import Item
+    from rs_transfer.pretrain.shards import first_names
+
     index = {name: i for i, name in enumerate(classes)}
     items, ignored = [], []
     for name in class_folders(folder):
@@ -107,6 +143,8 @@ def _unused_classes(items: list, classes: list) -> list:
 def set_class_names(config, classes: list, train: Path) -> None:
     """Fill task.class_names with the class folders (None), or check the names the config gives against them (in
     Unicode NFC: macOS writes folder names decomposed). Raises ConfigError naming both when they differ."""
+    from rs_transfer.pretrain.shards import first_names
+
     given = config.task.class_names
     if given is not None:
         def nfc(names):
@@ -127,11 +165,9 @@ def build_datasets(config) -> tuple:
     """(train items, val items) of data.root, with task.class_names and model.num_classes set from train/'s class
     folders (or checked against them). Raises ConfigError for an unset data.root or names/counts that disagree,
     DataError for a missing split, a split without class folder or image, a class of val/ not in train/."""
-    train, val = split_dir(config.data.root, "train"), split_dir(config.data.root, "val")
-    classes = find_classes(train)
-    find_classes(val)  # a val/ with loose images and no class folder: named as such, not as "no image"
-    if len(classes) < 2:
-        raise DataError(f"{train} has one class folder ({classes[0]!r}): classification needs at least two")
+    from rs_transfer.pretrain.shards import first_names
+
+    train, val, classes = find_layout(config.data.root)
     set_class_names(config, classes, train)
     check_num_classes(config, len(classes))
     train_items, val_items = list_split(train, classes), list_split(val, classes)
@@ -152,6 +188,9 @@ def build_model(config) -> Classifier:
     """The zoo classifier with one output per task.class_names (engine.classification.Classifier; eval mode: logits
     (N, classes)), from the config alone. Raises ConfigError when task.class_names is unset (a config never built
     on data) or model.num_classes disagrees, WeightsError for model.weights that do not fit."""
+    from rs_transfer.engine.classification import Classifier
+    from rs_transfer.models import create_model
+
     names = config.task.class_names
     if names is None:
         raise ConfigError("task.class_names is not set: folder_cls takes its classes from data.root/train "
@@ -180,6 +219,11 @@ def build(config) -> Task:
     (3, S, S) at S = task.image_size, the zoo classifier with a new head of one output per class, top-1/top-5/per-class
     accuracy on val/ (fractions). Raises ConfigError, DataError as `build_datasets`, WeightsError for model.weights
     that do not fit."""
+    from rs_transfer.engine.classification import TopKEvaluator
+    from rs_transfer.engine.task import Task
+    from rs_transfer.pretrain.data import ImageDataset, collate
+    from rs_transfer.pretrain.transforms import eval_transform, train_transform
+
     task_cfg = config.task
     train_items, val_items = build_datasets(config)
     train_set = ImageDataset(train_items, train_transform(task_cfg.image_size, "none",
@@ -194,6 +238,9 @@ def build(config) -> Task:
 
 def predict(model, config, image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) -> class probabilities (classes,), through the evaluation transform at task.image_size."""
+    from rs_transfer.engine.device import model_device
+    from rs_transfer.pretrain.transforms import eval_transform
+
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     batch = eval_transform(config.task.image_size)(pil)[None]
     logits = model({"image": batch.to(model_device(model))})
@@ -256,5 +303,5 @@ PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
 
 TASK = TransferTask(
     name="folder_cls", config=FolderClsConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
-    build_model=build_model, predictor=PREDICTOR,
+    build_model=build_model, predictor=PREDICTOR, check_data=check_data,
 )

@@ -4,7 +4,11 @@ Table 5 read.
 A task is one module that declares `TASK = TransferTask(...)`: its run config (a dataclass whose `task` section is
 the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
 protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and
-for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predictor.py).
+for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predictor.py), and its layout check.
+
+Importing a task module imports no torch (nor torchvision, timm, torchmetrics, scipy): its builders import them
+where they run, so `finetune` answers a config, layout or weights mistake in a fraction of a second, not after the
+seconds that importing torch takes.
 
 Where names come from, first found wins: `MODULES` (the package's tasks, one line each), `register(name, module)`
 (one Python process: a test, a notebook), then installed packages that declare an entry point in the group
@@ -64,6 +68,14 @@ def section_suffix(section) -> str:
 
 @dataclass(frozen=True)
 class TransferTask:
+    """What a task module declares as `TASK` (the module docstring above lists the parts).
+
+    check_data(config), when a task has it, checks the data.root layout before anything heavy runs: `finetune` calls
+    it after the config and the weights file are checked (and after a --synthetic dataset is written) and before
+    torch is imported. It raises ConfigError when data.root is unset and DataError naming the missing folder or file,
+    with the builder's own messages; it must stay cheap (the folders and files the layout names, never every image)
+    and torch-free. The builder keeps its own checks: it can be called without check_data."""
+
     name: str
     config: type  # the run config: a FinetuneConfig subclass whose `task` field is this task's section
     build: Callable  # build(config) -> rs_transfer.engine.task.Task
@@ -74,7 +86,7 @@ class TransferTask:
     # build_model(config) -> the task's model alone (no data read; `build` uses it), for `predict` and export
     build_model: Optional[Callable] = None
     predictor: "object" = None  # rs_transfer.predictor.Predictor: `rs-transfer predict`; None: the task has none
-    check_data: Optional[Callable] = None  # check_data(config) -> None, torch-free
+    check_data: Optional[Callable] = None  # check_data(config) -> None: the data.root layout, torch-free
 
     # What rs_transfer/families.py's TaskDeclaration also says (class constants, the same for every transfer task).
     family = "transfer"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from rs_transfer.errors import UserError
-from rs_transfer.models import zoo
+from rs_transfer.models.zoo import parse_name
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ModelFamily:
 FAMILIES = [
     ModelFamily("resnet_rs", "ResNet-RS", "rs_transfer.models.resnet_rs", r"(rs|resnet)\d+(-\S*)?",
                 "rs<depth>[-w<mult>] or resnet<depth>[-w<mult>][-se][-d], e.g. rs50, rs101-w1.5, resnet152-w2",
-                check=zoo.parse_name),
+                check=parse_name),
     # Section 7.2's EfficientNet-RS points train timm's EfficientNets.
     ModelFamily("efficientnet", "EfficientNet", "rs_transfer.models.efficientnet", r"efficientnet_b[0-7]",
                 "efficientnet_b0 ... efficientnet_b7"),

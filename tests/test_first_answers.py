@@ -1,0 +1,77 @@
+"""The first answers of `rs-transfer finetune`: a mistake in a config key or value, the weights file or the data.root
+layout is one `error:` line and exit 2, given before torch (nor torchvision, timm, torchmetrics, scipy) is imported,
+which takes seconds, half a minute on a loaded machine. `sweep`, `demo` and `config show finetune` import none
+either.
+
+Every case runs in one fresh Python process (the CLI's `main` called once per case), which then reports what it
+imported: the import cost is paid once, and any case that imports torch shows."""
+
+import json
+import subprocess
+import sys
+
+from rs_transfer.downstream import registry
+
+TASKS = registry.names()
+HEAVY = ("torch", "torchvision", "timm", "torchmetrics", "scipy")
+# override -> what its one error line says (data.root=/nonexistent: each task names its own missing piece)
+MISTAKES = {
+    "train.lrr=3": "unknown key 'train.lrr'; did you mean 'train.lr'?",
+    "task.eval_batch_sise=3": "unknown key 'task.eval_batch_sise'; did you mean 'task.eval_batch_size'?",
+    "task.eval_batch_size=0": "task.eval_batch_size",
+    "model.weights=/nonexistent.pth": "weights file not found: /nonexistent.pth",
+    "data.root=/nonexistent": "/nonexistent",
+    "output_dir=run": "data.root is not set",
+}
+
+SCRIPT = """
+import contextlib, io, json, logging, sys
+
+from rs_transfer.cli import main
+from rs_transfer.downstream import registry
+
+tasks, mistakes, heavy = (json.loads(arg) for arg in sys.argv[1:])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # before main's: its log lines stay out of the cases'
+
+
+def call(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return {"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+results = [call(["finetune", "--task", task, "--backbone", "rs50", mistake]) for task in tasks for mistake in mistakes]
+results += [call(["config", "show", "finetune", "--task", task, "--backbone", "rs50", "train.lr=0.5"])
+            for task in tasks]
+results += [call(["sweep", "--task", task, "--backbone", "rs50", "--steps", "2", "data.root=/nonexistent"])
+            for task in tasks]
+results += [call(["demo", "--task", task, "--data", "data", "--output", "run", "train.lrr=3"]) for task in tasks]
+print(json.dumps({"results": results, "imported": [name for name in heavy if name in sys.modules]}))
+"""
+
+
+def wrong_answers(found: dict) -> list:
+    """The cases of `found` (SCRIPT's report) that did not answer as they should: each with what it printed."""
+    wrong = []
+    for result in found["results"]:
+        argv, lines = result["argv"], result["err"].strip().splitlines()
+        if argv[0] == "config":
+            right = result["code"] == 0 and "name: rs50" in result["out"] and "lr: 0.5" in result["out"]
+        else:
+            right = (result["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+                     and MISTAKES[argv[-1]] in lines[0])
+        if not right:
+            wrong.append(result)
+    return wrong
+
+
+def test_mistakes_are_one_error_line_before_torch_is_imported(tmp_path):
+    # One test, one process for every case: pytest-xdist would run a module fixture once per worker
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(TASKS), json.dumps(list(MISTAKES)),
+                           json.dumps(HEAVY)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert len(found["results"]) == len(TASKS) * (len(MISTAKES) + 3) >= 72
+    assert wrong_answers(found) == []
+    assert found["imported"] == []
