@@ -240,7 +240,7 @@ def build_model(config) -> Classifier:
     outputs = head_outputs(config)
     check_num_classes(config, outputs)
     net = create_model(config.model.name, num_classes=outputs, weights=config.model.weights,
-                       drop_rate=config.model.drop_rate, **arch_args(config))
+                       **arch_args(config))
     return Classifier(net, label_smoothing=config.train.label_smoothing)
 
 

@@ -79,10 +79,11 @@ class FinetuneConfig(RunConfig):
 
 
 def arch_args(config) -> dict:
-    """The backbone's architecture switches from `model.*`, for `create_model`."""
-    model_cfg = config.model
-    return dict(drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
-                zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
+    """The backbone's architecture switches from `model.*` (models.zoo.ArchArgs, the 2D and 3D networks' one set),
+    for `create_model`."""
+    from rs_transfer.models.zoo import ArchArgs
+
+    return ArchArgs.from_config(config.model).as_dict()
 
 
 def check_num_classes(config, expected: int) -> None:

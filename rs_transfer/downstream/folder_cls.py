@@ -197,7 +197,7 @@ def build_model(config) -> Classifier:
                           "(a run's config.yaml has them)")
     check_num_classes(config, len(names))
     net = create_model(config.model.name, num_classes=len(names), weights=config.model.weights,
-                       drop_rate=config.model.drop_rate, **arch_args(config))
+                       **arch_args(config))
     return Classifier(net, label_smoothing=config.train.label_smoothing)
 
 

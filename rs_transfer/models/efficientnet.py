@@ -5,12 +5,11 @@ downstream backbones.
 Source: timm/models/efficientnet.py (Tan and Le, 2019).
 """
 
-import inspect
-
 import timm
 from torch import nn
 
 from rs_transfer.errors import UserError
+from rs_transfer.models.zoo import ArchArgs
 
 NAMES = tuple(f"efficientnet_b{i}" for i in range(8))
 
@@ -31,12 +30,10 @@ def build(name: str, num_classes: int = 1000, drop_rate: float = 0.0, drop_path_
 
 
 def _check_no_resnet_switches(name: str, switches: dict) -> None:
-    from rs_transfer.models.resnet_rs import build_resnet
-
-    defaults = inspect.signature(build_resnet).parameters
+    defaults = ArchArgs()
     for key, value in switches.items():
-        if key not in defaults:
+        if not hasattr(defaults, key):
             raise UserError(f"{name}: unknown model argument {key!r}")
-        if value != defaults[key].default:
+        if value != getattr(defaults, key):
             raise UserError(f"{name} is timm's EfficientNet: {key}={value!r} is a ResNet-only switch "
-                            f"(model.{key} in a config); leave it at its default {defaults[key].default!r}")
+                            f"(model.{key} in a config); leave it at its default {getattr(defaults, key)!r}")

@@ -26,7 +26,7 @@ from timm.layers import DropPath
 from rs_transfer.errors import UserError
 from rs_transfer.models.resnet_rs import init_conv_official, stochastic_depth_rates
 from rs_transfer.errors import WeightsError
-from rs_transfer.models.zoo import STAGE_WIDTHS, ModelSpec, parse_name
+from rs_transfer.models.zoo import STAGE_WIDTHS, ArchArgs, ModelSpec, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -148,27 +148,22 @@ class ResNet3d(nn.Module):
         self_gating: bool = False,
         stem_pool: str = "max",
         avg_down: bool = False,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        drop_path_schedule: str = "stage",
-        zero_init_last: bool = True,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-        init: str = "official",
+        **arch,
     ):
+        """`arch`: the switches of zoo.ArchArgs, the 2D network's (their defaults there). Raises UserError for a bad
+        name, switch or value."""
         super().__init__()
         spec = parse_name(name)
+        arch = ArchArgs.of(arch)
         if stem_pool not in ("max", "conv"):
             raise UserError(f"unknown stem_pool {stem_pool!r}: expected 'max' or 'conv'")
         if stem_pool == "conv" and not spec.resnet_d:
             raise UserError(f"stem_pool 'conv' needs a ResNet-D model (rs<depth> or -d), not {name!r}")
-        if init not in ("official", "timm"):
-            raise UserError(f"unknown init {init!r}: expected 'official' or 'timm'")
         self.spec = Video3dSpec(spec, temporal_kernels, self_gating, stem_pool, avg_down and spec.resnet_d)
         kernels = temporal_kernel_layout(spec.layout, temporal_kernels)
 
         def norm_layer(channels):
-            return nn.BatchNorm3d(channels, eps=bn_eps, momentum=bn_momentum)
+            return nn.BatchNorm3d(channels, eps=arch.bn_eps, momentum=arch.bn_momentum)
 
         m = spec.width
         if spec.resnet_d:
@@ -199,7 +194,7 @@ class ResNet3d(nn.Module):
         self.bn1 = norm_layer(stem_out)
         self.act1 = nn.ReLU(inplace=True)
 
-        rates = iter(stochastic_depth_rates(spec.layout, drop_path_rate, drop_path_schedule))
+        rates = iter(stochastic_depth_rates(spec.layout, arch.drop_path_rate, arch.drop_path_schedule))
         in_chs = stem_out
         for stage, (blocks, stage_kernels) in enumerate(zip(spec.layout, kernels)):
             width = int(STAGE_WIDTHS[stage] * m)
@@ -215,9 +210,9 @@ class ResNet3d(nn.Module):
             self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
         self.num_features = in_chs
         self.global_pool = nn.AdaptiveAvgPool3d(1)
-        self.drop = nn.Dropout(drop_rate)
+        self.drop = nn.Dropout(arch.drop_rate)
         self.fc = nn.Linear(in_chs, num_classes)
-        _init(self, init, zero_init_last)
+        _init(self, arch.init, arch.zero_init_last)
 
     def forward_features(self, x):
         """x: (batch, channels, time, height, width) -> the c5 feature map."""

@@ -29,6 +29,7 @@ from rs_transfer.models.zoo import (  # noqa: F401 (re-exported: the names' home
     SCALING_RESOLUTIONS,
     SCALING_WIDTHS,
     STAGE_WIDTHS,
+    ArchArgs,
     ModelSpec,
     parse_name,
     scaling_grid_names,
@@ -84,31 +85,12 @@ def _widen_plain_stem(model: ResNet, width: int, norm_layer) -> None:
     model.feature_info[0]["num_chs"] = width
 
 
-def build_resnet(
-    spec: ModelSpec,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    drop_path_schedule: str = "stage",
-    zero_init_last: bool = True,
-    bn_momentum: float = 0.1,
-    bn_eps: float = 1e-5,
-    init: str = "official",
-) -> ResNet:
-    """Build the network a `ModelSpec` describes.
-
-    drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, spread by `drop_path_schedule`.
-    zero_init_last: gamma 0 in each block's last BN (TF1 release; TF2 does not).
-    bn_momentum: PyTorch convention. The official recipe uses 1.0 (TF's 0: running stats = last batch) and
-    relies on an EMA of the BN buffers for evaluation; without that EMA, 1.0 breaks evaluation, so the builder
-    defaults to PyTorch's 0.1 and the RS recipe configs set 1.0 together with the buffer EMA.
-    init: "official" (truncated-normal fan-in convs, classifier std 0.01) or "timm" (kaiming fan-out).
-    """
-    if init not in ("official", "timm"):
-        raise UserError(f"unknown init {init!r}: expected 'official' or 'timm'")
+def build_resnet(spec: ModelSpec, num_classes: int = 1000, in_chans: int = 3, **arch) -> ResNet:
+    """Build the network a `ModelSpec` describes; `arch`: the switches of zoo.ArchArgs (their defaults there,
+    shared with the 3D network). Raises UserError for an unknown switch or value."""
+    arch = ArchArgs.of(arch)
     m = spec.width
-    norm_layer = partial(nn.BatchNorm2d, momentum=bn_momentum, eps=bn_eps)
+    norm_layer = partial(nn.BatchNorm2d, momentum=arch.bn_momentum, eps=arch.bn_eps)
     block_args = {}
     if spec.se:
         # Official SE: squeeze to a quarter of the block's output (= the bottleneck width), no rounding.
@@ -121,18 +103,18 @@ def build_resnet(
         in_chans=in_chans,
         channels=tuple(int(c * m) for c in STAGE_WIDTHS),
         norm_layer=norm_layer,
-        drop_rate=drop_rate,
-        zero_init_last=zero_init_last,
+        drop_rate=arch.drop_rate,
+        zero_init_last=arch.zero_init_last,
         block_args=block_args,
         **stem,
     )
     if not spec.resnet_d and int(64 * m) != 64:
         _widen_plain_stem(model, int(64 * m), norm_layer)
-    rates = stochastic_depth_rates(spec.layout, drop_path_rate, drop_path_schedule)
+    rates = stochastic_depth_rates(spec.layout, arch.drop_path_rate, arch.drop_path_schedule)
     blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
     for block, rate in zip(blocks, rates):
         block.drop_path = DropPath(rate) if rate > 0 else None
-    if init == "official":
+    if arch.init == "official":
         _init_official(model)  # leaves BN alone, so timm's zero-init of the last BNs stays
     model.spec = spec
     return model

@@ -15,6 +15,7 @@ Table 7's numbers are the paper's (PAPER.md section 2); `tests/test_models.py` p
 params and GFLOPs columns, so the CLI can print them without building anything.
 """
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -86,6 +87,55 @@ def parse_name(name: str) -> ModelSpec:
             raise UserError(f"model name {name!r}: rs models already have SE and ResNet-D")
         return ModelSpec(name=name, depth=depth, width=width, se=True, resnet_d=True)
     return ModelSpec(name=name, depth=depth, width=width, se="se" in parts, resnet_d="d" in parts)
+
+
+INITS = ("official", "timm")
+DROP_PATH_SCHEDULES = ("stage", "block")
+
+
+@dataclass(frozen=True)
+class ArchArgs:
+    """The architecture switches every zoo network takes, 2D (resnet_rs.build_resnet) and 3D (resnet3d_rs.ResNet3d)
+    alike, with the official behaviour as the default (PAPER.md sections 2 and 7; timm's differences are switches).
+
+    drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, spread over the blocks by
+    drop_path_schedule ("stage": constant within a stage, the official TF code; "block": linear, timm's).
+    zero_init_last: gamma 0 in each block's last BN (TF1 release). bn_momentum, bn_eps: PyTorch's convention (the RS
+    recipe's 1.0 goes with an EMA of the BN buffers). init: "official" (truncated-normal fan-in convs, classifier
+    std 0.01) or "timm" (kaiming fan-out). Raises UserError for an unknown init or schedule."""
+
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    drop_path_schedule: str = "stage"
+    zero_init_last: bool = True
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    init: str = "official"
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise UserError(f"unknown init {self.init!r}: expected 'official' or 'timm'")
+        if self.drop_path_schedule not in DROP_PATH_SCHEDULES:
+            raise UserError(f"unknown stochastic depth schedule {self.drop_path_schedule!r}: expected 'stage' or "
+                            "'block'")
+
+    @classmethod
+    def of(cls, switches: dict) -> "ArchArgs":
+        """From keyword arguments; UserError naming an unknown one (a builder's **arch)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(switches) - known)
+        if unknown:
+            raise UserError(f"unknown model argument {unknown[0]!r}: expected some of {', '.join(sorted(known))}")
+        return cls(**switches)
+
+    @classmethod
+    def from_config(cls, model_config) -> "ArchArgs":
+        """From a run config's `model` section (config.ModelConfig: the same names; bn_eps is not a config key)."""
+        names = [field.name for field in dataclasses.fields(cls) if hasattr(model_config, field.name)]
+        return cls(**{name: getattr(model_config, name) for name in names})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def scaling_grid_names() -> list:

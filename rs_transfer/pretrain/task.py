@@ -15,6 +15,7 @@ from rs_transfer.engine.task import Task
 from rs_transfer.families import TaskDeclaration
 from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
+from rs_transfer.models.zoo import ArchArgs
 from rs_transfer.pretrain import data, transforms
 from rs_transfer.pretrain.config import PretrainConfig
 from rs_transfer.predictor import Predictor, read_image, write_top5
@@ -85,9 +86,7 @@ def build_model(config: PretrainConfig) -> Classifier:
     from its default for an EfficientNet, WeightsError for model.weights that do not fit."""
     model_cfg = config.model
     net = create_model(model_cfg.name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
-                       drop_rate=model_cfg.drop_rate,
-                       drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
-                       zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init)
+                       **ArchArgs.from_config(model_cfg).as_dict())
     return Classifier(net, config.train.label_smoothing)
 
 

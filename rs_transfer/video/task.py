@@ -21,6 +21,7 @@ from rs_transfer.engine.write_once import write_once
 from rs_transfer.families import TaskDeclaration
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.models.resnet3d_rs import ResNet3d, create_model_3d
+from rs_transfer.models.zoo import ArchArgs
 from rs_transfer.models.weights import load_weights
 from rs_transfer.predictor import Predictor, write_top5
 from rs_transfer.video import data, sampling, synthetic
@@ -38,9 +39,7 @@ def build_net(config: VideoConfig) -> ResNet3d:
     net = create_model_3d(
         model_cfg.name, num_classes=model_cfg.num_classes, inflate_from=model_cfg.inflate_from,
         inflate=model_cfg.inflate, temporal_kernels=model_cfg.temporal_kernels, self_gating=model_cfg.self_gating,
-        stem_pool=model_cfg.stem_pool, avg_down=model_cfg.avg_down, drop_rate=model_cfg.drop_rate,
-        drop_path_rate=model_cfg.drop_path_rate, drop_path_schedule=model_cfg.drop_path_schedule,
-        zero_init_last=model_cfg.zero_init_last, bn_momentum=model_cfg.bn_momentum, init=model_cfg.init,
+        stem_pool=model_cfg.stem_pool, avg_down=model_cfg.avg_down, **ArchArgs.from_config(model_cfg).as_dict(),
     )
     if model_cfg.weights is not None:
         # A 3D checkpoint of ours (`video train`'s weights.pth, final.pt or checkpoints; EMA weights preferred),
