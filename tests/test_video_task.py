@@ -94,7 +94,7 @@ ROW_CHANGES = {
     "04_stochastic_depth": {"model.drop_path_rate": 0.1},
     "05_ema": {"train.ema_decay": 0.9999},
     "06_weight_decay": {"train.weight_decay": 4e-5},
-    "07_350_epochs": {"train.epochs": 350},
+    "07_350_epochs": {"train.epochs": 350, "train.eval_last_epochs": 10},
     "08_scale_jitter": {"data.scale_jitter": True},
     "09_se": {"model.name": "resnet50-se"},
     "10_resnet_d": {"model.name": "rs50", "model.temporal_kernels": "rs"},
