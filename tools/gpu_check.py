@@ -388,12 +388,13 @@ def video_model_only(device: str, model: str, frames: int, crop: int, batch: int
 
 def measured_run(argv: list, measures: Path) -> int:
     """`python -m rs_transfer ARGV` in this process, with what its records do not split apart measured beside it,
-    written to MEASURES (JSON): the seconds of each evaluation, of each checkpoint on the training thread (state
-    gathered, the previous write waited for, the copy to host memory) and of each checkpoint write in the background
-    (serialise, fsync, rename), timed around the trainer's own methods (summary.json has only their sum with the
-    waits, wall_s - train_s); and the end-to-end peak memory: torch.cuda.max_memory_allocated (weights, gradients,
-    optimizer, EMA, activations, DDP buckets; None without CUDA) and this process's peak resident set (VmHWM:
-    ru_maxrss, pinned host buffers included; the loader workers are other processes and not in it)."""
+    written to MEASURES (JSON): the seconds of each evaluation, of each checkpoint on the training thread (the
+    weights' finite check, state gathered, the previous write waited for, the copy to host memory) and of each
+    checkpoint write in the background (serialise, fsync, rename), timed around the trainer's own methods
+    (summary.json has only their sum with the waits, wall_s - train_s); and the end-to-end peak memory:
+    torch.cuda.max_memory_allocated (weights, gradients, optimizer, EMA, activations, the evaluation; None without
+    CUDA) and this process's peak resident set (VmHWM: ru_maxrss, pinned host buffers included; the loader workers
+    are other processes and not in it)."""
     import resource
 
     import torch
@@ -784,8 +785,9 @@ def run_check(s: Settings, wheels: Path, site: Path, work: Path, budget_s: float
         except Exception as error:  # a bug in this file must not hide the other parts' figures
             result[part] = {"error": f"{type(error).__name__}: {error}"}
         result[part]["part_seconds"] = round(time.time() - begun, 1)
-        outcome = result[part].get("error") and "error: " + result[part]["error"] or result[part].get("reason", "done")
-        log(f"{part}: {outcome} ({result[part]['part_seconds']} s)")
+        entry = result[part]
+        outcome = f"error: {entry['error']}" if "error" in entry else entry.get("reason", "done")
+        log(f"{part}: {outcome} ({entry['part_seconds']} s)")
     result["e2e_over_model_only"] = ratio(result, "pretrain", "images_per_s", "model_only", "train_img_s")
     result["dali_e2e_over_model_only"] = ratio(result, "dali", "images_per_s", "model_only", "train_img_s")
     result["video_e2e_over_model_only"] = ratio(result, "video_train", "clips_per_s", "video_model_only",
@@ -841,7 +843,6 @@ def goal_figures(result: dict) -> dict:
         "dali_img_s": get("dali", "images_per_s"),
         "dali_reason": get("dali", "reason") or get("dali", "error"),
     }
-    assert tuple(figures) == GOAL_KEYS
     return figures
 
 
