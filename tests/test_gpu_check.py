@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from rs_transfer.engine.distributed import loader_workers
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(SPEC)
@@ -280,8 +282,6 @@ def test_every_part_runs_on_cpu_with_only_the_device_imports(wheels, tmp_path):
     result = json.loads(done.stdout)
     used = set(imports.read_text().split())
 
-    if os.environ.get("GPU_CHECK_TEST_DUMP"):  # the figures of a run, to read its part_seconds
-        Path(os.environ["GPU_CHECK_TEST_DUMP"]).write_text(done.stdout)
     assert result["errors"] == [], {p: result[p] for p in result["errors"]}
     # DALI is not in the wheel folder: where it cannot be imported its figure is null, with the reason
     assert result["dali"]["images_per_s"] is None and "nvidia.dali is not importable" in result["dali"]["reason"]
@@ -300,6 +300,7 @@ def test_every_part_runs_on_cpu_with_only_the_device_imports(wheels, tmp_path):
     assert compiled["train_img_s"] > 0 and compiled["compile_s"] > 0
     # the real loader with the recipe's worker count; one evaluation and its checkpoint at the last step, timed
     assert pretrain["num_workers"] == "auto" and "data.num_workers=auto" in pretrain["command"]
+    assert pretrain["loader_workers"] == loader_workers("auto")[0] == result["goal"]["e2e_num_workers"]
     assert pretrain["peak_mem_gib"] is None and 0.1 < pretrain["peak_rss_gib"] < 16
     assert len(pretrain["eval_s"]) == len(pretrain["checkpoint_blocking_s"]) == 1
     assert len(pretrain["checkpoint_write_s"]) == 1 and pretrain["checkpoint_write_s"][0] > 0

@@ -400,6 +400,7 @@ def measured_run(argv: list, measures: Path) -> int:
     import torch
 
     from rs_transfer.cli import main as cli_main
+    from rs_transfer.engine.distributed import loader_workers
     from rs_transfer.engine.trainer import Trainer
 
     times = {"evaluate": [], "checkpoint_blocking": [], "checkpoint_write": []}
@@ -418,7 +419,11 @@ def measured_run(argv: list, measures: Path) -> int:
     Trainer._write_step = timed("checkpoint_write", Trainer._write_step)
     code = cli_main(argv)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    # what the run's loader started: its data.num_workers (`auto`) resolved here, as the trainer did (one process)
+    setting = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("data.num_workers=")), None)
+    workers = None if setting is None else loader_workers(int(setting) if setting.isdigit() else setting)[0]
     measures.write_text(json.dumps({
+        "loader_workers": workers,
         **{f"{name}_s": [round(t, 4) for t in values] for name, values in times.items()},
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
@@ -598,7 +603,8 @@ def part_pretrain(runner: Runner, s: Settings, timeout: float, data: dict, name:
     measures = json.loads(measures_path.read_text())
     summary = json.loads((out / "summary.json").read_text())
     return {"images_per_s": speed["per_s"], "model": s.model, "image_size": s.image_size, "amp": s.dtype,
-            "channels_last": True, "batch": s.batch, "num_workers": s.pretrain_workers, "steps": s.steps,
+            "channels_last": True, "batch": s.batch, "num_workers": s.pretrain_workers,
+            "loader_workers": measures["loader_workers"], "steps": s.steps,
             "warmup_steps_left_out": s.warmup_steps, "timed_images": speed["timed_samples"],
             "timed_seconds": speed["timed_seconds"], "windows_images_per_s": speed["windows_per_s"],
             "peak_mem_gib": measures["peak_mem_gib"], "peak_rss_gib": measures["peak_rss_gib"],
@@ -826,7 +832,7 @@ def goal_figures(result: dict) -> dict:
         "compile_backend": get("model_only_compiled", "compile_backend"),
         "compile_s": get("model_only_compiled", "compile_s"),
         "e2e_img_s": get("pretrain", "images_per_s"),
-        "e2e_num_workers": get("pretrain", "num_workers"),
+        "e2e_num_workers": get("pretrain", "loader_workers"),
         "e2e_over_model_only": result.get("e2e_over_model_only"),
         "e2e_over_model_only_compiled": ratio(result, "pretrain", "images_per_s", "model_only_compiled",
                                               "train_img_s"),
