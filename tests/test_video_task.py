@@ -18,7 +18,7 @@ from rs_transfer.reproduce.table6 import TABLE6, config_path
 from rs_transfer.video import data, synthetic
 from rs_transfer.engine.classification import Classifier
 from rs_transfer.video.config import VideoConfig, VideoDataConfig
-from rs_transfer.video.task import build_net, build_task, evaluate_videos
+from rs_transfer.video.task import VideoEvaluator, build_net, build_task, evaluate_videos
 
 # PAPER.md section 6, verbatim.
 PAPER_TABLE6 = ("Top-1: baseline (200 epochs, cosine) 73.4; + FC dropout 74.4; + label smoothing 74.9; + stochastic "
@@ -55,6 +55,22 @@ def test_evaluator_averages_views_per_video_and_skips_broken_ones(tmp_path, capl
     assert f"skipping video {broken}" in caplog.text
 
 
+def test_evaluator_keeps_its_decoding_workers_between_evaluations(tmp_path):
+    root = synthetic.write_dataset(tmp_path / "k400", "folders", {"train": 1, "val": 1}, num_frames=8)
+    videos, classes = data.list_videos(root, "val")
+    d = VideoDataConfig(num_workers=1, clip_frames=8, frame_stride=1, eval_short_side=32, eval_crop_size=32,
+                        eval_views=1)
+    evaluate = VideoEvaluator(videos, d, len(classes))
+    model = Classifier(FixedLogits(len(classes))).eval()
+    first = evaluate(model)
+    workers = [w.pid for w in evaluate.loader._iterator._workers]
+    assert evaluate(model) == first == {"top1": 0.25, "top5": 1.0, "videos": 4.0, "skipped": 0.0}
+    assert [w.pid for w in evaluate.loader._iterator._workers] == workers and len(workers) == 1
+    processes = evaluate.loader._iterator._workers
+    evaluate.close()
+    assert evaluate.loader is None and not any(w.is_alive() for w in processes)
+
+
 def test_class_count_and_config_typos_are_named(tmp_path):
     root = synthetic.write_dataset(tmp_path / "k400", "csv", {"train": 1, "val": 1}, num_frames=8)
     config = load_config(VideoConfig, None, [f"data.root={root}", "model.name=rs26-w0.25", "model.num_classes=400"])
@@ -78,7 +94,7 @@ ROW_CHANGES = {
     "04_stochastic_depth": {"model.drop_path_rate": 0.1},
     "05_ema": {"train.ema_decay": 0.9999},
     "06_weight_decay": {"train.weight_decay": 4e-5},
-    "07_350_epochs": {"train.epochs": 350},
+    "07_350_epochs": {"train.epochs": 350, "train.eval_last_epochs": 10},
     "08_scale_jitter": {"data.scale_jitter": True},
     "09_se": {"model.name": "resnet50-se"},
     "10_resnet_d": {"model.name": "rs50", "model.temporal_kernels": "rs"},

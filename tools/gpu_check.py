@@ -1,12 +1,15 @@
-"""The one-call GPU check (issue 10): prepare a wheel folder here, then measure on a GPU machine without network.
+"""The one-call GPU check: prepare a wheel folder here, then measure on a GPU machine without network.
 
     python tools/gpu_check.py prepare [--python-version 3.11]   # here, with pip's index: gpu_check/wheels
     bash tools/gpu_check.sh [run options]                       # there, from the repository root
 
 `run` installs gpu_check/wheels into gpu_check/site (only the wheels whose distribution that Python lacks, and
-always this package) and prints one JSON object: end-to-end pretraining img/s from a JPEG folder (PyTorch loader,
-and `data.backend=dali` where it exists), the model-only img/s of `bench latency` and their ratio, video clips/s
-(training run, model alone, loader alone) and a few Table 7 rows in bf16 and fp32. Every part runs in its own
+always this package) and prints one JSON object: end-to-end pretraining img/s from a JPEG folder (PyTorch loader
+with `data.num_workers=auto`, and `data.backend=dali` where DALI can be imported, else null with the reason), its
+peak memory and the evaluation and checkpoint seconds of its last step, the model-only img/s of `bench latency`
+eager and compiled and their ratios, video clips/s (training run, model alone, loader alone) and a few Table 7
+rows in bf16 and fp32; its `goal` object gathers the figures the 4-hour RS-50 goal needs (GOAL_KEYS, each
+documented in docs/benchmarks.md). Every part runs in its own
 subprocess with its own timeout and reports its own `error`, so one failure hides no other figure; all parts share
 a budget (`--budget-s`, 450 s by default) so the whole check ends within 8 minutes. `--tiny --device cpu` runs the
 same parts with tiny settings (the tests do).
@@ -383,6 +386,51 @@ def video_model_only(device: str, model: str, frames: int, crop: int, batch: int
             "clips_per_s": round(fitted / step_s, 2)}
 
 
+def measured_run(argv: list, measures: Path) -> int:
+    """`python -m rs_transfer ARGV` in this process, with what its records do not split apart measured beside it,
+    written to MEASURES (JSON): the seconds of each evaluation, of each checkpoint on the training thread (the
+    weights' finite check, state gathered, the previous write waited for, the copy to host memory) and of each
+    checkpoint write in the background (serialise, fsync, rename), timed around the trainer's own methods
+    (summary.json has only their sum with the waits, wall_s - train_s); and the end-to-end peak memory:
+    torch.cuda.max_memory_allocated (weights, gradients, optimizer, EMA, activations, the evaluation; None without
+    CUDA) and this process's peak resident set (VmHWM: ru_maxrss, pinned host buffers included; the loader workers
+    are other processes and not in it)."""
+    import resource
+
+    import torch
+
+    from rs_transfer.cli import main as cli_main
+    from rs_transfer.engine.distributed import loader_workers
+    from rs_transfer.engine.trainer import Trainer
+
+    times = {"evaluate": [], "checkpoint_blocking": [], "checkpoint_write": []}
+
+    def timed(name: str, method):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                times[name].append(time.perf_counter() - started)  # list.append: safe from the writer's thread
+        return wrapper
+
+    Trainer._evaluate = timed("evaluate", Trainer._evaluate)
+    Trainer._save = timed("checkpoint_blocking", Trainer._save)
+    Trainer._write_step = timed("checkpoint_write", Trainer._write_step)
+    code = cli_main(argv)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    # what the run's loader started: its data.num_workers (`auto`) resolved here, as the trainer did (one process)
+    setting = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("data.num_workers=")), None)
+    workers = None if setting is None else loader_workers(int(setting) if setting.isdigit() else setting)[0]
+    measures.write_text(json.dumps({
+        "loader_workers": workers,
+        **{f"{name}_s": [round(t, 4) for t in values] for name, values in times.items()},
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
+    }) + "\n")
+    return code
+
+
 # --- run (on the device) --------------------------------------------------------------------------------------
 
 class PartError(Exception):
@@ -401,7 +449,9 @@ class Settings:
     steps: int = 160
     log_every: int = 20
     warmup_steps: int = 40  # log windows up to this step are left out (worker start-up, cuDNN autotuning)
-    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 2))
+    pretrain_workers: str = "auto"  # data.num_workers of the pretraining runs: the recipe's (cores - 1)
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 2))  # video runs and loader
+    compile_backend: str = "inductor"  # model_only_compiled: `bench latency --compile BACKEND`
     classes: int = 10
     train_per_class: int = 130
     val_per_class: int = 10
@@ -422,6 +472,7 @@ class Settings:
     video_model_repeats: int = 10
     loader_clips: int = 200
     table7_rows: str = "rs50@160,efficientnet_b0@224,efficientnet_b1@240"
+    table7_dtypes: tuple = ("bf16", "fp32")  # the table7_DTYPE parts run
     table7_batch: int | None = None  # None: the bench's default (128 on GPU)
     table7_warmup: int | None = None
     table7_repeats: int | None = None
@@ -430,14 +481,19 @@ class Settings:
 TINY = Settings(
     device="cpu", dtype="fp32", model="rs26-w0.25", image_size=32, batch=8, steps=6, log_every=2, warmup_steps=2,
     workers=1, classes=2, train_per_class=8, val_per_class=2, latency_warmup=0, latency_repeats=2,
+    # inductor would compile C++ on the CPU; eager runs dynamo's capture alone (10 CPU-s a run here against 16 with
+    # aot_eager and 5.5 uncompiled: `bench latency --models rs26-w0.25@32 --device cpu --batch 8 --compile B`),
+    # which keeps the tiny run within its old cost
+    compile_backend="eager",
     video_model="rs26-w0.125", clip_frames=4, frame_stride=2, crop=32, eval_size=32, video_batch=2, video_steps=4,
     video_log_every=2, video_warmup_steps=2, video_train_per_class=2, video_seconds=1, video_model_warmup=0,
-    video_model_repeats=1, loader_clips=2, table7_rows="rs50@160", table7_batch=2, table7_warmup=0,
-    table7_repeats=1,
+    video_model_repeats=1, loader_clips=2, table7_rows="rs50@160", table7_dtypes=("fp32",), table7_batch=2,
+    table7_warmup=0, table7_repeats=1,
 )
 
 # Seconds each part may take at most; every part also leaves RESERVE_S for each part after it.
-TIMEOUTS = {"device": 60, "install": 120, "jpegs": 60, "pretrain": 150, "model_only": 90, "dali": 150,
+TIMEOUTS = {"device": 60, "install": 120, "jpegs": 60, "pretrain": 150, "model_only": 90, "model_only_compiled": 150,
+            "dali": 150,
             "videos": 60, "video_train": 150, "video_model_only": 90, "video_loader": 90, "table7_bf16": 90,
             "table7_fp32": 90}
 PARTS = tuple(TIMEOUTS)
@@ -489,9 +545,11 @@ class Runner:
     def python(self, part: str, args: list, timeout: float) -> str:
         return self.run(part, [sys.executable, *args], timeout)
 
-    def helper(self, part: str, args: list, timeout: float) -> dict:
-        """A subcommand of this file, run with the site on PYTHONPATH; its last stdout line is JSON."""
-        return json.loads(self.python(part, [str(Path(__file__).resolve()), *args], timeout).strip().splitlines()[-1])
+    def helper(self, part: str, args: list, timeout: float, last_json: bool = True) -> dict | None:
+        """A subcommand of this file, run with the site on PYTHONPATH; its last stdout line is JSON (unless not
+        `last_json`: None)."""
+        stdout = self.python(part, [str(Path(__file__).resolve()), *args], timeout)
+        return json.loads(stdout.strip().splitlines()[-1]) if last_json else None
 
 
 def last_lines(text: str, count: int = 1) -> str:
@@ -524,40 +582,63 @@ def throughput(metrics: Path, batch: int, warmup_steps: int) -> dict:
 
 
 def pretrain_command(s: Settings, root: str, out: Path, extra=()) -> list:
+    """The arguments of `python -m rs_transfer`: one evaluation (of the val folder) and its checkpoint at the last
+    step, the bookkeeping of one epoch end."""
     # a packaged config's name: the installed wheel's own copy is read, as a user's install would
-    return ["-m", "rs_transfer", "pretrain", "--config", "pretrain/rs50_i160.yaml",
+    return ["pretrain", "--config", "pretrain/rs50_i160.yaml",
             f"data.root={root}", f"output_dir={out}", f"model.name={s.model}", "model.num_classes=null",
             "model.init=timm",  # the official init takes seconds longer and changes no timing
-            f"data.image_size={s.image_size}", f"data.num_workers={s.workers}", "train.epochs=null",
+            f"data.image_size={s.image_size}", f"data.num_workers={s.pretrain_workers}", "train.epochs=null",
             f"train.steps={s.steps}", f"train.batch_size={s.batch}", f"train.log_every_steps={s.log_every}",
             f"train.amp={'bf16' if s.dtype == 'bf16' else 'none'}", "train.channels_last=true",
-            f"train.device={s.device}", "train.eval_every_epochs=0", *extra]
+            f"train.device={s.device}", "train.eval_every_epochs=0", "train.eval_last_epochs=0", *extra]
 
 
 def part_pretrain(runner: Runner, s: Settings, timeout: float, data: dict, name: str = "pretrain", extra=()) -> dict:
     out = runner.work / name
     command = pretrain_command(s, data["root"], out, extra)
-    runner.python(name, command, timeout)
+    measures_path = runner.work / f"{name}_measures.json"
+    runner.helper(name, ["measured-run", "--measures", str(measures_path), "--", *command], timeout, last_json=False)
     speed = throughput(out / "metrics.jsonl", s.batch, s.warmup_steps)
+    measures = json.loads(measures_path.read_text())
+    summary = json.loads((out / "summary.json").read_text())
     return {"images_per_s": speed["per_s"], "model": s.model, "image_size": s.image_size, "amp": s.dtype,
-            "channels_last": True, "batch": s.batch, "num_workers": s.workers, "steps": s.steps,
+            "channels_last": True, "batch": s.batch, "num_workers": s.pretrain_workers,
+            "loader_workers": measures["loader_workers"], "steps": s.steps,
             "warmup_steps_left_out": s.warmup_steps, "timed_images": speed["timed_samples"],
             "timed_seconds": speed["timed_seconds"], "windows_images_per_s": speed["windows_per_s"],
-            "command": "python " + " ".join(command)}
+            "peak_mem_gib": measures["peak_mem_gib"], "peak_rss_gib": measures["peak_rss_gib"],
+            "eval_images": data["val_images"], "eval_s": measures["evaluate_s"],
+            "checkpoint_blocking_s": measures["checkpoint_blocking_s"],
+            "checkpoint_write_s": measures["checkpoint_write_s"],
+            "bookkeeping_s": round(summary["wall_s"] - summary["train_s"], 3),
+            "command": "python -m rs_transfer " + " ".join(command)}
+
+
+class Unavailable(PartError):
+    """The part cannot run on this machine (not a failure): its figure is null, with the reason."""
 
 
 def part_dali(runner: Runner, s: Settings, timeout: float, data: dict) -> dict:
-    # The key is checked by the run itself: an unknown data.backend is one `error:` line naming it.
+    try:  # DALI (788 MB) is not in the wheel folder: only a machine that has it measures this part
+        runner.python("dali", ["-c", "import nvidia.dali"], min(timeout, 60))
+    except PartError as error:
+        raise Unavailable(f"nvidia.dali is not importable here ({error})") from None
     return part_pretrain(runner, s, timeout, data, name="dali", extra=("data.backend=dali",))
 
 
-def part_model_only(runner: Runner, s: Settings, timeout: float) -> dict:
+def part_model_only(runner: Runner, s: Settings, timeout: float, compiled: bool = False) -> dict:
+    """`bench latency` of the pretraining model, eager or (compiled) torch.compile'd with s.compile_backend: its
+    first step, which compiles, is reported apart as compile_s."""
     command = ["-m", "rs_transfer", "bench", "latency", "--models", f"{s.model}@{s.image_size}", "--device",
                s.device, "--dtype", s.dtype, "--channels-last", "--batch", str(s.batch), "--warmup",
                str(s.latency_warmup), "--repeats", str(s.latency_repeats), "--json"]
-    result = json.loads(runner.python("model_only", command, timeout))[0]
+    if compiled:
+        command += ["--compile", s.compile_backend]
+    name = "model_only_compiled" if compiled else "model_only"
+    result = json.loads(runner.python(name, command, timeout))[0]
     keep = ("model", "resolution", "device", "dtype", "channels_last", "batch", "train_img_s", "train_s_per_128",
-            "infer_batch", "infer_img_s", "peak_mem_gb", "torch_version")
+            "infer_batch", "infer_img_s", "peak_mem_gb", "torch_version", "compile_backend", "compile_s")
     return {**{key: result[key] for key in keep}, "command": "python " + " ".join(command)}
 
 
@@ -671,7 +752,9 @@ def run_check(s: Settings, wheels: Path, site: Path, work: Path, budget_s: float
     runner = Runner(work, site, budget_s, started)
     result = {"check": "rs-transfer one-call GPU check (docs/benchmarks.md)", "settings": asdict(s),
               "budget_s": budget_s}
-    wanted = [p for p in PARTS if p in parts or p in {NEEDS.get(q) for q in parts} or p in ("device", "install")]
+    skipped = {f"table7_{dtype}" for dtype in ("bf16", "fp32") if dtype not in s.table7_dtypes}
+    wanted = [p for p in PARTS if (p in parts or p in {NEEDS.get(q) for q in parts} or p in ("device", "install"))
+              and p not in skipped]
     actions = {
         "device": lambda t: part_device(runner, s, t),
         "install": lambda t: install(wheels, site, t),
@@ -681,6 +764,7 @@ def run_check(s: Settings, wheels: Path, site: Path, work: Path, budget_s: float
                                                    str(max(1, s.workers))], t),
         "pretrain": lambda t: part_pretrain(runner, s, t, result["jpegs"]),
         "model_only": lambda t: part_model_only(runner, s, t),
+        "model_only_compiled": lambda t: part_model_only(runner, s, t, compiled=True),
         "dali": lambda t: part_dali(runner, s, t, result["jpegs"]),
         "videos": lambda t: runner.helper("videos", ["make-videos", "--root", str(work / "videos"), "--classes", "2",
                                                      "--train-per-class", str(s.video_train_per_class),
@@ -700,20 +784,72 @@ def run_check(s: Settings, wheels: Path, site: Path, work: Path, budget_s: float
             if "error" in result.get("install", {}) and part != "device":
                 raise PartError("not run: the install part failed")
             result[part] = actions[part](runner.timeout(part, len(wanted) - index - 1))
+        except Unavailable as reason:
+            result[part] = {"images_per_s": None, "reason": str(reason)}
         except PartError as error:
             result[part] = {"error": str(error)}
         except Exception as error:  # a bug in this file must not hide the other parts' figures
             result[part] = {"error": f"{type(error).__name__}: {error}"}
         result[part]["part_seconds"] = round(time.time() - begun, 1)
-        log(f"{part}: {'error: ' + result[part]['error'] if 'error' in result[part] else 'done'} "
-            f"({result[part]['part_seconds']} s)")
+        entry = result[part]
+        outcome = f"error: {entry['error']}" if "error" in entry else entry.get("reason", "done")
+        log(f"{part}: {outcome} ({entry['part_seconds']} s)")
     result["e2e_over_model_only"] = ratio(result, "pretrain", "images_per_s", "model_only", "train_img_s")
     result["dali_e2e_over_model_only"] = ratio(result, "dali", "images_per_s", "model_only", "train_img_s")
     result["video_e2e_over_model_only"] = ratio(result, "video_train", "clips_per_s", "video_model_only",
                                                 "clips_per_s")
     result["errors"] = sorted(p for p in wanted if "error" in result[p])
+    result["goal"] = goal_figures(result)
     result["seconds"] = round(time.time() - started, 1)
     return result
+
+
+# The figures that answer the 4-hour RS-50 goal (docs/benchmarks.md, "4-hour RS-50"), in the JSON's `goal` object;
+# each is documented there (unit and meaning) and tests/test_gpu_check.py checks both against this list.
+GOAL_KEYS = ("goal_img_s_per_gpu", "model_only_img_s", "model_only_compiled_img_s", "compile_backend", "compile_s",
+             "e2e_img_s", "e2e_num_workers", "e2e_over_model_only", "e2e_over_model_only_compiled",
+             "e2e_peak_mem_gib", "e2e_peak_rss_gib", "eval_s", "eval_images", "checkpoint_blocking_s",
+             "checkpoint_write_s", "bookkeeping_s", "video_clips_s", "video_model_only_clips_s",
+             "video_e2e_over_model_only", "dali_img_s", "dali_reason")
+# 350 epochs x 1.28M images in under 4 hours on 8 GPUs: 448e6 / 14,400 s / 8
+GOAL_IMG_S_PER_GPU = round(350 * 1.28e6 / (4 * 3600) / 8)
+
+
+def goal_figures(result: dict) -> dict:
+    """The GOAL_KEYS from the parts' entries; a key whose part failed or did not run is None (the part's entry
+    holds the error)."""
+    def get(part, key):
+        value = result.get(part)
+        return value.get(key) if isinstance(value, dict) else None
+
+    def one(values):  # a list of per-event seconds: the single end-of-run cycle's (None when absent)
+        return values[-1] if values else None
+
+    figures = {
+        "goal_img_s_per_gpu": GOAL_IMG_S_PER_GPU,
+        "model_only_img_s": get("model_only", "train_img_s"),
+        "model_only_compiled_img_s": get("model_only_compiled", "train_img_s"),
+        "compile_backend": get("model_only_compiled", "compile_backend"),
+        "compile_s": get("model_only_compiled", "compile_s"),
+        "e2e_img_s": get("pretrain", "images_per_s"),
+        "e2e_num_workers": get("pretrain", "loader_workers"),
+        "e2e_over_model_only": result.get("e2e_over_model_only"),
+        "e2e_over_model_only_compiled": ratio(result, "pretrain", "images_per_s", "model_only_compiled",
+                                              "train_img_s"),
+        "e2e_peak_mem_gib": get("pretrain", "peak_mem_gib"),
+        "e2e_peak_rss_gib": get("pretrain", "peak_rss_gib"),
+        "eval_s": one(get("pretrain", "eval_s")),
+        "eval_images": get("pretrain", "eval_images"),
+        "checkpoint_blocking_s": one(get("pretrain", "checkpoint_blocking_s")),
+        "checkpoint_write_s": one(get("pretrain", "checkpoint_write_s")),
+        "bookkeeping_s": get("pretrain", "bookkeeping_s"),
+        "video_clips_s": get("video_train", "clips_per_s"),
+        "video_model_only_clips_s": get("video_model_only", "clips_per_s"),
+        "video_e2e_over_model_only": result.get("video_e2e_over_model_only"),
+        "dali_img_s": get("dali", "images_per_s"),
+        "dali_reason": get("dali", "reason") or get("dali", "error"),
+    }
+    return figures
 
 
 def ratio(result: dict, part: str, key: str, reference: str, reference_key: str) -> float | None:
@@ -747,7 +883,10 @@ def main(argv=None) -> int:
     run.add_argument("--device", help="cuda (default) or cpu")
     run.add_argument("--batch", type=int, help="pretraining and bench latency batch (default 256)")
     run.add_argument("--steps", type=int, help="pretraining steps (default 160)")
-    run.add_argument("--workers", type=int, help="loader workers (default: CPUs - 2)")
+    run.add_argument("--workers", type=int, help="the video runs' loader workers (default: CPUs - 2; the "
+                     "pretraining runs take data.num_workers=auto)")
+    run.add_argument("--pretrain-workers", help="the pretraining runs' data.num_workers (default auto; e.g. the "
+                     "cores per GPU of an 8-GPU node)")
     run.add_argument("--table7-rows", help="Table 7 rows, NAME@RES,... (default rs50@160 and EfficientNet-B0/B1)")
 
     jpegs = commands.add_parser("make-jpegs", help="(internal) the JPEG folder")
@@ -775,6 +914,11 @@ def main(argv=None) -> int:
     model.add_argument("--warmup", type=int, required=True)
     model.add_argument("--repeats", type=int, required=True)
 
+    measured = commands.add_parser("measured-run", help="(internal) python -m rs_transfer ARGS, with its "
+                                   "evaluation and checkpoint seconds and peak memory written to --measures")
+    measured.add_argument("--measures", type=Path, required=True)
+    measured.add_argument("args", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
     if args.command == "prepare":
         manifest = prepare(args.out, args.python_version, tuple(args.platform or PLATFORMS),
@@ -783,7 +927,7 @@ def main(argv=None) -> int:
     elif args.command == "run":
         settings = TINY if args.tiny else Settings()
         changes = {"device": args.device, "batch": args.batch, "steps": args.steps, "workers": args.workers,
-                   "table7_rows": args.table7_rows}
+                   "pretrain_workers": args.pretrain_workers, "table7_rows": args.table7_rows}
         settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
         parts = tuple(args.parts.split(",")) if args.parts else PARTS
         unknown = sorted(set(parts) - set(PARTS))
@@ -794,6 +938,8 @@ def main(argv=None) -> int:
     elif args.command == "make-jpegs":
         print(json.dumps(make_jpegs(args.root, args.classes, args.train_per_class, args.val_per_class,
                                     processes=args.processes)))
+    elif args.command == "measured-run":
+        return measured_run(args.args[1:] if args.args[:1] == ["--"] else args.args, args.measures)
     elif args.command == "make-videos":
         print(json.dumps(make_videos(args.root, args.classes, args.train_per_class, args.val_per_class,
                                      args.seconds)))

@@ -15,7 +15,7 @@ from rs_transfer.config import ConfigError, data_root
 from rs_transfer.engine.classification import Classifier, TopK, fractions
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.device import model_device
-from rs_transfer.engine.loader import eval_loader
+from rs_transfer.engine.loader import close_loader, eval_loader
 from rs_transfer.engine.task import Task
 from rs_transfer.engine.write_once import write_once
 from rs_transfer.families import TaskDeclaration
@@ -131,7 +131,7 @@ def build_task(config: VideoConfig) -> Task:
     return Task(
         model=model,
         train_set=train_set,
-        evaluate=lambda evaluated: evaluate_videos(evaluated, val_videos, data_cfg, num_classes),
+        evaluate=VideoEvaluator(val_videos, data_cfg, num_classes),
         primary_metric="top1",
         collate_fn=collate_clips,
     )
@@ -175,17 +175,47 @@ def decode_eval_frames(path, data_cfg: VideoDataConfig) -> tuple:
         return reader.decode(indices, short_side=data_cfg.eval_short_side), num_frames
 
 
-def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, num_classes: int) -> dict:
+class VideoEvaluator:
+    """The training run's evaluator: evaluate_videos over `videos`, with its loader built at the first call and kept,
+    so its decoding workers persist between evaluations (no worker start-up per evaluation, as
+    engine.classification.TopKEvaluator), until `close` (the trainer calls it when the run ends or fails)."""
+
+    def __init__(self, videos: list, data_cfg: VideoDataConfig, num_classes: int):
+        self.videos = videos
+        self.data_cfg = data_cfg
+        self.num_classes = num_classes
+        self.loader = None
+
+    def __call__(self, model: nn.Module) -> dict:
+        if self.loader is None:
+            self.loader = video_eval_loader(self.videos, self.data_cfg, persistent=True)
+        return evaluate_videos(model, self.videos, self.data_cfg, self.num_classes, self.loader)
+
+    def close(self) -> None:
+        """Shut the kept loader's workers down (the next call starts new ones)."""
+        close_loader(self.loader)
+        self.loader = None
+
+
+def video_eval_loader(videos: list, data_cfg: VideoDataConfig, persistent: bool = False):
+    """This rank's part of `videos` as EvalVideos items, one video per item (batch_size=None), not pinned: an item
+    is a whole decoded video."""
+    return eval_loader(EvalVideos(videos, data_cfg), batch_size=None, num_workers=data_cfg.num_workers,
+                       persistent=persistent)
+
+
+def evaluate_videos(model: nn.Module, videos: list, data_cfg: VideoDataConfig, num_classes: int,
+                    loader=None) -> dict:
     """30-view (or `data_cfg.eval_views`) accuracy of `model(batch)`'s logits (engine/task.py's contract; a
     Classifier): softmax averaged over a video's views, top-1/top-5 per video (engine.classification.TopK), summed
-    over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader); unreadable or
-    too-short ones are skipped and counted. Returns {"top1", "top5", "videos", "skipped"} (floats).
+    over ranks. Each rank evaluates a contiguous part of the videos (engine.loader.eval_loader; `loader`: a kept
+    video_eval_loader of the same videos, else a new one); unreadable or too-short ones are skipped and counted.
+    Returns {"top1", "top5", "videos", "skipped"} (floats).
 
     Raises UserError when no video could be evaluated.
     """
     device = model_device(model)
-    # One video per item (batch_size=None), not pinned: an item is a whole decoded video.
-    loader = eval_loader(EvalVideos(videos, data_cfg), batch_size=None, num_workers=data_cfg.num_workers)
+    loader = loader if loader is not None else video_eval_loader(videos, data_cfg)
     topk = TopK(num_classes, device)
     skipped = 0
     was_training = model.training
