@@ -87,8 +87,7 @@ def write_images(folder: Path, count: int) -> Path:
     return folder
 
 
-def test_a_registered_family_trains_lists_predicts_and_evaluates_through_the_cli(toy_task, tmp_path, capsys,
-                                                                                 deterministic):
+def test_a_registered_family_trains_lists_predicts_and_evaluates_through_the_cli(toy_task, tmp_path, capsys):
     from rs_transfer.config import load_config
 
     run = tmp_path / "runs" / "toy"
