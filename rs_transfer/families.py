@@ -8,7 +8,9 @@ and what one training sample is (images, clips). `runs`, `predict`, `evaluate`, 
 it; the engine receives a built Task and never imports a family.
 
 Which family wrote a run folder is read from its config.yaml by the keys each family's configs alone have
-(`markers`), declared here rather than worked out in the engine. Importing this module imports no torch.
+(`markers`), declared here rather than worked out in the engine. A new family is one module declaring `TASK` and
+one `Family` line in FAMILIES (or `register(family)` from outside the package: a test, a notebook; docs/layout.md,
+"Adding things"). Importing this module imports no torch.
 """
 
 import dataclasses
@@ -52,11 +54,25 @@ class Family:
         return any(_has_key(config, key) for key in self.markers)
 
 
-FAMILIES = (
+FAMILIES = [
     Family("transfer", ("task.name",)),
     Family("pretrain", ("augment", "cotrain"), "rs_transfer.pretrain.task"),
     Family("video", ("data.clip_frames",), "rs_transfer.video.task"),
-)
+]
+
+
+def register(family: Family) -> None:
+    """Add a run family for this Python process (a test, a notebook), after the package's own: a config that an
+    earlier family's markers match stays that family's. Raises UserError for a name already registered."""
+    if any(known.name == family.name for known in FAMILIES):
+        raise UserError(f"run family {family.name!r} is already registered")
+    FAMILIES.append(family)
+
+
+def describe_markers() -> str:
+    """The keys that mark each family's configs, for a message: "task.name (transfer), augment or cotrain
+    (pretrain), ..."."""
+    return ", ".join(f"{' or '.join(family.markers)} ({family.name})" for family in FAMILIES)
 
 
 def _has_key(config: dict, dotted: str) -> bool:

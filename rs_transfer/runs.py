@@ -99,8 +99,8 @@ def run_kind(folder: Path) -> tuple:
     Raises RunError as read_run_config, and for a config of no known family."""
     family, task = family_of_config(read_run_config(folder))
     if family == "other":
-        raise RunError(f"{folder / 'config.yaml'}: the config has no task.name (transfer), augment/cotrain section "
-                       "(pretrain) nor data.clip_frames (video)")
+        raise RunError(f"{folder / 'config.yaml'}: the config has none of the keys that mark a run family: "
+                       f"{families.describe_markers()}")
     return family, task
 
 
