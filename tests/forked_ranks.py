@@ -1,0 +1,118 @@
+"""Gloo ranks forked from the test process, with the variables torchrun gives the ranks of one node.
+
+For tests of what ranks compute together (a shard each, sums over ranks, DDP gradients), not of how a launcher
+starts them: test_launch_templates.py runs the docs' torchrun and srun commands and test_engine_faults.py kills and
+restarts torchrun groups, so torchrun itself stays tested. A fresh process pays ~7 s of CPU importing torch,
+torchvision, timm and torchmetrics (measured with `python -X importtime`), and a torchrun launch is three of them
+(the agent and two ranks); a rank forked from the test process starts with all of that imported.
+Python 3.11 forks a process with threads (xdist's) without a warning: the child only runs the rank and leaves with
+os._exit, never touching the parent's threads or their locks.
+"""
+
+import io
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world_size: int, port: int) -> dict:
+    """What `torchrun --standalone --nproc_per_node WORLD_SIZE` sets for `rank` (the agent's store aside: each
+    group makes its own, as torchrun's first worker group does)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "ROLE_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0",
+            "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "forked", "OMP_NUM_THREADS": "1"}
+
+
+def _rank(target, args, env: dict, out: Path, err: Path) -> int:
+    """In the child: its environment, its own stdout/stderr files, a fresh logging setup (not pytest's capture
+    handlers) and a fresh interpreter's warning filters (not the suite's warnings-as-errors: a launched rank prints
+    a warning and goes on), then target(*args); the exit code."""
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    logging.root.setLevel(logging.WARNING)
+    warnings.resetwarnings()
+    for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")  # Python's defaults, in order
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        code = target(*args)
+        return 0 if code is None else int(code)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # whatever ends the rank: its traceback on stderr, as a rank's own would be
+        traceback.print_exc()
+        return 1
+
+
+def run_ranks(target, *args, world_size: int = 2, timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """target(*args) in `world_size` ranks forked from this process, each with torchrun_env and `env`; a rank's
+    exit code is target's return value (None: 0), 1 and the traceback on stderr for an exception.
+
+    Like torchrun, the first rank to fail ends the others (SIGKILL). Returns a CompletedProcess: returncode the
+    first failure's code (0 when every rank succeeded; -9 for a rank killed at the timeout), stdout and stderr the
+    ranks' outputs joined in rank order."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ranks") as folder:
+        files = [(Path(folder) / f"rank{r}.out", Path(folder) / f"rank{r}.err") for r in range(world_size)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pids = []
+        for rank in range(world_size):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _rank(target, args, {**(env or {}), **torchrun_env(rank, world_size, port)}, *files[rank])
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            pids.append(pid)
+        failed = [code for code in _wait(pids, timeout) if code]
+        outputs = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in files]
+    return subprocess.CompletedProcess([f"{getattr(target, '__name__', target)}{args}"], failed[0] if failed else 0,
+                                       "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
+
+
+def _wait(pids: list, timeout: float) -> list:
+    """Exit codes of `pids` in the order they ended (negative: the signal that ended it); the first failure or the
+    timeout kills the ones still running."""
+    codes, deadline = {}, time.monotonic() + timeout
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        if any(codes.values()) or time.monotonic() > deadline:
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.05)
+    return list(codes.values())  # dicts keep insertion order: the order they ended
