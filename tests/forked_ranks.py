@@ -69,33 +69,60 @@ def _rank(target, args, env: dict, out: Path, err: Path) -> int:
 
 def run_ranks(target, *args, world_size: int = 2, timeout: float = 300,
               env: dict | None = None) -> subprocess.CompletedProcess:
-    """target(*args) in `world_size` ranks forked from this process, each with torchrun_env and `env`; a rank's
-    exit code is target's return value (None: 0), 1 and the traceback on stderr for an exception.
+    """target(*args) in `world_size` ranks forked from this process (Ranks), waited for."""
+    return Ranks(target, *args, world_size=world_size, env=env).wait(timeout)
 
-    Like torchrun, the first rank to fail ends the others (SIGKILL). Returns a CompletedProcess: returncode the
-    first failure's code (0 when every rank succeeded; -9 for a rank killed at the timeout), stdout and stderr the
-    ranks' outputs joined in rank order."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="ranks") as folder:
-        files = [(Path(folder) / f"rank{r}.out", Path(folder) / f"rank{r}.err") for r in range(world_size)]
+
+class Ranks:
+    """target(*args) running in `world_size` ranks forked from this process, each with torchrun_env and `env`, all
+    in one new process group (the ranks and their loader workers, as a torchrun launched with start_new_session);
+    a rank's exit code is target's return value (None: 0), 1 and the traceback on stderr for an exception."""
+
+    def __init__(self, target, *args, world_size: int = 2, env: dict | None = None):
+        self.name = f"{getattr(target, '__name__', target)}{args}"
+        self.folder = tempfile.TemporaryDirectory(prefix="ranks")
+        self.files = [(Path(self.folder.name) / f"rank{r}.out", Path(self.folder.name) / f"rank{r}.err")
+                      for r in range(world_size)]
+        port = free_port()
         sys.stdout.flush()
         sys.stderr.flush()
-        pids = []
+        self.pids, self.group = [], 0
         for rank in range(world_size):
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
-                    code = _rank(target, args, {**(env or {}), **torchrun_env(rank, world_size, port)}, *files[rank])
+                    os.setpgid(0, self.group)
+                    code = _rank(target, args, {**(env or {}), **torchrun_env(rank, world_size, port)},
+                                 *self.files[rank])
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
-            pids.append(pid)
-        failed = [code for code in _wait(pids, timeout) if code]
-        outputs = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in files]
-    return subprocess.CompletedProcess([f"{getattr(target, '__name__', target)}{args}"], failed[0] if failed else 0,
-                                       "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
+            try:  # also here, so that the group exists before this returns (whichever of the two runs first)
+                os.setpgid(pid, self.group or pid)
+            except PermissionError:  # the child set it already and changed nothing else since: the same group
+                pass
+            self.group = self.group or pid
+            self.pids.append(pid)
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Like torchrun, the first rank to fail ends the others (SIGKILL). A CompletedProcess: returncode the first
+        failure's code (0 when every rank succeeded; -9 for ranks killed at the timeout), stdout and stderr the
+        ranks' outputs joined in rank order."""
+        failed = [code for code in _wait(self.pids, timeout) if code]
+        outputs = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in self.files]
+        self.folder.cleanup()
+        return subprocess.CompletedProcess([self.name], failed[0] if failed else 0, "".join(o for o, _ in outputs),
+                                           "".join(e for _, e in outputs))
+
+    def kill(self) -> None:
+        """SIGKILL the ranks' process group (their loader workers too), as a node that dies; reaps the ranks."""
+        try:
+            os.killpg(self.group, signal.SIGKILL)
+        except ProcessLookupError:  # every one of them had ended already
+            pass
+        self.wait(timeout=60)
 
 
 def _wait(pids: list, timeout: float) -> list:
