@@ -31,7 +31,9 @@ def free_port() -> int:
 
 def torchrun_env(rank: int, world_size: int, port: int) -> dict:
     """What `torchrun --standalone --nproc_per_node WORLD_SIZE` sets for `rank` (the agent's store aside: each
-    group makes its own, as torchrun's first worker group does)."""
+    group makes its own, as torchrun's first worker group does). World size 1: none, a plain `python -m rs_transfer`."""
+    if world_size == 1:
+        return {"OMP_NUM_THREADS": "1"}
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "ROLE_WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0",
