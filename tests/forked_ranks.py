@@ -1,4 +1,5 @@
-"""Gloo ranks forked from the test process, with the variables torchrun gives the ranks of one node.
+"""Gloo ranks forked from the test process, with the variables torchrun gives the ranks of one node (world size 1: a
+plain process, as `python -m rs_transfer` is).
 
 For tests of what ranks compute together (a shard each, sums over ranks, DDP gradients), not of how a launcher
 starts them: test_launch_templates.py runs the docs' torchrun and srun commands and test_engine_faults.py kills and
@@ -112,19 +113,32 @@ class Ranks:
         """Like torchrun, the first rank to fail ends the others (SIGKILL). A CompletedProcess: returncode the first
         failure's code (0 when every rank succeeded; -9 for ranks killed at the timeout), stdout and stderr the
         ranks' outputs joined in rank order."""
-        failed = [code for code in _wait(self.pids, timeout) if code]
+        try:
+            failed = [code for code in _wait(self.pids, timeout) if code]
+        except BaseException:  # Ctrl-C or an error here: no rank may outlive the test (they are in their own group)
+            self.kill()
+            raise
         outputs = [(out.read_text(errors="replace"), err.read_text(errors="replace")) for out, err in self.files]
         self.folder.cleanup()
         return subprocess.CompletedProcess([self.name], failed[0] if failed else 0, "".join(o for o, _ in outputs),
                                            "".join(e for _, e in outputs))
 
-    def kill(self) -> None:
-        """SIGKILL the ranks' process group (their loader workers too), as a node that dies; reaps the ranks."""
+    def signal(self, number: int) -> None:
+        """Send signal `number` to the ranks' process group (their loader workers too), as SLURM does."""
         try:
-            os.killpg(self.group, signal.SIGKILL)
+            os.killpg(self.group, number)
         except ProcessLookupError:  # every one of them had ended already
             pass
-        self.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL the ranks' process group, as a node that dies; reaps the ranks."""
+        self.signal(signal.SIGKILL)
+        for pid in self.pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped already
+                pass
+        self.folder.cleanup()
 
 
 def _wait(pids: list, timeout: float) -> list:
