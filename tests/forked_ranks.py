@@ -43,8 +43,8 @@ def torchrun_env(rank: int, world_size: int, port: int) -> dict:
 
 def _rank(target, args, env: dict, out: Path, err: Path) -> int:
     """In the child: its environment, its own stdout/stderr files, a fresh logging setup (not pytest's capture
-    handlers) and a fresh interpreter's warning filters (not the suite's warnings-as-errors: a launched rank prints
-    a warning and goes on), then target(*args); the exit code."""
+    handlers), a fresh interpreter's signal handlers and warning filters (not the suite's warnings-as-errors: a
+    launched rank prints a warning and goes on), then target(*args); the exit code."""
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -59,7 +59,9 @@ def _rank(target, args, env: dict, out: Path, err: Path) -> int:
     for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
         warnings.simplefilter("ignore", category)
     warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")  # Python's defaults, in order
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a fresh interpreter's handlers: Ctrl-C raises
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_DFL)
     try:
         code = target(*args)
         return 0 if code is None else int(code)
