@@ -175,6 +175,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def run_forked(*args) -> subprocess.CompletedProcess:
+    """What `python engine_toy.py ARGS` does, in a process forked from this one (forked_ranks, world size 1, in its
+    own process group): the same signals and exit codes without a fresh interpreter's imports."""
+    from forked_ranks import run_ranks
+
+    return run_ranks(main, [str(arg) for arg in args], world_size=1)
+
+
 def same_weights(a: Path, b: Path) -> None:
     """Assert two checkpoint files (final.pt: {"model", "ema"?}) hold bitwise equal tensors."""
     first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
