@@ -5,9 +5,9 @@ Random weights give some metrics of 0 (no box of a random detector overlaps an o
 returns a digest of everything the model predicted (the sum of its outputs: logits, depth, boxes and scores), which
 a lost, repeated or differently computed image changes.
 
-Run as a script (`python tests/dense_eval_toy.py DATA_DIR OUT_JSON`, under torchrun) it evaluates every CASE at
-batch 8 in one launch (one spawn for all tasks is cheaper than one per task) and rank 0 writes {case: result}, the
-digest summed over the processes.
+Run as a script (`python tests/dense_eval_toy.py DATA_DIR OUT_JSON`, under torchrun) or as main([DATA_DIR, OUT_JSON])
+on ranks forked by forked_ranks.run_ranks, it evaluates every CASE at batch 8 in one launch (one job for all tasks is
+cheaper than one per task) and rank 0 writes {case: result}, the digest summed over the processes.
 """
 
 import json

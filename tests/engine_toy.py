@@ -175,6 +175,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def run_forked(*args) -> subprocess.CompletedProcess:
+    """What `python engine_toy.py ARGS` does, in a process forked from this one (forked_ranks, world size 1, in its
+    own process group): the same signals and exit codes without a fresh interpreter's imports."""
+    from forked_ranks import run_ranks
+
+    return run_ranks(main, [str(arg) for arg in args], world_size=1)
+
+
 def same_weights(a: Path, b: Path) -> None:
     """Assert two checkpoint files (final.pt: {"model", "ema"?}) hold bitwise equal tensors."""
     first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
@@ -184,27 +192,48 @@ def same_weights(a: Path, b: Path) -> None:
             assert torch.equal(value, second[part][key]), (part, key)
 
 
-def killed_and_resumed_ends_where_it_would_have(args: list, tmp_path: Path, env: dict, timeout: int = 300) -> None:
+def killed_and_resumed_ends_where_it_would_have(args: list, tmp_path: Path, env: dict, timeout: int = 300,
+                                                ranks: int = 0) -> None:
     """Run the CLI command `args` (without output_dir) to the end in TMP/reference; run it again in TMP/killed,
     SIGKILL its process group as soon as a step checkpoint exists, rerun it with --resume, and assert both runs
-    end with bitwise equal final.pt and equal final_metrics.json."""
+    end with bitwise equal final.pt and equal final_metrics.json.
+    With `ranks`, `args` are the CLI's arguments alone (no interpreter) and each run is that many ranks forked from
+    this process (forked_ranks.Ranks; `env` added to theirs) instead of a subprocess."""
     import json
     import subprocess
     import time
 
+    from forked_ranks import Ranks
+    from rs_transfer.cli import main
+
+    def run(*extra):
+        if ranks:
+            return Ranks(main, [*args, *extra], world_size=ranks, env=env).wait(timeout)
+        return subprocess.run([*args, *extra], env=env, capture_output=True, text=True, timeout=timeout)
+
+    def start(*extra):
+        if ranks:
+            return Ranks(main, [*args, *extra], world_size=ranks, env=env)
+        return subprocess.Popen([*args, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def kill(started) -> None:
+        if ranks:
+            started.kill()
+        else:
+            os.killpg(started.pid, signal.SIGKILL)
+            started.wait()
+
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = subprocess.run([*args, f"output_dir={reference}"], env=env, capture_output=True, text=True, timeout=timeout)
+    done = run(f"output_dir={reference}")
     assert done.returncode == 0, done.stderr[-3000:]
-    run = subprocess.Popen([*args, f"output_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    started = start(f"output_dir={killed}")
     deadline = time.monotonic() + timeout
     while not list((killed / "checkpoints").glob("step_*.pt")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill(started)
     assert not (killed / "final.pt").exists(), "the run finished before the kill: nothing was tested"
-    resumed = subprocess.run([*args, f"output_dir={killed}", "--resume"], env=env, capture_output=True, text=True,
-                             timeout=timeout)
+    resumed = run(f"output_dir={killed}", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     same_weights(reference / "final.pt", killed / "final.pt")
     assert (json.loads((reference / "final_metrics.json").read_text())

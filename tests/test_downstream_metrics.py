@@ -232,19 +232,14 @@ def test_every_dense_evaluator_gives_batch_1s_numbers_at_batch_8(dense_data, cas
     assert one["digest"] != 0 and one["metrics"]
 
 
-@pytest.mark.slow  # two torchrun processes that import torch and build eight models
+@pytest.mark.slow  # two ranks that build eight models each
 def test_every_dense_evaluator_gives_one_process_numbers_on_two(dense_data, tmp_path):
-    # One spawn evaluates every case; 5 images split 2 + 3 over the ranks, metrics reduced or gathered, digests summed.
-    import subprocess
-    import sys
-
-    from engine_toy import script_env
+    # One 2-rank job evaluates every case; 5 images split 2 + 3 over the ranks, metrics reduced or gathered, digests
+    # summed. The ranks are forked from this process (forked_ranks.py: no torchrun agent, no imports to pay).
+    from forked_ranks import run_ranks
 
     out = tmp_path / "two.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         dense_eval_toy.__file__, str(dense_data), str(out)],
-        env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    result = run_ranks(dense_eval_toy.main, [str(dense_data), str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads(out.read_text())
     for case, task, overrides in dense_eval_toy.CASES:

@@ -3,16 +3,14 @@ each mode, and top-1/top-5 counted by torchmetrics equal to counting by hand, on
 (also when a rank gets no sample)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from engine_toy import script_env
+from forked_ranks import run_ranks
+from rs_transfer.engine import distributed
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.models.normalize import Normalize
 
@@ -75,29 +73,17 @@ def test_top5_of_fewer_than_five_classes_holds_every_class():
     assert TopKEvaluator(samples, 3, batch_size=4)(model)["top5"] == 1.0
 
 
-RANK_SCRIPT = """
-import json
-import sys
-from pathlib import Path
-from rs_transfer.engine import distributed
-from test_engine_classification import CLASSES, TopKEvaluator, toy_classifier, toy_samples
-info = distributed.init_distributed("cpu")
-results = {}
-for n in (1, 2, 7):  # with 1 sample rank 0 gets none; with 2 each gets one
-    results[n] = TopKEvaluator(toy_samples(n), CLASSES, batch_size=2)(toy_classifier().eval())
-(Path(sys.argv[1]) / f"rank{info.rank}.json").write_text(json.dumps(results))
-"""
+def write_rank_result(folder: Path) -> None:
+    """In each forked rank: {n: what the evaluator returns for n samples} into FOLDER/rank{rank}.json."""
+    info = distributed.init_distributed("cpu")
+    results = {}
+    for n in (1, 2, 7):  # with 1 sample rank 0 gets none; with 2 each gets one
+        results[n] = TopKEvaluator(toy_samples(n), CLASSES, batch_size=2)(toy_classifier().eval())
+    (folder / f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
-@pytest.mark.slow  # launches two Python processes that import torch
 def test_two_gloo_ranks_give_every_rank_the_one_process_result(tmp_path):
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT)
-    env = script_env(OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = run_ranks(write_rank_result, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     model = toy_classifier().eval()

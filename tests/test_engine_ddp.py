@@ -1,26 +1,21 @@
-"""Two processes (torchrun, gloo on CPU) train to the same weights as one process with the same global batch."""
+"""Two processes (ranks with torchrun's variables, gloo on CPU) train to the same weights as one process with the same
+global batch."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import engine_toy
-from engine_toy import TOY, script_env
+from forked_ranks import run_ranks
 
 
-@pytest.mark.slow  # launches Python processes that import torch
+@pytest.mark.slow  # trains twice: on two forked ranks (forked_ranks.py), then in this process
 def test_two_process_ddp_matches_one_process(tmp_path):
     # No dropout, no noise, no BN: with per-sample randomness or per-process batch statistics the two runs would
     # differ by design, not by a bug. Two processes x 2 accumulation steps x 4 samples = one process x 16.
     common = ["train.epochs=2", "train.ema_decay=0.9", "train.warmup_steps=3", "--dropout", "0", "--noise", "0"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TOY),
-         str(tmp_path / "ddp"), *common, "train.grad_accum_steps=2"],
-        env=script_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )
+    result = run_ranks(engine_toy.main, [str(tmp_path / "ddp"), *common, "train.grad_accum_steps=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     threads = torch.get_num_threads()
     try:

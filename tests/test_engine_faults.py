@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import engine_toy
-from engine_toy import TOY, script_env
+from engine_toy import TOY, run_forked, script_env
 from rs_transfer.config import ConfigError, RunConfig, load_config
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine.trainer import NonFiniteLossError
@@ -46,19 +46,19 @@ def all_finite(path) -> bool:
 WORKERS = ["data.num_workers=2", "train.ema_decay=0.9", "--bn"]
 
 
-@pytest.mark.slow  # launches Python processes that import torch
+@pytest.mark.slow  # trains three times, forked from this process in a process group of their own
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path, stop):
     # SIGTERM: SLURM and torchrun; SIGINT: Ctrl-C in a terminal. Both reach the loader workers too.
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert run_group([sys.executable, TOY, reference, *WORKERS]).returncode == 0
-    result = run_group([sys.executable, TOY, stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop])
+    assert run_forked(reference, *WORKERS).returncode == 0
+    result = run_forked(stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop)
     # The worker that signalled the group and its sibling survive it; the main process saves and stops.
     assert "killed by signal" not in result.stderr and "Traceback" not in result.stderr
     assert result.returncode == 128 + signal.Signals[stop], result.stderr[-2000:]
     assert f"stopped: stopped by {stop} at step" in result.stderr
     assert len(ckpt.step_checkpoints(stopped / "checkpoints")) == 1 and not (stopped / "final.pt").exists()
-    assert run_group([sys.executable, TOY, stopped, *WORKERS, "train.resume=auto"]).returncode == 0
+    assert run_forked(stopped, *WORKERS, "train.resume=auto").returncode == 0
     assert_same_weights(final_weights(reference), final_weights(stopped))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import engine_toy
-from engine_toy import TOY, same_weights, script_env
+from engine_toy import TOY, run_forked, same_weights, script_env
 from rs_transfer.engine import checkpoint as ckpt
 
 
@@ -19,7 +19,7 @@ def run_script(*args, check=True) -> subprocess.CompletedProcess:
                           timeout=300, check=check)
 
 
-@pytest.mark.slow  # launches Python processes that import torch
+@pytest.mark.slow  # trains three times (once killed, forked from this process)
 def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, deterministic):
     # 256 samples, global batch 16 in 2 accumulation steps: 16 steps (32 fetches of 8) per epoch. BN buffers, EMA,
     # dropout and per-sample noise all draw on state that the checkpoint must restore.
@@ -30,7 +30,7 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     killed = tmp_path / "killed"
     # Killed while fetching the second half of step 23's batch (in epoch 2): the newest checkpoint is step 20, or
     # step 16 when step 20's background write (checkpoint.BackgroundWriter) was still in flight.
-    result = run_script(TOY, killed, *common, "--kill-at", 16 * 22 + 12, check=False)
+    result = run_forked(killed, *common, "--kill-at", 16 * 22 + 12)
     assert result.returncode == -9, result.stderr
     files = ckpt.step_checkpoints(killed / "checkpoints")
     assert [f.name for f in files] in (["step_00000016.pt", "step_00000020.pt"], ["step_00000015.pt",
@@ -54,12 +54,12 @@ def test_run_killed_mid_epoch_resumes_to_bitwise_the_same_weights(tmp_path, dete
     assert steps == sorted(set(steps)) and steps[-1] == 32
 
 
-@pytest.mark.slow  # launches Python processes that import torch
+@pytest.mark.slow  # trains twice (once stopped, forked from this process)
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_stops_with_a_resume_hint(tmp_path, deterministic):
     # Batch 16, log every 4 steps: SIGTERM while fetching step 6's batch; the run saves step 6 (not the next log
     # event's step 8) and stops.
     out = tmp_path / "run"
-    result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM", check=False)
+    result = run_forked(out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM")
     assert result.returncode != 0
     assert "stopped by SIGTERM at step 6" in result.stderr and "train.resume=auto" in result.stderr
     assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000006.pt"]
@@ -72,8 +72,8 @@ def test_a_second_ctrl_c_quits_at_once_in_one_line(tmp_path):
     # quits before it, with exit 130, one line and no traceback; the checkpoint of step 4 stays whole, or, when its
     # background write was still in flight (abandoned, not waited for), the line names none and none is there.
     out = tmp_path / "run"
-    result = run_script(TOY, out, "--kill-at", 16 * 5 + 3, "--signal", "SIGINT", "--signal-times", 2,
-                        "train.checkpoint_every_steps=4", check=False)
+    result = run_forked(out, "--kill-at", 16 * 5 + 3, "--signal", "SIGINT", "--signal-times", 2,
+                     "train.checkpoint_every_steps=4")
     assert result.returncode == 130, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("stopped:")]
     files = ckpt.step_checkpoints(out / "checkpoints")

@@ -2,8 +2,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine_toy import script_env
+from forked_ranks import Ranks, run_ranks
+from rs_transfer.cli import main
 from rs_transfer.errors import StoppedBySignal, UserError
 from rs_transfer.files import FileWriteError
 from rs_transfer.models import create_model
@@ -297,13 +296,13 @@ def test_the_pseudo_set_pickles_without_its_columns(teacher, unlabelled, tmp_pat
     assert items[0].ref == pseudo.items[0].ref and torch.equal(targets[0], target)
 
 
-@pytest.mark.slow  # a subprocess that imports torch, killed with SIGKILL while it writes
+@pytest.mark.slow  # a CLI process, killed with SIGKILL while it writes
 def test_pseudo_label_resumes_after_sigkill(teacher, tmp_path):
     out = tmp_path / "killed"
-    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=1, records=5, stderr=subprocess.DEVNULL)
+    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=1, records=5)
     shard = pseudo_label.shard_path(out, 0, 1)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    process.signal(signal.SIGKILL)
+    assert process.wait().returncode == -signal.SIGKILL
     written = shard.stat().st_size // RECORD.itemsize
     assert 5 <= written < 80 and not (out / "meta.json").exists() and not (out / "selected.npy").exists()
     meta = _run(teacher, images, out, batch_size=1)
@@ -379,43 +378,42 @@ def test_a_stop_signal_finishes_the_batch_then_stops_and_restores_the_handlers(t
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
-@pytest.mark.slow  # two subprocesses that import torch
+@pytest.mark.slow  # two CLI processes
 def test_sigterm_to_the_cli_stops_with_143_and_a_rerun_finishes(teacher, tmp_path):
     out = tmp_path / "stopped"
-    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=2, records=1, stderr=subprocess.PIPE,
-                                             text=True, start_new_session=True)
+    images, process = _label_in_a_subprocess(teacher, tmp_path, out, seed=2, records=1)
     shard = pseudo_label.shard_path(out, 0, 1)
-    os.killpg(process.pid, signal.SIGTERM)  # as SLURM does: the whole process group
-    _, stderr = process.communicate(timeout=240)
-    assert process.returncode == 143, stderr
+    process.signal(signal.SIGTERM)  # as SLURM does: the whole process group
+    stopped = process.wait(timeout=240)
+    stderr = stopped.stderr
+    assert stopped.returncode == 143, stderr
     assert shard.stat().st_size % RECORD.itemsize == 0  # the batch in flight was finished, not torn
     written = len(_records(out))
     assert _records(out)["index"].tolist() == list(range(written))
     assert stderr.strip().splitlines()[-1] == (f"stopped: stopped by SIGTERM after {written} of 80 images on rank 0; "
                                                "rerun the same command to continue")
     assert written < 80 and not (out / "meta.json").exists()
-    rerun = subprocess.run(_cli_command(teacher, images, out), env=script_env(OMP_NUM_THREADS="1"),
-                           capture_output=True, text=True, timeout=240)
+    rerun = run_ranks(main, _cli_command(teacher, images, out), world_size=1, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
     assert _run(teacher, images, tmp_path / "full", batch_size=1)["labelled"] == 80
     _same_files(out, tmp_path / "full")
 
 
 def _cli_command(teacher, images, out) -> list:
-    return [sys.executable, "-m", "rs_transfer", "pseudo-label", "--teacher", str(teacher), "--images", str(images),
+    return ["pseudo-label", "--teacher", str(teacher), "--images", str(images),
             "--out", str(out), "--model", "rs26-w0.25", "--image-size", "32", "--batch-size", "1", "--topk", "2",
             "--threshold", "0", "--num-workers", "0"]
 
 
-def _label_in_a_subprocess(teacher, tmp_path, out, seed: int, records: int, **popen) -> tuple:
-    """(image folder, process): 80 generated images in two shards, labelled by the CLI in a subprocess (batch 1)
-    that has written at least `records` records to OUT's rank file when this returns."""
+def _label_in_a_subprocess(teacher, tmp_path, out, seed: int, records: int) -> tuple:
+    """(image folder, process): 80 generated images in two shards, labelled by the CLI in a process forked from this
+    one (forked_ranks.Ranks, world size 1; batch 1) that has written at least `records` records to OUT's rank file
+    when this returns."""
     rng = np.random.default_rng(seed)
     samples = [(f"s{seed}_{i:03d}", make_image(i % NUM_CLASSES, NUM_CLASSES, (36, 36), rng), -1) for i in range(80)]
     images = write_shards(tmp_path / "images", samples, per_shard=40, labelled=False)[0].parent
     shard = pseudo_label.shard_path(out, 0, 1)
-    process = subprocess.Popen(_cli_command(teacher, images, out), env=script_env(OMP_NUM_THREADS="1"),
-                               stdout=subprocess.DEVNULL, **popen)
+    process = Ranks(main, _cli_command(teacher, images, out), world_size=1)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (shard.exists() and shard.stat().st_size >= records * RECORD.itemsize):
         time.sleep(0.01)

@@ -187,30 +187,27 @@ def _cotrain(enabled: bool, pseudo: Path) -> list:
     return ["cotrain.enabled=true", f"cotrain.pseudo_labels={pseudo}", "cotrain.data_ratio=1"] if enabled else []
 
 
-@pytest.mark.slow  # three CLI runs
+@pytest.mark.slow  # three CLI runs (forked from this process: forked_ranks.py)
 @pytest.mark.parametrize("cotrain", [False, True], ids=["supervised", "cotrain"])
 def test_pretraining_on_indexed_shards_killed_and_resumed_ends_bitwise_where_it_would_have(shard_root, tmp_path,
                                                                                           cotrain, pseudo_labels):
     shards.write_index(shard_root / "train")
     try:
-        args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN,
-                "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
-                *_cotrain(cotrain, pseudo_labels)]
-        killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))
+        args = ["pretrain", "--config", str(DEMO), *TRAIN, "data.num_workers=2", "train.epochs=4",
+                "train.checkpoint_every_steps=2", f"data.root={shard_root}", *_cotrain(cotrain, pseudo_labels)]
+        killed_and_resumed_ends_where_it_would_have(args, tmp_path, {}, ranks=1)
     finally:
         (shard_root / "train" / "index.json").unlink()
 
 
-@pytest.mark.slow  # three two-process torchrun launches
+@pytest.mark.slow  # three 2-rank runs (forked from this process: forked_ranks.py)
 @pytest.mark.parametrize("cotrain", [True], ids=["cotrain"])  # its batches mix the labelled shards with the pseudo
 # ones, so the supervised reading is in it too; the one-process test above runs both (the suite's time budget)
 def test_two_gloo_ranks_on_shards_killed_and_resumed_end_bitwise_where_they_would_have(shard_root, tmp_path, cotrain,
                                                                                       pseudo_labels):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-            "rs_transfer", "pretrain", "--config", str(DEMO), *TRAIN, "train.batch_size=8", "data.num_workers=1",
-            "train.epochs=3", "train.checkpoint_every_steps=2", f"data.root={shard_root}",
-            *_cotrain(cotrain, pseudo_labels)]
-    killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))
+    args = ["pretrain", "--config", str(DEMO), *TRAIN, "train.batch_size=8", "data.num_workers=1", "train.epochs=3",
+            "train.checkpoint_every_steps=2", f"data.root={shard_root}", *_cotrain(cotrain, pseudo_labels)]
+    killed_and_resumed_ends_where_it_would_have(args, tmp_path, {}, ranks=2)
 
 
 @pytest.mark.slow  # two generated tables and two build processes

@@ -1,14 +1,11 @@
 import json
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine_toy import CONFIGS
+from forked_ranks import run_ranks
 from rs_transfer.cli import main
 from rs_transfer.config import load_config
 from rs_transfer.models import create_model
@@ -64,22 +61,13 @@ def test_pretrain_errors_name_the_problem(tmp_path, capsys):
     assert "cotrain.pseudo_labels" in capsys.readouterr().err
 
 
-def _env() -> dict:
-    repo = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.mark.slow  # two torchrun launches of Python processes that import torch
+@pytest.mark.slow  # two 2-rank jobs (forked: forked_ranks.py)
 def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
     root = make_folder_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=5)
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "rs_transfer"]
-    result = subprocess.run(
-        [*torchrun, "pretrain", "--config", str(DEMO), f"data.root={root}", f"output_dir={out}", "model.num_classes=3",
-         "train.epochs=null", "train.steps=3", "train.batch_size=8", "data.num_workers=0"],
-        env=_env(), capture_output=True, text=True, timeout=300)
+    result = run_ranks(main, ["pretrain", "--config", str(DEMO), f"data.root={root}", f"output_dir={out}",
+                              "model.num_classes=3", "train.epochs=null", "train.steps=3", "train.batch_size=8",
+                              "data.num_workers=0"])
     assert result.returncode == 0, result.stderr[-3000:]
     # The 15 validation images split over two ranks (8 + 7) and summed give what one process measures.
     task = build_task(load_config(PretrainConfig, DEMO, [f"data.root={root}", "model.num_classes=3",
@@ -94,8 +82,7 @@ def test_two_ranks_evaluate_and_pseudo_label_like_one(tmp_path):
     args = ["pseudo-label", "--teacher", str(out / "weights.pth"), "--images", str(root / "val"), "--model",
             "rs26-w0.25", "--image-size", "32", "--batch-size", "4", "--topk", "2", "--threshold", "0",
             "--num-workers", "0"]
-    result = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "pl2")], env=_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = run_ranks(main, [*args, "--out", str(tmp_path / "pl2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "pl2").glob("rank*.bin")) == ["rank00000-of-00002.bin",
                                                                            "rank00001-of-00002.bin"]

@@ -6,13 +6,12 @@ SIGKILL and resumed must end bitwise where an uninterrupted run ends, with nothi
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_toy import CONFIGS, killed_and_resumed_ends_where_it_would_have, same_weights, script_env
+from engine_toy import CONFIGS, killed_and_resumed_ends_where_it_would_have, same_weights
 
 PRETRAIN = ["model.name=rs26-w0.25", "data.image_size=32", "train.epochs=2", "train.batch_size=32",
             "data.num_workers=0", "train.log_every_steps=4"]
@@ -77,10 +76,9 @@ def test_pseudo_label_twice_gives_the_same_labels(tmp_path, folder_dataset):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-@pytest.mark.slow  # three CLI processes
+@pytest.mark.slow  # three CLI processes (forked from this one: forked_ranks.py)
 def test_pretrain_killed_and_resumed_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, folder_dataset):
     # Two loader workers with RandAugment, checkpoints every 2 steps: the kill lands wherever it lands.
-    args = [sys.executable, "-m", "rs_transfer", "pretrain", "--config", str(CONFIGS / "pretrain/demo.yaml"),
-            *PRETRAIN, "data.num_workers=2", "train.epochs=4", "train.checkpoint_every_steps=2",
-            f"data.root={folder_dataset}"]
-    killed_and_resumed_ends_where_it_would_have(args, tmp_path, script_env(OMP_NUM_THREADS="1"))
+    args = ["pretrain", "--config", str(CONFIGS / "pretrain/demo.yaml"), *PRETRAIN, "data.num_workers=2",
+            "train.epochs=4", "train.checkpoint_every_steps=2", f"data.root={folder_dataset}"]
+    killed_and_resumed_ends_where_it_would_have(args, tmp_path, {}, ranks=1)

@@ -2,18 +2,14 @@
 step and evaluates every video once; `video eval` reproduces the run's own final evaluation from its checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine_toy import CONFIGS
+from forked_ranks import run_ranks
 from rs_transfer.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = CONFIGS / "video" / "demo.yaml"
 
 
@@ -42,15 +38,10 @@ def test_demo_learns_motion_direction_and_eval_reproduces_it(tmp_path, capsys, c
 
 
 def test_two_process_gloo_ddp_one_step(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rs_transfer",
-         "video", "train", "--config", str(DEMO), f"output_dir={out}", f"data.root={tmp_path / 'data'}",
-         "train.epochs=null", "train.steps=1", "train.batch_size=4", "data.eval_views=1"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_ranks(main, ["video", "train", "--config", str(DEMO), f"output_dir={out}",
+                              f"data.root={tmp_path / 'data'}", "train.epochs=null", "train.steps=1",
+                              "train.batch_size=4", "data.eval_views=1"])
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["videos"] == 16 and final["skipped"] == 0  # each rank evaluated half, summed over ranks
