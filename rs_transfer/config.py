@@ -319,7 +319,10 @@ class TrainConfig:
     decay_epochs: list[float] = checked(None, at_least(0), at_most(MAX_EPOCHS), factory=list)  # "step": LR x decay_rate at these epochs
     decay_steps: list[int] = checked(None, at_least(0), at_most(MAX_STEPS), factory=list)  # ... or at these steps
     decay_rate: float = checked(0.1, fraction(closed_high=True, open_low=True))
-    label_smoothing: float = checked(0.0, fraction())  # read by tasks that use a cross-entropy loss
+    # Read only by the families with a cross-entropy loss (pretrain, video, cifar100, folder_cls), yet kept here:
+    # every run folder's config.yaml (the resolved config, all keys) and the recipe YAMLs set train.label_smoothing,
+    # and unknown keys are errors, so moving it would stop every old run from resuming, predicting and listing.
+    label_smoothing: float = checked(0.0, fraction())
     # EMA of weights and BN buffers, updated after every step; evaluation uses it when on.
     ema_decay: Optional[float] = checked(None, fraction())  # e.g. 0.9999; None: no EMA
     ema_warmup: bool = True  # official: decay at step t = min(ema_decay, (1 + t) / (10 + t))

@@ -1,4 +1,4 @@
-"""The CPU data path of issue 22: `data.num_workers: auto` from the machine, and the reduced-scale JPEG decode."""
+"""The CPU data path: `data.num_workers: auto` from the machine, and the reduced-scale JPEG decode."""
 
 import io
 import random
@@ -30,7 +30,7 @@ def machine(monkeypatch):
 
 
 @pytest.mark.parametrize("cores, environment, expected", [
-    (2, {}, 1),  # this machine: one core for the trainer, one worker
+    (2, {}, 1),  # 2 cores: one core for the trainer, one worker
     (1, {}, 0),  # a single core: loading in the training process, the one case of 0
     (112, {"LOCAL_WORLD_SIZE": "8"}, 13),  # a DGX H100's physical cores under torchrun: 14 per GPU less 1
     (224, {"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, 27),  # srun, two nodes of 8 tasks: the first count is per node

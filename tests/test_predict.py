@@ -1,5 +1,5 @@
 """`rs-transfer predict`: one tiny trained run per task family (a couple of steps: the weights need not be good,
-only the run's own), then the issue's "done when": masks equal the model's argmax, boxes equal the evaluator's
+only the run's own), then what predict must give: masks equal the model's argmax, boxes equal the evaluator's
 detections, depth PNGs round-trip to the predicted metres within 1 mm, top-5 JSON equals the logits' top-5; and the
 errors (bad run folder, missing weights.pth, corrupt images)."""
 

@@ -283,6 +283,25 @@ def test_batches_mix_labelled_and_pseudo_at_the_data_ratio(teacher, unlabelled, 
         _pseudo_dataset(tmp_path, teacher, unlabelled, "sharp")
 
 
+def test_skipped_reads_are_the_train_sets_or_both_co_training_sets(tmp_path):
+    from rs_transfer.engine.task import Task
+    from rs_transfer.pretrain.task import skipped_reads
+
+    make_image(0, NUM_CLASSES, (20, 20), np.random.default_rng(0)).save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    items = [data.Item("bad.jpg", 0, str(tmp_path / "bad.jpg")), data.Item("good.png", 0, str(tmp_path / "good.png"))]
+    labelled, pseudo = data.ImageDataset(items), data.ImageDataset(items)
+    labelled[0]
+    pseudo[0], pseudo[0]  # the good image stands in for the bad one, and each read of it counts
+    plain = Task(model=torch.nn.Identity(), train_set=labelled, evaluate=None, primary_metric="top1",
+                 collate_fn=data.collate)
+    assert skipped_reads(plain) == labelled.skipped == 1
+    collate = cotrain.MixedCollate(labelled, pseudo, 1.0, NUM_CLASSES, 0.0)
+    mixed = Task(model=torch.nn.Identity(), train_set=cotrain.SlotDataset(4), evaluate=None, primary_metric="top1",
+                 collate_fn=collate)
+    assert skipped_reads(mixed) == collate.skipped == 3
+
+
 def test_the_pseudo_set_pickles_without_its_columns(teacher, unlabelled, tmp_path):
     import pickle
 

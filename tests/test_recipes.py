@@ -1,4 +1,4 @@
-"""Recipes of issue 13 that need a run: early stopping on minival with the report on val (pretrain), CIFAR-100's
+"""Paper recipes that need a run: early stopping on minival with the report on val (pretrain), CIFAR-100's
 101-class head."""
 
 import json

@@ -57,7 +57,7 @@ def test_paper_speedups_reproduce_the_headline():
 
 
 def test_tpu_latencies_are_the_papers_and_reproduce_its_tpu_headline():
-    # PAPER.md section 2, Table 7's TPUv3 column (ms per 1024 images), RS rows and EfficientNet B0..B7 (issue 13)
+    # PAPER.md section 2, Table 7's TPUv3 column (ms per 1024 images), RS rows and EfficientNet B0..B7
     tpu = {f"{r.model}@{r.resolution}": r.tpu_ms for r in TABLE7}
     assert [tpu[f"efficientnet_b{i}@{res}"] for i, res in enumerate((224, 240, 260, 300, 380, 456, 528, 600))] == [
         90, 150, 210, 340, 710, 1510, 3010, 6020]

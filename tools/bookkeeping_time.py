@@ -1,4 +1,4 @@
-"""Seconds of evaluation and checkpoint bookkeeping per epoch of a CPU run through the engine (issue 22 item 3).
+"""Seconds of evaluation and checkpoint bookkeeping per epoch of a CPU run through the engine.
 
     OMP_NUM_THREADS=1 python tools/bookkeeping_time.py [--width 2048] [--epochs 4] [--repeats 3] [--out DIR]
 

@@ -1,4 +1,4 @@
-"""Images/s of training log windows that contain an epoch start against the others (issue 10: persistent workers).
+"""Images/s of training log windows that contain an epoch start against the others (persistent workers: one loader iterator per run).
 
     python tools/epoch_start_throughput.py [--workers 2] [--epochs 8] [--out DIR]
 

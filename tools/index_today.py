@@ -1,4 +1,4 @@
-"""What the data path before issue 10 built on every rank before its first batch, at N samples, for the table in
+"""What the first data path (one object per sample) built on every rank before its first batch, at N samples, for the table in
 docs/benchmarks.md ("Start-up at 130M samples"): one `Item` per sample from the shard scan (ref, label, (tar,
 offset, size)), the pseudo-label JSONL read as one dict per image plus co-training's dict by ref, and
 DistributedSampler's materialised permutation (`torch.randperm(N).tolist()`). Image data and tar headers are not

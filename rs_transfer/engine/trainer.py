@@ -102,14 +102,33 @@ class Trainer:
     """One run: set up in __init__ (devices, model, data, optimizer, resume), then `run()` is the loop."""
 
     def __init__(self, config: RunConfig, task: Task, held: ExitStack):
-        tc = self.tc = config.train
-        self.config, self.task = config, task
+        self.config, self.task, self.tc = config, task, config.train
+        # The order matters: requests are checked before devices start, the resume is picked before the model is
+        # touched, the model is frozen and placed before the optimizer and DDP see it, and the run's config.yaml
+        # is written only once the resume is accepted.
+        self._check_request()
+        self._start_processes()
+        resume_from = self._claim_output(held)
+        frozen = self._place_model()
+        self._build_data()
+        self._build_optimizer(frozen)
+        self._resume(resume_from)
+        self._wrap_model()
+        self._start_logging(resume_from)
+
+    def _check_request(self):
+        """What the config and task ask for that no run can do, refused before any device or process starts."""
+        tc, task = self.tc, self.task
         if (tc.epochs is None) == (tc.steps is None):
             raise ConfigError("give exactly one of train.epochs and train.steps")
         check_installed(tc.loggers)  # a missing tracker package: one error line before devices, resume and the first step
         if isinstance(task.train_set, IterableDataset):
             raise TypeError("task.train_set must be a map-style Dataset (indexable): the engine shards, shuffles "
                             "and resumes it by index")
+
+    def _start_processes(self):
+        """The device and process group, the per-process batch, precision, CPU threads, loader workers and seeds."""
+        tc, config = self.tc, self.config
         info = self.info = init_distributed(tc.device)
         self.micro = micro_batch_size(tc.batch_size, info.world_size, tc.grad_accum_steps)
         self.main = info.rank == 0
@@ -119,6 +138,10 @@ class Trainer:
             torch.set_num_threads(self.threads[0])
         self.workers = loader_workers(config.data.num_workers)
         seed_everything(config.seed + info.rank)
+
+    def _claim_output(self, held: ExitStack):
+        """Lock output_dir for this run and return the checkpoint to resume from (None: a fresh start)."""
+        config = self.config
         self.resolved = to_dict(config)
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -129,8 +152,12 @@ class Trainer:
                                                 if self.main else None)
         if problem:
             raise ckpt.CheckpointError(problem)
+        return resume_from
 
-        model = self.model = task.model
+    def _place_model(self):
+        """Freeze, convert, move and format the task's model, and start its EMA; return what freeze() froze."""
+        tc, config, info = self.tc, self.config, self.info
+        model = self.model = self.task.model
         # Before SyncBatchNorm, the EMA copy, the optimizer and DDP: frozen BN must not become SyncBatchNorm, and
         # frozen parameters must be in none of them.
         frozen = freeze(model, config.model.freeze_stages, config.model.freeze_bn)
@@ -146,8 +173,12 @@ class Trainer:
             to_channels_last(model)
         model.train()
         self.ema = Ema(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay is not None else None
+        return frozen
 
-        self.sampler = RunSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, seed=config.seed)
+    def _build_data(self):
+        """The sampler and training loader, and the run's length in steps (per epoch and in all)."""
+        tc, task, info = self.tc, self.task, self.info
+        self.sampler = RunSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, seed=self.config.seed)
         self.loader = (self._build_loader() if task.make_loader is None
                        else task.make_loader(self.sampler, self.micro, info.device))
         self.steps_per_epoch = self.sampler.num_samples // (self.micro * tc.grad_accum_steps)
@@ -156,21 +187,28 @@ class Trainer:
                               f"train.batch_size={tc.batch_size}")
         self.sampler.samples_per_epoch = self.steps_per_epoch * self.micro * tc.grad_accum_steps
         self.total = tc.steps if tc.steps is not None else tc.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(model, tc)
+
+    def _build_optimizer(self, frozen):
+        """The optimizer over the trainable parameters, its LR schedule and the fp16 gradient scaler."""
+        tc = self.tc
+        self.optimizer = build_optimizer(self.model, tc)
         if self.main:
             log.info("%s", describe(self.optimizer, tc.optimizer, frozen))
         self.scheduler = build_scheduler(self.optimizer, tc, self.total, self.steps_per_epoch)
         # fp16 only (torch.amp docs, "Gradient Scaling"): its 5-bit exponent flushes small gradients to zero, so the
         # loss is scaled up, and a step whose gradients overflow is skipped. bf16 has float32's range. A disabled
         # scaler passes everything through, so bf16 and float32 runs take exactly the steps they took without it.
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=self.precision == "fp16")
         self.optimizer.register_step_post_hook(self._note_optimizer_step)
         self.optimizer_stepped = False  # set by the hook: the scaler called optimizer.step (did not skip it)
         self.amp_skipped = 0  # optimizer steps the scaler skipped since the last log event
+
+    def _resume(self, resume_from):
+        """Restore the checkpoint's state (if any), start the checkpoint writer and prepare the run folder."""
         self.progress = resume.Progress()
         if resume_from is not None:
-            self.progress = resume.restore(resume_from, config, info, model, self.ema, self.optimizer, self.scheduler,
-                                           self.scaler)
+            self.progress = resume.restore(resume_from, self.config, self.info, self.model, self.ema, self.optimizer,
+                                           self.scheduler, self.scaler)
             if self.main:
                 log.info("resumed from %s at step %d (epoch %d, step %d in it)", resume_from, self.progress.step,
                          self.progress.epoch, self.progress.step_in_epoch)
@@ -183,8 +221,11 @@ class Trainer:
         # and never wait for it: they go on training (see _save).
         self.writer = ckpt.BackgroundWriter() if self.main else None
         if self.main:  # only once the resume is accepted: a refused one leaves the run's config.yaml as it was
-            resume.prepare_output(config, self.out, self.ckpt_dir)
+            resume.prepare_output(self.config, self.out, self.ckpt_dir)
 
+    def _wrap_model(self):
+        """`self.forward`: the model in DDP when there are several processes, compiled when train.compile."""
+        tc, info = self.tc, self.info
         self.ddp = None
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -192,19 +233,21 @@ class Trainer:
             # step). broadcast_buffers=False: training-mode BN uses batch statistics, so rank 0's running statistics
             # need not be sent before every forward; the evaluated model's buffers are broadcast before each
             # evaluation (`_evaluate`) and checkpoints hold rank 0's.
-            self.ddp = DistributedDataParallel(model, device_ids=device_ids,
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                find_unused_parameters=tc.find_unused_parameters,
                                                gradient_as_bucket_view=True, broadcast_buffers=False)
-        wrapped = self.ddp or model
+        wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped, backend=tc.compile_backend) if tc.compile else wrapped
 
+    def _start_logging(self, resume_from):
+        """The run log and trackers, the loop's flags, sums and clocks; rank 0 then says what the run will do."""
         self.logger = RunLogger(self.out, enabled=self.main, total=self.total, start_step=self.progress.step,
                                 resumed=resume_from is not None, eval_pending=self.progress.eval_pending,
                                 samples=self.task.sample_unit,
-                                loggers=tuple(tc.loggers), config=self.resolved)
+                                loggers=tuple(self.tc.loggers), config=self.resolved)
         # Non-finite losses are flagged on the device and checked at log events and before checkpoints: no GPU
         # sync per step, and no checkpoint ever holds the weights of a diverged run.
-        self.nonfinite = torch.zeros((), device=info.device)
+        self.nonfinite = torch.zeros((), device=self.info.device)
         self.signalled: str | None = None  # the name of a stop signal this process received
         self.stop_requested = False  # some process received one (agreed over ranks after every step)
         # The model's logged values summed over micro-batches (grad_norm over the steps the optimizer took), and

@@ -62,6 +62,11 @@ class MixedCollate:
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
 
+    @property
+    def skipped(self) -> int:
+        """Reads of unreadable images skipped in both sets (ImageDataset.skipped, over all loader workers)."""
+        return self.labelled.skipped + self.pseudo.skipped
+
     def __call__(self, slots: list) -> dict:
         n_pseudo = pseudo_count(len(slots), self.ratio)
         n_labelled = len(slots) - n_pseudo

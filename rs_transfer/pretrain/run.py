@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict:
     from rs_transfer import families
     from rs_transfer.engine.trainer import train
-    from rs_transfer.pretrain.task import TASK
+    from rs_transfer.pretrain.task import TASK, skipped_reads
 
     config = load_config(PretrainConfig, config_path, overrides)
     init_distributed(config.train.device)  # before building data, so ranks can agree on it
@@ -24,8 +24,7 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = families.build(TASK, config)
     metrics = train(config, task)
-    train_sets = [task.collate_fn.labelled, task.collate_fn.pseudo] if config.cotrain.enabled else [task.train_set]
-    skipped = sum(train_set.skipped for train_set in train_sets)
+    skipped = skipped_reads(task)
     if skipped:
         log.warning("%d reads of unreadable training images were skipped (each is named above)", skipped)
     log.info("final metrics: %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -230,6 +230,25 @@ def describe(folder: str | Path, shards: Optional[list] = None, workers: int = 1
     report (pseudo-labelling does not need labels). Raises DataError for a missing folder, no shard, an
     unreadable or truncated one, a key with two images or two labels, or no image at all."""
     folder = Path(folder)
+    paths = _shard_paths(folder, shards)
+    entries = _scan_shards(paths, workers)
+    counts = _label_counts(paths, entries)
+    total = sum(e["nsamples"] for e in entries)
+    if total == 0:
+        raise DataError(f"no images found in tar shards {', '.join(map(str, paths[:NAMED_IN_WARNINGS]))}")
+    problem = _label_problem(folder, paths, entries, total)
+    labelled = problem is None
+    label_counts = [counts.get(c, 0) for c in range(max(counts) + 1)] if labelled else None
+    return {"wids_version": 1, "name": folder.name,
+            "shardlist": [{"url": os.path.relpath(p, folder), "nsamples": e["nsamples"], "filesize": e["filesize"],
+                           "first": e["first"]} for p, e in zip(paths, entries)],
+            "rs_transfer": {"format": INDEX_FORMAT, "labelled": labelled, "label_counts": label_counts,
+                            "label_problem": problem}}
+
+
+def _shard_paths(folder: Path, shards: Optional[list]) -> list:
+    """The .tar shards of `folder` in name order, or the given ones. Raises DataError for a missing folder or no
+    shard (naming the sub-folders that hold shards, when the user gave their parent)."""
     if shards is None and not folder.is_dir():
         raise DataError(f"shard folder not found: {folder}")
     paths = sorted(folder.glob("*.tar")) if shards is None else [Path(s) for s in shards]
@@ -238,11 +257,19 @@ def describe(folder: str | Path, shards: Optional[list] = None, workers: int = 1
             else []
         hint = f"; its sub-folders {', '.join(below)} hold shards: give each of them" if below else ""
         raise DataError(f"no .tar shards in {folder}{hint}")
+    return paths
+
+
+def _scan_shards(paths: list, workers: int) -> list:
+    """`_scan` of each shard, in `workers` spawned processes when more than one."""
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            entries = pool.map(_scan, map(str, paths), chunksize=4)
-    else:
-        entries = [_scan(str(p)) for p in paths]
+            return pool.map(_scan, map(str, paths), chunksize=4)
+    return [_scan(str(p)) for p in paths]
+
+
+def _label_counts(paths: list, entries: list) -> dict:
+    """{label: images} over all shards; warns of the members no sample uses, per shard and in all."""
     counts = {}
     not_used = 0
     for path, entry in zip(paths, entries):
@@ -255,25 +282,22 @@ def describe(folder: str | Path, shards: Optional[list] = None, workers: int = 1
     if not_used:
         log.warning("%d member(s) of %d tar shard(s) were not used (named above)", not_used,
                     sum(1 for e in entries if e["not_used_count"]))
-    total = sum(e["nsamples"] for e in entries)
-    if total == 0:
-        raise DataError(f"no images found in tar shards {', '.join(map(str, paths[:NAMED_IN_WARNINGS]))}")
+    return counts
+
+
+def _label_problem(folder: Path, paths: list, entries: list, total: int) -> Optional[str]:
+    """Why the split is not labelled (a shard's own problem first, else the first image without a label), or
+    None; a partly labelled split is warned about (a wholly unlabelled one is normal for pseudo-labelling)."""
     problem = next((e["problem"] for e in entries if e["problem"]), None)
     unlabelled = sum(e["unlabelled_count"] for e in entries)
     if problem is None and unlabelled:
         first = next(f"{p.name}/{e['unlabelled'][0]}" for p, e in zip(paths, entries) if e["unlabelled"])
         problem = (f"image {first} has no .cls label member" +
                    (f" ({unlabelled} of {total} images have none)" if unlabelled < total else ""))
-    if problem is not None and unlabelled < total:  # partly labelled; a wholly unlabelled set is normal
+    if problem is not None and unlabelled < total:
         log.warning("%s: the split is not fully labelled, fine for pseudo-labelling, an error for training: %s",
                     folder, problem)
-    labelled = problem is None
-    label_counts = [counts.get(c, 0) for c in range(max(counts) + 1)] if labelled else None
-    return {"wids_version": 1, "name": folder.name,
-            "shardlist": [{"url": os.path.relpath(p, folder), "nsamples": e["nsamples"], "filesize": e["filesize"],
-                           "first": e["first"]} for p, e in zip(paths, entries)],
-            "rs_transfer": {"format": INDEX_FORMAT, "labelled": labelled, "label_counts": label_counts,
-                            "label_problem": problem}}
+    return problem
 
 
 def write_index(folder: str | Path, workers: int = 1) -> Path:

@@ -160,6 +160,13 @@ def build_task(config: PretrainConfig) -> Task:
                 make_loader=make_loader, report=report)
 
 
+def skipped_reads(task: Task) -> int:
+    """How many reads of unreadable training images the pretraining `task` skipped (each was named in a warning):
+    its train set's count, or with co-training (the train set holds slots) the mixed collate's, over both sets."""
+    counted = task.train_set if task.collate_fn is data.collate else task.collate_fn
+    return counted.skipped
+
+
 # The family's declaration (rs_transfer/families.py): what `runs`, `predict`, `evaluate` and `export` read.
 TASK = TaskDeclaration(name="pretrain", family="pretrain", config=PretrainConfig, build=build_task, build_model=build_model,
                        predictor=PREDICTOR, metric="top1")
