@@ -40,3 +40,24 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in events if e["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 32
+
+
+def test_ddp_is_built_without_torchs_deprecation_warning(tmp_path):
+    # torch >= 2.13 warns for broadcast_buffers (a FutureWarning every DDP run printed); the engine passes what this
+    # torch calls it
+    import warnings
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rs_transfer.engine.trainer import NO_FORWARD_BUFFER_SYNC
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = DistributedDataParallel(nn.BatchNorm1d(3), **NO_FORWARD_BUFFER_SYNC)
+        assert not getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers)
+    finally:
+        dist.destroy_process_group()

@@ -20,6 +20,7 @@ epoch, index), see SeededSamples) and the same updates; on CPU the final weights
 uninterrupted run (tests/test_engine_resume.py).
 """
 
+import inspect
 import logging
 import math
 import os
@@ -97,6 +98,13 @@ def train(config: RunConfig, task: Task) -> dict:
         trainer.signalled = received.signalled
         return trainer.run()
 
+
+# torch >= 2.13 calls it forward_sync_buffers and warns (FutureWarning) for the older broadcast_buffers, which the
+# versions pyproject.toml allows below it still need. Either way buffers match at the start: every rank built the
+# same model from the same seed or checkpoint.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
 
 class Trainer:
     """One run: set up in __init__ (devices, model, data, optimizer, resume), then `run()` is the loop."""
@@ -230,12 +238,12 @@ class Trainer:
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             # gradient_as_bucket_view: gradients live in DDP's buckets, not a copy of them (less memory, no copy per
-            # step). broadcast_buffers=False: training-mode BN uses batch statistics, so rank 0's running statistics
-            # need not be sent before every forward; the evaluated model's buffers are broadcast before each
-            # evaluation (`_evaluate`) and checkpoints hold rank 0's.
+            # step). No buffer sync per forward: training-mode BN uses batch statistics, so rank 0's running
+            # statistics need not be sent before every forward; the evaluated model's buffers are broadcast before
+            # each evaluation (`_evaluate`) and checkpoints hold rank 0's.
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids,
                                                find_unused_parameters=tc.find_unused_parameters,
-                                               gradient_as_bucket_view=True, broadcast_buffers=False)
+                                               gradient_as_bucket_view=True, **NO_FORWARD_BUFFER_SYNC)
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped, backend=tc.compile_backend) if tc.compile else wrapped
 
