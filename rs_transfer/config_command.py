@@ -53,5 +53,3 @@ def run_config_show(args) -> int:
         raise UserError("config show: `video train` has a config to show; `video eval` evaluates a run's own")
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
-
-

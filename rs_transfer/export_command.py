@@ -29,5 +29,3 @@ def run_command(args) -> int:
     result = export_run(args.run_dir, args.format, args.out, args.resolution)
     print(json.dumps({"path": str(result.path), "format": result.format, "max_abs_diff": result.max_abs_diff}))
     return 0
-
-

@@ -60,5 +60,3 @@ def run_demo(args) -> int:
 
     demo(args.task, args.data, args.output, args.overrides)
     return 0
-
-

@@ -84,5 +84,3 @@ def run_info(args) -> int:
     for key, value in result.items():
         print(f"{key:<18}{value}")
     return 0
-
-

@@ -66,5 +66,3 @@ def run_pseudo_label(args) -> int:
                  batch_size=args.batch_size, topk=args.topk, threshold=args.threshold, per_class=args.per_class,
                  num_workers=args.num_workers, max_batches=args.max_batches)
     return 0
-
-

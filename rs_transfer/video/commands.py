@@ -38,5 +38,3 @@ def run_video_eval(args) -> int:
 
     print(json.dumps(run_eval(args.checkpoint, args.views, args.config, args.overrides)))
     return 0
-
-
