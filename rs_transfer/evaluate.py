@@ -110,7 +110,7 @@ def output_path(folder: Path, out: str | None, settings: dict) -> Path:
     RUN/eval/<UTC time>-<hash of `settings`>.json with -2, -3, ... added when that name is taken, so no earlier
     evaluation is overwritten. Raises UserError for an `out` inside the run folder that is one of its files
     (final_metrics.json, ... even before the run wrote it) or any other file there outside RUN/eval, and for an
-    `out` holding a control character (the rule of every other command's --out, cli.out_path)."""
+    `out` holding a control character (the rule of every other command's --out, options.out_path)."""
     if out is not None and has_control_character(out):
         raise UserError(f"--out {out!r} holds a control character (a newline, tab, ...): a path is one line of "
                         "printable text")

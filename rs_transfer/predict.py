@@ -13,14 +13,47 @@ inputs not predicted this time stay. An OUT holding another run's predictions (o
 refused.
 """
 
+from __future__ import annotations
+
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.files import atomic_write_json, folder_lock
-from rs_transfer.predictor import Predictor
+from rs_transfer.options import out_path
+
+if TYPE_CHECKING:  # the library imports numpy and PIL: not at import, so the command's parser stays light
+    from rs_transfer.predictor import Predictor
 
 log = logging.getLogger(__name__)
+
+
+def add_command(commands) -> None:
+    """The `predict` subcommand on cli.py's subparsers."""
+    predict = commands.add_parser("predict", help="a trained run's model on new images (or videos): masks, boxes, "
+                                  "depth, top-5 classes")
+    predict.add_argument("--run", "--run-dir", dest="run_dir", required=True,
+                         help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth); --run-dir under torchrun, "
+                         "whose parser reads --run as its own --run-path")
+    predict.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
+                         help="image (video) files, or folders searched recursively")
+    predict.add_argument("--out", required=True, type=out_path("--out"),
+                         help="output folder (predictions.json and the task's files)")
+    predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    predict.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="evaluation keys of the run's config, e.g. task.tta=flip task.eval_mode=slide")
+    predict.set_defaults(run=run_command)
+
+
+def run_command(args) -> int:
+    # --images takes every word after it: overrides given after it (task.tta=flip, not a file) are moved back
+    overrides = [item for item in args.images if "=" in item and not Path(item).exists()]
+    images = [item for item in args.images if item not in overrides]
+    summary = predict(args.run_dir, images, args.out, args.device, [*args.overrides, *overrides])
+    print(f"{len(summary['predictions'])} predictions ({len(summary['skipped'])} inputs skipped): "
+          f"{args.out}/predictions.json")
+    return 0
 
 
 def list_inputs(sources: list, suffixes: tuple, ignored: list | None = None) -> list:

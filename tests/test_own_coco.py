@@ -250,6 +250,7 @@ def test_check_data_names_each_missing_file_or_folder_without_reading_the_json(t
 
 def test_cli_names_the_json_in_one_error_line_with_exit_code_2(tmp_path, capsys):
     path = write_coco(tmp_path, annotations=[box(17, image_id=99)])
+    write_coco(tmp_path, split="val2017")  # the layout is whole: the error is the train JSON's content
     assert main(["finetune", "--task", "coco_det", f"data.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f'error: {path}: annotation 17 has image_id 99, which is not in "images"'

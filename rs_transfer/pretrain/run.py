@@ -1,4 +1,4 @@
-"""What the `pretrain` command does, called by cli.py (and by `reproduce table1`, rs_transfer/reproduce/table1.py).
+"""What the `pretrain` command does, called by pretrain/commands.py (and by `reproduce table1`, reproduce/table1.py).
 The engine writes the run's files, weights.pth (the network, EMA weights when trained with EMA) included."""
 
 import logging

@@ -11,7 +11,7 @@
   and the ladder tables (`Ladder`: rows of a packaged config plus the paper's number, collected from each run's
   `final_metrics.json`, rendered paper vs ours)
 
-A ladder table is a module with a `LADDER`, registered below by name; Table 5 takes its own arguments (cli.py).
+A ladder table is a module with a `LADDER`, registered below by name; Table 5 takes its own arguments (commands.py).
 """
 
 import importlib

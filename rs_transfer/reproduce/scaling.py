@@ -48,6 +48,7 @@ EFFICIENTNET_DROP_CONNECT = 0.2
 EFFICIENTNET_WEIGHT_DECAY = 1e-5
 
 PLAN_FILE = "plan.json"
+IMAGENET_TRAIN = 1_281_167  # ImageNet-1k's training images, the scaling study's dataset
 
 
 @dataclass(frozen=True)
@@ -374,3 +375,23 @@ def run(study: str | Path, point: int | None = None, overrides: list = (), synth
         train(p["config"], [*extra, *overrides, string_override("output_dir", run_dir(study, p)), "train.resume=auto"])
         trained.append(key)
     return trained
+
+
+def format_plan(points: list, study: str, dry_run: bool) -> str:
+    """`scale plan`'s table: one line per point (its model, resolution, epochs and regularisation, its config),
+    the training cost in ImageNet images, and the command that trains them."""
+    lines = [f"{'#':>4}  {'model':<18}{'res':>5}{'epochs':>7}{'dropout':>8}{'RA':>5}{'SD':>6}{'LS':>6}  config"]
+    for i, p in enumerate(points):
+        magnitude = "-" if p["randaugment_magnitude"] is None else f"{p['randaugment_magnitude']:g}"
+        lines.append(f"{i:>4}  {p['model']:<18}{p['resolution']:>5}{p['epochs']:>7}{p['dropout']:>8g}"
+                     f"{magnitude:>5}{p['stochastic_depth']:>6g}{p['label_smoothing']:>6g}  {p['config'] or '-'}")
+    epochs = sum(p["epochs"] for p in points)
+    by_regime = ", ".join(f"{sum(p['epochs'] == e for p in points)} x {e}" for e in sorted({p["epochs"] for p in points}))
+    lines.append(f"\n{len(points)} points ({by_regime} epochs): {epochs:,} epochs in all, "
+                 f"{epochs * IMAGENET_TRAIN:,.3g} training images at ImageNet's {IMAGENET_TRAIN:,} per epoch")
+    if dry_run:
+        lines.append("dry run: nothing written")
+    else:
+        lines.append(f"train them with `rs-transfer scale run --study {study} data.root=DIR` "
+                     "(or one per job: --point I)")
+    return "\n".join(lines)

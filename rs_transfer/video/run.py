@@ -1,4 +1,4 @@
-"""The `video train` and `video eval` commands, called by cli.py (and by `reproduce table6`)."""
+"""The `video train` and `video eval` commands, called by video/commands.py (and by `reproduce table6`)."""
 
 import json
 import logging
