@@ -10,7 +10,9 @@ ROOT = Path(rs_transfer.__file__).parent
 FAMILY_PACKAGES = ("rs_transfer.downstream", "rs_transfer.pretrain", "rs_transfer.video", "rs_transfer.families",
                    "rs_transfer.runs", "rs_transfer.predict", "rs_transfer.evaluate", "rs_transfer.export",
                    "rs_transfer.reproduce", "rs_transfer.bench", "rs_transfer.cli", "rs_transfer.api")
-TRAINING_PACKAGES = FAMILY_PACKAGES + ("rs_transfer.engine",)
+# What the networks must not import: the engine and every family or command built on it (bench/ measures networks:
+# `rs-transfer info` counts FLOPs with bench/flops.py).
+TRAINING_PACKAGES = tuple(p for p in FAMILY_PACKAGES if p != "rs_transfer.bench") + ("rs_transfer.engine",)
 
 
 def module_name(path: Path) -> str:
