@@ -1,11 +1,11 @@
 """The run families, declared in one place: pretraining, video and the transfer tasks (and whatever comes next).
 
-A family is a package whose task module declares `TASK` (a `TaskDeclaration`; the transfer family has one module
-per task, each declaring a `downstream.registry.TransferTask`, which offers the same attributes). A declaration
-says what every command needs of a run of that task without knowing its family: its config schema, how to build
-its engine Task (datasets, model, evaluator) and its model alone from a config, its Predictor, its primary metric
-and what one training sample is (images, clips). `runs`, `predict`, `evaluate`, `export` and the run listing read
-it; the engine receives a built Task and never imports a family.
+A family is a package whose task module declares `TASK` (a `TaskDeclaration`; the transfer family has one module per
+task, each declaring a `downstream.registry.TransferTaskDeclaration`, which offers the same attributes). A declaration
+says what every command needs of a run of that task without knowing its family: its config schema, how to build its
+engine Task (datasets, model, evaluator) and its model alone from a config, its Predictor, its primary metric and what
+one training sample is (images, clips). `runs`, `predict`, `evaluate`, `export` and the run listing read it; the
+engine receives a built Task and never imports a family.
 
 Which family wrote a run folder is read from its config.yaml by the keys each family's configs alone have
 (`markers`), declared here rather than worked out in the engine. A new family is one module declaring `TASK` and

@@ -1,5 +1,5 @@
-"""cifar100's layout check (TransferTask.check_data): what `finetune` answers before torch is imported. The pickles'
-reading and their errors are in test_downstream_data.py."""
+"""cifar100's layout check (TransferTaskDeclaration.check_data): what `finetune` answers before torch is imported. The
+pickles' reading and their errors are in test_downstream_data.py."""
 
 import re
 

@@ -179,7 +179,8 @@ def test_plugin_names_follow_the_packages_and_do_not_replace_them(installed_plug
                                      "imported: ModuleNotFoundError: No module named 'no_such_module_here'"),
     ("broken = toy_task", "the rs_transfer.tasks entry point broken = 'toy_task' declares task 'toy_task', "
                           "registered as 'broken'"),
-    ("broken = json", "the rs_transfer.tasks entry point broken = 'json' declares no TASK = TransferTask(...)"),
+    ("broken = json", "the rs_transfer.tasks entry point broken = 'json' declares no TASK = "
+                      "TransferTaskDeclaration(...)"),
     ("broken = toy_task:TASK", "the rs_transfer.tasks entry point broken = 'toy_task:TASK': the value must be a "
                                "module path"),
 ])

@@ -15,7 +15,7 @@ from PIL import Image
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.data import find_dir, read_label_png_reduced, require
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTaskDeclaration
 from rs_transfer.downstream.scenes import scene
 from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.segmentation import METRIC, build_segmentation
@@ -132,7 +132,7 @@ def write_synthetic(root, train: int, val: int):
 # predict: PNGs of ADE's raw indices (prediction + 1; 0 "other" is never predicted); segmentation.predictor
 PREDICTOR = segmentation.predictor(ADE_CLASSES, offset=1, source="the 150 ADE20K SceneParsing classes")
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="ade_seg", config=AdeSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value

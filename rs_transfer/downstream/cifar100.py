@@ -31,7 +31,7 @@ from rs_transfer.config import MAX_PIXELS, at_least, at_most, checked
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.data import find_dir, require
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTaskDeclaration
 from rs_transfer.downstream.scenes import COLOURS, background, shape_mask
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, read_image, write_top5
@@ -163,8 +163,8 @@ def pickle_path(root, split: str) -> Path:
 
 
 def check_data(config) -> None:
-    """TransferTask.check_data: both pickles are where `build` reads them (their contents are checked when read).
-    Raises ConfigError for an unset data.root, DataError naming what is missing."""
+    """TransferTaskDeclaration.check_data: both pickles are where `build` reads them (their contents are checked when
+    read). Raises ConfigError for an unset data.root, DataError naming what is missing."""
     for split in SPLITS:
         pickle_path(config.data.root, split)
 
@@ -316,7 +316,7 @@ def write_synthetic(root, train: int, val: int):
 PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
                       class_names=lambda config: (CLASSES, "the CIFAR-100 fine label names"))
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="cifar100", config=Cifar100Config, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value

@@ -47,7 +47,7 @@ from rs_transfer.downstream.pascal_det import DetectorSection, draw_detections
 from rs_transfer.downstream.pascal_det import predict as predict_boxes
 from rs_transfer.downstream.pascal_det import write_detections as write_boxes
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask, metric_suffix
+from rs_transfer.downstream.registry import TransferTaskDeclaration, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, visualizer
@@ -560,7 +560,7 @@ PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detecti
                                                   "(task.class_names, task.category_ids of the run's config.yaml)"),
                       draw=draw_detections)
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="coco_det", config=CocoDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data, paper={},
 )

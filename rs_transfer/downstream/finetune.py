@@ -96,8 +96,8 @@ def check_model(config: FinetuneConfig) -> None:
 
 
 def check_data(config: FinetuneConfig) -> None:
-    """The task's data.root layout check (TransferTask.check_data), when the task has one: torch-free and cheap.
-    Raises ConfigError for an unset data.root, DataError naming a missing folder or file."""
+    """The task's data.root layout check (TransferTaskDeclaration.check_data), when the task has one: torch-free and
+    cheap. Raises ConfigError for an unset data.root, DataError naming a missing folder or file."""
     check = registry.get(config.task.name).check_data
     if check is not None:
         check(config)
@@ -181,9 +181,9 @@ def _check_point(point: int, count: int) -> int:
 
 def collect_sweep(folder, task, metric: str | None = None) -> dict:
     """Write FOLDER/sweep.json from every finished grid point (FOLDER/lr*_steps*/final_metrics.json) and return it:
-    {"task", "metric", "best": the point with the highest metric, "points"}; `metric` None: the task's default
-    (the sweep's config names another, e.g. "miou_slide": TransferTask.metric_of). Raises UserError when no point
-    has finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
+    {"task", "metric", "best": the point with the highest metric, "points"}; `metric` None: the task's default (the
+    sweep's config names another, e.g. "miou_slide": TransferTaskDeclaration.metric_of). Raises UserError when no
+    point has finished, DataError naming the file when one's final_metrics.json is unreadable or lacks the metric."""
     metric = metric or registry.get(task).metric
     results = []
     for path in sorted(Path(folder).glob(f"lr*_steps*/{FINAL_METRICS_FILE}")):

@@ -38,7 +38,7 @@ from rs_transfer.config import ConfigError, MAX_PIXELS, at_least, at_most, check
 from rs_transfer.data.folders import check_sorted, class_folders, image_extensions, list_files
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTaskDeclaration
 from rs_transfer.downstream.scenes import COLOURS, background
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, read_image, write_top5
@@ -102,8 +102,8 @@ def find_layout(root) -> tuple:
 
 
 def check_data(config) -> None:
-    """TransferTask.check_data: data.root has train/ and val/ with class folders (`find_layout`; the images are
-    listed by `build`). Raises ConfigError for an unset data.root, DataError naming what is missing."""
+    """TransferTaskDeclaration.check_data: data.root has train/ and val/ with class folders (`find_layout`; the images
+    are listed by `build`). Raises ConfigError for an unset data.root, DataError naming what is missing."""
     find_layout(config.data.root)
 
 
@@ -301,7 +301,7 @@ PREDICTOR = Predictor(read=read_image, predict=predict, write=write_top5,
                                                   "task.class_names of the run (its train/ class folders)"),
                       suffixes=tuple(sorted(image_extensions())))
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="folder_cls", config=FolderClsConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
 )

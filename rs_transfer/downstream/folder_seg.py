@@ -29,7 +29,7 @@ from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import IGNORE, read_label_png, read_label_png_reduced, read_text_lines
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTaskDeclaration
 from rs_transfer.downstream.scenes import outlines, scene, voc_palette
 from rs_transfer.downstream.segmentation import METRIC, build_segmentation
 from rs_transfer.errors import DataError
@@ -383,7 +383,7 @@ def write_synthetic(root, train: int, val: int):
 PREDICTOR = segmentation.predictor(lambda config: (configured_names(config), "task.class_names of the run"),
                                    offset=mask_offset, labelled=True)
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="folder_seg", config=FolderSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
 )

@@ -32,7 +32,7 @@ from rs_transfer.downstream.config import DenseSection, FinetuneConfig, arch_arg
 from rs_transfer.downstream.data import find_dir, read_image, read_text_lines, require
 from rs_transfer.downstream.metrics import DEPTH_AVERAGES
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask, section_suffix
+from rs_transfer.downstream.registry import TransferTaskDeclaration, section_suffix
 from rs_transfer.downstream.scenes import depth_scene
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, colour_map, output_path, save_png, save_rgb, visualizer
@@ -404,7 +404,7 @@ def write_synthetic(root, train: int, val: int):
 PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_depth,
                       class_names=lambda config: (None, "none: depth has no classes"), draw=draw_depth)
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="nyu_depth", config=NYUDepthConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value

@@ -30,7 +30,7 @@ from rs_transfer.config import (MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError
 from rs_transfer.downstream.config import CropSection, FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import find_dir, read_image, read_split, require
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TTA_MODES, TransferTask, metric_suffix
+from rs_transfer.downstream.registry import TTA_MODES, TransferTaskDeclaration, metric_suffix
 from rs_transfer.downstream.scenes import scene, visible_objects
 from rs_transfer.errors import DataError
 from rs_transfer.predictor import Predictor, output_path, save_rgb, visualizer
@@ -335,7 +335,7 @@ def write_synthetic(root, train: int, val: int):
 PREDICTOR = Predictor(read=read_image_file, predict=predict, write=write_detections,
                       class_names=lambda config: (CLASSES, "the 20 VOC classes"), draw=draw_detections)
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="pascal_det", config=PascalDetConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value

@@ -20,7 +20,7 @@ from rs_transfer.data.text import read_lines
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig
 from rs_transfer.downstream.data import find_dir, read_label_png, read_split, require
 from rs_transfer.downstream.protocol import Protocol
-from rs_transfer.downstream.registry import TransferTask
+from rs_transfer.downstream.registry import TransferTaskDeclaration
 from rs_transfer.downstream.scenes import outlines, scene, voc_palette
 from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.segmentation import METRIC, build_segmentation
@@ -192,7 +192,7 @@ def write_synthetic(root, train: int, val: int):
 # predict: VOC palette PNGs of VOC indices (0 = background, not painted on the overlays); segmentation.predictor
 PREDICTOR = segmentation.predictor(VOC_CLASSES, offset=0, background=0, source="the 21 VOC classes")
 
-TASK = TransferTask(
+TASK = TransferTaskDeclaration(
     name="pascal_seg", config=PascalSegConfig, build=build, protocol=PROTOCOL, write_synthetic=write_synthetic,
     build_model=build_model, predictor=PREDICTOR, check_data=check_data,
     # Table 5, percent: (backbone, method, pretraining epochs) -> value

@@ -1,10 +1,10 @@
 """The transfer tasks by name: the one registry that `finetune`, `sweep`, `demo`, the CLI's `--task` choices and
 Table 5 read.
 
-A task is one module that declares `TASK = TransferTask(...)`: its run config (a dataclass whose `task` section is
-the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
-protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and
-for `rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predictor.py), and its layout check.
+A task is one module that declares `TASK = TransferTaskDeclaration(...)`: its run config (a dataclass whose `task`
+section is the task's own), its builder (config -> the engine's `Task`: datasets, model with its loss, evaluator), its
+protocol (metric, grid lengths, batch, crop, Table 5 column), its synthetic-data writer, its Table 5 numbers, and for
+`rs-transfer predict` its model-only builder and its Predictor (rs_transfer/predictor.py), and its layout check.
 
 Importing a task module imports no torch (nor torchvision, timm, torchmetrics, scipy): its builders import them
 where they run, so `finetune` answers a config, layout or weights mistake in a fraction of a second, not after the
@@ -67,8 +67,11 @@ def section_suffix(section) -> str:
 
 
 @dataclass(frozen=True)
-class TransferTask:
-    """What a task module declares as `TASK` (the module docstring above lists the parts).
+class TransferTaskDeclaration:
+    """What a transfer task's module declares as `TASK`: the attributes of rs_transfer/families.py's
+    TaskDeclaration (config, build, build_model, predictor, metric_of, family, sample_unit) plus the transfer
+    family's own (protocol, Table 5 numbers, synthetic data, config folder, layout check); the module docstring above
+    lists the parts.
 
     check_data(config), when a task has it, checks the data.root layout before anything heavy runs: `finetune` calls
     it after the config and the weights file are checked (and after a --synthetic dataset is written) and before
@@ -104,6 +107,9 @@ class TransferTask:
         return self.metric + section_suffix(task_section)
 
 
+
+TransferTask = TransferTaskDeclaration  # its former name, which plugins' task modules may still import
+
 def register(name: str, module: str) -> None:
     """Add a task whose module lives outside this package, for this Python process only (a test, a notebook).
     An installed package declares an entry point instead (docs/downstream.md, "Adding a task")."""
@@ -130,10 +136,10 @@ def names() -> tuple:
     return tuple(MODULES) + tuple(name for name in plugins() if name not in MODULES)
 
 
-def get(name: str) -> TransferTask:
-    """The task's TransferTask, importing its module. Raises UserError for an unknown name (listing the known ones)
-    and for a plugin that cannot be used (naming its entry point): its module fails to import, has no `TASK`, or
-    declares another name."""
+def get(name: str) -> TransferTaskDeclaration:
+    """The task's TransferTaskDeclaration, importing its module. Raises UserError for an unknown name (listing the
+    known ones) and for a plugin that cannot be used (naming its entry point): its module fails to import, has no
+    `TASK`, or declares another name."""
     if name in MODULES:
         module, source = MODULES[name], f"module {MODULES[name]}"
     elif name in plugins():
@@ -145,8 +151,8 @@ def get(name: str) -> TransferTask:
     else:
         raise UserError(f"unknown task {name!r}: expected one of {', '.join(names())}")
     task = getattr(_import(module, source), "TASK", None)
-    if not isinstance(task, TransferTask):
-        raise UserError(f"{source} declares no TASK = TransferTask(...)")
+    if not isinstance(task, TransferTaskDeclaration):
+        raise UserError(f"{source} declares no TASK = TransferTaskDeclaration(...)")
     if task.name != name:
         raise UserError(f"{source} declares task {task.name!r}, registered as {name!r}")
     return task
