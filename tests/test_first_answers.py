@@ -1,7 +1,7 @@
 """The first answers of `rs-transfer finetune`: a mistake in a config key or value, the weights file or the data.root
 layout is one `error:` line and exit 2, given before torch (nor torchvision, timm, torchmetrics, scipy) is imported,
 which takes seconds, half a minute on a loaded machine. `sweep`, `demo` and `config show finetune` import none
-either.
+either, nor do `pretrain` and `video train` for a config or weights mistake (they took 25-50 s on a loaded machine).
 
 Every case runs in one fresh Python process (the CLI's `main` called once per case), which then reports what it
 imported: the import cost is paid once, and any case that imports torch shows."""
@@ -47,6 +47,11 @@ results += [call(["config", "show", "finetune", "--task", task, "--backbone", "r
 results += [call(["sweep", "--task", task, "--backbone", "rs50", "--steps", "2", "data.root=/nonexistent"])
             for task in tasks]
 results += [call(["demo", "--task", task, "--data", "data", "--output", "run", "train.lrr=3"]) for task in tasks]
+# pretraining and video: the same config and weights mistakes (their data checks need torch, but for pretrain's split)
+results += [call(["pretrain", "--config", "pretrain/demo.yaml", mistake]) for mistake in mistakes
+            if not mistake.startswith("task.")]
+results += [call(["video", "train", "--config", "video/demo.yaml", mistake]) for mistake in mistakes
+            if mistake.startswith(("train.", "model."))]
 print(json.dumps({"results": results, "imported": [name for name in heavy if name in sys.modules]}))
 """
 
@@ -72,6 +77,6 @@ def test_mistakes_are_one_error_line_before_torch_is_imported(tmp_path):
                            json.dumps(HEAVY)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.splitlines()[-1])
-    assert len(found["results"]) == len(TASKS) * (len(MISTAKES) + 3) >= 72
+    assert len(found["results"]) == len(TASKS) * (len(MISTAKES) + 3) + 4 + 2 >= 78
     assert wrong_answers(found) == []
     assert found["imported"] == []

@@ -12,6 +12,7 @@ config (keys and values), the model name and weights file (`check_model`), the d
 
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 import time
@@ -87,12 +88,10 @@ def check_model(config: FinetuneConfig) -> None:
     not after the synthetic dataset is written. Raises UserError for a name no model family owns (models/registry.py), WeightsError
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
-    from rs_transfer.files import check_file
-    from rs_transfer.models import family_of, hub
+    from rs_transfer.models import check_weights, family_of
 
     family_of(config.model.name)
-    if config.model.weights:
-        check_file(hub.resolve(config.model.weights))
+    check_weights(config.model.weights)
 
 
 def check_data(config: FinetuneConfig) -> None:
@@ -116,15 +115,15 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
         write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images, root))
         config.data.root = str(root)
     check_data(config)
+    if os.environ.get("RANK", "0") == "0":  # torch's import and the model's build took minutes on a busy CPU, silent
+        log.info("%s: config, model name, weights and data.root checked; importing torch, building %s and the data "
+                 "(the start block follows)", config.task.name, config.model.name)
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
 
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = families.build(registry.get(config.task.name), config)
-    metrics = train(config, task)
-    name = task.primary_metric
-    log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)
-    return metrics
+    return train(config, task)  # the engine logs the run summary (metric, best, outputs): not repeated here
 
 
 def finetune(task, backbone=None, weights=None, config_path=None, overrides=(), synthetic=False) -> dict:
