@@ -100,8 +100,9 @@ def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> 
     with a warning, counted and listed under "skipped". Outputs written before an unexpected failure stay, and
     predictions.json then holds the predictions so far ("complete": false)."""
     from rs_transfer.families import declaration
-    from rs_transfer.runs import load_run
+    from rs_transfer.runs import finished_run, load_run
 
+    finished_run(Path(run_dir))  # before torch is imported: a wrong folder is answered at once
     from rs_transfer.engine.device import resolve_device
 
     run = load_run(run_dir, resolve_device(device), overrides)

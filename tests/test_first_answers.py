@@ -1,7 +1,8 @@
 """The first answers of `rs-transfer finetune`: a mistake in a config key or value, the weights file or the data.root
 layout is one `error:` line and exit 2, given before torch (nor torchvision, timm, torchmetrics, scipy) is imported,
 which takes seconds, half a minute on a loaded machine. `sweep`, `demo` and `config show finetune` import none
-either, nor do `pretrain` and `video train` for a config or weights mistake (they took 25-50 s on a loaded machine).
+either, nor do `pretrain` and `video train` for a config or weights mistake (they took 25-50 s on a loaded machine),
+nor `evaluate` and `predict` given a folder that is not a run (13-15 s).
 
 Every case runs in one fresh Python process (the CLI's `main` called once per case), which then reports what it
 imported: the import cost is paid once, and any case that imports torch shows."""
@@ -52,6 +53,9 @@ results += [call(["pretrain", "--config", "pretrain/demo.yaml", mistake]) for mi
             if not mistake.startswith("task.")]
 results += [call(["video", "train", "--config", "video/demo.yaml", mistake]) for mistake in mistakes
             if mistake.startswith(("train.", "model."))]
+# a finished run's commands, given a folder that is not there
+results += [call(["evaluate", "--run", "/nonexistent"]), call(["predict", "--run", "/nonexistent", "--images", "x",
+                                                               "--out", "o"])]
 print(json.dumps({"results": results, "imported": [name for name in heavy if name in sys.modules]}))
 """
 
@@ -64,8 +68,8 @@ def wrong_answers(found: dict) -> list:
         if argv[0] == "config":
             right = result["code"] == 0 and "name: rs50" in result["out"] and "lr: 0.5" in result["out"]
         else:
-            right = (result["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ")
-                     and MISTAKES[argv[-1]] in lines[0])
+            said = "run folder not found: /nonexistent" if argv[0] in ("evaluate", "predict") else MISTAKES[argv[-1]]
+            right = result["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0]
         if not right:
             wrong.append(result)
     return wrong
@@ -77,6 +81,18 @@ def test_mistakes_are_one_error_line_before_torch_is_imported(tmp_path):
                            json.dumps(HEAVY)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.splitlines()[-1])
-    assert len(found["results"]) == len(TASKS) * (len(MISTAKES) + 3) + 4 + 2 >= 78
+    assert len(found["results"]) == len(TASKS) * (len(MISTAKES) + 3) + 4 + 2 + 2 >= 80
     assert wrong_answers(found) == []
     assert found["imported"] == []
+
+
+def test_a_gpu_sized_step_on_a_cpu_is_said_before_the_first_step():
+    # rs152's default pascal_seg step (64 x 512 px) on a 24 GB CPU machine grew past 18 GB and was killed in its
+    # first step, the start block its last word; the engine's "this run needs N hours" comes after that step
+    from rs_transfer.downstream.finetune import default_config, gpu_sized, make_config
+
+    for task in TASKS:
+        said = gpu_sized(make_config(task, "rs152"), cuda=False)
+        assert said.startswith("a GPU-sized step on a CPU") and f"--config downstream/{task}_demo.yaml" in said
+        assert gpu_sized(make_config(task, "rs152"), cuda=True) is None
+        assert gpu_sized(make_config(task, config_path=default_config(task, demo=True)), cuda=False) is None
