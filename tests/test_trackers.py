@@ -102,6 +102,17 @@ def test_a_tracker_that_cannot_start_is_one_error(tmp_path, offline, monkeypatch
         train(toy_config(tmp_path / "run", "train.epochs=null", "train.steps=4", "train.loggers=[mlflow]"), make_task())
 
 
+def test_mlflows_default_store_without_the_full_package_says_the_fix_first(tmp_path, offline, monkeypatch):
+    # a fresh install (the mlflow extra is mlflow-skinny) and no MLFLOW_TRACKING_URI: MLflow's answer named no fix
+    # (MLflow 3's default store is sqlite:///mlflow.db; the test environment has mlflow-skinny, no SQLAlchemy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"^train.loggers: mlflow could not start its run: an sqlite store \(MLflow 3's "
+                                        r"default, sqlite:///mlflow.db\) needs the full mlflow package: pip install "
+                                        r"mlflow, or set MLFLOW_TRACKING_URI=file:./mlruns"):
+        trackers.start_trackers(tmp_path / "run", ["mlflow"], {"seed": 0}, resumed=False)
+
+
 def test_a_tracker_failing_mid_run_is_one_warning_and_the_run_goes_on(tmp_path, offline, monkeypatch, caplog):
     calls = []
 
