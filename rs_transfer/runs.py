@@ -172,6 +172,9 @@ def find_runs(root: str | Path) -> list[dict]:
     rows = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "meta.yaml" in files:  # MLflow's file store (./mlruns): each run's artifacts hold a copy of its config.yaml
+            dirs[:] = []
+            continue
         if "config.yaml" in files:
             dirs[:] = []  # runs do not nest; this skips checkpoints/, tensorboard/ and generated data
             rows.append(read_run(Path(folder), root))

@@ -51,6 +51,10 @@ def test_each_tracker_gets_the_config_every_scalar_and_the_final_metrics(tmp_pat
     assert [m.step for m in offline.get_metric_history(run_id, "eval/accuracy")] == [8]
     assert run.data.metrics["final/accuracy"] == metrics["accuracy"]
     assert run.data.metrics["summary/steps"] == 8
+    # the file store (here tmp_path/mlruns) keeps the config as an artifact: `runs` listed it as an unfinished run
+    from rs_transfer.runs import find_runs
+
+    assert [row["folder"] for row in find_runs(tmp_path)] == ["run"]
 
     records = wandb_records(out, ids["wandb"]["id"])
     assert len(records) == 1  # one offline segment
