@@ -245,8 +245,8 @@ class Trainer:
             + (f", {classes} classes" if classes else ""),
             f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch, "
             f"{self.workers[0]} loader worker(s) per process ({self.workers[1]})",
-            f"plan: {self.total} steps ({format_count(epochs)} epochs) of global batch {tc.batch_size} ({self.micro} per "
-            f"process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
+            f"plan: {self.total} steps ({format_count(epochs)} epochs) of global batch {tc.batch_size} ({self.micro} "
+            f"per process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
             f"from step {self.progress.step}; evaluation {evaluation}; a log line every {tc.log_every_steps} steps, "
             f"a progress line at least every {tc.log_every_seconds:g} s",
             f"output: {self.out.resolve()}",

@@ -9,8 +9,8 @@ from rs_transfer.errors import UserError
 from rs_transfer.models.registry import FAMILIES, ModelFamily, family_of, register
 from rs_transfer.models.zoo import LAYOUTS, ModelSpec, parse_name
 
-__all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "check_weights", "create_model", "family_of", "parse_name",
-           "register"]
+__all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "check_weights", "create_model", "family_of",
+           "parse_name", "register"]
 
 
 def check_weights(weights: str | None) -> None:
