@@ -197,7 +197,8 @@ def only_with(switch: str, on, *keys: str):
     def check(section, prefix: str) -> None:
         if getattr(section, switch) in allowed:
             return
-        defaults = {f.name: f.default for f in dataclasses.fields(section)}
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(section)}
         for key in keys:
             if getattr(section, key) != defaults[key]:
                 wanted = " or ".join(_as_typed(v) for v in allowed)
