@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from rs_transfer.config import load_config
-from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.pretrain.config import PretrainConfig, check_cotrain
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,14 @@ def pretrain(config_path: str, overrides: list, synthetic: bool = False) -> dict
 
 
 def check_start(config: PretrainConfig, synthetic: bool) -> None:
-    """Torch-free checks of what the run starts from: the model name (UserError), model.weights (WeightsError), and
-    that data.root is set (ConfigError) and holds a training split (DataError, as data.load_split says it)."""
+    """Torch-free checks of what the run starts from: co-training's pseudo-labels and the model name (UserError),
+    model.weights (WeightsError), and that data.root is set (ConfigError) and holds a training split (DataError, as
+    data.load_split says it)."""
     from rs_transfer.config import data_root
     from rs_transfer.errors import DataError
     from rs_transfer.models import check_weights, family_of
 
+    check_cotrain(config)
     family_of(config.model.name)
     check_weights(config.model.weights)
     if synthetic:
