@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     except StoppedBySignal as stop:  # not an error: the run saved its checkpoint and can be resumed
         print(f"stopped: {one_line(stop)}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a run's steps (importing torch, building the model): no traceback
+        print("stopped: Ctrl-C (outside a training run's steps: no checkpoint written)", file=sys.stderr)
+        return 130
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

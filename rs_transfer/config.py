@@ -197,7 +197,8 @@ def only_with(switch: str, on, *keys: str):
     def check(section, prefix: str) -> None:
         if getattr(section, switch) in allowed:
             return
-        defaults = {f.name: f.default for f in dataclasses.fields(section)}
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(section)}
         for key in keys:
             if getattr(section, key) != defaults[key]:
                 wanted = " or ".join(_as_typed(v) for v in allowed)
@@ -458,7 +459,24 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     looked = " and ".join(str(candidate) for candidate in candidates)
-    raise ConfigError(f"config file not found: {name}; looked for {looked}")
+    raise ConfigError(f"config file not found: {name}{closest_packaged(given)}; looked for {looked}")
+
+
+def closest_packaged(given: Path) -> str:
+    """"; did you mean 'NAME'?" naming the packaged config closest to `given` (a typo of
+    downstream/pascal_seg_demo.yaml), or "" when none is close."""
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    if given.is_absolute() or not parts:
+        return ""
+    root = packaged_configs()
+    folder = root.joinpath(*parts[:-1])
+    if folder.is_dir():  # the file name compared alone: a shared folder prefix would make every name look close
+        close = difflib.get_close_matches(parts[-1], [path.name for path in folder.glob("*.yaml")], n=1, cutoff=0.8)
+        close = [Path(*parts[:-1], name).as_posix() for name in close]
+    else:
+        names = [path.relative_to(root).as_posix() for path in root.rglob("*.yaml")]
+        close = difflib.get_close_matches(Path(*parts).as_posix(), names, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def string_override(key: str, value) -> str:

@@ -232,15 +232,16 @@ def evaluate_run(run_dir, overrides=(), data: str | None = None, checkpoint: str
     written."""
     import rs_transfer
     from rs_transfer.config import git_commit, string_override
-    from rs_transfer.engine.device import resolve_amp
-    from rs_transfer.engine.distributed import init_distributed
     from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
     from rs_transfer.families import declaration
     from rs_transfer.runs import run_kind
 
     folder = Path(run_dir)
     family, task_name = run_kind(folder)
-    weights = weights_file(folder, checkpoint)
+    weights = weights_file(folder, checkpoint)  # both before torch is imported: a wrong folder is answered at once
+    from rs_transfer.engine.device import resolve_amp
+    from rs_transfer.engine.distributed import init_distributed
+
     overrides = [*overrides, *([string_override("data.root", data)] if data is not None else [])]
     config = load_eval_config(folder, declaration(family, task_name).config, overrides)
     settings = evaluation_settings(config)

@@ -133,19 +133,21 @@ def predict(run_dir, sources: list, out, device: str = "auto", overrides=()) -> 
     with a warning, counted and listed under "skipped". Outputs written before an unexpected failure stay, and
     predictions.json then holds the predictions so far ("complete": false)."""
     from rs_transfer.families import declaration
-    from rs_transfer.runs import load_run
+    from rs_transfer.runs import finished_run, load_run
 
-    from rs_transfer.engine.device import resolve_device
-
-    run = load_run(run_dir, resolve_device(device), overrides)
-    predictor = declaration(run.family, run.task).predictor
+    # The folder and the inputs before the model (and, for a transfer task, torch): a wrong path is answered at once
+    family, task = finished_run(Path(run_dir))
+    predictor = declaration(family, task).predictor
     if predictor is None:
-        raise UserError(f"task {run.task} declares no predictor (its TASK.predictor is None)")
+        raise UserError(f"task {task} declares no predictor (its TASK.predictor is None)")
     ignored = []
     inputs = list_inputs(sources, predictor.suffixes, ignored)
     if ignored:
         log.info("%d files under --images are not input files (%s) and are ignored; listed in predictions.json",
                  len(ignored), "/".join(predictor.suffixes))
+    from rs_transfer.engine.device import resolve_device
+
+    run = load_run(run_dir, resolve_device(device), overrides)
     # One predict per --out at a time: two would merge their records into predictions.json at once (files.folder_lock)
     with folder_lock(out, "--out"):
         return _write_predictions(Path(out), run, predictor, inputs, ignored, list(overrides))

@@ -104,6 +104,16 @@ def run_kind(folder: Path) -> tuple:
     return family, task
 
 
+def finished_run(folder: Path) -> tuple:
+    """run_kind of a run that has its weights.pth. Torch-free: `predict` with a wrong folder is answered before torch
+    is imported (it took 15 s on a loaded machine). Raises RunError as run_kind, and when weights.pth is missing."""
+    family, task = run_kind(folder)
+    if not (folder / "weights.pth").is_file():
+        raise RunError(f"{folder} has no weights.pth: the run has not finished (the engine writes it at the end; "
+                       "resume the run with --resume to finish it)")
+    return family, task
+
+
 def _eval_overrides(overrides) -> list:
     """`overrides` when each sets a key of config.EVAL_KEYS; ConfigError naming the first that does not."""
     for item in overrides:
@@ -131,11 +141,8 @@ def load_run(run_dir, device="cpu", overrides=()) -> Run:
 
     folder = Path(run_dir)
     config_path = folder / "config.yaml"
-    family, task = run_kind(folder)
+    family, task = finished_run(folder)
     weights = folder / "weights.pth"
-    if not weights.is_file():
-        raise RunError(f"{folder} has no weights.pth: the run has not finished (the engine writes it at the end; "
-                       "resume the run with --resume to finish it)")
     declared = families.declaration(family, task)
     if declared.build_model is None:
         raise RunError(f"task {task} declares no build_model (TASK.build_model): its runs cannot be loaded alone")
@@ -165,6 +172,9 @@ def find_runs(root: str | Path) -> list[dict]:
     rows = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "meta.yaml" in files:  # MLflow's file store (./mlruns): each run's artifacts hold a copy of its config.yaml
+            dirs[:] = []
+            continue
         if "config.yaml" in files:
             dirs[:] = []  # runs do not nest; this skips checkpoints/, tensorboard/ and generated data
             rows.append(read_run(Path(folder), root))

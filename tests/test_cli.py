@@ -268,3 +268,16 @@ def test_a_config_of_another_task_is_refused_naming_both(tmp_path, capsys):
                                        "pascal_seg: give a config of pascal_seg, or --task cifar100\n")
     assert main(["finetune", "--task", "pascal_seg", "task.name=cifar100"]) == 2
     assert capsys.readouterr().err == "error: override task.name=cifar100 contradicts --task pascal_seg\n"
+
+
+def test_ctrl_c_before_the_first_step_is_one_stopped_line_and_exit_130(monkeypatch, capsys):
+    # Ctrl-C while torch was imported or rs152 built (minutes on a loaded CPU) printed a 40-line traceback
+    import rs_transfer.downstream.finetune as finetune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "finetune", interrupted)
+    assert main(["finetune", "--task", "cifar100"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "stopped: Ctrl-C (outside a training run's steps: no checkpoint written)"]

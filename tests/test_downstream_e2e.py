@@ -76,6 +76,8 @@ def test_cifar100_end_to_end(tmp_path, caplog):
     # the log names the dataset's folder, not the staging folder it is written into first
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("writing a synthetic")]
     assert len(said) == 1 and said[0].endswith(f" val images) to {tmp_path / 'data'}"), said
+    # the metric is said once, in the engine's run summary (finetune repeated it, and demo then a third time)
+    assert sum("top1 = " in r.getMessage() for r in caplog.records) == 1
     assert metrics["top1"] > 0.6  # 10 classes used, equally many images each: chance 0.1
     # The engine's weights.pth is the network alone: it loads strictly, classifier included, into the zoo model.
     from rs_transfer.models import create_model

@@ -240,18 +240,21 @@ def test_metric_names_say_how_the_numbers_were_computed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("task.slide_stride=600", "slide_stride=600 and task.slide_crop=512"),
+    ("task.eval_mode=slide task.slide_stride=600", "slide_stride=600 and task.slide_crop=512"),
     ("task.slide_crop=0", "task.slide_crop=0 makes no sense"),
-    ("task.tta_scales=[]", "task.tta_scales is empty"),
+    ("task.tta=ms_flip task.tta_scales=[]", "task.tta_scales is empty"),
     ("task.tta_scales=[1.0,-0.5]", "task.tta_scales=.* must be > 0"),
     ("task.tta=ms", "task.tta='ms' makes no sense here: it must be one of none, flip, ms_flip"),
     ("task.eval_mode=sliding", "task.eval_mode='sliding' .* one of whole, slide"),
+    # a window or scale key outside its mode was silently ignored
+    ("task.slide_crop=256", "task.slide_crop=256 has no effect with task.eval_mode=whole: set task.eval_mode=slide"),
+    ("task.tta_scales=[1.0,1.5]", r"task.tta_scales=\[1.0, 1.5\] has no effect with task.tta=none: set task.tta=ms_flip"),
 ])
 def test_bad_inference_keys_name_the_key(override, message):
     from rs_transfer.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        finetune.make_config("nyu_depth", overrides=[override])
+        finetune.make_config("nyu_depth", overrides=override.split())
 
 
 def test_a_run_evaluated_in_windows_picks_its_best_checkpoint_by_its_own_metric(tmp_path):

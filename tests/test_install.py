@@ -90,6 +90,10 @@ def test_a_config_is_a_file_or_a_packaged_name(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config file not found: pretrain/rs51\.yaml; looked for .*rs51\.yaml "
                                           r"and .*configs/pretrain/rs51\.yaml"):
         find_config("pretrain/rs51.yaml")
+    # a typo of a packaged name names it (the demo config, one letter off, was only "not found")
+    with pytest.raises(ConfigError, match=r"not found: downstream/pascal_seg_dmo\.yaml; did you mean "
+                                          r"'downstream/pascal_seg_demo\.yaml'\?; looked for"):
+        find_config("downstream/pascal_seg_dmo.yaml")
 
 
 def test_a_base_is_beside_its_file_or_a_packaged_name(tmp_path):

@@ -219,3 +219,10 @@ def test_runs_diff_names_each_differing_key_and_what_it_changes(runs_root, capsy
     assert main(["runs", "--diff", str(short), str(runs_root / "notes")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
     assert main(["runs"]) == 2 and "give a FOLDER to list, or --diff RUN_A RUN_B" in capsys.readouterr().err
+
+
+def test_the_start_blocks_epoch_count_is_plain_digits():
+    from rs_transfer.engine.summary import format_count
+
+    # the GPU protocol on a 96-image folder planned "10000 steps (1e+04 epochs)" (the `g` format)
+    assert [format_count(x) for x in (10000.0, 200 / 3, 4.0, 0.0012)] == ["10000", "66.67", "4", "0.0012"]

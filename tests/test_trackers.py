@@ -51,6 +51,10 @@ def test_each_tracker_gets_the_config_every_scalar_and_the_final_metrics(tmp_pat
     assert [m.step for m in offline.get_metric_history(run_id, "eval/accuracy")] == [8]
     assert run.data.metrics["final/accuracy"] == metrics["accuracy"]
     assert run.data.metrics["summary/steps"] == 8
+    # the file store (here tmp_path/mlruns) keeps the config as an artifact: `runs` listed it as an unfinished run
+    from rs_transfer.runs import find_runs
+
+    assert [row["folder"] for row in find_runs(tmp_path)] == ["run"]
 
     records = wandb_records(out, ids["wandb"]["id"])
     assert len(records) == 1  # one offline segment
@@ -100,6 +104,17 @@ def test_a_tracker_that_cannot_start_is_one_error(tmp_path, offline, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'other'}")  # MLflow caches the store of a URI
     with pytest.raises(UserError, match="^train.loggers: mlflow could not start its run: The filesystem tracking"):
         train(toy_config(tmp_path / "run", "train.epochs=null", "train.steps=4", "train.loggers=[mlflow]"), make_task())
+
+
+def test_mlflows_default_store_without_the_full_package_says_the_fix_first(tmp_path, offline, monkeypatch):
+    # a fresh install (the mlflow extra is mlflow-skinny) and no MLFLOW_TRACKING_URI: MLflow's answer named no fix
+    # (MLflow 3's default store is sqlite:///mlflow.db; the test environment has mlflow-skinny, no SQLAlchemy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"^train.loggers: mlflow could not start its run: an sqlite store \(MLflow 3's "
+                                        r"default, sqlite:///mlflow.db\) needs the full mlflow package: pip install "
+                                        r"mlflow, or set MLFLOW_TRACKING_URI=file:./mlruns"):
+        trackers.start_trackers(tmp_path / "run", ["mlflow"], {"seed": 0}, resumed=False)
 
 
 def test_a_tracker_failing_mid_run_is_one_warning_and_the_run_goes_on(tmp_path, offline, monkeypatch, caplog):

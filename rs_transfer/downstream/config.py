@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rs_transfer.config import (
     MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, DataConfig, RunConfig, above, at_least, at_most, checked,
-    one_of, ordered,
+    one_of, only_with, ordered,
 )
 from rs_transfer.downstream.registry import EVAL_MODES, TTA_MODES
 
@@ -53,7 +53,9 @@ class DenseSection(CropSection):
     """Per-pixel tasks: the FPN's levels summed at stride 4, then a small conv head; evaluated and predicted on the
     whole image or in windows, with optional test-time augmentation (downstream/dense_inference.py)."""
 
-    RELATIONS = (*CropSection.RELATIONS, ordered("slide_stride", "slide_crop"), _tta_scales_given)
+    # the windows' and the scales' keys act only in their mode: set alone they were silently ignored
+    RELATIONS = (*CropSection.RELATIONS, only_with("eval_mode", "slide", "slide_crop", "slide_stride"),
+                 only_with("tta", "ms_flip", "tta_scales"), ordered("slide_stride", "slide_crop"), _tta_scales_given)
 
     head_channels: int = checked(256, at_least(1), at_most(MAX_CHANNELS))  # width of the 3 conv layers of the dense head
     # mmseg test_cfg mode: "whole" (the image at its size) or "slide" (windows, overlapping outputs averaged)

@@ -12,6 +12,7 @@ config (keys and values), the model name and weights file (`check_model`), the d
 
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 import time
@@ -87,12 +88,10 @@ def check_model(config: FinetuneConfig) -> None:
     not after the synthetic dataset is written. Raises UserError for a name no model family owns (models/registry.py), WeightsError
     for a `timm:` name not in the cache (models/hub.resolve), a missing file, or a file that is neither a PyTorch
     checkpoint nor safetensors (a text file would otherwise fail inside torch.load as "KeyError: 101")."""
-    from rs_transfer.files import check_file
-    from rs_transfer.models import family_of, hub
+    from rs_transfer.models import check_weights, family_of
 
     family_of(config.model.name)
-    if config.model.weights:
-        check_file(hub.resolve(config.model.weights))
+    check_weights(config.model.weights)
 
 
 def check_data(config: FinetuneConfig) -> None:
@@ -116,15 +115,41 @@ def run(config: FinetuneConfig, synthetic: bool = False) -> dict:
         write_once(root, lambda folder: write_synthetic(config.task.name, folder, config.data.synthetic_images, root))
         config.data.root = str(root)
     check_data(config)
+    if os.environ.get("RANK", "0") == "0":  # torch's import and the model's build took minutes on a busy CPU, silent
+        log.info("%s: config, model name, weights and data.root checked; importing torch, building %s and the data "
+                 "(the start block follows)", config.task.name, config.model.name)
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
 
+    import torch
+
+    too_big = gpu_sized(config, torch.cuda.is_available())
+    if too_big and os.environ.get("RANK", "0") == "0":
+        log.warning("%s", too_big)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     task = families.build(registry.get(config.task.name), config)
-    metrics = train(config, task)
-    name = task.primary_metric
-    log.info("%s %s = %.4f (final_metrics.json in %s)", config.task.name, name, metrics[name], config.output_dir)
-    return metrics
+    return train(config, task)  # the engine logs the run summary (metric, best, outputs): not repeated here
+
+
+# Pixels per training step above which a CPU step is GPU-sized: the paper's 64 crops of 512 px (16.8M) took rs152 past
+# 18 GB and was killed by the kernel on a 24 GB machine before its first step ended; the demos take 16 x 64 x 64.
+GPU_SIZED_PIXELS = 16 * 256 * 256
+
+
+def gpu_sized(config: FinetuneConfig, cuda: bool) -> str | None:
+    """The warning for a GPU-sized step (train.batch_size x the task's crop or image size squared) about to run on a
+    CPU, naming the task's demo config; None on a GPU or for a CPU-sized step. Said before the first step: the
+    engine's estimate of the run's length comes only after it, which here can take many minutes or never end."""
+    side = getattr(config.task, "crop_size", None) or getattr(config.task, "image_size", None)
+    on_cpu = config.train.device == "cpu" or (config.train.device == "auto" and not cuda)
+    if not on_cpu or side is None or config.train.batch_size * side * side <= GPU_SIZED_PIXELS:
+        return None
+    demo = default_config(config.task.name, demo=True)
+    if demo.is_relative_to(packaged_configs()):
+        demo = demo.relative_to(packaged_configs())
+    return (f"a GPU-sized step on a CPU: train.batch_size={config.train.batch_size} images of {side} px "
+            f"({config.train.steps} steps); its first step alone may take many minutes and tens of GB. For a try on "
+            f"this machine: --config {demo.as_posix()} (or smaller train.batch_size and task.crop_size/image_size)")
 
 
 def finetune(task, backbone=None, weights=None, config_path=None, overrides=(), synthetic=False) -> dict:

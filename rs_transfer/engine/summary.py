@@ -83,6 +83,12 @@ def format_summary(summary: dict, sample_unit: str = "images") -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
+def format_count(value: float) -> str:
+    """A count for people: 10000 epochs, not '1e+04' (the `g` format); 66.67, 4; under 1, three significant digits
+    (0.0012 epochs of a short try on a large set)."""
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 def format_seconds(seconds: float | None) -> str:
     """"12.3 s" under a minute, else H:MM:SS; "-" for None."""
     if seconds is None:

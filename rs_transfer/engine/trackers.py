@@ -59,12 +59,25 @@ def start_trackers(out: Path, loggers: list[str], config: dict, resumed: bool) -
         except ImportError:
             raise ConfigError(_missing(name)) from None
         except Exception as error:  # each library raises its own types (wandb.Error, MlflowException, OSError)
-            raise UserError(f"train.loggers: {name} could not start its run: {_one_line(error)}") from None
+            raise UserError(f"train.loggers: {name} could not start its run: {_fix_first(name, error)}"
+                            f"{_one_line(error)}") from None
         state[name] = tracker.state
         trackers.append(tracker)
     if trackers:
         atomic_write_json(path, state)
     return trackers
+
+
+def _fix_first(name: str, error: BaseException) -> str:
+    """What to do, said before the library's reason, for the failure a fresh install meets: MLflow 3's default store
+    sqlite:///mlflow.db needs the full mlflow package (SQLAlchemy), which the mlflow extra (mlflow-skinny) lacks, and
+    MLflow's 400-character answer names neither."""
+    sqlite_refused = "unsupported URI 'sqlite" in str(error)
+    if name == "mlflow" and sqlite_refused and importlib.util.find_spec("sqlalchemy") is None:
+        return ("an sqlite store (MLflow 3's default, sqlite:///mlflow.db) needs the full mlflow package: pip install "
+                "mlflow, or set MLFLOW_TRACKING_URI=file:./mlruns MLFLOW_ALLOW_FILE_STORE=true (a local folder) or a "
+                "server's http://... address; MLflow said: ")
+    return ""
 
 
 def _one_line(error: BaseException) -> str:

@@ -62,7 +62,7 @@ from rs_transfer.engine.loader import Loader, stop_signals_handled, stop_signals
 from rs_transfer.engine.optim import base_lr, build_optimizer, build_scheduler, describe
 from rs_transfer.engine.run_log import RunLogger
 from rs_transfer.engine.sampling import RunSampler, SeededSamples
-from rs_transfer.engine.summary import format_summary, run_summary, write_summary
+from rs_transfer.engine.summary import format_count, format_summary, run_summary, write_summary
 from rs_transfer.engine.task import Task, exported_network
 from rs_transfer.engine.trackers import check_installed
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -296,8 +296,8 @@ class Trainer:
             + (f", {classes} classes" if classes else ""),
             f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch, "
             f"{self.workers[0]} loader worker(s) per process ({self.workers[1]})",
-            f"plan: {self.total} steps ({epochs:.3g} epochs) of global batch {tc.batch_size} ({self.micro} per "
-            f"process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
+            f"plan: {self.total} steps ({format_count(epochs)} epochs) of global batch {tc.batch_size} ({self.micro} "
+            f"per process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
             f"from step {self.progress.step}; evaluation {evaluation}; a log line every {tc.log_every_steps} steps, "
             f"a progress line at least every {tc.log_every_seconds:g} s",
             f"output: {self.out.resolve()}",

@@ -9,7 +9,19 @@ from rs_transfer.errors import UserError
 from rs_transfer.models.registry import FAMILIES, ModelFamily, family_of, register
 from rs_transfer.models.zoo import LAYOUTS, ModelSpec, parse_name
 
-__all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "create_model", "family_of", "parse_name", "register"]
+__all__ = ["FAMILIES", "LAYOUTS", "ModelFamily", "ModelSpec", "check_weights", "create_model", "family_of",
+           "parse_name", "register"]
+
+
+def check_weights(weights: str | None) -> None:
+    """Check a weights file or `timm:` name torch-free, before a job imports torch (~5-30 s) or writes anything.
+    Raises WeightsError for a `timm:` name not in the cache (hub.resolve), a missing file, or a file that is neither
+    a PyTorch checkpoint nor safetensors (files.check_file). None (no weights) passes."""
+    from rs_transfer.files import check_file
+    from rs_transfer.models import hub
+
+    if weights:
+        check_file(hub.resolve(weights))
 
 
 def create_model(name: str, num_classes: int = 1000, weights: str | None = None, features_only: bool = False,

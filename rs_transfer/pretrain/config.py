@@ -57,3 +57,13 @@ class PretrainConfig(RunConfig):
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cotrain: CotrainConfig = field(default_factory=CotrainConfig)
+
+
+def check_cotrain(config: PretrainConfig) -> None:
+    """UserError for co-training without its pseudo-labels: a config mistake, said before the data are looked at
+    (pretrain.run.check_start) and again by build_task for its other callers."""
+    from rs_transfer.errors import UserError
+
+    if config.cotrain.enabled and not config.cotrain.pseudo_labels:
+        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
+                        "`rs-transfer pseudo-label`")

@@ -17,7 +17,7 @@ from rs_transfer.errors import UserError
 from rs_transfer.models import create_model
 from rs_transfer.models.zoo import ArchArgs
 from rs_transfer.pretrain import data, transforms
-from rs_transfer.pretrain.config import PretrainConfig
+from rs_transfer.pretrain.config import PretrainConfig, check_cotrain
 from rs_transfer.predictor import Predictor, read_image, write_top5
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,7 @@ def build_task(config: PretrainConfig) -> Task:
     on val: `Task.report`). Raises UserError for co-training without pseudo-labels or an unsupported DALI
     setting, DataError for a missing or malformed dataset or a model.num_classes that disagrees with the class
     folders, WeightsError for model.weights that do not fit."""
-    if config.cotrain.enabled and not config.cotrain.pseudo_labels:
-        raise UserError("cotrain.enabled needs cotrain.pseudo_labels=OUT, the --out folder of "
-                        "`rs-transfer pseudo-label`")
+    check_cotrain(config)
     if config.data.backend == "dali":
         _check_dali(config)  # before the data are read
     train_items, eval_items, classes = build_datasets(config)

@@ -5,25 +5,37 @@ import logging
 from pathlib import Path
 
 from rs_transfer.config import ConfigError, load_config
-from rs_transfer.engine.classification import Classifier
 from rs_transfer.errors import UserError, one_line
 from rs_transfer.files import FileWriteError, atomic_write_json, make_dir
 from rs_transfer.video.config import VideoConfig
-from rs_transfer import families
-from rs_transfer.video.task import TASK, build_net, evaluate_videos, list_data, prepare_root, resolve_classes
 
 log = logging.getLogger(__name__)
 
 
 def run_train(config_path: str, overrides: list) -> dict:
+    """Train the config at `config_path` with `overrides`; returns the final metrics. The config, the model name and
+    the weights files are checked before torch is imported (~5-30 s), so a typo is answered at once."""
+    config = load_config(VideoConfig, config_path, overrides)
+    check_model(config)
+    from rs_transfer import families
     from rs_transfer.engine.distributed import seed_everything
     from rs_transfer.engine.trainer import train
+    from rs_transfer.video.task import TASK, prepare_root
 
-    config = load_config(VideoConfig, config_path, overrides)
     prepare_root(config)
     seed_everything(config.seed)  # before the model and anything else random is built: same seed, same run
     # build_task fills in an unset model.num_classes, before train() saves the run's config.yaml.
     return train(config, families.build(TASK, config))  # the engine logs the summary; the command prints the JSON once
+
+
+def check_model(config: VideoConfig) -> None:
+    """Torch-free: the 2D zoo name the 3D model is built from (UserError), model.weights and model.inflate_from
+    (WeightsError: missing, not cached, or not a checkpoint)."""
+    from rs_transfer.models import check_weights, parse_name
+
+    parse_name(config.model.name)
+    check_weights(config.model.weights)
+    check_weights(config.model.inflate_from)
 
 
 def find_run_config(checkpoint: Path) -> Path:
@@ -57,7 +69,9 @@ def run_eval(checkpoint: str, views: int, config_path: str | None, overrides: li
     Returns the metrics, also logged and written to OUTPUT_DIR/eval_{views}views.json. Raises FileWriteError (one
     line naming the folder or file and the OS's reason) when output_dir cannot be written.
     """
+    from rs_transfer.engine.classification import Classifier
     from rs_transfer.engine.distributed import init_distributed, is_main
+    from rs_transfer.video.task import build_net, evaluate_videos, list_data, prepare_root, resolve_classes
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
