@@ -56,7 +56,7 @@ def test_a_stop_signal_to_the_process_group_with_workers_saves_and_resumes_exact
     # The worker that signalled the group and its sibling survive it; the main process saves and stops.
     assert "killed by signal" not in result.stderr and "Traceback" not in result.stderr
     assert result.returncode == 128 + signal.Signals[stop], result.stderr[-2000:]
-    assert f"stopped: stopped by {stop} at step" in result.stderr
+    assert f"stopped: {stop} at step" in result.stderr
     assert len(ckpt.step_checkpoints(stopped / "checkpoints")) == 1 and not (stopped / "final.pt").exists()
     assert run_forked(stopped, *WORKERS, "train.resume=auto").returncode == 0
     assert_same_weights(final_weights(reference), final_weights(stopped))
@@ -77,7 +77,7 @@ def test_a_stop_signal_to_a_two_process_torchrun_group_saves_and_resumes_exactly
     assert run_group([*torchrun, reference, *WORKERS]).returncode == 0
     result = run_group([*torchrun, stopped, *WORKERS, "--term-group-at-index", "100", "--group-signal", stop])
     assert "killed by signal" not in result.stderr
-    assert f"stopped by {stop} at step" in result.stderr, result.stderr[-3000:]
+    assert f"stopped: {stop} at step" in result.stderr, result.stderr[-3000:]
     saved = ckpt.step_checkpoints(stopped / "checkpoints")
     assert len(saved) == 1 and not (stopped / "final.pt").exists()
     assert len(ckpt.load(saved[0])["rng"]) == 2  # both ranks' random states were gathered into it

@@ -61,7 +61,7 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_stops_with_a_resume_hint
     out = tmp_path / "run"
     result = run_forked(out, "--kill-at", 16 * 5 + 3, "--signal", "SIGTERM")
     assert result.returncode != 0
-    assert "stopped by SIGTERM at step 6" in result.stderr and "train.resume=auto" in result.stderr
+    assert "stopped: SIGTERM at step 6" in result.stderr and "train.resume=auto" in result.stderr
     assert [f.name for f in ckpt.step_checkpoints(out / "checkpoints")] == ["step_00000006.pt"]
     engine_toy.main([str(out), "train.resume=auto"])
     assert ckpt.load(out / "checkpoints" / "step_00000032.pt")["epoch"] == 2

@@ -385,7 +385,7 @@ def test_a_stop_signal_finishes_the_batch_then_stops_and_restores_the_handlers(t
     # A handler of the caller's own, which label_images must put back (and which keeps pytest alive without one).
     previous = signal.signal(signal.SIGUSR1, lambda number, frame: received.append(number))
     try:
-        with pytest.raises(StoppedBySignal, match=r"^stopped by SIGUSR1 after 8 of 22 images on rank 0; rerun the "
+        with pytest.raises(StoppedBySignal, match=r"^SIGUSR1 after 8 of 22 images on rank 0; rerun the "
                                                   r"same command to continue$") as stopped:
             _run(teacher, unlabelled, tmp_path / "out")
         assert stopped.value.exit_code == 128 + signal.SIGUSR1
@@ -409,7 +409,7 @@ def test_sigterm_to_the_cli_stops_with_143_and_a_rerun_finishes(teacher, tmp_pat
     assert shard.stat().st_size % RECORD.itemsize == 0  # the batch in flight was finished, not torn
     written = len(_records(out))
     assert _records(out)["index"].tolist() == list(range(written))
-    assert stderr.strip().splitlines()[-1] == (f"stopped: stopped by SIGTERM after {written} of 80 images on rank 0; "
+    assert stderr.strip().splitlines()[-1] == (f"stopped: SIGTERM after {written} of 80 images on rank 0; "
                                                "rerun the same command to continue")
     assert written < 80 and not (out / "meta.json").exists()
     rerun = run_ranks(main, _cli_command(teacher, images, out), world_size=1, timeout=240)

@@ -126,7 +126,7 @@ class RunLogger:
         never a metrics.jsonl or TensorBoard event, so the logged records do not depend on the machine's speed.
         `loss`: this process's mean since the last log event. A terminal's progress bar already shows it."""
         if self.enabled and self.bar is None:
-            log.info("step %d/%d loss %.4f lr %.4g (this process) eta %s", step, self.total, loss, lr, self._eta(step))
+            log.info("step %d/%d loss %.4f (this process) lr %.4g eta %s", step, self.total, loss, lr, self._eta(step))
 
     def _eta(self, step: int) -> str:
         eta = (time.perf_counter() - self.start) / max(step - self.start_step, 1) * (self.total - step)

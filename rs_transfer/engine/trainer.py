@@ -283,18 +283,20 @@ class Trainer:
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         classes = getattr(self.config.model, "num_classes", None)
-        evaluation = ", ".join(
-            [f"every {tc.eval_every_epochs} epoch(s)"] * (tc.eval_every_epochs > 0)
-            + [f"every epoch of the last {tc.eval_last_epochs}"] * (tc.eval_last_epochs > 0)
-            + [f"every {tc.eval_every_steps} steps"] * (tc.eval_every_steps > 0) + ["at the end"])
         epochs = self.total / self.steps_per_epoch
+        # only the schedules that fall inside this run (a 20-step try of a 10k-step recipe evaluates at the end only)
+        evaluation = ", ".join(
+            [f"every {tc.eval_every_epochs} epoch(s)"] * (0 < tc.eval_every_epochs < epochs)
+            + [f"every epoch of the last {tc.eval_last_epochs}"] * (tc.eval_last_epochs > 0 and epochs > 1)
+            + [f"every {tc.eval_every_steps} steps"] * (0 < tc.eval_every_steps < self.total) + ["at the end"])
         lines = [
             f"device: {device}; {info.world_size} process(es); torch {torch.__version__}; amp: {self.precision} "
             f"({self.precision_why})",
             f"model: {self.config.model.name}, {params / 1e6:.2f}M parameters"
             + (f" ({(params - trainable) / 1e6:.2f}M frozen)" if trainable < params else "")
             + (f", {classes} classes" if classes else ""),
-            f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} steps per epoch, "
+            f"data: {len(self.task.train_set)} training samples, {self.steps_per_epoch} "
+            f"step{'s' * (self.steps_per_epoch != 1)} per epoch, "
             f"{self.workers[0]} loader worker(s) per process ({self.workers[1]})",
             f"plan: {self.total} steps ({format_count(epochs)} epochs) of global batch {tc.batch_size} ({self.micro} "
             f"per process x {info.world_size} process(es) x {tc.grad_accum_steps} accumulation), "
@@ -395,7 +397,7 @@ class Trainer:
             if self.stop_requested and not last:
                 self._wait_writes()  # the checkpoint the message names is on disk (or its write error is raised)
                 raise StoppedBySignal(
-                    f"stopped by {self.signalled or 'a signal to another process'} at step {progress.step}; "
+                    f"{self.signalled or 'a signal to another process'} at step {progress.step}; "
                     f"checkpoint {self.last_saved} written: rerun with --resume (train.resume=auto) to continue",
                     self.signalled,
                 )

@@ -332,7 +332,7 @@ def label_images(teacher: str, images: str, out: str, model_name: str = "rs152",
                     _append_records(path, records, written)
                     written += len(records)
                     if stop.signalled and written < len(mine):
-                        raise StoppedBySignal(f"stopped by {stop.signalled} after {written} of {len(mine)} images on "
+                        raise StoppedBySignal(f"{stop.signalled} after {written} of {len(mine)} images on "
                                               f"rank {rank}; rerun the same command to continue", stop.signalled)
         distributed.barrier()
         if not _all_complete(out_dir, world, len(items), dtype.itemsize):
