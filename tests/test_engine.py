@@ -63,6 +63,17 @@ def test_toy_task_learns_and_writes_its_outputs(tmp_path, caplog):
     load_weights(make_task().model.net, tmp_path / "weights.pth", new_classifier=False)
 
 
+
+def test_the_start_block_says_only_the_evaluations_that_fall_inside_a_short_run(tmp_path, caplog):
+    # a 2-step try of a recipe that evaluates every 2500 steps: "every 2500 steps" would promise what never happens
+    caplog.set_level("INFO", logger="rs_transfer")
+    config = toy_config(tmp_path, "train.epochs=null", "train.steps=2", "train.batch_size=256",
+                        "train.eval_every_epochs=0", "train.eval_every_steps=2500", "train.warmup_steps=0")
+    train(config, make_task())
+    start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start:"))
+    assert "256 training samples, 1 step per epoch," in start
+    assert "evaluation at the end;" in start
+
 def test_global_batch_must_split_over_processes_and_accumulation():
     assert micro_batch_size(256, 8, 2) == 16
     with pytest.raises(ConfigError, match=r"train.batch_size=100 .* 8 x 1 = 8"):
