@@ -400,9 +400,21 @@ EVAL_KEYS = frozenset({
 })
 RESUME_MAY_CHANGE = LOCATION_KEYS | EVAL_KEYS | {"train.steps", "train.epochs", "model.weights", "model.inflate_from"}
 # None in a config means "from the data": it matches any value. A task that reads its classes from the user's data
-# (folder_cls, coco_det, folder_seg, video lists) writes them into the run's config at build time, so config.yaml
-# carries them to `predict` and `export` without the data.
+# (folder_cls, coco_det, folder_seg, video lists) records them into the run's config at build time (`record_inferred`,
+# the one door; tests/test_config.py checks no builder writes a config another way), so config.yaml carries them to
+# `predict` and `export` without the data.
 INFERRED_KEYS = frozenset({"model.num_classes", "task.class_names", "task.category_ids", "data.class_names"})
+
+
+def record_inferred(config, key: str, value) -> None:
+    """The one way a builder writes into a loaded config: `key` (one of INFERRED_KEYS, dotted) set to `value`, what
+    the data says, so the run's config.yaml carries it to `predict` and `export`. A value the config sets is the
+    builder's to check against the data first, with a message naming both; the data's own form is recorded (e.g. the
+    class folders' names as the file system spells them). Raises ValueError for another key (a builder's bug)."""
+    if key not in INFERRED_KEYS:
+        raise ValueError(f"{key} is not a key inferred from the data ({', '.join(sorted(INFERRED_KEYS))})")
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, value)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

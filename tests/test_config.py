@@ -1,4 +1,6 @@
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -205,3 +207,34 @@ def test_items_of_an_untyped_list_must_be_numbers_where_a_range_is_checked(task,
     key = override.partition("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}=.* makes no sense here: it must be a number > 0$"):
         finetune.make_config(task, overrides=[override])
+
+
+def test_builders_write_inferred_keys_only_through_record_inferred():
+    # A builder writes into a loaded config only the keys the data decides (INFERRED_KEYS), and only through
+    # config.record_inferred: read from the source (ast), no assignment to such a key on anything but `self`
+    import ast
+
+    import rs_transfer
+    from rs_transfer.config import INFERRED_KEYS
+
+    leaves = {key.split(".")[1] for key in INFERRED_KEYS}
+    writes = []
+    for path in Path(rs_transfer.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in filter(None, targets):
+                for part in ast.walk(target):
+                    if (isinstance(part, ast.Attribute) and part.attr in leaves and isinstance(part.ctx, ast.Store)
+                            and ast.unparse(part.value) != "self"):
+                        writes.append(f"{path.name}:{node.lineno} {ast.unparse(target)}")
+    assert writes == []
+
+
+def test_record_inferred_sets_an_inferred_key_and_refuses_any_other():
+    from rs_transfer.config import ModelConfig, record_inferred
+
+    config = SimpleNamespace(model=ModelConfig())
+    record_inferred(config, "model.num_classes", 7)
+    assert config.model.num_classes == 7
+    with pytest.raises(ValueError, match="model.name is not a key inferred from the data"):
+        record_inferred(config, "model.name", "rs50")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 from PIL import Image
 
-from rs_transfer.config import ConfigError, data_root
+from rs_transfer.config import ConfigError, data_root, record_inferred
 from rs_transfer.data.text import ENCODING
 from rs_transfer.downstream.config import FinetuneConfig, check_num_classes
 from rs_transfer.downstream.data import read_image
@@ -426,7 +426,7 @@ def set_categories(config, split: CocoSplit) -> None:
         if given is not None and list(given) != list(found):
             raise ConfigError(f"task.{key}={list(given)}, but {split.json_path} lists {list(found)} (its categories "
                               f"sorted by id): leave task.{key} unset to take it from the data, or fix one of the two")
-        setattr(task_cfg, key, list(found))
+        record_inferred(config, f"task.{key}", list(found))
     check_num_classes(config, len(split.category_ids))
 
 

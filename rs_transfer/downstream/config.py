@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rs_transfer.config import (
     MAX_BATCH, MAX_CHANNELS, MAX_PIXELS, ConfigError, DataConfig, RunConfig, above, at_least, at_most, checked,
-    one_of, only_with, ordered,
+    one_of, only_with, ordered, record_inferred,
 )
 from rs_transfer.downstream.registry import EVAL_MODES, TTA_MODES
 
@@ -92,7 +92,7 @@ def check_num_classes(config, expected: int) -> None:
     """Unset (None): take the task's count. Set: the head's size comes from the dataset, so a config that says
     otherwise is a mistake worth stopping for."""
     if config.model.num_classes is None:
-        config.model.num_classes = expected
+        record_inferred(config, "model.num_classes", expected)
     elif config.model.num_classes != expected:
         raise ConfigError(f"model.num_classes={config.model.num_classes}, but task {config.task.name} has {expected} "
                           f"outputs: set model.num_classes={expected}")

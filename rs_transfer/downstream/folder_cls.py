@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 from PIL import Image
 
-from rs_transfer.config import ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction
+from rs_transfer.config import (ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction,
+                                record_inferred)
 from rs_transfer.data.folders import check_sorted, class_folders, image_extensions, list_files
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.protocol import Protocol
@@ -158,7 +159,7 @@ def set_class_names(config, classes: list, train: Path) -> None:
                       "the same names in another order, but classes are numbered in sorted folder order")
             raise ConfigError(f"task.class_names ({len(given)} names) disagrees with the {len(classes)} class folders "
                               f"of {train}: {detail}; leave task.class_names unset (null) to take the folders")
-    config.task.class_names = list(classes)
+    record_inferred(config, "task.class_names", list(classes))
 
 
 def build_datasets(config) -> tuple:

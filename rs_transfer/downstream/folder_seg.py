@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rs_transfer.config import ConfigError, data_root
+from rs_transfer.config import ConfigError, data_root, record_inferred
 from rs_transfer.data.folders import image_extensions, list_files
 from rs_transfer.downstream import segmentation
 from rs_transfer.downstream.config import DenseSection, FinetuneConfig, check_num_classes
@@ -336,7 +336,7 @@ def build(config):
     num_classes = check_masks(scan, declared, source, shift, root / "masks")
     check_label_range(num_classes, shift)
     check_num_classes(config, num_classes)
-    task_cfg.class_names = names or default_names(num_classes, shift)
+    record_inferred(config, "task.class_names", list(names or default_names(num_classes, shift)))
     names = list(task_cfg.class_names)  # in index order, not sorted as _first lists file stems
     log.info("folder_seg: %d classes (from %s): %s", num_classes, source,
              ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else ""))

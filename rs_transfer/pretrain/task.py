@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from rs_transfer.config import data_root
+from rs_transfer.config import data_root, record_inferred
 from rs_transfer.engine import distributed
 from rs_transfer.engine.classification import Classifier, TopKEvaluator
 from rs_transfer.engine.device import model_device
@@ -33,7 +33,7 @@ def build_datasets(config: PretrainConfig) -> tuple:
     train_items, classes = data.load_split(config.data.root, "train", num_classes)
     if num_classes is None:
         num_classes = data.infer_num_classes(train_items, classes, Path(config.data.root) / "train")
-        config.model.num_classes = num_classes
+        record_inferred(config, "model.num_classes", num_classes)
         log.info("model.num_classes=%d, from %s/train", num_classes, config.data.root)
     if config.data.eval_split == "minival":
         train_items, eval_items = data.minival_split(train_items, config.data.minival_fraction,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rs_transfer.config import ConfigError, data_root
+from rs_transfer.config import ConfigError, data_root, record_inferred
 from rs_transfer.engine.classification import Classifier, TopK, fractions
 from rs_transfer.engine.distributed import all_reduce_sum
 from rs_transfer.engine.device import model_device
@@ -87,7 +87,7 @@ def resolve_classes(config: VideoConfig, classes: list, root: Path) -> None:
     is set to something else."""
     given = config.data.class_names
     if given is None:
-        config.data.class_names = list(classes)
+        record_inferred(config, "data.class_names", list(classes))
     elif [str(name) for name in given] != list(classes):
         # Kinetics has 400 names: show where the two lists part, not both whole
         at = next((i for i, (a, b) in enumerate(zip(given, classes)) if str(a) != b), min(len(given), len(classes)))
@@ -97,7 +97,7 @@ def resolve_classes(config: VideoConfig, classes: list, root: Path) -> None:
                           f"class {at} is {ours} in data.class_names, {theirs} in the data (leave data.class_names "
                           "unset to take the data's)")
     if config.model.num_classes is None:
-        config.model.num_classes = len(classes)
+        record_inferred(config, "model.num_classes", len(classes))
         log.info("model.num_classes=%d: the training classes under %s", len(classes), root)
     elif config.model.num_classes != len(classes):
         raise ConfigError(f"model.num_classes={config.model.num_classes} but {root} has {len(classes)} training "
