@@ -19,7 +19,7 @@ from rs_transfer.downstream import finetune
 from rs_transfer.downstream.cifar100 import CLASSES as CIFAR_CLASSES
 from rs_transfer.predict import predict
 from rs_transfer.predictor import read_image
-from rs_transfer.families import family_of_config as run_family
+from rs_transfer.families import family_of_config
 from rs_transfer.runs import RunError, load_run
 
 TINY = ["train.steps=2", "train.warmup_steps=0", "data.synthetic_images=4", "train.batch_size=2",
@@ -176,7 +176,7 @@ def test_pretrain_top5_names_the_class_folders(tmp_path):
     pretrain(str(CONFIGS / "pretrain" / "demo.yaml"), [f"data.root={data}", f"output_dir={tmp_path / 'run'}",
                                                         "train.epochs=null", "train.steps=1", "train.warmup_epochs=0",
                                                         "data.num_workers=0", "train.batch_size=4"])
-    assert run_family(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())) == ("pretrain", None)
+    assert family_of_config(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())) == ("pretrain", None)
     summary = predict(tmp_path / "run", [data / "val"], tmp_path / "out")
     assert summary["class_names"] == f"the class folders of {data / 'train'}"
     run = load_run(tmp_path / "run")

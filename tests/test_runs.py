@@ -16,7 +16,7 @@ from engine_toy import make_task, script_env, toy_config
 from rs_transfer.cli import main
 from rs_transfer.engine import checkpoint as ckpt
 from rs_transfer.engine.summary import SUMMARY_FILE
-from rs_transfer.families import family_of_config as run_family
+from rs_transfer.families import family_of_config
 from rs_transfer.runs import find_runs, sort_runs
 from rs_transfer.engine.trainer import train
 
@@ -119,12 +119,12 @@ def test_wall_time_adds_up_over_a_killed_and_resumed_run(tmp_path):
     assert (summary["best_step"], summary["best_value"]) == (best["step"], best["accuracy"])
 
 
-def test_run_family_from_the_config():
-    assert run_family({"task": {"name": "nyu_depth"}, "model": {"name": "rs50"}}) == ("transfer", "nyu_depth")
-    assert run_family({"augment": {}, "cotrain": {}, "data": {"image_size": 160}}) == ("pretrain", None)
-    assert run_family({"cotrain": {"enabled": True}}) == ("pretrain", None)
-    assert run_family({"data": {"clip_frames": 32}}) == ("video", None)
-    assert run_family({"model": {"name": "rs50"}, "data": {"root": None}}) == ("other", None)
+def test_the_family_of_a_run_from_the_keys_each_family_declares():
+    assert family_of_config({"task": {"name": "nyu_depth"}, "model": {"name": "rs50"}}) == ("transfer", "nyu_depth")
+    assert family_of_config({"augment": {}, "cotrain": {}, "data": {"image_size": 160}}) == ("pretrain", None)
+    assert family_of_config({"cotrain": {"enabled": True}}) == ("pretrain", None)
+    assert family_of_config({"data": {"clip_frames": 32}}) == ("video", None)
+    assert family_of_config({"model": {"name": "rs50"}, "data": {"root": None}}) == ("other", None)
 
 
 def test_runs_lists_the_right_metric_for_each_run(runs_root):
