@@ -27,8 +27,8 @@ gpu_check = importlib.util.module_from_spec(SPEC)
 sys.modules["gpu_check"] = gpu_check
 SPEC.loader.exec_module(gpu_check)
 
-# The modules behind the commands the check runs (cli.py builds its parser with downstream.protocol, then imports
-# one of these for the command) and the ones its helper subcommands import.
+# The modules behind the commands the check runs (cli.py assembles the parsers of each package's commands.py, then
+# a handler imports one of these) and the ones its helper subcommands import.
 CHECK_MODULES = ("rs_transfer.errors", "rs_transfer.downstream.protocol", "rs_transfer.pretrain.run",
                  "rs_transfer.bench.latency", "rs_transfer.reproduce.table7", "rs_transfer.video.run",
                  "rs_transfer.bench.video_data", "rs_transfer.pretrain.synthetic", "rs_transfer.engine.device")
