@@ -114,6 +114,11 @@ def test_a_registered_family_trains_lists_predicts_and_evaluates_through_the_cli
     assert again["family"] == "toy" and again["primary_metric"] == "accuracy"
     assert again["metrics"]["accuracy"] == pytest.approx(final["accuracy"])
 
+    capsys.readouterr()  # its config says no image size: export asks for one (was an AttributeError on config.task)
+    assert main(["export", "--run", str(run), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: toy: its config has no evaluation size (task.image_size, "
+                                               "task.crop_size): give the input's height and width with --resolution")
+
 
 def config_dict(run: Path) -> dict:
     import yaml
