@@ -1,6 +1,8 @@
 """Run families (rs_transfer/families.py): a new family is one module declaring `TASK` plus one registration line,
 and `runs`, `predict` and `evaluate` then know its run folders; and run folders written before the families were
-declared (tests/fixtures/old_run, written by commit e92b169) still list, predict, evaluate and resume."""
+declared (tests/fixtures/old_run, a folder_cls run written by commit e92b169) still list, predict, evaluate and
+resume, and a pretraining and a video run of that commit (tests/fixtures/old_pretrain_run, old_video_run) list,
+predict and evaluate."""
 
 import json
 import shutil
@@ -114,6 +116,11 @@ def test_a_registered_family_trains_lists_predicts_and_evaluates_through_the_cli
     assert again["family"] == "toy" and again["primary_metric"] == "accuracy"
     assert again["metrics"]["accuracy"] == pytest.approx(final["accuracy"])
 
+    capsys.readouterr()  # its config says no image size: export asks for one (was an AttributeError on config.task)
+    assert main(["export", "--run", str(run), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: toy: its config has no evaluation size (task.image_size, "
+                                               "task.crop_size): give the input's height and width with --resolution")
+
 
 def config_dict(run: Path) -> dict:
     import yaml
@@ -170,3 +177,34 @@ def test_a_run_folder_written_before_the_families_lists_predicts_evaluates_and_r
     resumed = torch.load(unfinished / "weights.pth", weights_only=True)
     finished = torch.load(old_run / "finished" / "weights.pth", weights_only=True)
     assert resumed.keys() == finished.keys() and all(torch.equal(resumed[k], finished[k]) for k in finished)
+
+
+@pytest.mark.parametrize("family", ["pretrain", "video"])
+def test_a_pretrain_or_video_run_written_before_the_families_lists_predicts_and_evaluates(family, tmp_path, capsys):
+    """tests/fixtures/old_{pretrain,video}_run (README.txt: written by commit e92b169): today's code lists the run,
+    predicts what that commit predicted and evaluates to the metrics it gave."""
+    fixture = Path(__file__).parent / "fixtures" / f"old_{family}_run"
+    run = tmp_path / "finished"
+    shutil.copytree(fixture / "finished", run)  # the commands write into run folders
+    expected = json.loads((run / "final_metrics.json").read_text())
+    assert main(["runs", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:5] == ["finished", family, "rs26-w0.0625", "top1", f"{expected['top1']:.4f}"], row
+
+    val = fixture / "data" / "val"
+    assert main(["predict", "--run", str(run), "--images", str(val), "--out", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    now = {Path(r["input"]).relative_to(val).as_posix(): r["top5"] for r in records}
+    then = json.loads((fixture / "predictions.json").read_text())
+    assert now.keys() == then.keys()
+    # by index: a pretraining run names its classes from data.root's folders, which were in /tmp when it ran
+    classes = sorted({c for top5 in then.values() for c, _ in top5})  # sorted class folders: ImageFolder's order
+    for name, top5 in now.items():
+        assert [c["index"] for c in top5] == [classes.index(c) for c, _ in then[name]], name
+        assert [c["score"] for c in top5] == pytest.approx([s for _, s in then[name]], abs=1e-5), name
+
+    out = tmp_path / "again.json"
+    assert main(["evaluate", "--run", str(run), "--data", str(fixture / "data"), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["family"] == family and again["metrics"] == pytest.approx(
+        json.loads((fixture / "evaluated.json").read_text()))

@@ -62,6 +62,14 @@ def test_a_registered_family_fine_tunes_predicts_evaluates_and_lists_through_the
     assert toy_family in capsys.readouterr().out
 
 
+def test_info_measures_a_registered_family(toy_family, capsys):
+    assert main(["info", toy_family, "--resolution", "16", "--num-classes", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    params = 3 * 8 * 9 + 8 + 8 * 3 + 3  # conv 3->8 3x3, fc 8->3, with biases
+    assert info["family"] == "ToyNet" and info["params_m"] == round(params / 1e6, 3) and info["gflops"]["16"] >= 0
+    assert info["feature_channels"] is None  # the toy has no `features`
+
+
 def test_names_are_checked_without_importing_torch():
     code = textwrap.dedent("""
         import sys

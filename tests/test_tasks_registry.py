@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from rs_transfer.cli import main
 from rs_transfer.config import ConfigError
@@ -65,6 +66,12 @@ def test_a_sixth_task_runs_finetune_sweep_and_table5_through_the_cli(toy_task, t
     metrics = json.loads((run / "final_metrics.json").read_text())
     assert 0.5 <= metrics["acc"] <= 1.0  # chance is 0.25
     assert "noise: 0.2" in (run / "config.yaml").read_text()  # the task's own key, from its YAML
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(images / "blue.png")
+    assert main(["predict", "--run", str(run), "--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    top5 = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"][0]["top5"]
+    assert sorted(c["class"] for c in top5) == ["blue", "green", "red", "yellow"]
 
     assert protocol.grid("toy_task", learning_rates=[0.01, 0.5]) == [(0.01, 4), (0.5, 4), (0.01, 8), (0.5, 8)]
     assert main(["sweep", "--task", "toy_task", "--synthetic", f"data.root={data}", f"output_dir={sweep_dir}",
@@ -89,6 +96,15 @@ def test_a_sixth_task_runs_finetune_sweep_and_table5_through_the_cli(toy_task, t
     assert paper["paper R152 supervised (90 ep)"]["toy_task"] is None
     markdown = (table / "table5.md").read_text()
     assert "| toy acc |" in markdown and "| paper R152 RS (400 ep) | 88.1 | 82.2 | 78.2 | 42.2 | 83.4 | 99.0 |" in markdown
+
+
+def test_the_example_task_imports_no_torch(tmp_path):
+    # The rule for every task module (docs/layout.md): its TASK, config schema and layout check come without torch.
+    folder = write_toy_task(tmp_path / "site")
+    code = "import sys, toy_task; toy_task.TASK.check_data; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])})
+    assert result.stdout.strip() == "False"
 
 
 def test_the_cli_offers_registered_tasks_only(toy_task, capsys):

@@ -16,7 +16,7 @@ def add_command(commands) -> None:
     models.set_defaults(run=run_models)
 
     info = commands.add_parser("info", help="one model in detail (params and GFLOPs measured now)")
-    info.add_argument("name", help="zoo name, e.g. rs152, rs101-w1.5, resnet152-w2")
+    info.add_argument("name", help="a model name, e.g. rs152, rs101-w1.5, resnet152-w2, efficientnet_b0")
     info.add_argument("--resolution", type=whole("--resolution", 1), action="append", help="GFLOPs at this size (repeatable)")
     info.add_argument("--num-classes", type=whole("--num-classes", 1), default=1000)
     info.add_argument("--json", action="store_true")
@@ -55,9 +55,12 @@ def run_models(args) -> int:
 
 
 def run_info(args) -> int:
-    from rs_transfer.models import zoo
+    from rs_transfer.models import family_of, zoo
 
-    spec = zoo.parse_name(args.name)  # a bad name fails before torch and fvcore are imported (~3 s)
+    family = family_of(args.name)  # a bad name fails before torch and fvcore are imported (~3 s)
+    if family.name != "resnet_rs":  # EfficientNet, a registered family: what any network has, no zoo layout
+        return _print(family_info(args), args.json)
+    spec = zoo.parse_name(args.name)
     from rs_transfer.bench.flops import count_gflops
     from rs_transfer.models.resnet_rs import build_resnet, count_params
 
@@ -78,7 +81,30 @@ def run_info(args) -> int:
         "timm_tag": zoo.TIMM_TAGS.get(args.name),
         "paper": [vars(r) for r in paper],
     }
-    if args.json:
+    return _print(result, args.json)
+
+
+def family_info(args) -> dict:
+    """`info` of a model of another family than the zoo's (models/registry.py): params, GFLOPs at --resolution
+    (default 224) and, for a family with `features`, the feature extractor's channels and strides (else None)."""
+    from rs_transfer.bench.flops import count_gflops
+    from rs_transfer.models import create_model, family_of
+    from rs_transfer.models.resnet_rs import count_params
+
+    model = create_model(args.name, num_classes=args.num_classes)
+    features = create_model(args.name, features_only=True) if hasattr(family_of(args.name).load(), "features") else None
+    return {
+        "name": args.name,
+        "family": family_of(args.name).label,
+        "params_m": round(count_params(model) / 1e6, 3),
+        "gflops": {str(r): round(count_gflops(model, r), 2) for r in args.resolution or [224]},
+        "feature_channels": features.feature_info.channels() if features is not None else None,
+        "feature_strides": features.feature_info.reduction() if features is not None else None,
+    }
+
+
+def _print(result: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result, indent=2))
         return 0
     for key, value in result.items():
