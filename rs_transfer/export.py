@@ -226,30 +226,14 @@ def export_path(run_dir, fmt: str, out) -> Path:
 
 
 def _eval_size(run) -> int:
-    """The run's evaluation size, for a run exported without --resolution. Raises ExportError, asking for
-    --resolution, for a run whose config says none (a task or family of another package: its section has no
-    image_size or crop_size)."""
-    size = _declared_eval_size(run)
+    """The run's evaluation size, for a run exported without --resolution: what its family declares
+    (families.TaskDeclaration.eval_size). Raises ExportError, asking for --resolution, for a run whose config says
+    none (a task or family of another package)."""
+    from rs_transfer.families import declaration
+
+    size = declaration(run.family, run.task).eval_size(run.config)
     if size is None:
         name = f"{run.family}/{run.task}" if run.task else run.family
         raise ExportError(f"{name}: its config has no evaluation size (task.image_size, task.crop_size): give the "
                           "input's height and width with --resolution")
     return size
-
-
-def _declared_eval_size(run) -> int | None:
-    config = run.config
-    if run.family == "pretrain":
-        return config.data.eval_image_size or config.data.image_size
-    if run.family == "video":
-        return config.data.eval_crop_size
-    if run.family != "transfer":  # a family registered from outside the package: its config's sizes are unknown
-        return None
-    task = config.task
-    if hasattr(task, "det_eval_size"):  # the detection tasks' section (pascal_det.DetectorSection)
-        return task.det_eval_size
-    from rs_transfer.downstream import registry
-
-    if registry.get(run.task).protocol.image_size is not None:  # whole images at task.image_size (cifar100, folder_cls)
-        return task.image_size
-    return getattr(task, "crop_size", None)

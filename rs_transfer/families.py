@@ -28,7 +28,8 @@ class TaskDeclaration:
     config: the run config dataclass; build(config) -> the engine's Task; build_model(config) -> the task's model
     alone, no data read (predict, export, evaluate); predictor: rs_transfer.predictor.Predictor or None; metric:
     the primary metric's key in final_metrics.json; sample_unit: what one training sample is, for throughput
-    ("images", "clips")."""
+    ("images", "clips"); eval_size(config) -> the side, in pixels, of what the model is evaluated on (export's
+    default input), or None when the config does not say."""
 
     name: str
     family: str
@@ -38,6 +39,7 @@ class TaskDeclaration:
     predictor: object
     metric: str
     sample_unit: str = "images"
+    eval_size: Callable = lambda config: None
 
     def metric_of(self, task_section=None) -> str:
         """The primary metric of a run (the same for every run of a family with one task)."""

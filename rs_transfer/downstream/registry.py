@@ -100,6 +100,17 @@ class TransferTaskDeclaration:
         """The protocol's metric, single-scale whole-image; a run's own primary metric is `metric_of(config.task)`."""
         return self.protocol.metric
 
+    def eval_size(self, config) -> int | None:
+        """The side, in pixels, a run of this task is evaluated at (export's default input): the detectors'
+        task.det_eval_size, task.image_size for whole-image tasks (the protocol's image_size), else task.crop_size
+        (None when the section has none: a plugin's task)."""
+        task = config.task
+        if hasattr(task, "det_eval_size"):  # the detection tasks' section (pascal_det.DetectorSection)
+            return task.det_eval_size
+        if self.protocol.image_size is not None:  # whole images at task.image_size (cifar100, folder_cls)
+            return task.image_size
+        return getattr(task, "crop_size", None)
+
     def metric_of(self, task_section) -> str:
         """The primary metric of a run whose `task` section is `task_section` (the dataclass, or the dict of its
         config.yaml; None: the defaults): the protocol's metric with the run's inference suffix (`section_suffix`:

@@ -167,4 +167,5 @@ def skipped_reads(task: Task) -> int:
 
 # The family's declaration (rs_transfer/families.py): what `runs`, `predict`, `evaluate` and `export` read.
 TASK = TaskDeclaration(name="pretrain", family="pretrain", config=PretrainConfig, build=build_task, build_model=build_model,
-                       predictor=PREDICTOR, metric="top1")
+                       predictor=PREDICTOR, metric="top1",
+                       eval_size=lambda config: config.data.eval_image_size or config.data.image_size)

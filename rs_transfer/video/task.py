@@ -304,4 +304,5 @@ def _batched(items, size: int):
 
 # The family's declaration (rs_transfer/families.py): what `runs`, `predict`, `evaluate` and `export` read.
 TASK = TaskDeclaration(name="video", family="video", config=VideoConfig, build=build_task, build_model=build_model,
-                       predictor=PREDICTOR, metric="top1", sample_unit="clips")
+                       predictor=PREDICTOR, metric="top1", sample_unit="clips",
+                       eval_size=lambda config: config.data.eval_crop_size)
