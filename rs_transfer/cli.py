@@ -11,6 +11,7 @@ handler runs, so `rs-transfer --help` and `rs-transfer models` start fast, witho
 import errno
 import importlib
 import logging
+import os
 import sys
 
 from rs_transfer.errors import StoppedBySignal, UserError, one_line
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a run's steps (importing torch, building the model): no traceback
         print("stopped: Ctrl-C (outside a training run's steps: no checkpoint written)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rs-transfer models | head`: the reader has what it wanted (Python's docs, "Note on
+        # SIGPIPE"): stdout goes to /dev/null so the interpreter's final flush raises nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

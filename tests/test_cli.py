@@ -281,3 +281,11 @@ def test_ctrl_c_before_the_first_step_is_one_stopped_line_and_exit_130(monkeypat
     assert main(["finetune", "--task", "cifar100"]) == 130
     assert capsys.readouterr().err.splitlines() == [
         "stopped: Ctrl-C (outside a training run's steps: no checkpoint written)"]
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    # `rs-transfer scale plan --dry-run --json | head`: the pipe closes after a few bytes; Python's own advice
+    # (signal docs, "Note on SIGPIPE"), not an `error: Broken pipe` line
+    done = subprocess.run(f"{sys.executable} -m rs_transfer scale plan --dry-run --json | head -c 10",
+                          shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.stdout.startswith("[") and len(done.stdout) == 10 and done.stderr == ""
