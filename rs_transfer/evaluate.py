@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rs_transfer.errors import UserError, has_control_character, one_line
+from rs_transfer.options import add_run_option
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,7 @@ def add_command(commands) -> None:
     """The `evaluate` subcommand on cli.py's subparsers (the parser sits beside its handler)."""
     parser = commands.add_parser("evaluate", help="evaluate a finished run again (its validation set or another "
                                  "folder; evaluation settings overridable); writes a new JSON of the metrics")
-    # --run-dir: the spelling torchrun lets through (its own parser takes `--run` for an abbreviation of its
-    # --run-path, anywhere on the line, and stops: "ambiguous option: --run could match --run-path, --run_path").
-    parser.add_argument("--run", "--run-dir", dest="run_dir", required=True,
-                        help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth); under torchrun write "
-                        "--run-dir (torchrun reads --run as its own --run-path)")
+    add_run_option(parser)
     parser.add_argument("--data", help="evaluate on this folder, in the layout of the run's data (sets data.root)")
     parser.add_argument("--checkpoint", help="weights to evaluate instead of RUN/weights.pth: a step checkpoint, "
                         "best.pt or final.pt (EMA weights when it holds them)")

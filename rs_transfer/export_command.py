@@ -6,15 +6,14 @@ torch-free so that `rs-transfer --help` starts fast.
 
 import json
 
-from rs_transfer.options import out_path, whole
+from rs_transfer.options import add_run_option, out_path, whole
 
 
 def add_command(commands) -> None:
     """The `export` subcommand on cli.py's subparsers."""
     export = commands.add_parser("export", help="a trained run's network as ONNX, TorchScript or a torch.export "
                                  "program, checked against PyTorch")
-    export.add_argument("--run", "--run-dir", dest="run_dir", required=True,
-                        help="a finished run folder (config.yaml, weights.pth); also spelled --run-dir")
+    add_run_option(export)
     export.add_argument("--format", required=True, choices=("onnx", "torchscript", "pt2"),
                         help="onnx needs the export extra: pip install 'rs-transfer[export]'")
     export.add_argument("--resolution", type=whole("--resolution", 1), help="input height and width (default: the run's evaluation size)")

@@ -21,6 +21,15 @@ class Parser(argparse.ArgumentParser):
         usage_error(self.prog, message)
 
 
+def add_run_option(parser) -> None:
+    """--run RUN_DIR (also --run-dir), the finished run folder `predict`, `evaluate` and `export` read, as
+    `args.run_dir`. --run-dir is the spelling torchrun lets through: its own parser takes `--run` for an abbreviation
+    of its --run-path, anywhere on the line, and stops ("ambiguous option: --run could match --run-path")."""
+    parser.add_argument("--run", "--run-dir", dest="run_dir", required=True,
+                        help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth); under torchrun write "
+                        "--run-dir (torchrun reads --run as its own --run-path)")
+
+
 def usage_error(prog: str, message: str):
     print(f"error: {message} (see {prog} --help)", file=sys.stderr)
     raise SystemExit(2)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from rs_transfer.errors import DataError, UserError
 from rs_transfer.files import atomic_write_json, folder_lock
-from rs_transfer.options import out_path
+from rs_transfer.options import add_run_option, out_path
 
 if TYPE_CHECKING:  # the library imports numpy and PIL: not at import, so the command's parser stays light
     from rs_transfer.predictor import Predictor
@@ -33,9 +33,7 @@ def add_command(commands) -> None:
     """The `predict` subcommand on cli.py's subparsers."""
     predict = commands.add_parser("predict", help="a trained run's model on new images (or videos): masks, boxes, "
                                   "depth, top-5 classes")
-    predict.add_argument("--run", "--run-dir", dest="run_dir", required=True,
-                         help="a finished run folder (OUTPUT_DIR: config.yaml, weights.pth); --run-dir under torchrun, "
-                         "whose parser reads --run as its own --run-path")
+    add_run_option(predict)
     predict.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
                          help="image (video) files, or folders searched recursively")
     predict.add_argument("--out", required=True, type=out_path("--out"),
