@@ -29,6 +29,16 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(split_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def find_classes(split_dir: Path, extensions) -> list[str]:
+    """The sorted class folders of class-folder split `split_dir`. Raises DataError for a split without any, naming
+    the data files (`extensions`) lying loose in it when it holds them (`check_sorted`)."""
+    classes = class_folders(split_dir)
+    if not classes:
+        check_sorted(split_dir, extensions, 0)  # a flat folder of images: say how to sort it
+        raise DataError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/<image files>")
+    return classes
+
+
 @functools.cache
 def image_extensions() -> frozenset[str]:
     """The file extensions (lower case, with the dot) of every format this Pillow can open and decode: what

@@ -36,7 +36,7 @@ from PIL import Image
 
 from rs_transfer.config import (ConfigError, MAX_PIXELS, at_least, at_most, checked, data_root, fraction,
                                 record_inferred)
-from rs_transfer.data.folders import check_sorted, class_folders, image_extensions, list_files
+from rs_transfer.data.folders import check_sorted, class_folders, find_classes, image_extensions, list_files
 from rs_transfer.downstream.config import FinetuneConfig, TaskSection, arch_args, check_num_classes
 from rs_transfer.downstream.protocol import Protocol
 from rs_transfer.downstream.registry import TransferTaskDeclaration
@@ -79,24 +79,13 @@ def split_dir(root, split: str) -> Path:
     return path
 
 
-def find_classes(split: Path) -> list:
-    """The sorted class folders of `split`. Raises DataError for a split without any, naming the images lying loose
-    in it when it holds them (data.folders.check_sorted). pretrain.data.find_classes' rule and message, without its
-    torch import, and with this task's image extensions (every format Pillow decodes)."""
-    classes = class_folders(split)
-    if not classes:
-        check_sorted(split, image_extensions(), 0)
-        raise DataError(f"{split} has no class sub-folders: expected {split}/<class>/<image files>")
-    return classes
-
-
 def find_layout(root) -> tuple:
     """(train folder, val folder, classes: the sorted class folders of train/) of data.root, from folder names
     alone (no image is listed). Raises ConfigError when data.root is unset, DataError naming a missing split, a split
     without class folders, or a train/ with fewer than two."""
     train, val = split_dir(root, "train"), split_dir(root, "val")
-    classes = find_classes(train)
-    find_classes(val)  # a val/ with loose images and no class folder: named as such, not as "no image"
+    classes = find_classes(train, image_extensions())  # every format Pillow decodes
+    find_classes(val, image_extensions())  # a val/ of loose images and no class folder: named so, not "no image"
     if len(classes) < 2:
         raise DataError(f"{train} has one class folder ({classes[0]!r}): classification needs at least two")
     return train, val, classes

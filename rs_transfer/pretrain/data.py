@@ -30,7 +30,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from rs_transfer.data.folders import check_sorted, class_folders, list_files
+from rs_transfer.data import folders
+from rs_transfer.data.folders import check_sorted, list_files
 from rs_transfer.data.images import decode_rgb8
 from rs_transfer.errors import DataError
 from rs_transfer.pretrain import shards
@@ -51,11 +52,8 @@ class Item:
 
 
 def find_classes(split_dir: Path) -> list:
-    classes = class_folders(split_dir)
-    if not classes:
-        check_sorted(split_dir, IMAGE_EXTENSIONS, 0)  # a flat folder of images: say how to sort it
-        raise DataError(f"{split_dir} has no class sub-folders: expected {split_dir}/<class>/<image files>")
-    return classes
+    """The sorted class folders of `split_dir` (data.folders.find_classes with pretraining's IMAGE_EXTENSIONS)."""
+    return folders.find_classes(split_dir, IMAGE_EXTENSIONS)
 
 
 def _files_under(folder: Path) -> tuple:
